@@ -1,0 +1,58 @@
+"""The `picochat` command line: one subcommand per pipeline stage.
+
+Each command lives in its own module, which defines `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their command runs, so
+`picochat --help` stays instant (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from picochat.errors import UserError
+
+# name -> (module, one-line help). Order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("picochat.data.commands", "get pretraining text: download FineWeb-Edu shards or build the offline corpus"),
+    "tok-train": ("picochat.tokenizer.commands_train", "train the BPE tokenizer on the train shards"),
+    "tok-eval": ("picochat.tokenizer.commands_eval", "compare compression (bytes/token) with GPT-2 and GPT-4"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="picochat",
+        description="Build your own ChatGPT-style model: tokenizer -> pretraining -> mid -> SFT -> RL -> eval -> chat.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        p.set_defaults(_parser=p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Parse once to find the command, then let the command's module add its flags.
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; run `picochat --help` to list commands")
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"picochat {name}", description=COMMANDS[name][1])
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

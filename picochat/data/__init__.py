@@ -1,0 +1,1 @@
+"""Data: pretraining shards (download, built-in corpus), packed loader, chat collation."""

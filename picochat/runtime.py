@@ -1,0 +1,132 @@
+"""Where and how we run: device and dtype, torch.distributed, seeds, logging, home dir.
+
+One process drives one device. Under `torchrun` the world comes from the
+environment (RANK, WORLD_SIZE, LOCAL_RANK); alone, the world is 1.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from picochat.errors import ConfigError
+
+
+def home() -> Path:
+    """$PICOCHAT_HOME, default ~/.cache/picochat: data, tokenizer, checkpoints, logs, reports."""
+    path = Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """'cuda' if present, then 'mps', else 'cpu'; or the one asked for (refused if absent)."""
+    if requested in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
+    if requested == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(requested)
+
+
+def cpu_supports_fast_bf16() -> bool:
+    """True when the CPU has AMX or AVX512-BF16, where bf16 matmuls beat fp32 by a wide margin."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    """Compute dtype for matmuls: bf16 on CUDA (sm80+) and on CPUs with AMX/AVX512-BF16, else fp32.
+
+    Master weights and optimiser state stay fp32 in every case (see model.Linear).
+    """
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+             "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+    if requested not in (None, "", "auto"):
+        if requested not in names:
+            raise ConfigError(f"--dtype {requested!r} is unknown; use auto, bf16, fp32 or fp16")
+        return names[requested]
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float32
+    if device.type == "cpu" and cpu_supports_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class Dist:
+    """This process's place in the world."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_request: str | None = None) -> Dist:
+    """Join the torchrun world if there is one (nccl on GPU, gloo on CPU); else a world of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_request)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    if device.type == "cpu" and world_size > 1:
+        # Share the cores between ranks instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log0(*parts: object) -> None:
+    """Print on rank 0 only, flushed (so progress shows under torchrun and pipes)."""
+    if is_main_process():
+        print(*parts, flush=True)
+
+
+def warn(message: str) -> None:
+    if is_main_process():
+        print(f"warning: {message}", file=sys.stderr, flush=True)

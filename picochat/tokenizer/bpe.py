@@ -1,0 +1,217 @@
+"""Byte-level BPE tokenizer: trained with rustbpe, encoded with tiktoken, saved as JSON.
+
+Layout of the vocabulary: ids 0..255 are the raw bytes' merge ranks as learned
+(every byte is a token), then the learned merges, then the 9 special tokens.
+Plain text never produces a special id: `encode` treats "<|bos|>" in text as
+ordinary characters.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import tiktoken
+
+from picochat.errors import DataError, UserError
+
+SPECIAL_TOKENS = (
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+)
+
+# GPT-4's split pattern with numbers grouped in runs of 1-2 digits instead of 1-3
+# (better bpb for small vocabularies: fewer distinct number tokens to learn).
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+FORMAT = "picochat-tokenizer/1"
+TOKENIZER_FILE = "tokenizer.json"
+TOKEN_BYTES_FILE = "token_bytes.npy"
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1
+
+
+def _default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Tokenizer:
+    """A BPE vocabulary plus the chat special tokens.
+
+    >>> tok = Tokenizer.load(dir); ids = tok.encode("hello", prepend="<|bos|>")
+    """
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN, name: str = "picochat"):
+        n = len(mergeable_ranks)
+        if sorted(mergeable_ranks.values()) != list(range(n)):
+            raise DataError("tokenizer ranks must be exactly 0..N-1")
+        self.mergeable_ranks = mergeable_ranks
+        self.pattern = pattern
+        self.special_tokens = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self._enc = tiktoken.Encoding(
+            name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens
+        )
+        self.hash = self._content_hash()
+
+    # ---- training -------------------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN) -> "Tokenizer":
+        """Learn `vocab_size - 9` byte-level BPE tokens (256 bytes + merges) from `texts` with rustbpe."""
+        import rustbpe
+
+        if vocab_size < MIN_VOCAB:
+            raise UserError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB} (256 bytes + 9 specials + 1)")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
+        ranks = {bytes(k): int(v) for k, v in trainer.get_mergeable_ranks()}
+        return cls(ranks, pattern)
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def _content_hash(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.pattern.encode())
+        for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little"))
+            h.update(len(token).to_bytes(2, "little"))
+            h.update(token)
+        h.update("\x00".join(SPECIAL_TOKENS).encode())
+        return h.hexdigest()[:16]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json (+ token_bytes.npy) atomically into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        ranked = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        payload = {
+            "format": FORMAT,
+            "hash": self.hash,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "vocab_size": self.vocab_size,
+            "tokens_base64": [base64.b64encode(tok).decode("ascii") for tok, _ in ranked],
+        }
+        path = directory / TOKENIZER_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path)
+        tmp_tb = directory / (TOKEN_BYTES_FILE + ".tmp.npy")
+        np.save(tmp_tb, self.token_bytes())
+        os.replace(tmp_tb, directory / TOKEN_BYTES_FILE)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        directory = Path(directory)
+        path = directory / TOKENIZER_FILE if directory.is_dir() else directory
+        if not path.exists():
+            raise DataError(f"no tokenizer at {path}; train one with `picochat tok-train`")
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e}); retrain with `picochat tok-train`") from e
+        if payload.get("format") != FORMAT:
+            raise DataError(f"{path}: format {payload.get('format')!r} is not {FORMAT!r}; retrain the tokenizer")
+        ranks = {base64.b64decode(t): i for i, t in enumerate(payload["tokens_base64"])}
+        tok = cls(ranks, payload["pattern"])
+        if tok.hash != payload.get("hash"):
+            raise DataError(f"{path}: content hash mismatch (file {payload.get('hash')}, content {tok.hash}); the file is corrupt")
+        return tok
+
+    # ---- vocabulary -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.mergeable_ranks) + len(SPECIAL_TOKENS)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_tokens["<|bos|>"]
+
+    def encode_special(self, name: str) -> int:
+        """Id of a special token, by its full text ('<|bos|>') or bare name ('bos')."""
+        key = name if name.startswith("<|") else f"<|{name}|>"
+        if key not in self.special_tokens:
+            raise UserError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}")
+        return self.special_tokens[key]
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id >= len(self.mergeable_ranks)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 byte length of each id's text (int32), 0 for special tokens: the bpb denominator."""
+        out = np.zeros(self.vocab_size, dtype=np.int32)
+        for token, rank in self.mergeable_ranks.items():
+            out[rank] = len(token)
+        return out
+
+    # ---- encode / decode ------------------------------------------------------------------------
+    def _resolve(self, token: int | str | None) -> int | None:
+        if token is None or isinstance(token, int):
+            return token
+        return self.encode_special(token)
+
+    def encode(
+        self,
+        text: str | Sequence[str],
+        prepend: int | str | None = None,
+        append: int | str | None = None,
+        num_threads: int | None = None,
+    ) -> list[int] | list[list[int]]:
+        """Encode one string (-> list of ids) or a batch of strings (-> list of lists, threaded)."""
+        pre, post = self._resolve(prepend), self._resolve(append)
+        if isinstance(text, str):
+            ids = self._enc.encode_ordinary(text)
+            if pre is not None:
+                ids.insert(0, pre)
+            if post is not None:
+                ids.append(post)
+            return ids
+        batch = self._enc.encode_ordinary_batch(list(text), num_threads=num_threads or _default_threads())
+        for ids in batch:
+            if pre is not None:
+                ids.insert(0, pre)
+            if post is not None:
+                ids.append(post)
+        return batch
+
+    def iter_encode(self, texts: Iterable[str], batch_size: int = 128) -> Iterator[list[int]]:
+        buf: list[str] = []
+        for t in texts:
+            buf.append(t)
+            if len(buf) == batch_size:
+                yield from self.encode(buf)
+                buf = []
+        if buf:
+            yield from self.encode(buf)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return self._enc.decode_bytes(list(ids))
+
+    def id_to_text(self, token_id: int) -> str:
+        return self._enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+    # ---- chat rendering (see picochat.tokenizer.chat) -------------------------------------------
+    def render_conversation(self, conversation: dict, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
+        from picochat.tokenizer.chat import render_conversation
+
+        return render_conversation(self, conversation, max_tokens=max_tokens)
+
+    def render_for_completion(self, conversation: dict) -> list[int]:
+        from picochat.tokenizer.chat import render_for_completion
+
+        return render_for_completion(self, conversation)
