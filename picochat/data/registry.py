@@ -56,7 +56,7 @@ def sha256_file(path: Path) -> str:
 
 def _client_command(art: Artifact, dest: Path) -> list[str]:
     if art.kind == "pypi":
-        return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:none:", "-q",
+        return [sys.executable, "-m", "pip", "download", "--no-deps", "-q",
                 "-d", str(dest), f"{art.name}=={art.version}"]
     if art.kind == "npm":
         if shutil.which("npm") is None:
