@@ -6,8 +6,8 @@ from picochat.tokenizer.chat import ConversationError, render_conversation, rend
 __all__ = [
     "SPECIAL_TOKENS",
     "SPLIT_PATTERN",
-    "Tokenizer",
     "ConversationError",
+    "Tokenizer",
     "render_conversation",
     "render_for_completion",
 ]

@@ -12,8 +12,9 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tiktoken
@@ -42,6 +43,9 @@ FORMAT = "picochat-tokenizer/1"
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.npy"
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1
+BACKENDS = ("rustbpe", "hf")
+# Below this many characters a batch is encoded on the calling thread: handing it to the pool costs more.
+THREADED_MIN_CHARS = 1 << 16
 
 
 def _default_threads() -> int:
@@ -65,18 +69,37 @@ class Tokenizer:
             name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens
         )
         self.hash = self._content_hash()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_key = (-1, 0)  # (process id, threads) the pool was made for
+
+    def __getstate__(self) -> dict:
+        # A thread pool cannot be pickled (or survive a fork); workers build their own.
+        return {**self.__dict__, "_pool": None, "_pool_key": (-1, 0)}
 
     # ---- training -------------------------------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN) -> "Tokenizer":
-        """Learn `vocab_size - 9` byte-level BPE tokens (256 bytes + merges) from `texts` with rustbpe."""
-        import rustbpe
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN, backend: str = "rustbpe"
+    ) -> Tokenizer:
+        """Learn `vocab_size - 9` byte-level BPE tokens (256 bytes + merges) from `texts`.
 
+        backend "rustbpe" (default, the faster here) or "hf" (HuggingFace tokenizers, train_hf.py).
+        """
         if vocab_size < MIN_VOCAB:
             raise UserError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB} (256 bytes + 9 specials + 1)")
-        trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
-        ranks = {bytes(k): int(v) for k, v in trainer.get_mergeable_ranks()}
+        n_ranks = vocab_size - len(SPECIAL_TOKENS)
+        if backend == "rustbpe":
+            import rustbpe
+
+            trainer = rustbpe.Tokenizer()
+            trainer.train_from_iterator(iter(texts), n_ranks, pattern=pattern)
+            ranks = {bytes(k): int(v) for k, v in trainer.get_mergeable_ranks()}
+        elif backend == "hf":
+            from picochat.tokenizer.train_hf import train_ranks_hf
+
+            ranks = train_ranks_hf(texts, n_ranks, pattern)
+        else:
+            raise UserError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
         return cls(ranks, pattern)
 
     # ---- persistence ----------------------------------------------------------------------------
@@ -113,19 +136,26 @@ class Tokenizer:
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
         directory = Path(directory)
         path = directory / TOKENIZER_FILE if directory.is_dir() else directory
         if not path.exists():
             raise DataError(f"no tokenizer at {path}; train one with `picochat tok-train`")
         try:
-            payload = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path} is not valid JSON ({e}); retrain with `picochat tok-train`") from e
-        if payload.get("format") != FORMAT:
-            raise DataError(f"{path}: format {payload.get('format')!r} is not {FORMAT!r}; retrain the tokenizer")
-        ranks = {base64.b64decode(t): i for i, t in enumerate(payload["tokens_base64"])}
-        tok = cls(ranks, payload["pattern"])
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise DataError(f"{path}: format {found!r} is not {FORMAT!r}; retrain the tokenizer")
+        try:
+            tokens = [base64.b64decode(t, validate=True) for t in payload["tokens_base64"]]
+            ranks = {t: i for i, t in enumerate(tokens)}
+            if len(ranks) != len(tokens):
+                raise ValueError("duplicate tokens")
+            tok = cls(ranks, payload["pattern"])
+        except (KeyError, TypeError, ValueError, DataError) as e:
+            raise DataError(f"{path}: corrupt tokenizer file ({type(e).__name__}: {e}); retrain with `picochat tok-train`") from e
         if tok.hash != payload.get("hash"):
             raise DataError(f"{path}: content hash mismatch (file {payload.get('hash')}, content {tok.hash}); the file is corrupt")
         return tok
@@ -169,24 +199,45 @@ class Tokenizer:
         append: int | str | None = None,
         num_threads: int | None = None,
     ) -> list[int] | list[list[int]]:
-        """Encode one string (-> list of ids) or a batch of strings (-> list of lists, threaded)."""
+        """Encode one string (-> list of ids) or a batch of strings (-> list of lists, threaded).
+
+        Special-token text such as "<|bos|>" is encoded as ordinary characters; special ids
+        come only from `prepend`/`append` (an id or a special token's name) or `encode_special`.
+        Lone surrogates (e.g. "\\ud800", not valid Unicode) are encoded as U+FFFD, like tiktoken.
+        """
         pre, post = self._resolve(prepend), self._resolve(append)
         if isinstance(text, str):
-            ids = self._enc.encode_ordinary(text)
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
-        batch = self._enc.encode_ordinary_batch(list(text), num_threads=num_threads or _default_threads())
-        for ids in batch:
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-        return batch
+            batch = [self._enc.encode_ordinary(text)]
+        else:
+            batch = self._encode_batch(text if isinstance(text, (list, tuple)) else list(text), num_threads)
+        if pre is not None or post is not None:
+            for ids in batch:
+                if pre is not None:
+                    ids.insert(0, pre)
+                if post is not None:
+                    ids.append(post)
+        return batch[0] if isinstance(text, str) else batch
+
+    def _encode_batch(self, texts: Sequence[str], num_threads: int | None) -> list[list[int]]:
+        # tiktoken's encode_ordinary_batch makes a new pool per call and one future per text, so
+        # threads hand the GIL back and forth per document; on 2 cores that is slower than a plain
+        # loop. Instead: a pool kept for the tokenizer's life, one strided slice per thread
+        # (strides balance long and short documents), and small batches stay on this thread.
+        threads = num_threads or _default_threads()
+        encode = self._enc.encode_ordinary
+        if threads == 1 or len(texts) < 2 * threads or sum(map(len, texts)) < THREADED_MIN_CHARS:
+            return [encode(t) for t in texts]
+        if self._pool is None or self._pool_key != (os.getpid(), threads):
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenizer")
+            self._pool_key = (os.getpid(), threads)
+        parts = self._pool.map(lambda part: [encode(t) for t in part], [texts[i::threads] for i in range(threads)])
+        out: list = [None] * len(texts)
+        for i, part in enumerate(parts):
+            out[i::threads] = part
+        return out
 
     def iter_encode(self, texts: Iterable[str], batch_size: int = 128) -> Iterator[list[int]]:
+        """Encode a stream of texts in threaded batches of `batch_size`, yielding one id list per text."""
         buf: list[str] = []
         for t in texts:
             buf.append(t)

@@ -97,7 +97,7 @@ def _check_assistant_content(i: int, content: Any) -> None:
             raise ConversationError(i, f"part {j} ({part['type']}) needs a string 'text'")
 
 
-def render_conversation(tok: "Tokenizer", conversation: dict, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
+def render_conversation(tok: Tokenizer, conversation: dict, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
     """Token ids and mask for a whole conversation, truncated to `max_tokens` (None: no limit)."""
     messages = normalize_messages(conversation)
     sp = tok.encode_special
@@ -136,7 +136,7 @@ def render_conversation(tok: "Tokenizer", conversation: dict, max_tokens: int | 
     return ids, mask
 
 
-def render_for_completion(tok: "Tokenizer", conversation: dict) -> list[int]:
+def render_for_completion(tok: Tokenizer, conversation: dict) -> list[int]:
     """Prompt ids for the model to write the next assistant turn.
 
     A trailing assistant message (e.g. an eval item's reference answer) is dropped;
