@@ -1,0 +1,153 @@
+"""`picochat tok-train`: learn the BPE vocabulary from the training shards.
+
+Reads documents from the train shards (never the val shard) in order, each cut
+to `--doc-cap` characters, until `--max-chars` characters are read; trains a
+byte-level BPE of `--vocab-size` ids (9 of them special tokens); writes
+`tokenizer.json`, `token_bytes.npy` and `train_report.json` to
+`$PICOCHAT_HOME/tokenizer/` (or `--output-dir`). Re-running overwrites them.
+
+    picochat tok-train --preset cpu            # 8,192 ids from up to 200M characters
+    picochat tok-train --vocab-size 32768 --max-chars 2e9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from picochat.config import add_preset_argument, resolve
+from picochat.data.shards import default_data_dir, iter_texts, list_shards
+from picochat.errors import ConfigError, DataError
+from picochat.runtime import home, warn
+from picochat.tokenizer.bpe import BACKENDS, SPLIT_PATTERN, Tokenizer
+
+DEFAULTS = {"vocab_size": 65_536, "max_chars": 10_000_000_000, "doc_cap": 10_000, "backend": "rustbpe"}
+REPORT_FILE = "train_report.json"
+
+
+def parse_count(text: str) -> int:
+    """A count from the command line: 200000000, 200_000_000 or 2e8."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 2e9 or 2_000_000_000)") from e
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_preset_argument(parser)
+    parser.add_argument("--vocab-size", type=parse_count, default=None,
+                        help=f"ids in the vocabulary, 9 special tokens included (default {DEFAULTS['vocab_size']:,})")
+    parser.add_argument("--max-chars", type=parse_count, default=None,
+                        help=f"stop reading after this many characters (default {DEFAULTS['max_chars']:.0e})")
+    parser.add_argument("--doc-cap", type=parse_count, default=None,
+                        help=f"use at most this many characters of each document (default {DEFAULTS['doc_cap']:,})")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="BPE trainer: rustbpe (default, measured faster here) or hf (HuggingFace tokenizers)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="shard directory (default $PICOCHAT_HOME/data/builtin)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where to write the tokenizer (default $PICOCHAT_HOME/tokenizer)")
+
+
+@dataclass
+class ReadStats:
+    """What the trainer was fed."""
+
+    chars: int = 0
+    bytes: int = 0
+    docs: int = 0
+    docs_capped: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+def training_texts(train_files: list[Path], max_chars: int, doc_cap: int, stats: ReadStats) -> Iterator[str]:
+    """Documents from the train shards, each capped at `doc_cap` characters, `max_chars` in all."""
+    total_docs = sum(pq.ParquetFile(f).metadata.num_rows for f in train_files)
+    bar = tqdm(total=total_docs, unit="doc", desc="reading", dynamic_ncols=True, mininterval=1.0)
+    try:
+        for path in train_files:
+            stats.files.append(path.name)
+            for _, docs in iter_texts(path):
+                for doc in docs:
+                    if not doc:
+                        continue
+                    if len(doc) > doc_cap:
+                        doc = doc[:doc_cap]
+                        stats.docs_capped += 1
+                    doc = doc[: max_chars - stats.chars]
+                    stats.chars += len(doc)
+                    stats.bytes += len(doc.encode("utf-8"))
+                    stats.docs += 1
+                    yield doc
+                    if stats.chars >= max_chars:
+                        return
+                bar.update(len(docs))
+                bar.set_postfix_str(f"{stats.chars / 1e6:,.1f}M chars", refresh=False)
+    finally:
+        bar.close()
+        print(f"read {stats.chars:,} characters from {stats.docs:,} documents; learning merges ...", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    resolve(args, DEFAULTS)
+    for flag, value in (("--max-chars", args.max_chars), ("--doc-cap", args.doc_cap)):
+        if value <= 0:
+            raise ConfigError(f"{flag} {value} must be positive")
+    data_dir = args.data_dir or default_data_dir()
+    out_dir = args.output_dir or home() / "tokenizer"
+    train_files, val_file = list_shards(data_dir)
+    print(f"training a {args.vocab_size:,}-id BPE tokenizer ({args.backend}) on {len(train_files)} train shard(s) "
+          f"in {data_dir}: up to {args.max_chars:,} characters, {args.doc_cap:,} per document", flush=True)
+
+    stats = ReadStats()
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(
+        training_texts(train_files, args.max_chars, args.doc_cap, stats), args.vocab_size, backend=args.backend
+    )
+    seconds = time.perf_counter() - t0
+    if stats.chars == 0:
+        raise DataError(f"the train shards in {data_dir} hold no text; rebuild them with `picochat data prepare`")
+    if tok.vocab_size < args.vocab_size:
+        warn(f"the text ran out of pairs to merge: the vocabulary has {tok.vocab_size:,} ids, "
+             f"not {args.vocab_size:,}; give it more text (--max-chars) or ask for fewer ids")
+
+    # Round trip one held-out document: tiktoken must reproduce the text exactly.
+    _, sample = next(iter_texts(val_file))
+    sample_text = sample[0] if sample else "hello world"
+    if tok.decode(tok.encode(sample_text)) != sample_text:
+        raise DataError(f"the trained tokenizer does not round-trip the first document of {val_file}; "
+                        "please report this with the shard")
+
+    tok.save(out_dir)
+    report = {
+        "vocab_size": tok.vocab_size,
+        "requested_vocab_size": args.vocab_size,
+        "hash": tok.hash,
+        "backend": args.backend,
+        "pattern": SPLIT_PATTERN,
+        "max_chars": args.max_chars,
+        "doc_cap": args.doc_cap,
+        "data_dir": str(data_dir),
+        "seconds": round(seconds, 3),
+        "chars_per_second": round(stats.chars / max(seconds, 1e-9)),
+        **asdict(stats),
+    }
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+    print(f"\nvocab size    {tok.vocab_size:,} ({len(tok.mergeable_ranks) - 256:,} merges + 256 bytes + 9 special)")
+    print(f"text read     {stats.chars:,} characters ({stats.bytes / 1e6:,.1f} MB) from {stats.docs:,} documents "
+          f"({stats.docs_capped:,} cut at {args.doc_cap:,} characters)")
+    print(f"time          {seconds:.1f} s ({stats.bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s)")
+    print(f"hash          {tok.hash}")
+    print(f"written       {out_dir}/{{tokenizer.json, token_bytes.npy, {REPORT_FILE}}}")
+    return 0
