@@ -1,0 +1,176 @@
+"""The inference engine: prefill once, decode with a static KV cache, sample, use the calculator.
+
+    engine = Engine(model, tokenizer)
+    for tokens, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=256, temperature=0.8, seed=1):
+        ...  # one column per step: tokens[i] is sample i's new token (None once it finished)
+
+How a request runs:
+1. The prompt is prefilled once into a batch-1 cache sized for prompt + max_tokens; the cache is
+   copied to `num_samples` rows (KVCache.expand), so n samples cost one prefill.
+2. Each step samples one token per live row (temperature / top-k / top-p, drawn from the
+   request's own seeded torch.Generator), yields the column, and feeds the column back.
+3. Tool use (SPEC §8): a row that writes `<|python_start|> expr <|python_end|>` gets the
+   calculator's answer forced in as `<|output_start|> result <|output_end|>`, one token per step
+   (so all rows stay at the same cache position); forced tokens have mask 0, sampled ones 1.
+4. A row finishes on `<|assistant_end|>` or `<|bos|>` (the token is yielded, then None), or at
+   max_tokens. Finished rows are dropped from the batch and the cache, so they cost nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from picochat.errors import UserError
+from picochat.infer.calculator import calculator
+from picochat.infer.sampling import sample_next
+from picochat.model.kv_cache import KVCache
+from picochat.runtime import pick_dtype
+
+
+@dataclass
+class _Row:
+    """Decode state of one sample."""
+
+    index: int  # position in the yielded column
+    forced: deque = field(default_factory=deque)  # tool output tokens still to feed
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer, compute_dtype: torch.dtype | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        # bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16; fp32 elsewhere, where bf16 is slower.
+        self.compute_dtype = compute_dtype or pick_dtype(self.device)
+        sp = tokenizer.encode_special
+        self.python_start, self.python_end = sp("python_start"), sp("python_end")
+        self.output_start, self.output_end = sp("output_start"), sp("output_end")
+        self.stop_tokens = {sp("assistant_end"), tokenizer.bos_id}
+
+    @property
+    def context_len(self) -> int:
+        return self.config.sequence_len
+
+    def _autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def fit_prompt(self, tokens: list[int], max_tokens: int | None) -> tuple[list[int], int]:
+        """Clip a prompt to the context (keeping its first token, <|bos|>, and its newest tokens)
+        and max_tokens to what is left. Conversations should be fitted turn by turn first
+        (picochat.infer.prompt.fit_conversation); this is the last guard, so nothing ever overflows."""
+        room = self.context_len - 1  # leave space for at least one new token
+        if len(tokens) > room:
+            tokens = tokens[:1] + tokens[len(tokens) - room + 1:]
+        left = self.context_len - len(tokens)
+        return tokens, left if max_tokens is None else max(1, min(max_tokens, left))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = 42,
+        use_tools: bool = True,
+    ) -> Iterator[tuple[list[int | None], list[int]]]:
+        """Yield, per step, (tokens, masks): one entry per sample; None/0 for finished samples."""
+        tokens = self._check_prompt(tokens)
+        if num_samples < 1:
+            raise UserError(f"num_samples must be >= 1, got {num_samples}")
+        tokens, max_tokens = self.fit_prompt(tokens, max_tokens)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        sample = {"generator": generator, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        max_len = len(tokens) + max_tokens
+        cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, head_dim, max_len, self.device, self.compute_dtype)
+        prompt = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        with self._autocast():
+            logits = self.model(prompt, kv_cache=cache)[:, -1, :]  # (1, vocab)
+        if num_samples > 1:
+            cache = cache.expand(num_samples)
+            logits = logits.expand(num_samples, -1)
+
+        rows = [_Row(i) for i in range(num_samples)]
+        for step in range(max_tokens):
+            sampled = sample_next(logits, **sample).tolist()  # (live rows,)
+            column: list[int | None] = [None] * num_samples
+            masks = [0] * num_samples
+            finished: list[int] = []
+            for r, row in enumerate(rows):
+                if row.forced:
+                    token = row.forced.popleft()
+                else:
+                    token, masks[row.index] = sampled[r], 1
+                column[row.index] = token
+                if use_tools:
+                    self._track_tool(row, token)
+                if token in self.stop_tokens:  # tool output never contains special tokens
+                    finished.append(r)
+            yield column, masks
+            if step == max_tokens - 1:
+                break
+            if finished:
+                live = [r for r in range(len(rows)) if r not in finished]
+                if not live:
+                    break
+                _keep_cache_rows(cache, torch.tensor(live, device=self.device))
+                rows = [rows[r] for r in live]
+            ids = torch.tensor([[column[row.index]] for row in rows], dtype=torch.long, device=self.device)  # (B, 1)
+            with self._autocast():
+                logits = self.model(ids, kv_cache=cache)[:, -1, :]  # (B, vocab)
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """All samples at once: (token lists, mask lists), without the final stop token."""
+        results: list[list[int]] = [[] for _ in range(num_samples)]
+        masks: list[list[int]] = [[] for _ in range(num_samples)]
+        for column, column_masks in self.generate(tokens, num_samples=num_samples, **kwargs):
+            for i, token in enumerate(column):
+                if token is None or token in self.stop_tokens:
+                    continue
+                results[i].append(token)
+                masks[i].append(column_masks[i])
+        return results, masks
+
+    def _track_tool(self, row: _Row, token: int) -> None:
+        """The calculator state machine: collect the expression, force its result after <|python_end|>."""
+        if token == self.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            result = calculator(self.tokenizer.decode(row.python_tokens))
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.in_python:
+            row.python_tokens.append(token)
+
+    def _check_prompt(self, tokens) -> list[int]:
+        if not isinstance(tokens, (list, tuple)) or not tokens:
+            raise UserError("the prompt must be a non-empty list of token ids")
+        vocab = self.config.vocab_size
+        bad = next((t for t in tokens if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise UserError(f"prompt token {bad!r} is not an id in [0, {vocab})")
+        return list(tokens)
+
+
+def _keep_cache_rows(cache: KVCache, rows: torch.Tensor) -> None:
+    """Shrink the cache's batch to `rows`: its k/v buffers are (layers, B, H_kv, max_len, D)."""
+    cache.k = cache.k.index_select(1, rows)
+    cache.v = cache.v.index_select(1, rows)

@@ -1,0 +1,121 @@
+"""Generated token ids -> text pieces, safe for multi-byte UTF-8 and aware of tool parts.
+
+A token can end in the middle of a multi-byte character (BPE merges bytes, not characters),
+so decoding token by token would print garbage. `TextStreamer` keeps the bytes of an
+unfinished character until the rest arrives and only ever hands out complete characters.
+
+It also follows the tool markup: text between `<|python_start|>` and `<|python_end|>` is a
+"python" piece (the calculator call), between `<|output_start|>` and `<|output_end|>` a
+"python_output" piece. Each piece also carries its `display` form, the calculator call
+written GSM8K-style as `<<expr=result>>`, which is what a plain-text consumer (the terminal,
+the OpenAI-style `content` string) shows; `parse_display_text` reverses it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+
+from picochat.tokenizer import Tokenizer
+
+
+@dataclass
+class Piece:
+    kind: str  # "text" | "python" | "python_output"
+    text: str  # the new characters of that part ("" when a tool part just opened)
+    display: str  # the same in plain-text form, with the << = >> markup around tool calls
+
+
+class TextStreamer:
+    """Feed token ids one at a time with `push`; call `finish` at the end."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        sp = tokenizer.encode_special
+        self.python_start, self.python_end = sp("python_start"), sp("python_end")
+        self.output_start, self.output_end = sp("output_start"), sp("output_end")
+        self.kind = "text"
+        self.pending_close = False  # a call ended (<|python_end|>): "=" output follows, or ">>" closes it
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.parts: list[dict] = []  # the whole message so far, as render_conversation parts
+        self.text = ""  # the whole message so far, in display form
+
+    def push(self, token_id: int) -> list[Piece]:
+        """The pieces that token completes (often one, none while a character is unfinished)."""
+        if not self.tokenizer.is_special(token_id):
+            pieces = self._close_pending()
+            text = self._decoder.decode(self.tokenizer.decode_bytes([token_id]))
+            if text:
+                pieces.append(self._add(text))
+            return self._record(pieces)
+        pieces = self._flush()
+        if token_id == self.output_start:
+            pieces.append(self._open("python_output", "=" if self.pending_close else "<<="))
+            self.pending_close = False
+            return self._record(pieces)
+        pieces += self._close_pending()
+        if token_id == self.python_start:
+            pieces.append(self._open("python", "<<"))
+        elif token_id == self.python_end and self.kind == "python":
+            self.kind, self.pending_close = "text", True
+        elif token_id == self.output_end and self.kind == "python_output":
+            self.kind = "text"
+            pieces.append(Piece("text", "", ">>"))
+        return self._record(pieces)
+
+    def finish(self) -> list[Piece]:
+        """Flush a dangling partial character (as U+FFFD) and close an unfinished tool call."""
+        pieces = self._flush()
+        if self.pending_close or self.kind != "text":
+            pieces.append(Piece("text", "", ">>"))
+        self.kind, self.pending_close = "text", False
+        return self._record(pieces)
+
+    def _open(self, kind: str, display: str) -> Piece:
+        self.kind = kind
+        self.parts.append({"type": kind, "text": ""})
+        return Piece(kind, "", display)
+
+    def _add(self, text: str) -> Piece:
+        if not self.parts or self.parts[-1]["type"] != self.kind:
+            self.parts.append({"type": self.kind, "text": ""})
+        self.parts[-1]["text"] += text
+        return Piece(self.kind, text, text)
+
+    def _flush(self) -> list[Piece]:
+        text = self._decoder.decode(b"", final=True)
+        return [self._add(text)] if text else []
+
+    def _close_pending(self) -> list[Piece]:
+        if not self.pending_close:
+            return []
+        self.pending_close = False
+        return [Piece("text", "", ">>")]
+
+    def _record(self, pieces: list[Piece]) -> list[Piece]:
+        self.text += "".join(p.display for p in pieces)
+        return pieces
+
+
+_CALL = re.compile(r"<<([^<>=]*)(?:=([^<>]*))?>>")
+
+
+def parse_display_text(text: str) -> str | list[dict]:
+    """'It is <<6*7=42>>.' -> parts [text, python, python_output, text]; plain text stays a string."""
+    if "<<" not in text:
+        return text
+    parts: list[dict] = []
+    pos = 0
+    for m in _CALL.finditer(text):
+        if m.start() > pos:
+            parts.append({"type": "text", "text": text[pos:m.start()]})
+        parts.append({"type": "python", "text": m.group(1)})
+        if m.group(2) is not None:
+            parts.append({"type": "python_output", "text": m.group(2)})
+        pos = m.end()
+    if not parts:
+        return text
+    if pos < len(text):
+        parts.append({"type": "text", "text": text[pos:]})
+    return parts

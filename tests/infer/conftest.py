@@ -1,0 +1,16 @@
+"""Fixtures for inference tests: a tiny tokenizer trained here and tiny random GPTs."""
+
+import pytest
+
+from picochat.tokenizer import Tokenizer
+from tests.infer.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer):
+    return tiny_model(tokenizer.vocab_size)

@@ -1,0 +1,191 @@
+"""The engine against naive full-recompute generation, seeds, row dropping, tools and context limits."""
+
+import itertools
+
+import pytest
+import torch
+
+import picochat.infer.engine as engine_module
+from picochat.errors import UserError
+from picochat.infer import Engine
+from tests.infer.tiny import tiny_model
+
+
+def naive_greedy(model, prompt: list[int], max_tokens: int, stop: set[int]) -> list[int]:
+    """Recompute the whole sequence every step, no cache: the reference the engine must match."""
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+            out.append(token)
+            if token in stop:
+                break
+            ids.append(token)
+    return out
+
+
+def prompt_ids(tokenizer, text="Hello there! How are"):
+    return tokenizer.encode(text, prepend="<|bos|>")
+
+
+def test_greedy_equals_naive_generation(tokenizer, model):
+    engine = Engine(model, tokenizer, compute_dtype=torch.float32)
+    prompt = prompt_ids(tokenizer)
+    expected = naive_greedy(model, prompt, 40, engine.stop_tokens)
+    got = [col[0] for col, _ in engine.generate(prompt, max_tokens=40, temperature=0.0, use_tools=False)]
+    assert got == expected
+    assert len(got) > 10
+
+
+def test_greedy_samples_all_equal_the_single_greedy(tokenizer, model):
+    engine = Engine(model, tokenizer, compute_dtype=torch.float32)
+    prompt = prompt_ids(tokenizer)
+    results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=20, temperature=0.0, use_tools=False)
+    single, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=20, temperature=0.0, use_tools=False)
+    assert results == [single[0]] * 3
+    assert all(m == [1] * len(single[0]) for m in masks)
+
+
+def test_seed_reproducibility(tokenizer, model):
+    engine = Engine(model, tokenizer)
+    prompt = prompt_ids(tokenizer)
+    kwargs = {"num_samples": 4, "max_tokens": 25, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
+    a, _ = engine.generate_batch(prompt, seed=123, **kwargs)
+    b, _ = engine.generate_batch(prompt, seed=123, **kwargs)
+    c, _ = engine.generate_batch(prompt, seed=124, **kwargs)
+    assert a == b
+    assert a != c
+    assert len({tuple(r) for r in a}) > 1  # the samples of one request differ from each other
+
+
+def test_top_k_one_is_greedy(tokenizer, model):
+    engine = Engine(model, tokenizer)
+    prompt = prompt_ids(tokenizer)
+    greedy, _ = engine.generate_batch(prompt, max_tokens=15, temperature=0.0, use_tools=False)
+    top1, _ = engine.generate_batch(prompt, max_tokens=15, temperature=1.5, top_k=1, seed=5, use_tools=False)
+    assert top1 == greedy
+
+
+def test_finished_rows_are_dropped_and_the_rest_stay_exact(tokenizer, model, monkeypatch):
+    """Every row's logits at every step equal a full recompute of that row's own history,
+    also after other rows finished and were removed from the batch and the cache."""
+    engine = Engine(model, tokenizer, compute_dtype=torch.float32)
+    engine.stop_tokens = engine.stop_tokens | set(range(256, 300))  # frequent stops: rows end at different steps
+    seen_logits = []
+    real_sample_next = engine_module.sample_next
+
+    def recording_sample_next(logits, **kwargs):
+        seen_logits.append(logits.clone())
+        return real_sample_next(logits, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample_next", recording_sample_next)
+    prompt = prompt_ids(tokenizer)
+    columns = [col for col, _ in engine.generate(prompt, num_samples=6, max_tokens=30, temperature=1.0, seed=3)]
+    batch_sizes = [logits.size(0) for logits in seen_logits]
+    assert batch_sizes[0] == 6 and batch_sizes[-1] < 6, "some rows must finish early for this test"
+    assert batch_sizes == sorted(batch_sizes, reverse=True)
+    histories = [[] for _ in range(6)]
+    with torch.no_grad():
+        for step, column in enumerate(columns):
+            live = [i for i, t in enumerate(column) if t is not None]
+            assert len(live) == seen_logits[step].size(0)
+            for r, i in enumerate(live):
+                expected = model(torch.tensor([prompt + histories[i]]))[0, -1]
+                torch.testing.assert_close(seen_logits[step][r], expected, atol=1e-4, rtol=1e-4)
+                histories[i].append(column[i])
+
+
+class ScriptedModel(torch.nn.Module):
+    """A fake GPT whose next token is a fixed function of the last input token."""
+
+    def __init__(self, vocab_size: int, next_token: dict[int, int], default: int):
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": vocab_size, "n_layer": 1, "n_head": 1, "n_kv_head": 1,
+                                              "n_embd": 2, "sequence_len": 128})()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.next_token, self.default = next_token, default
+        self.inputs: list[int] = []
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        self.inputs.extend(idx[0].tolist())
+        logits = torch.full((B, T, self.config.vocab_size), -10.0)
+        for b in range(B):
+            for t in range(T):
+                logits[b, t, self.next_token.get(int(idx[b, t]), self.default)] = 10.0
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return logits
+
+
+def scripted_tool_model(tokenizer, expression: str):
+    sp = tokenizer.encode_special
+    expr_ids = tokenizer.encode(expression)
+    done_id = tokenizer.encode("!")[0]
+    chain = [sp("assistant_start"), sp("python_start"), *expr_ids, sp("python_end")]
+    next_token = dict(itertools.pairwise(chain))
+    next_token[sp("output_end")] = done_id
+    next_token[done_id] = sp("assistant_end")
+    junk = tokenizer.encode("z")[0]  # what the model "wants" while its tool output is being forced
+    return ScriptedModel(tokenizer.vocab_size, next_token, default=junk), done_id
+
+
+def test_tool_call_forces_the_calculator_result(tokenizer):
+    model, done_id = scripted_tool_model(tokenizer, "6*7")
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "what is 6*7?"}]})
+    steps = list(engine.generate(prompt, max_tokens=30, temperature=0.0))
+    tokens = [col[0] for col, _ in steps]
+    masks = [m[0] for _, m in steps]
+    sp = tokenizer.encode_special
+    forced = [sp("output_start"), *tokenizer.encode("42"), sp("output_end")]
+    expected = [sp("python_start"), *tokenizer.encode("6*7"), sp("python_end"), *forced, done_id, sp("assistant_end")]
+    assert tokens == expected
+    n_call = len(tokenizer.encode("6*7")) + 2
+    assert masks == [1] * n_call + [0] * len(forced) + [1, 1]
+    # The forced tokens were fed to the model, in order, before it wrote "!".
+    fed = model.inputs[len(prompt):]
+    assert fed[n_call:n_call + len(forced)] == forced
+
+
+def test_refused_tool_call_forces_nothing(tokenizer):
+    model, _ = scripted_tool_model(tokenizer, "__import__")
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+    results, masks = engine.generate_batch(prompt, max_tokens=20, temperature=0.0)
+    assert tokenizer.encode_special("output_start") not in results[0]
+    assert all(m == 1 for m in masks[0])
+
+
+def test_tools_can_be_turned_off(tokenizer):
+    model, _ = scripted_tool_model(tokenizer, "6*7")
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+    results, _masks = engine.generate_batch(prompt, max_tokens=12, temperature=0.0, use_tools=False)
+    assert tokenizer.encode_special("output_start") not in results[0]
+
+
+def test_prompt_longer_than_context_is_clipped_not_fatal(tokenizer):
+    model = tiny_model(tokenizer.vocab_size, sequence_len=32)
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 30, prepend="<|bos|>")
+    assert len(prompt) > 32
+    results, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=100, temperature=1.0)
+    assert all(1 <= len(r) for r in results)
+    clipped, left = engine.fit_prompt(prompt, 100)
+    assert clipped[0] == tokenizer.bos_id and len(clipped) == 31 and left == 1
+    assert clipped[1:] == prompt[-30:]
+
+
+def test_max_tokens_is_respected(tokenizer, model):
+    engine = Engine(model, tokenizer)
+    steps = list(engine.generate(prompt_ids(tokenizer), num_samples=2, max_tokens=7, temperature=1.0, seed=0))
+    assert len(steps) <= 7
+
+
+@pytest.mark.parametrize("bad", [[], [10**6], [-1], ["a"], "text"])
+def test_bad_prompts_raise_user_errors(tokenizer, model, bad):
+    engine = Engine(model, tokenizer)
+    with pytest.raises(UserError):
+        list(engine.generate(bad, max_tokens=3))
