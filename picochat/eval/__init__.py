@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, CORE (base models), chat tasks, and the code-execution sandbox."""
