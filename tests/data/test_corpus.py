@@ -273,3 +273,11 @@ def test_cli_prepare_uses_picochat_home(picochat_home, fake_packages, monkeypatc
     assert "wrote 1 train shard(s)" in capsys.readouterr().out
     assert main(["data", "prepare", "--sources", "nope"]) == 2
     assert "unknown source" in capsys.readouterr().err
+
+
+def test_an_interrupted_build_is_cleaned_up_and_redone(tmp_path, fake_packages):
+    (tmp_path / corpus.PARTIAL_MARKER).touch()
+    (tmp_path / "shard_00007.parquet").write_bytes(b"half-written leftover")
+    corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None)
+    assert not (tmp_path / "shard_00007.parquet").exists() and not (tmp_path / corpus.PARTIAL_MARKER).exists()
+    list_shards(tmp_path)
