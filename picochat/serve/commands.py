@@ -1,0 +1,78 @@
+"""`picochat serve`: the web chat UI and an OpenAI-compatible API on http://127.0.0.1:8000.
+
+    picochat serve                       # newest of rl, sft, mid, base
+    picochat serve --stage sft --port 8080 --workers 2
+    curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}]}'
+
+On GPUs every device holds one model replica (one worker each); on CPU `--workers N` engines share
+one model. Binds to 127.0.0.1 unless --host says otherwise (there is no authentication).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from picochat.errors import ConfigError
+from picochat.runtime import pick_device, pick_dtype
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default=None,
+                        help="checkpoint stage (default: the first of rl, sft, mid, base that exists)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
+    parser.add_argument("--dtype", default=None, help="compute dtype: auto | bf16 | fp32")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="concurrent generations (default: one per GPU; 1 on CPU)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before 503")
+    parser.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
+    parser.add_argument("--top-k", type=int, default=50, help="default when a request gives none (0: off)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="default when a request gives none")
+
+
+def build_app(args: argparse.Namespace):
+    """(FastAPI app, model id) for the checkpoint and pool the flags describe."""
+    from picochat.infer import Engine
+    from picochat.infer.loading import load_for_inference
+    from picochat.serve.app import create_app
+    from picochat.serve.pool import WorkerPool
+    from picochat.serve.requests import Defaults
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: need at least 1")
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue {args.max_queue}: must be >= 0")
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+    if device.type == "cuda" and args.device in (None, "", "auto", "cuda"):
+        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        if args.workers is not None:
+            devices = devices[: args.workers]
+    else:
+        devices = [device]
+    engines, tokenizer, path = [], None, None
+    for d in devices:
+        model, tokenizer, _, path = load_for_inference(args.stage, args.tag, args.step, d)
+        engines.append(Engine(model, tokenizer, compute_dtype=dtype))
+    if device.type != "cuda" and (args.workers or 1) > 1:  # CPU: engines share the one read-only model
+        engines = [Engine(engines[0].model, tokenizer, compute_dtype=dtype) for _ in range(args.workers)]
+    stage, tag, step = path.parts[-3], path.parts[-2], path.parts[-1].removeprefix("step_")
+    model_id = f"picochat-{stage}-{tag}-step{step}"
+    defaults = Defaults(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
+    app = create_app(WorkerPool(engines, max_queue=args.max_queue), model_id, defaults=defaults)
+    return app, model_id
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app, model_id = build_app(args)
+    print(f"serving {model_id} on http://{args.host}:{args.port}  (chat UI at /, API at /v1/chat/completions)",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

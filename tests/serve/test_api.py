@@ -1,0 +1,191 @@
+"""The OpenAI-compatible API, driven by the official `openai` client and by raw HTTP."""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from picochat.serve.app import create_app
+from picochat.serve.pool import PoolFull, WorkerPool
+from tests.serve.conftest import ServerThread, serve_args
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+def test_models_and_health(server, client, model_id):
+    assert model_id == "picochat-sft-tiny-step1"
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["model"] == model_id and health["workers"] == 2
+
+
+def test_non_streaming_completion(client, model_id):
+    response = client.chat.completions.create(
+        model=model_id, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        max_tokens=10, temperature=0.7, seed=1)
+    assert response.object == "chat.completion"
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= response.usage.completion_tokens <= 10
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_streaming_completion_with_usage(client, model_id):
+    chunks = list(client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=12, stream=True,
+        stream_options={"include_usage": True}, seed=7))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].finish_reason is None]
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    streamed = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    # The same seed without streaming gives the same text.
+    whole = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Tell me a story"}],
+                                           max_tokens=12, seed=7)
+    assert whole.choices[0].message.content == streamed
+
+
+def test_several_choices_stream_interleaved(client, model_id):
+    stream = client.chat.completions.create(model="picochat", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=8, n=3, stream=True, temperature=1.0, seed=3)
+    texts, reasons = {}, {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    assert sorted(texts) == [0, 1, 2] and sorted(reasons) == [0, 1, 2]
+
+
+def test_multi_turn_with_tool_markup_in_history(client, model_id):
+    response = client.chat.completions.create(model=model_id, max_tokens=5, messages=[
+        {"role": "user", "content": "What is 6*7?"},
+        {"role": "assistant", "content": "It is <<6*7=42>>42."},
+        {"role": "user", "content": "And doubled?"}])
+    assert response.choices[0].message.content is not None
+
+
+def test_client_sees_bad_request_errors(client, model_id):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], temperature=5)
+    assert info.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_thirty_two_concurrent_streams_complete(server):
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[int, bool]:
+        body = {"messages": [{"role": "user", "content": f"request {i}"}], "stream": True, "max_tokens": 16, "seed": i}
+        async with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+            return response.status_code, lines[-1] == "data: [DONE]"
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert results == [(200, True)] * 32
+    assert httpx.get(f"{server.url}/health").json()["busy"] == 0
+
+
+def test_the_page_is_served_from_package_data(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not read from the working directory
+    response = httpx.get(f"{server.url}/")
+    assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+    assert "/v1/chat/completions" in response.text
+
+
+def gated_app(checkpoint_home, max_queue: int):
+    """An app with one worker whose generation waits on a gate and then crawls (to hold the worker)."""
+    from picochat.serve.commands import build_app
+
+    app, _ = build_app(serve_args("--workers", "1", "--max-queue", str(max_queue), "--device", "cpu"))
+    engine = app.state.pool.engines[0]
+    gate, produced = threading.Event(), []
+    real_generate = engine.generate
+
+    def slow_generate(*args, **kwargs):
+        gate.wait(10)
+        for step in real_generate(*args, **kwargs):
+            produced.append(step)
+            time.sleep(0.01)
+            yield step
+
+    engine.generate = slow_generate
+    return app, gate, produced
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_full_queue_answers_503_with_retry_after(checkpoint_home):
+    app, gate, _ = gated_app(checkpoint_home, max_queue=0)
+    with ServerThread(app) as srv:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        first = threading.Thread(target=lambda: httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=30))
+        first.start()
+        wait_for(lambda: httpx.get(f"{srv.url}/health").json()["busy"] == 1)
+        busy = httpx.post(f"{srv.url}/v1/chat/completions", json=body)
+        assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
+        assert busy.json()["error"]["code"] == "server_busy"
+        gate.set()
+        first.join(30)
+        assert httpx.post(f"{srv.url}/v1/chat/completions", json=body).status_code == 200
+
+
+def test_client_disconnect_stops_generation(checkpoint_home):
+    app, gate, produced = gated_app(checkpoint_home, max_queue=4)
+    gate.set()
+    with ServerThread(app) as srv:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True, "temperature": 1.0}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+        # Closing the connection mid-stream must free the worker long before 100 tokens.
+        wait_for(lambda: httpx.get(f"{srv.url}/health").json()["busy"] == 0)
+        assert app.state.cancelled == 1
+        assert len(produced) < 60
+
+
+def test_pool_refuses_beyond_its_queue():
+    async def main():
+        pool = WorkerPool([object()], max_queue=1)
+        first = await pool.acquire()
+        waiter = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0)
+        with pytest.raises(PoolFull):
+            await pool.acquire()
+        pool.release(first)
+        assert await waiter is first
+        pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_create_app_needs_no_checkpoint_for_health():
+    pool = WorkerPool([object()], max_queue=0)
+    app = create_app(pool, "m")
+    with ServerThread(app) as srv:
+        assert httpx.get(f"{srv.url}/health").json()["workers"] == 1
+        assert json.loads(httpx.get(f"{srv.url}/v1/models").text)["data"][0]["id"] == "m"
