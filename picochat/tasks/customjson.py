@@ -1,0 +1,77 @@
+"""Conversations from a JSONL file you write yourself, and picochat's identity conversations.
+
+One conversation per line, either `{"messages": [...]}` or the bare list of messages,
+in the one picochat chat format (see picochat.tokenizer.chat). The whole file is read and
+checked when the task is built: a line that is not JSON, or a conversation that breaks a
+rendering rule, raises `DataError` naming the file and the line number.
+
+`identity()` is the built-in file `picochat/tasks/data/identity.jsonl`: hand-written
+conversations in which the model says what it is (a small picochat model trained by its
+user), what it can and cannot do, and how it uses its calculator tool. Mid-training and
+SFT mix it in (often twice) so the model answers "who are you?" truthfully.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+from picochat.errors import DataError
+from picochat.tasks.base import Task
+from picochat.tokenizer.chat import ConversationError, normalize_messages
+
+
+def read_conversations(path: str | os.PathLike) -> list[dict]:
+    """Validated conversations of a JSONL file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"conversation file {path} does not exist; pass the path of a .jsonl file")
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                "each line must hold one conversation") from e
+            conversation = {"messages": item} if isinstance(item, list) else item
+            try:
+                normalize_messages(conversation)
+            except ConversationError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from e
+            conversations.append(conversation)
+    if not conversations:
+        raise DataError(f"{path} holds no conversations; write one JSON conversation per line")
+    return conversations
+
+
+class CustomJSON(Task):
+    """The conversations of one JSONL file, in file order (training only)."""
+
+    def __init__(self, path: str | os.PathLike, **view: int | None):
+        super().__init__(**view)
+        self.path = Path(path)
+        self.conversations = read_conversations(self.path)
+
+    def num_rows(self) -> int:
+        return len(self.conversations)
+
+    def get_row(self, index: int) -> dict:
+        return self.conversations[index]
+
+    @property
+    def name(self) -> str:
+        return f"CustomJSON[{self.path.name}]"
+
+
+def identity_path() -> Path:
+    return Path(str(resources.files("picochat.tasks") / "data" / "identity.jsonl"))
+
+
+def identity(**view: int | None) -> CustomJSON:
+    """picochat's built-in identity conversations."""
+    return CustomJSON(identity_path(), **view)

