@@ -1,0 +1,179 @@
+"""`picochat chat`: talk to a checkpoint in the terminal, replies streamed as they are written.
+
+    picochat chat                          # newest of rl, sft, mid, base
+    picochat chat --stage sft -p "Why is the sky blue?"   # one question, one answer, exit
+
+In the chat: /clear starts over, /temperature [v] and /topk [k] show or set sampling, /help, /quit.
+Calculator calls show inline as <<expr=result>>. Each conversation is saved as JSON under
+$PICOCHAT_HOME/chats/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from picochat.errors import ConfigError
+from picochat.runtime import home, pick_device, pick_dtype
+
+HELP = """commands:
+  /clear            forget the conversation
+  /temperature [v]  show or set the sampling temperature (0 = greedy)
+  /topk [k]         show or set top-k (0 = off)
+  /help             this text
+  /quit             leave (Ctrl-D works too; Ctrl-C stops a reply)"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default=None,
+                        help="checkpoint stage (default: the first of rl, sft, mid, base that exists)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and exit")
+    parser.add_argument("--system", default=None, help="system text put before the first user message")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-k", type=int, default=50, help="0 turns top-k off")
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")
+    parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
+    parser.add_argument("--dtype", default=None, help="compute dtype: auto | bf16 | fp32")
+
+
+@dataclass
+class Settings:
+    temperature: float
+    top_k: int
+    max_tokens: int
+    seed: int | None
+
+
+class ChatSession:
+    """A conversation with the engine: history, settings, streaming replies."""
+
+    def __init__(self, engine, settings: Settings, system: str | None = None, out: TextIO | None = None,
+                 transcript: Path | None = None):
+        self.engine, self.settings, self.system = engine, settings, system
+        self.out = out or sys.stdout
+        self.transcript = transcript
+        self.messages: list[dict] = []
+
+    def reply(self, user_text: str) -> str:
+        """Stream the assistant's answer to `user_text` to `out`; returns it in display form."""
+        from picochat.infer.prompt import fit_conversation
+        from picochat.infer.streaming import TextStreamer
+
+        self.messages.append({"role": "user", "content": user_text})
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        budget = max(self.engine.context_len - self.settings.max_tokens, self.engine.context_len // 2)
+        prompt = fit_conversation(self.engine.tokenizer, {"messages": system + self.messages}, budget)
+        streamer = TextStreamer(self.engine.tokenizer)
+        steps = self.engine.generate(prompt, max_tokens=self.settings.max_tokens, temperature=self.settings.temperature,
+                                     top_k=self.settings.top_k or None, seed=self.settings.seed)
+        try:
+            for column, _ in steps:
+                token = column[0]
+                if token in self.engine.stop_tokens:
+                    break
+                self._write(streamer.push(token))
+        except KeyboardInterrupt:
+            self.out.write(" [stopped]")
+        finally:
+            steps.close()
+            self._write(streamer.finish())
+            self.out.write("\n")
+            self.out.flush()
+        self.messages.append({"role": "assistant", "content": streamer.parts or [{"type": "text", "text": ""}]})
+        self._save()
+        return streamer.text
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means quit."""
+        name, _, value = line.strip().partition(" ")
+        value = value.strip()
+        try:
+            if name in ("/quit", "/exit"):
+                return False
+            if name == "/clear":
+                self.messages = []
+                self.out.write("(conversation cleared)\n")
+            elif name == "/temperature":
+                if value:
+                    self.settings.temperature = _in_range(float(value), 0.0, 2.0, "temperature")
+                self.out.write(f"temperature = {self.settings.temperature}\n")
+            elif name == "/topk":
+                if value:
+                    self.settings.top_k = int(_in_range(int(value), 0, 1_000_000, "top-k"))
+                self.out.write(f"top-k = {self.settings.top_k}\n")
+            elif name == "/help":
+                self.out.write(HELP + "\n")
+            else:
+                self.out.write(f"unknown command {name}; type /help\n")
+        except ValueError as e:
+            self.out.write(f"{e}\n")
+        return True
+
+    def loop(self, read: Callable[[str], str] = input) -> None:
+        self.out.write("picochat: type a message, /help for commands, Ctrl-D to leave\n")
+        while True:
+            try:
+                line = read("\nyou> ")
+            except (EOFError, KeyboardInterrupt):
+                self.out.write("\n")
+                return
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.out.write("picochat> ")
+            self.out.flush()
+            self.reply(line)
+
+    def _write(self, pieces) -> None:
+        for piece in pieces:
+            self.out.write(piece.display)
+        self.out.flush()
+
+    def _save(self) -> None:
+        if self.transcript is not None:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+            self.transcript.write_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=1))
+
+
+def _in_range(value: float, lo: float, hi: float, name: str) -> float:
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from picochat.infer import Engine
+    from picochat.infer.loading import load_for_inference
+
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
+    if not 0.0 <= args.temperature <= 2.0:
+        raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2")
+    device = pick_device(args.device)
+    model, tokenizer, _, path = load_for_inference(args.stage, args.tag, args.step, device)
+    engine = Engine(model, tokenizer, compute_dtype=pick_dtype(device, args.dtype))
+    chats = home() / "chats"
+    chats.mkdir(parents=True, exist_ok=True)
+    transcript = chats / f"chat_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    settings = Settings(args.temperature, args.top_k, args.max_tokens, args.seed)
+    session = ChatSession(engine, settings, system=args.system, transcript=transcript)
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ConfigError("-p/--prompt is empty; give a question")
+        session.reply(args.prompt)
+        return 0
+    print(f"loaded {path}", file=sys.stderr)
+    session.loop()
+    return 0

@@ -1,0 +1,77 @@
+"""`picochat chat`: one-shot answers, the interactive loop and its commands, checkpoint choice."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from picochat.chat_cli import ChatSession, Settings
+from picochat.cli import main
+from picochat.errors import DataError
+from picochat.infer import Engine
+from picochat.infer.loading import resolve_checkpoint
+from tests.infer.test_engine import scripted_tool_model
+from tests.infer.tiny import save_tiny_checkpoint
+
+
+def test_one_shot_prompt_prints_an_answer_and_saves_it(picochat_home, capsys):
+    save_tiny_checkpoint("sft", "tiny")
+    assert main(["chat", "-p", "Hello there!", "--max-tokens", "8", "--seed", "1", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    (saved,) = (picochat_home / "chats").glob("chat_*.json")
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"] == "Hello there!"
+
+
+def test_default_checkpoint_is_the_most_trained_stage(picochat_home):
+    save_tiny_checkpoint("base", "a")
+    assert resolve_checkpoint(None).parts[-3] == "base"
+    save_tiny_checkpoint("sft", "b")
+    assert resolve_checkpoint(None).parts[-3] == "sft"
+    assert resolve_checkpoint("base").parts[-3] == "base"
+    assert resolve_checkpoint(None, tag="a").parts[-3] == "base"
+
+
+def test_missing_checkpoint_is_a_clear_error(picochat_home, capsys):
+    assert main(["chat", "-p", "hi", "--device", "cpu"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    with pytest.raises(DataError):
+        resolve_checkpoint("rl")
+
+
+def session_with_tool_model(tokenizer):
+    model, _ = scripted_tool_model(tokenizer, "6*7")
+    out = io.StringIO()
+    return ChatSession(Engine(model, tokenizer, compute_dtype=torch.float32), Settings(0.0, 0, 30, None), out=out), out
+
+
+def test_reply_streams_tool_calls_and_keeps_history(tokenizer):
+    session, out = session_with_tool_model(tokenizer)
+    assert session.reply("what is 6*7?") == "<<6*7=42>>!"
+    assert "<<6*7=42>>!" in out.getvalue()
+    assert session.messages[-1]["content"] == [
+        {"type": "python", "text": "6*7"}, {"type": "python_output", "text": "42"}, {"type": "text", "text": "!"}]
+    session.reply("again")  # the history (with tool parts) renders fine as the next prompt
+    assert len(session.messages) == 4
+
+
+def test_interactive_commands(tokenizer):
+    session, out = session_with_tool_model(tokenizer)
+    lines = iter(["/help", "/temperature 0.3", "/topk 7", "/topk -1", "hi", "/clear", "/nope", "   ", "/quit", "never"])
+    session.loop(read=lambda _: next(lines))
+    text = out.getvalue()
+    assert "/temperature [v]" in text and "temperature = 0.3" in text and "top-k = 7" in text
+    assert "top-k must be between" in text and "unknown command /nope" in text
+    assert session.settings.temperature == 0.3 and session.settings.top_k == 7
+    assert session.messages == []  # cleared after the one exchange
+
+
+def test_end_of_input_leaves_the_loop(tokenizer):
+    session, _ = session_with_tool_model(tokenizer)
+
+    def read(_):
+        raise EOFError
+
+    session.loop(read=read)
