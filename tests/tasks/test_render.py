@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from picochat.tasks import TaskMixture, TaskSequence, load_task
@@ -33,3 +35,30 @@ def test_a_stage_mixture_renders(offline_packages, small_tokenizer):
     assert len(seq) == len(mix) + 5
     for conv in seq:
         small_tokenizer.render_conversation(conv)
+
+
+def tool_calls(conv: dict) -> list[tuple[str, str]]:
+    calls = []
+    for message in conv["messages"]:
+        parts = message["content"] if isinstance(message["content"], list) else []
+        calls += [(a["text"], b["text"]) for a, b in itertools.pairwise(parts) if a["type"] == "python"]
+    return calls
+
+
+@pytest.mark.parametrize("name", ["identity", "arithmetic", "spelling_bee"])
+def test_tool_outputs_match_the_inference_calculator(offline_packages, name):
+    """What the model sees after a tool call in training is what the engine will insert at inference."""
+    calculator = pytest.importorskip("picochat.infer").calculator
+    task = load_task(name, "train", **({} if name == "identity" else {"size": 300}))
+    calls = [call for conv in task for call in tool_calls(conv)]
+    assert calls
+    for expr, output in calls:
+        assert calculator(expr) == output, expr
+
+
+def test_tasks_pickle_for_dataloader_workers(offline_packages):
+    import pickle
+
+    task = TaskMixture([load_task("mmlu", "test"), load_task("spelling_bee", "train", size=10)], seed=1)
+    clone = pickle.loads(pickle.dumps(task[2:8]))
+    assert [clone[i] for i in range(len(clone))] == [task[i] for i in range(2, 8)]
