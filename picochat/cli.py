@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("picochat.data.commands", "get pretraining text: download FineWeb-Edu shards or build the offline corpus"),
     "tok-train": ("picochat.tokenizer.commands_train", "train the BPE tokenizer on the train shards"),
     "tok-eval": ("picochat.tokenizer.commands_eval", "compare compression (bytes/token) with GPT-2 and GPT-4"),
+    "base-eval": ("picochat.eval.core_command", "CORE score of a base checkpoint (22 few-shot tasks, DCLM protocol)"),
+    "base-train": ("picochat.train.base_train", "pretrain the GPT on the text shards (Muon + AdamW)"),
+    "base-loss": ("picochat.eval.base_loss", "train/val bits-per-byte of a base checkpoint, plus greedy samples"),
     "chat": ("picochat.chat_cli", "chat with a checkpoint in the terminal (streaming, /help for commands)"),
     "serve": ("picochat.serve.commands", "web chat UI and OpenAI-compatible API on 127.0.0.1 (FastAPI + uvicorn)"),
 }

@@ -1,0 +1,1 @@
+"""Training: the one loop, schedules, checkpoints and the stage commands."""

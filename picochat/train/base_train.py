@@ -1,0 +1,185 @@
+"""`picochat base-train`: pretrain a GPT on the text shards.
+
+    picochat base-train --preset cpu                      # ~15 min on a laptop
+    torchrun --standalone --nproc_per_node=8 -m picochat base-train --preset d20
+
+Horizon, in order of precedence: --num-iterations, --target-flops, --target-param-data-ratio.
+Checkpoints go to $PICOCHAT_HOME/checkpoints/base/<tag>/ (tag defaults to d<depth>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+import torch
+
+from picochat.config import add_preset_argument, resolve
+from picochat.errors import ConfigError
+
+DEFAULTS = {
+    "depth": 20, "aspect_ratio": 64, "head_dim": 128, "n_kv_head": None, "max_seq_len": 2048,
+    "device_batch_size": 32, "total_batch_size": 524288,
+    "num_iterations": -1, "target_flops": -1.0, "target_param_data_ratio": 20.0,
+    "embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02, "weight_decay": 0.0,
+    "warmup_steps": 0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, "momentum_warmup_steps": 300,
+    "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "save_every": -1, "keep_last": 2,
+    "vocab_size": None, "max_chars": None, "doc_cap": None,  # tokenizer keys shared by presets; unused here
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_preset_argument(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, help="number of transformer blocks (width and heads follow from it)")
+    g.add_argument("--aspect-ratio", type=int, help="width = depth * aspect ratio, rounded up to --head-dim")
+    g.add_argument("--head-dim", type=int, help="attention head dimension")
+    g.add_argument("--n-kv-head", type=int, help="key/value heads for grouped-query attention (default: all)")
+    g.add_argument("--max-seq-len", type=int, help="context length T")
+    g = p.add_argument_group("batch and horizon")
+    g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per process")
+    g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step (all processes, all micro-batches)")
+    g.add_argument("--num-iterations", type=int, help="optimiser steps (overrides the two below)")
+    g.add_argument("--target-flops", type=float, help="training FLOPs budget")
+    g.add_argument("--target-param-data-ratio", type=float, help="tokens per scaling parameter (Chinchilla: 20)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--embedding-lr", type=float, help="AdamW LR of the token embedding")
+    g.add_argument("--unembedding-lr", type=float, help="AdamW LR of lm_head")
+    g.add_argument("--matrix-lr", type=float, help="Muon LR of the block matrices")
+    g.add_argument("--weight-decay", type=float, help="weight decay of the AdamW groups")
+    g.add_argument("--warmup-steps", type=int, help="linear LR warmup steps")
+    g.add_argument("--warmdown-ratio", type=float, help="fraction of steps in the final linear warmdown")
+    g.add_argument("--final-lr-frac", type=float, help="LR multiplier at the end of the warmdown")
+    g.add_argument("--momentum-warmup-steps", type=int, help="Muon momentum 0.85 -> 0.95 over this many steps")
+    g = p.add_argument_group("eval and checkpoints")
+    g.add_argument("--eval-every", type=int, help="val bpb every N steps (<=0: at the end only)")
+    g.add_argument("--eval-tokens", type=int, help="val tokens per bpb evaluation")
+    g.add_argument("--sample-every", type=int, help="greedy samples from fixed prompts every N steps")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (<=0: at the end only)")
+    g.add_argument("--keep-last", type=int, help="keep this many newest checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this tag")
+    g.add_argument("--tag", default=None, help="run name under checkpoints/base/ (default d<depth>)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--data-dir", default=None, help="shard directory (default $PICOCHAT_HOME/data/builtin)")
+    g.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default $PICOCHAT_HOME/tokenizer)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPUs and AMX CPUs), bf16, fp32")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the model (auto: on for CUDA)")
+    g.add_argument("--seed", type=int, default=42, help="seed for weights and everything random")
+    g.add_argument("--wandb", default=None, metavar="RUN", help="log to Weights & Biases under this run name")
+
+
+def compute_horizon(args, model, world_size: int) -> tuple[int, int]:
+    """(num_iterations, grad_accum_steps) from the flags."""
+    tokens_per_micro = args.device_batch_size * args.max_seq_len * world_size
+    if args.total_batch_size % tokens_per_micro != 0:
+        raise ConfigError(
+            f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size*max_seq_len*world "
+            f"= {args.device_batch_size}*{args.max_seq_len}*{world_size} = {tokens_per_micro}"
+        )
+    grad_accum = args.total_batch_size // tokens_per_micro
+    if args.num_iterations and args.num_iterations > 0:
+        return args.num_iterations, grad_accum
+    if args.target_flops and args.target_flops > 0:
+        n = round(args.target_flops / (model.flops_per_token() * args.total_batch_size))
+    elif args.target_param_data_ratio and args.target_param_data_ratio > 0:
+        n = int(args.target_param_data_ratio * model.num_scaling_params()) // args.total_batch_size
+    else:
+        raise ConfigError("set one of --num-iterations, --target-flops, --target-param-data-ratio")
+    if n < 1:
+        raise ConfigError("the horizon works out to 0 steps; raise the budget or lower --total-batch-size")
+    return n, grad_accum
+
+
+def run(args: argparse.Namespace) -> int:
+    resolve(args, DEFAULTS)
+    from picochat.data.loader import PackedLoader
+    from picochat.data.shards import default_data_dir, list_shards
+    from picochat.eval.bpb import evaluate_bpb
+    from picochat.eval.samples import sample_prompts
+    from picochat.model.gpt import GPTConfig, build_model
+    from picochat.optim import build_optimizers
+    from picochat.optim.distributed import broadcast_parameters
+    from picochat.runtime import home, init_distributed, log0, pick_dtype, seed_everything, shutdown_distributed
+    from picochat.tokenizer import Tokenizer
+    from picochat.train import checkpoint as ckpt
+    from picochat.train.loop import LoopConfig, Trainer, wandb_logger
+    from picochat.train.schedules import muon_momentum, warmup_constant_warmdown
+
+    world = init_distributed(args.device)
+    try:
+        dtype = pick_dtype(world.device, args.dtype)
+        seed_everything(args.seed)
+        tokenizer = Tokenizer.load(args.tokenizer_dir or home() / "tokenizer")
+        train_files, val_file = list_shards(args.data_dir or default_data_dir())
+        config = GPTConfig.from_depth(args.depth, tokenizer.vocab_size, aspect_ratio=args.aspect_ratio,
+                                      head_dim=args.head_dim, max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head)
+        model = build_model(config, world.device)
+        broadcast_parameters(model)
+        num_iterations, grad_accum = compute_horizon(args, model, world.world_size)
+        tag = args.tag or f"d{args.depth}"
+        log0(f"model: {json.dumps(config.to_dict())}")
+        log0(f"params {model.num_params():,} (scaling {model.num_scaling_params():,}) | "
+             f"flops/token {model.flops_per_token():.3e} | dtype {dtype} | device {world.device} | world {world.world_size}")
+        log0(f"horizon: {num_iterations} steps x {args.total_batch_size:,} tokens = "
+             f"{num_iterations * args.total_batch_size:,} tokens "
+             f"({num_iterations * args.total_batch_size / model.num_scaling_params():.1f} tokens/param), "
+             f"grad accum {grad_accum}")
+        optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                                      unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
+        train_model = model
+        if args.compile == "on" or (args.compile == "auto" and world.device.type == "cuda"):
+            train_model = torch.compile(model, dynamic=False)
+        batches = PackedLoader(train_files, tokenizer, args.device_batch_size, args.max_seq_len,
+                               world.rank, world.world_size, world.device)
+        token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
+        eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * world.world_size)
+        if eval_steps < 1:
+            raise ConfigError(f"--eval-tokens {args.eval_tokens} is less than one batch "
+                              f"({args.device_batch_size}*{args.max_seq_len}*{world.world_size} tokens); raise it")
+
+        def evaluate(m, step):
+            val = PackedLoader([val_file], tokenizer, args.device_batch_size, args.max_seq_len,
+                               world.rank, world.world_size, world.device)
+            try:
+                return {"val_bpb": evaluate_bpb(m, val, eval_steps, token_bytes, dtype)}
+            finally:
+                val.close()
+
+        def sample(m, step):
+            if world.is_main:
+                for s in sample_prompts(m, tokenizer, compute_dtype=dtype):
+                    log0(f"  sample | {s['prompt']}{s['completion']!r}")
+
+        loop_cfg = LoopConfig(stage="base", tag=tag, num_iterations=num_iterations, grad_accum_steps=grad_accum,
+                              tokens_per_step=args.total_batch_size, eval_every=args.eval_every,
+                              sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last)
+        fingerprint = {"data_dir": str(train_files[0].parent), "train_files": [f.name for f in train_files],
+                       "val_file": val_file.name}
+        trainer = Trainer(
+            model, optimizers, batches, loop_cfg, world, tokenizer,
+            lr_multiplier=lambda s: warmup_constant_warmdown(s, num_iterations, args.warmup_steps,
+                                                             args.warmdown_ratio, args.final_lr_frac),
+            momentum=lambda s: muon_momentum(s, args.momentum_warmup_steps),
+            evaluate=evaluate,
+            sample=sample if args.sample_every != 0 else None,
+            compute_dtype=dtype, train_model=train_model,
+            on_log=wandb_logger(args.wandb, "base", vars(args)) if world.is_main else None,
+            run_meta={"data": fingerprint, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}},
+        )
+        if args.resume:
+            steps = ckpt.list_steps(ckpt.run_dir("base", tag))
+            if steps:
+                trainer.resume(ckpt.run_dir("base", tag) / f"step_{steps[-1]}")
+            else:
+                log0(f"--resume: no checkpoint under {ckpt.run_dir('base', tag)} yet; starting fresh")
+        result = trainer.run()
+        batches.close()
+        log0(f"done: {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})}")
+        return 0
+    finally:
+        shutdown_distributed()
+
+

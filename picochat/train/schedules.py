@@ -1,0 +1,39 @@
+"""Learning-rate and momentum schedules: pure functions of the step, logged each step."""
+
+from __future__ import annotations
+
+
+def warmup_constant_warmdown(step: int, num_iterations: int, warmup_steps: int = 0,
+                             warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1, constant, then linear warmdown to `final_lr_frac`.
+
+    The warmdown covers the last `warmdown_ratio` of the `num_iterations` steps.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    if warmdown_steps <= 0 or step < num_iterations - warmdown_steps:
+        return 1.0
+    progress = (num_iterations - step) / warmdown_steps  # 1 -> 0 across the warmdown
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def constant_then_linear_to_zero(step: int, num_iterations: int, constant_frac: float = 0.8) -> float:
+    """Mid-training: 1.0 for the first `constant_frac` of progress, then linear to 0."""
+    progress = step / max(1, num_iterations)
+    if progress < constant_frac:
+        return 1.0
+    return max(0.0, (1 - progress) / (1 - constant_frac))
+
+
+def linear_to_zero(step: int, num_iterations: int, init_frac: float = 1.0) -> float:
+    """SFT/RL: `init_frac` at step 0, linearly to 0 at the end."""
+    return init_frac * max(0.0, 1 - step / max(1, num_iterations))
+
+
+def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
+    """Muon momentum warms from `start` to `end` over the first `warmup_steps` steps."""
+    if warmup_steps <= 0:
+        return end
+    frac = min(step / warmup_steps, 1.0)
+    return (1 - frac) * start + frac * end
