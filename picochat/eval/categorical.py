@@ -1,0 +1,65 @@
+"""Categorical (multiple-choice) evaluation of a chat model: pick the best option letter by logits.
+
+For each item, the prompt is `render_for_completion(conversation)` (ends with
+`<|assistant_start|>`); the model's next-token logits are restricted to the
+item's own option letters (an item with 3 options competes among A-C only) and
+the argmax letter is graded by the task. Prompts are batched, right-padded, and
+the logits read at each row's last real position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
+    """Token id of each letter; letters must encode to a single token (A-Z always do: bytes are tokens)."""
+    ids = []
+    for letter in letters:
+        enc = tokenizer.encode(letter)
+        ids.append(enc[0])  # a single letter is always one token: every byte is in the vocabulary
+    return ids
+
+
+@torch.no_grad()
+def evaluate_categorical(
+    model,
+    tokenizer,
+    task,
+    batch_size: int = 8,
+    max_items: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    compute_dtype: torch.dtype = torch.float32,
+) -> dict:
+    """{"accuracy", "correct", "total"} over the task's items (split across ranks, summed)."""
+    device = next(model.parameters()).device
+    n = len(task) if max_items is None else min(len(task), max_items)
+    limit = model.config.sequence_len
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    indices = list(range(rank, n, world_size))
+    for start in range(0, len(indices), batch_size):
+        convs = [task[i] for i in indices[start : start + batch_size]]
+        prompts = [tokenizer.render_for_completion(c)[-limit:] for c in convs]
+        width = max(len(p) for p in prompts)
+        x = torch.full((len(prompts), width), tokenizer.bos_id, dtype=torch.long, device=device)
+        for r, p in enumerate(prompts):
+            x[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+            logits = model(x)  # (B, width, vocab)
+        for r, (conv, p) in enumerate(zip(convs, prompts)):
+            letters = conv["letters"]
+            ids = letter_token_ids(tokenizer, letters)
+            scores = logits[r, len(p) - 1, ids]
+            predicted = letters[int(scores.argmax())]
+            correct += int(bool(task.evaluate(conv, predicted)))
+            total += 1
+    if dist.is_initialized():
+        t = torch.tensor([correct, total], dtype=torch.long, device=device)
+        dist.all_reduce(t)
+        correct, total = int(t[0]), int(t[1])
+    model.train(was_training)
+    return {"accuracy": correct / total if total else float("nan"), "correct": correct, "total": total}
