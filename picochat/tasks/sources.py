@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 from filelock import FileLock
 
-from picochat.data.registry import Artifact, fetch
+from picochat.data.registry import Artifact, fetch, sha256_file
 from picochat.errors import DataError
 from picochat.runtime import home
 from picochat.tasks.base import Task
@@ -121,49 +121,70 @@ def hf_endpoint() -> str:
     return os.environ.get("PICOCHAT_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT
 
 
-def http_get(url: str, retries: int = RETRIES, backoff: float | None = None, timeout: float = 60.0) -> bytes:
-    """GET a URL with retries on network errors, 429 and 5xx; other HTTP errors fail at once."""
+def _request(url: str, on_response: Callable, retries: int, backoff: float | None, timeout: float) -> Any:
+    """GET `url` and hand the streaming 200 response to `on_response`, retrying network errors,
+    429 and 5xx with exponential backoff; other HTTP statuses fail at once."""
     import httpx
 
     backoff = RETRY_BACKOFF_S if backoff is None else backoff
     last = ""
     for attempt in range(retries):
         try:
-            with httpx.Client(follow_redirects=True, timeout=timeout) as client:
-                response = client.get(url)
-            if response.status_code == 200:
-                return response.content
-            last = f"HTTP {response.status_code}"
-            if response.status_code != 429 and response.status_code < 500:
-                break
-        except httpx.TransportError as e:
+            with httpx.Client(follow_redirects=True, timeout=timeout) as client, client.stream("GET", url) as response:
+                if response.status_code == 200:
+                    return on_response(response)
+                last = f"HTTP {response.status_code}"
+                if response.status_code != 429 and response.status_code < 500:
+                    break
+        except httpx.TransportError as e:  # connection refused, reset, timeouts, a read cut short
             last = f"{type(e).__name__}: {e}"
         if attempt + 1 < retries:
             time.sleep(backoff * 2**attempt)
     raise DataError(f"download of {url} failed ({last}); check the network or use source='offline'")
 
 
-def download_file(url: str, dest: Path, retries: int = RETRIES, backoff: float | None = None) -> Path:
-    """Download `url` to `dest` atomically (temp file, then rename); skip if it exists."""
+def http_get(url: str, retries: int = RETRIES, backoff: float | None = None, timeout: float = 60.0) -> bytes:
+    """The body of a small GET (e.g. a JSON listing), with retries."""
+    return _request(url, lambda response: response.read(), retries, backoff, timeout)
+
+
+def download_file(url: str, dest: Path, retries: int = RETRIES, backoff: float | None = None,
+                  timeout: float = 60.0) -> Path:
+    """Stream `url` to `dest` atomically (temp file, then rename), with retries; skip if it exists."""
     dest = Path(dest)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
-    tmp.write_bytes(http_get(url, retries=retries, backoff=backoff))
+
+    def save(response: Any) -> None:
+        with open(tmp, "wb") as f:
+            f.writelines(response.iter_bytes(1 << 20))
+
+    _request(url, save, retries, backoff, timeout)
     os.replace(tmp, dest)
     return dest
 
 
 def hf_parquet_files(repo: str, config: str, split: str, retries: int = RETRIES,
                      backoff: float | None = None) -> list[Path]:
-    """Local copies of the parquet export of one (repo, config, split), downloading once."""
+    """Local copies of the parquet export of one (repo, config, split), downloading once.
+
+    The manifest, written last, records each file's size and sha256; a later call trusts the
+    files only while their sizes still match it, and downloads again otherwise.
+    """
+    import pyarrow.parquet as pq
+
     directory = datasets_dir() / "hf" / repo / config / split
     directory.mkdir(parents=True, exist_ok=True)
     manifest = directory / "manifest.json"
     with FileLock(str(directory / ".lock")):
         if manifest.exists():
-            return [directory / name for name in json.loads(manifest.read_text())["files"]]
+            files = json.loads(manifest.read_text())["files"]
+            paths = [directory / f["name"] for f in files]
+            if all(p.exists() and p.stat().st_size == f["bytes"] for p, f in zip(paths, files)):
+                return paths
+            manifest.unlink()
         listing = f"{hf_endpoint()}/api/datasets/{repo}/parquet/{config}/{split}"
         try:
             urls = json.loads(http_get(listing, retries=retries, backoff=backoff))
@@ -171,12 +192,19 @@ def hf_parquet_files(repo: str, config: str, split: str, retries: int = RETRIES,
             raise DataError(f"{listing} did not return a JSON list of parquet URLs") from e
         if not isinstance(urls, list) or not urls:
             raise DataError(f"{listing} lists no parquet files for {repo} {config}/{split}")
-        names = [f"{k:05d}.parquet" for k in range(len(urls))]
-        for url, name in zip(urls, names):
-            download_file(url, directory / name, retries=retries, backoff=backoff)
-        manifest.write_text(json.dumps({"repo": repo, "config": config, "split": split,
-                                        "urls": urls, "files": names}, indent=1))
-    return [directory / name for name in names]
+        files = []
+        for k, url in enumerate(urls):
+            path = directory / f"{k:05d}.parquet"
+            path.unlink(missing_ok=True)  # a file without a manifest may be stale or partial
+            download_file(url, path, retries=retries, backoff=backoff)
+            try:
+                pq.read_metadata(path)
+            except Exception as e:  # pyarrow raises several types for a cut or garbled file
+                path.unlink()
+                raise DataError(f"{url} is not a readable parquet file ({e}); try again") from e
+            files.append({"name": path.name, "url": url, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        manifest.write_text(json.dumps({"repo": repo, "config": config, "split": split, "files": files}, indent=1))
+    return [directory / f["name"] for f in files]
 
 
 def hf_rows(repo: str, config: str, split: str) -> Iterator[dict]:

@@ -158,3 +158,20 @@ def test_persistent_server_errors_give_up(hub):
     with pytest.raises(DataError, match="HTTP 503"):
         load_task("mmlu", "test", source="hf")
     assert hub.requests["/api/datasets/cais/mmlu/parquet/all/test"] == sources.RETRIES
+
+
+def test_a_garbled_parquet_file_is_refused(hub):
+    hub.files["/files/openai/gsm8k/main/train/0.parquet"] = b"<html>rate limited</html>"
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        load_task("gsm8k", "train", source="hf")
+    assert not list((sources.datasets_dir() / "hf" / "openai/gsm8k/main/train").glob("*.parquet"))
+
+
+def test_a_file_changed_after_download_is_fetched_again(hub):
+    files = sources.hf_parquet_files("openai/gsm8k", "main", "train")
+    files[0].write_bytes(b"truncated")
+    again = sources.hf_parquet_files("openai/gsm8k", "main", "train")
+    assert hub.requests["/files/openai/gsm8k/main/train/0.parquet"] == 2
+    assert pq.read_table(again[0]).num_rows == 1
+    manifest = json.loads((again[0].parent / "manifest.json").read_text())
+    assert manifest["files"][0]["bytes"] == again[0].stat().st_size and len(manifest["files"][0]["sha256"]) == 64
