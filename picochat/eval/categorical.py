@@ -62,4 +62,8 @@ def evaluate_categorical(
         dist.all_reduce(t)
         correct, total = int(t[0]), int(t[1])
     model.train(was_training)
-    return {"accuracy": correct / total if total else float("nan"), "correct": correct, "total": total}
+    if total == 0:
+        from picochat.errors import DataError
+
+        raise DataError(f"{task.name}: no items to evaluate (max_items={max_items}, len={len(task)})")
+    return {"accuracy": correct / total, "correct": correct, "total": total}
