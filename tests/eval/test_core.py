@@ -251,3 +251,33 @@ def test_a_tiny_random_gpt_scores_every_task_type():
     result = evaluate_core(model, TOK, tasks, max_len=config.sequence_len, log=lambda s: None)
     assert len(result.tasks) == 3 and all(0.0 <= t.accuracy <= 1.0 for t in result.tasks)
     assert math.isfinite(result.core)
+
+
+def _striped_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        model = AnswerKeyModel([" Paris", " four", " cold"])
+        task = CoreTask("lm", "language_modeling", LM_ITEMS, num_fewshot=2)
+        r = evaluate_task(model, TOK, task)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"items": r.items, "accuracy": r.accuracy, "calls": model.calls}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_items_are_striped_over_ranks_and_counts_all_reduced(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_striped_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    single = evaluate_task(AnswerKeyModel([" Paris", " four", " cold"]), TOK,
+                           CoreTask("lm", "language_modeling", LM_ITEMS, num_fewshot=2))
+    assert all(r["items"] == 5 and r["accuracy"] == single.accuracy == 0.6 for r in ranks)
+    assert sorted(r["calls"] for r in ranks) == [2, 3]  # each rank scored only its stripe
