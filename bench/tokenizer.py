@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -53,14 +53,20 @@ def load_documents(text_file: Path | None, data_dir: Path, megabytes: float) -> 
     return docs, source
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
-    """(best seconds, median seconds, last result) over `repeats` calls."""
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times), result
+def race(contenders: dict[str, Callable[[], object]], repeats: int) -> tuple[dict, dict]:
+    """Run every contender `repeats` times, rotating the order each round (this VM is noisy).
+
+    Returns ({name: {"best_s", "median_s"}}, {name: last result}).
+    """
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    results: dict[str, object] = {}
+    names = list(contenders)
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            t0 = time.perf_counter()
+            results[name] = contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"best_s": min(t), "median_s": statistics.median(t)} for name, t in times.items()}, results
 
 
 def bench_training(docs: list[str], vocab_size: int, repeats: int) -> tuple[dict, dict]:
@@ -77,20 +83,12 @@ def bench_training(docs: list[str], vocab_size: int, repeats: int) -> tuple[dict
         "hf tokenizers": lambda: train_ranks_hf(iter(docs), n_ranks, SPLIT_PATTERN),
         "ours (Tokenizer.train)": lambda: Tokenizer.train(docs, vocab_size),
     }
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    results: dict[str, object] = {}
-    names = list(contenders)
-    for rep in range(repeats):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            t0 = time.perf_counter()
-            results[name] = contenders[name]()
-            times[name].append(time.perf_counter() - t0)
+    timing, results = race(contenders, repeats)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     compression = {}
     for name in ("rustbpe", "hf tokenizers"):
         tok = Tokenizer(results[name])
         compression[name] = n_bytes / sum(map(len, tok.encode(docs)))
-    timing = {name: {"best_s": min(t), "median_s": statistics.median(t)} for name, t in times.items()}
     return timing, compression
 
 
@@ -105,15 +103,13 @@ def bench_encoding(tok: Tokenizer, docs: list[str], threads: int, repeats: int) 
         "tiktoken encode_ordinary loop (1 thread)": lambda: [enc.encode_ordinary(d) for d in docs],
     }
     expected = enc.encode_ordinary_batch(docs, num_threads=threads)
-    out = {}
-    for name, fn in contenders.items():
-        best, median, result = best_of(fn, repeats)
+    timing, results = race(contenders, repeats)
+    for name, result in results.items():
         if "128-doc" in name:
             result = [ids for batch in result for ids in batch]
         if result != expected:
             raise RuntimeError(f"{name} produced different ids from tiktoken")
-        out[name] = {"best_s": best, "median_s": median}
-    return out
+    return timing
 
 
 def main() -> int:
@@ -123,7 +119,7 @@ def main() -> int:
     parser.add_argument("--mb", type=float, default=10.0, help="megabytes of text to use (default 10)")
     parser.add_argument("--vocab-sizes", default="8192,32768")
     parser.add_argument("--threads", type=int, default=2, help="encoding threads for both contenders (default 2)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per contender; the best counts (default 5)")
     args = parser.parse_args()
 
     try:
@@ -132,9 +128,10 @@ def main() -> int:
         parser.error(f"{e}; or pass --text-file")
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     mb = n_bytes / 1e6
+    load_start = os.getloadavg()[0]
     print(f"text: {mb:.2f} MB in {len(docs):,} documents from {source}")
     print(f"versions: rustbpe {getattr(rustbpe, '__version__', '0.1.x')}, tokenizers {tokenizers.__version__}, "
-          f"tiktoken {tiktoken.__version__}; {platform.processor() or platform.machine()}\n")
+          f"tiktoken {tiktoken.__version__}; {os.cpu_count()} cores, load average {load_start:.1f}\n")
 
     vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
     train, compression = {}, {}
@@ -164,8 +161,12 @@ def main() -> int:
     for name in ("rustbpe", "hf tokenizers"):
         print(f"| {name} | " + " | ".join(f"{compression[v][name]:.3f}" for v in vocab_sizes) + " |")
 
+    load_end = os.getloadavg()[0]
+    print(f"\nload average {load_start:.1f} at the start, {load_end:.1f} at the end (other work on the machine skews timings)")
     summary = {
         "bench": "tokenizer",
+        "cores": os.cpu_count(),
+        "loadavg": [round(load_start, 2), round(load_end, 2)],
         "text_mb": round(mb, 3),
         "source": source,
         "train": {str(v): {k: {m: round(x, 3) for m, x in t.items()} for k, t in train[v].items()} for v in vocab_sizes},

@@ -46,6 +46,7 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1
 BACKENDS = ("rustbpe", "hf")
 # Below this many characters a batch is encoded on the calling thread: handing it to the pool costs more.
 THREADED_MIN_CHARS = 1 << 16
+SLICES_PER_THREAD = 4
 
 
 def _default_threads() -> int:
@@ -220,9 +221,9 @@ class Tokenizer:
 
     def _encode_batch(self, texts: Sequence[str], num_threads: int | None) -> list[list[int]]:
         # tiktoken's encode_ordinary_batch makes a new pool per call and one future per text, so
-        # threads hand the GIL back and forth per document; on 2 cores that is slower than a plain
-        # loop. Instead: a pool kept for the tokenizer's life, one strided slice per thread
-        # (strides balance long and short documents), and small batches stay on this thread.
+        # threads hand the GIL back and forth per document. Instead: a pool kept for the tokenizer's
+        # life and a few strided slices per thread (strides mix long and short documents; several
+        # slices per thread let a thread that got more CPU take more work). Small batches stay here.
         threads = num_threads or _default_threads()
         encode = self._enc.encode_ordinary
         if threads == 1 or len(texts) < 2 * threads or sum(map(len, texts)) < THREADED_MIN_CHARS:
@@ -230,10 +231,11 @@ class Tokenizer:
         if self._pool is None or self._pool_key != (os.getpid(), threads):
             self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenizer")
             self._pool_key = (os.getpid(), threads)
-        parts = self._pool.map(lambda part: [encode(t) for t in part], [texts[i::threads] for i in range(threads)])
+        n_slices = min(len(texts), SLICES_PER_THREAD * threads)
+        slices = [texts[i::n_slices] for i in range(n_slices)]
         out: list = [None] * len(texts)
-        for i, part in enumerate(parts):
-            out[i::threads] = part
+        for i, ids in enumerate(self._pool.map(lambda part: [encode(t) for t in part], slices)):
+            out[i::n_slices] = ids
         return out
 
     def iter_encode(self, texts: Iterable[str], batch_size: int = 128) -> Iterator[list[int]]:
