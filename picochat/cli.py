@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "base-loss": ("picochat.eval.base_loss", "train/val bits-per-byte of a base checkpoint, plus greedy samples"),
     "chat": ("picochat.chat_cli", "chat with a checkpoint in the terminal (streaming, /help for commands)"),
     "serve": ("picochat.serve.commands", "web chat UI and OpenAI-compatible API on 127.0.0.1 (FastAPI + uvicorn)"),
+    "export": ("picochat.export.command", "write a checkpoint as a Hugging Face transformers model (nanochat type)"),
 }
 
 

@@ -1,0 +1,53 @@
+"""`picochat export`: write a checkpoint in another framework's format.
+
+    picochat export --format hf                         # most trained stage (rl > sft > mid > base)
+    picochat export --format hf --stage sft --tag d20 --out ~/models/picochat-d20
+    picochat export --format hf --dtype bfloat16        # half the size on disk
+
+`--format hf` writes a Hugging Face transformers directory of the native `nanochat` model
+type (see picochat/export/hf.py); default destination $PICOCHAT_HOME/export/hf/<stage>-<tag>-step<N>.
+Load it with:
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(DIR); tok = AutoTokenizer.from_pretrained(DIR)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                  return_tensors="pt")
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FORMATS = ("hf",)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=FORMATS, default="hf", help="hf: Hugging Face transformers (default)")
+    p.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default=None,
+                   help="checkpoint stage (default: the most trained one that exists)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default $PICOCHAT_HOME/export/hf/<stage>-<tag>-step<N>)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the exported weights (default float32, the master weights)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from picochat.export.hf import export_hf
+    from picochat.infer.loading import resolve_checkpoint
+    from picochat.runtime import home
+    from picochat.train.checkpoint import load_checkpoint_dir
+
+    path = resolve_checkpoint(args.stage, args.tag, args.step)
+    model, tokenizer, meta = load_checkpoint_dir(path, "cpu")
+    stage, tag, step = path.parent.parent.name, path.parent.name, int(meta.get("step", 0))
+    out = Path(args.out) if args.out else home() / "export" / "hf" / f"{stage}-{tag}-step{step}"
+    source = {"checkpoint": str(path), "stage": stage, "tag": tag, "step": step,
+              "tokenizer_hash": tokenizer.hash, "metrics": meta.get("metrics", {})}
+    export_hf(model, tokenizer, out, dtype=args.dtype, source=source)
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    print(f"exported {path} ({model.num_params():,} params, {args.dtype}, {size_mb:.1f} MB) -> {out}")
+    print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0

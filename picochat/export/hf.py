@@ -1,0 +1,268 @@
+"""Export a checkpoint as a Hugging Face transformers model of the native `nanochat` type.
+
+The directory written here loads with `AutoModelForCausalLM.from_pretrained(dir)` and
+`AutoTokenizer.from_pretrained(dir)`, no remote code:
+
+  config.json              NanoChatConfig fields (sizes, rope theta, softcap, special ids, dtype)
+  generation_config.json   bos / eos (<|assistant_end|>) / pad ids for `generate`
+  model.safetensors        our tensors under transformers' names
+  tokenizer.json           a fast byte-level BPE tokenizer equivalent to ours
+  tokenizer_config.json    special tokens and a chat template reproducing render_conversation
+
+The GPT matches the NanoChat architecture (see picochat/model/gpt.py) except for one sign:
+transformers' NanoChat rotates q and k by -angle (its rotate_half is cat(x2, -x1)), ours by
++angle. Negating the second half of every head's q and k rows makes the two agree: the rotated
+vectors then differ only in the sign of their second halves, which the q/k RMSNorm ignores and
+which cancels in q.k. `check_exportable` refuses any checkpoint whose config or tensors carry
+something the NanoChat type cannot express.
+
+The tokenizer: tiktoken ranks become a BPE vocabulary in GPT-2's printable byte alphabet.
+tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank;
+a BPE merge list reproduces that when every split of a token into two vocabulary pieces
+is listed, ordered by the rank of the token they form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from picochat.errors import UserError
+from picochat.model.gpt import GPTConfig
+from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from picochat.tokenizer.train_hf import bytes_to_unicode
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# GPTConfig fields and how each maps into NanoChatConfig; a field missing here is a feature
+# export does not know how to express, so it is refused rather than silently dropped.
+SUPPORTED_CONFIG_FIELDS = {"vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len",
+                           "softcap", "rope_theta", "norm_eps", "mlp_ratio"}
+
+# Our state-dict names -> transformers' names; {i} is the layer index.
+LAYER_TENSORS = {
+    "attn.c_q": "self_attn.q_proj",
+    "attn.c_k": "self_attn.k_proj",
+    "attn.c_v": "self_attn.v_proj",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+
+# Renders exactly what picochat.tokenizer.chat.render_conversation renders: <|bos|>, then per
+# message its markers; a leading system message is folded into the first user message as
+# system + "\n\n" + user; assistant content is a string or a list of text/python/python_output
+# parts. `add_generation_prompt` opens the assistant turn the model is to write.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set ns = namespace(system='', turns=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if not loop.first -%}{{- raise_exception('a system message is only allowed first') -}}{%- endif -%}"
+    "{%- set ns.system = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set expected = 'user' if ns.turns % 2 == 0 else 'assistant' -%}"
+    "{%- if message['role'] != expected -%}"
+    "{{- raise_exception('roles must alternate user, assistant, user, ... after an optional system message') -}}"
+    "{%- endif -%}"
+    "{%- set ns.turns = ns.turns + 1 -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '<|user_start|>' -}}"
+    "{%- if ns.system -%}{{- ns.system + '\\n\\n' -}}{%- set ns.system = '' -%}{%- endif -%}"
+    "{{- message['content'] -}}"
+    "{{- '<|user_end|>' -}}"
+    "{%- else -%}"
+    "{{- '<|assistant_start|>' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
+    "{%- elif part['type'] == 'python_output' -%}{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|assistant_end|>' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
+)
+
+
+# ---- model ---------------------------------------------------------------------------------------
+def check_exportable(config: GPTConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
+    """Raise UserError if the checkpoint has anything the NanoChat model type cannot express."""
+    unknown = sorted(set(config.to_dict()) - SUPPORTED_CONFIG_FIELDS)
+    if unknown:
+        raise UserError(f"model config fields {unknown} have no counterpart in transformers' NanoChat type; "
+                        "this checkpoint cannot be exported with --format hf")
+    expected = set(rename_state_dict_keys(config))
+    extra = sorted(set(state_dict) - expected)
+    missing = sorted(expected - set(state_dict))
+    if extra or missing:
+        raise UserError(f"model tensors differ from the NanoChat layout (unexpected {extra[:3]}, missing "
+                        f"{missing[:3]}): biases, norm weights or other extra tensors cannot be exported")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
+                        "the checkpoint's tokenizer/ does not belong to this model")
+
+
+def rename_state_dict_keys(config: GPTConfig) -> dict[str, str]:
+    """Our tensor name -> transformers' tensor name, for every tensor of the model."""
+    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    for i in range(config.n_layer):
+        for ours, theirs in LAYER_TENSORS.items():
+            names[f"transformer.h.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def negate_second_half_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(heads * head_dim, C) projection with rows head_dim/2.. of every head negated (rotation +angle -> -angle)."""
+    out_dim, in_dim = weight.shape
+    per_head = weight.reshape(out_dim // head_dim, 2, head_dim // 2, in_dim).clone()  # (H, half, D/2, C)
+    per_head[:, 1].neg_()
+    return per_head.reshape(out_dim, in_dim)
+
+
+def hf_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors under transformers' names, in `dtype`, q/k rows adapted to its rotary sign."""
+    names = rename_state_dict_keys(config)
+    out = {}
+    for ours, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu", torch.float32)
+        if ours.endswith(("attn.c_q.weight", "attn.c_k.weight")):
+            tensor = negate_second_half_rows(tensor, config.head_dim)
+        out[names[ours]] = tensor.to(dtype).contiguous()
+    return out
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str) -> dict[str, Any]:
+    """config.json for NanoChatConfig (transformers >= 5 field names)."""
+    bos, eos = tokenizer.bos_id, tokenizer.encode_special("assistant_end")
+    return {
+        "architectures": ["NanoChatForCausalLM"],
+        "model_type": "nanochat",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_ratio * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.sequence_len,
+        "hidden_act": "relu2",
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+        "final_logit_softcapping": config.softcap,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "use_cache": True,
+        "dtype": dtype,
+    }
+
+
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    """Stop at <|assistant_end|> (end of a chat turn) or <|bos|> (start of a new document)."""
+    eos = tokenizer.encode_special("assistant_end")
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": [eos, tokenizer.bos_id], "pad_token_id": eos}
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+def bpe_vocab_and_merges(tokenizer: Tokenizer) -> tuple[dict[str, int], list[list[str]]]:
+    """Our ranks as a byte-level BPE vocabulary (GPT-2 printable alphabet) and its merge list."""
+    to_char = bytes_to_unicode()
+    ranks = tokenizer.mergeable_ranks
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise UserError(f"the tokenizer lacks single-byte tokens for {len(missing)} bytes (e.g. {missing[0]}); "
+                        "a byte-level BPE export needs all 256")
+
+    def printable(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    vocab = {printable(token): rank for token, rank in ranks.items()}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], printable(left), printable(right)))
+    merges.sort()
+    return vocab, [[left, right] for *_, left, right in merges]
+
+
+def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
+    """tokenizer.json of a `tokenizers` fast tokenizer that encodes like ours."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as FastTokenizer
+
+    vocab, merges = bpe_vocab_and_merges(tokenizer)
+    # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken.
+    fast = FastTokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in merges], ignore_merges=True,
+                                    byte_fallback=False, fuse_unk=False))
+    fast.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    fast.decoder = decoders.ByteLevel()
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False,
+                                        single_word=False) for t in SPECIAL_TOKENS])
+    for name in SPECIAL_TOKENS:
+        if fast.token_to_id(name) != tokenizer.special_tokens[name]:
+            raise UserError(f"special token {name} would get id {fast.token_to_id(name)} instead of "
+                            f"{tokenizer.special_tokens[name]}; the tokenizer file is inconsistent")
+    return fast.to_str(pretty=False)
+
+
+def hf_tokenizer_config(tokenizer: Tokenizer, max_len: int) -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>",
+        "eos_token": "<|assistant_end|>",
+        "pad_token": "<|assistant_end|>",
+        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|bos|>", "<|assistant_end|>")],
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+# ---- the directory -------------------------------------------------------------------------------
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike,
+              dtype: str = "float32", source: dict | None = None) -> Path:
+    """Write the transformers directory for `model` + `tokenizer` into `out_dir`; returns it."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    config: GPTConfig = model.config
+    state = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    check_exportable(config, state, tokenizer)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state_dict(config, state, DTYPES[dtype]), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", hf_config(config, tokenizer, dtype))
+    _write_json(out / "generation_config.json", generation_config(tokenizer))
+    (out / "tokenizer.json").write_text(hf_tokenizer_json(tokenizer), encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.sequence_len))
+    _write_json(out / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
+                                                  "pad_token": "<|assistant_end|>"})
+    if source is not None:
+        _write_json(out / "picochat_source.json", source)
+    return out
