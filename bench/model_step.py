@@ -1,0 +1,89 @@
+"""Micro-benchmark: one full training step (forward + backward + optimiser) of the GPT.
+
+    python bench/model_step.py --depth 4 --vocab 32768 --seq 256 --batch 32 --dtype fp32 bf16
+
+Prints a table (tok/s per variant, split into forward+backward and optimiser time) and
+one JSON line with the same numbers. Defaults are the `cpu` preset's model shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from picochat.model import GPTConfig, build_model
+from picochat.optim import build_optimizers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def bench_variant(config: GPTConfig, batch: int, dtype: torch.dtype, compile_model: bool, steps: int,
+                  warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(config, "cpu")
+    optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    step_model = torch.compile(model, dynamic=False) if compile_model else model
+    idx = torch.randint(0, config.vocab_size, (batch, config.sequence_len))
+    targets = torch.roll(idx, -1, dims=1)
+    t_fwd_bwd = t_opt = 0.0
+    losses = []
+    t_compile = time.perf_counter()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = step_model(idx, targets)
+        loss.backward()
+        t1 = time.perf_counter()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        losses.append(loss.item())
+        if i == warmup - 1:
+            t_compile = time.perf_counter() - t_compile
+        if i >= warmup:
+            t_fwd_bwd += t1 - t0
+            t_opt += t2 - t1
+    tokens = steps * batch * config.sequence_len
+    total = t_fwd_bwd + t_opt
+    return {"dtype": str(dtype).removeprefix("torch."), "compile": compile_model,
+            "tok_per_s": tokens / total, "step_s": total / steps, "fwd_bwd_s": t_fwd_bwd / steps,
+            "optim_s": t_opt / steps, "warmup_s": t_compile, "gflops": model.flops_per_token() * tokens / total / 1e9,
+            "losses": [round(x, 4) for x in losses]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--aspect-ratio", type=int, default=64)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = GPTConfig.from_depth(args.depth, args.vocab, aspect_ratio=args.aspect_ratio,
+                                  head_dim=args.head_dim, max_seq_len=args.seq)
+    results = []
+    for name in args.dtype:
+        for compile_model in ([False, True] if args.compile else [False]):
+            results.append(bench_variant(config, args.batch, DTYPES[name], compile_model, args.steps,
+                                         args.warmup))
+    print(f"{'dtype':>8} {'compile':>7} {'tok/s':>8} {'step s':>7} {'fwd+bwd':>8} {'optim':>7} {'GFLOP/s':>8}")
+    for r in results:
+        print(f"{r['dtype']:>8} {r['compile']!s:>7} {r['tok_per_s']:8.0f} {r['step_s']:7.2f} "
+              f"{r['fwd_bwd_s']:8.2f} {r['optim_s']:7.3f} {r['gflops']:8.1f}")
+    print(json.dumps({"config": config.to_dict(), "batch": args.batch, "threads": args.threads,
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()

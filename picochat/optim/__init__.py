@@ -1,0 +1,111 @@
+"""Optimisers for the GPT: Muon for the hidden matrices, AdamW for embedding and lm_head.
+
+Every parameter goes to exactly one group (checked), every group carries `initial_lr`
+(the training loop sets lr = initial_lr * lr_multiplier) and Muon groups carry
+`momentum` (the loop schedules it with `muon_momentum`). The assignment is printed
+once at start, so a run's log says which parameter was trained how.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from picochat.optim.distributed import broadcast_parameters, sync_gradients
+from picochat.optim.muon import Muon, newton_schulz
+from picochat.runtime import is_main_process
+
+__all__ = ["Muon", "assign_param_groups", "broadcast_parameters", "build_optimizers", "describe_params",
+           "muon_momentum", "newton_schulz", "sync_gradients"]
+
+ADAMW_EPS = 1e-10
+REFERENCE_WIDTH = 768  # AdamW LRs were tuned at this width; other widths scale by (width/768)**-0.5
+
+
+def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
+    """Muon momentum at `step`: linear from `start` to `end` over the first `warmup_steps` steps."""
+    if warmup_steps <= 0:
+        return end
+    frac = min(max(step, 0) / warmup_steps, 1.0)
+    return start + frac * (end - start)
+
+
+def assign_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Split the parameters into 'matrix' (Muon), 'embedding' and 'unembedding' (AdamW).
+
+    Raises if a parameter fits no group, so a new kind of parameter can never go untrained.
+    """
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embedding": [], "unembedding": []}
+    for name, p in model.named_parameters():
+        if name == "transformer.wte.weight":
+            groups["embedding"].append((name, p))
+        elif name == "lm_head.weight":
+            groups["unembedding"].append((name, p))
+        elif name.startswith("transformer.h.") and p.ndim == 2:
+            groups["matrix"].append((name, p))
+        else:
+            raise RuntimeError(f"parameter {name} {tuple(p.shape)} has no optimiser group; "
+                               "extend picochat.optim.assign_param_groups")
+    return groups
+
+
+def describe_params(names: list[str]) -> str:
+    """Compact list of names: transformer.h.0..N share one entry, 'transformer.h.{0-3}.mlp.c_fc.weight'."""
+    layers: dict[str, list[int]] = defaultdict(list)
+    for name in names:
+        match = re.match(r"^(.*\.h\.)(\d+)(\..*)$", name)
+        if match:
+            layers[match.group(1) + "{}" + match.group(3)].append(int(match.group(2)))
+        else:
+            layers[name] = []
+    parts = []
+    for pattern, idx in layers.items():
+        if not idx:
+            parts.append(pattern)
+        elif idx == list(range(idx[0], idx[-1] + 1)):
+            parts.append(pattern.replace("{}", f"{{{idx[0]}-{idx[-1]}}}" if len(idx) > 1 else str(idx[0])))
+        else:
+            parts.append(pattern.replace("{}", "{" + ",".join(map(str, idx)) + "}"))
+    return ", ".join(parts)
+
+
+def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float, unembedding_lr: float,
+                     weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
+                     muon_momentum: float = 0.95, world: Any = None) -> list[torch.optim.Optimizer]:
+    """[AdamW for wte and lm_head, Muon for the block matrices]; prints the groups on rank 0.
+
+    AdamW LRs are scaled by (n_embd / 768) ** -0.5: wider models take proportionally
+    smaller steps in the embedding/unembedding, Muon's orthogonal updates need no such scaling.
+    """
+    groups = assign_param_groups(model)
+    n_embd = model.config.n_embd
+    width_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
+    adam_groups = []
+    for key, lr in (("unembedding", unembedding_lr), ("embedding", embedding_lr)):
+        named = groups[key]
+        adam_groups.append({"params": [p for _, p in named], "names": [n for n, _ in named],
+                            "lr": lr * width_scale, "initial_lr": lr * width_scale})
+    device_type = next(model.parameters()).device.type
+    # The fused kernel runs one pass over all of a group's tensors (CPU and CUDA).
+    fused = device_type in ("cpu", "cuda")
+    adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=ADAMW_EPS, weight_decay=weight_decay,
+                              fused=fused)
+    matrices = groups["matrix"]
+    muon = Muon([{"params": [p for _, p in matrices], "names": [n for n, _ in matrices],
+                  "lr": matrix_lr, "initial_lr": matrix_lr}],
+                momentum=muon_momentum, weight_decay=weight_decay)
+
+    is_main = world.is_main if world is not None else is_main_process()
+    if is_main:
+        for kind, opt in (("adamw", adamw), ("muon", muon)):
+            for g in opt.param_groups:
+                count = sum(p.numel() for p in g["params"])
+                extra = f" momentum={g['momentum']}" if kind == "muon" else f" betas={g['betas']}"
+                print(f"optim {kind}: lr={g['lr']:.6g}{extra} wd={g['weight_decay']} "
+                      f"({len(g['params'])} tensors, {count:,} params): {describe_params(g['names'])}",
+                      flush=True)
+    return [adamw, muon]
