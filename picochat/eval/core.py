@@ -189,7 +189,10 @@ def score_rows(model: Callable[[torch.Tensor], torch.Tensor], rows: Sequence[Row
 def evaluate_item(model: Callable, tokenizer: TextEncoder, task: CoreTask, index: int,
                   max_len: int | None, device: torch.device) -> bool:
     """Whether the model gets item `index` of `task` right."""
-    rows = [encode_row(tokenizer, c, k, max_len) for c, k in render_item(task, index)]
+    try:
+        rows = [encode_row(tokenizer, c, k, max_len) for c, k in render_item(task, index)]
+    except (DataError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"task {task.label}, item {index}: cannot build its prompt ({e})") from e
     mean_losses, exact = score_rows(model, rows, tokenizer.bos_id, device)
     if task.task_type == "language_modeling":
         return exact[0]

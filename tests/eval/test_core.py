@@ -281,3 +281,9 @@ def test_items_are_striped_over_ranks_and_counts_all_reduced(tmp_path):
                            CoreTask("lm", "language_modeling", LM_ITEMS, num_fewshot=2))
     assert all(r["items"] == 5 and r["accuracy"] == single.accuracy == 0.6 for r in ranks)
     assert sorted(r["calls"] for r in ranks) == [2, 3]  # each rank scored only its stripe
+
+
+def test_a_malformed_item_names_the_task_and_item():
+    task = CoreTask("broken", "multiple_choice", [{"query": "q", "choices": ["a", ""], "gold": 0}])
+    with pytest.raises(DataError, match="task broken, item 0"):
+        evaluate_task(AnswerKeyModel([]), TOK, task)
