@@ -284,6 +284,6 @@ def test_items_are_striped_over_ranks_and_counts_all_reduced(tmp_path):
 
 
 def test_a_malformed_item_names_the_task_and_item():
-    task = CoreTask("broken", "multiple_choice", [{"query": "q", "choices": ["a", ""], "gold": 0}])
+    task = CoreTask("broken", "multiple_choice", [{"query": "q", "gold": 0}])  # no choices
     with pytest.raises(DataError, match="task broken, item 0"):
         evaluate_task(AnswerKeyModel([]), TOK, task)
