@@ -1,0 +1,247 @@
+"""The GPT: config from depth, shapes, losses, init, FLOPs, rotary convention, bf16 autocast."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from picochat.errors import ConfigError
+from picochat.model import GPT, GPTConfig, build_model
+from picochat.model.gpt import _softcap_cross_entropy_chunks, apply_rotary
+
+VOCAB = 100  # deliberately not a multiple of 64
+
+
+def small_config(**overrides) -> GPTConfig:
+    fields = {"vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "sequence_len": 16}
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def trained_looking_model(config: GPTConfig, seed: int = 0) -> GPT:
+    """A model whose output projections are not zero, so every path carries signal."""
+    torch.manual_seed(seed)
+    model = build_model(config, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def batch(config: GPTConfig, B: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, config.vocab_size, (B, config.sequence_len), generator=g)
+    targets = torch.randint(0, config.vocab_size, (B, config.sequence_len), generator=g)
+    return idx, targets
+
+
+def test_from_depth_rounds_width_up_to_head_dim() -> None:
+    c = GPTConfig.from_depth(4, 32768, aspect_ratio=64, head_dim=64, max_seq_len=256)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim) == (4, 256, 4, 4, 64)
+    c = GPTConfig.from_depth(3, 1000, aspect_ratio=64, head_dim=128)
+    assert (c.n_embd, c.n_head, c.sequence_len) == (256, 2, 2048)  # 192 rounded up to 256
+    c = GPTConfig.from_depth(20, 65536, n_kv_head=2)
+    assert (c.n_embd, c.n_head, c.n_kv_head) == (1280, 10, 2)
+
+
+def test_config_round_trips_through_json_and_rejects_bad_values() -> None:
+    c = small_config(softcap=20.0)
+    assert GPTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ConfigError, match="unknown fields"):
+        GPTConfig.from_dict({**c.to_dict(), "window": 3})
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        small_config(n_kv_head=3)
+    with pytest.raises(ConfigError, match="n_head"):
+        small_config(n_embd=30)
+    with pytest.raises(ConfigError, match="depth"):
+        GPTConfig.from_depth(0, 100)
+
+
+def test_state_dict_names_and_shapes() -> None:
+    model = build_model(small_config(), "cpu")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {"transformer.wte.weight": (VOCAB, 32), "lm_head.weight": (VOCAB, 32)}
+    for i in range(2):
+        expected.update({
+            f"transformer.h.{i}.attn.c_q.weight": (32, 32), f"transformer.h.{i}.attn.c_k.weight": (16, 32),
+            f"transformer.h.{i}.attn.c_v.weight": (16, 32), f"transformer.h.{i}.attn.c_proj.weight": (32, 32),
+            f"transformer.h.{i}.mlp.c_fc.weight": (128, 32), f"transformer.h.{i}.mlp.c_proj.weight": (32, 128),
+        })
+    assert shapes == expected
+
+
+def test_logits_shape_dtype_and_softcap() -> None:
+    config = small_config(softcap=2.0)
+    model = trained_looking_model(config)
+    idx, _ = batch(config)
+    logits = model(idx)
+    assert logits.shape == (3, 16, VOCAB) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 2.0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000.0)
+    assert model(idx).abs().max() <= 2.0  # saturates instead of exceeding the cap
+
+
+def test_mean_loss_ignores_minus_one_and_matches_manual_cross_entropy() -> None:
+    config = small_config()
+    model = trained_looking_model(config)
+    idx, targets = batch(config)
+    targets[0, :7] = -1
+    targets[2, -3:] = -1
+    logits = model(idx)
+    valid = targets != -1
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    manual = -log_probs[valid].gather(1, targets[valid][:, None]).mean()
+    assert model(idx, targets).item() == pytest.approx(manual.item(), rel=1e-5)
+    assert model(idx, targets, loss_reduction="sum").item() == pytest.approx(
+        manual.item() * valid.sum().item(), rel=1e-5)
+    with torch.no_grad():  # the no-grad chunked path agrees too
+        assert model(idx, targets).item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_none_reduction_is_per_token_with_zero_where_ignored() -> None:
+    config = small_config()
+    model = trained_looking_model(config)
+    idx, targets = batch(config)
+    targets[1, ::2] = -1
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (3, 16)
+    assert torch.all(per_token[targets == -1] == 0)
+    reference = F.cross_entropy(model(idx).view(-1, VOCAB), targets.view(-1), ignore_index=-1,
+                                reduction="none").view(3, 16)
+    torch.testing.assert_close(per_token, reference)
+    per_token.sum().backward()  # the graph path is differentiable
+    assert model.lm_head.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets, loss_reduction="none"), reference)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(idx, targets, loss_reduction="avg")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_loss_gradients_match_autograd_through_full_logits(reduction: str) -> None:
+    config = small_config()
+    model = trained_looking_model(config)
+    idx, targets = batch(config)
+    targets[0, :5] = -1
+    model(idx, targets, loss_reduction=reduction).backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(idx)
+    F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1, reduction=reduction).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_cross_entropy_over_many_chunks_and_sparse_targets() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    t[torch.rand(37, generator=g) < 0.6] = -1
+    scale = (t != -1).float() * 0.5
+    losses, grad_x, grad_w = _softcap_cross_entropy_chunks(x.detach(), w.detach(), t, 3.0, scale,
+                                                           rows_per_chunk=4)
+    logits = 3.0 * torch.tanh(x @ w.t() / 3.0)
+    reference = F.cross_entropy(logits, t, ignore_index=-1, reduction="none")
+    torch.testing.assert_close(losses, reference.detach())
+    (reference * scale).sum().backward()
+    torch.testing.assert_close(grad_x, x.grad)
+    torch.testing.assert_close(grad_w, w.grad)
+
+
+def test_all_ignored_targets_give_zero_loss_and_zero_grads() -> None:
+    config = small_config()
+    model = trained_looking_model(config)
+    idx, _ = batch(config)
+    targets = torch.full_like(idx, -1)
+    loss = model(idx, targets)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.all(p.grad == 0), name
+    assert model(idx, targets, loss_reduction="sum").item() == 0.0
+    assert torch.all(model(idx, targets, loss_reduction="none") == 0)
+
+
+def test_meta_build_then_init_is_deterministic_given_the_seed() -> None:
+    config = small_config()
+    torch.manual_seed(123)
+    a = build_model(config, "cpu").state_dict()
+    torch.manual_seed(123)
+    b = build_model(config, "cpu").state_dict()
+    torch.manual_seed(124)
+    c = build_model(config, "cpu").state_dict()
+    for name in a:
+        assert a[name].device.type == "cpu" and a[name].dtype == torch.float32
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert not torch.equal(a["transformer.wte.weight"], c["transformer.wte.weight"])
+
+
+def test_init_statistics() -> None:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, sequence_len=8)
+    model = build_model(config, "cpu")
+    assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
+    for block in model.transformer.h:
+        assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
+        for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            assert linear.weight.abs().max() <= math.sqrt(3 / 64)
+            assert linear.weight.std().item() == pytest.approx(1 / 8, rel=0.1)
+    # fresh model: near-uniform predictions
+    idx = torch.randint(0, 512, (2, 8))
+    assert model(idx, idx).item() == pytest.approx(math.log(512), abs=0.05)
+
+
+def test_flops_per_token_and_param_counts() -> None:
+    config = small_config()
+    model = build_model(config, "cpu")
+    C, V, L, T = 32, VOCAB, 2, 16
+    block = C * C + 2 * (16 * C) + C * C + 2 * (4 * C * C)  # q, k+v (2 kv heads of 8), proj, mlp
+    assert model.num_params() == V * C + L * block + V * C
+    assert model.num_scaling_params() == L * block + V * C
+    assert model.flops_per_token() == 6 * (L * block + V * C) + 12 * L * C * T
+
+
+def test_rotary_matches_the_rotate_half_convention() -> None:
+    """q*cos + rotate_half(q)*sin with frequencies concatenated, as the NanoChat export expects."""
+    config = small_config()
+    model = build_model(config, "cpu")
+    D, T = config.head_dim, config.sequence_len
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2).float() / D))
+    freqs = torch.outer(torch.arange(T).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    q = torch.randn(2, 3, T, D)
+    rotate_half = torch.cat((-q[..., D // 2:], q[..., :D // 2]), dim=-1)
+    expected = q * emb.cos() + rotate_half * emb.sin()
+    torch.testing.assert_close(apply_rotary(q, model.rotary_cos, model.rotary_sin), expected)
+
+
+def test_rotary_table_grows_past_sequence_len() -> None:
+    config = small_config(sequence_len=8)
+    model = trained_looking_model(config)
+    idx = torch.randint(0, VOCAB, (1, 20))
+    logits = model(idx)
+    assert logits.shape == (1, 20, VOCAB) and model.rotary_cos.size(0) >= 20
+    torch.testing.assert_close(model(idx[:, :8]), logits[:, :8], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_loss_stays_close_to_fp32() -> None:
+    config = small_config()
+    model = trained_looking_model(config)
+    idx, targets = batch(config)
+    loss32 = model(idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = model(idx, targets)
+        logits16 = model(idx)
+        loss16_graph = model(idx, targets, loss_reduction="none").mean()
+    assert loss16.dtype == torch.float32 and logits16.dtype == torch.float32
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.02)
+    assert loss16_graph.item() == pytest.approx(loss32.item(), rel=0.02)
+    loss16.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
