@@ -21,9 +21,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "base-eval": ("picochat.eval.core_command", "CORE score of a base checkpoint (22 few-shot tasks, DCLM protocol)"),
     "base-train": ("picochat.train.base_train", "pretrain the GPT on the text shards (Muon + AdamW)"),
     "base-loss": ("picochat.eval.base_loss", "train/val bits-per-byte of a base checkpoint, plus greedy samples"),
+    "mid-train": ("picochat.train.mid_train", "mid-train a base model on chat, tool use and multiple choice (packed)"),
+    "sft": ("picochat.train.sft", "supervised fine-tuning on padded conversations (assistant tokens only)"),
+    "rl": ("picochat.train.rl", "reinforcement learning on math word problems (GRPO-style, calculator tool live)"),
+    "chat-eval": ("picochat.eval.chat_eval", "MMLU, ARC, GSM8K, HumanEval, SpellingBee accuracy and ChatCORE of a chat checkpoint"),
     "chat": ("picochat.chat_cli", "chat with a checkpoint in the terminal (streaming, /help for commands)"),
     "serve": ("picochat.serve.commands", "web chat UI and OpenAI-compatible API on 127.0.0.1 (FastAPI + uvicorn)"),
     "export": ("picochat.export.command", "write a checkpoint as a Hugging Face transformers model (nanochat type)"),
+    "report": ("picochat.report.command", "markdown report card of a run: environment, every stage's metrics, plots"),
 }
 
 

@@ -18,9 +18,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: for tests and CI. Learns nothing useful.
     "cpu-tiny": {
         "vocab_size": 512, "max_chars": 2_000_000, "doc_cap": 2_000,
-        "depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64,
-        "device_batch_size": 4, "total_batch_size": 512, "num_iterations": 20,
+        "depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 128,
+        "device_batch_size": 2, "total_batch_size": 512, "num_iterations": 20,
         "eval_every": 10, "eval_tokens": 4096, "sample_every": -1, "warmup_steps": 2,
+        "mid": {"mix_scale": "tiny", "device_batch_size": 2, "total_batch_size": 512, "eval_every": -1,
+                "eval_tokens": 2048},
+        "sft": {"mix_scale": "tiny", "device_batch_size": 2, "examples_per_step": 4, "eval_every": -1,
+                "eval_items": 8},
     },
     # ~15 minutes of pretraining on 2 CPU cores; learns readable English from the built-in corpus.
     "cpu": {
@@ -28,6 +32,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "depth": 4, "aspect_ratio": 64, "head_dim": 64, "max_seq_len": 256,
         "device_batch_size": 16, "total_batch_size": 4096, "num_iterations": 1500,
         "eval_every": 250, "eval_tokens": 65536, "sample_every": 500, "warmup_steps": 20,
+        "mid": {"mix_scale": "cpu", "device_batch_size": 16, "total_batch_size": 4096, "eval_every": 100,
+                "eval_tokens": 32768},
+        "sft": {"mix_scale": "cpu", "device_batch_size": 4, "examples_per_step": 16, "eval_every": 50,
+                "eval_items": 100},
     },
     # GPU scale, the seeds' values (8xH100 class).
     "d20": {
@@ -50,6 +58,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# GPU presets share the seeds' chat-stage settings: mid packs 2^19-token steps; SFT takes
+# 4 conversations per device and 32 per step (SPEC §6).
+for _name in ("d20", "d26", "d32"):
+    PRESETS[_name]["mid"] = {"mix_scale": "full", "total_batch_size": 524288, "eval_every": 150,
+                             "eval_tokens": 10 * 524288}
+    PRESETS[_name]["sft"] = {"mix_scale": "full", "device_batch_size": 4, "examples_per_step": 32,
+                             "eval_every": 200, "eval_items": 1000}
+
 
 def add_preset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -59,12 +75,18 @@ def add_preset_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
-    """Fill every flag in `defaults` that was not given: preset first, then the default."""
+def resolve(args: argparse.Namespace, defaults: dict[str, Any], section: str | None = None) -> argparse.Namespace:
+    """Fill every flag in `defaults` that was not given: preset first, then the default.
+
+    With `section` (e.g. "sft"), the preset's `section` sub-dict wins over its top-level keys,
+    so one preset can give base training and SFT different batch sizes.
+    """
     preset_name = getattr(args, "preset", None)
     if preset_name is not None and preset_name not in PRESETS:
         raise ConfigError(f"--preset {preset_name!r} is unknown; choose one of {sorted(PRESETS)}")
-    preset = PRESETS.get(preset_name, {}) if preset_name else {}
+    preset = dict(PRESETS.get(preset_name, {})) if preset_name else {}
+    if section and isinstance(preset.get(section), dict):
+        preset.update(preset[section])
     for key, default in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, preset.get(key, default))

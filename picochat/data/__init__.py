@@ -1,1 +1,18 @@
-"""Data: pretraining shards (download, built-in corpus), packed loader, chat collation."""
+"""Data: pretraining shards (download, built-in corpus), packed loader, chat batches.
+
+`from picochat.data import sft_collate` works; torch-dependent modules load on first use,
+so light users (the registry, the corpus builder, the tasks) stay fast to import.
+"""
+
+_LAZY = {"sft_collate", "PackedConversations", "PaddedConversations"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from picochat.data import chat_batches
+
+        return getattr(chat_batches, name)
+    raise AttributeError(f"module 'picochat.data' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,172 @@
+"""Conversations -> training batches, two ways (SPEC §5, §6).
+
+- `PackedConversations` (mid-training): rendered conversations are concatenated into
+  one token stream (each starts with its own `<|bos|>`, so they stay separated) and
+  cut into (B, T) blocks like pretraining text. Every token is a target by default;
+  with `mask_user=True` the targets whose render mask is 0 (user text, tool output,
+  the structural tokens around them) are set to -1.
+- `PaddedConversations` + `sft_collate` (SFT): one conversation per row, right-padded
+  to the longest row of the micro-batch, targets -1 wherever the mask is 0 or padding.
+
+Both shard by rank (rank r of w takes conversations r, r+w, ... of the task, so every
+conversation is used exactly once per epoch across ranks), count epochs, and save their
+exact position with state_dict() / load_state_dict().
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from picochat.errors import DataError
+
+
+def sft_collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of shape (B, longest - 1): inputs padded with `pad_id`, targets with -1.
+
+    Row i: inputs = ids[:-1]; targets = ids[1:], with -1 where mask[1:] == 0.
+    """
+    if not rows:
+        raise DataError("sft_collate got an empty batch")
+    width = max(len(ids) for ids, _ in rows) - 1
+    if width < 1:
+        raise DataError("sft_collate needs conversations of at least 2 tokens")
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        row_ids = torch.tensor(ids, dtype=torch.long)
+        row_mask = torch.tensor(mask[1:], dtype=torch.bool)
+        inputs[r, :n] = row_ids[:-1]
+        targets[r, :n] = torch.where(row_mask, row_ids[1:], torch.full_like(row_ids[1:], -1))
+    return inputs, targets
+
+
+class _ConversationWalk:
+    """This rank's walk over a task: positions 0, 1, 2, ... map to rows rank, rank+w, ... with epochs."""
+
+    def __init__(self, task, rank: int, world_size: int):
+        if len(task) < world_size:
+            raise DataError(f"{task.name} has {len(task)} conversations, fewer than the {world_size} processes")
+        self.task, self.rank, self.world_size = task, rank, world_size
+        self.per_epoch = len(range(rank, len(task), world_size))
+
+    def row(self, position: int) -> tuple[int, dict]:
+        epoch, k = divmod(position, self.per_epoch)
+        return epoch, self.task[self.rank + k * self.world_size]
+
+
+class PackedConversations:
+    """Infinite iterator of packed (inputs, targets) blocks of shape (B, T)."""
+
+    def __init__(self, task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", mask_user: bool = False, max_conversation_tokens: int | None = None):
+        self.walk = _ConversationWalk(task, rank, world_size)
+        self.tokenizer = tokenizer
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.mask_user = mask_user
+        self.max_tokens = max_conversation_tokens or 4 * seq_len
+        self.position = 0  # next conversation to render
+        self.pending: deque = deque()  # [position, ids, keep (target allowed), read]
+
+    def render(self, conversation: dict) -> tuple[list[int], list[int]]:
+        ids, mask = self.tokenizer.render_conversation(conversation, max_tokens=self.max_tokens)
+        return ids, (mask if self.mask_user else [1] * len(ids))
+
+    def tokens_per_epoch(self) -> int:
+        """Tokens this rank streams in one pass (renders every conversation once)."""
+        return sum(len(self.render(self.walk.row(p)[1])[0]) for p in range(self.walk.per_epoch))
+
+    @property
+    def epoch(self) -> int:
+        head = self.pending[0][0] if self.pending else self.position
+        return head // self.walk.per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        need = self.B * self.T + 1
+        while sum(len(p[1]) - p[3] for p in self.pending) < need:
+            _, conv = self.walk.row(self.position)
+            ids, keep = self.render(conv)
+            self.pending.append([self.position, ids, keep, 0])
+            self.position += 1
+        ids_out, keep_out = [], []
+        for p in self.pending:
+            take = min(need - len(ids_out), len(p[1]) - p[3])
+            ids_out += p[1][p[3] : p[3] + take]
+            keep_out += p[2][p[3] : p[3] + take]
+            if len(ids_out) == need:
+                break
+        consume = need - 1  # the last token starts the next block
+        while consume:
+            p = self.pending[0]
+            take = min(consume, len(p[1]) - p[3])
+            p[3] += take
+            consume -= take
+            if p[3] == len(p[1]):
+                self.pending.popleft()
+        buf = torch.tensor(ids_out, dtype=torch.long)
+        keep = torch.tensor(keep_out[1:], dtype=torch.bool)
+        targets = torch.where(keep, buf[1:], torch.full_like(buf[1:], -1))
+        return buf[:-1].view(self.B, self.T).to(self.device), targets.view(self.B, self.T).to(self.device)
+
+    def state_dict(self) -> dict:
+        if self.pending:
+            position, skip = self.pending[0][0], self.pending[0][3]
+        else:
+            position, skip = self.position, 0
+        return {"position": position, "skip": skip, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise DataError(f"data state saved with world size {state['world_size']}, this run has {self.world_size}")
+        self.pending.clear()
+        self.position = state["position"]
+        if state["skip"]:
+            _, conv = self.walk.row(self.position)
+            ids, keep = self.render(conv)
+            self.pending.append([self.position, ids, keep, state["skip"]])
+            self.position += 1
+
+
+class PaddedConversations:
+    """Infinite iterator of padded SFT micro-batches: B conversations per (inputs, targets)."""
+
+    def __init__(self, task, tokenizer, batch_size: int, max_seq_len: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu"):
+        self.walk = _ConversationWalk(task, rank, world_size)
+        self.tokenizer = tokenizer
+        self.B, self.T = batch_size, max_seq_len
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.pad_id = tokenizer.encode_special("assistant_end")
+        self.position = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.walk.per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for _ in range(self.B):
+            _, conv = self.walk.row(self.position)
+            rows.append(self.tokenizer.render_conversation(conv, max_tokens=self.T + 1))
+            self.position += 1
+        x, y = sft_collate(rows, self.pad_id)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise DataError(f"data state saved with world size {state['world_size']}, this run has {self.world_size}")
+        self.position = state["position"]

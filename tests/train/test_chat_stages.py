@@ -1,0 +1,141 @@
+"""Mid-training and SFT: collation, packing, masking, zero-token batches, exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from picochat.cli import main
+from picochat.data import PackedConversations, sft_collate
+from picochat.model.gpt import GPTConfig, build_model
+from picochat.tasks import TaskSequence, identity, load_task
+from picochat.tokenizer import Tokenizer
+from picochat.train import checkpoint as ckpt
+from tests.train.conftest import make_documents
+
+
+def test_sft_collate_spec_example():
+    s1 = ([1, 2, 10, 3, 4, 20, 5], [0, 0, 0, 0, 0, 1, 1])
+    s2 = ([1, 2, 10, 3, 4, 20, 20, 5], [0, 0, 0, 0, 0, 1, 1, 1])
+    inputs, targets = sft_collate([s1, s2], pad_id=5)
+    assert inputs.tolist() == [[1, 2, 10, 3, 4, 20, 5], [1, 2, 10, 3, 4, 20, 20]]
+    assert targets.tolist() == [[-1, -1, -1, -1, 20, 5, -1], [-1, -1, -1, -1, 20, 20, 5]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(make_documents(200, seed=5), vocab_size=300)
+
+
+def _tool_conversation():
+    return {"messages": [
+        {"role": "user", "content": "What is 6 times 7?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me compute. "},
+                                          {"type": "python", "text": "6*7"},
+                                          {"type": "python_output", "text": "42"},
+                                          {"type": "text", "text": "It is 42."}]},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You're welcome."},
+    ]}
+
+
+class ListTask:
+    name = "list"
+
+    def __init__(self, convs):
+        self.convs = convs
+
+    def __len__(self):
+        return len(self.convs)
+
+    def __getitem__(self, i):
+        return self.convs[i]
+
+
+def test_packed_stream_has_bos_at_every_conversation_start(tok):
+    task = ListTask([_tool_conversation(), {"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "hello"}]}] * 3)
+    lengths = [len(tok.render_conversation(task[i])[0]) for i in range(len(task))]
+    total = sum(lengths)
+    packer = PackedConversations(task, tok, batch_size=1, seq_len=total - 1)
+    x, y = next(packer)
+    stream = torch.cat([x.flatten(), y.flatten()[-1:]]).tolist()
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    assert [i for i, t in enumerate(stream) if t == tok.bos_id] == starts
+    assert (y >= 0).all()  # by default every token is a target (as the reference)
+
+
+def test_mask_user_masks_exactly_user_and_tool_output_tokens(tok):
+    conv = _tool_conversation()
+    ids, mask = tok.render_conversation(conv)
+    packer = PackedConversations(ListTask([conv]), tok, batch_size=1, seq_len=len(ids) - 1, mask_user=True)
+    x, y = next(packer)
+    expected = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+    assert y.flatten().tolist() == expected
+    # The masked targets are exactly the user turns, the tool output and the structural tokens around them.
+    sp = tok.encode_special
+    masked = [t for t, m in zip(ids, mask) if m == 0]
+    assert tok.decode([t for t in masked if not tok.is_special(t)]) == "What is 6 times 7?42Thanks!"
+    assert sp("output_start") in masked and sp("python_start") not in masked
+
+
+def test_all_masked_micro_batch_gives_zero_loss_and_gradient():
+    model = build_model(GPTConfig.from_depth(2, 300, aspect_ratio=32, head_dim=32, max_seq_len=16), torch.device("cpu"))
+    x = torch.randint(0, 300, (2, 16))
+    y = torch.full((2, 16), -1)
+    loss = model(x, y, loss_reduction="sum") / max(1, int((y >= 0).sum()))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    mean = model(x, y)
+    assert torch.isfinite(mean) and mean.item() == 0.0
+
+
+def test_real_tasks_render_into_training_rows(tok):
+    seq = TaskSequence([identity(stop=4), load_task("arithmetic", "train", size=4)])
+    rows = [tok.render_conversation(seq[i], max_tokens=128) for i in range(len(seq))]
+    inputs, targets = sft_collate(rows, tok.encode_special("assistant_end"))
+    assert inputs.shape[0] == 8 and (targets >= 0).sum() > 0
+
+
+@pytest.fixture
+def base_ckpt(tiny_home):
+    assert main(["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--num-iterations", "3",
+                 "--sample-every", "-1", "--tag", "t"]) == 0
+    return tiny_home
+
+
+def _weights(stage, tag):
+    steps = ckpt.list_steps(ckpt.run_dir(stage, tag))
+    return steps[-1], load_file(str(ckpt.run_dir(stage, tag) / f"step_{steps[-1]}" / "model.safetensors"))
+
+
+def _losses(home, stage, tag):
+    return {r["step"]: r["loss"] for r in map(json.loads, (home / "logs" / f"{stage}-{tag}.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+@pytest.mark.parametrize("stage,extra", [("mid-train", ["--from-stage", "base", "--mask-user"]),
+                                         ("sft", ["--from-stage", "base"])])
+def test_chat_stage_resumes_bit_exactly(base_ckpt, stage, extra):
+    name = "mid" if stage == "mid-train" else "sft"
+    common = [stage, "--preset", "cpu-tiny", "--dtype", "fp32", "--from-tag", "t", "--save-every", "2",
+              "--keep-last", "10", *extra]
+    assert main(common + ["--tag", "straight"]) == 0
+    assert main(common + ["--tag", "cut"]) == 0
+    steps = ckpt.list_steps(ckpt.run_dir(name, "cut"))
+    assert len(steps) >= 2, steps
+    for s in steps[1:]:  # keep only the first periodic checkpoint, then resume from it
+        shutil.rmtree(ckpt.run_dir(name, "cut") / f"step_{s}")
+    assert main(common + ["--tag", "cut", "--resume"]) == 0
+    (sa, a), (sb, b) = _weights(name, "straight"), _weights(name, "cut")
+    assert sa == sb
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(base_ckpt, name, "straight") == _losses(base_ckpt, name, "cut")
+    meta = json.loads((ckpt.run_dir(name, "cut") / f"step_{sb}" / "meta.json").read_text())
+    assert meta["parent"]["stage"] == "base" and meta["stage"] == name
