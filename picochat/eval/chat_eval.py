@@ -1,0 +1,314 @@
+"""`picochat chat-eval`: MMLU, ARC-Easy/Challenge, GSM8K, HumanEval and SpellingBee accuracy of a chat model.
+
+    picochat chat-eval --stage sft                       # newest sft checkpoint, all six tasks
+    picochat chat-eval --stage rl -a "GSM8K|HumanEval" --num-samples 8 --temperature 0.8
+    picochat chat-eval --stage mid --max-problems 200    # an evenly spread subset of each task
+    torchrun --nproc_per_node 8 -m picochat chat-eval --stage sft   # items split over the ranks
+
+Two kinds of task:
+- categorical (MMLU, ARC): one forward pass per batch of prompts; the next-token logits are
+  restricted to each item's own option letters (picochat.eval.categorical), so the answer is
+  always a valid letter. Chance accuracy is 1/options, averaged over the items.
+- generative (GSM8K, HumanEval, SpellingBee): the Engine samples `--num-samples` completions per
+  problem with the calculator tool live; each completion, as render_conversation parts, is graded
+  by the task's own `evaluate` (final '#### n' for GSM8K, the sandboxed unit tests for HumanEval,
+  the last number for SpellingBee). An item passes if any sample is right (pass@k); pass@1 is
+  the mean over samples. Chance accuracy is 0.
+
+ChatCORE = mean over the six tasks of the centered accuracy (acc - chance) / (1 - chance); it is
+reported only when all six ran. Data is the offline test splits (registry packages; SpellingBee
+generated from held-out words) unless `--source hf`.
+
+Writes $PICOCHAT_HOME/eval/chat_eval_<stage>_<tag>_step<N>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from picochat.config import resolve
+from picochat.errors import ConfigError
+
+# Display name -> (load_task name, split, extra load_task kwargs).
+CHAT_TASKS: dict[str, tuple[str, str, dict]] = {
+    "MMLU": ("mmlu", "test", {}),
+    "ARC-Easy": ("arc_easy", "test", {}),
+    "ARC-Challenge": ("arc_challenge", "test", {}),
+    "GSM8K": ("gsm8k", "test", {}),
+    "HumanEval": ("humaneval", "test", {}),
+    "SpellingBee": ("spelling_bee", "test", {"size": 256}),
+}
+
+DEFAULTS = {
+    "max_problems": -1, "num_samples": 1, "temperature": None, "top_k": 50,
+    "max_new_tokens": 512, "batch_size": 8, "seed": 42,
+}
+
+
+@dataclass
+class TaskResult:
+    """One task's score. For categorical tasks pass@1 == accuracy and num_samples is 1."""
+
+    name: str
+    kind: str  # "categorical" | "generative"
+    accuracy: float  # pass@k for generative tasks
+    pass_at_1: float
+    baseline: float  # chance accuracy
+    items: int
+    num_samples: int
+    seconds: float
+
+    @property
+    def centered(self) -> float:
+        return centered_accuracy(self.accuracy, self.baseline)
+
+
+def centered_accuracy(accuracy: float, baseline: float) -> float:
+    """(acc - chance) / (1 - chance): 0 at chance, 1 at perfect."""
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def chat_core(results: dict[str, TaskResult]) -> float | None:
+    """Mean centered accuracy over the six chat tasks, or None unless all six ran."""
+    if set(results) != set(CHAT_TASKS):
+        return None
+    return sum(r.centered for r in results.values()) / len(results)
+
+
+def pass_at_k(graded: list[list[bool]]) -> tuple[float, float]:
+    """(pass@k, pass@1) of k graded samples per item: any-correct rate, and mean per-sample accuracy."""
+    if not graded or any(not row for row in graded):
+        raise ValueError("pass_at_k needs at least one item with at least one sample each")
+    passed = sum(any(row) for row in graded)
+    mean_correct = sum(sum(row) / len(row) for row in graded)
+    return passed / len(graded), mean_correct / len(graded)
+
+
+def parse_task_names(text: str | None) -> list[str]:
+    """'MMLU|gsm8k,ARC-Easy' -> canonical names in CHAT_TASKS order; None or '' -> all six."""
+    if not text:
+        return list(CHAT_TASKS)
+    by_key = {name.lower().replace("-", "").replace("_", ""): name for name in CHAT_TASKS}
+    chosen = set()
+    for raw in text.replace(",", "|").split("|"):
+        key = raw.strip().lower().replace("-", "").replace("_", "")
+        if not key:
+            continue
+        if key not in by_key:
+            raise ConfigError(f"-a: unknown task {raw.strip()!r}; choose from {'|'.join(CHAT_TASKS)}")
+        chosen.add(by_key[key])
+    if not chosen:
+        raise ConfigError(f"-a {text!r} names no task; choose from {'|'.join(CHAT_TASKS)}")
+    return [name for name in CHAT_TASKS if name in chosen]
+
+
+def spread_subset(task, max_problems: int):
+    """An evenly strided view of at most `max_problems` rows (all rows when <= 0), so a subset spans
+    every subject of a task stored in subject order."""
+    n = len(task)
+    if max_problems <= 0 or max_problems >= n:
+        return task
+    return task[:: n // max_problems][:max_problems]
+
+
+def _progress(total: int, desc: str, rank: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, disable=rank != 0, leave=False)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---- categorical ---------------------------------------------------------------------------------
+def evaluate_multiple_choice(model, tokenizer, task, batch_size: int = 8, rank: int = 0, world_size: int = 1,
+                             compute_dtype: torch.dtype = torch.float32, desc: str = "") -> dict:
+    """Letter-restricted accuracy and mean chance level over `task`, in chunks for a progress bar."""
+    from picochat.eval.categorical import evaluate_categorical
+
+    device = next(model.parameters()).device
+    chunk = batch_size * world_size * 4  # rows per call across all ranks
+    correct = total = 0
+    chance = 0.0  # sum of 1/options over this rank's items
+    with _progress(len(task), desc, rank) as bar:
+        for start in range(0, len(task), chunk):
+            part = task[start : start + chunk]
+            result = evaluate_categorical(model, tokenizer, part, batch_size=batch_size, rank=rank,
+                                          world_size=world_size, compute_dtype=compute_dtype)
+            correct += result["correct"]
+            total += result["total"]  # already summed over ranks
+            chance += sum(1.0 / len(part[i]["letters"]) for i in range(rank, len(part), world_size))
+            bar.update(len(part))
+    (chance,) = _all_reduce_sum([chance], device)
+    return {"accuracy": correct / total, "correct": correct, "total": total, "baseline": chance / total}
+
+
+# ---- generative ----------------------------------------------------------------------------------
+def completion_parts(tokenizer, tokens: list[int]) -> list[dict]:
+    """Generated ids -> assistant parts (text / python / python_output), the conversation format."""
+    from picochat.infer.streaming import TextStreamer
+
+    streamer = TextStreamer(tokenizer)
+    for token in tokens:
+        streamer.push(token)
+    streamer.finish()
+    return [part for part in streamer.parts if part["text"] or part["type"] != "text"]
+
+
+def sample_completions(engine, tokenizer, conversation: dict, num_samples: int, max_new_tokens: int,
+                       temperature: float, top_k: int | None, seed: int) -> list[list[dict]]:
+    """`num_samples` completions of the conversation's assistant turn, as parts lists."""
+    prompt = tokenizer.render_for_completion(conversation)
+    samples, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, seed=seed)
+    return [completion_parts(tokenizer, tokens) for tokens in samples]
+
+
+def evaluate_generative(engine, tokenizer, task, num_samples: int = 1, max_new_tokens: int = 512,
+                        temperature: float = 0.0, top_k: int | None = 50, seed: int = 42, rank: int = 0,
+                        world_size: int = 1, desc: str = "") -> dict:
+    """pass@k and pass@1 over `task`: rank r samples items r::world, seeded by item index (so the
+    result does not depend on the number of ranks), and the counts are summed over ranks."""
+    graded: list[list[bool]] = []
+    indices = range(rank, len(task), world_size)
+    with _progress(len(indices), desc, rank) as bar:
+        for i in indices:
+            conversation = task[i]
+            responses = sample_completions(engine, tokenizer, conversation, num_samples, max_new_tokens,
+                                           temperature, top_k, seed + i)
+            graded.append([bool(task.evaluate(conversation, parts)) for parts in responses])
+            bar.update(1)
+    passed = float(sum(any(row) for row in graded))
+    mean_correct = float(sum(sum(row) / len(row) for row in graded))
+    passed, mean_correct, total = _all_reduce_sum([passed, mean_correct, float(len(graded))], engine.device)
+    if total == 0:
+        from picochat.errors import DataError
+
+        raise DataError(f"{task.name}: no problems to evaluate")
+    return {"pass@k": passed / total, "pass@1": mean_correct / total, "passed": int(passed), "total": int(total)}
+
+
+# ---- the suite -----------------------------------------------------------------------------------
+def run_chat_eval(model, tokenizer, names: list[str], *, source: str = "offline", max_problems: int = -1,
+                  num_samples: int = 1, temperature: float = 0.0, top_k: int | None = 50,
+                  max_new_tokens: int = 512, batch_size: int = 8, seed: int = 42, rank: int = 0,
+                  world_size: int = 1, compute_dtype: torch.dtype = torch.float32, log=print) -> dict[str, TaskResult]:
+    """Score `model` on the named chat tasks (keys of CHAT_TASKS)."""
+    from picochat.infer import Engine
+    from picochat.tasks import load_task
+
+    engine = Engine(model, tokenizer, compute_dtype=compute_dtype)
+    results: dict[str, TaskResult] = {}
+    for name in names:
+        task_name, split, kwargs = CHAT_TASKS[name]
+        task = spread_subset(load_task(task_name, split, source=source, **kwargs), max_problems)
+        t0 = time.time()
+        if task.eval_type == "categorical":
+            r = evaluate_multiple_choice(model, tokenizer, task, batch_size, rank, world_size, compute_dtype, name)
+            result = TaskResult(name, "categorical", r["accuracy"], r["accuracy"], r["baseline"], r["total"], 1, 0.0)
+        else:
+            r = evaluate_generative(engine, tokenizer, task, num_samples, max_new_tokens, temperature, top_k,
+                                    seed, rank, world_size, name)
+            result = TaskResult(name, "generative", r["pass@k"], r["pass@1"], 0.0, r["total"], num_samples, 0.0)
+        result.seconds = round(time.time() - t0, 2)
+        results[name] = result
+        log(f"{name:<14} acc {result.accuracy:.4f} | pass@1 {result.pass_at_1:.4f} | centered {result.centered:+.4f} "
+            f"| {result.items} items | {result.seconds}s")
+    return results
+
+
+def format_table(results: dict[str, TaskResult], core: float | None) -> str:
+    k = max((r.num_samples for r in results.values()), default=1)
+    lines = [f"{'task':<14} {'kind':<12} {'items':>6} {f'pass@{k}':>8} {'pass@1':>8} {'chance':>7} {'centered':>9}"]
+    for r in results.values():
+        lines.append(f"{r.name:<14} {r.kind:<12} {r.items:>6} {r.accuracy:>8.4f} {r.pass_at_1:>8.4f} "
+                     f"{r.baseline:>7.4f} {r.centered:>+9.4f}")
+    lines.append(f"{'ChatCORE':<14} {'':<12} {'':>6} {'':>8} {'':>8} {'':>7} "
+                 + (f"{core:>+9.4f}" if core is not None else f"{'(needs all six)':>9}"))
+    return "\n".join(lines)
+
+
+def results_payload(results: dict[str, TaskResult], core: float | None, run_info: dict) -> dict:
+    """{"MMLU": acc, ..., "ChatCORE": x, "details": {task: {...}}, "run": {...}}."""
+    payload: dict = {name: r.accuracy for name, r in results.items()}
+    if core is not None:
+        payload["ChatCORE"] = core
+    payload["details"] = {name: {**asdict(r), "centered": r.centered} for name, r in results.items()}
+    payload["run"] = run_info
+    return payload
+
+
+# ---- command line --------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default="sft", help="checkpoint stage (default sft)")
+    p.add_argument("--tag", default=None, help="run tag (default: the newest of the stage)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("-a", "--tasks", default=None, help=f"tasks to run, '|'-separated (default: {'|'.join(CHAT_TASKS)})")
+    p.add_argument("--source", choices=["offline", "hf"], default="offline",
+                   help="task data: registry packages (offline, default) or the Hugging Face hub")
+    p.add_argument("--max-problems", type=int, default=None, help="items per task, evenly spread; -1 for all (default)")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per generative problem: pass@k (default 1)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: 0 = greedy for one sample, 1.0 for several)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default 50)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per completion (default 512)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass for MMLU/ARC (default 8)")
+    p.add_argument("--seed", type=int, default=None, help="base sampling seed; problem i uses seed + i (default 42)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp32")
+
+
+def run(args: argparse.Namespace) -> int:
+    from picochat.eval.core_data import eval_dir
+    from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
+    from picochat.train.checkpoint import find_checkpoint, load_checkpoint_dir
+
+    resolve(args, DEFAULTS)
+    names = parse_task_names(args.tasks)
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is None:
+        args.temperature = 0.0 if args.num_samples == 1 else 1.0
+    world = init_distributed(args.device)
+    try:
+        path = find_checkpoint(args.stage, args.tag, args.step)
+        model, tokenizer, meta = load_checkpoint_dir(path, world.device)
+        model.eval()
+        dtype = pick_dtype(world.device, args.dtype)
+        log0(f"chat-eval {path} | tasks {', '.join(names)} | {args.num_samples} samples, temperature "
+             f"{args.temperature}, top-k {args.top_k} | world {world.world_size}")
+        t0 = time.time()
+        results = run_chat_eval(
+            model, tokenizer, names, source=args.source, max_problems=args.max_problems,
+            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+            rank=world.rank, world_size=world.world_size, compute_dtype=dtype, log=log0)
+        core = chat_core(results)
+        if world.is_main:
+            print(format_table(results, core))
+            tag, step = path.parent.name, int(meta["step"])
+            run_info = {"checkpoint": str(path), "stage": args.stage, "tag": tag, "step": step,
+                        "source": args.source, "max_problems": args.max_problems, "num_samples": args.num_samples,
+                        "temperature": args.temperature, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
+                        "seed": args.seed, "world_size": world.world_size, "seconds": round(time.time() - t0, 2)}
+            out = eval_dir() / f"chat_eval_{args.stage}_{tag}_step{step}.json"
+            out.write_text(json.dumps(results_payload(results, core, run_info), indent=1))
+            print(f"ChatCORE {core:.4f} -> {out}" if core is not None else f"results -> {out}")
+        return 0
+    finally:
+        shutdown_distributed()
