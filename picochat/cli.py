@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("picochat.train.sft", "supervised fine-tuning on padded conversations (assistant tokens only)"),
     "rl": ("picochat.train.rl", "reinforcement learning on math word problems (GRPO-style, calculator tool live)"),
     "chat-eval": ("picochat.eval.chat_eval", "MMLU, ARC, GSM8K, HumanEval, SpellingBee accuracy and ChatCORE of a chat checkpoint"),
+    "speedrun": ("picochat.speedrun", "the whole pipeline in one command: data -> ... -> SFT -> report (resumable)"),
     "chat": ("picochat.chat_cli", "chat with a checkpoint in the terminal (streaming, /help for commands)"),
     "serve": ("picochat.serve.commands", "web chat UI and OpenAI-compatible API on 127.0.0.1 (FastAPI + uvicorn)"),
     "export": ("picochat.export.command", "write a checkpoint as a Hugging Face transformers model (nanochat type)"),

@@ -1,0 +1,131 @@
+"""`picochat speedrun`: the whole pipeline in one command, resumable after a crash.
+
+    picochat speedrun --preset cpu            # a laptop: built-in corpus, ~30 minutes
+    picochat speedrun --preset d20 --nproc-per-node 8
+
+Stages run in order as child processes (under torchrun when --nproc-per-node > 1):
+data -> tok-train -> tok-eval -> base-train -> base-loss -> base-eval -> mid-train ->
+chat-eval (mid) -> sft -> chat-eval (sft) -> [rl -> chat-eval (rl)] -> report.
+A stage that finished leaves a marker in $PICOCHAT_HOME/speedrun/<run>/; running the
+same command again skips finished stages and resumes the training stage that was
+interrupted from its last checkpoint. --force-from STAGE re-runs from that stage on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from picochat.errors import UserError
+
+# Per preset: (stage name, command args, needs torchrun world). Evals are capped on CPU to fit the budget.
+EVAL_CAPS = {
+    "cpu-tiny": {"core": ["--max-per-task", "4", "--tasks", "copa,arc_easy,lambada_openai"],
+                 "chat": ["--max-problems", "4", "-a", "ARC-Easy|SpellingBee", "--max-new-tokens", "32"],
+                 "loss": ["--split-tokens", "4096", "--max-new-tokens", "8"]},
+    "cpu": {"core": ["--max-per-task", "100"], "chat": ["--max-problems", "100", "--max-new-tokens", "128"],
+            "loss": ["--split-tokens", "262144"]},
+}
+GPU_CAPS = {"core": ["--max-per-task", "500"], "chat": [], "loss": ["--split-tokens", str(20 * 524288)]}
+
+
+def plan(preset: str, rl: bool, data_source: str, shards: int) -> list[tuple[str, list[str], bool]]:
+    caps = EVAL_CAPS.get(preset, GPU_CAPS)
+    p = ["--preset", preset]
+    data = (["data", "prepare"] if data_source == "builtin"
+            else ["data", "download", "--source", data_source, "-n", str(shards)])
+    stages = [
+        ("data", data, False),
+        ("tok-train", ["tok-train", *p], False),
+        ("tok-eval", ["tok-eval"], False),
+        ("base-train", ["base-train", *p, "--resume"], True),
+        ("base-loss", ["base-loss", *caps["loss"]], True),
+        ("base-eval", ["base-eval", *caps["core"]], True),
+        ("mid-train", ["mid-train", *p, "--resume"], True),
+        ("chat-eval-mid", ["chat-eval", "--stage", "mid", *caps["chat"]], True),
+        ("sft", ["sft", *p, "--resume"], True),
+        ("chat-eval-sft", ["chat-eval", "--stage", "sft", *caps["chat"]], True),
+    ]
+    if rl:
+        stages += [("rl", ["rl", *p, "--resume"], True),
+                   ("chat-eval-rl", ["chat-eval", "--stage", "rl", *caps["chat"]], True)]
+    stages.append(("report", ["report"], False))
+    return stages
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["cpu-tiny", "cpu", "d20", "d26", "d32"], default="cpu",
+                   help="sizes of every stage (default cpu)")
+    p.add_argument("--rl", action="store_true", help="also run RL on GSM8K-format problems and evaluate it")
+    p.add_argument("--data", choices=["builtin", "fineweb-edu", "climbmix"], default=None,
+                   help="pretraining text (default: builtin on cpu presets, fineweb-edu on GPU presets)")
+    p.add_argument("--shards", type=int, default=240, help="train shards to download for hub data (default 240)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) for training and eval stages")
+    p.add_argument("--run", default=None, help="run name for markers and the report (default: the preset)")
+    p.add_argument("--force-from", default=None, metavar="STAGE", help="re-run this stage and every later one")
+    p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from picochat.runtime import home
+
+    data_source = args.data or ("builtin" if args.preset.startswith("cpu") else "fineweb-edu")
+    stages = plan(args.preset, args.rl, data_source, args.shards)
+    names = [s[0] for s in stages]
+    if args.force_from and args.force_from not in names:
+        raise UserError(f"--force-from {args.force_from!r} is not a stage; stages: {', '.join(names)}")
+    run_name = args.run or args.preset
+    marker_dir = home() / "speedrun" / run_name
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    if args.force_from:
+        for name in names[names.index(args.force_from):]:
+            (marker_dir / f"{name}.done").unlink(missing_ok=True)
+    env = {**os.environ, "PICOCHAT_RUN": run_name}
+    start_file = marker_dir / "started_at"
+    if not start_file.exists():
+        start_file.write_text(str(time.time()))
+    t_all = time.time()
+    for i, (name, cmd, distributed) in enumerate(stages, 1):
+        marker = marker_dir / f"{name}.done"
+        if marker.exists():
+            print(f"[{i}/{len(stages)}] {name}: done earlier, skipping", flush=True)
+            continue
+        if distributed and args.nproc_per_node > 1:
+            full = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={args.nproc_per_node}", "-m", "picochat", *cmd]
+        else:
+            full = [sys.executable, "-m", "picochat", *cmd]
+        print(f"[{i}/{len(stages)}] {name}: picochat {shlex.join(cmd)}", flush=True)
+        if args.dry_run:
+            continue
+        t0 = time.time()
+        rc = subprocess.call(full, env=env)
+        dt = time.time() - t0
+        if rc != 0:
+            print(f"speedrun: stage {name} failed (exit {rc}) after {dt:.0f}s; fix the cause and run the same "
+                  "command again to continue from there", file=sys.stderr)
+            return rc
+        marker.write_text(json.dumps({"seconds": dt, "finished_at": time.time(), "command": cmd}))
+        print(f"[{i}/{len(stages)}] {name}: finished in {dt / 60:.1f} min", flush=True)
+    if args.dry_run:
+        return 0
+    total = sum(json.loads(p.read_text())["seconds"] for p in marker_dir.glob("*.done"))
+    print(f"\nspeedrun {run_name}: all stages done ({total / 60:.1f} min of stage time, "
+          f"{(time.time() - t_all) / 60:.1f} min in this invocation)")
+    report = home() / "reports" / run_name / "report.md"
+    print(f"report: {report if report.exists() else home() / 'reports'}")
+    final = "rl" if args.rl else "sft"
+    print(f"talk to it:   picochat chat --stage {final}\n"
+          f"serve it:     picochat serve --stage {final}   (then open http://127.0.0.1:8000)")
+    return 0
+
+
+def stage_seconds(marker_dir: Path) -> dict[str, float]:
+    """Seconds per finished stage of a speedrun (for the report)."""
+    return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(marker_dir.glob("*.done"))}

@@ -1,0 +1,31 @@
+"""The speedrun's plan, markers and resume logic (the real end-to-end run is in test.sh)."""
+
+from __future__ import annotations
+
+import json
+
+from picochat.cli import main
+from picochat.speedrun import plan
+
+
+def test_plan_covers_the_pipeline_in_order():
+    names = [s[0] for s in plan("cpu", rl=True, data_source="builtin", shards=0)]
+    assert names == ["data", "tok-train", "tok-eval", "base-train", "base-loss", "base-eval", "mid-train",
+                     "chat-eval-mid", "sft", "chat-eval-sft", "rl", "chat-eval-rl", "report"]
+    gpu = dict((n, c) for n, c, _ in plan("d20", rl=False, data_source="fineweb-edu", shards=8))
+    assert gpu["data"] == ["data", "download", "--source", "fineweb-edu", "-n", "8"]
+    assert "--resume" in gpu["base-train"] and "--preset" in gpu["base-train"]
+
+
+def test_finished_stages_are_skipped_and_force_from_reruns(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    markers = tmp_path / "speedrun" / "cpu"
+    markers.mkdir(parents=True)
+    for name in ("data", "tok-train"):
+        (markers / f"{name}.done").write_text(json.dumps({"seconds": 1.0}))
+    assert main(["speedrun", "--preset", "cpu", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "data: done earlier, skipping" in out and "tok-eval: picochat tok-eval" in out
+    assert main(["speedrun", "--preset", "cpu", "--dry-run", "--force-from", "tok-train"]) == 0
+    assert not (markers / "tok-train.done").exists() and (markers / "data.done").exists()
+    assert main(["speedrun", "--preset", "cpu", "--force-from", "nope"]) == 2
