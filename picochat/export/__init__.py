@@ -1,0 +1,1 @@
+"""Checkpoints in other frameworks' formats (`picochat export`): Hugging Face transformers for now."""

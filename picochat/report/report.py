@@ -1,0 +1,507 @@
+"""The run report card: one markdown file (plus PNG plots) per run, from what is on disk.
+
+A run's stages share a checkpoint tag: `picochat base-train --tag d20` and the mid/SFT/RL
+stages that start from it (they inherit the tag). The run's name is that tag, or the name
+`picochat speedrun --run NAME` gave it. The report reads, under $PICOCHAT_HOME:
+
+  checkpoints/<stage>/<run>/step_<N>/   config.json, meta.json (metrics), tokenizer/
+  logs/<stage>-<run>.jsonl              per-step records and {"step", "eval": {...}} records
+  tokenizer/tok_eval.json               compression vs GPT-2/GPT-4 (picochat tok-eval)
+  eval/base_loss_<run>_step<N>.json     train/val bpb and samples (picochat base-loss)
+  eval/base_eval_<run>_step<N>.json     CORE per task (picochat base-eval)
+  eval/chat_eval_<stage>_<run>_step<N>.json   chat task accuracies and ChatCORE (picochat chat-eval)
+  speedrun/<run>/started_at, *.done     run start and per-stage seconds, if `picochat speedrun` made the run
+
+and writes reports/<run>/report.md, its plots beside it, and a copy at reports/latest.md.
+Every section is optional: the report renders from whatever subset of stages exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from picochat.errors import UserError
+from picochat.report.environment import PACKAGE_DIR, code_size, environment
+from picochat.report.plots import plot_bars, plot_training
+from picochat.runtime import home
+from picochat.train.checkpoint import list_steps
+
+STAGES = ("base", "mid", "sft", "rl")
+STAGE_TITLES = {"base": "Base model (pretraining)", "mid": "Mid-training", "sft": "Supervised fine-tuning (SFT)",
+                "rl": "Reinforcement learning (RL)"}
+SUMMARY_METRICS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE")
+WARMUP_STEPS = 3  # the training loop leaves its first steps (warm-up, compilation) out of the timings
+
+
+# ---- reading the run's files ---------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
+    records = []
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def latest_segment(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(step records, eval records) of the newest run in a log that may hold several.
+
+    Every run of a stage and tag appends to the same log. Within one run steps never go
+    back, and each step has one record of each kind; a record that breaks this starts a new
+    run (a fresh start, or a resume from the checkpoint at step k). The new run supersedes the
+    records after its starting checkpoint; those up to it stay (a resume continues them).
+    """
+    steps: list[dict] = []
+    evals: list[dict] = []
+    previous = None
+    for r in records:
+        s, is_eval = r["step"], "eval" in r
+        same_kind = evals if is_eval else steps
+        if (previous is not None and s < previous) or (same_kind and s <= same_kind[-1]["step"]):
+            start = s if is_eval else s - 1  # the checkpoint step this run started from
+            steps = [x for x in steps if x["step"] <= start] if start > 0 else []
+            evals = [e for e in evals if e["step"] < start or (e["step"] == start and not is_eval)] if start > 0 else []
+        (evals if is_eval else steps).append(r)
+        previous = s
+    return steps, evals
+
+
+def newest_by_step(directory: Path, prefix: str) -> tuple[Path, int] | None:
+    """The `<prefix>_step<N>.json` file of `directory` with the largest N."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_step(\d+)\.json$")
+    best = None
+    if directory.is_dir():
+        for p in directory.iterdir():
+            m = pattern.match(p.name)
+            if m and (best is None or int(m.group(1)) > best[1]):
+                best = (p, int(m.group(1)))
+    return best
+
+
+def read_json(path: Path | None) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def finite(values) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+@dataclass
+class StageRun:
+    """Everything recorded about one stage of a run."""
+
+    stage: str
+    tag: str
+    checkpoint: Path | None = None
+    meta: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    chat_eval: dict | None = None
+    chat_eval_step: int | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.checkpoint is not None or bool(self.steps) or self.chat_eval is not None
+
+    def train_time_s(self) -> float:
+        """Seconds of optimisation: the loop's own total when recorded, else the sum of step times."""
+        recorded = self.meta.get("metrics", {}).get("wall_time_s")
+        if isinstance(recorded, (int, float)):
+            return float(recorded)
+        return sum(finite(r.get("dt") for r in self.steps))
+
+    def final_eval(self) -> dict:
+        """Last value of every eval metric (meta.json's metrics, then the log's eval records)."""
+        out = {k: v for k, v in self.meta.get("metrics", {}).items()
+               if isinstance(v, (int, float)) and not k.endswith("_time_s")}
+        for record in self.evals:
+            out.update({k: v for k, v in record["eval"].items() if isinstance(v, (int, float))})
+        return out
+
+
+def load_stage(root: Path, stage: str, tag: str) -> StageRun:
+    run = StageRun(stage, tag)
+    ckpt_dir = root / "checkpoints" / stage / tag
+    steps = list_steps(ckpt_dir)
+    if steps:
+        run.checkpoint = ckpt_dir / f"step_{steps[-1]}"
+        run.meta = read_json(run.checkpoint / "meta.json") or {}
+        run.config = read_json(run.checkpoint / "config.json") or {}
+    run.steps, run.evals = latest_segment(read_jsonl(root / "logs" / f"{stage}-{tag}.jsonl"))
+    found = newest_by_step(root / "eval", f"chat_eval_{stage}_{tag}")
+    if found:
+        run.chat_eval, run.chat_eval_step = read_json(found[0]), found[1]
+    return run
+
+
+def newest_tag(root: Path) -> str | None:
+    """The tag with the most recently written checkpoint, over all stages."""
+    best = None
+    for meta in (root / "checkpoints").glob("*/*/step_*/meta.json"):
+        mtime = meta.stat().st_mtime
+        if meta.parts[-4] in STAGES and (best is None or mtime > best[0]):
+            best = (mtime, meta.parts[-3])
+    return best[1] if best else None
+
+
+# ---- formatting ----------------------------------------------------------------------------------
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    h, m = s // 3600, s % 3600 // 60
+    return f"{h}h {m:02d}m {s % 60:02d}s" if h else (f"{m}m {s % 60:02d}s" if m else f"{seconds:.1f}s")
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+# ---- sections ------------------------------------------------------------------------------------
+def environment_section(env: dict, code: dict) -> str:
+    git = env["git"]
+    if git.get("commit"):
+        source = f"`{git['commit'][:12]}` on {git.get('branch') or '?'}" + (
+            f", **dirty** ({git['changed_files']} changed files)" if git["dirty"] else ", clean")
+    else:
+        source = "not a git checkout"
+    rows = [["picochat source", source], ["platform", env["platform"]],
+            ["CPU", f"{env['cpu']} ({env['cpu_cores']} cores)"],
+            ["RAM", f"{env['ram_gib']:.1f} GiB" if env["ram_gib"] else "-"],
+            ["GPU", ", ".join(env["gpus"]) if env["gpus"] else "none"],
+            ["Python", env["python"]], ["torch", env["torch"] + (f" (CUDA {env['cuda']})" if env["cuda"] else "")]]
+    code_rows = [["files", code["files"]], ["lines", code["lines"]], ["characters", code["chars"]],
+                 ["tokens (approx., chars/4)", code["tokens"]]]
+    return ("## Environment\n\n" + md_table(["", ""], rows)
+            + "\n\n## Code size\n\nThe `picochat` package's source files (.py, .html, ...):\n\n"
+            + md_table(["", ""], code_rows))
+
+
+def tokenizer_section(root: Path, runs: dict[str, StageRun]) -> str | None:
+    payload = read_json(root / "tokenizer" / "tokenizer.json")
+    tok_eval = read_json(root / "tokenizer" / "tok_eval.json")
+    used = {r.meta.get("tokenizer_hash") for r in runs.values() if r.meta.get("tokenizer_hash")}
+    if payload is None and tok_eval is None and not used:
+        return None
+    lines = ["## Tokenizer"]
+    if payload is not None:
+        lines.append(f"\n`$PICOCHAT_HOME/tokenizer`: vocab {fmt(payload.get('vocab_size'))}, hash "
+                     f"`{payload.get('hash')}`, {len(payload.get('special_tokens', {}))} special tokens.")
+    if used:
+        same = payload is not None and used == {payload.get("hash")}
+        lines.append(f"\nCheckpoints of this run were trained with tokenizer {', '.join(f'`{h}`' for h in sorted(used))}"
+                     + ("." if same or payload is None else " (differs from the one in $PICOCHAT_HOME/tokenizer)."))
+    if tok_eval and tok_eval.get("rows"):
+        refs = list(tok_eval.get("references", {}))
+        header = ["text", "bytes", "ours B/tok"] + [f"{r} B/tok" for r in refs] + [f"vs {r}" for r in refs]
+        rows = []
+        for row in tok_eval["rows"]:
+            cells = [row["text"], row["bytes"], row["ours"]["bytes_per_token"]]
+            cells += [row.get(r, {}).get("bytes_per_token") for r in refs]
+            cells += [f"{row[r]['relative_diff_pct']:+.1f}%" if r in row else "-" for r in refs]
+            rows.append(cells)
+        lines.append("\nCompression (UTF-8 bytes per token, higher is better; vs X: fewer tokens than X is "
+                     "positive):\n\n" + md_table(header, rows))
+    return "\n".join(lines)
+
+
+def model_facts(run: StageRun) -> dict[str, Any]:
+    """Parameter counts and FLOPs from config.json (the model is declared on the meta device)."""
+    if not run.config:
+        return {}
+    import torch
+
+    from picochat.model.gpt import GPT, GPTConfig
+
+    try:
+        config = GPTConfig.from_dict(run.config)
+        with torch.device("meta"):
+            model = GPT(config)
+    except (UserError, TypeError, KeyError) as e:  # a config from another version: say so, keep the report
+        return {"model": f"config.json not readable by this version ({type(e).__name__})"}
+    c = run.config
+    return {"layers / width / heads (kv)": f"{c['n_layer']} / {c['n_embd']} / {c['n_head']} ({c['n_kv_head']})",
+            "context / vocab": f"{c['sequence_len']:,} / {c['vocab_size']:,}",
+            "parameters": model.num_params(), "scaling parameters": model.num_scaling_params(),
+            "FLOPs per token": model.flops_per_token()}
+
+
+def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
+    lines = [f"## {STAGE_TITLES[run.stage]}"]
+    rows: list[list[Any]] = []
+    if run.checkpoint is not None:
+        rows.append(["checkpoint", f"`{run.checkpoint.relative_to(root)}`"])
+        parent = run.meta.get("parent") or {}
+        if parent.get("stage"):
+            rows.append(["started from", f"{parent['stage']}/{parent.get('tag')} step {parent.get('step')}"])
+    facts = model_facts(run) if run.stage == "base" else {}
+    rows += [[name, value] for name, value in facts.items()]
+    step = run.meta.get("step", run.steps[-1]["step"] if run.steps else None)
+    total = run.meta.get("num_iterations", run.meta.get("num_steps"))
+    rows.append(["steps", f"{fmt(step)}" + (f" of {total:,}" if isinstance(total, int) else "")])
+    tokens_per_step = (run.meta.get("loop") or {}).get("tokens_per_step")
+    if isinstance(tokens_per_step, int) and isinstance(step, int):
+        tokens = step * tokens_per_step
+        rows.append(["tokens", tokens])
+        if "scaling parameters" in facts:
+            rows.append(["tokens per scaling parameter", tokens / facts["scaling parameters"]])
+            rows.append(["training FLOPs", float(facts["FLOPs per token"] * tokens)])
+    if run.steps:
+        last = run.steps[-1]
+        for key in ("smooth_loss", "loss", "reward", "solved"):
+            if isinstance(last.get(key), (int, float)):
+                rows.append([f"final {key.replace('_', ' ')}", last[key]])
+        timed = [r for r in run.steps if r["step"] > WARMUP_STEPS] or run.steps
+        for key, label in (("tok_per_s", "tokens/s (mean)"), ("mfu", "MFU % (mean)")):
+            values = finite(r.get(key) for r in timed)
+            if values:
+                rows.append([label, sum(values) / len(values)])
+    rows.append(["training time", fmt_duration(run.train_time_s()) if run.steps or run.meta else "-"])
+    if run.meta.get("world_size"):
+        rows.append(["processes", run.meta["world_size"]])
+    for name, value in run.final_eval().items():
+        rows.append([f"eval: {name}", value])
+    lines.append("\n" + md_table(["", ""], rows))
+    plot = out_dir / f"{run.stage}_training.png"
+    if plot_training(run, plot):
+        lines.append(f"\n![{run.stage} training]({plot.name})")
+    return "\n".join(lines)
+
+
+def base_loss_section(root: Path, tag: str) -> str | None:
+    found = newest_by_step(root / "eval", f"base_loss_{tag}")
+    payload = read_json(found[0]) if found else None
+    if payload is None:
+        return None
+    lines = [f"### Base loss (step {found[1]})\n",
+             md_table(["split", "bits per byte"], [["train", payload.get("train_bpb")], ["val", payload.get("val_bpb")]])]
+    samples = payload.get("samples") or []
+    if samples:
+        lines.append("\nGreedy samples (prompt → completion):\n\n```")
+        lines += [f"{s.get('prompt', '')}{s.get('completion', '')!r}"[:300] for s in samples]
+        lines.append("```")
+    return "\n".join(lines)
+
+
+def base_eval_section(root: Path, tag: str, out_dir: Path) -> tuple[str | None, float | None, float]:
+    """(markdown, CORE, seconds) of the newest base-eval result of the run."""
+    found = newest_by_step(root / "eval", f"base_eval_{tag}")
+    payload = read_json(found[0]) if found else None
+    if payload is None:
+        return None, None, 0.0
+    tasks = payload.get("tasks") or []
+    rows = [[t["label"], t.get("num_fewshot"), t.get("items"), t.get("accuracy"), t.get("random_baseline"),
+             t.get("centered")] for t in tasks]
+    rows.append(["**CORE**", "", "", "", "", payload.get("core")])
+    lines = [f"### CORE (base-eval, step {found[1]}, {fmt_duration(payload.get('seconds'))})\n",
+             md_table(["task", "shots", "items", "accuracy", "chance", "centered"], rows)]
+    if tasks:
+        plot = out_dir / "base_eval_core.png"
+        plot_bars([t["label"] for t in tasks], {"centered": [t.get("centered") for t in tasks]}, plot,
+                  f"CORE tasks (CORE = {fmt(payload.get('core'))})", "centered accuracy")
+        lines.append(f"\n![CORE per task]({plot.name})")
+    return "\n".join(lines), payload.get("core"), float(payload.get("seconds") or 0.0)
+
+
+def chat_eval_section(run: StageRun) -> str | None:
+    if run.chat_eval is None:
+        return None
+    details = run.chat_eval.get("details") or {}
+    rows = []
+    for name, value in run.chat_eval.items():
+        if name in ("details", "run", "ChatCORE") or not isinstance(value, (int, float)):
+            continue
+        d = details.get(name, {})
+        rows.append([name, d.get("items"), value, d.get("baseline"), d.get("centered")])
+    rows.append(["**ChatCORE**", "", "", "", run.chat_eval.get("ChatCORE")])
+    seconds = (run.chat_eval.get("run") or {}).get("seconds")
+    return (f"### Chat evaluation (step {run.chat_eval_step}, {fmt_duration(seconds)})\n\n"
+            + md_table(["task", "items", "accuracy", "chance", "centered"], rows))
+
+
+def summary_values(runs: dict[str, StageRun], core: float | None) -> dict[str, dict[str, float | None]]:
+    """metric -> stage -> value, for the summary table (None where not measured)."""
+    table: dict[str, dict[str, float | None]] = {m: {s: None for s in STAGES} for m in SUMMARY_METRICS}
+    table["CORE"]["base"] = core
+    for stage, run in runs.items():
+        for metric in SUMMARY_METRICS:
+            value = (run.chat_eval or {}).get(metric)
+            if isinstance(value, (int, float)):
+                table[metric][stage] = float(value)
+    return table
+
+
+def speedrun_times(root: Path, run_name: str) -> tuple[float | None, dict[str, float], float | None]:
+    """(start time, seconds per finished stage, when the last one finished) from `picochat speedrun`'s markers."""
+    from picochat.speedrun import stage_seconds
+
+    marker_dir = root / "speedrun" / run_name
+    start = None
+    try:
+        start = float((marker_dir / "started_at").read_text().strip())
+    except (OSError, ValueError):
+        pass
+    seconds, finished = {}, []
+    if marker_dir.is_dir():
+        try:
+            seconds = stage_seconds(marker_dir)
+            finished = [json.loads(p.read_text()).get("finished_at") for p in marker_dir.glob("*.done")]
+        except (OSError, ValueError, KeyError, TypeError):  # a marker torn by a crash: no timing table
+            seconds, finished = {}, []
+    return start, seconds, max(finite(finished), default=None)
+
+
+def wall_time_line(root: Path, run_name: str, tag: str, runs: dict[str, StageRun], eval_seconds: float) -> str:
+    """Total wall time: from the run's start file to its last artefact, else the sum of recorded stage times."""
+    start, stage_seconds, last_finished = speedrun_times(root, run_name)
+    stage_times = ", ".join(f"{s} {fmt_duration(r.train_time_s())}" for s, r in runs.items())
+    training = f"; training by stage: {stage_times}." if stage_times else "."
+    if start is not None:
+        stamps = [(r.checkpoint / "meta.json").stat().st_mtime for r in runs.values() if r.checkpoint]
+        stamps += [p.stat().st_mtime for p in (root / "eval").glob(f"*_{tag}_step*.json")]
+        end = max([*stamps, last_finished or 0.0])
+        if end > start:
+            return (f"Total wall time: **{fmt_duration(end - start)}** (from the run start, "
+                    f"{dt.datetime.fromtimestamp(start):%Y-%m-%d %H:%M}, to its last result){training}")
+    if stage_seconds:
+        return (f"Total wall time: **{fmt_duration(sum(stage_seconds.values()))}** (sum of the speedrun's "
+                f"stage times){training}")
+    total = sum(r.train_time_s() for r in runs.values()) + eval_seconds
+    return f"Total wall time: **{fmt_duration(total)}** (sum of the recorded training and eval times){training}"
+
+
+def pipeline_section(root: Path, run_name: str) -> str | None:
+    """Seconds per pipeline stage, when the run was made by `picochat speedrun`."""
+    _, seconds, _ = speedrun_times(root, run_name)
+    if not seconds:
+        return None
+    rows = [[name, fmt_duration(s)] for name, s in seconds.items()]
+    rows.append(["**total**", fmt_duration(sum(seconds.values()))])
+    return "## Pipeline timing (speedrun)\n\n" + md_table(["stage", "time"], rows)
+
+
+# ---- the report ----------------------------------------------------------------------------------
+def check_name(flag: str, name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"{flag} {name!r}: use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+def has_tag(root: Path, tag: str) -> bool:
+    return any((root / "checkpoints" / s / tag).is_dir() or (root / "logs" / f"{s}-{tag}.jsonl").exists()
+               for s in STAGES)
+
+
+def resolve_names(root: Path, run_name: str | None, tag: str | None) -> tuple[str, str]:
+    """(run name, checkpoint tag). The run name is --run, else $PICOCHAT_RUN (set by the speedrun),
+    else the tag; the tag is --tag, else the run name if checkpoints carry it, else the newest tag."""
+    run_name = run_name or os.environ.get("PICOCHAT_RUN") or None
+    if run_name:
+        check_name("--run", run_name)
+    if tag:
+        check_name("--tag", tag)
+    else:
+        tag = run_name if run_name and has_tag(root, run_name) else newest_tag(root) or run_name or "default"
+    return run_name or tag, tag
+
+
+def stage_sections(root: Path, tag: str, runs: dict[str, StageRun], out_dir: Path) -> tuple[list[str], float | None, float]:
+    """(one markdown section per stage, CORE, seconds spent in evals)."""
+    sections, core, eval_seconds = [], None, 0.0
+    for stage in STAGES:
+        extra = []
+        if stage == "base":
+            core_text, core, seconds = base_eval_section(root, tag, out_dir)
+            extra = [t for t in (base_loss_section(root, tag), core_text) if t]
+            eval_seconds += seconds
+        run = runs.get(stage)
+        if run is None and not extra:
+            continue
+        parts = [stage_section(run, out_dir, root) if run else f"## {STAGE_TITLES[stage]}", *extra]
+        chat = chat_eval_section(run) if run else None
+        if chat:
+            parts.append(chat)
+            eval_seconds += float(((run.chat_eval or {}).get("run") or {}).get("seconds") or 0.0)
+        sections.append("\n\n".join(parts))
+    return sections, core, eval_seconds
+
+
+def summary_section(runs: dict[str, StageRun], core: float | None, out_dir: Path) -> str:
+    table = summary_values(runs, core)
+    rows = [[m] + [table[m][s] for s in STAGES] for m in SUMMARY_METRICS]
+    parts = ["## Summary\n\n" + md_table(["metric"] + [s.upper() for s in STAGES], rows)]
+    chat_metrics = [m for m in SUMMARY_METRICS if m != "CORE" and any(v is not None for v in table[m].values())]
+    if chat_metrics:
+        plot = out_dir / "chat_eval.png"
+        series = {s.upper(): [table[m][s] for m in chat_metrics] for s in STAGES
+                  if any(table[m][s] is not None for m in chat_metrics)}
+        plot_bars(chat_metrics, series, plot, "Chat evaluation by stage", "accuracy (ChatCORE: centered)")
+        parts.append(f"![chat evaluation by stage]({plot.name})")
+    return "\n\n".join(parts)
+
+
+def build_report(run_name: str | None = None, tag: str | None = None) -> Path:
+    """Write reports/<run>/report.md (+ plots) and reports/latest.md; returns the report's path."""
+    root = home()
+    run_name, tag = resolve_names(root, run_name, tag)
+    out_dir = root / "reports" / run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):  # plots of stages that no longer exist must not linger
+        old.unlink()
+    runs = {s: load_stage(root, s, tag) for s in STAGES}
+    runs = {s: r for s, r in runs.items() if r.exists}
+
+    sections, core, eval_seconds = stage_sections(root, tag, runs, out_dir)
+    head = (f"# picochat report: `{run_name}`\n\nGenerated {dt.datetime.now():%Y-%m-%d %H:%M:%S} from {root}; "
+            f"checkpoint tag `{tag}`, stages found: {', '.join(runs) or 'none'}.")
+    if not runs:
+        head += f"\n\nNo checkpoints, logs or evals found for tag `{tag}` under {root}."
+    parts = [head, summary_section(runs, core, out_dir), wall_time_line(root, run_name, tag, runs, eval_seconds),
+             environment_section(environment(), code_size(PACKAGE_DIR)), pipeline_section(root, run_name),
+             tokenizer_section(root, runs), *sections]
+    text = "\n\n".join(p for p in parts if p) + "\n"
+    report = out_dir / "report.md"
+    report.write_text(text, encoding="utf-8")
+    # The top-level copy sits one directory up: point its image links into the run directory.
+    latest = re.sub(r"\]\(([^)/]+\.png)\)", rf"]({run_name}/\1)", text)
+    (root / "reports" / "latest.md").write_text(latest, encoding="utf-8")
+    return report
