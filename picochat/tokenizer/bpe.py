@@ -8,10 +8,15 @@ are split into runs of 1-2 digits instead of 1-3 (see SPLIT_PATTERN).
 
 Training backend: rustbpe by default, HF `tokenizers` on request (train_hf.py).
 Both learn the same vocabulary (identical bytes/token: 4.024 at 8,192 ids and
-4.645 at 32,768 on 10 MB of the built-in corpus), but rustbpe is 2-3x faster
-here. bench/tokenizer.py on 2 cores (best of 5; the machine was busy, load 8):
-rustbpe 2.6 s / HF 8.4 s at 8,192 ids, 3.4 s / 6.6 s at 32,768; two earlier
-runs gave HF at 0.31-0.57x of rustbpe's throughput, never closer.
+4.645 at 32,768 on 10 MB of the built-in corpus), but rustbpe does it with
+2.4-2.7x less work. bench/tokenizer.py, 2 cores shared with other jobs (load
+8-11), best of 5, wall / CPU seconds:
+
+    vocab     rustbpe        HF tokenizers
+    8,192     4.2 s / 1.4 s  10.0 s / 3.3 s   (HF at 0.42x rustbpe's MB/s)
+    32,768    3.8 s / 1.5 s  12.0 s / 3.9 s   (0.32x)
+
+Three other runs put HF at 0.31-0.57x, never closer.
 
 Encoding: tiktoken's `encode_ordinary`, run over a batch by a thread pool kept
 for the tokenizer's life (see `_encode_batch` for why not `encode_ordinary_batch`).
