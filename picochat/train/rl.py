@@ -57,9 +57,9 @@ RL_PRESETS: dict[str, dict] = {
     "cpu-tiny": {"num_steps": 4, "examples_per_step": 2, "num_samples": 2, "max_new_tokens": 12,
                  "device_batch_size": 2, "train_size": 64, "eval_every": -1, "eval_problems": 2,
                  "eval_samples": 2, "save_every": -1},
-    "cpu": {"num_steps": 40, "examples_per_step": 8, "num_samples": 8, "max_new_tokens": 96,
-            "device_batch_size": 8, "train_size": 320, "eval_every": 20, "eval_problems": 32,
-            "eval_samples": 4, "save_every": 20},
+    "cpu": {"num_steps": 16, "examples_per_step": 4, "num_samples": 4, "max_new_tokens": 96,
+            "device_batch_size": 8, "train_size": 64, "eval_every": 8, "eval_problems": 8,
+            "eval_samples": 2, "save_every": 8},
 }
 
 
@@ -225,6 +225,8 @@ def _check(args: argparse.Namespace, world_size: int) -> None:
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "train_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_problems > 0 and args.eval_samples < 1:
+        raise ConfigError(f"--eval-samples must be >= 1, got {args.eval_samples} (or set --eval-problems 0)")
     if args.examples_per_step % world_size:
         raise ConfigError(f"--examples-per-step {args.examples_per_step} must be a multiple of the "
                           f"{world_size} processes")
