@@ -4,12 +4,12 @@ A run's stages share a checkpoint tag: `picochat base-train --tag d20` and the m
 stages that start from it (they inherit the tag). The run's name is that tag, or the name
 `picochat speedrun --run NAME` gave it. The report reads, under $PICOCHAT_HOME:
 
-  checkpoints/<stage>/<run>/step_<N>/   config.json, meta.json (metrics), tokenizer/
-  logs/<stage>-<run>.jsonl              per-step records and {"step", "eval": {...}} records
+  checkpoints/<stage>/<tag>/step_<N>/   config.json, meta.json (metrics), tokenizer/
+  logs/<stage>-<tag>.jsonl              per-step records and {"step", "eval": {...}} records
   tokenizer/tok_eval.json               compression vs GPT-2/GPT-4 (picochat tok-eval)
-  eval/base_loss_<run>_step<N>.json     train/val bpb and samples (picochat base-loss)
-  eval/base_eval_<run>_step<N>.json     CORE per task (picochat base-eval)
-  eval/chat_eval_<stage>_<run>_step<N>.json   chat task accuracies and ChatCORE (picochat chat-eval)
+  eval/base_loss_<tag>_step<N>.json     train/val bpb and samples (picochat base-loss)
+  eval/base_eval_<tag>_step<N>.json     CORE per task (picochat base-eval)
+  eval/chat_eval_<stage>_<tag>_step<N>.json   chat task accuracies and ChatCORE (picochat chat-eval)
   speedrun/<run>/started_at, *.done     run start and per-stage seconds, if `picochat speedrun` made the run
 
 and writes reports/<run>/report.md, its plots beside it, and a copy at reports/latest.md.
@@ -371,23 +371,24 @@ def summary_values(runs: dict[str, StageRun], core: float | None) -> dict[str, d
 
 
 def speedrun_times(root: Path, run_name: str) -> tuple[float | None, dict[str, float], float | None]:
-    """(start time, seconds per finished stage, when the last one finished) from `picochat speedrun`'s markers."""
-    from picochat.speedrun import stage_seconds
-
+    """(start time, seconds per finished stage in pipeline order, when the last one finished), read
+    from the markers `picochat speedrun` leaves in speedrun/<run>/; (None, {}, None) without them."""
     marker_dir = root / "speedrun" / run_name
     start = None
     try:
         start = float((marker_dir / "started_at").read_text().strip())
     except (OSError, ValueError):
         pass
-    seconds, finished = {}, []
-    if marker_dir.is_dir():
-        try:
-            seconds = stage_seconds(marker_dir)
-            finished = [json.loads(p.read_text()).get("finished_at") for p in marker_dir.glob("*.done")]
-        except (OSError, ValueError, KeyError, TypeError):  # a marker torn by a crash: no timing table
-            seconds, finished = {}, []
-    return start, seconds, max(finite(finished), default=None)
+    finished = []
+    for marker in marker_dir.glob("*.done") if marker_dir.is_dir() else []:
+        payload = read_json(marker) or {}  # empty for a marker torn by a crash
+        if not finite([payload.get("seconds")]):
+            continue
+        when = finite([payload.get("finished_at")]) or [marker.stat().st_mtime]
+        finished.append((when[0], marker.stem, float(payload["seconds"])))
+    finished.sort()
+    seconds = {name: s for _, name, s in finished}
+    return start, seconds, (finished[-1][0] if finished else None)
 
 
 def wall_time_line(root: Path, run_name: str, tag: str, runs: dict[str, StageRun], eval_seconds: float) -> str:
