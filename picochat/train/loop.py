@@ -293,6 +293,8 @@ class Trainer:
             last = step == cfg.num_iterations
             self._eval_and_sample(step, last)
             if last:
+                self.metrics["train_time_s"] = self.train_time
+                self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + time.time() - t_run
                 self.save()
                 break
             lrm, mom = self._set_hyperparameters(step)
@@ -335,6 +337,4 @@ class Trainer:
                 self.save()
                 log0(f"stopped at step {self.step}; continue with --resume")
                 return {"step": self.step, "stopped": True, **self.metrics}
-        self.metrics["train_time_s"] = self.train_time
-        self.metrics["wall_time_s"] = time.time() - t_run
         return {"step": self.step, "stopped": False, **self.metrics}
