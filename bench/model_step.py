@@ -21,37 +21,41 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def bench_variant(config: GPTConfig, batch: int, dtype: torch.dtype, compile_model: bool, steps: int,
-                  warmup: int) -> dict:
+                  warmup: int, plain_loss: bool = False) -> dict:
     torch.manual_seed(0)
     model = build_model(config, "cpu")
     optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
     step_model = torch.compile(model, dynamic=False) if compile_model else model
     idx = torch.randint(0, config.vocab_size, (batch, config.sequence_len))
     targets = torch.roll(idx, -1, dims=1)
-    t_fwd_bwd = t_opt = 0.0
+    t_fwd_bwd = t_opt = cpu = 0.0
     losses = []
     t_compile = time.perf_counter()
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = step_model(idx, targets)
+            if plain_loss:  # the per-token path: full (B, T, vocab) logits, autograd through them
+                loss = step_model(idx, targets, loss_reduction="none").mean()
+            else:
+                loss = step_model(idx, targets)
         loss.backward()
         t1 = time.perf_counter()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         losses.append(loss.item())
         if i == warmup - 1:
             t_compile = time.perf_counter() - t_compile
         if i >= warmup:
             t_fwd_bwd += t1 - t0
             t_opt += t2 - t1
+            cpu += c2 - c0
     tokens = steps * batch * config.sequence_len
     total = t_fwd_bwd + t_opt
-    return {"dtype": str(dtype).removeprefix("torch."), "compile": compile_model,
+    return {"dtype": str(dtype).removeprefix("torch."), "compile": compile_model, "plain_loss": plain_loss,
             "tok_per_s": tokens / total, "step_s": total / steps, "fwd_bwd_s": t_fwd_bwd / steps,
-            "optim_s": t_opt / steps, "warmup_s": t_compile, "gflops": model.flops_per_token() * tokens / total / 1e9,
+            "optim_s": t_opt / steps, "cpu_s": cpu / steps, "warmup_s": t_compile, "gflops": model.flops_per_token() * tokens / total / 1e9,
             "losses": [round(x, 4) for x in losses]}
 
 
@@ -68,6 +72,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
+    parser.add_argument("--plain-loss", action="store_true",
+                        help="also time the loss through materialised logits instead of the chunked fused one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = GPTConfig.from_depth(args.depth, args.vocab, aspect_ratio=args.aspect_ratio,
@@ -75,12 +81,16 @@ def main() -> None:
     results = []
     for name in args.dtype:
         for compile_model in ([False, True] if args.compile else [False]):
-            results.append(bench_variant(config, args.batch, DTYPES[name], compile_model, args.steps,
-                                         args.warmup))
-    print(f"{'dtype':>8} {'compile':>7} {'tok/s':>8} {'step s':>7} {'fwd+bwd':>8} {'optim':>7} {'GFLOP/s':>8}")
+            for plain in ([False, True] if args.plain_loss and not compile_model else [False]):
+                results.append(bench_variant(config, args.batch, DTYPES[name], compile_model, args.steps,
+                                             args.warmup, plain))
+    # cpu s: process CPU time per step (all threads); on a busy machine wall time inflates, this less so.
+    print(f"{'dtype':>8} {'compile':>7} {'loss':>7} {'tok/s':>8} {'step s':>7} {'fwd+bwd':>8} {'optim':>7} {'cpu s':>7} "
+          f"{'GFLOP/s':>8}")
     for r in results:
-        print(f"{r['dtype']:>8} {r['compile']!s:>7} {r['tok_per_s']:8.0f} {r['step_s']:7.2f} "
-              f"{r['fwd_bwd_s']:8.2f} {r['optim_s']:7.3f} {r['gflops']:8.1f}")
+        loss_kind = "plain" if r["plain_loss"] else "fused"
+        print(f"{r['dtype']:>8} {r['compile']!s:>7} {loss_kind:>7} {r['tok_per_s']:8.0f} {r['step_s']:7.2f} "
+              f"{r['fwd_bwd_s']:8.2f} {r['optim_s']:7.3f} {r['cpu_s']:7.2f} {r['gflops']:8.1f}")
     print(json.dumps({"config": config.to_dict(), "batch": args.batch, "threads": args.threads,
                       "results": results}))
 

@@ -296,8 +296,12 @@ def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
 
 
 def _chunk_rows(vocab_size: int, rows_per_chunk: int | None = None) -> int:
-    """Rows per chunk so that one (rows, vocab) fp32 buffer is about 64 MiB."""
-    return rows_per_chunk or max(16, (16 << 20) // vocab_size)
+    """Rows per chunk: one (rows, vocab) fp32 buffer of about 32 MiB (256 rows at vocab 32768).
+
+    Enough rows for efficient matmuls; the buffers are allocated once per call, not per chunk
+    (fresh pages from the OS cost more than the arithmetic done on them).
+    """
+    return rows_per_chunk or max(16, (8 << 20) // vocab_size)
 
 
 def _compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
@@ -314,39 +318,51 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
 
     With `grad_scale` (N,) given, also returns the gradients of sum(grad_scale * loss) with
     respect to x (N, C) and weight (V, C). Rows with an ignored target are skipped entirely.
-    Every full pass over a (rows, vocab) chunk counts on a CPU, hence the in-place arithmetic.
+    Every full pass over a (rows, vocab) chunk counts on a CPU, hence the in-place arithmetic
+    in two buffers allocated once.
     """
-    N = x.size(0)
+    N, V = x.size(0), weight.size(0)
     dtype = _compute_dtype(x.device, weight.dtype)
+    want_grad = grad_scale is not None
     losses = torch.zeros(N, dtype=torch.float32, device=x.device)
-    grad_x = torch.zeros_like(x) if grad_scale is not None else None
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if grad_scale is not None else None
+    grad_x = torch.zeros_like(x) if want_grad else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
     rows = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
     if rows.numel() == N:
         rows = None  # all valid (pretraining): plain slices, no gathers
     n_valid = N if rows is None else rows.numel()
-    step = _chunk_rows(weight.size(0), rows_per_chunk)
+    step = min(_chunk_rows(V, rows_per_chunk), max(n_valid, 1))
     # 1/softcap folded into the weight: u = x @ (W / softcap).T = z / softcap, one pass fewer.
     w_scaled = (weight / softcap).to(dtype)  # (V, C)
+    tanh_buf = torch.empty(step, V, dtype=torch.float32, device=x.device)
+    probs_buf = torch.empty(step, V, dtype=torch.float32, device=x.device) if want_grad else None
+    low_buf = torch.empty(step, V, dtype=dtype, device=x.device) if dtype != torch.float32 else None
     with torch.autocast(x.device.type, enabled=False):
         for lo in range(0, n_valid, step):
             hi = min(lo + step, n_valid)
             sel = slice(lo, hi) if rows is None else rows[lo:hi]
             xs, ts = x[sel].to(dtype), targets[sel]  # (n, C), (n,)
-            tanh = (xs @ w_scaled.t()).float().tanh_()  # (n, V), logits = softcap * tanh
+            tanh = tanh_buf[:hi - lo]  # (n, V); logits = softcap * tanh
+            if low_buf is None:
+                torch.mm(xs, w_scaled.t(), out=tanh)
+            else:
+                tanh.copy_(torch.mm(xs, w_scaled.t(), out=low_buf[:hi - lo]))
+            tanh.tanh_()
+            target_logit = softcap * tanh.gather(1, ts[:, None]).squeeze(1)
             # Softcapped logits lie in [-softcap, softcap], so exp() cannot overflow in fp32
             # (vocab * e^15 << 3e38) and the usual max-subtraction pass is not needed.
-            probs = torch.mul(tanh, softcap).exp_()  # unnormalised softmax (n, V)
-            sum_exp = probs.sum(dim=1)
-            target_logit = softcap * tanh.gather(1, ts[:, None]).squeeze(1)
+            probs = torch.mul(tanh, softcap, out=probs_buf[:hi - lo]) if want_grad else tanh.mul_(softcap)
+            sum_exp = probs.exp_().sum(dim=1)  # probs: unnormalised softmax
             losses[sel] = sum_exp.log() - target_logit
-            if grad_scale is None:
+            if not want_grad:
                 continue
             # d(scale * loss)/dz = scale * (softmax - onehot) * (1 - tanh^2), z = x @ W.T
             row_scale = grad_scale[sel]  # (n,)
             probs.mul_((row_scale / sum_exp)[:, None])
             probs[torch.arange(hi - lo, device=x.device), ts] -= row_scale
-            grad_z = probs.addcmul_(probs, tanh.square_(), value=-1.0).to(dtype)  # (n, V)
+            grad_z = probs.addcmul_(probs, tanh.square_(), value=-1.0)  # (n, V)
+            if low_buf is not None:
+                grad_z = low_buf[:hi - lo].copy_(grad_z)
             grad_x[sel] = (grad_z @ w_scaled).mul_(softcap).to(x.dtype)  # w_scaled * softcap = W
             if grad_z.dtype == grad_w.dtype:
                 grad_w.addmm_(grad_z.t(), xs)
