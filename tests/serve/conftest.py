@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 import uvicorn
 from typing_extensions import Self
 
@@ -43,6 +44,15 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.app.state.pool.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; several threads on a busy 2-core box spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
