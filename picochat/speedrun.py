@@ -29,8 +29,8 @@ EVAL_CAPS = {
     "cpu-tiny": {"core": ["--max-per-task", "4", "--tasks", "copa,arc_easy,lambada_openai"],
                  "chat": ["--max-problems", "4", "-a", "ARC-Easy|SpellingBee", "--max-new-tokens", "32"],
                  "loss": ["--split-tokens", "4096", "--max-new-tokens", "8"]},
-    "cpu": {"core": ["--max-per-task", "100"], "chat": ["--max-problems", "100", "--max-new-tokens", "128"],
-            "loss": ["--split-tokens", "262144"]},
+    "cpu": {"core": ["--max-per-task", "50"], "chat": ["--max-problems", "30", "--max-new-tokens", "64"],
+            "loss": ["--split-tokens", "131072"]},
 }
 GPU_CAPS = {"core": ["--max-per-task", "500"], "chat": [], "loss": ["--split-tokens", str(20 * 524288)]}
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.config import add_preset_argument
+from picochat.config import add_preset_argument, resolve
 from picochat.errors import ConfigError
 from picochat.runtime import log0
 from picochat.train import checkpoint as ckpt
@@ -51,30 +51,6 @@ DEFAULTS = {
     "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004, "weight_decay": 0.0, "init_lr_frac": 0.05,
     "eval_every": 60, "eval_problems": 400, "eval_samples": 8, "save_every": 60, "keep_last": 2,
 }
-
-# RL sizes per preset name (RL has its own knobs, so it keeps its own table; d20+ use DEFAULTS).
-RL_PRESETS: dict[str, dict] = {
-    "cpu-tiny": {"num_steps": 4, "examples_per_step": 2, "num_samples": 2, "max_new_tokens": 12,
-                 "device_batch_size": 2, "train_size": 64, "eval_every": -1, "eval_problems": 2,
-                 "eval_samples": 2, "save_every": -1},
-    "cpu": {"num_steps": 16, "examples_per_step": 4, "num_samples": 4, "max_new_tokens": 96,
-            "device_batch_size": 8, "train_size": 64, "eval_every": 8, "eval_problems": 8,
-            "eval_samples": 2, "save_every": 8},
-}
-
-
-def resolve_rl(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset flags from the RL preset, then from DEFAULTS."""
-    from picochat.config import PRESETS
-
-    if args.preset is not None and args.preset not in PRESETS:
-        raise ConfigError(f"--preset {args.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    preset = RL_PRESETS.get(args.preset or "", {})
-    for key, default in DEFAULTS.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, preset.get(key, default))
-    return args
-
 
 # ---- rollouts, advantages, loss (pure pieces, tested on scripted batches) --------------------------
 @dataclass
@@ -431,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.runtime import init_distributed, pick_dtype, seed_everything, shutdown_distributed
     from picochat.train.checkpoint import find_checkpoint, load_checkpoint_dir
 
-    resolve_rl(args)
+    resolve(args, DEFAULTS, section="rl", section_only=True)
     world = init_distributed(args.device)
     try:
         _check(args, world.world_size)
