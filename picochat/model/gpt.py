@@ -1,7 +1,8 @@
 """The GPT: a decoder-only transformer sized by one dial, `depth`.
 
 Architecture (kept identical to Hugging Face transformers' `NanoChat` model type, so
-export is a pure renaming of tensors):
+export is a renaming of tensors plus one fixed sign flip: transformers rotates by the
+opposite angle, so picochat.export.hf negates the second half of each q/k head's rows):
 - token embedding, then a parameter-free RMSNorm; no learned positions;
 - pre-norm blocks: x += attn(norm(x)); x += mlp(norm(x));
 - attention: separate q/k/v/out projections, rotary embeddings in the rotate_half
