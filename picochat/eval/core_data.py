@@ -27,6 +27,7 @@ import httpx
 import yaml
 from filelock import FileLock
 
+from picochat.data.registry import sha256_file
 from picochat.errors import DataError
 from picochat.eval.core import TASK_TYPES, CoreTask
 from picochat.runtime import home, log0
@@ -140,14 +141,6 @@ def load_bundle(path: str | os.PathLike, only: list[str] | None = None) -> list[
 
 
 # ---- downloads --------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_file(url: str, dest: Path, sha256: str | None = None, retries: int = 4,
                   timeout: float = 60.0, backoff: float = 1.0) -> Path:
     """Stream `url` into `dest` via a temp file renamed at the end; network errors are retried with
