@@ -26,13 +26,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"mix_scale": "tiny", "device_batch_size": 2, "examples_per_step": 4, "eval_every": -1,
                 "eval_items": 8},
     },
-    # ~13 minutes of pretraining on 2 CPU cores (fp32, ~1k tok/s on an idle AVX2 machine): 0.74M tokens of
+    # ~15 minutes of pretraining on 2 CPU cores (fp32, ~2k tok/s on an idle AVX2 machine): 1.7M tokens of
     # the built-in corpus; the whole cpu speedrun fits in ~30 minutes.
     "cpu": {
         "vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000,
         "depth": 4, "aspect_ratio": 64, "head_dim": 64, "max_seq_len": 256,
-        "device_batch_size": 16, "total_batch_size": 4096, "num_iterations": 180,
-        "eval_every": 60, "eval_tokens": 32768, "sample_every": 90, "warmup_steps": 10,
+        "device_batch_size": 16, "total_batch_size": 4096, "num_iterations": 420,
+        "eval_every": 140, "eval_tokens": 32768, "sample_every": 210, "warmup_steps": 10,
         "mid": {"mix_scale": "cpu", "device_batch_size": 16, "total_batch_size": 4096, "eval_every": -1,
                 "eval_tokens": 32768},
         "sft": {"mix_scale": "cpu", "device_batch_size": 4, "examples_per_step": 16, "eval_every": -1,
