@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import httpx
 import yaml
 from filelock import FileLock
 
+from picochat.data.jsonl import iter_jsonl
 from picochat.data.registry import sha256_file
 from picochat.errors import DataError
 from picochat.eval.core import TASK_TYPES, CoreTask
@@ -82,22 +82,15 @@ def read_items(path: Path, task_type: str, label: str) -> list[dict]:
     if not path.is_file():
         raise DataError(f"task {label}: data file {path} is missing; rebuild or re-download the bundle")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
-            missing = [k for k in REQUIRED_FIELDS[task_type] if k not in item]
-            if missing:
-                raise DataError(f"{path}:{line_no}: a {task_type} item needs {missing}")
-            if task_type != "language_modeling":
-                options = item["choices" if task_type == "multiple_choice" else "context_options"]
-                if not isinstance(item["gold"], int) or not 0 <= item["gold"] < len(options):
-                    raise DataError(f"{path}:{line_no}: gold {item['gold']!r} is not an index into its {len(options)} options")
-            items.append(item)
+    for line_no, item in iter_jsonl(path):
+        missing = [k for k in REQUIRED_FIELDS[task_type] if k not in item]
+        if missing:
+            raise DataError(f"{path}:{line_no}: a {task_type} item needs {missing}")
+        if task_type != "language_modeling":
+            options = item["choices" if task_type == "multiple_choice" else "context_options"]
+            if not isinstance(item["gold"], int) or not 0 <= item["gold"] < len(options):
+                raise DataError(f"{path}:{line_no}: gold {item['gold']!r} is not an index into its {len(options)} options")
+        items.append(item)
     if not items:
         raise DataError(f"task {label}: {path} holds no items")
     return items

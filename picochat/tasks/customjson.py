@@ -13,11 +13,11 @@ SFT mix it in (often twice) so the model answers "who are you?" truthfully.
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 from pathlib import Path
 
+from picochat.data.jsonl import iter_jsonl
 from picochat.errors import DataError
 from picochat.tasks.base import Task
 from picochat.tokenizer.chat import ConversationError, normalize_messages
@@ -29,21 +29,13 @@ def read_conversations(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DataError(f"conversation file {path} does not exist; pass the path of a .jsonl file")
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                "each line must hold one conversation") from e
-            conversation = {"messages": item} if isinstance(item, list) else item
-            try:
-                normalize_messages(conversation)
-            except ConversationError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from e
-            conversations.append(conversation)
+    for lineno, item in iter_jsonl(path, "; each line must hold one conversation"):
+        conversation = {"messages": item} if isinstance(item, list) else item
+        try:
+            normalize_messages(conversation)
+        except ConversationError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from e
+        conversations.append(conversation)
     if not conversations:
         raise DataError(f"{path} holds no conversations; write one JSON conversation per line")
     return conversations
