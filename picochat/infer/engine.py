@@ -29,6 +29,8 @@ import torch
 from picochat.errors import UserError
 from picochat.infer.calculator import calculator
 from picochat.infer.sampling import sample_next
+from picochat.infer.unembed import Unembedder
+from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 from picochat.runtime import pick_dtype
 
@@ -55,6 +57,8 @@ class Engine:
         self.python_start, self.python_end = sp("python_start"), sp("python_end")
         self.output_start, self.output_end = sp("output_start"), sp("output_end")
         self.stop_tokens = {sp("assistant_end"), tokenizer.bos_id}
+        # A picochat GPT: logits come raw from _last_logits and the sampler applies this softcap.
+        self.softcap = model.config.softcap if isinstance(model, GPT) else None
 
     @property
     def context_len(self) -> int:
@@ -94,15 +98,16 @@ class Engine:
         tokens, max_tokens = self.fit_prompt(tokens, max_tokens)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        sample = {"generator": generator, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        sample = {"generator": generator, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                  "softcap": self.softcap}
 
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
         max_len = len(tokens) + max_tokens
         cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, head_dim, max_len, self.device, self.compute_dtype)
         prompt = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        with self._autocast():
-            logits = self.model(prompt, kv_cache=cache)[:, -1, :]  # (1, vocab)
+        unembed = Unembedder(self.model.lm_head.weight, self.compute_dtype) if self.softcap is not None else None
+        logits = self._last_logits(prompt, cache, unembed)  # (1, vocab)
         if num_samples > 1:
             cache = cache.expand(num_samples)
             logits = logits.expand(num_samples, -1)
@@ -133,8 +138,18 @@ class Engine:
                 _keep_cache_rows(cache, torch.tensor(live, device=self.device))
                 rows = [rows[r] for r in live]
             ids = torch.tensor([[column[row.index]] for row in rows], dtype=torch.long, device=self.device)  # (B, 1)
-            with self._autocast():
-                logits = self.model(ids, kv_cache=cache)[:, -1, :]  # (B, vocab)
+            logits = self._last_logits(ids, cache, unembed)  # (B, vocab)
+
+    def _last_logits(self, ids: torch.Tensor, cache: KVCache, unembed: Unembedder | None) -> torch.Tensor:
+        """Logits of the last position of every row, as `sample_next` takes them (see self.softcap).
+
+        A picochat GPT unembeds only that position, in the layout fastest for the batch size,
+        and leaves the (monotonic) softcap to the sampler; any other model goes through forward.
+        """
+        with self._autocast():
+            if unembed is None:
+                return self.model(ids, kv_cache=cache)[:, -1, :]
+            return unembed(self.model.hidden_states(ids, kv_cache=cache)[:, -1, :])  # (B, C) -> (B, vocab)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """All samples at once: (token lists, mask lists), without the final stop token."""

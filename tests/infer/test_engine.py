@@ -8,6 +8,7 @@ import torch
 import picochat.infer.engine as engine_module
 from picochat.errors import UserError
 from picochat.infer import Engine
+from picochat.infer.sampling import capped
 from tests.infer.tiny import tiny_model
 
 
@@ -76,7 +77,8 @@ def test_finished_rows_are_dropped_and_the_rest_stay_exact(tokenizer, model, mon
     real_sample_next = engine_module.sample_next
 
     def recording_sample_next(logits, **kwargs):
-        seen_logits.append(logits.clone())
+        # The engine hands over raw logits and the softcap; capped, they are what forward() gives.
+        seen_logits.append(capped(logits, kwargs["softcap"]))
         return real_sample_next(logits, **kwargs)
 
     monkeypatch.setattr(engine_module, "sample_next", recording_sample_next)
