@@ -6,7 +6,7 @@
 Model: a randomly initialised GPT of depth 4 (width 256, 2 heads of 128), vocab 32,768; prompt
 64 tokens, 256 new tokens (stop tokens ignored so every run decodes the full length), top-k 50,
 temperature 1. Engine rows: time to first token (prefill + first sample) and decode tokens/s at
-batch 1 and 8 (aggregate over the batch), best of --repeats. Server rows: N concurrent streaming
+batch 1 and 8 (aggregate over the batch), best (and median) of --repeats runs, the engines taking turns run by run. Server rows: N concurrent streaming
 clients against `picochat serve`'s app on 127.0.0.1; p50/p99 request latency and aggregate tokens/s.
 Prints a table, then one JSON line with every number.
 """
@@ -61,44 +61,33 @@ class StubTokenizer:
         return []
 
 
-def time_generation(generate, batch: int, max_tokens: int, repeats: int) -> dict:
-    """Best-of-`repeats` TTFT (ms) and decode tokens/s (all rows) for a generator of token columns."""
-    best_ttft, best_tps = float("inf"), 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        first, steps = None, 0
-        for _ in generate():
-            steps += 1
-            if first is None:
-                first = time.perf_counter() - start
-        total = time.perf_counter() - start
-        best_ttft = min(best_ttft, first * 1000)
-        if steps > 1:
-            best_tps = max(best_tps, (steps - 1) * batch / (total - first))
-        if steps != max_tokens:
-            print(f"  note: {steps} steps instead of {max_tokens}", file=sys.stderr)
-    return {"ttft_ms": round(best_ttft, 2), "decode_tok_s": round(best_tps, 1)}
+def time_one(generate, batch: int, max_tokens: int) -> tuple[float, float]:
+    """One run of a generator of token columns: (TTFT ms, decode tokens/s over all rows)."""
+    start = time.perf_counter()
+    first, steps = None, 0
+    for _ in generate():
+        steps += 1
+        if first is None:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    if steps != max_tokens:
+        print(f"  note: {steps} steps instead of {max_tokens}", file=sys.stderr)
+    return first * 1000, (steps - 1) * batch / (total - first) if steps > 1 else 0.0
 
 
-def bench_picochat(device, dtype, args) -> dict[str, dict]:
+def picochat_generator(device, dtype, args):
+    """run(batch) -> a generator of token columns from picochat's engine on the benchmark model."""
     config = GPTConfig.from_depth(4, VOCAB, max_seq_len=2048)
     torch.manual_seed(0)
     engine = Engine(build_model(config, device).eval(), StubTokenizer(), compute_dtype=dtype)
     engine.stop_tokens = set()  # decode the full length
     prompt = list(range(1, args.prompt_tokens + 1))
-    out = {}
-    for batch in (1, 8):
-        def run(batch=batch):
-            return engine.generate(prompt, num_samples=batch, max_tokens=args.new_tokens, temperature=1.0,
-                                   top_k=50, seed=0, use_tools=False)
-        time_generation(run, batch, args.new_tokens, 1)  # warm-up
-        out[f"batch{batch}"] = time_generation(run, batch, args.new_tokens, args.repeats)
-        print(f"  picochat batch {batch}: {out[f'batch{batch}']}", flush=True)
-    return out
+    return lambda batch: engine.generate(prompt, num_samples=batch, max_tokens=args.new_tokens, temperature=1.0,
+                                         top_k=50, seed=0, use_tools=False)
 
 
-def bench_reference(reference_dir: Path, device, args) -> dict[str, dict] | None:
-    """The reference engine on the same shapes, imported from a checkout; None (with a note) if unusable."""
+def reference_generator(reference_dir: Path, device, args):
+    """The same for the reference engine, imported from a checkout; None (with a note) if unusable."""
     if not (reference_dir / "nanochat" / "engine.py").exists():
         print(f"note: no reference checkout at {reference_dir} (nanochat/engine.py missing); skipping it")
         return None
@@ -120,14 +109,26 @@ def bench_reference(reference_dir: Path, device, args) -> dict[str, dict] | None
     model.eval()
     engine = ReferenceEngine(model, StubTokenizer())
     prompt = list(range(1, args.prompt_tokens + 1))
-    out = {}
+    return lambda batch: engine.generate(prompt, num_samples=batch, max_tokens=args.new_tokens, temperature=1.0,
+                                         top_k=50, seed=0)
+
+
+def bench_engines(generators: dict, args) -> dict[str, dict[str, dict]]:
+    """Best-of-`repeats` TTFT and decode tok/s per engine and batch size. The engines take turns
+    run by run, so a slow spell of the machine (other tenants, clock changes) hits both alike."""
+    out: dict[str, dict[str, dict]] = {name: {} for name in generators}
     for batch in (1, 8):
-        def run(batch=batch):
-            return engine.generate(prompt, num_samples=batch, max_tokens=args.new_tokens, temperature=1.0,
-                                   top_k=50, seed=0)
-        time_generation(run, batch, args.new_tokens, 1)
-        out[f"batch{batch}"] = time_generation(run, batch, args.new_tokens, args.repeats)
-        print(f"  reference batch {batch}: {out[f'batch{batch}']}", flush=True)
+        for run in generators.values():
+            time_one(lambda run=run: run(batch), batch, args.new_tokens)  # warm-up
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in generators}
+        for _ in range(args.repeats):
+            for name, run in generators.items():
+                runs[name].append(time_one(lambda run=run: run(batch), batch, args.new_tokens))
+        for name, results in runs.items():
+            out[name][f"batch{batch}"] = {"ttft_ms": round(min(r[0] for r in results), 2),
+                                          "decode_tok_s": round(max(r[1] for r in results), 1),
+                                          "decode_tok_s_median": round(statistics.median(r[1] for r in results), 1)}
+            print(f"  {name} batch {batch}: {out[name][f'batch{batch}']}", flush=True)
     return out
 
 
@@ -199,7 +200,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine and batch size (best is reported)")
     parser.add_argument("--server-tokens", type=int, default=64, help="tokens per request in the server test")
     parser.add_argument("--server-workers", type=int, default=2)
     parser.add_argument("--skip-server", action="store_true")
@@ -213,18 +214,22 @@ def main() -> None:
           flush=True)
     results: dict = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
-    results["picochat"] = bench_picochat(device, dtype, args)
+    generators = {"picochat": picochat_generator(device, dtype, args)}
     if args.reference_dir is not None:
-        results["reference"] = bench_reference(args.reference_dir.expanduser(), device, args)
+        reference = reference_generator(args.reference_dir.expanduser(), device, args)
+        if reference is not None:
+            generators["reference"] = reference
     else:
         print("note: no --reference-dir given; the reference engine is skipped")
+    results.update(bench_engines(generators, args))
     if not args.skip_server:
         results["server"] = bench_server(device, dtype, args)
 
-    print(f"\n{'engine':<12}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}")
+    print(f"\n{'engine':<12}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'median':>10}")
     for name in ("picochat", "reference"):
         for batch, row in (results.get(name) or {}).items():
-            print(f"{name:<12}{batch.removeprefix('batch'):>6}{row['ttft_ms']:>10}{row['decode_tok_s']:>14}")
+            print(f"{name:<12}{batch.removeprefix('batch'):>6}{row['ttft_ms']:>10}{row['decode_tok_s']:>14}"
+                  f"{row['decode_tok_s_median']:>10}")
     if results.get("reference"):
         for batch in ("batch1", "batch8"):
             ratio = results["picochat"][batch]["decode_tok_s"] / max(results["reference"][batch]["decode_tok_s"], 1e-9)

@@ -28,6 +28,7 @@ import torch
 
 from picochat.errors import UserError
 from picochat.infer.calculator import calculator
+from picochat.infer.decode import DecodeStep
 from picochat.infer.sampling import sample_next
 from picochat.infer.unembed import Unembedder
 from picochat.model.gpt import GPT
@@ -106,7 +107,9 @@ class Engine:
         max_len = len(tokens) + max_tokens
         cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, head_dim, max_len, self.device, self.compute_dtype)
         prompt = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        # Per-generation helpers (they may copy weights, which must not change meanwhile).
         unembed = Unembedder(self.model.lm_head.weight, self.compute_dtype) if self.softcap is not None else None
+        decode: DecodeStep | None = None
         logits = self._last_logits(prompt, cache, unembed)  # (1, vocab)
         if num_samples > 1:
             cache = cache.expand(num_samples)
@@ -138,18 +141,24 @@ class Engine:
                 _keep_cache_rows(cache, torch.tensor(live, device=self.device))
                 rows = [rows[r] for r in live]
             ids = torch.tensor([[column[row.index]] for row in rows], dtype=torch.long, device=self.device)  # (B, 1)
-            logits = self._last_logits(ids, cache, unembed)  # (B, vocab)
+            if decode is None and DecodeStep.supports(self.model, self.compute_dtype):
+                decode = DecodeStep(self.model)
+            logits = self._last_logits(ids, cache, unembed, decode)  # (B, vocab)
 
-    def _last_logits(self, ids: torch.Tensor, cache: KVCache, unembed: Unembedder | None) -> torch.Tensor:
+    def _last_logits(self, ids: torch.Tensor, cache: KVCache, unembed: Unembedder | None,
+                     decode: DecodeStep | None = None) -> torch.Tensor:
         """Logits of the last position of every row, as `sample_next` takes them (see self.softcap).
 
         A picochat GPT unembeds only that position, in the layout fastest for the batch size,
-        and leaves the (monotonic) softcap to the sampler; any other model goes through forward.
+        and leaves the (monotonic) softcap to the sampler; one-token steps go through the
+        leaner DecodeStep where it is faster. Any other model goes through forward.
         """
         with self._autocast():
             if unembed is None:
                 return self.model(ids, kv_cache=cache)[:, -1, :]
-            return unembed(self.model.hidden_states(ids, kv_cache=cache)[:, -1, :])  # (B, C) -> (B, vocab)
+            if decode is not None and ids.size(1) == 1:
+                return unembed(decode(ids, cache))  # (B, C) -> (B, vocab)
+            return unembed(self.model.hidden_states(ids, kv_cache=cache)[:, -1, :])
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """All samples at once: (token lists, mask lists), without the final stop token."""

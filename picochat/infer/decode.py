@@ -1,0 +1,79 @@
+"""A one-token decode step for a picochat GPT on the CPU: the same arithmetic as forward(), fewer ops.
+
+Decoding one token at depth 4 runs ~25 small ops per layer on (B, 1, C) tensors, where each op
+costs microseconds of dispatch and the matmuls read weights that no longer sit in the core's
+cache. `DecodeStep` computes exactly what `GPT.hidden_states` computes for a (B, 1) input, with:
+
+- every weight matrix read as a contiguous transposed copy (x @ W.T), with q, k and v stacked
+  into one matrix: MKL's small-batch products run up to 1.5x faster in that layout here;
+- rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
+- RMSNorm written as x * rsqrt(mean(x^2) + eps), the formula F.rms_norm uses, in three ops;
+- keys and values written straight into the cache at the current position.
+
+Measured on a 2-core AVX2 CPU (depth 4, width 256, fp32, lm_head included): about 1.3x faster
+per step than hidden_states() at batch 8 and 1.1x at batch 1. The result equals
+hidden_states() to float rounding; tests/infer/test_decode.py checks it, and the engine tests
+check whole generations against full recomputation.
+
+The transposed weights are copies (as much memory again as the blocks' weights, made in about
+a millisecond per 10 MB): a DecodeStep belongs to one generation, during which the model's
+weights must not change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from picochat.model.gpt import GPT
+from picochat.model.kv_cache import KVCache
+
+
+class DecodeStep:
+    def __init__(self, model: GPT) -> None:
+        cfg = model.config
+        self.model = model
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.eps = cfg.norm_eps
+        with torch.no_grad():  # per layer, (in, out) contiguous
+            blocks = model.transformer.h
+            self.qkv = [torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).t().contiguous()
+                        for b in blocks]  # (C, C + 2 kv_dim)
+            self.attn_proj = [b.attn.c_proj.weight.t().contiguous() for b in blocks]
+            self.fc = [b.mlp.c_fc.weight.t().contiguous() for b in blocks]
+            self.mlp_proj = [b.mlp.c_proj.weight.t().contiguous() for b in blocks]
+
+    @staticmethod
+    def supports(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
+        """Where the step is measured faster: a picochat GPT in fp32 on the CPU."""
+        weight = getattr(getattr(model, "lm_head", None), "weight", None)
+        return (isinstance(model, GPT) and weight is not None and weight.device.type == "cpu"
+                and weight.dtype == torch.float32 and compute_dtype == torch.float32)
+
+    def _rms(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+
+    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """ids (B, 1) -> final normed hidden state (B, C); writes this position's k, v and advances the cache."""
+        model, H, Hk, D = self.model, self.n_head, self.n_kv_head, self.head_dim
+        B, pos = ids.size(0), cache.pos
+        if pos + 1 > model.rotary_cos.size(0):
+            model._set_rotary(max(2 * model.rotary_cos.size(0), pos + 1), ids.device)
+        if pos + 1 > cache.max_len:
+            raise ValueError(f"KV cache overflow: {pos + 1} tokens do not fit in max_len={cache.max_len}")
+        cos, sin = model.rotary_cos[pos:pos + 1], model.rotary_sin[pos:pos + 1]  # (1, D/2)
+        half = D // 2
+        x = self._rms(model.transformer.wte(ids[:, 0]))  # (B, C)
+        for i in range(len(self.qkv)):
+            qkv = (self._rms(x) @ self.qkv[i]).view(B, H + 2 * Hk, D)
+            qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
+            x1, x2 = qk[..., :half], qk[..., half:]
+            qk = self._rms(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+            cache.k[i, :, :, pos] = qk[:, H:]
+            cache.v[i, :, :, pos] = v
+            y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), cache.k[i, :, :, :pos + 1],
+                                               cache.v[i, :, :, :pos + 1], enable_gqa=H != Hk)  # (B, H, 1, D)
+            x = x + y.view(B, H * D) @ self.attn_proj[i]
+            x = x + F.relu(self._rms(x) @ self.fc[i]).square() @ self.mlp_proj[i]
+        cache.advance(1)
+        return self._rms(x)
