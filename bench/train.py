@@ -15,6 +15,7 @@ smear, backout), which cost a few percent of its FLOPs.
 Every row runs in its own subprocess, one after another, so threads, imports, compile
 caches and the reference's compute-dtype environment variable never mix. The first
 `--warmup` steps (compilation included) are not timed; tok/s is B*T / median step time.
+With --rounds N every row runs N times, the rows taking turns, and reports its best round.
 MFU = tok/s * FLOPs per token (each system's own count: 6 per matmul weight + attention)
 over the measured peak of a 1024^3 matmul in fp32 and in bf16 on the same threads.
 The loader row is picochat's PackedLoader alone (tokenizing the built-in corpus shards
@@ -250,6 +251,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times every row is run, taking turns with the others (its best round is reported)")
     parser.add_argument("--reference-dir", type=Path, default=None,
                         help="a checkout of the reference system (directory holding nanochat/gpt.py)")
     parser.add_argument("--skip-reference", action="store_true", help="picochat rows only")
@@ -309,20 +312,29 @@ def main() -> int:
     peaks.pop("omp_wait_policy")
     print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
 
-    rows = []
-    for name in variants:
-        system, dtype, compiled = VARIANTS[name]
-        row_spec = {**spec, "kind": system, "dtype": dtype, "compile": compiled,
-                    "reference_dir": str(args.reference_dir.resolve()) if args.reference_dir else None}
-        env = None
-        if system == "reference":  # its compute dtype comes from the environment
-            env = {**reference_env, "NANOCHAT_DTYPE": "bfloat16" if dtype == "bf16" else "float32"}
-        load = os.getloadavg()[0]
-        result = run_worker(row_spec, args.threads, env)
-        result.setdefault("load_avg_1m", load)
-        rows.append(summarise(name, result, spec, peaks))
-        r = rows[-1]
-        print(f"  {name}: " + (f"{r['tok_per_s']:.0f} tok/s" if "error" not in r else r["error"]), flush=True)
+    # Rounds: every variant once per round, in turn, so a slow spell of the machine (other
+    # tenants, clock changes) is spread over all of them; each variant keeps its best round.
+    best_rows: dict[str, dict] = {}
+    for round_index in range(args.rounds):
+        for name in variants:
+            system, dtype, compiled = VARIANTS[name]
+            row_spec = {**spec, "kind": system, "dtype": dtype, "compile": compiled,
+                        "reference_dir": str(args.reference_dir.resolve()) if args.reference_dir else None}
+            env = None
+            if system == "reference":  # its compute dtype comes from the environment
+                env = {**reference_env, "NANOCHAT_DTYPE": "bfloat16" if dtype == "bf16" else "float32"}
+            load = os.getloadavg()[0]
+            result = run_worker(row_spec, args.threads, env)
+            result.setdefault("load_avg_1m", load)
+            r = summarise(name, result, spec, peaks)
+            r["round"] = round_index + 1
+            print(f"  round {round_index + 1} {name}: " + (f"{r['tok_per_s']:.0f} tok/s" if "error" not in r else r["error"]),
+                  flush=True)
+            kept = best_rows.get(name)
+            if kept is None or ("error" in kept and "error" not in r) or (
+                    "error" not in r and r["tok_per_s"] > kept["tok_per_s"]):
+                best_rows[name] = r
+    rows = [best_rows[name] for name in variants]
 
     loader = {"skipped": "--skip-loader"} if args.skip_loader else run_worker({**spec, "kind": "loader"}, args.threads)
 
@@ -348,7 +360,7 @@ def main() -> int:
         print(f"note: {note}")
     print(json.dumps({"shapes": {k: spec[k] for k in ("depth", "aspect_ratio", "head_dim", "vocab", "seq_len",
                                                       "batch", "threads")},
-                      "steps": args.steps, "warmup": args.warmup, "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+                      "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
                       "rows": rows, "ratio_best": ratio, "reference_env": reference_env, "loader": loader, "notes": notes,
                       "load_avg_end": os.getloadavg()}))
     return 0

@@ -134,7 +134,9 @@ def test_fused_loss_gradients_match_autograd_through_full_logits(reduction: str)
     logits = model(idx)
     F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1, reduction=reduction).backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 rounding in another summation order: errors scale with the gradient's magnitude
+        atol = 1e-6 * max(1.0, p.grad.abs().max().item())
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=atol, msg=name)
 
 
 def test_chunked_cross_entropy_over_many_chunks_and_sparse_targets() -> None:
