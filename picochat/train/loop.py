@@ -19,9 +19,10 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,8 +254,10 @@ class Trainer:
         if not self.world.is_main:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Strict JSON lines: a value that is not finite (MFU with no known peak) is written as null.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.on_log is not None:
             self.on_log(record)
 
@@ -326,9 +329,10 @@ class Trainer:
             if step % cfg.log_every == 0 or self.step == cfg.num_iterations:
                 mom_text = f" | mom {mom:.3f}" if mom is not None else ""
                 epoch_text = f" | epoch {epoch}" if epoch is not None else ""
+                mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device
+                eta_text = f"{eta / 60:.1f}m" if math.isfinite(eta) else "-"  # until the warm-up steps are past
                 log0(f"step {self.step:5d}/{cfg.num_iterations} | loss {debiased:.4f} | lrm {lrm:.3f}{mom_text} | "
-                     f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu:.1f}%{epoch_text} | "
-                     f"eta {eta / 60:.1f}m")
+                     f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu_text}{epoch_text} | eta {eta_text}")
             self._log({"step": self.step, "loss": loss, "smooth_loss": debiased, "lrm": lrm, "momentum": mom,
                        "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu, "epoch": epoch, "supervised_tokens": ntok})
             if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step != cfg.num_iterations:
