@@ -119,11 +119,11 @@ def bench_engines(generators: dict, args) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {name: {} for name in generators}
     for batch in (1, 8):
         for run in generators.values():
-            time_one(lambda run=run: run(batch), batch, args.new_tokens)  # warm-up
+            time_one(lambda run=run, batch=batch: run(batch), batch, args.new_tokens)  # warm-up
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in generators}
         for _ in range(args.repeats):
             for name, run in generators.items():
-                runs[name].append(time_one(lambda run=run: run(batch), batch, args.new_tokens))
+                runs[name].append(time_one(lambda run=run, batch=batch: run(batch), batch, args.new_tokens))
         for name, results in runs.items():
             out[name][f"batch{batch}"] = {"ttft_ms": round(min(r[0] for r in results), 2),
                                           "decode_tok_s": round(max(r[1] for r in results), 1),

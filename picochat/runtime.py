@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ def pick_device(requested: str | None = None) -> torch.device:
     """'cuda' if present, then 'mps', else 'cpu'; or the one asked for (refused if absent)."""
     if requested in (None, "", "auto"):
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -39,7 +39,7 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
     if requested == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(requested)
 
 
@@ -78,7 +78,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -91,9 +91,9 @@ class Dist:
 
 def init_distributed(device_request: str | None = None) -> Dist:
     """Join the torchrun world if there is one (nccl on GPU, gloo on CPU); else a world of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_request)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

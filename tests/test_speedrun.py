@@ -12,7 +12,7 @@ def test_plan_covers_the_pipeline_in_order():
     names = [s[0] for s in plan("cpu", rl=True, data_source="builtin", shards=0)]
     assert names == ["data", "tok-train", "tok-eval", "base-train", "base-loss", "base-eval", "mid-train",
                      "chat-eval-mid", "sft", "chat-eval-sft", "rl", "chat-eval-rl", "report"]
-    gpu = dict((n, c) for n, c, _ in plan("d20", rl=False, data_source="fineweb-edu", shards=8))
+    gpu = {n: c for n, c, _ in plan("d20", rl=False, data_source="fineweb-edu", shards=8)}
     assert gpu["data"] == ["data", "download", "--source", "fineweb-edu", "-n", "8"]
     assert "--resume" in gpu["base-train"] and "--preset" in gpu["base-train"]
 

@@ -4,15 +4,13 @@
 so light users (the registry, the corpus builder, the tasks) stay fast to import.
 """
 
-_LAZY = {"sft_collate", "PackedConversations", "PaddedConversations"}
+__all__ = ["PackedConversations", "PaddedConversations", "sft_collate"]  # loaded on first use
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    if name in __all__:
         from picochat.data import chat_batches
 
         return getattr(chat_batches, name)
     raise AttributeError(f"module 'picochat.data' has no attribute {name!r}")
 
-
-__all__ = sorted(_LAZY)

@@ -102,7 +102,7 @@ class PackedLoader:
                 unit += 1
                 if unit == len(self.units):
                     epoch, unit = epoch + 1, 0
-        except BaseException as e:  # surface tokenizer/IO errors in the training thread
+        except BaseException as e:  # noqa: BLE001 - every error, KeyboardInterrupt included, is re-raised in the training thread
             q.put(e)
 
     def _ensure_started(self) -> None:

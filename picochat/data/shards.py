@@ -8,8 +8,8 @@ downloads, where a fixed last shard is kept for validation).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq

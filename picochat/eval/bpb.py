@@ -8,7 +8,7 @@ Special tokens have 0 bytes and are excluded from both sums; targets of -1 too.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 
-
 import torch
 
 from picochat.config import add_preset_argument, resolve
@@ -102,7 +101,14 @@ def run(args: argparse.Namespace) -> int:
     from picochat.model.gpt import GPTConfig, build_model
     from picochat.optim import build_optimizers
     from picochat.optim.distributed import broadcast_parameters
-    from picochat.runtime import home, init_distributed, log0, pick_dtype, seed_everything, shutdown_distributed
+    from picochat.runtime import (
+        home,
+        init_distributed,
+        log0,
+        pick_dtype,
+        seed_everything,
+        shutdown_distributed,
+    )
     from picochat.tokenizer import Tokenizer
     from picochat.train import checkpoint as ckpt
     from picochat.train.loop import LoopConfig, Trainer, wandb_logger

@@ -50,7 +50,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     if device.type != "cpu":
         return float("nan")
     cache = home() / "cpu_peak.json"
-    key = f"{str(dtype)}-threads{torch.get_num_threads()}-v2"  # v2: best of several trials
+    key = f"{dtype!s}-threads{torch.get_num_threads()}-v2"  # v2: best of several trials
     table = {}
     if cache.exists():
         try:

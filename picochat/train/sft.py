@@ -14,6 +14,7 @@ so a micro-batch with no supervised token contributes nothing. LR: --init-lr-fra
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 from picochat.config import resolve

@@ -10,9 +10,7 @@ import pytest
 from picochat.data.shards import write_shard
 from picochat.tokenizer import Tokenizer
 
-WORDS = ("the cat dog sat on a mat and ran to house tree big small red blue green happy sad quick "
-         "slow jumped over under river mountain city people said that this was good bad day night "
-         "sun moon star water fire earth wind one two three four five six seven eight nine ten").split()
+WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "to", "house", "tree", "big", "small", "red", "blue", "green", "happy", "sad", "quick", "slow", "jumped", "over", "under", "river", "mountain", "city", "people", "said", "that", "this", "was", "good", "bad", "day", "night", "sun", "moon", "star", "water", "fire", "earth", "wind", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
 def make_documents(n: int, seed: int = 0) -> list[str]:

@@ -73,7 +73,7 @@ def test_mask_user_masks_exactly_user_and_tool_output_tokens(tok):
     conv = _tool_conversation()
     ids, mask = tok.render_conversation(conv)
     packer = PackedConversations(ListTask([conv]), tok, batch_size=1, seq_len=len(ids) - 1, mask_user=True)
-    x, y = next(packer)
+    _, y = next(packer)
     expected = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
     assert y.flatten().tolist() == expected
     # The masked targets are exactly the user turns, the tool output and the structural tokens around them.

@@ -91,7 +91,7 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(tiny_home):
 def test_torchrun_two_processes_base_train(tiny_home):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "PICOCHAT_HOME": str(tiny_home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted below
         [torchrun, "--standalone", "--nproc_per_node=2", "-m", "picochat", "base-train", "--preset", "cpu-tiny",
          "--num-iterations", "6", "--sample-every", "-1", "--tag", "tr"],
         env=env, capture_output=True, text=True, timeout=300,

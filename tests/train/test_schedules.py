@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from picochat.train.schedules import (
@@ -14,7 +16,7 @@ def test_warmup_constant_warmdown_shape():
     assert lr[0] == pytest.approx(0.1)
     assert lr[9] == pytest.approx(1.0)
     assert all(v == 1.0 for v in lr[10:80])
-    assert all(a >= b for a, b in zip(lr[80:], lr[81:]))  # monotone warmdown
+    assert all(a >= b for a, b in itertools.pairwise(lr[80:]))  # monotone warmdown
     assert lr[-1] == pytest.approx(0.1 + 0.9 * (1 / 20))
     assert warmup_constant_warmdown(n, n, 10, 0.2, 0.1) == pytest.approx(0.1)
 
