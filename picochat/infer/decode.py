@@ -5,7 +5,8 @@ costs microseconds of dispatch and the matmuls read weights that no longer sit i
 cache. `DecodeStep` computes exactly what `GPT.hidden_states` computes for a (B, 1) input, with:
 
 - every weight matrix read as a contiguous transposed copy (x @ W.T), with q, k and v stacked
-  into one matrix: MKL's small-batch products run up to 1.5x faster in that layout here;
+  into one matrix: MKL's small-batch products run up to 1.5x faster in that layout here
+  (except the MLP down-projection at batch 1, which keeps the original layout);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
 - RMSNorm written as x * rsqrt(mean(x^2) + eps), the formula F.rms_norm uses, in three ops;
 - keys and values written straight into the cache at the current position.
