@@ -156,6 +156,24 @@ def test_chunked_cross_entropy_over_many_chunks_and_sparse_targets() -> None:
     torch.testing.assert_close(grad_w, w.grad)
 
 
+@pytest.mark.parametrize("softcap", [15.0, 60.0])  # 60: exp(2 cap) would overflow, the shift is subtracted
+def test_chunked_cross_entropy_matches_float64_at_large_logits(softcap: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(3000, 16, generator=g, dtype=torch.float64) * 4).requires_grad_()  # logits up to ~cap
+    t = torch.randint(0, 3000, (40,), generator=g)
+    scale = torch.full((40,), 0.25, dtype=torch.float64)
+    losses, grad_x, grad_w = _softcap_cross_entropy_chunks(x.detach().float(), w.detach().float(), t, softcap,
+                                                           scale.float(), rows_per_chunk=16)
+    logits = softcap * torch.tanh(x @ w.t() / softcap)
+    reference = F.cross_entropy(logits, t, reduction="none")
+    (reference * scale).sum().backward()
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses.double(), reference.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_x.double(), x.grad, rtol=1e-4, atol=1e-5 * x.grad.abs().max().item())
+    torch.testing.assert_close(grad_w.double(), w.grad, rtol=1e-4, atol=1e-5 * w.grad.abs().max().item())
+
+
 def test_all_ignored_targets_give_zero_loss_and_zero_grads() -> None:
     config = small_config()
     model = trained_looking_model(config)
