@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 _ROWS_PER_BLOCK = 8192  # vocabulary rows per (rows, B) product above batch 1
 
 
