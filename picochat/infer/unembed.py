@@ -16,6 +16,7 @@ weights may change between requests (RL trains between generations, and fused op
 not bump tensor version counters, so a longer-lived cache could go stale unnoticed). It is made
 at the second batch-1 call, i.e. after the prefill has produced the first token, and costs about
 as much as two reads of the weight, which the faster layout wins back within a few tokens.
+Weights over MAX_COPY_BYTES are not copied (batch 1 then uses the (W @ h.T).T layout).
 
 Elsewhere (CUDA, or reduced precision under autocast) F.linear is already the right call.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MAX_COPY_BYTES = 512 << 20  # d20's 65,536 x 1,280 fp32 lm_head (335 MB) still gets its copy
 _ROWS_PER_BLOCK = 8192  # vocabulary rows per (rows, B) product above batch 1
 
 
@@ -41,6 +43,8 @@ class Unembedder:
         self.fast_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32 and compute_dtype == torch.float32
         self.transposed: torch.Tensor | None = None  # (C, V) contiguous, made on demand
         self.batch1_calls = 0
+        # The copy costs the weight's size in memory for the generation; skipped for large vocab x width.
+        self.copy_allowed = weight.numel() * weight.element_size() <= MAX_COPY_BYTES
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.fast_cpu:
@@ -48,7 +52,7 @@ class Unembedder:
         hidden = hidden.float().contiguous()
         if hidden.size(0) == 1:
             self.batch1_calls += 1
-            if self.transposed is None and self.batch1_calls >= 2:
+            if self.transposed is None and self.batch1_calls >= 2 and self.copy_allowed:
                 self.transposed = self.weight.detach().t().contiguous()
             if self.transposed is not None:
                 return hidden @ self.transposed  # (1, V)

@@ -41,3 +41,20 @@ def test_decode_step_is_only_used_where_it_is_faster():
     model = build_model(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=8), "cpu")
     assert not DecodeStep.supports(model, torch.bfloat16)
     assert not DecodeStep.supports(torch.nn.Linear(2, 2), torch.float32)
+
+
+def test_large_models_skip_the_copies(monkeypatch):
+    import picochat.infer.decode as decode_module
+    import picochat.infer.unembed as unembed_module
+    from picochat.infer.unembed import Unembedder
+
+    model = build_model(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, sequence_len=8), "cpu")
+    assert DecodeStep.supports(model, torch.float32)
+    monkeypatch.setattr(decode_module, "MAX_COPY_BYTES", 1000)
+    assert not DecodeStep.supports(model, torch.float32)
+    monkeypatch.setattr(unembed_module, "MAX_COPY_BYTES", 1000)
+    unembed = Unembedder(model.lm_head.weight, torch.float32)
+    hidden = torch.randn(1, 32)
+    for _ in range(3):
+        torch.testing.assert_close(unembed(hidden), hidden @ model.lm_head.weight.t())
+    assert unembed.transposed is None
