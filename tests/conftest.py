@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -15,3 +17,13 @@ def picochat_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PICOCHAT_HOME", str(home))
     monkeypatch.delenv("PICOCHAT_REGISTRY_CACHE", raising=False)
     return home
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; several threads on a busy 2-core box spin against
+    each other. Directories of tiny-model tests turn it on for all their tests (autouse there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

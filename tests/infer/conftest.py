@@ -1,7 +1,6 @@
 """Fixtures for inference tests: a tiny tokenizer trained here and tiny random GPTs."""
 
 import pytest
-import torch
 
 from picochat.tokenizer import Tokenizer
 from tests.infer.tiny import tiny_model, tiny_tokenizer
@@ -18,9 +17,5 @@ def model(tokenizer):
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; several threads on a busy 2-core box spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread) -> None:
+    """Every test here runs on one torch thread (tests/conftest.py)."""

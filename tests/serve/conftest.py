@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-import torch
 import uvicorn
 from typing_extensions import Self
 
@@ -47,12 +46,8 @@ class ServerThread:
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; several threads on a busy 2-core box spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread) -> None:
+    """Every test here runs on one torch thread (tests/conftest.py)."""
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
