@@ -46,8 +46,8 @@ class DecodeStep:
                         for b in blocks]  # (C, C + 2 kv_dim)
             self.attn_proj = [b.attn.c_proj.weight.t().contiguous() for b in blocks]
             self.fc = [b.mlp.c_fc.weight.t().contiguous() for b in blocks]
-            self.mlp_proj = [b.mlp.c_proj.weight.t().contiguous() for b in blocks]
             self.mlp_proj_weights = [b.mlp.c_proj.weight for b in blocks]  # (C, 4C), not a copy
+        self.mlp_proj: list[torch.Tensor] | None = None  # (4C, C) copies, made for the first batch > 1
 
     @staticmethod
     def supports(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
@@ -67,12 +67,12 @@ class DecodeStep:
         """ids (B, 1) -> final normed hidden state (B, C); writes this position's k, v and advances the cache."""
         model, H, Hk, D = self.model, self.n_head, self.n_kv_head, self.head_dim
         B, pos = ids.size(0), cache.pos
-        if pos + 1 > model.rotary_cos.size(0):
-            model._set_rotary(max(2 * model.rotary_cos.size(0), pos + 1), ids.device)
-        if pos + 1 > cache.max_len:
-            raise ValueError(f"KV cache overflow: {pos + 1} tokens do not fit in max_len={cache.max_len}")
-        cos, sin = model.rotary_cos[pos:pos + 1], model.rotary_sin[pos:pos + 1]  # (1, D/2)
+        cache.room_for(1)
+        cos, sin = model.rotary(pos, 1)  # (1, D/2)
         half = D // 2
+        if B > 1 and self.mlp_proj is None:
+            with torch.no_grad():
+                self.mlp_proj = [w.t().contiguous() for w in self.mlp_proj_weights]
         x = self._rms(model.transformer.wte(ids[:, 0]))  # (B, C)
         for i in range(len(self.qkv)):
             qkv = (self._rms(x) @ self.qkv[i]).view(B, H + 2 * Hk, D)

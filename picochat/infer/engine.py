@@ -60,6 +60,7 @@ class Engine:
         self.stop_tokens = {sp("assistant_end"), tokenizer.bos_id}
         # A picochat GPT: logits come raw from _last_logits and the sampler applies this softcap.
         self.softcap = model.config.softcap if isinstance(model, GPT) else None
+        self.lean_decode = DecodeStep.supports(model, self.compute_dtype)
 
     @property
     def context_len(self) -> int:
@@ -141,7 +142,7 @@ class Engine:
                 _keep_cache_rows(cache, torch.tensor(live, device=self.device))
                 rows = [rows[r] for r in live]
             ids = torch.tensor([[column[row.index]] for row in rows], dtype=torch.long, device=self.device)  # (B, 1)
-            if decode is None and DecodeStep.supports(self.model, self.compute_dtype):
+            if decode is None and self.lean_decode:
                 decode = DecodeStep(self.model)
             logits = self._last_logits(ids, cache, unembed, decode)  # (B, vocab)
 

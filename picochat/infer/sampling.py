@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from picochat.model.gpt import softcap_logits
+
 
 def sample_next(
     logits: torch.Tensor,
@@ -54,4 +56,4 @@ def keep_top_p(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """cap * tanh(logits / cap), exactly as the model's forward computes it; identity for None."""
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    return logits if softcap is None else softcap_logits(logits, softcap)

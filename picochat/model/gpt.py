@@ -95,6 +95,11 @@ class GPTConfig:
         return cls(**d)
 
 
+def softcap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits bounded to (-cap, cap), near-identity around 0."""
+    return cap * torch.tanh(logits / cap)
+
+
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dim (accumulates in fp32 for bf16 inputs too)."""
     return F.rms_norm(x, (x.size(-1),), eps=eps)
@@ -237,10 +242,7 @@ class GPT(nn.Module):
         picochat.infer.unembed); everything else goes through forward().
         """
         T = idx.size(1)
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.rotary_cos.size(0):
-            self._set_rotary(max(2 * self.rotary_cos.size(0), start + T), idx.device)
-        cos, sin = self.rotary_cos[start:start + T], self.rotary_sin[start:start + T]  # (T, D/2)
+        cos, sin = self.rotary(kv_cache.pos if kv_cache is not None else 0, T)  # (T, D/2)
 
         eps = self.config.norm_eps
         x = rms_norm(self.transformer.wte(idx), eps)  # (B, T, C)
@@ -250,9 +252,14 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return rms_norm(x, eps)
 
+    def rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (length, D/2) for positions start .. start+length-1; the tables grow on demand."""
+        if start + length > self.rotary_cos.size(0):
+            self._set_rotary(max(2 * self.rotary_cos.size(0), start + length), self.rotary_cos.device)
+        return self.rotary_cos[start:start + length], self.rotary_sin[start:start + length]
+
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
-        cap = self.config.softcap
-        return cap * torch.tanh(logits / cap)
+        return softcap_logits(logits, self.config.softcap)
 
     def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         B, T, C = x.shape

@@ -35,13 +35,18 @@ class KVCache:
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T_new, D) at [pos, pos+T_new); return all keys/values so far (views)."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens do not fit in max_len={self.max_len}; "
-                             "build the cache with a larger max_len")
+        end = self.room_for(k.size(2))
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def room_for(self, n: int) -> int:
+        """The end position after n more tokens; an error if they do not fit."""
+        end = self.pos + n
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens do not fit in max_len={self.max_len}; "
+                             "build the cache with a larger max_len")
+        return end
 
     def advance(self, n: int) -> None:
         """Mark n more tokens as cached (called by the model after its last layer)."""
