@@ -26,8 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"mix_scale": "tiny", "device_batch_size": 2, "examples_per_step": 4, "eval_every": -1,
                 "eval_items": 8},
     },
-    # ~15 minutes of pretraining on 2 CPU cores (fp32, ~2k tok/s on an idle AVX2 machine): 1.7M tokens of
-    # the built-in corpus; the whole cpu speedrun fits in ~30 minutes.
+    # ~12-17 minutes of pretraining on 2 CPU cores (fp32, 2,100-2,900 tok/s on a 2-core AVX2 machine):
+    # 2.05M tokens of the built-in corpus; the whole cpu speedrun takes ~20-25 minutes.
     "cpu": {
         "vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000,
         "depth": 4, "aspect_ratio": 64, "head_dim": 64, "max_seq_len": 256,
