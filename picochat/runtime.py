@@ -107,8 +107,18 @@ def init_distributed(device_request: str | None = None) -> Dist:
 
 
 def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group; call it from a `finally:`.
+
+    On the normal path the ranks meet at a barrier first: a gloo rank that tears down its
+    connections while its peer is still closing its own can abort the peer ("terminate called
+    without an active exception", SIGABRT). While an exception propagates, no barrier: the
+    other ranks may never get there, and the launcher stops them anyway.
+    """
+    if not dist.is_initialized():
+        return
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -259,6 +259,8 @@ def _striped_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
 
     import torch.distributed as dist
 
+    from picochat.runtime import shutdown_distributed
+
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         model = AnswerKeyModel([" Paris", " four", " cold"])
@@ -267,7 +269,7 @@ def _striped_rank(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"items": r.items, "accuracy": r.accuracy, "calls": model.calls}, f)
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def test_items_are_striped_over_ranks_and_counts_all_reduced(tmp_path):

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from picochat.model import GPTConfig, build_model
 from picochat.optim import broadcast_parameters, sync_gradients
+from picochat.runtime import shutdown_distributed
 
 CONFIG = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=8)
 
@@ -41,7 +42,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         torch.save({"params": {n: p.detach() for n, p in model.named_parameters()},
                     "grads": {n: p.grad for n, p in model.named_parameters()}}, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def test_two_gloo_ranks_share_weights_and_average_gradients(tmp_path: Path) -> None:
