@@ -27,3 +27,18 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The decode kernel (picochat/infer/cpu_matmul.py) is compiled into a directory of this
+    test session, not into ~/.cache/picochat."""
+    import os
+
+    saved = os.environ.get("PICOCHAT_KERNEL_DIR")
+    os.environ["PICOCHAT_KERNEL_DIR"] = str(tmp_path_factory.mktemp("kernels"))
+    yield
+    if saved is None:
+        os.environ.pop("PICOCHAT_KERNEL_DIR", None)
+    else:
+        os.environ["PICOCHAT_KERNEL_DIR"] = saved

@@ -4,9 +4,11 @@ Decoding one token at depth 4 runs ~25 small ops per layer on (B, 1, C) tensors,
 costs microseconds of dispatch and the matmuls read weights that no longer sit in the core's
 cache. `DecodeStep` computes exactly what `GPT.hidden_states` computes for a (B, 1) input, with:
 
-- every weight matrix read as a contiguous transposed copy (x @ W.T), with q, k and v stacked
-  into one matrix: MKL's small-batch products run up to 1.5x faster in that layout here
-  (except the MLP down-projection at batch 1, which keeps the original layout);
+- every weight matrix read from a copy packed for the small-batch C kernel
+  (picochat/infer/cpu_matmul.py), with q, k and v stacked into one matrix; where that kernel
+  cannot be built, from a contiguous transposed copy (x @ W.T), the layout in which MKL's
+  small-batch products ran up to 1.5x faster here (except the MLP down-projection at batch 1,
+  which keeps the original layout);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
 - RMSNorm written as x * rsqrt(mean(x^2) + eps), the formula F.rms_norm uses, in three ops;
 - keys and values written straight into the cache at the current position.
@@ -16,9 +18,9 @@ per step than hidden_states() at batch 8 and 1.1x at batch 1. The result equals
 hidden_states() to float rounding; tests/infer/test_decode.py checks it, and the engine tests
 check whole generations against full recomputation.
 
-The transposed weights are copies (as much memory again as the blocks' weights, made in about
-a millisecond per 10 MB): a DecodeStep belongs to one generation, during which the model's
-weights must not change.
+The packed or transposed weights are copies (as much memory again as the blocks' weights, made
+in about a millisecond per 10 MB): a DecodeStep belongs to one generation, during which the
+model's weights must not change.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from picochat.infer import cpu_matmul
+from picochat.infer.cpu_matmul import PackedLinear
 from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 
@@ -40,14 +44,14 @@ class DecodeStep:
         self.model = model
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.eps = cfg.norm_eps
-        with torch.no_grad():  # per layer, (in, out) contiguous
-            blocks = model.transformer.h
-            self.qkv = [torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).t().contiguous()
-                        for b in blocks]  # (C, C + 2 kv_dim)
-            self.attn_proj = [b.attn.c_proj.weight.t().contiguous() for b in blocks]
-            self.fc = [b.mlp.c_fc.weight.t().contiguous() for b in blocks]
-            self.mlp_proj_weights = [b.mlp.c_proj.weight for b in blocks]  # (C, 4C), not a copy
-        self.mlp_proj: list[torch.Tensor] | None = None  # (4C, C) copies, made for the first batch > 1
+        blocks = model.transformer.h
+        with torch.no_grad():  # per layer; q, k and v stacked into one (C + 2 kv_dim, C) matrix
+            qkv = [torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]) for b in blocks]
+        make = PackedLinear if cpu_matmul.available() else _TransposedLinear
+        self.qkv = [make(w) for w in qkv]
+        self.attn_proj = [make(b.attn.c_proj.weight) for b in blocks]
+        self.fc = [make(b.mlp.c_fc.weight) for b in blocks]
+        self.mlp_proj = [make(b.mlp.c_proj.weight) for b in blocks]
 
     @staticmethod
     def supports(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
@@ -70,12 +74,9 @@ class DecodeStep:
         cache.room_for(1)
         cos, sin = model.rotary(pos, 1)  # (1, D/2)
         half = D // 2
-        if B > 1 and self.mlp_proj is None:
-            with torch.no_grad():
-                self.mlp_proj = [w.t().contiguous() for w in self.mlp_proj_weights]
         x = self._rms(model.transformer.wte(ids[:, 0]))  # (B, C)
         for i in range(len(self.qkv)):
-            qkv = (self._rms(x) @ self.qkv[i]).view(B, H + 2 * Hk, D)
+            qkv = self.qkv[i](self._rms(x)).view(B, H + 2 * Hk, D)
             qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
             x1, x2 = qk[..., :half], qk[..., half:]
             qk = self._rms(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
@@ -83,9 +84,26 @@ class DecodeStep:
             cache.v[i, :, :, pos] = v
             y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), cache.k[i, :, :, :pos + 1],
                                                cache.v[i, :, :, :pos + 1], enable_gqa=H != Hk)  # (B, H, 1, D)
-            x = x + y.view(B, H * D) @ self.attn_proj[i]
-            hidden = F.relu(self._rms(x) @ self.fc[i]).square()  # (B, 4C)
-            # (1, 4C) x (4C, C) is the one product MKL runs faster in the original layout.
-            x = x + (F.linear(hidden, self.mlp_proj_weights[i]) if B == 1 else hidden @ self.mlp_proj[i])
+            x = x + self.attn_proj[i](y.view(B, H * D))
+            hidden = F.relu(self.fc[i](self._rms(x))).square()  # (B, 4C)
+            x = x + self.mlp_proj[i](hidden)
         cache.advance(1)
         return self._rms(x)
+
+
+class _TransposedLinear:
+    """x -> x @ weight.T through a contiguous transposed copy: the fastest torch layout for these
+    small-batch products (except (1, 4C) x (4C, C), faster in the original layout; the copy is
+    made for the first batch > 1)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach()
+        wide = weight.size(1) > weight.size(0)  # the MLP down-projection
+        self.transposed = None if wide else self.weight.t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed is None:
+            if x.size(0) == 1:
+                return F.linear(x, self.weight)
+            self.transposed = self.weight.t().contiguous()
+        return x @ self.transposed

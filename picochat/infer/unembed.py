@@ -9,14 +9,17 @@ else; measured with torch 2.13 / MKL on a 2-core AVX2 EPYC (ms per call, vocab 3
     1          3.7                 1.1                      2.8
     8          8.7                 7.6                      2.5
 
-so batch 1 reads a contiguous transposed copy of the weight and larger batches multiply the
-weight by the transposed hidden states. Both compute the same sums as F.linear (up to float
+With the small-batch C kernel (picochat/infer/cpu_matmul.py; 1.3 ms at batch 1 and 1.7 ms at
+batch 8 with the weight cold in cache, against the best of these at 1.9 and 2.8 ms) every batch
+up to its MAX_ROWS reads a copy of the weight packed for it. Without the kernel, batch 1 reads
+a contiguous transposed copy of the weight and larger batches multiply the weight by the
+transposed hidden states. All compute the same sums as F.linear (up to float
 summation order). The copy lives as long as one generation (an `Unembedder` per request): the
 weights may change between requests (RL trains between generations, and fused optimisers do
 not bump tensor version counters, so a longer-lived cache could go stale unnoticed). It is made
-at the second batch-1 call, i.e. after the prefill has produced the first token, and costs about
-as much as two reads of the weight, which the faster layout wins back within a few tokens.
-Weights over MAX_COPY_BYTES are not copied (batch 1 then uses the (W @ h.T).T layout).
+at the second call, i.e. after the prefill has produced the first token, and costs about as
+much as two reads of the weight, which the faster layout wins back within a few tokens.
+Weights over MAX_COPY_BYTES are not copied (every batch then uses the (W @ h.T).T layout).
 
 Elsewhere (CUDA, or reduced precision under autocast) F.linear is already the right call.
 
@@ -28,6 +31,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from picochat.infer import cpu_matmul
+from picochat.infer.cpu_matmul import PackedLinear
 
 MAX_COPY_BYTES = 512 << 20  # d20's 65,536 x 1,280 fp32 lm_head (335 MB) still gets its copy
 _ROWS_PER_BLOCK = 8192  # vocabulary rows per (rows, B) product above batch 1
@@ -42,6 +48,9 @@ class Unembedder:
         self.weight = weight
         self.fast_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32 and compute_dtype == torch.float32
         self.transposed: torch.Tensor | None = None  # (C, V) contiguous, made on demand
+        self.packed: PackedLinear | None = None  # the kernel's copy, made on demand
+        self.use_kernel = cpu_matmul.available()
+        self.calls = 0
         self.batch1_calls = 0
         # The copy costs the weight's size in memory for the generation; skipped for large vocab x width.
         self.copy_allowed = weight.numel() * weight.element_size() <= MAX_COPY_BYTES
@@ -50,6 +59,12 @@ class Unembedder:
         if not self.fast_cpu:
             return F.linear(hidden, self.weight).float()
         hidden = hidden.float().contiguous()
+        self.calls += 1
+        if self.use_kernel and self.copy_allowed and hidden.size(0) <= cpu_matmul.MAX_ROWS:
+            if self.packed is None and self.calls >= 2:
+                self.packed = PackedLinear(self.weight)
+            if self.packed is not None:
+                return self.packed(hidden)  # (B, V)
         if hidden.size(0) == 1:
             self.batch1_calls += 1
             if self.transposed is None and self.batch1_calls >= 2 and self.copy_allowed:

@@ -30,7 +30,7 @@ def prompt_ids(tokenizer, text="Hello there! How are"):
     return tokenizer.encode(text, prepend="<|bos|>")
 
 
-def test_greedy_equals_naive_generation(tokenizer, model):
+def test_greedy_equals_naive_generation(tokenizer, model, matmul_kernel):
     engine = Engine(model, tokenizer, compute_dtype=torch.float32)
     prompt = prompt_ids(tokenizer)
     expected = naive_greedy(model, prompt, 40, engine.stop_tokens)
@@ -68,7 +68,7 @@ def test_top_k_one_is_greedy(tokenizer, model):
     assert top1 == greedy
 
 
-def test_finished_rows_are_dropped_and_the_rest_stay_exact(tokenizer, model, monkeypatch):
+def test_finished_rows_are_dropped_and_the_rest_stay_exact(tokenizer, model, monkeypatch, matmul_kernel):
     """Every row's logits at every step equal a full recompute of that row's own history,
     also after other rows finished and were removed from the batch and the cache."""
     engine = Engine(model, tokenizer, compute_dtype=torch.float32)

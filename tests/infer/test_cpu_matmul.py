@@ -1,0 +1,77 @@
+"""The small-batch C kernel for decoding: equal to torch's product, built safely, optional."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from picochat.infer import cpu_matmul
+from picochat.infer.cpu_matmul import MAX_ROWS, PackedLinear
+
+
+@pytest.fixture
+def kernel():
+    if cpu_matmul._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert cpu_matmul.available()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_features, in_features", [(16, 8), (48, 256), (1000, 48), (37, 19), (5, 1024), (1, 3)])
+def test_packed_product_equals_torch(kernel, threads, out_features, in_features):
+    torch.set_num_threads(threads)  # the one-thread fixture restores it
+    generator = torch.Generator().manual_seed(out_features * in_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    linear = PackedLinear(weight)
+    # every pass size of the kernel (6 rows per pass), and past MAX_ROWS (torch's product)
+    for rows in (1, 2, 3, 5, 6, 7, 8, 12, 13, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, in_features, generator=generator)
+        got = linear(x)
+        assert got.shape == (rows, out_features) and got.is_contiguous() and got.dtype == torch.float32
+        torch.testing.assert_close(got, F.linear(x, weight), atol=1e-4, rtol=1e-4)
+
+
+def test_inputs_need_not_be_contiguous(kernel):
+    weight = torch.randn(40, 32)
+    x = torch.randn(32, 6).t()  # (6, 32), transposed strides
+    torch.testing.assert_close(PackedLinear(weight)(x), x @ weight.t(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"expected \(rows, 32\)"):
+        PackedLinear(weight)(torch.randn(2, 31))
+    with pytest.raises(ValueError, match="fp32 CPU weight"):
+        PackedLinear(weight.double())
+
+
+def test_the_packed_copy_is_a_copy(kernel):
+    weight = torch.randn(20, 8)
+    linear = PackedLinear(weight)
+    x = torch.randn(3, 8)
+    before = linear(x)
+    weight.mul_(2.0)  # the copy keeps the weights it was made from (the engine makes one per generation)
+    torch.testing.assert_close(linear(x), before)
+
+
+def test_a_failed_build_falls_back_and_leaves_no_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_matmul, "_compiler", lambda: "/bin/false")
+    assert cpu_matmul._build() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_build_is_cached_by_source_and_flags(kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(tmp_path))
+    first = cpu_matmul._build()
+    assert first is not None and first.parent == tmp_path and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert cpu_matmul._build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files
+
+
+def test_it_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("PICOCHAT_CPU_KERNEL", "0")
+    cpu_matmul._library.cache_clear()
+    try:
+        assert not cpu_matmul.available()
+        with pytest.raises(RuntimeError, match="not available"):
+            PackedLinear(torch.randn(4, 4))
+    finally:
+        monkeypatch.delenv("PICOCHAT_CPU_KERNEL")
+        cpu_matmul._library.cache_clear()
