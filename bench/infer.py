@@ -7,7 +7,9 @@ Model: a randomly initialised GPT of depth 4 (width 256, 2 heads of 128), vocab 
 64 tokens, 256 new tokens (stop tokens ignored so every run decodes the full length), top-k 50,
 temperature 1. Engine rows: time to first token (prefill + first sample) and decode tokens/s at
 batch 1 and 8 (aggregate over the batch), best (and median) of --repeats runs, the engines taking turns run by run. Server rows: N concurrent streaming
-clients against `picochat serve`'s app on 127.0.0.1; p50/p99 request latency and aggregate tokens/s.
+clients against `picochat serve`'s app on 127.0.0.1 (--server-workers engines, each batching up to
+--server-max-batch requests as `picochat serve` does; --server-max-batch 1 serves one request per
+engine at a time); p50/p99 request latency and aggregate tokens/s.
 Prints a table, then one JSON line with every number.
 """
 
@@ -138,7 +140,7 @@ def bench_server(device, dtype, args) -> dict[str, dict]:
     import uvicorn
 
     from picochat.serve.app import create_app
-    from picochat.serve.pool import WorkerPool
+    from picochat.serve.pool import serving_pool
 
     config = GPTConfig.from_depth(4, VOCAB, max_seq_len=2048)
     torch.manual_seed(0)
@@ -146,7 +148,7 @@ def bench_server(device, dtype, args) -> dict[str, dict]:
     engines = [Engine(model, StubTokenizer(), compute_dtype=dtype) for _ in range(args.server_workers)]
     for engine in engines:
         engine.stop_tokens = set()
-    app = create_app(WorkerPool(engines, max_queue=64), "bench")
+    app = create_app(serving_pool(engines, args.server_max_batch, max_queue=64), "bench")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -202,7 +204,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine and batch size (best is reported)")
     parser.add_argument("--server-tokens", type=int, default=64, help="tokens per request in the server test")
-    parser.add_argument("--server-workers", type=int, default=2)
+    parser.add_argument("--server-workers", type=int, default=1, help="engines serving at once (sharing the model)")
+    parser.add_argument("--server-max-batch", type=int, default=8,
+                        help="requests an engine decodes together (picochat serve --max-batch); 1: one at a time")
     parser.add_argument("--skip-server", action="store_true")
     args = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the table
@@ -224,6 +228,8 @@ def main() -> None:
     results.update(bench_engines(generators, args))
     if not args.skip_server:
         results["server"] = bench_server(device, dtype, args)
+        results["server_setup"] = {"workers": args.server_workers, "max_batch": args.server_max_batch,
+                                   "tokens_per_request": args.server_tokens}
 
     print(f"\n{'engine':<12}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'median':>10}")
     for name in ("picochat", "reference"):
@@ -236,7 +242,8 @@ def main() -> None:
             results.setdefault("speedup", {})[batch] = round(ratio, 2)
         print(f"speedup (decode tok/s, picochat / reference): {results['speedup']}")
     if "server" in results:
-        print(f"\n{'clients':<10}{'p50 ms':>10}{'p99 ms':>10}{'tok/s':>10}")
+        print(f"\nserver: {results['server_setup']}")
+        print(f"{'clients':<10}{'p50 ms':>10}{'p99 ms':>10}{'tok/s':>10}")
         for clients, row in results["server"].items():
             print(f"{clients.removeprefix('clients'):<10}{row['p50_ms']:>10}{row['p99_ms']:>10}{row['tok_s']:>10}")
     print(json.dumps(results))

@@ -67,12 +67,29 @@ class DecodeStep:
     def _rms(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
 
-    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids (B, 1) -> final normed hidden state (B, C); writes this position's k, v and advances the cache."""
+    def __call__(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, 1) -> final normed hidden state (B, C), writing this position's keys and values.
+
+        Without `positions` every row is at cache.pos, which advances by one. With `positions`
+        (B,) int64, row b of ids is cache row b at its own position (continuous batching: rows
+        of different requests, picochat.infer.batching), cache.pos is left alone, and each row
+        attends to its own first positions[b] + 1 entries only.
+        """
         model, H, Hk, D = self.model, self.n_head, self.n_kv_head, self.head_dim
-        B, pos = ids.size(0), cache.pos
-        cache.room_for(1)
-        cos, sin = model.rotary(pos, 1)  # (1, D/2)
+        B = ids.size(0)
+        if positions is None:
+            pos = cache.pos
+            cache.room_for(1)
+            cos, sin = model.rotary(pos, 1)  # (1, D/2)
+            where, length, mask = pos, pos + 1, None
+        else:
+            length = int(positions.max()) + 1
+            if length > cache.max_len:
+                raise ValueError(f"KV cache overflow: position {length - 1} is past max_len={cache.max_len}")
+            cos, sin = model.rotary(0, length)
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, D/2)
+            where = (torch.arange(B, device=ids.device), slice(None), positions)  # cache [row b, :, positions[b]]
+            mask = (torch.arange(length, device=ids.device) <= positions.unsqueeze(1)).view(B, 1, 1, length)
         half = D // 2
         x = self._rms(model.transformer.wte(ids[:, 0]))  # (B, C)
         for i in range(len(self.qkv)):
@@ -80,14 +97,18 @@ class DecodeStep:
             qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
             x1, x2 = qk[..., :half], qk[..., half:]
             qk = self._rms(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
-            cache.k[i, :, :, pos] = qk[:, H:]
-            cache.v[i, :, :, pos] = v
-            y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), cache.k[i, :, :, :pos + 1],
-                                               cache.v[i, :, :, :pos + 1], enable_gqa=H != Hk)  # (B, H, 1, D)
+            keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D)
+            if mask is None:
+                keys[:, :, where], values[:, :, where] = qk[:, H:], v
+            else:
+                keys[where], values[where] = qk[:, H:], v
+            y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys[:, :, :length], values[:, :, :length],
+                                               attn_mask=mask, enable_gqa=H != Hk)  # (B, H, 1, D)
             x = x + self.attn_proj[i](y.view(B, H * D))
             hidden = F.relu(self.fc[i](self._rms(x))).square()  # (B, 4C)
             x = x + self.mlp_proj[i](hidden)
-        cache.advance(1)
+        if positions is None:
+            cache.advance(1)
         return self._rms(x)
 
 

@@ -118,20 +118,7 @@ class Engine:
 
         rows = [_Row(i) for i in range(num_samples)]
         for step in range(max_tokens):
-            sampled = sample_next(logits, **sample).tolist()  # (live rows,)
-            column: list[int | None] = [None] * num_samples
-            masks = [0] * num_samples
-            finished: list[int] = []
-            for r, row in enumerate(rows):
-                if row.forced:
-                    token = row.forced.popleft()
-                else:
-                    token, masks[row.index] = sampled[r], 1
-                column[row.index] = token
-                if use_tools:
-                    self._track_tool(row, token)
-                if token in self.stop_tokens:  # tool output never contains special tokens
-                    finished.append(r)
+            column, masks, finished = self._next_column(rows, logits, sample, num_samples, use_tools)
             yield column, masks
             if step == max_tokens - 1:
                 break
@@ -145,6 +132,26 @@ class Engine:
             if decode is None and self.lean_decode:
                 decode = DecodeStep(self.model)
             logits = self._last_logits(ids, cache, unembed, decode)  # (B, vocab)
+
+    def _next_column(self, rows: list[_Row], logits: torch.Tensor, sample: dict, num_samples: int,
+                     use_tools: bool) -> tuple[list[int | None], list[int], list[int]]:
+        """One step of a request: a token per live row (sampled from its logits row, or forced
+        tool output), as (column, masks, indices into `rows` of the rows that just finished)."""
+        sampled = sample_next(logits, **sample).tolist()  # (live rows,)
+        column: list[int | None] = [None] * num_samples
+        masks = [0] * num_samples
+        finished: list[int] = []
+        for r, row in enumerate(rows):
+            if row.forced:
+                token = row.forced.popleft()
+            else:
+                token, masks[row.index] = sampled[r], 1
+            column[row.index] = token
+            if use_tools:
+                self._track_tool(row, token)
+            if token in self.stop_tokens:  # tool output never contains special tokens
+                finished.append(r)
+        return column, masks, finished
 
     def _last_logits(self, ids: torch.Tensor, cache: KVCache, unembed: Unembedder | None,
                      decode: DecodeStep | None = None) -> torch.Tensor:

@@ -28,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
     parser.add_argument("--dtype", default=None, help="compute dtype: auto | bf16 | fp32")
     parser.add_argument("--workers", type=int, default=None,
-                        help="concurrent generations (default: one per GPU; 1 on CPU)")
+                        help="engines generating at once (default: one per GPU; 1 on CPU); each takes up to "
+                             "--max-batch requests at once where it batches")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="requests one worker decodes together (continuous batching; CPU fp32 models), "
+                             "also the largest n a request may ask for; 1 turns batching off")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before 503")
     parser.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
     parser.add_argument("--top-k", type=int, default=50, help="default when a request gives none (0: off)")
@@ -40,11 +44,13 @@ def build_app(args: argparse.Namespace):
     from picochat.infer import Engine
     from picochat.infer.loading import load_for_inference
     from picochat.serve.app import create_app
-    from picochat.serve.pool import WorkerPool
-    from picochat.serve.requests import Defaults
+    from picochat.serve.pool import serving_pool
+    from picochat.serve.requests import Defaults, Limits
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: need at least 1")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch {args.max_batch}: need at least 1")
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue {args.max_queue}: must be >= 0")
     device = pick_device(args.device)
@@ -64,7 +70,10 @@ def build_app(args: argparse.Namespace):
     stage, tag, step = path.parts[-3], path.parts[-2], path.parts[-1].removeprefix("step_")
     model_id = f"picochat-{stage}-{tag}-step{step}"
     defaults = Defaults(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
-    app = create_app(WorkerPool(engines, max_queue=args.max_queue), model_id, defaults=defaults)
+    pool = serving_pool(engines, args.max_batch, args.max_queue)
+    batching = len(pool.engines) > len(pool.replicas())
+    limits = Limits(max_n=min(Limits.max_n, args.max_batch)) if batching else None
+    app = create_app(pool, model_id, limits=limits, defaults=defaults)
     return app, model_id
 
 

@@ -28,6 +28,7 @@ def test_models_and_health(server, client, model_id):
     assert model_id == "picochat-sft-tiny-step1"
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and health["model"] == model_id and health["workers"] == 2
+    assert health["concurrent"] == 16  # each CPU worker batches up to --max-batch (8) requests
 
 
 def test_non_streaming_completion(client, model_id):
@@ -103,6 +104,39 @@ def test_thirty_two_concurrent_streams_complete(server):
     assert httpx.get(f"{server.url}/health").json()["busy"] == 0
 
 
+def test_batched_requests_answer_as_they_would_alone(server, client, model_id):
+    """Eight seeded requests at once share decode steps; each gets the text it gets alone."""
+    def ask(i: int) -> str:
+        reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": f"say {i}"}],
+                                               max_tokens=20, temperature=1.0, seed=100 + i)
+        return reply.choices[0].message.content
+
+    alone = [ask(i) for i in range(8)]
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i))) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [results[i] for i in range(8)] == alone
+
+
+def test_n_is_capped_by_the_batch(checkpoint_home):
+    from picochat.errors import ConfigError
+    from picochat.serve.commands import build_app
+
+    app, _ = build_app(serve_args("--max-batch", "2", "--device", "cpu"))
+    with ServerThread(app) as srv:
+        body = {"messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 4}
+        response = httpx.post(f"{srv.url}/v1/chat/completions", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+        body["n"] = 2
+        reply = httpx.post(f"{srv.url}/v1/chat/completions", json=body).json()
+        assert len(reply["choices"]) == 2
+    with pytest.raises(ConfigError, match="--max-batch 0"):
+        build_app(serve_args("--max-batch", "0", "--device", "cpu"))
+
+
 def test_the_page_is_served_from_package_data(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not read from the working directory
     response = httpx.get(f"{server.url}/")
@@ -114,7 +148,7 @@ def gated_app(checkpoint_home, max_queue: int):
     """An app with one worker whose generation waits on a gate and then crawls (to hold the worker)."""
     from picochat.serve.commands import build_app
 
-    app, _ = build_app(serve_args("--workers", "1", "--max-queue", str(max_queue), "--device", "cpu"))
+    app, _ = build_app(serve_args("--workers", "1", "--max-batch", "1", "--max-queue", str(max_queue), "--device", "cpu"))
     engine = app.state.pool.engines[0]
     gate, produced = threading.Event(), []
     real_generate = engine.generate

@@ -1,0 +1,285 @@
+"""Continuous batching: concurrent requests share one decode step, each at its own position.
+
+    batcher = BatchingEngine(engine, max_rows=8)     # one per model replica
+    for tokens, masks in batcher.generate(prompt_ids, max_tokens=256, seed=1):  # from any thread
+        ...  # exactly what engine.generate yields for this request
+
+With one Engine per request (picochat serve without batching), 8 clients on a CPU each get a
+batch-1 decode: ~8x the weight traffic of one batch-8 step for the same tokens. Here a single
+scheduler thread owns the model and a KV cache of `max_rows` rows. Each iteration it
+1. admits waiting requests while rows are free (a request of n samples needs n rows): the prompt
+   is prefilled at batch 1, and its keys and values are copied into the request's rows;
+2. samples the next token of every request from its rows' logits with the request's own seeded
+   generator and settings, applies tool forcing (SPEC section 8), and hands the column to the
+   request's consumer;
+3. frees the rows of finished or abandoned requests (the last rows move into the gaps, so the
+   live rows stay 0..B-1 and the cache's first B rows are the batch);
+4. runs one DecodeStep over all live rows, each at its own position (per-row rotary offsets and
+   attention masks), and unembeds them together.
+
+Sampling draws from the same logits with the same generator in the same order as
+Engine.generate, so a request's tokens do not depend on what else is in the batch (up to float
+summation order in attention over a longer masked span); tests/infer/test_batching.py checks
+greedy and seeded outputs against Engine.generate.
+
+This needs the engine's lean decode path (a picochat GPT in fp32 on the CPU, see DecodeStep);
+elsewhere (CUDA, bf16) `BatchingEngine.supports` is False and the server runs one Engine per
+request. The KV cache (max_rows x the context) and the packed weight copies are made for the
+first request and kept until close(), so the model's weights must not change while a
+BatchingEngine is in use (serving never trains).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from picochat.errors import UserError
+from picochat.infer.decode import DecodeStep
+from picochat.infer.engine import Engine, _Row
+from picochat.infer.unembed import Unembedder
+from picochat.model.kv_cache import KVCache
+
+DONE = object()  # the last item a request's `deliver` gets after a normal end
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    num_samples: int
+    max_tokens: int
+    sample: dict  # sample_next keyword arguments, with the request's generator
+    use_tools: bool
+    # called in the scheduler thread with each (column, masks), then with DONE or an exception;
+    # returning False abandons the request
+    deliver: Callable[[object], bool | None]
+    rows: list[_Row] = field(default_factory=list)  # live rows, in sampling order
+    logits: torch.Tensor | None = None  # (live rows, vocab) for the next sample
+    steps: int = 0
+    cancelled: bool = False
+
+
+@dataclass
+class _Slot:
+    """One cache row: whose sample it is and how many positions it holds."""
+
+    request: _Request
+    row: _Row
+    length: int
+    last_token: int = 0
+
+
+class BatchingEngine:
+    """Engine.generate's interface over one shared, continuously batched decode loop."""
+
+    def __init__(self, engine: Engine, max_rows: int = 8) -> None:
+        if not self.supports(engine):
+            raise ValueError("continuous batching needs the lean CPU decode path (a picochat GPT in fp32 on the CPU)")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.engine = engine
+        self.max_rows = max_rows
+        self.tokenizer, self.stop_tokens = engine.tokenizer, engine.stop_tokens
+        self._cond = threading.Condition()
+        self._waiting: list[_Request] = []
+        self._slots: list[_Slot] = []  # live cache rows 0 .. len-1 (only the scheduler touches these)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @staticmethod
+    def supports(engine: Engine) -> bool:
+        return engine.lean_decode and engine.softcap is not None
+
+    @property
+    def context_len(self) -> int:
+        return self.engine.context_len
+
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = 42, use_tools: bool = True) -> Iterator[tuple[list[int | None], list[int]]]:
+        """As Engine.generate; closing the iterator early frees the request's rows at the next step."""
+        columns: queue.SimpleQueue = queue.SimpleQueue()
+        request = self.submit(tokens, columns.put, num_samples=num_samples, max_tokens=max_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_tools=use_tools)
+        return self._stream(request, columns)
+
+    def submit(self, tokens: list[int], deliver: Callable[[object], bool | None], num_samples: int = 1,
+               max_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = 42, use_tools: bool = True) -> _Request:
+        """Queue a request whose columns go to `deliver(item)`, called in the scheduler thread:
+        each (tokens, masks) as Engine.generate yields them, then `DONE`, or an exception if the
+        generation failed. `deliver` returning False abandons the request (its rows are freed)."""
+        engine = self.engine
+        tokens = engine._check_prompt(tokens)
+        if not 1 <= num_samples <= self.max_rows:
+            raise UserError(f"num_samples must be in [1, {self.max_rows}] (the batch's rows), got {num_samples}")
+        tokens, max_tokens = engine.fit_prompt(tokens, max_tokens)
+        generator = torch.Generator(device=engine.device)
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        request = _Request(tokens, num_samples, max_tokens, use_tools=use_tools, deliver=deliver,
+                           sample={"generator": generator, "temperature": temperature, "top_k": top_k,
+                                   "top_p": top_p, "softcap": engine.softcap})
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this BatchingEngine is closed")
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="picochat-batch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return request
+
+    @staticmethod
+    def _stream(request: _Request, columns: queue.SimpleQueue) -> Iterator[tuple[list[int | None], list[int]]]:
+        try:
+            while True:
+                item = columns.get()
+                if item is DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True
+
+    def close(self) -> None:
+        """Stop the scheduler thread after its current step (requests still running get an error)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    # ---- the scheduler thread ----
+
+    def _run(self) -> None:
+        state: dict = {}
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._slots:
+                    self._cond.wait()
+                if self._closed:
+                    state.clear()
+                    failure = RuntimeError("the server is shutting down")
+                    for request in [*{id(s.request): s.request for s in self._slots}.values(), *self._waiting]:
+                        self._hand(request, failure)
+                    return
+                admit = self._take_admissible()
+            try:
+                with torch.inference_mode(), self.engine._autocast():
+                    self._iterate(admit, state)
+            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                failed = {id(s.request): s.request for s in self._slots}
+                failed.update({id(r): r for r in admit})
+                for request in failed.values():
+                    self._hand(request, e)
+                self._slots.clear()
+                state.clear()
+
+    def _take_admissible(self) -> list[_Request]:
+        """Waiting requests (oldest first) that fit the free rows; called under the lock."""
+        self._waiting = [r for r in self._waiting if not r.cancelled]
+        free = self.max_rows - len(self._slots)
+        admit = []
+        while self._waiting and self._waiting[0].num_samples <= free:
+            admit.append(self._waiting.pop(0))
+            free -= admit[-1].num_samples
+        return admit
+
+    def _iterate(self, admit: list[_Request], state: dict) -> None:
+        engine, model = self.engine, self.engine.model
+        if "cache" not in state:
+            cfg = engine.config
+            state["cache"] = KVCache(self.max_rows, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head,
+                                     engine.context_len, engine.device, engine.compute_dtype)
+            state["decode"] = DecodeStep(model)
+            state["unembed"] = Unembedder(model.lm_head.weight, engine.compute_dtype)
+        cache: KVCache = state["cache"]
+        for request in admit:
+            self._prefill(request, cache, state["unembed"])
+
+        # Sample every request's next token, from its rows' logits, as Engine.generate does.
+        requests = list({id(s.request): s.request for s in self._slots}.values())
+        slot_of = {id(s.row): s for s in self._slots}
+        finished_rows: set[int] = set()  # ids of _Row objects that are done
+        for request in requests:
+            if request.cancelled:
+                finished_rows.update(id(row) for row in request.rows)
+                continue
+            column, masks, finished = engine._next_column(request.rows, request.logits, request.sample,
+                                                          request.num_samples, request.use_tools)
+            live = [row for r, row in enumerate(request.rows) if r not in finished]
+            finished_rows.update(id(request.rows[r]) for r in finished)
+            for row in live:
+                slot_of[id(row)].last_token = column[row.index]
+            request.steps += 1
+            if not self._hand(request, (column, masks)):
+                finished_rows.update(id(row) for row in live)
+                live = []
+            elif request.steps == request.max_tokens or not live:
+                finished_rows.update(id(row) for row in live)
+                self._hand(request, DONE)
+                live = []
+            request.rows = live
+        self._free(finished_rows, cache)
+        if not self._slots:
+            return
+
+        # One decode step for every live row, each at its own position.
+        ids = torch.tensor([[s.last_token] for s in self._slots], dtype=torch.long, device=engine.device)
+        positions = torch.tensor([s.length for s in self._slots], dtype=torch.long, device=engine.device)
+        logits = state["unembed"](state["decode"](ids, cache, positions))  # (B, vocab)
+        index = {id(s.row): b for b, s in enumerate(self._slots)}
+        for s in self._slots:
+            s.length += 1
+        for request in requests:
+            if request.rows:
+                rows = torch.tensor([index[id(row)] for row in request.rows], device=engine.device)
+                request.logits = logits.index_select(0, rows)
+
+    @staticmethod
+    def _hand(request: _Request, item: object) -> bool:
+        """Give `item` to the request's consumer; False if the request is (now) abandoned."""
+        if request.cancelled:
+            return False
+        try:
+            keep = request.deliver(item)
+        except Exception:  # noqa: BLE001 - a failing consumer abandons its own request only
+            keep = False
+        if keep is False:
+            request.cancelled = True
+        return not request.cancelled
+
+    def _prefill(self, request: _Request, cache: KVCache, unembed: Unembedder) -> None:
+        engine = self.engine
+        solo = KVCache(1, cache.num_layers, cache.k.size(2), cache.k.size(4), len(request.prompt), engine.device,
+                       engine.compute_dtype)
+        prompt = torch.tensor([request.prompt], dtype=torch.long, device=engine.device)
+        logits = unembed(engine.model.hidden_states(prompt, kv_cache=solo)[:, -1, :])  # (1, vocab)
+        length = len(request.prompt)
+        first = len(self._slots)
+        request.rows = [_Row(i) for i in range(request.num_samples)]
+        for row in request.rows:
+            self._slots.append(_Slot(request, row, length))
+        rows = slice(first, first + request.num_samples)
+        cache.k[:, rows, :, :length] = solo.k
+        cache.v[:, rows, :, :length] = solo.v
+        request.logits = logits.expand(request.num_samples, -1)
+
+    def _free(self, finished_rows: set[int], cache: KVCache) -> None:
+        """Drop finished rows; the last live rows move into the gaps (their keys and values too)."""
+        b = 0
+        while b < len(self._slots):
+            if id(self._slots[b].row) not in finished_rows:
+                b += 1
+                continue
+            last = len(self._slots) - 1
+            if b != last:
+                moved = self._slots[last]
+                cache.k[:, b, :, :moved.length] = cache.k[:, last, :, :moved.length]
+                cache.v[:, b, :, :moved.length] = cache.v[:, last, :, :moved.length]
+                self._slots[b] = moved
+            self._slots.pop()

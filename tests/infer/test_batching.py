@@ -1,0 +1,164 @@
+"""Continuous batching: rows at different positions in one decode step, and requests that come and
+go while others decode, each getting exactly what Engine.generate gives it alone."""
+
+import itertools
+import threading
+
+import pytest
+import torch
+
+from picochat.errors import UserError
+from picochat.infer import Engine
+from picochat.infer.batching import BatchingEngine
+from picochat.infer.decode import DecodeStep
+from picochat.model.gpt import GPTConfig, build_model
+from picochat.model.kv_cache import KVCache
+
+
+def test_rows_at_their_own_positions_equal_each_row_alone(matmul_kernel):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, sequence_len=32)
+    model = build_model(config, "cpu").eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(std=0.1)
+            block.mlp.c_proj.weight.normal_(std=0.1)
+    step = DecodeStep(model)
+    lengths, new = [3, 9, 5], 6
+    prompts = [torch.randint(0, 97, (1, n + new)) for n in lengths]
+    shared = KVCache(4, 2, 2, 16, 20)  # one spare row: the batch is the first rows
+    solos = [KVCache(1, 2, 2, 16, 20) for _ in lengths]
+    with torch.inference_mode():
+        for b, (ids, n) in enumerate(zip(prompts, lengths)):
+            model.hidden_states(ids[:, :n], kv_cache=solos[b])
+            shared.k[:, b, :, :n], shared.v[:, b, :, :n] = solos[b].k[:, 0, :, :n], solos[b].v[:, 0, :, :n]
+        for t in range(new):
+            positions = torch.tensor([n + t for n in lengths])
+            ids = torch.stack([p[0, n + t] for p, n in zip(prompts, lengths)]).view(-1, 1)
+            got = step(ids, shared, positions)
+            for b, (p, n) in enumerate(zip(prompts, lengths)):
+                expected = model.hidden_states(p[:, n + t:n + t + 1], kv_cache=solos[b])[:, -1]
+                torch.testing.assert_close(got[b:b + 1], expected, atol=1e-5, rtol=1e-5)
+        assert shared.pos == 0  # per-row positions leave the shared counter alone
+        for b, n in enumerate(lengths):
+            torch.testing.assert_close(shared.k[:, b, :, :n + new], solos[b].k[:, 0, :, :n + new], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="KV cache overflow"):
+            step(ids, shared, torch.tensor([19, 20, 3]))
+
+
+def _alone(engine, prompt, **kwargs):
+    return [(list(col), list(masks)) for col, masks in engine.generate(prompt, **kwargs)]
+
+
+def _collect(batcher, prompt, results, key, **kwargs):
+    results[key] = [(list(col), list(masks)) for col, masks in batcher.generate(prompt, **kwargs)]
+
+
+REQUESTS = {  # prompt text, generate() arguments
+    "greedy": ("Hello there! How are", {"max_tokens": 30, "temperature": 0.0}),
+    "sampled": ("The quick brown fox", {"max_tokens": 25, "temperature": 1.0, "top_k": 20, "seed": 7}),
+    "three": ("Numbers like 12 and", {"num_samples": 3, "max_tokens": 20, "temperature": 0.9, "seed": 3}),
+    "nucleus": ("I am fine", {"max_tokens": 12, "temperature": 0.7, "top_p": 0.9, "seed": 11}),
+    "short": ("Hello", {"max_tokens": 4, "temperature": 0.0}),
+}
+
+
+def test_concurrent_requests_get_what_they_get_alone(tokenizer, model, matmul_kernel):
+    engine = Engine(model, tokenizer, compute_dtype=torch.float32)
+    batcher = BatchingEngine(engine, max_rows=6)  # fewer rows than the requests need at once: some wait
+    prompts = {k: tokenizer.encode(text, prepend="<|bos|>") for k, (text, _) in REQUESTS.items()}
+    expected = {k: _alone(engine, prompts[k], use_tools=False, **kw) for k, (_, kw) in REQUESTS.items()}
+    results: dict = {}
+    try:
+        # one request first, then the rest while it decodes
+        first = batcher.generate(prompts["greedy"], use_tools=False, **REQUESTS["greedy"][1])
+        head = [next(first), next(first)]
+        threads = [threading.Thread(target=_collect, args=(batcher, prompts[k], results, k),
+                                    kwargs={"use_tools": False, **kw}) for k, (_, kw) in REQUESTS.items() if k != "greedy"]
+        for t in threads:
+            t.start()
+        results["greedy"] = [(list(c), list(m)) for c, m in head + list(first)]
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        batcher.close()
+    for key in REQUESTS:
+        assert results[key] == expected[key], key
+    assert len(results["three"][0][0]) == 3 and len(results["greedy"]) == 30
+
+
+def test_an_abandoned_request_frees_its_rows(tokenizer, model):
+    engine = Engine(model, tokenizer, compute_dtype=torch.float32)
+    engine.stop_tokens = set()  # decode the full length
+    batcher = BatchingEngine(engine, max_rows=2)
+    prompt = tokenizer.encode("Hello there", prepend="<|bos|>")
+    try:
+        left = batcher.generate(prompt, num_samples=2, max_tokens=40, temperature=0.0)
+        next(left)
+        left.close()  # the client went away: both rows are freed at the next step
+        kept = _alone(batcher, prompt, num_samples=2, max_tokens=10, temperature=0.0)  # needs both rows
+        assert kept == _alone(engine, prompt, num_samples=2, max_tokens=10, temperature=0.0)
+        assert batcher._slots == [] or all(not s.request.rows for s in batcher._slots)
+    finally:
+        batcher.close()
+
+
+def test_requests_are_checked_before_they_queue(tokenizer, model):
+    batcher = BatchingEngine(Engine(model, tokenizer, compute_dtype=torch.float32), max_rows=2)
+    with pytest.raises(UserError, match=r"num_samples must be in \[1, 2\]"):
+        next(batcher.generate([1, 2], num_samples=3))
+    with pytest.raises(UserError, match="not an id"):
+        next(batcher.generate([10**6]))
+    batcher.close()
+
+
+def test_only_the_lean_cpu_path_batches(tokenizer, model):
+    assert BatchingEngine.supports(Engine(model, tokenizer, compute_dtype=torch.float32))
+    with pytest.raises(ValueError, match="lean CPU decode path"):
+        BatchingEngine(Engine(model, tokenizer, compute_dtype=torch.bfloat16))
+
+
+def bigram_gpt(tokenizer, next_token: dict[int, int]):
+    """A real GPT whose greedy next token depends only on the current one: every block's output
+    projection is zero, so the final hidden state is the normed embedding, and token a's
+    embedding is a unit direction that the lm_head maps to next_token[a]."""
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=64)
+    model = build_model(config, "cpu").eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        model.transformer.wte.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i, (a, b) in enumerate(next_token.items()):
+            model.transformer.wte.weight[a, i] = 1.0
+            model.lm_head.weight[b, i] = 1.0
+    return model
+
+
+def test_tool_calls_are_forced_inside_a_batch(tokenizer):
+    sp = tokenizer.encode_special
+    done = tokenizer.encode("!")[0]
+    chain = [sp("assistant_start"), sp("python_start"), *tokenizer.encode("6*7"), sp("python_end")]
+    model = bigram_gpt(tokenizer, {**dict(itertools.pairwise(chain)), sp("output_end"): done, done: sp("assistant_end")})
+    engine = Engine(model, tokenizer, compute_dtype=torch.float32)
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "what is 6*7?"}]})
+    forced = [sp("output_start"), *tokenizer.encode("42"), sp("output_end")]
+    expected = [*chain[1:], *forced, done, sp("assistant_end")]
+    alone = _alone(engine, prompt, max_tokens=30, temperature=0.0)
+    assert [col[0] for col, _ in alone] == expected  # the model really writes the call
+    batcher = BatchingEngine(engine, max_rows=4)
+    try:
+        results: dict = {}
+        threads = [threading.Thread(target=_collect, args=(batcher, prompt, results, i),
+                                    kwargs={"num_samples": 2, "max_tokens": 30, "temperature": 0.0}) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        batcher.close()
+    for i in range(2):
+        assert [col for col, _ in results[i]] == [[t, t] for t in expected]
+        assert [m[0] for _, m in results[i]] == [m[0] for _, m in alone]
+        assert 0 in [m[0] for _, m in results[i]]  # forced tokens carry mask 0
