@@ -31,7 +31,6 @@ BatchingEngine is in use (serving never trains).
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -119,11 +118,8 @@ class BatchingEngine:
         if not 1 <= num_samples <= self.max_rows:
             raise UserError(f"num_samples must be in [1, {self.max_rows}] (the batch's rows), got {num_samples}")
         tokens, max_tokens = engine.fit_prompt(tokens, max_tokens)
-        generator = torch.Generator(device=engine.device)
-        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         request = _Request(tokens, num_samples, max_tokens, use_tools=use_tools, deliver=deliver,
-                           sample={"generator": generator, "temperature": temperature, "top_k": top_k,
-                                   "top_p": top_p, "softcap": engine.softcap})
+                           sample=engine._sampling(seed, temperature, top_k, top_p))
         with self._cond:
             if self._closed:
                 raise RuntimeError("this BatchingEngine is closed")

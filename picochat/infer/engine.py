@@ -98,10 +98,7 @@ class Engine:
         if num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {num_samples}")
         tokens, max_tokens = self.fit_prompt(tokens, max_tokens)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        sample = {"generator": generator, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                  "softcap": self.softcap}
+        sample = self._sampling(seed, temperature, top_k, top_p)
 
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
@@ -132,6 +129,14 @@ class Engine:
             if decode is None and self.lean_decode:
                 decode = DecodeStep(self.model)
             logits = self._last_logits(ids, cache, unembed, decode)  # (B, vocab)
+
+    def _sampling(self, seed: int | None, temperature: float, top_k: int | None, top_p: float | None) -> dict:
+        """sample_next's keyword arguments for one request, with its own generator (seeded with
+        `seed`, or from the OS when None)."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        return {"generator": generator, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "softcap": self.softcap}
 
     def _next_column(self, rows: list[_Row], logits: torch.Tensor, sample: dict, num_samples: int,
                      use_tools: bool) -> tuple[list[int | None], list[int], list[int]]:
