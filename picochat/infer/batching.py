@@ -101,11 +101,21 @@ class BatchingEngine:
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = 42, use_tools: bool = True) -> Iterator[tuple[list[int | None], list[int]]]:
-        """As Engine.generate; closing the iterator early frees the request's rows at the next step."""
+        """As Engine.generate (nothing is queued before the first next()); closing the iterator
+        early frees the request's rows at the next step."""
         columns: queue.SimpleQueue = queue.SimpleQueue()
         request = self.submit(tokens, columns.put, num_samples=num_samples, max_tokens=max_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_tools=use_tools)
-        return self._stream(request, columns)
+        try:
+            while True:
+                item = columns.get()
+                if item is DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True
 
     def submit(self, tokens: list[int], deliver: Callable[[object], bool | None], num_samples: int = 1,
                max_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
@@ -129,19 +139,6 @@ class BatchingEngine:
                 self._thread.start()
             self._cond.notify()
         return request
-
-    @staticmethod
-    def _stream(request: _Request, columns: queue.SimpleQueue) -> Iterator[tuple[list[int | None], list[int]]]:
-        try:
-            while True:
-                item = columns.get()
-                if item is DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            request.cancelled = True
 
     def close(self) -> None:
         """Stop the scheduler thread after its current step (requests still running get an error)."""
