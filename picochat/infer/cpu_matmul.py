@@ -64,17 +64,20 @@ def _build() -> Path | None:
         log.info("no C compiler found: decoding uses torch's matmuls")
         return None
     flags = _flags()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags, platform.machine()]).encode()).hexdigest()[:16]
-    directory = Path(os.environ.get("PICOCHAT_KERNEL_DIR") or home() / "kernels").expanduser()
-    target = directory / f"small_matmul-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent builders each write their own file, and a
-    # reader never sees a half-written library.
-    fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=target.parent)
-    os.close(fd)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, platform.machine()]).encode()).hexdigest()
+    try:
+        directory = Path(os.environ.get("PICOCHAT_KERNEL_DIR") or home() / "kernels").expanduser()
+        target = directory / f"small_matmul-{key[:16]}.so"
+        if target.exists():
+            return target
+        directory.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent builders each write their own file, and
+        # a reader never sees a half-written library.
+        fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=directory)
+        os.close(fd)
+    except OSError as e:  # e.g. a read-only home
+        log.info("no place to build %s (%s): decoding uses torch's matmuls", SOURCE.name, e)
+        return None
     try:
         result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], check=False, capture_output=True,
                                 text=True, timeout=120)

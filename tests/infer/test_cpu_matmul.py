@@ -56,6 +56,14 @@ def test_a_failed_build_falls_back_and_leaves_no_files(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_unwritable_kernel_dir_falls_back(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the directory should be")
+    monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(blocker / "kernels"))
+    monkeypatch.setattr(cpu_matmul, "_compiler", lambda: "/bin/false")
+    assert cpu_matmul._build() is None
+
+
 def test_the_build_is_cached_by_source_and_flags(kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(tmp_path))
     first = cpu_matmul._build()
