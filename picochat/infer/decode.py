@@ -81,14 +81,15 @@ class DecodeStep:
             pos = cache.pos
             cache.room_for(1)
             cos, sin = model.rotary(pos, 1)  # (1, D/2)
-            where, length, mask = pos, pos + 1, None
+            where = (slice(None), slice(None), pos)  # cache [every row, every head, pos]
+            length, mask = pos + 1, None
         else:
             length = int(positions.max()) + 1
             if length > cache.max_len:
                 raise ValueError(f"KV cache overflow: position {length - 1} is past max_len={cache.max_len}")
             cos, sin = model.rotary(0, length)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, D/2)
-            where = (torch.arange(B, device=ids.device), slice(None), positions)  # cache [row b, :, positions[b]]
+            where = (torch.arange(B, device=ids.device), slice(None), positions)  # [row b, every head, positions[b]]
             mask = (torch.arange(length, device=ids.device) <= positions.unsqueeze(1)).view(B, 1, 1, length)
         half = D // 2
         x = self._rms(model.transformer.wte(ids[:, 0]))  # (B, C)
@@ -98,10 +99,7 @@ class DecodeStep:
             x1, x2 = qk[..., :half], qk[..., half:]
             qk = self._rms(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
             keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D)
-            if mask is None:
-                keys[:, :, where], values[:, :, where] = qk[:, H:], v
-            else:
-                keys[where], values[where] = qk[:, H:], v
+            keys[where], values[where] = qk[:, H:], v  # (B, Hk, D) each
             y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys[:, :, :length], values[:, :, :length],
                                                attn_mask=mask, enable_gqa=H != Hk)  # (B, H, 1, D)
             x = x + self.attn_proj[i](y.view(B, H * D))
