@@ -41,6 +41,7 @@ import torch
 from picochat.errors import UserError
 from picochat.infer.decode import DecodeStep
 from picochat.infer.engine import Engine, _Row
+from picochat.infer.sampling import sample_many
 from picochat.infer.unembed import Unembedder
 from picochat.model.kv_cache import KVCache
 
@@ -201,9 +202,13 @@ class BatchingEngine:
         for request in requests:
             if request.cancelled:
                 finished_rows.update(id(row) for row in request.rows)
-                continue
-            column, masks, finished = engine._next_column(request.rows, request.logits, request.sample,
-                                                          request.num_samples, request.use_tools)
+        requests = [r for r in requests if not r.cancelled]
+        drawn = sample_many(torch.cat([r.logits for r in requests]), [(len(r.rows), r.sample) for r in requests])
+        start = 0
+        for request in requests:
+            sampled, start = drawn[start:start + len(request.rows)], start + len(request.rows)
+            column, masks, finished = engine._next_column(request.rows, sampled, request.num_samples,
+                                                          request.use_tools)
             live = [row for r, row in enumerate(request.rows) if r not in finished]
             finished_rows.update(id(request.rows[r]) for r in finished)
             for row in live:
@@ -225,13 +230,15 @@ class BatchingEngine:
         ids = torch.tensor([[s.last_token] for s in self._slots], dtype=torch.long, device=engine.device)
         positions = torch.tensor([s.length for s in self._slots], dtype=torch.long, device=engine.device)
         logits = state["unembed"](state["decode"](ids, cache, positions))  # (B, vocab)
-        index = {id(s.row): b for b, s in enumerate(self._slots)}
         for s in self._slots:
             s.length += 1
-        for request in requests:
-            if request.rows:
-                rows = torch.tensor([index[id(row)] for row in request.rows], device=engine.device)
-                request.logits = logits.index_select(0, rows)
+        # Each request's rows back to back, in its sampling order: one gather, then views.
+        index = {id(s.row): b for b, s in enumerate(self._slots)}
+        live = [r for r in requests if r.rows]
+        order = torch.tensor([index[id(row)] for r in live for row in r.rows], device=engine.device)
+        ordered, start = logits.index_select(0, order), 0
+        for request in live:
+            request.logits, start = ordered[start:start + len(request.rows)], start + len(request.rows)
 
     @staticmethod
     def _hand(request: _Request, item: object) -> bool:

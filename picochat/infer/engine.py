@@ -115,7 +115,8 @@ class Engine:
 
         rows = [_Row(i) for i in range(num_samples)]
         for step in range(max_tokens):
-            column, masks, finished = self._next_column(rows, logits, sample, num_samples, use_tools)
+            sampled = sample_next(logits, **sample).tolist()  # (live rows,)
+            column, masks, finished = self._next_column(rows, sampled, num_samples, use_tools)
             yield column, masks
             if step == max_tokens - 1:
                 break
@@ -138,11 +139,10 @@ class Engine:
         return {"generator": generator, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                 "softcap": self.softcap}
 
-    def _next_column(self, rows: list[_Row], logits: torch.Tensor, sample: dict, num_samples: int,
+    def _next_column(self, rows: list[_Row], sampled: list[int], num_samples: int,
                      use_tools: bool) -> tuple[list[int | None], list[int], list[int]]:
-        """One step of a request: a token per live row (sampled from its logits row, or forced
-        tool output), as (column, masks, indices into `rows` of the rows that just finished)."""
-        sampled = sample_next(logits, **sample).tolist()  # (live rows,)
+        """One step of a request: a token per live row (the one sampled for it, or forced tool
+        output), as (column, masks, indices into `rows` of the rows that just finished)."""
         column: list[int | None] = [None] * num_samples
         masks = [0] * num_samples
         finished: list[int] = []

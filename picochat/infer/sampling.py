@@ -57,3 +57,61 @@ def keep_top_p(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """cap * tanh(logits / cap), exactly as the model's forward computes it; identity for None."""
     return logits if softcap is None else softcap_logits(logits, softcap)
+
+
+def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[int]:
+    """One token per row for several requests at once, each drawn as `sample_next` draws it.
+
+    `logits` (R, vocab) holds the requests' rows back to back: `requests` lists, in that order,
+    (rows, sample_next keyword arguments with the request's own generator). When every request
+    is greedy or uses top-k (the server's default), the whole batch shares one top-k, one softcap,
+    one softmax and one top-p pass, with per-row k, temperature and p; only the draw itself runs
+    per request, from its own generator, so a request's tokens do not depend on the others (up to
+    float rounding in the softmax of its k values). Otherwise each request goes through
+    sample_next on its own rows.
+    """
+    vocab = logits.size(-1)
+    ks = []
+    for _, sample in requests:
+        top_k = sample.get("top_k")
+        if sample["temperature"] <= 0.0:
+            ks.append(1)
+        elif top_k is not None and 0 < top_k < vocab:
+            ks.append(top_k)
+        else:  # a full-vocabulary draw somewhere: request by request
+            return _one_by_one(logits, requests)
+    softcaps = {sample.get("softcap") for _, sample in requests}
+    if len(softcaps) != 1:
+        return _one_by_one(logits, requests)
+    rows_k = torch.tensor([k for (n, _), k in zip(requests, ks, strict=True) for _ in range(n)],
+                          device=logits.device).unsqueeze(1)  # (R, 1)
+    width = max(ks)
+    top_logits, top_ids = torch.topk(logits.float(), width, dim=-1)  # (R, width), sorted descending
+    temperature = torch.tensor([sample["temperature"] if sample["temperature"] > 0.0 else 1.0
+                                for n, sample in requests for _ in range(n)], device=logits.device).unsqueeze(1)
+    scaled = capped(top_logits, softcaps.pop()) / temperature
+    if min(ks) < width:
+        scaled = scaled.masked_fill(torch.arange(width, device=logits.device) >= rows_k, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    top_ps = [sample.get("top_p") for _, sample in requests]
+    if any(p is not None and p < 1.0 for p in top_ps):
+        p = torch.tensor([q if q is not None and q < 1.0 else float("inf") for (n, _), q in zip(requests, top_ps, strict=True)
+                          for _ in range(n)], device=logits.device).unsqueeze(1)
+        probs = keep_top_p(probs, p)
+    choices, start = [], 0
+    for (n, sample), k in zip(requests, ks, strict=True):
+        if sample["temperature"] <= 0.0:
+            choices.append(torch.zeros(n, 1, dtype=torch.long, device=logits.device))  # the argmax: first of the top-k
+        else:
+            # exactly its k columns: how multinomial consumes the generator depends on the width
+            choices.append(torch.multinomial(probs[start:start + n, :k], 1, generator=sample["generator"]))
+        start += n
+    return top_ids.gather(-1, torch.cat(choices)).squeeze(-1).tolist()
+
+
+def _one_by_one(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[int]:
+    tokens, start = [], 0
+    for n, sample in requests:
+        tokens += sample_next(logits[start:start + n], **sample).tolist()
+        start += n
+    return tokens

@@ -11,6 +11,7 @@ from picochat.errors import UserError
 from picochat.infer import Engine
 from picochat.infer.batching import BatchingEngine
 from picochat.infer.decode import DecodeStep
+from picochat.infer.sampling import sample_many, sample_next
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.model.kv_cache import KVCache
 
@@ -46,6 +47,29 @@ def test_rows_at_their_own_positions_equal_each_row_alone(matmul_kernel):
             step(ids, shared, torch.tensor([19, 20, 3]))
 
 
+def test_batched_draws_equal_request_by_request_draws():
+    """sample_many shares top-k / softcap / softmax / top-p across requests, draws per request."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 500, generator=generator) * 4
+    settings = [(1, {"temperature": 0.0, "top_k": None}), (3, {"temperature": 0.8, "top_k": 50}),
+                (2, {"temperature": 1.3, "top_k": 5, "top_p": 0.7}), (1, {"temperature": 1.0, "top_k": 499})]
+    def requests(seed):
+        return [(n, {**s, "generator": torch.Generator().manual_seed(seed * 10 + i), "softcap": 15.0})
+                for i, (n, s) in enumerate(settings)]
+
+    for seed in range(5):
+        alone, start = [], 0
+        for n, sample in requests(seed):
+            alone += sample_next(logits[start:start + n], **sample).tolist()
+            start += n
+        assert sample_many(logits, requests(seed)) == alone
+    full = [(2, {"temperature": 1.0, "generator": torch.Generator().manual_seed(1)}),
+            (5, {"temperature": 0.5, "top_k": 3, "generator": torch.Generator().manual_seed(2)})]
+    expected = sample_next(logits[:2], **full[0][1]).tolist()
+    full[0][1]["generator"].manual_seed(1)
+    assert sample_many(logits, full)[:2] == expected  # a full-vocabulary request: request by request
+
+
 def _alone(engine, prompt, **kwargs):
     return [(list(col), list(masks)) for col, masks in engine.generate(prompt, **kwargs)]
 
@@ -57,9 +81,10 @@ def _collect(batcher, prompt, results, key, **kwargs):
 REQUESTS = {  # prompt text, generate() arguments
     "greedy": ("Hello there! How are", {"max_tokens": 30, "temperature": 0.0}),
     "sampled": ("The quick brown fox", {"max_tokens": 25, "temperature": 1.0, "top_k": 20, "seed": 7}),
-    "three": ("Numbers like 12 and", {"num_samples": 3, "max_tokens": 20, "temperature": 0.9, "seed": 3}),
-    "nucleus": ("I am fine", {"max_tokens": 12, "temperature": 0.7, "top_p": 0.9, "seed": 11}),
-    "short": ("Hello", {"max_tokens": 4, "temperature": 0.0}),
+    "three": ("Numbers like 12 and", {"num_samples": 3, "max_tokens": 20, "temperature": 0.9, "top_k": 50,
+                                      "seed": 3}),
+    "nucleus": ("I am fine", {"max_tokens": 24, "temperature": 0.7, "top_k": 8, "top_p": 0.9, "seed": 11}),
+    "full": ("Hello", {"max_tokens": 6, "temperature": 1.0, "seed": 5}),  # whole vocabulary: drawn on its own
 }
 
 
