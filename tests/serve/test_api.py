@@ -202,6 +202,34 @@ def test_client_disconnect_stops_generation(checkpoint_home):
         assert len(produced) < 60
 
 
+def test_client_disconnect_frees_its_batch_rows(checkpoint_home):
+    from picochat.infer.batching import BatchingEngine
+    from picochat.serve.commands import build_app
+
+    app, _ = build_app(serve_args("--max-batch", "4", "--device", "cpu"))
+    batcher = app.state.pool.engines[0]
+    assert isinstance(batcher, BatchingEngine)
+    steps = []
+    real_iterate = batcher._iterate
+
+    def slow_iterate(admit, state):  # ~10 ms per step, so 100 tokens would take a second
+        steps.append(len(batcher._slots))
+        time.sleep(0.01)
+        real_iterate(admit, state)
+
+    batcher._iterate = slow_iterate
+    with ServerThread(app) as srv:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True, "temperature": 1.0,
+                "n": 2, "seed": 3}  # seeded: neither choice ends on its own within the test
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+        wait_for(lambda: httpx.get(f"{srv.url}/health").json()["busy"] == 0)
+        wait_for(lambda: not batcher._slots)  # both rows freed
+        assert app.state.cancelled == 1 and len(steps) < 60
+
+
 def test_pool_refuses_beyond_its_queue():
     async def main():
         pool = WorkerPool([object()], max_queue=1)
