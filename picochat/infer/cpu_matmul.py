@@ -40,6 +40,7 @@ from picochat.runtime import home
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_matmul.c")
+PANELS_PER_THREAD = 8
 MAX_ROWS = 16  # beyond this the products are large enough for BLAS (and PackedLinear defers to it)
 
 
@@ -162,6 +163,9 @@ class PackedLinear:
             return F.linear(x, self.weight)
         x = x.contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
+        # at least PANELS_PER_THREAD panels per thread: waking many cores for a small matrix costs
+        # more than it saves (on 2 cores every decode matrix here still gets both)
+        threads = max(1, min(torch.get_num_threads(), self.packed.size(0) // PANELS_PER_THREAD))
         self.lib.picochat_small_matmul(x.data_ptr(), rows, self.in_features, self.packed.data_ptr(),
-                                       self.out_features, out.data_ptr(), torch.get_num_threads())
+                                       self.out_features, out.data_ptr(), threads)
         return out
