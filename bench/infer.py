@@ -27,6 +27,9 @@ import threading
 import time
 from pathlib import Path
 
+import picochat  # noqa: F401 - before torch: sets the OpenMP environment torch's runtime reads as it loads
+
+# isort: split
 import torch
 
 from picochat.infer import Engine

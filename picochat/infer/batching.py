@@ -141,11 +141,15 @@ class BatchingEngine:
             self._cond.notify()
         return request
 
-    def close(self) -> None:
-        """Stop the scheduler thread after its current step (requests still running get an error)."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler thread after its current step and wait for it (requests still
+        running get an error), so no decode step is left running while the process exits."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     # ---- the scheduler thread ----
 

@@ -15,6 +15,7 @@ the web page, in each chunk's extra `delta.picochat` = {"type": "text"|"python"|
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -45,7 +46,12 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
     limits, defaults = limits or Limits(), defaults or Defaults()
     model_ids = (model_id, "picochat")
     created = int(time.time())
-    app = FastAPI(title="picochat", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        pool.shutdown()  # the server stops: end the generation threads before the process exits
+
+    app = FastAPI(title="picochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.pool = pool
     app.state.cancelled = 0  # generations stopped because the client went away
 

@@ -230,6 +230,20 @@ def test_client_disconnect_frees_its_batch_rows(checkpoint_home):
         assert app.state.cancelled == 1 and len(steps) < 60
 
 
+def test_stopping_the_server_stops_the_batch_thread(checkpoint_home):
+    from fastapi.testclient import TestClient
+
+    from picochat.serve.commands import build_app
+
+    app, _ = build_app(serve_args("--device", "cpu"))
+    batcher = app.state.pool.engines[0]
+    with TestClient(app) as http:  # runs the app's lifespan, as uvicorn does
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        assert batcher._thread.is_alive()
+    assert not batcher._thread.is_alive()  # no decode step left running while the process exits
+
+
 def test_pool_refuses_beyond_its_queue():
     async def main():
         pool = WorkerPool([object()], max_queue=1)
