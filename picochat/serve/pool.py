@@ -4,9 +4,10 @@ Each worker is an Engine (one model replica per GPU; on CPU, N engines share one
 read-only at inference). Where the engine supports continuous batching (a picochat GPT in fp32 on
 the CPU), a worker is a BatchingEngine instead, handed out to `max_batch` requests at once that
 share its decode steps (`serving_pool`). A request takes a free handle, waiting in a bounded
-queue; when the queue is full the server answers 503 with Retry-After instead of piling up work. Generation runs in a
-thread (torch releases the GIL), sending events back to the event loop, which stays free to serve
-other requests; a cancel flag set when the client goes away stops it within one decode step.
+queue; when the queue is full the server answers 503 with Retry-After instead of piling up work.
+Generation runs in a thread (torch releases the GIL), sending events back to the event loop,
+which stays free to serve other requests; a cancel flag set when the client goes away stops it
+within one decode step.
 """
 
 from __future__ import annotations
