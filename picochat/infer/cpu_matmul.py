@@ -15,8 +15,8 @@ in brackets):
 could be built and loaded. It is compiled with the system's C compiler (`$CC`, else cc / gcc /
 clang) into $PICOCHAT_KERNEL_DIR (default $PICOCHAT_HOME/kernels) once per source, compiler and
 flags, and checked against torch before first use. Where there is no compiler, or the build or
-that check fails, or PICOCHAT_CPU_KERNEL=0, available() is False and the callers keep torch's
-matmuls: slower, same results. (The batch-1 column "256 x 768" is within noise of torch; the
+that check fails (each said in one warning line), or PICOCHAT_CPU_KERNEL=0, available() is
+False and the callers keep torch's matmuls: slower, same results. (The batch-1 column "256 x 768" is within noise of torch; the
 gain there is in the larger matrices and the unembedding.)
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -36,9 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from picochat.runtime import home
+from picochat.runtime import home, warn
 
-log = logging.getLogger(__name__)
+FALLBACK = "CPU decoding uses torch's matmuls (1.2-1.5x slower at small batch)"
 
 SOURCE = Path(__file__).with_name("small_matmul.c")
 PANELS_PER_THREAD = 8
@@ -63,7 +62,7 @@ def _build() -> Path | None:
     """The compiled library's path (compiling it if needed), or None with the reason logged."""
     compiler = _compiler()
     if compiler is None:
-        log.info("no C compiler found: decoding uses torch's matmuls")
+        warn(f"no C compiler found (cc, gcc, clang or $CC): {FALLBACK}")
         return None
     flags = _flags()
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, platform.machine()]).encode()).hexdigest()
@@ -78,19 +77,19 @@ def _build() -> Path | None:
         fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=directory)
         os.close(fd)
     except OSError as e:  # e.g. a read-only home
-        log.info("no place to build %s (%s): decoding uses torch's matmuls", SOURCE.name, e)
+        warn(f"no place to build {SOURCE.name} ({e}): {FALLBACK}")
         return None
     try:
         result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], check=False, capture_output=True,
                                 text=True, timeout=120)
         if result.returncode != 0:
-            log.info("could not compile %s (%s): decoding uses torch's matmuls", SOURCE.name,
-                     (result.stderr.strip().splitlines() or ["no message"])[-1])
+            last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            warn(f"could not compile {SOURCE.name} ({last_line}): {FALLBACK}")
             return None
         os.replace(partial, target)
         return target
     except (OSError, subprocess.SubprocessError) as e:
-        log.info("could not compile %s (%s): decoding uses torch's matmuls", SOURCE.name, e)
+        warn(f"could not compile {SOURCE.name} ({e}): {FALLBACK}")
         return None
     finally:
         if os.path.exists(partial):
@@ -107,14 +106,14 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        log.info("could not load %s (%s): decoding uses torch's matmuls", path, e)
+        warn(f"could not load {path} ({e}): {FALLBACK}")
         return None
     lib.picochat_small_matmul.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                           ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.picochat_small_matmul.restype = None
     lib.picochat_panel_width.restype = ctypes.c_int
     if not _agrees_with_torch(lib):
-        log.warning("%s disagrees with torch on a test product: decoding uses torch's matmuls", path)
+        warn(f"{path} disagrees with torch on a test product: {FALLBACK}")
         return None
     return lib
 

@@ -49,11 +49,12 @@ def test_the_packed_copy_is_a_copy(kernel):
     torch.testing.assert_close(linear(x), before)
 
 
-def test_a_failed_build_falls_back_and_leaves_no_files(tmp_path, monkeypatch):
+def test_a_failed_build_falls_back_and_leaves_no_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_matmul, "_compiler", lambda: "/bin/false")
     assert cpu_matmul._build() is None
     assert list(tmp_path.iterdir()) == []
+    assert "warning: could not compile small_matmul.c" in capsys.readouterr().err
 
 
 def test_an_unwritable_kernel_dir_falls_back(tmp_path, monkeypatch):
