@@ -200,14 +200,14 @@ class BatchingEngine:
             self._prefill(request, cache, state["unembed"])
 
         # Sample every request's next token, from its rows' logits, as Engine.generate does.
-        requests = list({id(s.request): s.request for s in self._slots}.values())
+        in_batch = list({id(s.request): s.request for s in self._slots}.values())
+        requests = [r for r in in_batch if not r.cancelled]
         slot_of = {id(s.row): s for s in self._slots}
-        finished_rows: set[int] = set()  # ids of _Row objects that are done
-        for request in requests:
-            if request.cancelled:
-                finished_rows.update(id(row) for row in request.rows)
-        requests = [r for r in requests if not r.cancelled]
-        drawn = sample_many(torch.cat([r.logits for r in requests]), [(len(r.rows), r.sample) for r in requests])
+        # ids of the _Row objects that are done: those of abandoned requests, and those that end below
+        finished_rows = {id(row) for r in in_batch if r.cancelled for row in r.rows}
+        drawn = []
+        if requests:
+            drawn = sample_many(torch.cat([r.logits for r in requests]), [(len(r.rows), r.sample) for r in requests])
         start = 0
         for request in requests:
             sampled, start = drawn[start:start + len(request.rows)], start + len(request.rows)

@@ -63,7 +63,8 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
     """One token per row for several requests at once, each drawn as `sample_next` draws it.
 
     `logits` (R, vocab) holds the requests' rows back to back: `requests` lists, in that order,
-    (rows, sample_next keyword arguments with the request's own generator). When every request
+    (rows, sample_next keyword arguments with the request's own generator); they come from one
+    model, so they share its softcap. When every request
     is greedy or uses top-k (the server's default), the whole batch shares one top-k, one softcap,
     one softmax and one top-p pass, with per-row k, temperature and p; only the draw itself runs
     per request, from its own generator, so a request's tokens do not depend on the others (up to
@@ -80,17 +81,14 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
             ks.append(top_k)
         else:  # a full-vocabulary draw somewhere: request by request
             return _one_by_one(logits, requests)
-    softcaps = {sample.get("softcap") for _, sample in requests}
-    if len(softcaps) != 1:
-        return _one_by_one(logits, requests)
-    rows_k = torch.tensor([k for (n, _), k in zip(requests, ks, strict=True) for _ in range(n)],
-                          device=logits.device).unsqueeze(1)  # (R, 1)
     width = max(ks)
     top_logits, top_ids = torch.topk(logits.float(), width, dim=-1)  # (R, width), sorted descending
     temperature = torch.tensor([sample["temperature"] if sample["temperature"] > 0.0 else 1.0
                                 for n, sample in requests for _ in range(n)], device=logits.device).unsqueeze(1)
-    scaled = capped(top_logits, softcaps.pop()) / temperature
-    if min(ks) < width:
+    scaled = capped(top_logits, requests[0][1].get("softcap")) / temperature  # one model: one softcap
+    if min(ks) < width:  # each row keeps its own k best
+        rows_k = torch.tensor([k for (n, _), k in zip(requests, ks, strict=True) for _ in range(n)],
+                              device=logits.device).unsqueeze(1)  # (R, 1)
         scaled = scaled.masked_fill(torch.arange(width, device=logits.device) >= rows_k, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     top_ps = [sample.get("top_p") for _, sample in requests]

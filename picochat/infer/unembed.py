@@ -14,7 +14,7 @@ batch 8 with the weight cold in cache, against the best of these at 1.9 and 2.8 
 up to its MAX_ROWS reads a copy of the weight packed for it. Without the kernel, batch 1 reads
 a contiguous transposed copy of the weight and larger batches multiply the weight by the
 transposed hidden states. All compute the same sums as F.linear (up to float
-summation order). The copy lives as long as one generation (an `Unembedder` per request): the
+summation order). A copy lives as long as one generation (an `Unembedder` per request): the
 weights may change between requests (RL trains between generations, and fused optimisers do
 not bump tensor version counters, so a longer-lived cache could go stale unnoticed). It is made
 at the second call, i.e. after the prefill has produced the first token, and costs about as
@@ -50,8 +50,7 @@ class Unembedder:
         self.transposed: torch.Tensor | None = None  # (C, V) contiguous, made on demand
         self.packed: PackedLinear | None = None  # the kernel's copy, made on demand
         self.use_kernel = cpu_matmul.available()
-        self.calls = 0
-        self.batch1_calls = 0
+        self.calls = 0  # copies are made from the second call on (the first is the prefill's)
         # The copy costs the weight's size in memory for the generation; skipped for large vocab x width.
         self.copy_allowed = weight.numel() * weight.element_size() <= MAX_COPY_BYTES
 
@@ -66,8 +65,7 @@ class Unembedder:
             if self.packed is not None:
                 return self.packed(hidden)  # (B, V)
         if hidden.size(0) == 1:
-            self.batch1_calls += 1
-            if self.transposed is None and self.batch1_calls >= 2 and self.copy_allowed:
+            if self.transposed is None and self.calls >= 2 and self.copy_allowed:
                 self.transposed = self.weight.detach().t().contiguous()
             if self.transposed is not None:
                 return hidden @ self.transposed  # (1, V)
