@@ -153,7 +153,7 @@ class PackedLinear:
             if panels * panel != self.out_features:
                 padded = F.pad(self.weight, (0, 0, 0, panels * panel - self.out_features))
             # (panels, K, panel): panel p, depth j, column c holds weight[p * panel + c, j]
-            self.packed = padded.view(panels, panel, self.in_features).transpose(1, 2).contiguous()
+            self.packed = padded.reshape(panels, panel, self.in_features).transpose(1, 2).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.size(1) != self.in_features:
