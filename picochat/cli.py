@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from picochat.errors import UserError
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("picochat.train.sft", "supervised fine-tuning on padded conversations (assistant tokens only)"),
     "rl": ("picochat.train.rl", "reinforcement learning on math word problems (GRPO-style, calculator tool live)"),
     "chat-eval": ("picochat.eval.chat_eval", "MMLU, ARC, GSM8K, HumanEval, SpellingBee accuracy and ChatCORE of a chat checkpoint"),
+    "plan": ("picochat.plan", "will a run fit on a GPU, how long will it take, what will it cost (memory per term)"),
     "speedrun": ("picochat.speedrun", "the whole pipeline in one command: data -> ... -> SFT -> report (resumable)"),
     "chat": ("picochat.chat_cli", "chat with a checkpoint in the terminal (streaming, /help for commands)"),
     "serve": ("picochat.serve.commands", "web chat UI and OpenAI-compatible API on 127.0.0.1 (FastAPI + uvicorn)"),
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # An error every rank of a distributed run raises together is printed once, by rank 0.
+        if not getattr(e, "all_ranks", False) or os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,7 +3,10 @@
     picochat base-train --preset cpu                      # ~15 min on a laptop
     torchrun --standalone --nproc_per_node=8 -m picochat base-train --preset d20
 
-Horizon, in order of precedence: --num-iterations, --target-flops, --target-param-data-ratio.
+Horizon, in order of precedence: --time-budget (steps that fit in that many minutes at the
+throughput measured over the first steps), --num-iterations, --target-flops,
+--target-param-data-ratio. Before anything is allocated, the memory estimate of
+`picochat plan` must fit the device (--no-plan-check skips it).
 Checkpoints go to $PICOCHAT_HOME/checkpoints/base/<tag>/ (tag defaults to d<depth>).
 """
 
@@ -16,6 +19,7 @@ import torch
 
 from picochat.config import add_preset_argument, resolve
 from picochat.errors import ConfigError
+from picochat.plan import add_plan_check_argument, explain_batch_divisibility
 
 DEFAULTS = {
     "depth": 20, "aspect_ratio": 64, "head_dim": 128, "n_kv_head": None, "max_seq_len": 2048,
@@ -24,6 +28,7 @@ DEFAULTS = {
     "embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02, "weight_decay": 0.0,
     "warmup_steps": 0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, "momentum_warmup_steps": 300,
     "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "save_every": -1, "keep_last": 2,
+    "save_every_minutes": -1.0, "time_budget": -1.0,
     "vocab_size": None, "max_chars": None, "doc_cap": None,  # tokenizer keys shared by presets; unused here
 }
 
@@ -39,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batch and horizon")
     g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per process")
     g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step (all processes, all micro-batches)")
+    g.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="train for this many minutes: the horizon is set from the first steps' throughput, "
+                   "then fixed (and kept on --resume); overrides the three below")
     g.add_argument("--num-iterations", type=int, help="optimiser steps (overrides the two below)")
     g.add_argument("--target-flops", type=float, help="training FLOPs budget")
     g.add_argument("--target-param-data-ratio", type=float, help="tokens per scaling parameter (Chinchilla: 20)")
@@ -56,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-tokens", type=int, help="val tokens per bpb evaluation")
     g.add_argument("--sample-every", type=int, help="greedy samples from fixed prompts every N steps")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (<=0: at the end only)")
+    g.add_argument("--save-every-minutes", type=float,
+                   help="also checkpoint when this many minutes of wall time passed since the last save (<=0: off)")
     g.add_argument("--keep-last", type=int, help="keep this many newest checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this tag")
     g.add_argument("--tag", default=None, help="run name under checkpoints/base/ (default d<depth>)")
@@ -68,17 +78,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (auto: on for CUDA)")
     g.add_argument("--seed", type=int, default=42, help="seed for weights and everything random")
     g.add_argument("--wandb", default=None, metavar="RUN", help="log to Weights & Biases under this run name")
+    add_plan_check_argument(g)
 
 
 def compute_horizon(args, model, world_size: int) -> tuple[int, int]:
-    """(num_iterations, grad_accum_steps) from the flags."""
-    tokens_per_micro = args.device_batch_size * args.max_seq_len * world_size
-    if args.total_batch_size % tokens_per_micro != 0:
-        raise ConfigError(
-            f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size*max_seq_len*world "
-            f"= {args.device_batch_size}*{args.max_seq_len}*{world_size} = {tokens_per_micro}"
-        )
-    grad_accum = args.total_batch_size // tokens_per_micro
+    """(num_iterations, grad_accum_steps) from the flags; with a time budget the loop sets the horizon."""
+    grad_accum = check_batch(args, world_size)
+    if args.time_budget and args.time_budget > 0:
+        return -1, grad_accum
     if args.num_iterations and args.num_iterations > 0:
         return args.num_iterations, grad_accum
     if args.target_flops and args.target_flops > 0:
@@ -92,8 +99,34 @@ def compute_horizon(args, model, world_size: int) -> tuple[int, int]:
     return n, grad_accum
 
 
+def check_batch(args, world_size: int) -> int:
+    """Micro-batches per step, or a ConfigError naming the flag to change for this world size."""
+    problem = explain_batch_divisibility(args.total_batch_size, args.device_batch_size, args.max_seq_len,
+                                         world_size, "--total-batch-size")
+    if problem:
+        raise ConfigError(problem)
+    return args.total_batch_size // (args.device_batch_size * args.max_seq_len * world_size)
+
+
+def check_memory(args, config, world, compiled: bool, dtype) -> None:
+    """The plan's memory estimate must fit this device; else name --device-batch-size and a value that fits."""
+    import torch
+
+    from picochat.plan import Shape, check_fits, valid_batches
+
+    if args.no_plan_check:
+        return
+    shape = Shape.from_config(config, args.device_batch_size, world_size=world.world_size, compiled=compiled,
+                              bf16=dtype != torch.float32)
+    check_fits(shape, world.device, "--device-batch-size",
+               valid_batches(args.total_batch_size, args.max_seq_len, world.world_size))
+
+
 def run(args: argparse.Namespace) -> int:
     resolve(args, DEFAULTS)
+    from picochat.train.mfu import use_expandable_segments
+
+    use_expandable_segments()  # before CUDA is initialised
     from picochat.data.loader import PackedLoader
     from picochat.data.shards import default_data_dir, list_shards
     from picochat.eval.bpb import evaluate_bpb
@@ -111,17 +144,21 @@ def run(args: argparse.Namespace) -> int:
     )
     from picochat.tokenizer import Tokenizer
     from picochat.train import checkpoint as ckpt
-    from picochat.train.loop import LoopConfig, Trainer, wandb_logger
+    from picochat.train.loop import LoopConfig, Trainer, newest_step, verify_shared_home, wandb_logger
     from picochat.train.schedules import muon_momentum, warmup_constant_warmdown
 
     world = init_distributed(args.device)
     try:
+        verify_shared_home(world)
         dtype = pick_dtype(world.device, args.dtype)
         seed_everything(args.seed)
         tokenizer = Tokenizer.load(args.tokenizer_dir or home() / "tokenizer")
         train_files, val_file = list_shards(args.data_dir or default_data_dir())
         config = GPTConfig.from_depth(args.depth, tokenizer.vocab_size, aspect_ratio=args.aspect_ratio,
                                       head_dim=args.head_dim, max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head)
+        compiled = args.compile == "on" or (args.compile == "auto" and world.device.type == "cuda")
+        check_batch(args, world.world_size)
+        check_memory(args, config, world, compiled, dtype)
         model = build_model(config, world.device)
         broadcast_parameters(model)
         num_iterations, grad_accum = compute_horizon(args, model, world.world_size)
@@ -129,14 +166,18 @@ def run(args: argparse.Namespace) -> int:
         log0(f"model: {json.dumps(config.to_dict())}")
         log0(f"params {model.num_params():,} (scaling {model.num_scaling_params():,}) | "
              f"flops/token {model.flops_per_token():.3e} | dtype {dtype} | device {world.device} | world {world.world_size}")
-        log0(f"horizon: {num_iterations} steps x {args.total_batch_size:,} tokens = "
-             f"{num_iterations * args.total_batch_size:,} tokens "
-             f"({num_iterations * args.total_batch_size / model.num_scaling_params():.1f} tokens/param), "
-             f"grad accum {grad_accum}")
+        if num_iterations > 0:
+            log0(f"horizon: {num_iterations} steps x {args.total_batch_size:,} tokens = "
+                 f"{num_iterations * args.total_batch_size:,} tokens "
+                 f"({num_iterations * args.total_batch_size / model.num_scaling_params():.1f} tokens/param), "
+                 f"grad accum {grad_accum}")
+        else:
+            log0(f"horizon: what fits in --time-budget {args.time_budget:g} min, set after the first steps; "
+                 f"{args.total_batch_size:,} tokens per step, grad accum {grad_accum}")
         optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                       unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
         train_model = model
-        if args.compile == "on" or (args.compile == "auto" and world.device.type == "cuda"):
+        if compiled:
             train_model = torch.compile(model, dynamic=False)
         batches = PackedLoader(train_files, tokenizer, args.device_batch_size, args.max_seq_len,
                                world.rank, world.world_size, world.device)
@@ -161,13 +202,14 @@ def run(args: argparse.Namespace) -> int:
 
         loop_cfg = LoopConfig(stage="base", tag=tag, num_iterations=num_iterations, grad_accum_steps=grad_accum,
                               tokens_per_step=args.total_batch_size, eval_every=args.eval_every,
-                              sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last)
+                              sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last,
+                              save_every_minutes=args.save_every_minutes, time_budget_s=60 * args.time_budget)
         fingerprint = {"data_dir": str(train_files[0].parent), "train_files": [f.name for f in train_files],
                        "val_file": val_file.name}
         trainer = Trainer(
             model, optimizers, batches, loop_cfg, world, tokenizer,
-            lr_multiplier=lambda s: warmup_constant_warmdown(s, num_iterations, args.warmup_steps,
-                                                             args.warmdown_ratio, args.final_lr_frac),
+            lr_multiplier=lambda s, n: warmup_constant_warmdown(s, n, args.warmup_steps, args.warmdown_ratio,
+                                                                args.final_lr_frac),
             momentum=lambda s: muon_momentum(s, args.momentum_warmup_steps),
             evaluate=evaluate,
             sample=sample if args.sample_every != 0 else None,
@@ -176,9 +218,9 @@ def run(args: argparse.Namespace) -> int:
             run_meta={"data": fingerprint, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}},
         )
         if args.resume:
-            steps = ckpt.list_steps(ckpt.run_dir("base", tag))
-            if steps:
-                trainer.resume(ckpt.run_dir("base", tag) / f"step_{steps[-1]}")
+            step = newest_step("base", tag, world)  # decided once, on rank 0
+            if step is not None:
+                trainer.resume(ckpt.run_dir("base", tag) / f"step_{step}")
             else:
                 log0(f"--resume: no checkpoint under {ckpt.run_dir('base', tag)} yet; starting fresh")
         result = trainer.run()

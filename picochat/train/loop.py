@@ -10,6 +10,22 @@ Definitions (logged): a *step* is one optimiser update over `grad_accum_steps`
 micro-batches on every rank. The run has `num_iterations` steps; the loop runs
 steps 0..num_iterations-1 and then evaluates and saves once more at
 step == num_iterations.
+
+Numbers in the step line: tok/s counts the tokens of every rank (for padded SFT rows the
+real, non-pad tokens); MFU is those tokens' FLOP/s over world size * one device's peak;
+mem is this process's peak memory (see `picochat.train.mfu.peak_memory_bytes`).
+
+Agreement across ranks: once per step, after the backward and before the optimiser step,
+one all-reduce carries the Ctrl-C flag, the "a wall-clock save is due" flag and the
+"my loss is not finite" flag. So a NaN on any rank skips the update on every rank, every
+rank saves (a collective) and every rank stops with the same error, instead of one rank
+saving while the others wait in another collective.
+
+Time budget (`time_budget_s` > 0): the horizon is unknown at the start; the first steps run
+with the schedule of an endless run (UNFIXED_HORIZON), their throughput is measured, and the
+horizon is then fixed (agreed as the minimum over ranks) so that the loop ends when the
+budget is spent. The fixed horizon is saved in every checkpoint, so a resumed run keeps it
+and reproduces the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -28,10 +44,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from picochat.errors import ConfigError, UserError
 from picochat.optim.distributed import sync_gradients
-from picochat.runtime import Dist, log0
+from picochat.runtime import Dist, home, log0
 from picochat.train import checkpoint as ckpt
-from picochat.train.mfu import peak_flops
+from picochat.train.mfu import mfu_percent, peak_flops, peak_memory_bytes
+
+# The horizon the schedule sees while a time-budgeted run measures its throughput: far
+# enough that no schedule has started its decay.
+UNFIXED_HORIZON = 2**31
+
+
+class NonFiniteLossError(UserError):
+    """The loss was NaN or inf on some rank; every rank raises it, the CLI prints it once."""
+
+    all_ranks = True
 
 
 @dataclass
@@ -44,10 +71,13 @@ class LoopConfig:
     eval_every: int = -1  # <= 0: only at the end
     sample_every: int = -1
     save_every: int = -1  # <= 0: only at the end
+    save_every_minutes: float = -1.0  # > 0: also save when this much wall time passed since the last save
     keep_last: int = 2
     grad_clip: float = 0.0
     log_every: int = 1
     loss_weighting: str = "mean"  # "mean": average micro-batch means; "tokens": weight by supervised tokens
+    time_budget_s: float = -1.0  # > 0: the horizon comes from throughput (num_iterations is ignored)
+    budget_measure_steps: int = 8  # timed steps measured before a time budget fixes the horizon
     extra_meta: dict = field(default_factory=dict)
 
 
@@ -88,6 +118,68 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def verify_shared_home(world: Dist) -> None:
+    """Every rank must see the same $PICOCHAT_HOME (a shared filesystem on many nodes).
+
+    Rank 0 writes a random nonce file, every rank reads it back after a barrier, and the
+    verdict is agreed by all-reduce, so a node with its own home fails at once on every
+    rank with the same message instead of training on different checkpoints.
+    """
+    if not world.enabled:
+        return
+    import secrets
+
+    nonce = [secrets.token_hex(8) if world.is_main else None]
+    dist.broadcast_object_list(nonce)
+    probe = home() / ".world-check" / f"{nonce[0]}.txt"
+    if world.is_main:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(nonce[0])
+    dist.barrier()
+    try:
+        seen = probe.read_text() == nonce[0]
+    except OSError:
+        seen = False
+    bad = torch.tensor([0 if seen else 1], device=world.device)
+    dist.all_reduce(bad)
+    dist.barrier()  # everyone has read the probe before rank 0 removes it
+    if world.is_main:
+        probe.unlink(missing_ok=True)
+    if bad.item():
+        raise ConfigError(
+            f"{int(bad.item())} of {world.world_size} processes do not see the file rank 0 wrote under "
+            f"$PICOCHAT_HOME ({home()} on rank 0): every node needs the same PICOCHAT_HOME on a shared "
+            "filesystem (checkpoints, data and the tokenizer are read from there)")
+
+
+def newest_step(stage: str, tag: str, world: Dist) -> int | None:
+    """The newest complete checkpoint step of a run, decided on rank 0 and broadcast to all ranks."""
+    steps = [ckpt.list_steps(ckpt.run_dir(stage, tag)) if world.is_main else None]
+    if world.enabled:
+        dist.broadcast_object_list(steps)
+    return steps[0][-1] if steps[0] else None
+
+
+@dataclass
+class StepOutcome:
+    """What one step produced, with the flags all ranks agreed on."""
+
+    loss: float  # this rank's loss
+    supervised_tokens: int  # this step's target tokens (all ranks when weighting by tokens)
+    stop: bool  # Ctrl-C on some rank
+    save_due: bool  # the wall-clock save interval passed on some rank
+    nonfinite_ranks: int  # ranks whose loss was NaN or inf
+    tokens: int  # real (non-pad) input tokens of the step, all ranks
+
+
+def _with_token_count(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(inputs, targets, real tokens): a padded batch says how many; otherwise every input counts."""
+    if len(batch) == 3:
+        return batch
+    x, y = batch
+    return x, y, x.numel()
+
+
 def _gather(obj: Any, world: Dist) -> list:
     if not world.enabled:
         return [obj]
@@ -97,7 +189,12 @@ def _gather(obj: Any, world: Dist) -> list:
 
 
 class Trainer:
-    """Runs one stage's optimisation. `batches` yields (inputs, targets) and has state_dict()."""
+    """Runs one stage's optimisation.
+
+    `batches` yields (inputs, targets), or (inputs, targets, real_tokens) when rows are padded,
+    and has state_dict(). `lr_multiplier(step, num_iterations)` and `momentum(step)` schedule
+    the optimisers.
+    """
 
     def __init__(
         self,
@@ -107,7 +204,7 @@ class Trainer:
         config: LoopConfig,
         world: Dist,
         tokenizer,
-        lr_multiplier: Callable[[int], float],
+        lr_multiplier: Callable[[int, int], float],
         momentum: Callable[[int], float] | None = None,
         evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
         sample: Callable[[torch.nn.Module, int], None] | None = None,
@@ -133,6 +230,10 @@ class Trainer:
         self.step = 0
         self.smooth_loss = 0.0
         self.train_time = 0.0  # seconds spent in timed steps (excludes the first steps: warm-up/compile)
+        self.elapsed_s = 0.0  # wall time of the loop over every run of this training (for a time budget)
+        self.horizon_fixed = config.time_budget_s <= 0
+        self._last_save = time.time()
+        self.num_iterations = config.num_iterations if self.horizon_fixed else UNFIXED_HORIZON
         self.metrics: dict = {}
         self.ckpt_dir = ckpt.run_dir(config.stage, config.tag)
         self.log_path = ckpt.checkpoints_root().parent / "logs" / f"{config.stage}-{config.tag}.jsonl"
@@ -147,7 +248,9 @@ class Trainer:
         return {
             "step": self.step,
             "optimizers": [o.state_dict() for o in self.optimizers],
-            "loop": {"smooth_loss": self.smooth_loss, "train_time": self.train_time, "metrics": self.metrics},
+            "loop": {"smooth_loss": self.smooth_loss, "train_time": self.train_time, "metrics": self.metrics,
+                     "num_iterations": self.num_iterations, "horizon_fixed": self.horizon_fixed,
+                     "elapsed_s": self.elapsed_s},
             "world_size": self.world.world_size,
             "per_rank": _gather({"loader": self.batches.state_dict(), "rng": _rng_state()}, self.world),
         }
@@ -179,13 +282,20 @@ class Trainer:
         self.smooth_loss = state["loop"]["smooth_loss"]
         self.train_time = state["loop"]["train_time"]
         self.metrics = state["loop"]["metrics"]
-        log0(f"resumed from {path} at step {self.step}")
+        self.elapsed_s = state["loop"].get("elapsed_s", 0.0)
+        if self.cfg.time_budget_s > 0 and state["loop"].get("horizon_fixed"):
+            # The horizon the first run measured and fixed: the schedule continues exactly.
+            self.num_iterations, self.horizon_fixed = state["loop"]["num_iterations"], True
+        log0(f"resumed from {path} at step {self.step}"
+             + (f" (horizon {self.num_iterations} steps, fixed by the time budget)"
+                if self.cfg.time_budget_s > 0 and self.horizon_fixed else ""))
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part
         if self.world.is_main:
             meta = {
-                "stage": self.cfg.stage, "tag": self.cfg.tag, "num_iterations": self.cfg.num_iterations,
+                "stage": self.cfg.stage, "tag": self.cfg.tag,
+                "num_iterations": self.num_iterations if self.horizon_fixed else None,
                 "metrics": self.metrics, "world_size": self.world.world_size, "loop": asdict(self.cfg),
                 **self.run_meta,
             }
@@ -194,10 +304,11 @@ class Trainer:
             log0(f"saved {path}")
         if self.world.enabled:
             dist.barrier()
+        self._last_save = time.time()
 
     # ---- one step ------------------------------------------------------------------------------
     def _set_hyperparameters(self, step: int) -> tuple[float, float | None]:
-        lrm = self.lr_multiplier(step)
+        lrm = self.lr_multiplier(step, self.num_iterations)
         mom = self.momentum(step) if self.momentum else None
         for opt in self.optimizers:
             for group in opt.param_groups:
@@ -206,19 +317,21 @@ class Trainer:
                     group["momentum"] = mom
         return lrm, mom
 
-    def _train_step(self) -> tuple[float, int]:
-        """Forward/backward over the micro-batches, sync, step. Returns (loss, supervised tokens)."""
-        micro = []
-        for _ in range(self.cfg.grad_accum_steps):
-            micro.append(next(self.batches))
-        n_tokens = [int((y >= 0).sum()) for _, y in micro]
+    def _train_step(self) -> StepOutcome:
+        """Forward/backward over the micro-batches, agree across ranks, then sync and step.
+
+        The update is skipped on every rank when any rank's loss is not finite.
+        """
+        micro = [_with_token_count(next(self.batches)) for _ in range(self.cfg.grad_accum_steps)]
+        n_tokens = [int((y >= 0).sum()) for _, y, _ in micro]
+        real_tokens = sum(n for _, _, n in micro)
         total_tokens = sum(n_tokens)
         if self.cfg.loss_weighting == "tokens" and self.world.enabled:
             t = torch.tensor([total_tokens], dtype=torch.long, device=self.device)
             dist.all_reduce(t)
             total_tokens = int(t.item())
         loss_sum = 0.0
-        for (x, y), n in zip(micro, n_tokens):
+        for (x, y, _), n in zip(micro, n_tokens):
             with torch.autocast(self.device.type, dtype=self.compute_dtype,
                                 enabled=self.compute_dtype != torch.float32):
                 if self.cfg.loss_weighting == "tokens":
@@ -233,23 +346,40 @@ class Trainer:
             loss_sum += scaled.detach().float().item()
         if self.cfg.loss_weighting == "tokens":
             loss_sum /= self.world.world_size
+        outcome = self._agree(loss_sum, real_tokens, total_tokens)
+        if outcome.nonfinite_ranks:
+            self.model.zero_grad(set_to_none=True)
+            return outcome
         sync_gradients(self.model)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        return loss_sum, total_tokens
+        return outcome
+
+    def _agree(self, loss: float, real_tokens: int, supervised_tokens: int) -> StepOutcome:
+        """One all-reduce per step: stop, save-due and non-finite flags, and the step's real tokens."""
+        minutes = self.cfg.save_every_minutes
+        save_due = minutes > 0 and time.time() - self._last_save >= 60 * minutes
+        flags = [int(self._stop_requested), int(save_due), int(not math.isfinite(loss)), real_tokens]
+        if self.world.enabled:
+            t = torch.tensor(flags, dtype=torch.long, device=self.device)
+            dist.all_reduce(t)  # SUM: a flag is set when any rank set it
+            flags = t.tolist()
+        return StepOutcome(loss=loss, supervised_tokens=supervised_tokens, stop=flags[0] > 0,
+                           save_due=flags[1] > 0, nonfinite_ranks=flags[2], tokens=flags[3])
+
+    def _stop_on_nonfinite(self, step: int, outcome: StepOutcome) -> None:
+        """Every rank: save the last good state (collectively), then raise the same error."""
+        self.save()
+        raise NonFiniteLossError(
+            f"the loss was not finite (NaN or inf) on {outcome.nonfinite_ranks} of {self.world.world_size} "
+            f"process(es) at step {step}; the update was skipped and the state before it saved at step "
+            f"{self.step} in {self.ckpt_dir}: lower the learning rates (e.g. --matrix-lr) or check the data, "
+            "then continue with --resume")
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _agree_to_stop(self) -> bool:
-        flag = self._stop_requested
-        if self.world.enabled:
-            t = torch.tensor([1 if flag else 0], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
     def _log(self, record: dict) -> None:
         if not self.world.is_main:
             return
@@ -291,54 +421,81 @@ class Trainer:
         self.model.train()
         timed_steps = 0
         t_run = time.time()
+        self._last_save = t_run
+        elapsed_before = self.elapsed_s
         while True:
             step = self.step
-            last = step == cfg.num_iterations
+            last = step == self.num_iterations
             self._eval_and_sample(step, last)
             if last:
                 self.metrics["train_time_s"] = self.train_time
                 self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + time.time() - t_run
+                self.elapsed_s = elapsed_before + time.time() - t_run
                 self.save()
                 break
             lrm, mom = self._set_hyperparameters(step)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()
-            loss, ntok = self._train_step()
+            outcome = self._train_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            if not math.isfinite(loss):
-                from picochat.errors import UserError
-
-                self.save()
-                raise UserError(f"loss became {loss} at step {step}; lower the learning rates or check the data "
-                                f"(state saved at step {self.step})")
+            if outcome.nonfinite_ranks:
+                self._stop_on_nonfinite(step, outcome)
             self.step = step + 1
-            beta = 0.9
-            self.smooth_loss = beta * self.smooth_loss + (1 - beta) * loss
-            debiased = self.smooth_loss / (1 - beta ** self.step)
+            self.elapsed_s = elapsed_before + time.time() - t_run
             if step >= 3:  # the first steps pay for warm-up and compilation
                 self.train_time += dt
                 timed_steps += 1
-            tok_per_s = cfg.tokens_per_step / dt
-            mfu = 100 * self.flops_per_token * tok_per_s / self.peak if self.peak == self.peak else float("nan")
-            remaining = cfg.num_iterations - self.step
-            eta = remaining * (self.train_time / max(1, timed_steps)) if timed_steps else float("nan")
-            epoch = getattr(self.batches, "epoch", None)
-            if step % cfg.log_every == 0 or self.step == cfg.num_iterations:
-                mom_text = f" | mom {mom:.3f}" if mom is not None else ""
-                epoch_text = f" | epoch {epoch}" if epoch is not None else ""
-                mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device
-                eta_text = f"{eta / 60:.1f}m" if math.isfinite(eta) else "-"  # until the warm-up steps are past
-                log0(f"step {self.step:5d}/{cfg.num_iterations} | loss {debiased:.4f} | lrm {lrm:.3f}{mom_text} | "
-                     f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu_text}{epoch_text} | eta {eta_text}")
-            self._log({"step": self.step, "loss": loss, "smooth_loss": debiased, "lrm": lrm, "momentum": mom,
-                       "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu, "epoch": epoch, "supervised_tokens": ntok})
-            if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step != cfg.num_iterations:
+            if not self.horizon_fixed and timed_steps >= cfg.budget_measure_steps:
+                self._fix_horizon(timed_steps)
+            self._log_step(step, outcome, dt, lrm, mom, timed_steps)
+            periodic = cfg.save_every > 0 and self.step % cfg.save_every == 0
+            if (periodic or outcome.save_due) and self.step != self.num_iterations:
                 self.save()
-            if self._agree_to_stop():
+            if outcome.stop:
                 self.save()
                 log0(f"stopped at step {self.step}; continue with --resume")
                 return {"step": self.step, "stopped": True, **self.metrics}
         return {"step": self.step, "stopped": False, **self.metrics}
+
+    def _fix_horizon(self, timed_steps: int) -> None:
+        """Time budget: the horizon that spends what is left of the budget at the measured step time."""
+        seconds_per_step = self.train_time / timed_steps
+        left = self.cfg.time_budget_s - self.elapsed_s
+        horizon = self.step + max(0, int(left // seconds_per_step))
+        if self.world.enabled:  # ranks measured slightly different times: agree on the smallest
+            t = torch.tensor([horizon], dtype=torch.long, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            horizon = int(t.item())
+        self.num_iterations, self.horizon_fixed = horizon, True
+        log0(f"time budget {self.cfg.time_budget_s / 60:.2f} min: {seconds_per_step * 1000:.0f} ms/step over "
+             f"{timed_steps} steps, {self.elapsed_s:.0f}s spent -> horizon fixed at {horizon} steps")
+
+    def _log_step(self, step: int, outcome: StepOutcome, dt: float, lrm: float, mom: float | None,
+                  timed_steps: int) -> None:
+        cfg = self.cfg
+        beta = 0.9
+        self.smooth_loss = beta * self.smooth_loss + (1 - beta) * outcome.loss
+        debiased = self.smooth_loss / (1 - beta ** self.step)
+        tok_per_s = outcome.tokens / dt
+        mfu = mfu_percent(self.flops_per_token, tok_per_s, self.peak, self.world.world_size)
+        peak_mem = peak_memory_bytes(self.device)
+        horizon = self.num_iterations if self.horizon_fixed else None
+        eta = float("nan")
+        if timed_steps and horizon is not None:
+            eta = (horizon - self.step) * (self.train_time / timed_steps)
+        epoch = getattr(self.batches, "epoch", None)
+        if step % cfg.log_every == 0 or self.step == horizon:
+            mom_text = f" | mom {mom:.3f}" if mom is not None else ""
+            epoch_text = f" | epoch {epoch}" if epoch is not None else ""
+            mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device
+            eta_text = f"{eta / 60:.1f}m" if math.isfinite(eta) else "-"  # until the warm-up steps are past
+            log0(f"step {self.step:5d}/{horizon if horizon is not None else '?'} | loss {debiased:.4f} | "
+                 f"lrm {lrm:.3f}{mom_text} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu_text} | "
+                 f"mem {peak_mem / 2**30:.2f}GiB{epoch_text} | eta {eta_text}")
+        self._log({"step": self.step, "loss": outcome.loss, "smooth_loss": debiased, "lrm": lrm, "momentum": mom,
+                   "dt": dt, "tokens": outcome.tokens, "tok_per_s": tok_per_s, "mfu": mfu,
+                   "peak_mem_bytes": peak_mem, "epoch": epoch, "supervised_tokens": outcome.supervised_tokens,
+                   "num_iterations": horizon})

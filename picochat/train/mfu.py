@@ -1,23 +1,59 @@
-"""Peak FLOP/s per device, for model FLOPs utilisation (MFU) in the step log.
+"""Truthful throughput numbers: peak FLOP/s per device, MFU, and peak memory.
 
-GPUs come from a table of dense (no sparsity) peaks. A CPU's peak is measured once
-with a large matmul in the compute dtype and cached in $PICOCHAT_HOME/cpu_peak.json.
+GPUs come from a table of dense (no sparsity) bf16 peaks; a GPU that is not in the table,
+or a dtype the table does not cover, gives NaN (the step line prints "-"), never a guess.
+A CPU's peak is measured once with a large matmul in the compute dtype and cached in
+$PICOCHAT_HOME/cpu_peak.json.
+
+MFU is cluster model FLOP/s over cluster peak: tokens/s of all ranks * FLOPs per token,
+divided by world size * one device's peak.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import resource
+import sys
 import time
 
 import torch
 
 from picochat.runtime import home
 
-# Dense peak FLOP/s by GPU name fragment, for bf16 (fp32 peaks differ; MFU is stated for bf16 on GPU).
-GPU_PEAK_BF16 = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12, "MI300X": 1307e12,
-}
+# Dense bf16 tensor-core peaks by device name, most specific pattern first: every word of a
+# pattern must be a word of torch.cuda.get_device_name() (split at spaces and dashes, any
+# case), so "L4" does not match "L40S" nor "H100" "GH200". An H100 PCIe (756 TFLOP/s) or NVL
+# (835) is not an SXM (989); an H100 the table cannot tell apart prints "-".
+GPU_PEAK_BF16: list[tuple[tuple[str, ...], float]] = [
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100", "HBM3"), 989e12),  # SXM5 parts report "NVIDIA H100 80GB HBM3"
+    (("H100", "SXM"), 989e12),
+    (("H200",), 989e12),
+    (("GH200",), 989e12),
+    (("A100",), 312e12),
+    (("L40S",), 362e12),
+    (("L4",), 121e12),
+    (("A10G",), 70e12),
+    (("RTX", "4090"), 165e12),
+    (("RTX", "3090"), 71e12),
+]
+
+# The allocator setting for CUDA training: segments grow in place instead of being carved
+# into fixed blocks, which avoids most fragmentation failures with varying batch shapes.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def gpu_peak_bf16(name: str) -> float:
+    """Dense bf16 FLOP/s of a GPU by its device name, or NaN when the table has no entry."""
+    have = set(re.split(r"[\s\-_]+", name.lower()))
+    for words, peak in GPU_PEAK_BF16:
+        if all(w.lower() in have for w in words):
+            return peak
+    return float("nan")
 
 
 def measure_cpu_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.2, trials: int = 5) -> float:
@@ -41,12 +77,11 @@ def measure_cpu_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.2,
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """One device's peak FLOP/s in `dtype`; NaN when it is not known."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, peak in GPU_PEAK_BF16.items():
-            if fragment in name:
-                return peak if dtype in (torch.bfloat16, torch.float16) else peak / 2
-        return float("nan")
+        if dtype not in (torch.bfloat16, torch.float16):
+            return float("nan")  # fp32/TF32 peaks depend on settings the table does not track
+        return gpu_peak_bf16(torch.cuda.get_device_name(device))
     if device.type != "cpu":
         return float("nan")
     cache = home() / "cpu_peak.json"
@@ -61,3 +96,34 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         table[key] = measure_cpu_peak(dtype)
         cache.write_text(json.dumps(table, indent=1))
     return table[key]
+
+
+def mfu_percent(flops_per_token: float, cluster_tokens_per_s: float, device_peak: float, world_size: int) -> float:
+    """Model FLOPs utilisation in percent: achieved cluster FLOP/s over world_size * device peak."""
+    if math.isnan(device_peak) or device_peak <= 0:  # unknown device
+        return float("nan")
+    return 100.0 * flops_per_token * cluster_tokens_per_s / (world_size * device_peak)
+
+
+def use_expandable_segments() -> None:
+    """Ask the CUDA caching allocator for expandable segments, unless the user set the allocator.
+
+    Must run before CUDA is initialised (the allocator reads the variable once), so the
+    training commands call it first thing.
+    """
+    current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments" not in current:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [current, CUDA_ALLOC_CONF]))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process on `device` so far.
+
+    CUDA: torch.cuda.max_memory_allocated (tensors only, not the allocator's cache).
+    CPU: the process's peak resident set size (getrusage ru_maxrss): everything the process
+    touched, Python and torch's own code included, so it is an upper bound on tensor memory.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux

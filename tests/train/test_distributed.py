@@ -68,7 +68,7 @@ def train_once(rank: int, world: int, port: int, home: str, out: str) -> None:
     batches = FixedBatches(make_batches(tok.vocab_size, STEPS, 2), rank, world)
     cfg = LoopConfig(stage="base", tag=f"w{world}", num_iterations=STEPS, grad_accum_steps=2 // world,
                      tokens_per_step=2 * 2 * 16)
-    Trainer(model, opts, batches, cfg, world_info, tok, lr_multiplier=lambda s: 1.0,
+    Trainer(model, opts, batches, cfg, world_info, tok, lr_multiplier=lambda s, n: 1.0,
             momentum=lambda s: 0.9).run()
     if rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, out)

@@ -1,0 +1,339 @@
+"""`picochat plan`: will a run fit on a device, how long will it take, what will it cost?
+
+    picochat plan --preset d20 --gpu H100-80GB --gpus 8
+    picochat plan --preset d32 --gpu H200 --gpus 8 --nodes 2 --price-per-gpu-hour 3.5
+    picochat plan --depth 12 --device-batch-size 16 --gpu RTX4090
+
+Memory per device during training, by term (bytes; P = parameters, V = vocabulary,
+C = width, L = depth, N = tokens of one micro-batch on one device):
+- parameters: fp32 master weights, 4 P.
+- bf16 weight copies: with bf16 autocast, each matrix is cast once per forward and the copy
+  is kept for the backward: 2 (P - V C) (the embedding is a lookup, never cast).
+- gradients: fp32, 4 P (whole, on every rank: micro-batches accumulate into them).
+- optimiser state: AdamW moments for the embedding and lm_head (8 bytes per parameter),
+  a Muon momentum buffer for every block matrix (4 bytes). With more than one rank it is
+  assumed sharded over the ranks (ZeRO-2 style), so each holds 1/world of it.
+- activations kept for the backward, per token: eager L (a C + 4 heads + 12) + 8 C + 8 with
+  a = 50 in bf16 and 80 in fp32 (counted op by op and measured on CPU with saved-tensor
+  hooks, docs/LOG.md); compiled a = 30 (what the fused graph must keep: matmul inputs,
+  attention q/k/v/out and the MLP hidden; an estimate, not measured here).
+- logits / loss buffers: eager runs lm_head + softcap + cross-entropy in chunks (two fp32 and
+  one bf16 buffer of 64M elements on a GPU, 32M on a CPU) plus fp32 gradients of lm_head and
+  of the hidden states; compiled materialises bf16 logits and their gradient, 4 N V.
+- communication buffers: with more than one rank, two 32 MiB buckets in flight plus this
+  rank's reduced gradient shard, 4 P / world.
+- headroom: what is left for the CUDA context, NCCL and fragmentation: max(2 GiB, 5%) of a
+  GPU; on a CPU 1 GiB per process (Python and torch themselves) plus 10%.
+
+Time: steps * FLOPs per step / (devices * peak * MFU), with MFU an assumption (--mfu).
+The training commands run the same estimate at start-up (see `check_fits`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from picochat.config import add_preset_argument, resolve
+from picochat.errors import ConfigError
+
+GiB = 2**30
+BUCKET_BYTES = 32 << 20
+ACT_EAGER_BF16, ACT_EAGER_FP32, ACT_COMPILED = 50, 80, 30  # bytes per token per layer, per unit of width
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_bytes: int  # what torch.cuda.get_device_properties reports as total_memory
+    peak_bf16: float  # dense FLOP/s
+    hbm_bytes_per_s: float
+
+
+DEVICES: dict[str, Device] = {
+    "H100-80GB": Device("H100-80GB", 85_045_936_128, 989e12, 3.35e12),
+    "H200": Device("H200", 150_110_011_392, 989e12, 4.8e12),
+    "A100-40GB": Device("A100-40GB", 42_505_273_344, 312e12, 1.555e12),
+    "A100-80GB": Device("A100-80GB", 85_198_045_184, 312e12, 2.039e12),
+    "L4": Device("L4", 23_580_639_232, 121e12, 0.3e12),
+    "RTX4090": Device("RTX4090", 25_393_692_672, 165e12, 1.008e12),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on: the model's size, one micro-batch, the world and how it runs."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    vocab_size: int
+    seq_len: int  # tokens per row of a micro-batch
+    device_batch_size: int
+    world_size: int = 1
+    compiled: bool = False
+    bf16: bool = True
+    on_gpu: bool = True
+
+    @classmethod
+    def from_config(cls, config, device_batch_size: int, seq_len: int | None = None, **kw) -> Shape:
+        return cls(config.n_layer, config.n_embd, config.n_head, config.n_kv_head, config.vocab_size,
+                   seq_len or config.sequence_len, device_batch_size, **kw)
+
+    @property
+    def matrix_params(self) -> int:
+        C, kv = self.n_embd, self.n_kv_head * (self.n_embd // self.n_head)
+        return self.n_layer * (2 * C * C + 2 * C * kv + 8 * C * C)
+
+    @property
+    def params(self) -> int:
+        return self.matrix_params + 2 * self.vocab_size * self.n_embd
+
+    def flops_per_token(self) -> int:
+        """As GPT.flops_per_token: 6 per matmul parameter plus attention over the context."""
+        scaling = self.matrix_params + self.vocab_size * self.n_embd
+        return 6 * scaling + 12 * self.n_layer * self.n_embd * self.seq_len
+
+
+def memory_terms(s: Shape) -> dict[str, int]:
+    """Peak training memory of one device by term, in bytes (headroom not included)."""
+    P, V, C, L = s.params, s.vocab_size, s.n_embd, s.n_layer
+    N = s.device_batch_size * s.seq_len
+    embed = V * C
+    sharded = s.world_size > 1
+    optimiser = 8 * 2 * embed + 4 * s.matrix_params
+    a = ACT_COMPILED if s.compiled else (ACT_EAGER_BF16 if s.bf16 else ACT_EAGER_FP32)
+    activations = N * (L * (a * C + 4 * s.n_head + 12) + 8 * C + 8)
+    if s.compiled:
+        logits = 4 * N * V
+    else:
+        chunk = min(N, (64 << 20 if s.on_gpu else 32 << 20) // V)
+        logits = chunk * V * (4 + 4 + (2 if s.bf16 else 0)) + 4 * V * C + 4 * N * C + (2 if s.bf16 else 4) * V * C
+    return {
+        "parameters": 4 * P,
+        "bf16 weight copies": 2 * (P - embed) if s.bf16 else 0,
+        "gradients": 4 * P,
+        "optimiser state": optimiser // s.world_size if sharded else optimiser,
+        "activations": activations,
+        "logits / loss buffers": logits,
+        "communication buffers": (2 * BUCKET_BYTES + 4 * P // s.world_size) if sharded else 0,
+    }
+
+
+def headroom(capacity: int, on_gpu: bool) -> int:
+    return max(2 * GiB, capacity // 20) if on_gpu else GiB + capacity // 10
+
+
+def fits(s: Shape, capacity: int) -> bool:
+    return sum(memory_terms(s).values()) + headroom(capacity, s.on_gpu) <= capacity
+
+
+def largest_batch(s: Shape, capacity: int, candidates: list[int] | None = None) -> int:
+    """The largest device batch (of `candidates`, default 1..1024) that fits, or 0."""
+    best = 0
+    for b in candidates or range(1, 1025):
+        if b > best and fits(_with_batch(s, b), capacity):
+            best = b
+    return best
+
+
+def _with_batch(s: Shape, b: int) -> Shape:
+    return Shape(**{**asdict(s), "device_batch_size": b})
+
+
+def valid_batches(total: int, seq_len: int, world: int) -> list[int]:
+    """Device batches B for which total tokens per step is a whole number of micro-batches."""
+    rows = total // seq_len if total % seq_len == 0 else 0
+    return [b for b in range(1, rows // world + 1) if rows % (b * world) == 0] if rows else []
+
+
+def explain_batch_divisibility(total: int, batch: int, seq_len: int, world: int, total_flag: str,
+                               batch_flag: str = "--device-batch-size") -> str | None:
+    """None when `total` splits into micro-batches of batch*seq_len*world; else the fix, in words."""
+    per_micro = batch * seq_len * world
+    if total % per_micro == 0:
+        return None
+    head = (f"{total_flag} {total} must be a multiple of {batch_flag.lstrip('-').replace('-', '_')}*seq_len*world "
+            f"= {batch}*{seq_len}*{world} = {per_micro}")
+    smaller = [b for b in valid_batches(total, seq_len, world) if b < batch]
+    if smaller:
+        b = smaller[-1]
+        return (f"{head}; with {world} process(es) use {batch_flag} {b} "
+                f"({total // (b * seq_len * world)} micro-batch(es) per step), or a {total_flag} that is a "
+                f"multiple of {per_micro}")
+    return f"{head}; use a {total_flag} that is a multiple of {per_micro} (or fewer processes)"
+
+
+# ---- the start-up check of the training commands ------------------------------------------------
+
+
+def local_capacity(device) -> tuple[int, str]:
+    """(bytes one process may use, a description) for the device this process trains on."""
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(props.total_memory), props.name
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return total // local, f"CPU RAM / {local} process(es)"
+
+
+def check_fits(s: Shape, device, batch_flag: str, candidates: list[int]) -> None:
+    """Refuse, before anything is allocated, a run whose estimate does not fit this device.
+
+    The error names `batch_flag` and the largest of `candidates` that fits.
+    """
+    if device.type not in ("cuda", "cpu"):
+        return
+    capacity, what = local_capacity(device)
+    s = Shape(**{**asdict(s), "on_gpu": device.type == "cuda"})
+    if fits(s, capacity):
+        return
+    need = sum(memory_terms(s).values()) + headroom(capacity, s.on_gpu)
+    best = largest_batch(s, capacity, [b for b in candidates if b < s.device_batch_size])
+    fix = (f"use {batch_flag} {best}" if best else
+           "no smaller batch fits either: use a smaller model, more processes or a bigger device")
+    raise ConfigError(f"{batch_flag} {s.device_batch_size} needs ~{need / GiB:.1f} GiB per device "
+                      f"(estimate of `picochat plan`) but {what} has {capacity / GiB:.1f} GiB; {fix} "
+                      "(or --no-plan-check to try anyway)")
+
+
+def add_plan_check_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="start even if the memory estimate says the run does not fit")
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+DEFAULTS = {
+    "depth": 20, "aspect_ratio": 64, "head_dim": 128, "n_kv_head": None, "max_seq_len": 2048,
+    "vocab_size": 65536, "device_batch_size": 32, "total_batch_size": 524288, "num_iterations": -1,
+    "target_param_data_ratio": 20.0,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_preset_argument(p)
+    g = p.add_argument_group("model and batch (default: the preset's, else d20's)")
+    g.add_argument("--depth", type=int, help="transformer blocks")
+    g.add_argument("--aspect-ratio", type=int, help="width = depth * aspect ratio, rounded up to --head-dim")
+    g.add_argument("--head-dim", type=int, help="attention head dimension")
+    g.add_argument("--n-kv-head", type=int, help="key/value heads (default: all)")
+    g.add_argument("--max-seq-len", type=int, help="context length T")
+    g.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size")
+    g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per device")
+    g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step")
+    g.add_argument("--num-iterations", type=int, help="optimiser steps (default: from the data ratio)")
+    g.add_argument("--target-param-data-ratio", type=float, help="tokens per scaling parameter")
+    g = p.add_argument_group("target")
+    g.add_argument("--gpu", default="H100-80GB", choices=[*DEVICES, "cpu"], help="device kind (default H100-80GB)")
+    g.add_argument("--gpus", type=int, default=8, help="devices per node (default 8)")
+    g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    g.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one device-hour, for the cost")
+    g.add_argument("--mfu", type=float, default=None,
+                   help="assumed model FLOPs utilisation in percent (default 40 on GPUs, 30 on a CPU)")
+    g.add_argument("--eager", action="store_true", help="plan an uncompiled run (default: compiled on GPUs)")
+    g.add_argument("--fp32", action="store_true", help="plan fp32 compute instead of bf16")
+    p.add_argument("--out", default=None, help="write the plan as JSON here (default $PICOCHAT_HOME/plans/...)")
+
+
+def _target(args) -> Device:
+    if args.gpu != "cpu":
+        return DEVICES[args.gpu]
+    import torch
+
+    from picochat.train.mfu import peak_flops
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    dtype = torch.float32 if args.fp32 else torch.bfloat16
+    return Device("cpu", total // max(1, args.gpus), peak_flops(torch.device("cpu"), dtype), float("nan"))
+
+
+def build_plan(args) -> dict:
+    """Everything the command prints, as one JSON-ready dict."""
+    from picochat.model.gpt import GPTConfig
+
+    if args.gpus < 1 or args.nodes < 1:
+        raise ConfigError(f"--gpus {args.gpus} --nodes {args.nodes}: both must be at least 1")
+    device = _target(args)
+    world = args.gpus * args.nodes
+    on_gpu = args.gpu != "cpu"
+    config = GPTConfig.from_depth(args.depth, args.vocab_size, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                                  max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head)
+    compiled = on_gpu and not args.eager
+    s = Shape.from_config(config, args.device_batch_size, world_size=world, compiled=compiled,
+                          bf16=not args.fp32, on_gpu=on_gpu)
+    terms = memory_terms(s)
+    room = headroom(device.memory_bytes, on_gpu)
+    candidates = valid_batches(args.total_batch_size, args.max_seq_len, world)
+    mfu = (args.mfu if args.mfu is not None else (40.0 if on_gpu else 30.0)) / 100
+    scaling = s.matrix_params + config.vocab_size * config.n_embd
+    steps = args.num_iterations if args.num_iterations and args.num_iterations > 0 else \
+        int(args.target_param_data_ratio * scaling) // args.total_batch_size
+    step_s = s.flops_per_token() * args.total_batch_size / (world * device.peak_bf16 * mfu)
+    hours = steps * step_s / 3600
+    return {
+        "model": {"depth": config.n_layer, "width": config.n_embd, "heads": config.n_head, "vocab": config.vocab_size,
+                  "seq_len": config.sequence_len, "params": s.params, "flops_per_token": s.flops_per_token()},
+        "target": {"device": device.name, "devices_per_node": args.gpus, "nodes": args.nodes, "world": world,
+                   "memory_bytes": device.memory_bytes, "compiled": compiled, "dtype": "fp32" if args.fp32 else "bf16",
+                   "optimiser_state_sharded": world > 1},
+        "device_batch_size": s.device_batch_size,
+        "memory_bytes": terms, "total_bytes": sum(terms.values()), "headroom_bytes": room,
+        "fits": sum(terms.values()) + room <= device.memory_bytes,
+        "batch_divides": s.device_batch_size in candidates,
+        "largest_device_batch": largest_batch(s, device.memory_bytes, candidates) if candidates else 0,
+        "largest_device_batch_eager": largest_batch(Shape(**{**asdict(s), "compiled": False}),
+                                                    device.memory_bytes, candidates) if candidates else 0,
+        "mfu_assumed": mfu, "steps": steps, "step_seconds": step_s, "hours": hours,
+        "cost": hours * world * args.price_per_gpu_hour if args.price_per_gpu_hour is not None else None,
+    }
+
+
+def render(plan: dict, name: str) -> str:
+    m, t = plan["model"], plan["target"]
+    world = t["world"]
+    lines = [(f"plan {name}: depth {m['depth']}, width {m['width']}, {m['params'] / 1e6:,.0f}M params, "
+              f"device batch {plan['device_batch_size']} x {m['seq_len']} tokens, "
+              f"{'compiled' if t['compiled'] else 'eager'} {t['dtype']}"),
+             (f"target: {t['devices_per_node']} x {t['device']} x {t['nodes']} node(s) = {world} device(s), "
+              f"{t['memory_bytes'] / GiB:.1f} GiB each"),
+             "memory per device" + (f" (optimiser state assumed sharded over the {world} ranks, ZeRO-2 style):"
+                                    if world > 1 else ":")]
+    for term, b in plan["memory_bytes"].items():
+        lines.append(f"  {term:<24}{b / GiB:8.2f} GiB")
+    lines += [f"  {'total':<24}{plan['total_bytes'] / GiB:8.2f} GiB",
+              f"  {'headroom':<24}{plan['headroom_bytes'] / GiB:8.2f} GiB (CUDA context, NCCL, fragmentation)",
+              f"fits: {'yes' if plan['fits'] else 'NO'} ({(plan['total_bytes'] + plan['headroom_bytes']) / GiB:.1f} "
+              f"of {t['memory_bytes'] / GiB:.1f} GiB)"
+              + ("" if plan["batch_divides"] else "; the device batch does not divide --total-batch-size here"),
+              (f"largest device batch that fits: {plan['largest_device_batch']}"
+               f" ({plan['largest_device_batch_eager']} uncompiled)"),
+              (f"time: {plan['steps']:,} steps x {plan['step_seconds']:.2f} s at {plan['mfu_assumed']:.0%} MFU "
+               f"(assumed) = {plan['hours']:.2f} h")]
+    if plan["cost"] is not None:
+        lines.append(f"cost: {plan['hours']:.2f} h x {world} devices = {plan['hours'] * world:.1f} device-hours "
+                     f"= {plan['cost']:,.2f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    resolve(args, DEFAULTS)
+    from picochat.runtime import home
+
+    plan = build_plan(args)
+    name = args.preset or f"d{args.depth}"
+    print(render(plan, name))
+    out = args.out or home() / "plans" / f"{name}-{args.gpu}-{args.gpus}x{args.nodes}.json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(plan, f, indent=1)
+    os.replace(tmp, out)
+    print(f"written to {out}")
+    return 0
+
