@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000,
         "depth": 4, "aspect_ratio": 64, "head_dim": 64, "max_seq_len": 256,
         "device_batch_size": 16, "total_batch_size": 4096, "num_iterations": 500,
-        "eval_every": 125, "eval_tokens": 32768, "sample_every": 250, "warmup_steps": 10,
+        "eval_every": 125, "eval_tokens": 393216, "sample_every": 250, "warmup_steps": 10,
         "mid": {"mix_scale": "cpu", "device_batch_size": 16, "total_batch_size": 4096, "eval_every": -1,
                 "eval_tokens": 32768},
         "sft": {"mix_scale": "cpu", "device_batch_size": 4, "examples_per_step": 16, "eval_every": -1,

@@ -30,7 +30,7 @@ EVAL_CAPS = {
                  "chat": ["--max-problems", "4", "-a", "ARC-Easy|SpellingBee", "--max-new-tokens", "32"],
                  "loss": ["--split-tokens", "4096", "--max-new-tokens", "8"]},
     "cpu": {"core": ["--max-per-task", "50"], "chat": ["--max-problems", "30", "--max-new-tokens", "64"],
-            "loss": ["--split-tokens", "131072"]},
+            "loss": ["--split-tokens", "393216"]},  # the in-training eval's val tokens
 }
 GPU_CAPS = {"core": ["--max-per-task", "500"], "chat": [], "loss": ["--split-tokens", str(20 * 524288)]}
 
