@@ -1,12 +1,15 @@
-"""Multi-process training: 2 gloo ranks with grad-accum 1 == 1 process with grad-accum 2."""
+"""Multi-process training on gloo: 2 ranks with grad-accum 1 == 1 process with grad-accum 2; a NaN on
+one rank stops every rank cleanly; the step records of a world of 2 are truthful."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,83 @@ def test_torchrun_two_processes_base_train(tiny_home):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world 2" in proc.stdout
     assert (tiny_home / "checkpoints" / "base" / "tr" / "step_6" / "meta.json").exists()
+
+
+def train_until_nan(rank: int, world: int, port: int, home: str, bad_rank: int, bad_step: int) -> None:
+    """A run whose loss on `bad_rank` becomes NaN at `bad_step` (injected here, not by any flag)."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
+    torch.set_num_threads(1)
+    from picochat.model.gpt import GPTConfig, build_model
+    from picochat.optim import build_optimizers
+    from picochat.optim.distributed import broadcast_parameters
+    from picochat.runtime import init_distributed, seed_everything, shutdown_distributed
+    from picochat.tokenizer import Tokenizer
+    from picochat.train.loop import LoopConfig, NonFiniteLossError, Trainer
+
+    world_info = init_distributed("cpu")
+    seed_everything(0)
+    tok = Tokenizer.load(Path(home) / "tokenizer")
+    model = build_model(GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16), "cpu")
+    broadcast_parameters(model)
+    calls = []
+
+    def poisoned(x, y, **kw):  # one micro-batch per step at world 2
+        loss = model(x, y, **kw)
+        calls.append(1)
+        return loss * float("nan") if rank == bad_rank and len(calls) == bad_step + 1 else loss
+
+    opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    batches = FixedBatches(make_batches(tok.vocab_size, STEPS, 2), rank, world)
+    cfg = LoopConfig(stage="base", tag="nan", num_iterations=STEPS, grad_accum_steps=1, tokens_per_step=2 * 2 * 16)
+    trainer = Trainer(model, opts, batches, cfg, world_info, tok, lr_multiplier=lambda s, n: 1.0,
+                      momentum=lambda s: 0.9, train_model=poisoned)
+    try:
+        trainer.run()
+        outcome = {"error": None}
+    except NonFiniteLossError as e:
+        outcome = {"error": str(e), "all_ranks": e.all_ranks}
+    outcome["finite_weights"] = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    (Path(home) / f"outcome{rank}.json").write_text(json.dumps(outcome))
+    shutdown_distributed()
+
+
+def test_nan_on_one_rank_stops_every_rank_with_one_checkpoint(tiny_home):
+    """No hang: both ranks agree on the NaN, skip the update, save once together and raise the same error.
+
+    Also checks the step records of a world of 2: MFU is against 2 x the device peak, tok/s counts both ranks.
+    """
+    peak = 1e11  # a known CPU peak, so MFU can be checked exactly
+    (tiny_home / "cpu_peak.json").write_text(json.dumps({f"torch.float32-threads{n}-v2": peak for n in (1, 2)}))
+    ctx = mp.start_processes(train_until_nan, args=(2, free_port(), str(tiny_home), 1, 3), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.time() + 180
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks hung after a NaN on one of them")
+    outcomes = [json.loads((tiny_home / f"outcome{r}.json").read_text()) for r in (0, 1)]
+    for o in outcomes:
+        assert o["error"] and "not finite" in o["error"] and "1 of 2" in o["error"] and "--resume" in o["error"]
+        assert o["all_ranks"] and o["finite_weights"]  # the NaN update was never applied
+    assert outcomes[0]["error"] == outcomes[1]["error"]
+    run = tiny_home / "checkpoints" / "base" / "nan"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step_")) == ["step_3"]
+    flops_per_token = _flops_per_token(tiny_home)
+    records = [json.loads(line) for line in (tiny_home / "logs" / "base-nan.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["tokens"] == 2 * 2 * 16  # both ranks' tokens
+        assert r["mfu"] == pytest.approx(100 * r["tok_per_s"] * flops_per_token / (2 * peak), rel=1e-9)
+        assert r["peak_mem_bytes"] > 0
+
+
+def _flops_per_token(home: Path) -> int:
+    from picochat.model.gpt import GPTConfig, build_model
+    from picochat.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(home / "tokenizer")
+    return build_model(GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16),
+                       "cpu").flops_per_token()
