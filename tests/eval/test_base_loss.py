@@ -1,0 +1,57 @@
+"""base-loss: bpb with its standard error, on the same val tokens as the in-training eval."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from picochat.cli import main
+from picochat.errors import DataError
+from picochat.eval.base_loss import bpb_with_standard_error, per_batch_bpb
+from picochat.eval.bpb import evaluate_bpb
+from picochat.model.gpt import GPT, GPTConfig
+from picochat.tokenizer import Tokenizer
+from tests.train.conftest import build_corpus, make_documents
+
+
+def test_standard_error_of_equal_batches_is_the_standard_error_of_the_mean():
+    bpb, se = bpb_with_standard_error([(1.0, 100), (2.0, 100)])
+    assert bpb == 1.5 and se == pytest.approx(0.5)  # sample std 0.707 / sqrt(2)
+    bpb, se = bpb_with_standard_error([(1.0, 300), (2.0, 100)])
+    assert bpb == 1.25  # weighted by bytes
+    assert se == pytest.approx(math.sqrt(2 * (0.75**2 * 0.25**2 + 0.25**2 * 0.75**2)))
+    assert bpb_with_standard_error([(1.7, 50)] * 10) == (pytest.approx(1.7), pytest.approx(0.0))
+    assert math.isnan(bpb_with_standard_error([(1.7, 50)])[1])
+    with pytest.raises(DataError, match="zero bytes"):
+        bpb_with_standard_error([])
+
+
+def test_per_batch_bpb_combines_to_the_one_evaluate_bpb():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=16))
+    model.init_weights()
+    batches = [(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))) for _ in range(5)]
+    batches[1][1][0, :4] = -1  # ignored targets
+    token_bytes = torch.tensor([0] + [1 + i % 3 for i in range(63)])  # id 0: a special token, no bytes
+    whole = evaluate_bpb(model, iter(batches), 5, token_bytes)
+    parts = per_batch_bpb(model, iter(batches), 5, token_bytes, torch.float32)
+    assert [n for _, n in parts] == [float(token_bytes[y.clamp(min=0)][y >= 0].sum()) for _, y in batches]
+    assert bpb_with_standard_error(parts)[0] == pytest.approx(whole, rel=1e-6)
+
+
+def test_base_loss_reads_the_in_training_eval_tokens_and_reports_the_standard_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    build_corpus(tmp_path)
+    Tokenizer.train(make_documents(300, seed=1), vocab_size=320).save(tmp_path / "tokenizer")
+    assert main(["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--num-iterations", "4", "--eval-every", "4",
+                 "--eval-tokens", "2048", "--sample-every", "-1", "--tag", "se"]) == 0
+    assert main(["base-loss", "--tag", "se", "--split-tokens", "2048", "--device-batch-size", "4",
+                 "--max-new-tokens", "2", "--dtype", "fp32"]) == 0
+    out = json.loads((tmp_path / "eval" / "base_loss_se_step4.json").read_text())
+    assert out["training_eval_tokens"] == out["tokens_per_split"] == 2048 and out["batches_per_split"] == 4
+    # the same tokens in the same rows (a different batch size): the same number
+    assert out["val_bpb"] == pytest.approx(out["training_eval_val_bpb"], rel=1e-5)
+    assert 0 < out["val_bpb_se"] < out["val_bpb"] and 0 < out["train_bpb_se"] < out["train_bpb"]
