@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("picochat.train.sft", "supervised fine-tuning on padded conversations (assistant tokens only)"),
     "rl": ("picochat.train.rl", "reinforcement learning on math word problems (GRPO-style, calculator tool live)"),
     "chat-eval": ("picochat.eval.chat_eval", "MMLU, ARC, GSM8K, HumanEval, SpellingBee accuracy and ChatCORE of a chat checkpoint"),
+    "chat-probe": ("picochat.eval.chat_probe", "30 everyday prompts with the chat defaults: task-format echo, repeats, dictionary words"),
     "plan": ("picochat.plan", "will a run fit on a GPU, how long will it take, what will it cost (memory per term)"),
     "speedrun": ("picochat.speedrun", "the whole pipeline in one command: data -> ... -> SFT -> report (resumable)"),
     "chat": ("picochat.chat_cli", "chat with a checkpoint in the terminal (streaming, /help for commands)"),

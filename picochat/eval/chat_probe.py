@@ -1,0 +1,249 @@
+"""`picochat chat-probe`: does a chat checkpoint answer everyday questions in plain English?
+
+    picochat chat-probe --stage sft                 # the chat defaults, seed 0
+    picochat chat-probe --stage sft --temperature 0 # the same prompts, greedy
+
+`PROMPTS` (30 fixed everyday questions, none asking for a list, a calculation or a choice)
+are answered one by one with the chat sampling defaults (picochat.infer.chat_defaults) and
+seeds `seed, seed+1, ...`, so two runs on one checkpoint give the same answers. Metrics,
+each a pure function of the answer text:
+
+- echo share: answers that contain a task format nobody asked for (`task_formats`): a
+  spelling list (letters between commas, "a,p,p,l,e"), a GSM8K answer line (`####`), a
+  calculator call (`<<...>>` or the python tool tokens; allowed for the one arithmetic
+  prompt), multiple-choice letters (an answer that is only a letter A-D, or "Answer: B", or
+  lines listing "A." ... "B." options);
+- repeat share: of all word/punctuation tokens (`probe_tokens`), the share that complete a
+  `REPEAT_N`-gram (4 tokens) already seen earlier in the same answer (`repeated_tokens`): 0
+  for text that never repeats a 4-token phrase, ~1 for a loop;
+- dictionary share: of all words (letters only, case-folded, contractions reduced to their
+  stem), the share found in the English word list the spelling tasks use (npm word-list),
+  plus "a" and "i";
+- mean answer length in model tokens (and words).
+
+Writes $PICOCHAT_HOME/eval/chat_probe_<stage>_<tag>_step<N>.json and .md; the report card
+shows the newest of each chat stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from picochat.errors import ConfigError
+from picochat.infer.chat_defaults import CHAT_SAMPLING
+
+PROMPTS = (
+    "Why is the sky blue?",
+    "What is 12 times 7?",
+    "Hi! How are you today?",
+    "What should I cook for dinner tonight?",
+    "Can you tell me a short story about a cat?",
+    "How do I make a cup of tea?",
+    "What is the capital of France?",
+    "Give me some advice for a job interview.",
+    "Why do leaves change color in the fall?",
+    "What is your name?",
+    "How can I sleep better at night?",
+    "Write a short poem about the sea.",
+    "What is the difference between weather and climate?",
+    "How do airplanes stay in the air?",
+    "What are some good habits for students?",
+    "Tell me a fun fact about dogs.",
+    "How do I stay motivated when I exercise?",
+    "What does a doctor do?",
+    "Why is it important to drink water?",
+    "Can you help me write a thank you note to a friend?",
+    "What is the best way to learn a new language?",
+    "How does the moon affect the tides?",
+    "What is a good name for a pet fish?",
+    "Explain what a computer does in simple words.",
+    "What should I pack for a weekend trip?",
+    "How do bees make honey?",
+    "What can I do on a rainy day?",
+    "Who wrote Romeo and Juliet?",
+    "How do I plant a tree?",
+    "What makes a good friend?",
+)
+REPEAT_N = 4
+VERBATIM = 5  # answers shown in full in the markdown and the report
+
+_TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+_WORD = re.compile(r"[a-z]+(?:['\u2019][a-z]+)?")
+_CONTRACTION = re.compile(r"(?:n['\u2019]t|['\u2019](?:s|re|ve|ll|d|m))$")
+_CONTRACTION_STEMS = {"ca": "can", "wo": "will", "sha": "shall"}  # can't, won't, shan't
+_FORMATS = {
+    "spelling list": re.compile(r"\b[a-z](?:\s?,\s?[a-z]){3,}\b", re.IGNORECASE),
+    "#### answer": re.compile(r"####"),
+    "calculator call": re.compile(r"<<[^<>]*>>|<\|python_(?:start|end)\|>|<\|output_(?:start|end)\|>"),
+    # letters are capitals only: "the answer is a dog" is English, "Answer: B" is a drill
+    "multiple choice": re.compile(r"^\(?[A-D]\)?[.)]?$|\b[Aa]nswer(?: is)?\s*:?\s*\(?[A-D]\)?(?:[.)]|\s*$)"
+                                  r"|(?:^|\n)\s*A[.)]\s[^\n]*\n\s*B[.)]\s"),
+}
+# Formats a prompt does ask for: an arithmetic question may use the calculator.
+REQUESTED = {"What is 12 times 7?": {"calculator call"}}
+
+
+# ---------------------------------------------------------------- metrics (pure)
+
+
+def task_formats(answer: str, prompt: str = "") -> list[str]:
+    """Names of the task formats (spelling list, ####, calculator call, multiple choice) in `answer`
+    that `prompt` did not ask for."""
+    allowed = REQUESTED.get(prompt, set())
+    answer = answer.strip()
+    return [name for name, pattern in _FORMATS.items() if name not in allowed and pattern.search(answer)]
+
+
+def probe_tokens(text: str) -> list[str]:
+    """Case-folded words, numbers and single punctuation marks: the unit of the repeat measure."""
+    return _TOKEN.findall(text.lower())
+
+
+def repeated_tokens(tokens: list[str], n: int = REPEAT_N) -> int:
+    """How many positions i end an n-gram (tokens i-n+1..i) that already ended at an earlier position."""
+    seen: set[tuple[str, ...]] = set()
+    repeated = 0
+    for i in range(n - 1, len(tokens)):
+        gram = tuple(tokens[i - n + 1:i + 1])
+        if gram in seen:
+            repeated += 1
+        seen.add(gram)
+    return repeated
+
+
+def answer_words(text: str) -> list[str]:
+    """Words of letters only, case-folded, with "n't", "'s", "'re", ... reduced to the stem (don't -> do)."""
+    words = []
+    for word in _WORD.findall(text.lower()):
+        stem = _CONTRACTION.sub("", word)
+        if stem != word:
+            stem = _CONTRACTION_STEMS.get(stem, stem)
+        words.append(stem.replace("\u2019", "'"))
+    return [w for w in words if w]
+
+
+def dictionary_words(words: Iterable[str], dictionary: set[str] | frozenset[str]) -> int:
+    """How many of `words` are in `dictionary` (single letters count only as "a" and "i")."""
+    return sum(1 for w in words if w in dictionary or w in ("a", "i"))
+
+
+def summarize(answers: list[dict], dictionary: set[str] | frozenset[str]) -> dict:
+    """The probe's figures over answers [{"prompt", "answer", "tokens"}]."""
+    if not answers:
+        raise ConfigError("the chat probe needs at least one answer")
+    echo = [a for a in answers if task_formats(a["answer"], a["prompt"])]
+    n_tokens = n_repeated = n_words = n_known = 0
+    for a in answers:
+        toks = probe_tokens(a["answer"])
+        n_tokens += len(toks)
+        n_repeated += repeated_tokens(toks)
+        words = answer_words(a["answer"])
+        n_words += len(words)
+        n_known += dictionary_words(words, dictionary)
+    return {
+        "answers": len(answers),
+        "echo_share": len(echo) / len(answers),
+        "echo_formats": sorted({f for a in echo for f in task_formats(a["answer"], a["prompt"])}),
+        "repeat_share": n_repeated / n_tokens if n_tokens else 0.0,
+        "dictionary_share": n_known / n_words if n_words else 0.0,
+        "mean_tokens": sum(a["tokens"] for a in answers) / len(answers),
+        "mean_words": n_words / len(answers),
+    }
+
+
+# ---------------------------------------------------------------- running it
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default="sft", help="checkpoint stage (default sft)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,
+                   help=f"sampling temperature, 0 = greedy (default: the chat default {CHAT_SAMPLING.temperature})")
+    p.add_argument("--top-k", type=int, default=CHAT_SAMPLING.top_k,
+                   help=f"top-k, 0 = off (default: the chat default {CHAT_SAMPLING.top_k})")
+    p.add_argument("--max-tokens", type=int, default=CHAT_SAMPLING.max_tokens,
+                   help=f"longest answer in tokens (default: the chat default {CHAT_SAMPLING.max_tokens})")
+    p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed+i (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts (default: all 30)")
+    p.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
+    p.add_argument("--dtype", default=None, help="compute dtype: auto | bf16 | fp32")
+
+
+def answer_prompts(engine, prompts: Iterable[str], temperature: float, top_k: int, max_tokens: int,
+                   seed: int) -> list[dict]:
+    """[{"prompt", "answer", "tokens"}]: each prompt answered alone, with seed+i."""
+    tokenizer = engine.tokenizer
+    answers = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": prompt}]})
+        out, _ = engine.generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=temperature,
+                                       top_k=top_k or None, seed=seed + i)
+        answers.append({"prompt": prompt, "answer": tokenizer.decode(out[0]).strip(), "tokens": len(out[0])})
+    return answers
+
+
+def render_markdown(result: dict) -> str:
+    """The probe as markdown: settings, the four figures, and the first answers verbatim."""
+    s, m = result["settings"], result["metrics"]
+    lines = [f"### Chat probe: {result['stage']} (step {result['step']})\n",
+             (f"{m['answers']} everyday prompts, temperature {s['temperature']}, top-k {s['top_k']}, "
+             f"max {s['max_tokens']} tokens, seed {s['seed']}+i.\n"),
+             "| measure | value | target |", "|---|---:|---:|",
+             f"| answers echoing a task format | {m['echo_share']:.0%} | <= 10% |",
+             f"| tokens in repeats (4-grams seen before in the answer) | {m['repeat_share']:.1%} | <= 5% |",
+             f"| dictionary words | {m['dictionary_share']:.1%} | >= 85% |",
+             f"| mean answer length | {m['mean_tokens']:.0f} tokens ({m['mean_words']:.0f} words) | |"]
+    if m["echo_formats"]:
+        lines.append(f"\nFormats echoed: {', '.join(m['echo_formats'])}.")
+    lines.append("\nAnswers (verbatim):\n")
+    for a in result["answers"][:VERBATIM]:
+        lines.append(f"> **{a['prompt']}**  \n> " + a["answer"].replace("\n", "  \n> ")[:600] + "\n")
+    return "\n".join(lines)
+
+
+def english_words() -> frozenset[str]:
+    """The spelling tasks' English word list (npm word-list, fetched once)."""
+    from picochat.tasks.spelling import word_list_path
+
+    return frozenset(Path(word_list_path()).read_text().split())
+
+
+def run(args: argparse.Namespace) -> int:
+    from picochat.infer import Engine
+    from picochat.infer.loading import load_for_inference
+    from picochat.runtime import home, pick_device, pick_dtype
+
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
+    if not 0.0 <= args.temperature <= 2.0:
+        raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns it off)")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be >= 1")
+    device = pick_device(args.device)
+    model, tokenizer, meta, path = load_for_inference(args.stage, args.tag, args.step, device)
+    engine = Engine(model, tokenizer, compute_dtype=pick_dtype(device, args.dtype))
+    prompts = PROMPTS[: args.limit]
+    answers = answer_prompts(engine, prompts, args.temperature, args.top_k, args.max_tokens, args.seed)
+    dictionary = english_words()
+    stage, tag, step = path.parts[-3], path.parts[-2], int(meta.get("step", path.name.removeprefix("step_")))
+    result = {"stage": stage, "tag": tag, "step": step, "checkpoint": str(path),
+              "settings": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens,
+                           "seed": args.seed},
+              "metrics": summarize(answers, dictionary), "answers": answers}
+    out = home() / "eval" / f"chat_probe_{stage}_{tag}_step{step}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(result)
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown + "\n")):
+        tmp = out.with_name(out.name + suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out.with_name(out.name + suffix))
+    print(markdown)
+    print(f"\nwrote {out}.json and .md")
+    return 0
