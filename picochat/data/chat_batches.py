@@ -7,6 +7,8 @@
   the structural tokens around them) are set to -1.
 - `PaddedConversations` + `sft_collate` (SFT): one conversation per row, right-padded
   to the longest row of the micro-batch, targets -1 wherever the mask is 0 or padding.
+  With `bucket_widths` (for a compiled model) the width is rounded up to the next bucket,
+  so the compiler sees a handful of shapes instead of one per batch width.
 
 Both shard by rank (rank r of w takes conversations r, r+w, ... of the task, so every
 conversation is used exactly once per epoch across ranks), count epochs, and save their
@@ -22,16 +24,21 @@ import torch
 from picochat.errors import DataError
 
 
-def sft_collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_collate(rows: list[tuple[list[int], list[int]]], pad_id: int,
+                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of shape (B, longest - 1): inputs padded with `pad_id`, targets with -1.
 
-    Row i: inputs = ids[:-1]; targets = ids[1:], with -1 where mask[1:] == 0.
+    Row i: inputs = ids[:-1]; targets = ids[1:], with -1 where mask[1:] == 0. With `width`
+    (at least longest - 1) the rows are padded to that width instead.
     """
     if not rows:
         raise DataError("sft_collate got an empty batch")
-    width = max(len(ids) for ids, _ in rows) - 1
-    if width < 1:
+    longest = max(len(ids) for ids, _ in rows) - 1
+    if longest < 1:
         raise DataError("sft_collate needs conversations of at least 2 tokens")
+    if width is not None and width < longest:
+        raise DataError(f"sft_collate: width {width} is narrower than the longest row ({longest} tokens)")
+    width = width or longest
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, (ids, mask) in enumerate(rows):
@@ -134,17 +141,29 @@ class PackedConversations:
             self.position += 1
 
 
+def width_buckets(max_seq_len: int, count: int = 4) -> list[int]:
+    """Batch widths for a compiled SFT run: max_seq_len / 2**k for k < count, ascending (e.g. 256..2048)."""
+    widths = {max(1, -(-max_seq_len // 2**k)) for k in range(count)}
+    return sorted(widths)
+
+
 class PaddedConversations:
-    """Infinite iterator of padded SFT micro-batches: B conversations per (inputs, targets)."""
+    """Infinite iterator of padded SFT micro-batches: (inputs, targets, real tokens) of B conversations.
+
+    Real tokens are the inputs that are not padding (for honest tokens/s).
+    """
 
     def __init__(self, task, tokenizer, batch_size: int, max_seq_len: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", bucket_widths: list[int] | None = None):
         self.walk = _ConversationWalk(task, rank, world_size)
         self.tokenizer = tokenizer
         self.B, self.T = batch_size, max_seq_len
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.pad_id = tokenizer.encode_special("assistant_end")
+        self.buckets = sorted(bucket_widths) if bucket_widths else None
+        if self.buckets and self.buckets[-1] < max_seq_len:
+            raise DataError(f"the widest bucket ({self.buckets[-1]}) is narrower than max_seq_len {max_seq_len}")
         self.position = 0
 
     @property
@@ -154,14 +173,19 @@ class PaddedConversations:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         rows = []
         for _ in range(self.B):
             _, conv = self.walk.row(self.position)
             rows.append(self.tokenizer.render_conversation(conv, max_tokens=self.T + 1))
             self.position += 1
-        x, y = sft_collate(rows, self.pad_id)
-        return x.to(self.device), y.to(self.device)
+        real = sum(len(ids) - 1 for ids, _ in rows)
+        width = None
+        if self.buckets:
+            longest = max(len(ids) for ids, _ in rows) - 1
+            width = next(w for w in self.buckets if w >= longest)
+        x, y = sft_collate(rows, self.pad_id, width)
+        return x.to(self.device), y.to(self.device), real
 
     def state_dict(self) -> dict:
         return {"position": self.position, "rank": self.rank, "world_size": self.world_size}

@@ -40,7 +40,7 @@ import torch
 
 from picochat.errors import UserError
 from picochat.infer.decode import DecodeStep
-from picochat.infer.engine import Engine, _Row
+from picochat.infer.engine import Engine, _Row, logprob_column
 from picochat.infer.sampling import sample_many
 from picochat.infer.unembed import Unembedder
 from picochat.model.kv_cache import KVCache
@@ -62,6 +62,8 @@ class _Request:
     logits: torch.Tensor | None = None  # (live rows, vocab) for the next sample
     steps: int = 0
     cancelled: bool = False
+    logprobs: int | None = None  # opt-in: columns carry log-prob entries (Engine.generate's `logprobs`)
+    stopped: set[int] | None = None  # sample indices the consumer ended (Engine.generate's `stopped`)
 
 
 @dataclass
@@ -101,12 +103,14 @@ class BatchingEngine:
 
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = 42, use_tools: bool = True) -> Iterator[tuple[list[int | None], list[int]]]:
+                 seed: int | None = 42, use_tools: bool = True, logprobs: int | None = None,
+                 stopped: set[int] | None = None) -> Iterator[tuple[list[int | None], list[int]]]:
         """As Engine.generate (nothing is queued before the first next()); closing the iterator
         early frees the request's rows at the next step."""
         columns: queue.SimpleQueue = queue.SimpleQueue()
         request = self.submit(tokens, columns.put, num_samples=num_samples, max_tokens=max_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_tools=use_tools)
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_tools=use_tools,
+                              logprobs=logprobs, stopped=stopped)
         try:
             while True:
                 item = columns.get()
@@ -120,7 +124,8 @@ class BatchingEngine:
 
     def submit(self, tokens: list[int], deliver: Callable[[object], bool | None], num_samples: int = 1,
                max_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = 42, use_tools: bool = True) -> _Request:
+               top_p: float | None = None, seed: int | None = 42, use_tools: bool = True,
+               logprobs: int | None = None, stopped: set[int] | None = None) -> _Request:
         """Queue a request whose columns go to `deliver(item)`, called in the scheduler thread:
         each (tokens, masks) as Engine.generate yields them, then `DONE`, or an exception if the
         generation failed. `deliver` returning False abandons the request (its rows are freed)."""
@@ -130,7 +135,8 @@ class BatchingEngine:
             raise UserError(f"num_samples must be in [1, {self.max_rows}] (the batch's rows), got {num_samples}")
         tokens, max_tokens = engine.fit_prompt(tokens, max_tokens)
         request = _Request(tokens, num_samples, max_tokens, use_tools=use_tools, deliver=deliver,
-                           sample=engine._sampling(seed, temperature, top_k, top_p))
+                           sample=engine._sampling(seed, temperature, top_k, top_p), logprobs=logprobs,
+                           stopped=stopped)
         with self._cond:
             if self._closed:
                 raise RuntimeError("this BatchingEngine is closed")
@@ -212,13 +218,17 @@ class BatchingEngine:
         for request in requests:
             sampled, start = drawn[start:start + len(request.rows)], start + len(request.rows)
             column, masks, finished = engine._next_column(request.rows, sampled, request.num_samples,
-                                                          request.use_tools)
+                                                          request.use_tools, request.stopped)
+            item = (column, masks)
+            if request.logprobs is not None:
+                item += (logprob_column(request.rows, column, request.logits, engine.softcap, request.logprobs,
+                                        request.num_samples),)
             live = [row for r, row in enumerate(request.rows) if r not in finished]
             finished_rows.update(id(request.rows[r]) for r in finished)
             for row in live:
                 slot_of[id(row)].last_token = column[row.index]
             request.steps += 1
-            if not self._hand(request, (column, masks)):
+            if not self._hand(request, item):
                 finished_rows.update(id(row) for row in live)
                 live = []
             elif request.steps == request.max_tokens or not live:

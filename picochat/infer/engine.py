@@ -29,7 +29,7 @@ import torch
 from picochat.errors import UserError
 from picochat.infer.calculator import calculator
 from picochat.infer.decode import DecodeStep
-from picochat.infer.sampling import sample_next
+from picochat.infer.sampling import logprob_entries, sample_next, token_logprobs
 from picochat.infer.unembed import Unembedder
 from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
@@ -92,8 +92,16 @@ class Engine:
         top_p: float | None = None,
         seed: int | None = 42,
         use_tools: bool = True,
+        logprobs: int | None = None,
+        stopped: set[int] | None = None,
     ) -> Iterator[tuple[list[int | None], list[int]]]:
-        """Yield, per step, (tokens, masks): one entry per sample; None/0 for finished samples."""
+        """Yield, per step, (tokens, masks): one entry per sample; None/0 for finished samples.
+
+        `logprobs` (opt-in, the number of alternatives 0-20): each step yields (tokens, masks,
+        entries) instead, entries[i] = (log-prob of tokens[i], [(id, log-prob)] of the `logprobs`
+        most likely) at temperature 1 (sampling.token_logprobs), or None for a finished sample.
+        `stopped`: sample indices the caller adds to while iterating (e.g. a stop string matched);
+        those samples end at the next step and leave the batch."""
         tokens = self._check_prompt(tokens)
         if num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {num_samples}")
@@ -116,8 +124,11 @@ class Engine:
         rows = [_Row(i) for i in range(num_samples)]
         for step in range(max_tokens):
             sampled = sample_next(logits, **sample).tolist()  # (live rows,)
-            column, masks, finished = self._next_column(rows, sampled, num_samples, use_tools)
-            yield column, masks
+            column, masks, finished = self._next_column(rows, sampled, num_samples, use_tools, stopped)
+            if logprobs is None:
+                yield column, masks
+            else:
+                yield column, masks, logprob_column(rows, column, logits, self.softcap, logprobs, num_samples)
             if step == max_tokens - 1:
                 break
             if finished:
@@ -140,13 +151,17 @@ class Engine:
                 "softcap": self.softcap}
 
     def _next_column(self, rows: list[_Row], sampled: list[int], num_samples: int,
-                     use_tools: bool) -> tuple[list[int | None], list[int], list[int]]:
+                     use_tools: bool, stopped: set[int] | None = None) -> tuple[list[int | None], list[int], list[int]]:
         """One step of a request: a token per live row (the one sampled for it, or forced tool
-        output), as (column, masks, indices into `rows` of the rows that just finished)."""
+        output), as (column, masks, indices into `rows` of the rows that just finished). A row
+        whose index is in `stopped` gets no token and finishes."""
         column: list[int | None] = [None] * num_samples
         masks = [0] * num_samples
         finished: list[int] = []
         for r, row in enumerate(rows):
+            if stopped and row.index in stopped:
+                finished.append(r)
+                continue
             if row.forced:
                 token = row.forced.popleft()
             else:
@@ -197,6 +212,20 @@ class Engine:
         elif row.in_python:
             row.python_tokens.append(token)
 
+    @torch.inference_mode()
+    def score(self, tokens: list[int], top: int = 0) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Log-prob of every prompt token given the ones before it (None for the first), with the
+        `top` most likely alternatives at each position: one forward pass over the whole prompt."""
+        tokens = self._check_prompt(tokens)
+        if len(tokens) > self.context_len:
+            raise UserError(f"the prompt has {len(tokens)} tokens; the context holds {self.context_len}")
+        if len(tokens) == 1:
+            return [None]
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        with self._autocast():
+            logits = self.model(ids)[0, :-1]  # (T-1, vocab), softcapped by the model's forward
+        return [None, *logprob_entries(token_logprobs(logits), tokens[1:], top)]
+
     def _check_prompt(self, tokens) -> list[int]:
         if not isinstance(tokens, (list, tuple)) or not tokens:
             raise UserError("the prompt must be a non-empty list of token ids")
@@ -205,6 +234,20 @@ class Engine:
         if bad is not None:
             raise UserError(f"prompt token {bad!r} is not an id in [0, {vocab})")
         return list(tokens)
+
+
+def logprob_column(rows: list[_Row], column: list[int | None], logits: torch.Tensor, softcap: float | None,
+                   top: int, num_samples: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """The log-prob entries of one step's column: `logits` has one row per entry of `rows`
+    (the live rows, as sampled), a row that got no token (stopped) gets None."""
+    entries: list = [None] * num_samples
+    given = [r for r, row in enumerate(rows) if column[row.index] is not None]
+    if given:
+        picked = logits.index_select(0, torch.tensor(given, device=logits.device)) if len(given) < len(rows) else logits
+        tokens = [column[rows[r].index] for r in given]
+        for r, entry in zip(given, logprob_entries(token_logprobs(picked, softcap), tokens, top), strict=True):
+            entries[rows[r].index] = entry
+    return entries
 
 
 def _keep_cache_rows(cache: KVCache, rows: torch.Tensor) -> None:

@@ -113,3 +113,18 @@ def _one_by_one(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
         tokens += sample_next(logits[start:start + n], **sample).tolist()
         start += n
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """Log-probabilities (B, vocab) fp32 at temperature 1: the log-softmax of the softcapped logits,
+    before any temperature, top-k or top-p (what an API's `logprobs` reports)."""
+    return torch.log_softmax(capped(logits.float(), softcap), dim=-1)
+
+
+def logprob_entries(logprobs: torch.Tensor, tokens: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row of `logprobs` (B, vocab): (log-prob of tokens[row], the `top` most likely (id, log-prob))."""
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+    if top <= 0:
+        return [(lp, []) for lp in chosen]
+    values, ids = torch.topk(logprobs, min(top, logprobs.size(-1)), dim=-1)  # (B, top), sorted descending
+    return [(lp, list(zip(i, v, strict=True))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist(), strict=True)]

@@ -10,10 +10,13 @@ import argparse
 import json
 
 from picochat.config import add_preset_argument
+from picochat.errors import DataError
+from picochat.plan import add_plan_check_argument
 
 CHAT_DEFAULTS = {
     "embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02, "weight_decay": 0.0,
-    "momentum_warmup_steps": 300, "save_every": -1, "keep_last": 2, "mix_scale": "full",
+    "momentum_warmup_steps": 300, "save_every": -1, "save_every_minutes": -1.0, "keep_last": 2,
+    "mix_scale": "full", "time_budget": -1.0,
 }
 
 
@@ -35,8 +38,13 @@ def add_chat_stage_arguments(p: argparse.ArgumentParser, parent_default: str) ->
     g.add_argument("--matrix-lr", type=float, help="Muon LR of the block matrices")
     g.add_argument("--weight-decay", type=float, help="weight decay of the AdamW groups")
     g.add_argument("--momentum-warmup-steps", type=int, help="Muon momentum 0.85 -> 0.95 over this many steps")
+    g.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="train for this many minutes instead of one pass: the horizon is set from the first "
+                   "steps' throughput, then fixed (and kept on --resume)")
     g = p.add_argument_group("checkpoints and runtime")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (<=0: at the end only)")
+    g.add_argument("--save-every-minutes", type=float,
+                   help="also checkpoint when this many minutes of wall time passed since the last save (<=0: off)")
     g.add_argument("--keep-last", type=int, help="keep this many newest checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this tag")
     g.add_argument("--tag", default=None, help="run name (default: the starting checkpoint's tag)")
@@ -44,17 +52,85 @@ def add_chat_stage_arguments(p: argparse.ArgumentParser, parent_default: str) ->
     g.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp32")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: CUDA)")
     g.add_argument("--wandb", default=None, metavar="RUN", help="log to Weights & Biases under this run name")
+    add_plan_check_argument(g)
 
 
-def load_parent(args, world):
-    """(model, tokenizer, meta, tag) of the checkpoint this stage starts from."""
+def start_world(args):
+    """Join the world with expandable CUDA segments, and check that every rank sees the same home."""
+    from picochat.runtime import init_distributed
+    from picochat.train.loop import verify_shared_home
+    from picochat.train.mfu import use_expandable_segments
+
+    use_expandable_segments()  # before CUDA is initialised
+    world = init_distributed(args.device)
+    verify_shared_home(world)
+    return world
+
+
+def find_parent(args, world):
+    """The starting checkpoint's directory, chosen once on rank 0 (the newest, unless given) for every rank."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from picochat.train.checkpoint import find_checkpoint
+
+    found = [None]
+    if world.is_main:
+        try:
+            found = [str(find_checkpoint(args.from_stage, args.from_tag, args.from_step))]
+        except DataError as e:
+            found = [e]
+    if world.enabled:
+        dist.broadcast_object_list(found)
+    if isinstance(found[0], Exception):
+        raise DataError(str(found[0]))
+    return Path(found[0])
+
+
+def load_parent(args, world, check_memory=None):
+    """(model, tokenizer, meta, tag) of the checkpoint this stage starts from.
+
+    `check_memory(config)` runs on the parent's config before anything is allocated.
+    """
+    import json as _json
+
+    from picochat.model.gpt import GPTConfig
     from picochat.runtime import log0
-    from picochat.train.checkpoint import find_checkpoint, load_checkpoint_dir
+    from picochat.train.checkpoint import load_checkpoint_dir
 
-    path = find_checkpoint(args.from_stage, args.from_tag, args.from_step)
+    path = find_parent(args, world)
+    if check_memory is not None and (path / "config.json").exists():
+        check_memory(GPTConfig.from_dict(_json.loads((path / "config.json").read_text())))
     model, tokenizer, meta = load_checkpoint_dir(path, world.device)
     log0(f"starting from {path} ({model.num_params():,} params)")
     return model, tokenizer, meta, args.tag or meta.get("tag") or path.parent.name
+
+
+def check_memory(args, world, dtype, compiled: bool, batch_flag: str, candidates, batch_check=None):
+    """A `load_parent` hook: the plan's estimate for this stage must fit the device (unless --no-plan-check).
+
+    `candidates(config)` lists the device batches that divide the step; `batch_check(config)`
+    raises first if the batch flags cannot work at this world size.
+    """
+    import torch
+
+    from picochat.plan import Shape, check_fits
+
+    def check(config) -> None:
+        if batch_check is not None:
+            batch_check(config)
+        if args.no_plan_check:
+            return
+        shape = Shape.from_config(config, args.device_batch_size, world_size=world.world_size, compiled=compiled,
+                                  bf16=dtype != torch.float32)
+        check_fits(shape, world.device, batch_flag, candidates(config))
+
+    return check
+
+
+def compiles(args, world) -> bool:
+    return args.compile == "on" or (args.compile == "auto" and world.device.type == "cuda")
 
 
 def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta: dict, batches, num_iterations: int,
@@ -66,17 +142,16 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
     from picochat.optim import build_optimizers
     from picochat.runtime import log0
     from picochat.train import checkpoint as ckpt
-    from picochat.train.loop import LoopConfig, Trainer, wandb_logger
+    from picochat.train.loop import LoopConfig, Trainer, newest_step, wandb_logger
     from picochat.train.schedules import muon_momentum
 
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
-    train_model = model
-    if args.compile == "on" or (args.compile == "auto" and world.device.type == "cuda"):
-        train_model = torch.compile(model, dynamic=False)
+    train_model = torch.compile(model, dynamic=False) if compiles(args, world) else model
     cfg = LoopConfig(stage=stage, tag=tag, num_iterations=num_iterations, grad_accum_steps=grad_accum,
                      tokens_per_step=tokens_per_step, eval_every=eval_every, save_every=args.save_every,
-                     keep_last=args.keep_last, loss_weighting=loss_weighting)
+                     save_every_minutes=args.save_every_minutes, keep_last=args.keep_last,
+                     loss_weighting=loss_weighting, time_budget_s=60 * args.time_budget)
     run_meta = {"parent": {"stage": args.from_stage, "tag": parent_meta.get("tag"), "step": parent_meta.get("step")},
                 "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **extra_meta}
     trainer = Trainer(model, optimizers, batches, cfg, world, tokenizer, lr_multiplier=lr_multiplier,
@@ -84,9 +159,9 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
                       compute_dtype=dtype, train_model=train_model, run_meta=run_meta,
                       on_log=wandb_logger(args.wandb, stage, vars(args)) if world.is_main else None)
     if args.resume:
-        steps = ckpt.list_steps(ckpt.run_dir(stage, tag))
-        if steps:
-            trainer.resume(ckpt.run_dir(stage, tag) / f"step_{steps[-1]}")
+        step = newest_step(stage, tag, world)  # decided once, on rank 0
+        if step is not None:
+            trainer.resume(ckpt.run_dir(stage, tag) / f"step_{step}")
         else:
             log0(f"--resume: no checkpoint under {ckpt.run_dir(stage, tag)} yet; starting fresh")
     result = trainer.run()

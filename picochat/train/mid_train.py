@@ -6,8 +6,9 @@
 Conversations of the mixture are rendered and packed into a `<|bos|>`-separated
 stream cut into (B, T) blocks. One pass: every rank counts the tokens of its share
 of the mixture, the number of steps is what fits in the smallest share (all ranks
-agree, via all-reduce MIN); the partial last step is dropped. LR: flat for 80% of the
-steps, then linear to 0. Checkpoints go to checkpoints/mid/<tag>/.
+agree, via all-reduce MIN); the partial last step is dropped, unless --time-budget sets the
+horizon from throughput instead. LR: flat for 80% of the steps, then linear to 0.
+Checkpoints go to checkpoints/mid/<tag>/.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from picochat.config import resolve
 from picochat.errors import ConfigError
+from picochat.plan import explain_batch_divisibility, valid_batches
 from picochat.train.chat_stage import CHAT_DEFAULTS, add_chat_stage_arguments
 
 DEFAULTS = {**CHAT_DEFAULTS, "device_batch_size": 32, "total_batch_size": 524288, "eval_every": 150,
@@ -41,21 +43,29 @@ def run(args: argparse.Namespace) -> int:
 
     from picochat.data.chat_batches import PackedConversations
     from picochat.eval.bpb import evaluate_bpb
-    from picochat.runtime import init_distributed, log0, pick_dtype, seed_everything, shutdown_distributed
-    from picochat.train.chat_stage import load_parent, run_trainer
+    from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
+    from picochat.train.chat_stage import check_memory, compiles, load_parent, run_trainer, start_world
     from picochat.train.mixtures import MID, MID_VAL, build_mixture, describe, pick
     from picochat.train.schedules import constant_then_linear_to_zero
 
-    world = init_distributed(args.device)
+    world = start_world(args)
     try:
         seed_everything(args.seed)
         dtype = pick_dtype(world.device, args.dtype)
-        model, tokenizer, parent_meta, tag = load_parent(args, world)
+
+        def batch_check(config) -> None:
+            problem = explain_batch_divisibility(args.total_batch_size, args.device_batch_size,
+                                                 config.sequence_len, world.world_size, "--total-batch-size")
+            if problem:
+                raise ConfigError(problem)
+
+        check = check_memory(args, world, dtype, compiles(args, world), "--device-batch-size",
+                             lambda c: valid_batches(args.total_batch_size, c.sequence_len, world.world_size),
+                             batch_check)
+        model, tokenizer, parent_meta, tag = load_parent(args, world, check)
         T, B = model.config.sequence_len, args.device_batch_size
+        batch_check(model.config)
         per_micro = B * T * world.world_size
-        if args.total_batch_size % per_micro:
-            raise ConfigError(f"--total-batch-size {args.total_batch_size} must be a multiple of "
-                              f"device_batch_size*seq_len*world = {per_micro}")
         grad_accum = args.total_batch_size // per_micro
         entries = pick(MID, args.source, args.mix_scale)
         log0(f"mid mixture ({args.source}, {args.mix_scale}): {describe(entries)}")
@@ -82,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             return {"val_bpb": evaluate_bpb(m, val, eval_steps, token_bytes, dtype)}
 
         run_trainer(args, world, "mid", tag, model, tokenizer, parent_meta, batches, num_iterations, grad_accum,
-                    args.total_batch_size, lambda s: constant_then_linear_to_zero(s, num_iterations), evaluate,
+                    args.total_batch_size, lambda s, n: constant_then_linear_to_zero(s, n), evaluate,
                     dtype, "mean", args.eval_every,
                     {"mixture": describe(entries), "conversations": len(train_mix), "mask_user": args.mask_user})
         return 0

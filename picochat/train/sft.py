@@ -8,7 +8,9 @@ assistant's tokens are targets. A step accumulates micro-batches of
 --device-batch-size conversations up to --examples-per-step conversations; the loss
 is the mean over every supervised token of the step (across micro-batches and ranks),
 so a micro-batch with no supervised token contributes nothing. LR: --init-lr-frac
-(0.02) of the base LRs, linearly to 0. Evaluates val loss and MMLU / ARC accuracy.
+(0.02) of the base LRs, linearly to 0 at the end of the epochs (or of --time-budget).
+Under torch.compile the rows are padded to one of four widths (max_seq_len / 8 .. max_seq_len),
+so one run compiles at most four graphs. Evaluates val loss and MMLU / ARC accuracy.
 """
 
 from __future__ import annotations
@@ -36,28 +38,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-items", type=int, help="items per categorical eval task and val conversations")
 
 
+def batch_choices(examples_per_step: int, world_size: int) -> list[int]:
+    """Device batches that split --examples-per-step evenly over the processes."""
+    per_rank = examples_per_step // world_size if examples_per_step % world_size == 0 else 0
+    return [b for b in range(1, per_rank + 1) if per_rank % b == 0]
+
+
+def check_examples_per_step(args, world_size: int) -> None:
+    per_micro = args.device_batch_size * world_size
+    if args.examples_per_step % per_micro == 0:
+        return
+    smaller = [b for b in batch_choices(args.examples_per_step, world_size) if b < args.device_batch_size]
+    fix = (f"with {world_size} process(es) use --device-batch-size {smaller[-1]}, or " if smaller else "use ")
+    raise ConfigError(f"--examples-per-step {args.examples_per_step} must be a multiple of device_batch_size*world "
+                      f"= {args.device_batch_size}*{world_size} = {per_micro}; {fix}an --examples-per-step that is "
+                      f"a multiple of {per_micro}")
+
+
 def run(args: argparse.Namespace) -> int:
     resolve(args, DEFAULTS, section="sft")
     import torch.distributed as dist
 
-    from picochat.data.chat_batches import PaddedConversations
+    from picochat.data.chat_batches import PaddedConversations, width_buckets
     from picochat.eval.categorical import evaluate_categorical
-    from picochat.runtime import init_distributed, log0, pick_dtype, seed_everything, shutdown_distributed
+    from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
     from picochat.tasks import load_task
-    from picochat.train.chat_stage import load_parent, run_trainer
+    from picochat.train.chat_stage import check_memory, compiles, load_parent, run_trainer, start_world
     from picochat.train.mixtures import SFT, SFT_EVAL, build_mixture, describe, pick
     from picochat.train.schedules import linear_to_zero
 
-    world = init_distributed(args.device)
+    world = start_world(args)
     try:
         seed_everything(args.seed)
         dtype = pick_dtype(world.device, args.dtype)
-        model, tokenizer, parent_meta, tag = load_parent(args, world)
+        compiled = compiles(args, world)
+        check = check_memory(args, world, dtype, compiled, "--device-batch-size",
+                             lambda c: batch_choices(args.examples_per_step, world.world_size),
+                             lambda c: check_examples_per_step(args, world.world_size))
+        model, tokenizer, parent_meta, tag = load_parent(args, world, check)
         T, B = model.config.sequence_len, args.device_batch_size
+        check_examples_per_step(args, world.world_size)
         per_micro = B * world.world_size
-        if args.examples_per_step % per_micro:
-            raise ConfigError(f"--examples-per-step {args.examples_per_step} must be a multiple of "
-                              f"device_batch_size*world = {per_micro}")
         grad_accum = args.examples_per_step // per_micro
         entries = pick(SFT, args.source, args.mix_scale)
         log0(f"sft mixture ({args.source}, {args.mix_scale}): {describe(entries)}")
@@ -68,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
                               f"(--examples-per-step {args.examples_per_step})")
         log0(f"{len(train_mix):,} conversations x {args.num_epochs} epoch(s) -> {num_iterations} steps of "
              f"{args.examples_per_step} conversations (grad accum {grad_accum})")
-        batches = PaddedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device)
+        buckets = width_buckets(T) if compiled else None  # a few shapes for the compiler, exact widths eagerly
+        batches = PaddedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device,
+                                      bucket_widths=buckets)
         plan = SFT_EVAL[args.mix_scale]
         val_name, val_split, val_kw = plan["val"]
         val_task = load_task(val_name, val_split, source=args.source, **val_kw)
@@ -81,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             val = PaddedConversations(val_task, tokenizer, B, T, world.rank, world.world_size, world.device)
             total = torch.zeros(2, dtype=torch.float64, device=world.device)  # loss sum, supervised tokens
             for _ in range(max(1, val.walk.per_epoch // B)):
-                x, y = next(val)
+                x, y, _ = next(val)
                 with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
                     total[0] += m(x, y, loss_reduction="sum").double()
                 total[1] += (y >= 0).sum()
@@ -98,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             return results
 
         run_trainer(args, world, "sft", tag, model, tokenizer, parent_meta, batches, num_iterations, grad_accum,
-                    args.examples_per_step * T, lambda s: linear_to_zero(s, num_iterations, args.init_lr_frac),
+                    args.examples_per_step * T, lambda s, n: linear_to_zero(s, n, args.init_lr_frac),
                     evaluate, dtype, "tokens", args.eval_every,
                     {"mixture": describe(entries), "conversations": len(train_mix)})
         return 0
