@@ -98,6 +98,87 @@ class TextStreamer:
         return pieces
 
 
+class RawTextStreamer:
+    """The raw model's text, for raw completions: special tokens appear as their names
+    (`<|bos|>`), there is no tool markup; multi-byte characters are held until complete."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+
+    def push(self, token_id: int) -> list[Piece]:
+        return self._piece(self._decoder.decode(self.tokenizer.decode_bytes([token_id])))
+
+    def finish(self) -> list[Piece]:
+        return self._piece(self._decoder.decode(b"", final=True))
+
+    def _piece(self, text: str) -> list[Piece]:
+        self.text += text
+        return [Piece("text", text, text)] if text else []
+
+
+class StopMatcher:
+    """Stop strings matched on the displayed text across token boundaries, for one reply.
+
+    `push(pieces)` returns the pieces that are safe to send: text that can no longer be the start
+    of a stop string. The longest tail that could still start one is held back until the next
+    push decides it; once a stop string is complete, everything from its first character on is
+    dropped and `stopped` is True. A held-back tool piece (its `<<`, `=`, `>>` markup) is held or
+    dropped whole. `finish()` releases what is still held when the reply ends without a match.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.stopped = False
+        self._held: list[Piece] = []
+
+    def push(self, pieces: list[Piece]) -> list[Piece]:
+        if self.stopped:
+            return []
+        if not self.stops:
+            return pieces
+        self._held += pieces
+        text = "".join(p.display for p in self._held)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._release(min(hits), keep=False)
+        return self._release(len(text) - self._open_tail(text), keep=True)
+
+    def finish(self) -> list[Piece]:
+        out, self._held = ([] if self.stopped else self._held), []
+        return out
+
+    def _open_tail(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        longest = max(len(s) for s in self.stops) - 1
+        for n in range(min(longest, len(text)), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def _release(self, cut: int, keep: bool) -> list[Piece]:
+        """Hand out the held pieces' first `cut` display characters; keep (or drop) the rest."""
+        out, pos = [], 0
+        for i, piece in enumerate(self._held):
+            end = pos + len(piece.display)
+            if end <= cut:
+                out.append(piece)
+                pos = end
+                continue
+            if piece.display == piece.text and cut > pos:  # plain characters split anywhere
+                out.append(Piece(piece.kind, piece.text[:cut - pos], piece.display[:cut - pos]))
+                rest = [Piece(piece.kind, piece.text[cut - pos:], piece.display[cut - pos:])]
+            else:
+                rest = [piece]
+            self._held = rest + self._held[i + 1:] if keep else []
+            return out
+        self._held = []
+        return out
+
+
 _CALL = re.compile(r"<<([^<>=]*)(?:=([^<>]*))?>>")
 
 
