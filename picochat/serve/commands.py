@@ -5,17 +5,21 @@
     curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}]}'
 
 On GPUs every device holds one model replica (one worker each); on CPU `--workers N` engines share
-one model. Binds to 127.0.0.1 unless --host says otherwise (there is no authentication).
+one model. Binds to 127.0.0.1 unless --host says otherwise. `--api-key KEY` (or the environment
+variable PICOCHAT_API_KEY) makes /v1/* require `Authorization: Bearer KEY`; binding another address
+without a key prints a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 
 import torch
 
 from picochat.errors import ConfigError
-from picochat.runtime import pick_device, pick_dtype
+from picochat.runtime import pick_device, pick_dtype, warn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +41,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
     parser.add_argument("--top-k", type=int, default=50, help="default when a request gives none (0: off)")
     parser.add_argument("--max-tokens", type=int, default=512, help="default when a request gives none")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $PICOCHAT_API_KEY; none: open)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flags no request could use, before anything is loaded or bound."""
+    from picochat.serve.requests import Limits
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be in 0..65535")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: need at least 1")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch {args.max_batch}: need at least 1")
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue {args.max_queue}: must be >= 0")
+    # the same ranges as the request fields these flags stand in for (picochat.serve.requests)
+    if not 0.0 <= args.temperature <= 2.0:
+        raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2 (0 = greedy)")
+    if not 0 <= args.top_k <= Limits.max_top_k:
+        raise ConfigError(f"--top-k {args.top_k}: must be between 0 (off) and {Limits.max_top_k}")
+    if not 1 <= args.max_tokens <= Limits.max_tokens:
+        raise ConfigError(f"--max-tokens {args.max_tokens}: must be between 1 and {Limits.max_tokens}")
+    if api_key(args) is not None and not api_key(args).strip():
+        raise ConfigError("--api-key / PICOCHAT_API_KEY is empty; give a key or unset it")
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key if args.api_key is not None else os.environ.get("PICOCHAT_API_KEY")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_app(args: argparse.Namespace):
@@ -47,12 +89,7 @@ def build_app(args: argparse.Namespace):
     from picochat.serve.pool import serving_pool
     from picochat.serve.requests import Defaults, Limits
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: need at least 1")
-    if args.max_batch < 1:
-        raise ConfigError(f"--max-batch {args.max_batch}: need at least 1")
-    if args.max_queue < 0:
-        raise ConfigError(f"--max-queue {args.max_queue}: must be >= 0")
+    check_arguments(args)
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
     if device.type == "cuda" and args.device in (None, "", "auto", "cuda"):
@@ -73,15 +110,21 @@ def build_app(args: argparse.Namespace):
     pool = serving_pool(engines, args.max_batch, args.max_queue)
     batching = len(pool.engines) > len(pool.replicas())
     limits = Limits(max_n=min(Limits.max_n, args.max_batch)) if batching else None
-    app = create_app(pool, model_id, limits=limits, defaults=defaults)
+    app = create_app(pool, model_id, limits=limits, defaults=defaults, api_key=api_key(args))
     return app, model_id
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from picochat.serve.http import server_options
+
+    check_arguments(args)
     app, model_id = build_app(args)
-    print(f"serving {model_id} on http://{args.host}:{args.port}  (chat UI at /, API at /v1/chat/completions)",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if not is_loopback(args.host) and not api_key(args):
+        warn(f"--host {args.host} serves anyone who can reach port {args.port}, with no API key; "
+             "set --api-key (or PICOCHAT_API_KEY) to require one")
+    print(f"serving {model_id} on http://{args.host}:{args.port}  (chat UI at /, API at /v1/chat/completions "
+          "and /v1/completions)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **server_options())
     return 0

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 from picochat.infer import Engine
 from picochat.infer.batching import DONE, BatchingEngine
-from picochat.infer.prompt import fit_conversation
-from picochat.infer.streaming import Piece, TextStreamer
-from picochat.serve.requests import ChatRequest
+from picochat.infer.streaming import Piece, RawTextStreamer, StopMatcher, TextStreamer
+from picochat.serve.requests import Sampling
 
 
 class PoolFull(Exception):
@@ -87,9 +86,17 @@ def serving_pool(engines: list[Engine], max_batch: int, max_queue: int) -> Worke
 
 
 @dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, (id, log-prob), best first
+
+
+@dataclass
 class Delta:
     index: int
     piece: Piece
+    logprobs: list[TokenLogprob] | None = None  # the tokens this delta completes (when asked for)
 
 
 @dataclass
@@ -103,34 +110,60 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
 
+    def as_dict(self, dropped_messages: int | None = None) -> dict:
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if dropped_messages is not None:
+            usage["dropped_messages"] = dropped_messages
+        return usage
 
-def run_generation(engine: Engine | BatchingEngine, request: ChatRequest, emit: Callable[[object], None],
+
+@dataclass
+class Failure:
+    message: str  # the generation failed; the client gets a 500 / an error frame
+
+
+END = object()  # the last event of a request
+
+
+@dataclass
+class Generation:
+    """One prompt's generation: its choices are numbered from `first_index`."""
+
+    prompt: list[int]
+    sampling: Sampling
+    first_index: int = 0
+    use_tools: bool = True  # the calculator (chat); /v1/completions is the raw model
+    raw_text: bool = False  # special tokens as their names instead of tool markup
+
+
+def run_generation(engine: Engine | BatchingEngine, job: Generation, emit: Callable[[object], None],
                    cancel: threading.Event) -> None:
-    """Generate every choice of `request`, emitting Delta / Finish events and a final Usage.
+    """Generate every choice of `job`, emitting Delta / Finish events and a final Usage.
 
     A plain Engine generates in this (worker) thread. A BatchingEngine generates in its scheduler
     thread, which also turns each column into events here (`_Choices.column`), so a token reaches
-    the event loop without a hop through this thread; this thread only waits for the end."""
-    context = engine.context_len
-    prompt_budget = max(context - request.max_tokens, context // 2)
-    prompt = fit_conversation(engine.tokenizer, request.conversation, prompt_budget)
-    choices = _Choices(engine, request.n, emit)
+    the event loop without a hop through this thread; this thread only waits for the end. A choice
+    that completes a stop string ends there: the engine drops its row at the next step."""
+    request = job.sampling
+    choices = _Choices(engine, job, emit)
     options = {"num_samples": request.n, "max_tokens": request.max_tokens, "temperature": request.temperature,
-               "top_k": request.top_k, "top_p": request.top_p, "seed": request.seed}
+               "top_k": request.top_k, "top_p": request.top_p, "seed": request.seed, "use_tools": job.use_tools,
+               "logprobs": request.logprobs, "stopped": choices.stopped}
     if isinstance(engine, BatchingEngine):
-        if not _run_batched(engine, prompt, options, choices, cancel):
+        if not _run_batched(engine, job.prompt, options, choices, cancel):
             return
     else:
-        steps = engine.generate(prompt, **options)
+        steps = engine.generate(job.prompt, **options)
         try:
-            for column, _ in steps:
+            for column, _, *entries in steps:
                 if cancel.is_set():
                     return
-                choices.column(column)
+                choices.column(column, entries[0] if entries else None)
         finally:
             steps.close()  # frees the KV cache now, also when cancelled
     choices.finish()
-    emit(Usage(len(prompt), choices.completion_tokens))
+    emit(Usage(len(job.prompt), choices.completion_tokens))
 
 
 def _run_batched(engine: BatchingEngine, prompt: list[int], options: dict, choices: _Choices,
@@ -149,7 +182,7 @@ def _run_batched(engine: BatchingEngine, prompt: list[int], options: dict, choic
             failures.append(item)
             ended.set()
         else:
-            choices.column(item[0])
+            choices.column(item[0], item[2] if len(item) == 3 else None)
         return True
 
     submitted = engine.submit(prompt, deliver, **options)
@@ -163,35 +196,53 @@ def _run_batched(engine: BatchingEngine, prompt: list[int], options: dict, choic
 
 
 class _Choices:
-    """The streaming text of each choice: tokens in, Delta / Finish events out."""
+    """The streaming text of each choice: tokens in, Delta / Finish events out (stop strings
+    applied, log-probs attached to the delta that shows their token)."""
 
-    def __init__(self, engine, n: int, emit: Callable[[object], None]) -> None:
-        self.stop_tokens, self.emit = engine.stop_tokens, emit
-        self.streamers = [TextStreamer(engine.tokenizer) for _ in range(n)]
+    def __init__(self, engine, job: Generation, emit: Callable[[object], None]) -> None:
+        n = job.sampling.n
+        self.stop_tokens, self.emit, self.base = engine.stop_tokens, emit, job.first_index
+        make = RawTextStreamer if job.raw_text else TextStreamer
+        self.streamers = [make(engine.tokenizer) for _ in range(n)]
+        self.matchers = [StopMatcher(job.sampling.stop) for _ in range(n)]
+        self.pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.done = [False] * n
+        self.stopped: set[int] = set()  # choices ended by a stop string (the engine reads this)
         self.completion_tokens = 0
 
-    def column(self, column: list[int | None]) -> None:
+    def column(self, column: list[int | None], entries: list | None = None) -> None:
         for i, token in enumerate(column):
             if token is None or self.done[i]:
                 continue
             self.completion_tokens += 1
             if token in self.stop_tokens:
-                self.done[i] = True
-                _emit_pieces(self.emit, i, self.streamers[i].finish())
-                self.emit(Finish(i, "stop"))
-            else:
-                _emit_pieces(self.emit, i, self.streamers[i].push(token))
+                self._end(i, "stop")
+                continue
+            if entries is not None and entries[i] is not None:
+                self.pending[i].append(TokenLogprob(token, *entries[i]))
+            matcher = self.matchers[i]
+            self._send(i, matcher.push(self.streamers[i].push(token)))
+            if matcher.stopped:
+                self.stopped.add(i)
+                self._end(i, "stop")
 
     def finish(self) -> None:
         """Close the choices that ran out of tokens (no stop token)."""
-        for i, streamer in enumerate(self.streamers):
+        for i in range(len(self.streamers)):
             if not self.done[i]:
-                _emit_pieces(self.emit, i, streamer.finish())
-                self.emit(Finish(i, "length"))
+                self._end(i, "length")
 
+    def _end(self, i: int, reason: str) -> None:
+        self.done[i] = True
+        matcher = self.matchers[i]
+        pieces = matcher.push(self.streamers[i].finish())
+        self._send(i, pieces + matcher.finish(), last=True)
+        self.emit(Finish(self.base + i, reason))
 
-def _emit_pieces(emit: Callable[[object], None], index: int, pieces: list[Piece]) -> None:
-    for piece in pieces:
-        if piece.display or piece.text:
-            emit(Delta(index, piece))
+    def _send(self, i: int, pieces: list[Piece], last: bool = False) -> None:
+        pieces = [p for p in pieces if p.display or p.text]
+        if not pieces and last and self.pending[i]:
+            pieces = [Piece("text", "", "")]  # carries the log-probs of tokens that showed nothing
+        for piece in pieces:
+            logprobs, self.pending[i] = self.pending[i], []
+            self.emit(Delta(self.base + i, piece, logprobs or None))

@@ -13,6 +13,7 @@ import uvicorn
 from typing_extensions import Self
 
 from picochat.serve.commands import add_arguments, build_app
+from picochat.serve.http import server_options
 from tests.infer.tiny import save_tiny_checkpoint
 
 
@@ -23,7 +24,8 @@ class ServerThread:
         self.port = sock.getsockname()[1]
         sock.close()
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **server_options()))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

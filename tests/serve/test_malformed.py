@@ -23,11 +23,13 @@ CASES = [
     ("missing messages", {"max_tokens": 4}, 400, "messages"),
     ("messages not a list", {"messages": "hi"}, 400, "messages"),
     ("empty messages", {"messages": []}, 400, "messages"),
-    ("too many messages", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 250
+    ("too many messages", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 500
                            + USER}, 400, "messages"),
     ("message not an object", {"messages": ["hi"]}, 400, "messages.0"),
     ("missing role", {"messages": [{"content": "hi"}]}, 400, "messages.0.role"),
-    ("unknown role", {"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages.0.role"),
+    ("unknown role", {"messages": [{"role": "function", "content": "hi"}]}, 400, "messages.0.role"),
+    ("tool result with no call", {"messages": [{"role": "tool", "content": "42"}]}, 400, "messages.0.role"),
+    ("unknown message field", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400, "messages.0.name"),
     ("role not a string", {"messages": [{"role": 3, "content": "hi"}]}, 400, "messages.0.role"),
     ("missing content", {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
     ("null content", {"messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
@@ -39,9 +41,8 @@ CASES = [
     ("python part from the user", {"messages": [{"role": "user", "content": [{"type": "python", "text": "1+1"}]}]},
      400, "messages.0.content.0"),
     ("message too long", {"messages": [{"role": "user", "content": "x" * 8001}]}, 400, "messages.0.content"),
-    ("total too long", {"messages": [{"role": "user", "content": "x" * 8000}, {"role": "assistant", "content": "y" * 8000},
-                                     {"role": "user", "content": "x" * 8000}, {"role": "assistant", "content": "y" * 8000},
-                                     {"role": "user", "content": "x" * 8000}]}, 400, "messages"),
+    ("total too long", {"messages": [{"role": "user", "content": "x" * 8000}, {"role": "assistant", "content": "y" * 8000}]
+                        * 13 + USER}, 400, "messages"),
     ("system not first", {"messages": USER + [{"role": "system", "content": "s"}]}, 400, "messages.1"),
     ("two users in a row", {"messages": USER + USER}, 400, "messages.1"),
     ("starts with assistant", {"messages": [{"role": "assistant", "content": "hi"}] + USER}, 400, "messages.0"),
@@ -65,7 +66,12 @@ CASES = [
     ("stream_options not an object", body(stream=True, stream_options=[1]), 400, "stream_options"),
     ("seed negative", body(seed=-5), 400, "seed"),
     ("seed string", body(seed="abc"), 400, "seed"),
-    ("stop sequences", body(stop=["\n"]), 400, "stop"),
+    ("too many stop strings", body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("empty stop string", body(stop=""), 400, "stop"),
+    ("unknown field", body(best_friend=1), 400, "best_friend"),
+    ("client tools", body(tools=[]), 400, "tools"),
+    ("tool_choice auto", body(tool_choice="auto"), 400, "tool_choice"),
+    ("logprobs not a bool", body(logprobs="yes"), 400, "logprobs"),
     ("unknown model", body(model="gpt-4o"), 404, "model"),
 ]
 

@@ -1,0 +1,212 @@
+"""POST /v1/completions: the raw model, in OpenAI's legacy text-completion shape.
+
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'
+
+- `prompt`: a string, a list of strings, token ids, or a list of token-id lists; choice
+  `p * n + j` is prompt p's j-th sample. A string may name special tokens (`<|bos|>`) and gets
+  `<|bos|>` in front unless it starts with one (every training document did); that added token
+  conditions the model but is not echoed. Token ids are used exactly as given.
+- No chat template and no calculator: the text is what the model writes, special tokens shown
+  by name; a generated `<|bos|>` (a new document) or `<|assistant_end|>` ends the choice.
+- `echo` puts the prompt in front of the text; `max_tokens: 0` with `echo` scores the prompt only.
+- `logprobs: k` (0-20) returns `tokens`, `token_logprobs` (log-softmax of the softcapped logits at
+  temperature 1; None for a first token that has nothing before it), `top_logprobs` (the k most
+  likely, token -> log-prob) and `text_offset` (each token's character offset in `text`), for the
+  echoed prompt too. This is what lm-evaluation-harness's `local-completions` model reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+from dataclasses import dataclass, field
+
+from picochat.infer.prompt import encode_raw_prompt
+from picochat.serve.pool import END, Delta, Failure, Finish, TokenLogprob, Usage
+from picochat.serve.requests import APIError, CompletionRequest
+
+
+@dataclass
+class PreparedPrompt:
+    ids: list[int]  # what the model sees
+    echo_from: int  # ids[echo_from:] are the client's own prompt tokens (what echo returns)
+    scores: list | None = field(default=None)  # Engine.score entries of the echoed tokens
+
+    def score(self, engine, top: int | None) -> None:
+        """Log-probs of the echoed tokens (only when the request asks for logprobs)."""
+        if top is not None:
+            self.scores = engine.score(self.ids, top)[self.echo_from:]
+
+    @property
+    def echo_ids(self) -> list[int]:
+        return self.ids[self.echo_from:]
+
+
+def prepare_completion(tokenizer, context_len: int, req: CompletionRequest) -> list[PreparedPrompt]:
+    """Each prompt as token ids, checked against the vocabulary and the context."""
+    prompts = []
+    vocab, bos = tokenizer.vocab_size, tokenizer.bos_id
+    for i, raw in enumerate(req.prompts):
+        param = f"prompt.{i}" if len(req.prompts) > 1 else "prompt"
+        if isinstance(raw, str):
+            ids = encode_raw_prompt(tokenizer, raw)
+            prompt = PreparedPrompt(ids, 0) if ids and ids[0] == bos else PreparedPrompt([bos, *ids], 1)
+        else:
+            bad = next((t for t in raw if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt token {bad} is not an id in [0, {vocab})", param)
+            prompt = PreparedPrompt(list(raw), 0)
+        if len(prompt.ids) + req.max_tokens > context_len:
+            raise APIError(400, f"prompt {i} has {len(prompt.ids)} tokens and max_tokens is {req.max_tokens}; the "
+                           f"model's context holds {context_len}: shorten the prompt or lower max_tokens", param,
+                           "context_length_exceeded")
+        prompts.append(prompt)
+    return prompts
+
+
+class _Offsets:
+    """Character offset of each token in a choice's text, decoding as the text was decoded."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.at = 0
+
+    def next(self, token: int) -> int:
+        start = self.at
+        self.at += len(self.decoder.decode(self.tokenizer.decode_bytes([token])))
+        return start
+
+
+def _logprobs_block(tokenizer, offsets: _Offsets, tokens: list[int], entries: list) -> dict:
+    """OpenAI's legacy logprobs object for `tokens`, whose entries are (logprob, top) or None."""
+    block: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, entry in zip(tokens, entries, strict=True):
+        block["tokens"].append(tokenizer.id_to_text(token))
+        block["text_offset"].append(offsets.next(token))
+        if entry is None:
+            block["token_logprobs"].append(None)
+            block["top_logprobs"].append(None)
+            continue
+        logprob, top = entry
+        block["token_logprobs"].append(logprob)
+        alternatives: dict[str, float] = {}
+        for t, lp in top:
+            alternatives.setdefault(tokenizer.id_to_text(t), lp)
+        block["top_logprobs"].append(alternatives)
+    return block
+
+
+def _merge(into: dict | None, block: dict) -> dict:
+    if into is None:
+        return block
+    for key in into:
+        into[key] += block[key]
+    return into
+
+
+class _Choice:
+    """One choice being assembled: its text, its log-probs, its end."""
+
+    def __init__(self, tokenizer, req: CompletionRequest, prompt: PreparedPrompt):
+        self.tokenizer, self.req, self.prompt = tokenizer, req, prompt
+        self.offsets = _Offsets(tokenizer)
+        self.text, self.logprobs, self.reason = "", None, None
+
+    def echo(self) -> tuple[str, dict | None]:
+        ids = self.prompt.echo_ids
+        text = self.tokenizer.decode(ids)
+        block = None
+        if self.req.logprobs is not None:
+            entries = self.prompt.scores or [None] * len(ids)
+            block = _logprobs_block(self.tokenizer, self.offsets, ids, [entries[k] for k in range(len(ids))])
+        return self._add(text, block)
+
+    def delta(self, event: Delta) -> tuple[str, dict | None]:
+        block = None
+        if self.req.logprobs is not None:
+            tokens: list[TokenLogprob] = event.logprobs or []
+            block = _logprobs_block(self.tokenizer, self.offsets, [t.token for t in tokens],
+                                    [(t.logprob, t.top) for t in tokens])
+        return self._add(event.piece.display, block)
+
+    def _add(self, text: str, block: dict | None) -> tuple[str, dict | None]:
+        self.text += text
+        if block is not None:
+            self.logprobs = _merge(self.logprobs, {k: list(v) for k, v in block.items()})
+        return text, block
+
+
+def _choices(tokenizer, req: CompletionRequest, prompts: list[PreparedPrompt]) -> list[_Choice]:
+    return [_Choice(tokenizer, req, prompt) for prompt in prompts for _ in range(req.n)]
+
+
+async def completion_response(req: CompletionRequest, prompts: list[PreparedPrompt], header: dict,
+                              events: asyncio.Queue, on_close, tokenizer) -> dict:
+    choices = _choices(tokenizer, req, prompts)
+    prompt_tokens = completion_tokens = 0
+    echoed = not req.echo
+    finished = False
+    try:
+        while (event := await events.get()) is not END:
+            if isinstance(event, Failure):
+                raise APIError(500, event.message, type_="server_error")
+            if not echoed:  # the prompts were scored before the first event was emitted
+                echoed = True
+                for choice in choices:
+                    choice.echo()
+            if isinstance(event, Delta):
+                choices[event.index].delta(event)
+            elif isinstance(event, Finish):
+                choices[event.index].reason = event.reason
+            elif isinstance(event, Usage):
+                prompt_tokens += event.prompt_tokens
+                completion_tokens += event.completion_tokens
+        finished = True
+    finally:
+        on_close(finished)
+    body = [{"index": c, "text": choice.text, "logprobs": choice.logprobs, "finish_reason": choice.reason}
+            for c, choice in enumerate(choices)]
+    return {**header, "object": "text_completion", "choices": body,
+            "usage": Usage(prompt_tokens, completion_tokens).as_dict()}
+
+
+async def completion_sse(req: CompletionRequest, prompts: list[PreparedPrompt], header: dict, events: asyncio.Queue,
+                         on_close, tokenizer):
+    """text_completion frames: the echo (if asked), text deltas, a finish frame per choice, the
+    usage frame if asked for, then [DONE]."""
+    def frame(index: int | None, text: str = "", logprobs: dict | None = None, reason: str | None = None,
+              usage: dict | None = None) -> str:
+        choices = [] if index is None else [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]
+        obj = {**header, "object": "text_completion", "choices": choices}
+        if req.include_usage:
+            obj["usage"] = usage
+        return f"data: {json.dumps(obj)}\n\n"
+
+    choices = _choices(tokenizer, req, prompts)
+    prompt_tokens = completion_tokens = 0
+    echoed = not req.echo
+    finished = False
+    try:
+        while (event := await events.get()) is not END:
+            if not echoed and not isinstance(event, Failure):
+                echoed = True
+                for c, choice in enumerate(choices):
+                    yield frame(c, *choice.echo())
+            if isinstance(event, Delta):
+                yield frame(event.index, *choices[event.index].delta(event))
+            elif isinstance(event, Finish):
+                yield frame(event.index, reason=event.reason)
+            elif isinstance(event, Usage):
+                prompt_tokens += event.prompt_tokens
+                completion_tokens += event.completion_tokens
+            elif isinstance(event, Failure):
+                yield f"data: {json.dumps(APIError(500, event.message, type_='server_error').body())}\n\n"
+        if req.include_usage:
+            yield frame(None, usage=Usage(prompt_tokens, completion_tokens).as_dict())
+        yield "data: [DONE]\n\n"
+        finished = True
+    finally:
+        on_close(finished)
