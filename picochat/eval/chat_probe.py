@@ -22,7 +22,9 @@ each a pure function of the answer text:
 - mean answer length in model tokens (and words).
 
 Writes $PICOCHAT_HOME/eval/chat_probe_<stage>_<tag>_step<N>.json and .md; the report card
-shows the newest of each chat stage.
+shows the newest of each chat stage. A run with other settings than the defaults (say
+`--temperature 0`) names its files `..._step<N>_<settings>.json`, so it never replaces the
+defaults' figures in the report.
 """
 
 from __future__ import annotations
@@ -206,6 +208,17 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def probe_file_stem(stage: str, tag: str, step: int, settings: dict, limit: int | None) -> str:
+    """chat_probe_<stage>_<tag>_step<N>, plus the settings when they are not the chat defaults."""
+    defaults = {"temperature": CHAT_SAMPLING.temperature, "top_k": CHAT_SAMPLING.top_k,
+                "max_tokens": CHAT_SAMPLING.max_tokens, "seed": 0}
+    stem = f"chat_probe_{stage}_{tag}_step{step}"
+    if settings == defaults and limit is None:
+        return stem
+    s = settings
+    return stem + f"_t{s['temperature']:g}_k{s['top_k']}_n{s['max_tokens']}_s{s['seed']}" + (f"_l{limit}" if limit else "")
+
+
 def english_words() -> frozenset[str]:
     """The spelling tasks' English word list (npm word-list, fetched once)."""
     from picochat.tasks.spelling import word_list_path
@@ -237,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
               "settings": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens,
                            "seed": args.seed},
               "metrics": summarize(answers, dictionary), "answers": answers}
-    out = home() / "eval" / f"chat_probe_{stage}_{tag}_step{step}"
+    out = home() / "eval" / probe_file_stem(stage, tag, step, result["settings"], args.limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(result)
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown + "\n")):

@@ -10,6 +10,7 @@ stages that start from it (they inherit the tag). The run's name is that tag, or
   eval/base_loss_<tag>_step<N>.json     train/val bpb and samples (picochat base-loss)
   eval/base_eval_<tag>_step<N>.json     CORE per task (picochat base-eval)
   eval/chat_eval_<stage>_<tag>_step<N>.json   chat task accuracies and ChatCORE (picochat chat-eval)
+  eval/chat_probe_<stage>_<tag>_step<N>.json  everyday-prompt answers and their figures (picochat chat-probe)
   speedrun/<run>/started_at, *.done     run start and per-stage seconds, if `picochat speedrun` made the run
 
 and writes reports/<run>/report.md, its plots beside it, and a copy at reports/latest.md.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat.errors import UserError
+from picochat.eval.chat_probe import render_markdown as render_chat_probe
 from picochat.report.environment import PACKAGE_DIR, code_size, environment
 from picochat.report.plots import plot_bars, plot_training
 from picochat.runtime import home
@@ -313,13 +315,40 @@ def base_loss_section(root: Path, tag: str) -> str | None:
     if payload is None:
         return None
     lines = [f"### Base loss (step {found[1]})\n",
-             md_table(["split", "bits per byte"], [["train", payload.get("train_bpb")], ["val", payload.get("val_bpb")]])]
+             md_table(["split", "bits per byte", "standard error"],
+                      [[split, payload.get(f"{split}_bpb"), payload.get(f"{split}_bpb_se")] for split in ("train", "val")])]
+    lines.append("\n" + base_loss_note(payload))
     samples = payload.get("samples") or []
     if samples:
         lines.append("\nGreedy samples (prompt → completion):\n\n```")
         lines += [f"{s.get('prompt', '')}{s.get('completion', '')!r}"[:300] for s in samples]
         lines.append("```")
     return "\n".join(lines)
+
+
+def base_loss_note(payload: dict) -> str:
+    """Which val bpb this is, next to the in-training eval's."""
+    tokens = payload.get("tokens_per_split")
+    note = f"Val bpb over the first {fmt(tokens)} tokens of the val shard" if tokens else "Val bpb"
+    train_tokens, train_bpb = payload.get("training_eval_tokens"), payload.get("training_eval_val_bpb")
+    if train_tokens is None:
+        return note + "."
+    if train_tokens == tokens:
+        return (note + f": the same tokens as the in-training eval (its last value {fmt(train_bpb)}); "
+                "standard errors across batches.")
+    return (note + f"; the in-training eval read the first {fmt(train_tokens)} (its last value {fmt(train_bpb)}), "
+            "so the two differ by which text they score.")
+
+
+def chat_probe_section(root: Path, stage: str, tag: str) -> str | None:
+    found = newest_by_step(root / "eval", f"chat_probe_{stage}_{tag}")
+    payload = read_json(found[0]) if found else None
+    if payload is None:
+        return None
+    try:
+        return render_chat_probe(payload)
+    except (KeyError, TypeError):
+        return None
 
 
 def base_eval_section(root: Path, tag: str, out_dir: Path) -> tuple[str | None, float | None, float]:
@@ -462,6 +491,9 @@ def stage_sections(root: Path, tag: str, runs: dict[str, StageRun], out_dir: Pat
         if chat:
             parts.append(chat)
             eval_seconds += float(((run.chat_eval or {}).get("run") or {}).get("seconds") or 0.0)
+        probe = chat_probe_section(root, stage, tag) if run else None
+        if probe:
+            parts.append(probe)
         sections.append("\n\n".join(parts))
     return sections, core, eval_seconds
 

@@ -69,6 +69,15 @@ def test_prompts_are_thirty_distinct_everyday_questions():
     assert all(task_formats(p) == [] for p in chat_probe.PROMPTS)
 
 
+def test_only_the_chat_defaults_write_the_name_the_report_reads():
+    d = chat_probe.CHAT_SAMPLING
+    defaults = {"temperature": d.temperature, "top_k": d.top_k, "max_tokens": d.max_tokens, "seed": 0}
+    assert chat_probe.probe_file_stem("sft", "d4", 90, defaults, None) == "chat_probe_sft_d4_step90"
+    greedy = {**defaults, "temperature": 0.0}
+    assert chat_probe.probe_file_stem("sft", "d4", 90, greedy, None) == f"chat_probe_sft_d4_step90_t0_k{d.top_k}_n{d.max_tokens}_s0"
+    assert chat_probe.probe_file_stem("sft", "d4", 90, defaults, 5).endswith("_l5")
+
+
 def test_render_markdown_shows_figures_and_answers():
     result = {"stage": "sft", "step": 7, "settings": {"temperature": 0.7, "top_k": 50, "max_tokens": 64, "seed": 0},
               "metrics": {"answers": 1, "echo_share": 0.0, "echo_formats": [], "repeat_share": 0.02,
@@ -88,12 +97,14 @@ def test_chat_probe_command_writes_json_and_markdown(picochat_home, monkeypatch,
     argv = ["chat-probe", "--stage", "sft", "--limit", "3", "--max-tokens", "8", "--device", "cpu", "--dtype", "fp32"]
     assert main(argv) == 0
     assert "### Chat probe: sft (step 1)" in capsys.readouterr().out
-    result = json.loads((picochat_home / "eval" / "chat_probe_sft_tiny_step1.json").read_text())
+    (path,) = (picochat_home / "eval").glob("chat_probe_sft_tiny_step1_*.json")  # not the defaults: a variant name
+    assert path.name == "chat_probe_sft_tiny_step1_t0.7_k50_n8_s0_l3.json"
+    result = json.loads(path.read_text())
     assert [a["prompt"] for a in result["answers"]] == list(chat_probe.PROMPTS[:3])
     assert all(0 < a["tokens"] <= 8 for a in result["answers"]) and result["settings"]["seed"] == 0
-    assert (picochat_home / "eval" / "chat_probe_sft_tiny_step1.md").read_text().startswith("### Chat probe")
+    assert path.with_suffix(".md").read_text().startswith("### Chat probe")
     assert main(argv) == 0  # fixed seeds: the same answers again
-    again = json.loads((picochat_home / "eval" / "chat_probe_sft_tiny_step1.json").read_text())
+    again = json.loads(path.read_text())
     assert again["answers"] == result["answers"]
     assert main(argv + ["--temperature", "3"]) == 2
     assert "--temperature 3.0: must be between 0 and 2" in capsys.readouterr().err
