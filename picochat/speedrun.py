@@ -5,7 +5,7 @@
 
 Stages run in order as child processes (under torchrun when --nproc-per-node > 1):
 data -> tok-train -> tok-eval -> base-train -> base-loss -> base-eval -> mid-train ->
-chat-eval (mid) -> sft -> chat-eval (sft) -> [rl -> chat-eval (rl)] -> report.
+chat-eval + chat-probe (mid) -> sft -> chat-eval + chat-probe (sft) -> [rl -> chat-eval + chat-probe (rl)] -> report.
 A stage that finished leaves a marker in $PICOCHAT_HOME/speedrun/<run>/; running the
 same command again skips finished stages and resumes the training stage that was
 interrupted from its last checkpoint. --force-from STAGE re-runs from that stage on.
@@ -49,12 +49,15 @@ def plan(preset: str, rl: bool, data_source: str, shards: int) -> list[tuple[str
         ("base-eval", ["base-eval", *caps["core"]], True),
         ("mid-train", ["mid-train", *p, "--resume"], True),
         ("chat-eval-mid", ["chat-eval", "--stage", "mid", *caps["chat"]], True),
+        ("chat-probe-mid", ["chat-probe", "--stage", "mid"], False),
         ("sft", ["sft", *p, "--resume"], True),
         ("chat-eval-sft", ["chat-eval", "--stage", "sft", *caps["chat"]], True),
+        ("chat-probe-sft", ["chat-probe", "--stage", "sft"], False),
     ]
     if rl:
         stages += [("rl", ["rl", *p, "--resume"], True),
-                   ("chat-eval-rl", ["chat-eval", "--stage", "rl", *caps["chat"]], True)]
+                   ("chat-eval-rl", ["chat-eval", "--stage", "rl", *caps["chat"]], True),
+                   ("chat-probe-rl", ["chat-probe", "--stage", "rl"], False)]
     stages.append(("report", ["report"], False))
     return stages
 

@@ -11,7 +11,8 @@ from picochat.speedrun import plan
 def test_plan_covers_the_pipeline_in_order():
     names = [s[0] for s in plan("cpu", rl=True, data_source="builtin", shards=0)]
     assert names == ["data", "tok-train", "tok-eval", "base-train", "base-loss", "base-eval", "mid-train",
-                     "chat-eval-mid", "sft", "chat-eval-sft", "rl", "chat-eval-rl", "report"]
+                     "chat-eval-mid", "chat-probe-mid", "sft", "chat-eval-sft", "chat-probe-sft", "rl", "chat-eval-rl",
+                     "chat-probe-rl", "report"]
     gpu = {n: c for n, c, _ in plan("d20", rl=False, data_source="fineweb-edu", shards=8)}
     assert gpu["data"] == ["data", "download", "--source", "fineweb-edu", "-n", "8"]
     assert "--resume" in gpu["base-train"] and "--preset" in gpu["base-train"]
