@@ -52,10 +52,16 @@ def cpu_supports_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+DTYPE_ENV = "PICOCHAT_DTYPE"
+
+
 def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
     """Compute dtype for matmuls: bf16 on CUDA (sm80+) and on CPUs with AMX/AVX512-BF16, else fp32.
 
-    Master weights and optimiser state stay fp32 in every case (see model.Linear).
+    `requested` (--dtype) wins; where it is auto or absent, $PICOCHAT_DTYPE (fp32|bf16|fp16)
+    decides, which is how one switch forces a dtype on every command and test of a machine.
+    Master weights and optimiser state stay fp32 in training; inference holds its weights in
+    this dtype (picochat.infer.engine).
     """
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
              "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -63,6 +69,11 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
         if requested not in names:
             raise ConfigError(f"--dtype {requested!r} is unknown; use auto, bf16, fp32 or fp16")
         return names[requested]
+    forced = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if forced not in ("", "auto"):
+        if forced not in names:
+            raise ConfigError(f"${DTYPE_ENV}={forced!r} is unknown; use auto, bf16, fp32 or fp16 (or unset it)")
+        return names[forced]
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         return torch.bfloat16 if major >= 8 else torch.float32

@@ -288,8 +288,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = find_checkpoint(args.stage, args.tag, args.step)
         model, tokenizer, meta = load_checkpoint_dir(path, world.device)
-        model.eval()
         dtype = pick_dtype(world.device, args.dtype)
+        model.eval().cast_weights_(dtype)  # evaluation never trains: weights in the compute dtype once
         log0(f"chat-eval {path} | tasks {', '.join(names)} | {args.num_samples} samples, temperature "
              f"{args.temperature}, top-k {args.top_k} | world {world.world_size}")
         t0 = time.time()

@@ -20,13 +20,17 @@ scheduler thread owns the model and a KV cache of `max_rows` rows. Each iteratio
 Sampling draws from the same logits with the same generator in the same order as
 Engine.generate, so a request's tokens do not depend on what else is in the batch (up to float
 summation order in attention over a longer masked span); tests/infer/test_batching.py checks
-greedy and seeded outputs against Engine.generate.
+greedy and seeded outputs against Engine.generate, in fp32 and bf16. In bf16 that needs the
+small-batch C kernel, whose rows are summed independently of the batch: torch's GEMMs (the
+fallback where no C compiler is found) sum a row in an order that depends on the batch's size,
+and rounding to bf16 can turn that into another token.
 
-This needs the engine's lean decode path (a picochat GPT in fp32 on the CPU, see DecodeStep);
-elsewhere (CUDA, bf16) `BatchingEngine.supports` is False and the server runs one Engine per
-request. The KV cache (max_rows x the context) and the packed weight copies are made for the
-first request and kept until close(), so the model's weights must not change while a
-BatchingEngine is in use (serving never trains).
+This needs the engine's lean decode path (a picochat GPT on the CPU in fp32 or bf16, see
+DecodeStep); elsewhere (CUDA) `BatchingEngine.supports` is False and the server runs one Engine
+per request. The KV cache (max_rows x the context, in the compute dtype), the model in the
+compute dtype (Engine.inference_model: the served model itself, cast at load) and the packed
+weight copies are made for the first request and kept until close(), so the model's weights
+must not change while a BatchingEngine is in use (serving never trains).
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class BatchingEngine:
 
     def __init__(self, engine: Engine, max_rows: int = 8) -> None:
         if not self.supports(engine):
-            raise ValueError("continuous batching needs the lean CPU decode path (a picochat GPT in fp32 on the CPU)")
+            raise ValueError("continuous batching needs the lean CPU decode path (a picochat GPT on the CPU, fp32 or bf16)")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.engine = engine
@@ -194,16 +198,18 @@ class BatchingEngine:
         return admit
 
     def _iterate(self, admit: list[_Request], state: dict) -> None:
-        engine, model = self.engine, self.engine.model
+        engine = self.engine
         if "cache" not in state:
             cfg = engine.config
             state["cache"] = KVCache(self.max_rows, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head,
-                                     engine.context_len, engine.device, engine.compute_dtype)
+                                     engine.context_len, engine.device, engine.cache_dtype)
+            state["model"] = model = engine.inference_model()
             state["decode"] = DecodeStep(model)
             state["unembed"] = Unembedder(model.lm_head.weight, engine.compute_dtype)
+        model = state["model"]
         cache: KVCache = state["cache"]
         for request in admit:
-            self._prefill(request, cache, state["unembed"])
+            self._prefill(model, request, cache, state["unembed"])
 
         # Sample every request's next token, from its rows' logits, as Engine.generate does.
         in_batch = list({id(s.request): s.request for s in self._slots}.values())
@@ -267,12 +273,12 @@ class BatchingEngine:
             request.cancelled = True
         return not request.cancelled
 
-    def _prefill(self, request: _Request, cache: KVCache, unembed: Unembedder) -> None:
+    def _prefill(self, model: torch.nn.Module, request: _Request, cache: KVCache, unembed: Unembedder) -> None:
         engine = self.engine
         solo = KVCache(1, cache.num_layers, cache.k.size(2), cache.k.size(4), len(request.prompt), engine.device,
-                       engine.compute_dtype)
+                       engine.cache_dtype)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=engine.device)
-        logits = unembed(engine.model.hidden_states(prompt, kv_cache=solo)[:, -1, :])  # (1, vocab)
+        logits = unembed(model.hidden_states(prompt, kv_cache=solo)[:, -1, :])  # (1, vocab)
         length = len(request.prompt)
         first = len(self._slots)
         request.rows = [_Row(i) for i in range(request.num_samples)]

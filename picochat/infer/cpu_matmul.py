@@ -111,6 +111,8 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_small_matmul.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                           ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.picochat_small_matmul.restype = None
+    lib.picochat_small_matmul_bf16.argtypes = lib.picochat_small_matmul.argtypes
+    lib.picochat_small_matmul_bf16.restype = None
     lib.picochat_panel_width.restype = ctypes.c_int
     if not _agrees_with_torch(lib):
         warn(f"{path} disagrees with torch on a test product: {FALLBACK}")
@@ -118,12 +120,16 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@torch.autocast("cpu", enabled=False)  # the first use may come inside a caller's bf16 autocast
 def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 19, generator=generator)
     x = torch.randn(9, 19, generator=generator)
     got = PackedLinear(weight, lib=lib)(x)
-    return torch.allclose(got, x @ weight.t(), atol=1e-4, rtol=1e-4)
+    low = weight.bfloat16()
+    got_low = PackedLinear(low, lib=lib)(x)  # bf16 weights, fp32 input: exact products
+    return (torch.allclose(got, x @ weight.t(), atol=1e-4, rtol=1e-4)
+            and torch.allclose(got_low, x @ low.float().t(), atol=1e-4, rtol=1e-4))
 
 
 def available() -> bool:
@@ -132,18 +138,24 @@ def available() -> bool:
 
 
 class PackedLinear:
-    """x (B, K) -> x @ weight.T (B, N), fp32 on the CPU, from a copy of `weight` packed for the kernel.
+    """x (B, K) -> x @ weight.T (B, N) on the CPU, from a copy of `weight` packed for the kernel.
 
-    Rows beyond MAX_ROWS go to torch with the original weight (not a copy), which must therefore
-    not change while this object is in use, like the copy."""
+    `weight` is fp32 or bf16 (packed as it is: a bf16 copy streams half the bytes). The result
+    has x's dtype, like F.linear: a bf16 x gives the bf16-rounded fp32 sums, which is what a
+    bf16 GEMM returns (the products of bf16 values are exact in fp32; only the order of the
+    additions may differ). An fp32 x against bf16 weights is multiplied unrounded, in fp32.
+    Rows beyond MAX_ROWS go to torch with the original fp32 weight (not a copy), which must
+    therefore not change while this object is in use, like the copy; bf16 weights stay with the
+    kernel at every batch size, so the arithmetic never changes with the number of rows."""
 
     def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
         self.lib = lib or _library()
         if self.lib is None:
             raise RuntimeError("the small-matmul kernel is not available; check cpu_matmul.available() first")
-        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
-            raise ValueError(f"PackedLinear takes a 2-d fp32 CPU weight, got {tuple(weight.shape)} "
+        if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu":
+            raise ValueError(f"PackedLinear takes a 2-d fp32 or bf16 CPU weight, got {tuple(weight.shape)} "
                              f"{weight.dtype} on {weight.device}")
+        self.matmul = self.lib.picochat_small_matmul if weight.dtype == torch.float32 else self.lib.picochat_small_matmul_bf16
         panel = self.lib.picochat_panel_width()
         self.weight = weight.detach()
         self.out_features, self.in_features = weight.shape
@@ -159,13 +171,14 @@ class PackedLinear:
         if x.dim() != 2 or x.size(1) != self.in_features:
             raise ValueError(f"expected (rows, {self.in_features}) input, got {tuple(x.shape)}")
         rows = x.size(0)
-        if rows > MAX_ROWS or x.dtype != torch.float32:
-            return F.linear(x, self.weight)
-        x = x.contiguous()
+        if x.dtype not in (torch.float32, torch.bfloat16) or (rows > MAX_ROWS and self.weight.dtype == torch.float32):
+            return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        out_dtype = x.dtype
+        x = x.float().contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
         # at least PANELS_PER_THREAD panels per thread: waking many cores for a small matrix costs
         # more than it saves (on 2 cores every decode matrix here still gets both)
         threads = max(1, min(torch.get_num_threads(), self.packed.size(0) // PANELS_PER_THREAD))
-        self.lib.picochat_small_matmul(x.data_ptr(), rows, self.in_features, self.packed.data_ptr(),
-                                       self.out_features, out.data_ptr(), threads)
-        return out
+        self.matmul(x.data_ptr(), rows, self.in_features, self.packed.data_ptr(), self.out_features,
+                    out.data_ptr(), threads)
+        return out if out_dtype == torch.float32 else out.to(out_dtype)

@@ -2,7 +2,9 @@
 
 Decoding one token at depth 4 runs ~25 small ops per layer on (B, 1, C) tensors, where each op
 costs microseconds of dispatch and the matmuls read weights that no longer sit in the core's
-cache. `DecodeStep` computes exactly what `GPT.hidden_states` computes for a (B, 1) input, with:
+cache. `DecodeStep` computes exactly what `GPT.hidden_states` computes for a (B, 1) input, with
+the model's own functions (rms_norm, apply_rotary, the rotary tables, scaled-dot-product
+attention over the cache), and with:
 
 - every weight matrix read from a copy packed for the small-batch C kernel
   (picochat/infer/cpu_matmul.py), with q, k and v stacked into one matrix; where that kernel
@@ -10,13 +12,22 @@ cache. `DecodeStep` computes exactly what `GPT.hidden_states` computes for a (B,
   small-batch products ran up to 1.5x faster here (except the MLP down-projection at batch 1,
   which keeps the original layout);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
-- RMSNorm written as x * rsqrt(mean(x^2) + eps), the formula F.rms_norm uses, in three ops;
 - keys and values written straight into the cache at the current position.
+
+It works in the dtype the model's weights are held in, fp32 or bf16 (GPT.cast_weights_ /
+with_weights_in), and must then run under the same torch.autocast as forward(): in bf16 the
+copies are bf16 (half the bytes to stream per token), each matmul takes its input rounded to
+bf16 and returns bf16 as a bf16 GEMM would, and the residual stream stays fp32. One deliberate
+difference: attention runs in fp32 over a cache of fp32 keys and values (bf16 values, exactly),
+its output then rounded to bf16. torch's bf16 attention rounds differently with and without a
+mask and with the length of the masked span, so rows of a continuous batch (each at its own
+position, masked) would not get what they get alone; in fp32 the difference stays far below one
+bf16 step (0 rounding differences in 1,044 random rows, against 66 in bf16).
 
 Measured on a 2-core AVX2 CPU (depth 4, width 256, fp32, lm_head included): about 1.3x faster
 per step than hidden_states() at batch 8 and 1.1x at batch 1. The result equals
-hidden_states() to float rounding; tests/infer/test_decode.py checks it, and the engine tests
-check whole generations against full recomputation.
+hidden_states() to float rounding; tests/infer/test_decode.py checks it for several model
+shapes in both dtypes, and the engine tests check whole generations against full recomputation.
 
 The packed or transposed weights are copies (as much memory again as the blocks' weights, made
 in about a millisecond per 10 MB): a DecodeStep belongs to one generation, during which the
@@ -30,8 +41,10 @@ import torch.nn.functional as F
 
 from picochat.infer import cpu_matmul
 from picochat.infer.cpu_matmul import PackedLinear
-from picochat.model.gpt import GPT
+from picochat.model.gpt import GPT, apply_rotary, rms_norm
 from picochat.model.kv_cache import KVCache
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
 # The copies double the blocks' memory while a generation runs: worth it for the small models a
 # CPU decodes quickly (d4: 13 MB), not for d20 and up (1.6 GB at d20), where weight traffic dominates.
@@ -44,6 +57,7 @@ class DecodeStep:
         self.model = model
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.eps = cfg.norm_eps
+        self.dtype = model.weights_dtype()
         blocks = model.transformer.h
         with torch.no_grad():  # per layer; q, k and v stacked into one (C + 2 kv_dim, C) matrix
             qkv = [torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]) for b in blocks]
@@ -55,17 +69,15 @@ class DecodeStep:
 
     @staticmethod
     def supports(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
-        """Where the step is measured faster: a picochat GPT in fp32 on the CPU, whose block
-        weights are small enough to copy per generation (MAX_COPY_BYTES; d20 and up are not)."""
+        """Where the step is measured faster: a picochat GPT on the CPU computing in fp32 or bf16,
+        whose block weights are small enough to copy per generation (MAX_COPY_BYTES at the
+        compute dtype's size; d20 and up are not)."""
         weight = getattr(getattr(model, "lm_head", None), "weight", None)
         if not (isinstance(model, GPT) and weight is not None and weight.device.type == "cpu"
-                and weight.dtype == torch.float32 and compute_dtype == torch.float32):
+                and compute_dtype in COMPUTE_DTYPES):
             return False
-        block_bytes = sum(p.numel() * p.element_size() for p in model.transformer.h.parameters())
-        return block_bytes <= MAX_COPY_BYTES
-
-    def _rms(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        block_numel = sum(p.numel() for p in model.transformer.h.parameters())
+        return block_numel * compute_dtype.itemsize <= MAX_COPY_BYTES
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, 1) -> final normed hidden state (B, C), writing this position's keys and values.
@@ -77,6 +89,8 @@ class DecodeStep:
         """
         model, H, Hk, D = self.model, self.n_head, self.n_kv_head, self.head_dim
         B = ids.size(0)
+        if cache.k.dtype != torch.float32:
+            raise ValueError(f"DecodeStep needs an fp32 KV cache (bf16 values are held exactly), got {cache.k.dtype}")
         if positions is None:
             pos = cache.pos
             cache.room_for(1)
@@ -91,38 +105,46 @@ class DecodeStep:
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, D/2)
             where = (torch.arange(B, device=ids.device), slice(None), positions)  # [row b, every head, positions[b]]
             mask = (torch.arange(length, device=ids.device) <= positions.unsqueeze(1)).view(B, 1, 1, length)
-        half = D // 2
-        x = self._rms(model.transformer.wte(ids[:, 0]))  # (B, C)
+        low = self.dtype  # the matmuls' dtype; their inputs are rounded to it, as autocast does
+        x = rms_norm(model.transformer.wte(ids[:, 0]).float(), self.eps)  # (B, C) fp32 residual
+        cos, sin = cos.to(low), sin.to(low)
         for i in range(len(self.qkv)):
-            qkv = self.qkv[i](self._rms(x)).view(B, H + 2 * Hk, D)
+            qkv = self.qkv[i](rms_norm(x, self.eps).to(low)).view(B, H + 2 * Hk, D)
             qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
-            x1, x2 = qk[..., :half], qk[..., half:]
-            qk = self._rms(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
-            keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D)
-            keys[where], values[where] = qk[:, H:], v  # (B, Hk, D) each
-            y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys[:, :, :length], values[:, :, :length],
-                                               attn_mask=mask, enable_gqa=H != Hk)  # (B, H, 1, D)
-            x = x + self.attn_proj[i](y.view(B, H * D))
-            hidden = F.relu(self.fc[i](self._rms(x))).square()  # (B, 4C)
+            qk = rms_norm(apply_rotary(qk, cos, sin), self.eps)
+            keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D), fp32
+            keys[where], values[where] = qk[:, H:].float(), v.float()  # (B, Hk, D) each
+            with torch.autocast("cpu", enabled=False):  # autocast would run it in bf16
+                y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2).float(), keys[:, :, :length],
+                                                   values[:, :, :length], attn_mask=mask,
+                                                   enable_gqa=H != Hk)  # (B, H, 1, D) fp32
+            x = x + self.attn_proj[i](y.view(B, H * D).to(low))
+            hidden = F.relu(self.fc[i](rms_norm(x, self.eps).to(low))).square()  # (B, 4C)
             x = x + self.mlp_proj[i](hidden)
         if positions is None:
             cache.advance(1)
-        return self._rms(x)
+        return rms_norm(x, self.eps)
 
 
 class _TransposedLinear:
     """x -> x @ weight.T through a contiguous transposed copy: the fastest torch layout for these
     small-batch products (except (1, 4C) x (4C, C), faster in the original layout; the copy is
-    made for the first batch > 1)."""
+    made for the first batch > 1).
+
+    bf16 weights are multiplied as the kernel multiplies them: an exact fp32 copy of the weights,
+    fp32 sums, the result rounded to bf16. torch's own bf16 GEMMs round a row differently with the
+    batch's size (1 row in ~3,000 at these shapes), which would make a request's tokens depend on
+    what else is in a continuous batch."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight.detach()
+        self.weight = weight.detach().float()  # bf16 values exactly; fp32 weights are not copied
         wide = weight.size(1) > weight.size(0)  # the MLP down-projection
         self.transposed = None if wide else self.weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype, x = x.dtype, x.float()
         if self.transposed is None:
             if x.size(0) == 1:
-                return F.linear(x, self.weight)
+                return F.linear(x, self.weight).to(out_dtype)
             self.transposed = self.weight.t().contiguous()
-        return x @ self.transposed
+        return (x @ self.transposed).to(out_dtype)

@@ -30,8 +30,12 @@ def resolve_checkpoint(stage: str | None, tag: str | None = None, step: int | No
 
 
 def load_for_inference(stage: str | None, tag: str | None = None, step: int | None = None,
-                       device: torch.device | str = "cpu"):
-    """(model, tokenizer, meta, step_dir) ready for the Engine (eval mode)."""
+                       device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, meta, step_dir) ready for the Engine (eval mode), with its weights cast
+    once to `dtype` (the compute dtype) when given: serving never trains, so no matmul then casts
+    a weight per token."""
     path = resolve_checkpoint(stage, tag, step)
     model, tokenizer, meta = load_checkpoint_dir(path, device)
+    if dtype is not None:
+        model.cast_weights_(dtype)
     return model.eval(), tokenizer, meta, path

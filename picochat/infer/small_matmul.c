@@ -14,12 +14,27 @@
  * AVX2's 16 registers); more rows take another pass over the same panel, now in L1 cache.
  * Panels are spread over OpenMP threads (the OpenMP runtime torch already loaded).
  *
+ * The bf16 variant reads weights stored as bfloat16 (the top 16 bits of an fp32), packed the
+ * same way: half the bytes per step, widened to fp32 in registers (a zero-extend and a shift,
+ * exact) and multiplied with fp32 accumulation, as bf16 GEMMs do. With inputs that are
+ * themselves bf16 values, each product is exact and only the summation order differs from a
+ * bf16 GEMM.
+ *
  * Written with GCC/Clang vector extensions, so the same code compiles to AVX2 on x86-64 and to
  * NEON on ARM. picochat/infer/cpu_matmul.py compiles it on first use and checks it against torch.
  */
 #include <stddef.h>
+#include <stdint.h>
 
 typedef float vec8 __attribute__((vector_size(32), aligned(4)));  /* unaligned loads and stores */
+typedef uint16_t half8 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t word8 __attribute__((vector_size(32)));
+
+/* 8 bf16 values -> 8 fp32 values (bf16 is the top half of an fp32's bits). */
+static inline vec8 widen_bf16(const uint16_t *p) {
+    word8 w = __builtin_convertvector(*(const half8 *)p, word8) << 16;
+    return (vec8)w;
+}
 
 #define PANEL 16
 #define ROWS_PER_PASS 6
@@ -32,17 +47,20 @@ typedef float vec8 __attribute__((vector_size(32), aligned(4)));  /* unaligned l
 #define IN_REGISTER(v) ((void)0)
 #endif
 
-#define PANEL_KERNEL(R)                                                                     \
-    static void panel_##R(const float *x, long k, const float *panel, float *out, long n,  \
-                          long columns) {                                                   \
+#define LOAD_F32(p) (*(const vec8 *)(p))
+#define LOAD_BF16(p) widen_bf16(p)
+
+#define PANEL_KERNEL(NAME, R, WTYPE, LOAD)                                                  \
+    static void NAME##_##R(const float *x, long k, const WTYPE *panel, float *out, long n, \
+                           long columns) {                                                  \
         vec8 lo[R], hi[R];                                                                  \
         for (int r = 0; r < R; r++) {                                                       \
             lo[r] = (vec8){0};                                                              \
             hi[r] = (vec8){0};                                                              \
         }                                                                                   \
         for (long j = 0; j < k; j++) {                                                      \
-            vec8 w_lo = *(const vec8 *)(panel + j * PANEL);                                 \
-            vec8 w_hi = *(const vec8 *)(panel + j * PANEL + 8);                             \
+            vec8 w_lo = LOAD(panel + j * PANEL);                                            \
+            vec8 w_hi = LOAD(panel + j * PANEL + 8);                                        \
             IN_REGISTER(w_lo);                                                              \
             IN_REGISTER(w_hi);                                                              \
             for (int r = 0; r < R; r++) {                                                   \
@@ -62,28 +80,46 @@ typedef float vec8 __attribute__((vector_size(32), aligned(4)));  /* unaligned l
         }                                                                                   \
     }
 
-PANEL_KERNEL(1)
-PANEL_KERNEL(2)
-PANEL_KERNEL(3)
-PANEL_KERNEL(4)
-PANEL_KERNEL(5)
-PANEL_KERNEL(6)
+PANEL_KERNEL(panel, 1, float, LOAD_F32)
+PANEL_KERNEL(panel, 2, float, LOAD_F32)
+PANEL_KERNEL(panel, 3, float, LOAD_F32)
+PANEL_KERNEL(panel, 4, float, LOAD_F32)
+PANEL_KERNEL(panel, 5, float, LOAD_F32)
+PANEL_KERNEL(panel, 6, float, LOAD_F32)
+PANEL_KERNEL(panel_bf16, 1, uint16_t, LOAD_BF16)
+PANEL_KERNEL(panel_bf16, 2, uint16_t, LOAD_BF16)
+PANEL_KERNEL(panel_bf16, 3, uint16_t, LOAD_BF16)
+PANEL_KERNEL(panel_bf16, 4, uint16_t, LOAD_BF16)
+PANEL_KERNEL(panel_bf16, 5, uint16_t, LOAD_BF16)
+PANEL_KERNEL(panel_bf16, 6, uint16_t, LOAD_BF16)
 
 typedef void (*panel_fn)(const float *, long, const float *, float *, long, long);
 static const panel_fn PANEL_KERNELS[ROWS_PER_PASS + 1] = {0, panel_1, panel_2, panel_3, panel_4, panel_5, panel_6};
+typedef void (*panel_bf16_fn)(const float *, long, const uint16_t *, float *, long, long);
+static const panel_bf16_fn PANEL_BF16_KERNELS[ROWS_PER_PASS + 1] = {
+    0, panel_bf16_1, panel_bf16_2, panel_bf16_3, panel_bf16_4, panel_bf16_5, panel_bf16_6};
 
 int picochat_panel_width(void) { return PANEL; }
 
+/* The same loop for both weight types: panels over threads, ROWS_PER_PASS rows at a time. */
+#define SMALL_MATMUL(KERNELS, WTYPE)                                                            \
+    long panels = (n + PANEL - 1) / PANEL;                                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && panels > 1)") \
+    for (long p = 0; p < panels; p++) {                                                         \
+        const WTYPE *panel = packed + p * k * PANEL;                                            \
+        long columns = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;                           \
+        for (long r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {                                     \
+            long r = rows - r0 < ROWS_PER_PASS ? rows - r0 : ROWS_PER_PASS;                     \
+            KERNELS[r](x + r0 * k, k, panel, out + r0 * n + p * PANEL, n, columns);             \
+        }                                                                                       \
+    }
+
 void picochat_small_matmul(const float *x, long rows, long k, const float *packed, long n, float *out,
                            int threads) {
-    long panels = (n + PANEL - 1) / PANEL;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && panels > 1)
-    for (long p = 0; p < panels; p++) {
-        const float *panel = packed + p * k * PANEL;
-        long columns = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
-        for (long r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {
-            long r = rows - r0 < ROWS_PER_PASS ? rows - r0 : ROWS_PER_PASS;
-            PANEL_KERNELS[r](x + r0 * k, k, panel, out + r0 * n + p * PANEL, n, columns);
-        }
-    }
+    SMALL_MATMUL(PANEL_KERNELS, float)
+}
+
+void picochat_small_matmul_bf16(const float *x, long rows, long k, const uint16_t *packed, long n, float *out,
+                                int threads) {
+    SMALL_MATMUL(PANEL_BF16_KERNELS, uint16_t)
 }

@@ -21,7 +21,12 @@ at the second call, i.e. after the prefill has produced the first token, and cos
 much as two reads of the weight, which the faster layout wins back within a few tokens.
 Weights over MAX_COPY_BYTES are not copied (every batch then uses the (W @ h.T).T layout).
 
-Elsewhere (CUDA, or reduced precision under autocast) F.linear is already the right call.
+The same holds for weights held in bf16 (GPT.cast_weights_): the copies are bf16, half the
+bytes, and the hidden states are rounded to bf16 first, as lm_head under autocast does. The
+logits are the fp32 sums of those (exact) bf16 products, *not* rounded to bf16 as forward()'s
+bf16 lm_head rounds them: bf16 logits come in steps of 1/32 at 8-16, which makes ties in top-k
+and turns a summation-order difference into a different sampled token. Elsewhere (CUDA, or fp32 weights under a
+bf16 autocast) F.linear is already the right call.
 
 The softcap is *not* applied here: it is monotonic, so the sampler applies it to the top-k
 candidates only (picochat.infer.sampling.sample_next), saving two passes over the vocabulary.
@@ -46,32 +51,45 @@ class Unembedder:
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
         self.weight = weight
-        self.fast_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32 and compute_dtype == torch.float32
+        self.dtype = weight.dtype
+        self.fast_cpu = (weight.device.type == "cpu" and weight.dtype == compute_dtype
+                         and compute_dtype in (torch.float32, torch.bfloat16))
         self.transposed: torch.Tensor | None = None  # (C, V) contiguous, made on demand
         self.packed: PackedLinear | None = None  # the kernel's copy, made on demand
         self.use_kernel = cpu_matmul.available()
         self.calls = 0  # copies are made from the second call on (the first is the prefill's)
+        self.fp32_weight: torch.Tensor | None = None  # torch's paths for bf16 weights (no kernel)
         # The copy costs the weight's size in memory for the generation; skipped for large vocab x width.
         self.copy_allowed = weight.numel() * weight.element_size() <= MAX_COPY_BYTES
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.fast_cpu:
             return F.linear(hidden, self.weight).float()
-        hidden = hidden.float().contiguous()
+        hidden = hidden.to(self.dtype).float().contiguous()  # bf16: the rounded values, exactly
         self.calls += 1
         if self.use_kernel and self.copy_allowed and hidden.size(0) <= cpu_matmul.MAX_ROWS:
             if self.packed is None and self.calls >= 2:
                 self.packed = PackedLinear(self.weight)
             if self.packed is not None:
                 return self.packed(hidden)  # (B, V)
+        weight = self._weight_fp32()
         if hidden.size(0) == 1:
             if self.transposed is None and self.calls >= 2 and self.copy_allowed:
-                self.transposed = self.weight.detach().t().contiguous()
+                self.transposed = weight.detach().t().contiguous()
             if self.transposed is not None:
                 return hidden @ self.transposed  # (1, V)
         # (V, B) products in blocks of rows: each block's transpose into the (B, V) output is
         # still in cache (one whole-vocabulary transpose took ~1 ms of a ~10 ms step at batch 8).
-        out = torch.empty(hidden.size(0), self.weight.size(0), dtype=torch.float32, device=hidden.device)
-        for lo in range(0, self.weight.size(0), _ROWS_PER_BLOCK):
-            out[:, lo:lo + _ROWS_PER_BLOCK] = torch.mm(self.weight[lo:lo + _ROWS_PER_BLOCK], hidden.t()).t()
+        out = torch.empty(hidden.size(0), weight.size(0), dtype=torch.float32, device=hidden.device)
+        for lo in range(0, weight.size(0), _ROWS_PER_BLOCK):
+            out[:, lo:lo + _ROWS_PER_BLOCK] = torch.mm(weight[lo:lo + _ROWS_PER_BLOCK], hidden.t()).t()
         return out
+
+    def _weight_fp32(self) -> torch.Tensor:
+        """The weight in fp32: itself, or for bf16 weights one exact fp32 copy per generation (only
+        where the kernel is not used: torch's bf16 products would round the logits to bf16)."""
+        if self.dtype == torch.float32:
+            return self.weight
+        if self.fp32_weight is None:
+            self.fp32_weight = self.weight.detach().float()
+        return self.fp32_weight

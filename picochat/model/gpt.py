@@ -245,7 +245,9 @@ class GPT(nn.Module):
         cos, sin = self.rotary(kv_cache.pos if kv_cache is not None else 0, T)  # (T, D/2)
 
         eps = self.config.norm_eps
-        x = rms_norm(self.transformer.wte(idx), eps)  # (B, T, C)
+        # The residual stream is fp32 also when the weights are held in bf16 for inference
+        # (with_weights_in), as it is under autocast with fp32 master weights in training.
+        x = rms_norm(self.transformer.wte(idx).float(), eps)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
@@ -286,6 +288,31 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def weights_dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @torch.no_grad()
+    def cast_weights_(self, dtype: torch.dtype) -> GPT:
+        """Hold every weight in `dtype`, in place (the rotary tables stay fp32): for serving,
+        where the model never trains, so matmuls read compute-dtype weights without a cast per
+        call. Run it under torch.autocast(dtype) (the residual stream stays fp32)."""
+        for param in self.parameters():
+            param.data = param.data.to(dtype)
+        return self
+
+    @torch.no_grad()
+    def with_weights_in(self, dtype: torch.dtype) -> GPT:
+        """This model with its weights in `dtype`: itself if they already are, else a copy
+        (one pass over the weights) that shares the rotary tables; for a generation from a model
+        that keeps training (RL), whose fp32 master weights must stay as they are."""
+        if self.weights_dtype() == dtype:
+            return self
+        with torch.device("meta"):
+            clone = GPT(self.config)
+        clone.load_state_dict({k: v.to(dtype) for k, v in self.state_dict().items()}, assign=True)
+        clone.rotary_cos, clone.rotary_sin = self.rotary_cos, self.rotary_sin
+        return clone.train(self.training).requires_grad_(False)
 
     def num_scaling_params(self) -> int:
         """Block matrices + lm_head: the parameters that cost FLOPs (the embedding is a lookup)."""

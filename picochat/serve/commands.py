@@ -100,7 +100,7 @@ def build_app(args: argparse.Namespace):
         devices = [device]
     engines, tokenizer, path = [], None, None
     for d in devices:
-        model, tokenizer, _, path = load_for_inference(args.stage, args.tag, args.step, d)
+        model, tokenizer, _, path = load_for_inference(args.stage, args.tag, args.step, d, dtype)
         engines.append(Engine(model, tokenizer, compute_dtype=dtype))
     if device.type != "cuda" and (args.workers or 1) > 1:  # CPU: engines share the one read-only model
         engines = [Engine(engines[0].model, tokenizer, compute_dtype=dtype) for _ in range(args.workers)]

@@ -30,13 +30,36 @@ def test_packed_product_equals_torch(kernel, threads, out_features, in_features)
         torch.testing.assert_close(got, F.linear(x, weight), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_features, in_features", [(16, 8), (48, 256), (1000, 48), (37, 19), (1, 3)])
+def test_bf16_weights_multiply_exactly_with_fp32_sums(kernel, threads, out_features, in_features):
+    """bf16 weights packed as bf16: every product is exact, so the result is the fp32 product of
+    the same values (an fp32 input), or that rounded to bf16 (a bf16 input, as a bf16 GEMM)."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    linear = PackedLinear(weight)
+    assert linear.packed.dtype == torch.bfloat16  # half the bytes of an fp32 copy
+    for rows in (1, 2, 5, 6, 7, 13, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, in_features, generator=generator)
+        exact = x.double() @ weight.double().t()
+        got = linear(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exact, atol=1e-4, rtol=1e-4)
+        low = linear(x.bfloat16())
+        assert low.dtype == torch.bfloat16
+        if rows <= MAX_ROWS:  # the kernel's rows do not depend on the batch: each row alone is the same
+            assert torch.equal(low[-1:], linear(x[-1:].bfloat16()))
+        torch.testing.assert_close(low.float(), F.linear(x.bfloat16(), weight).float(), atol=0.05, rtol=0.02)
+
+
 def test_inputs_need_not_be_contiguous(kernel):
     weight = torch.randn(40, 32)
     x = torch.randn(32, 6).t()  # (6, 32), transposed strides
     torch.testing.assert_close(PackedLinear(weight)(x), x @ weight.t(), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"expected \(rows, 32\)"):
         PackedLinear(weight)(torch.randn(2, 31))
-    with pytest.raises(ValueError, match="fp32 CPU weight"):
+    with pytest.raises(ValueError, match="fp32 or bf16 CPU weight"):
         PackedLinear(weight.double())
 
 
@@ -84,3 +107,11 @@ def test_it_can_be_turned_off(monkeypatch):
     finally:
         monkeypatch.delenv("PICOCHAT_CPU_KERNEL")
         cpu_matmul._library.cache_clear()
+
+
+def test_the_first_use_may_come_inside_a_bf16_autocast(kernel):
+    """The serving thread's first decode runs under autocast: the kernel's self-check must not be
+    autocast itself (its torch product would come back in bf16 and fail to compare)."""
+    cpu_matmul._library.cache_clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_matmul.available()

@@ -8,38 +8,55 @@ from picochat.model.gpt import GPTConfig, build_model
 from picochat.model.kv_cache import KVCache
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_decode_step_equals_hidden_states(n_kv_head, matmul_kernel):
+# (n_head, n_kv_head, n_embd): MHA, GQA, MQA and head dims 8 / 16 / 32
+SHAPES = [(4, 4, 64), (4, 2, 64), (4, 1, 64), (2, 1, 64), (8, 2, 64), (3, 3, 48)]
+# bf16: the step's products are exact and its sums are fp32, like a bf16 GEMM's, but its attention
+# runs in fp32 (forward's in bf16), so some values round to a neighbouring bf16 value (1 ulp =
+# 2^-8 relative) and such differences travel through the later layers: a few elements differ by a
+# few ulps, the mean difference stays far smaller (checked too).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 6e-2}
+MEAN_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n_head,n_kv_head,n_embd", SHAPES)
+def test_decode_step_equals_hidden_states(n_head, n_kv_head, n_embd, dtype, matmul_kernel):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=97, n_layer=3, n_head=4, n_kv_head=n_kv_head, n_embd=64, sequence_len=8)
+    config = GPTConfig(vocab_size=97, n_layer=3, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, sequence_len=8)
     model = build_model(config, "cpu").eval()
     with torch.no_grad():  # non-zero output projections, so every layer matters
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(std=0.1)
             block.mlp.c_proj.weight.normal_(std=0.1)
-    assert DecodeStep.supports(model, torch.float32)
+    model.cast_weights_(dtype)
+    assert DecodeStep.supports(model, dtype)
     step = DecodeStep(model)
+    head_dim = n_embd // n_head
     B, prompt_len, new = 3, 5, 9  # runs past sequence_len: the rotary tables must grow
     ids = torch.randint(0, 97, (B, prompt_len + new))
-    ref_cache = KVCache(B, 3, n_kv_head, 16, prompt_len + new)
-    fast_cache = KVCache(B, 3, n_kv_head, 16, prompt_len + new)
-    with torch.inference_mode():
+    ref_cache = KVCache(B, 3, n_kv_head, head_dim, prompt_len + new, dtype=dtype)
+    fast_cache = KVCache(B, 3, n_kv_head, head_dim, prompt_len + new)  # fp32: attention runs in fp32
+    tol = TOLERANCE[dtype]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         model.hidden_states(ids[:, :prompt_len], kv_cache=ref_cache)
         model.hidden_states(ids[:, :prompt_len], kv_cache=fast_cache)
         for t in range(prompt_len, prompt_len + new):
             expected = model.hidden_states(ids[:, t:t + 1], kv_cache=ref_cache)[:, -1]
             got = step(ids[:, t:t + 1], fast_cache)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            assert got.dtype == expected.dtype == torch.float32
+            torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+            assert (got - expected).abs().mean() < MEAN_TOLERANCE[dtype]
             assert fast_cache.pos == ref_cache.pos == t + 1
-        torch.testing.assert_close(fast_cache.k, ref_cache.k, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast_cache.v, ref_cache.v, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast_cache.k, ref_cache.k.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(fast_cache.v, ref_cache.v.float(), atol=tol, rtol=tol)
         with pytest.raises(ValueError, match="KV cache overflow"):
             step(ids[:, :1], fast_cache)
 
 
 def test_decode_step_is_only_used_where_it_is_faster():
     model = build_model(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=8), "cpu")
-    assert not DecodeStep.supports(model, torch.bfloat16)
+    assert DecodeStep.supports(model, torch.float32) and DecodeStep.supports(model, torch.bfloat16)
+    assert not DecodeStep.supports(model, torch.float16)
     assert not DecodeStep.supports(torch.nn.Linear(2, 2), torch.float32)
 
 

@@ -12,11 +12,13 @@ from picochat.infer.sampling import capped
 from tests.infer.tiny import tiny_model
 
 
-def naive_greedy(model, prompt: list[int], max_tokens: int, stop: set[int]) -> list[int]:
-    """Recompute the whole sequence every step, no cache: the reference the engine must match."""
+def naive_greedy(model, prompt: list[int], max_tokens: int, stop: set[int], dtype=torch.float32) -> list[int]:
+    """Recompute the whole sequence every step, no cache: the reference the engine must match
+    (with the weights in `dtype` under autocast, as forward() runs in training and evaluation)."""
     ids = list(prompt)
     out = []
-    with torch.no_grad():
+    model = model.with_weights_in(dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         for _ in range(max_tokens):
             token = int(model(torch.tensor([ids]))[0, -1].argmax())
             out.append(token)
@@ -30,13 +32,57 @@ def prompt_ids(tokenizer, text="Hello there! How are"):
     return tokenizer.encode(text, prepend="<|bos|>")
 
 
-def test_greedy_equals_naive_generation(tokenizer, model, matmul_kernel):
-    engine = Engine(model, tokenizer, compute_dtype=torch.float32)
-    prompt = prompt_ids(tokenizer)
-    expected = naive_greedy(model, prompt, 40, engine.stop_tokens)
-    got = [col[0] for col, _ in engine.generate(prompt, max_tokens=40, temperature=0.0, use_tools=False)]
-    assert got == expected
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cast_at_load", [True, False], ids=["cast-at-load", "copy-per-generation"])
+def test_greedy_equals_naive_generation(tokenizer, model, matmul_kernel, dtype, cast_at_load):
+    stop = {tokenizer.encode_special("assistant_end"), tokenizer.bos_id}
+    expected = naive_greedy(model, prompt_ids(tokenizer), 40, stop, dtype)
+    if cast_at_load:
+        model.cast_weights_(dtype)
+    weights_before = model.lm_head.weight.clone()
+    engine = Engine(model, tokenizer, compute_dtype=dtype)
+    got = [col[0] for col, _ in engine.generate(prompt_ids(tokenizer), max_tokens=40, temperature=0.0,
+                                                  use_tools=False)]
+    assert engine.stop_tokens == stop and got == expected
     assert len(got) > 10
+    # a model that keeps its fp32 master weights (RL) is left as it was
+    assert torch.equal(model.lm_head.weight, weights_before)
+    assert model.lm_head.weight.dtype == (dtype if cast_at_load else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_matmuls_read_compute_dtype_weights_without_a_cast_per_token(tokenizer, model, dtype):
+    """After the prefill, no op copies a weight-sized tensor into another dtype: every weight a
+    decode step reads is already in the compute dtype (cast once at load)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model.cast_weights_(dtype)
+    weight_sizes = {p.numel() for p in model.parameters()}
+    casts: list[tuple] = []
+
+    class CastCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to, torch.ops.aten.copy_):
+                source = args[1] if func.overloadpacket is torch.ops.aten.copy_ else args[0]
+                if isinstance(source, torch.Tensor) and source.numel() in weight_sizes and source.dim() == 2:
+                    casts.append((func, tuple(source.shape), source.dtype))
+            return func(*args, **kwargs)
+
+    engine = Engine(model, tokenizer, compute_dtype=dtype)
+    steps = engine.generate(prompt_ids(tokenizer), max_tokens=12, temperature=0.0, use_tools=False)
+    next(steps)  # prefill and first token
+    before = len(casts)
+    with CastCounter():
+        for _ in steps:
+            pass
+    assert casts[before:] == []
+    # the check can fail: fp32 weights under a bf16 autocast are cast on every call
+    if dtype == torch.bfloat16:
+        fp32 = tiny_model(tokenizer.vocab_size)
+        with CastCounter(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fp32.hidden_states(torch.tensor([prompt_ids(tokenizer)]))
+        assert len(casts) > before
 
 
 def test_greedy_samples_all_equal_the_single_greedy(tokenizer, model):
