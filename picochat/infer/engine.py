@@ -35,6 +35,8 @@ from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 from picochat.runtime import pick_dtype
 
+REPEAT_WINDOW = 64  # generated tokens a repetition penalty looks back over
+
 
 @dataclass
 class _Row:
@@ -44,6 +46,7 @@ class _Row:
     forced: deque = field(default_factory=deque)  # tool output tokens still to feed
     in_python: bool = False
     python_tokens: list[int] = field(default_factory=list)
+    recent: deque = field(default_factory=lambda: deque(maxlen=REPEAT_WINDOW))  # for repetition_penalty
 
 
 class Engine:
@@ -94,6 +97,7 @@ class Engine:
         use_tools: bool = True,
         logprobs: int | None = None,
         stopped: set[int] | None = None,
+        repetition_penalty: float | None = None,
     ) -> Iterator[tuple[list[int | None], list[int]]]:
         """Yield, per step, (tokens, masks): one entry per sample; None/0 for finished samples.
 
@@ -101,7 +105,9 @@ class Engine:
         entries) instead, entries[i] = (log-prob of tokens[i], [(id, log-prob)] of the `logprobs`
         most likely) at temperature 1 (sampling.token_logprobs), or None for a finished sample.
         `stopped`: sample indices the caller adds to while iterating (e.g. a stop string matched);
-        those samples end at the next step and leave the batch."""
+        those samples end at the next step and leave the batch.
+        `repetition_penalty` (opt-in, e.g. 1.2): each sample's last REPEAT_WINDOW generated tokens
+        are made less likely (sampling.penalize_repeats)."""
         tokens = self._check_prompt(tokens)
         if num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {num_samples}")
@@ -123,8 +129,13 @@ class Engine:
 
         rows = [_Row(i) for i in range(num_samples)]
         for step in range(max_tokens):
-            sampled = sample_next(logits, **sample).tolist()  # (live rows,)
+            recent = _recent_ids(rows, self.device) if repetition_penalty else None  # (live rows, W)
+            sampled = sample_next(logits, **sample, recent=recent, repetition_penalty=repetition_penalty).tolist()
             column, masks, finished = self._next_column(rows, sampled, num_samples, use_tools, stopped)
+            if repetition_penalty:
+                for row in rows:
+                    if column[row.index] is not None:
+                        row.recent.append(column[row.index])
             if logprobs is None:
                 yield column, masks
             else:
@@ -248,6 +259,15 @@ def logprob_column(rows: list[_Row], column: list[int | None], logits: torch.Ten
         for r, entry in zip(given, logprob_entries(token_logprobs(picked, softcap), tokens, top), strict=True):
             entries[rows[r].index] = entry
     return entries
+
+
+def _recent_ids(rows: list[_Row], device: torch.device) -> torch.Tensor:
+    """(rows, REPEAT_WINDOW) int64 of each row's recent tokens, -1 where it has fewer."""
+    out = torch.full((len(rows), REPEAT_WINDOW), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        if row.recent:
+            out[r, : len(row.recent)] = torch.tensor(list(row.recent))
+    return out.to(device)
 
 
 def _keep_cache_rows(cache: KVCache, rows: torch.Tensor) -> None:

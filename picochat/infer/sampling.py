@@ -14,6 +14,8 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     softcap: float | None = None,
+    recent: torch.Tensor | None = None,
+    repetition_penalty: float | None = None,
 ) -> torch.Tensor:
     """One token per row from `logits` (B, vocab) -> (B,) int64.
 
@@ -26,7 +28,13 @@ def sample_next(
     kept values: the same draw as capping everything first, without two passes over the vocab.
     (Only beyond ~9x the cap, where fp32 tanh rounds to exactly 1, would capping first make ties
     that the raw logits break.)
+
+    `repetition_penalty` (opt-in, > 1 discourages): with `recent` (B, W) token ids per row (-1 for
+    empty slots), each id in a row's `recent` has its softcapped logit divided by the penalty when
+    positive and multiplied by it when negative (see penalize_repeats), before greedy or sampling.
     """
+    if repetition_penalty is not None and repetition_penalty != 1.0 and recent is not None and recent.numel():
+        logits, softcap = penalize_repeats(capped(logits.float(), softcap), recent, repetition_penalty), None
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     vocab = logits.size(-1)
@@ -46,6 +54,16 @@ def sample_next(
         return sorted_ids.gather(-1, choice).squeeze(-1)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def penalize_repeats(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
+    """`logits` (B, vocab) with every token id of a row's `recent` (B, W; -1 = empty) made less likely:
+    a positive logit is divided by `penalty`, a negative one multiplied by it, once per distinct id."""
+    valid = recent >= 0
+    hits = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+    hits.scatter_add_(-1, recent.clamp(min=0), valid.to(torch.int32))  # duplicates and empty slots add safely
+    seen = hits > 0
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def keep_top_p(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:

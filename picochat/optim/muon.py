@@ -65,14 +65,18 @@ class Muon(torch.optim.Optimizer):
     Per group: lr, momentum (the training loop schedules it), nesterov, ns_steps and
     weight_decay (decoupled: p <- p * (1 - lr * wd)). The step of a (rows, cols) matrix
     is scaled by sqrt(max(1, rows/cols)), so tall matrices, whose orthogonal update has a
-    smaller rms per entry, move as much per entry as square ones.
+    smaller rms per entry, move as much per entry as square ones. `ns_dtype` is the
+    Newton-Schulz dtype (None: `orthogonalisation_dtype` of the device); it is not saved
+    with the state.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0) -> None:
+                 nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0,
+                 ns_dtype: torch.dtype | None = None) -> None:
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps,
                         "weight_decay": weight_decay}
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -101,7 +105,8 @@ class Muon(torch.optim.Optimizer):
                     bufs.append(state["momentum_buffer"])
                 torch._foreach_lerp_(bufs, grads, 1.0 - momentum)  # buf <- m*buf + (1-m)*g
                 updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-                ortho = newton_schulz(torch.stack(updates), steps=group["ns_steps"])  # (K, rows, cols)
+                # (K, rows, cols)
+                ortho = newton_schulz(torch.stack(updates), steps=group["ns_steps"], dtype=self.ns_dtype)
                 if wd != 0.0:
                     torch._foreach_mul_(params, 1.0 - lr * wd)
                 scale = math.sqrt(max(1.0, shape[0] / shape[1]))
