@@ -170,6 +170,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"top-k, 0 = off (default: the chat default {CHAT_SAMPLING.top_k})")
     p.add_argument("--max-tokens", type=int, default=CHAT_SAMPLING.max_tokens,
                    help=f"longest answer in tokens (default: the chat default {CHAT_SAMPLING.max_tokens})")
+    p.add_argument("--repetition-penalty", type=float, default=CHAT_SAMPLING.repetition_penalty,
+                   help="> 1 makes the last 64 generated tokens less likely (default: the chat default, "
+                   f"{CHAT_SAMPLING.repetition_penalty or 'off'})")
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed+i (default 0)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (default: all 30)")
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
@@ -177,14 +180,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def answer_prompts(engine, prompts: Iterable[str], temperature: float, top_k: int, max_tokens: int,
-                   seed: int) -> list[dict]:
+                   seed: int, repetition_penalty: float | None = None) -> list[dict]:
     """[{"prompt", "answer", "tokens"}]: each prompt answered alone, with seed+i."""
     tokenizer = engine.tokenizer
     answers = []
     for i, prompt in enumerate(prompts):
         ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": prompt}]})
         out, _ = engine.generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=temperature,
-                                       top_k=top_k or None, seed=seed + i)
+                                       top_k=top_k or None, seed=seed + i, repetition_penalty=repetition_penalty)
         answers.append({"prompt": prompt, "answer": tokenizer.decode(out[0]).strip(), "tokens": len(out[0])})
     return answers
 
@@ -194,7 +197,8 @@ def render_markdown(result: dict) -> str:
     s, m = result["settings"], result["metrics"]
     lines = [f"### Chat probe: {result['stage']} (step {result['step']})\n",
              (f"{m['answers']} everyday prompts, temperature {s['temperature']}, top-k {s['top_k']}, "
-             f"max {s['max_tokens']} tokens, seed {s['seed']}+i.\n"),
+             f"max {s['max_tokens']} tokens, repetition penalty {s.get('repetition_penalty') or 'off'}, "
+             f"seed {s['seed']}+i.\n"),
              "| measure | value | target |", "|---|---:|---:|",
              f"| answers echoing a task format | {m['echo_share']:.0%} | <= 10% |",
              f"| tokens in repeats (4-grams seen before in the answer) | {m['repeat_share']:.1%} | <= 5% |",
@@ -211,12 +215,14 @@ def render_markdown(result: dict) -> str:
 def probe_file_stem(stage: str, tag: str, step: int, settings: dict, limit: int | None) -> str:
     """chat_probe_<stage>_<tag>_step<N>, plus the settings when they are not the chat defaults."""
     defaults = {"temperature": CHAT_SAMPLING.temperature, "top_k": CHAT_SAMPLING.top_k,
-                "max_tokens": CHAT_SAMPLING.max_tokens, "seed": 0}
+                "max_tokens": CHAT_SAMPLING.max_tokens, "repetition_penalty": CHAT_SAMPLING.repetition_penalty, "seed": 0}
     stem = f"chat_probe_{stage}_{tag}_step{step}"
     if settings == defaults and limit is None:
         return stem
     s = settings
-    return stem + f"_t{s['temperature']:g}_k{s['top_k']}_n{s['max_tokens']}_s{s['seed']}" + (f"_l{limit}" if limit else "")
+    penalty = f"_rp{s['repetition_penalty']:g}" if s.get("repetition_penalty") else ""
+    return (stem + f"_t{s['temperature']:g}_k{s['top_k']}_n{s['max_tokens']}{penalty}_s{s['seed']}"
+            + (f"_l{limit}" if limit else ""))
 
 
 def english_words() -> frozenset[str]:
@@ -237,18 +243,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2")
     if args.top_k < 0:
         raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns it off)")
+    if args.repetition_penalty is not None and not 0.0 < args.repetition_penalty <= 10.0:
+        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be in (0, 10]; 1 or leaving it out is off")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be >= 1")
     device = pick_device(args.device)
     model, tokenizer, meta, path = load_for_inference(args.stage, args.tag, args.step, device)
     engine = Engine(model, tokenizer, compute_dtype=pick_dtype(device, args.dtype))
     prompts = PROMPTS[: args.limit]
-    answers = answer_prompts(engine, prompts, args.temperature, args.top_k, args.max_tokens, args.seed)
+    answers = answer_prompts(engine, prompts, args.temperature, args.top_k, args.max_tokens, args.seed,
+                             args.repetition_penalty)
     dictionary = english_words()
     stage, tag, step = path.parts[-3], path.parts[-2], int(meta.get("step", path.name.removeprefix("step_")))
     result = {"stage": stage, "tag": tag, "step": step, "checkpoint": str(path),
               "settings": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens,
-                           "seed": args.seed},
+                           "repetition_penalty": args.repetition_penalty, "seed": args.seed},
               "metrics": summarize(answers, dictionary), "answers": answers}
     out = home() / "eval" / probe_file_stem(stage, tag, step, result["settings"], args.limit)
     out.parent.mkdir(parents=True, exist_ok=True)

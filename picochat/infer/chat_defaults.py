@@ -17,6 +17,7 @@ class ChatSampling:
     temperature: float = 0.7
     top_k: int = 50  # 0: off
     max_tokens: int = 256  # longest reply, in tokens
+    repetition_penalty: float | None = None  # opt-in (e.g. 1.2): recent tokens made less likely; None: off
 
 
 CHAT_SAMPLING = ChatSampling()

@@ -71,20 +71,24 @@ def test_prompts_are_thirty_distinct_everyday_questions():
 
 def test_only_the_chat_defaults_write_the_name_the_report_reads():
     d = chat_probe.CHAT_SAMPLING
-    defaults = {"temperature": d.temperature, "top_k": d.top_k, "max_tokens": d.max_tokens, "seed": 0}
+    defaults = {"temperature": d.temperature, "top_k": d.top_k, "max_tokens": d.max_tokens,
+                "repetition_penalty": d.repetition_penalty, "seed": 0}
     assert chat_probe.probe_file_stem("sft", "d4", 90, defaults, None) == "chat_probe_sft_d4_step90"
     greedy = {**defaults, "temperature": 0.0}
     assert chat_probe.probe_file_stem("sft", "d4", 90, greedy, None) == f"chat_probe_sft_d4_step90_t0_k{d.top_k}_n{d.max_tokens}_s0"
     assert chat_probe.probe_file_stem("sft", "d4", 90, defaults, 5).endswith("_l5")
+    penalized = {**greedy, "repetition_penalty": 1.3}
+    assert chat_probe.probe_file_stem("sft", "d4", 90, penalized, None).endswith(f"_n{d.max_tokens}_rp1.3_s0")
 
 
 def test_render_markdown_shows_figures_and_answers():
-    result = {"stage": "sft", "step": 7, "settings": {"temperature": 0.7, "top_k": 50, "max_tokens": 64, "seed": 0},
+    result = {"stage": "sft", "step": 7, "settings": {"temperature": 0.7, "top_k": 50, "max_tokens": 64,
+                                                      "repetition_penalty": 1.2, "seed": 0},
               "metrics": {"answers": 1, "echo_share": 0.0, "echo_formats": [], "repeat_share": 0.02,
                           "dictionary_share": 0.9, "mean_tokens": 12.0, "mean_words": 9.0},
               "answers": [{"prompt": "Hi", "answer": "Hello there.\nHow are you?", "tokens": 6}]}
     md = chat_probe.render_markdown(result)
-    assert "| dictionary words | 90.0% | >= 85% |" in md and "> Hello there.  \n> How are you?" in md
+    assert "| dictionary words | 90.0% | >= 85% |" in md and "repetition penalty 1.2" in md and "> Hello there.  \n> How are you?" in md
     json.dumps(result)
 
 
@@ -108,3 +112,7 @@ def test_chat_probe_command_writes_json_and_markdown(picochat_home, monkeypatch,
     assert again["answers"] == result["answers"]
     assert main(argv + ["--temperature", "3"]) == 2
     assert "--temperature 3.0: must be between 0 and 2" in capsys.readouterr().err
+    assert main(argv + ["--repetition-penalty", "1.5"]) == 0
+    assert (picochat_home / "eval" / "chat_probe_sft_tiny_step1_t0.7_k50_n8_rp1.5_s0_l3.json").exists()
+    assert main(argv + ["--repetition-penalty", "0"]) == 2
+    assert "--repetition-penalty 0.0: must be in (0, 10]" in capsys.readouterr().err
