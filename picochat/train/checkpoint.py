@@ -8,6 +8,12 @@ Each step directory holds:
   state.pt           optimiser states, per-rank loader state and RNG, schedule position, loop
                      accumulators (only for resumable training checkpoints)
 
+meta.json records the sha256 of model.safetensors, config.json and state.pt ("checksums"),
+computed from the bytes as they are written (no second read); loading verifies them, so a
+flipped or cut byte is a clear error, and `--resume` skips a damaged newest step for the
+previous good one (`newest_resumable_step`). A full disk during a save leaves the previous
+checkpoints as they were and says "no space left on <dir>".
+
 A step directory is first written as `.step_<N>.tmp-<pid>` and renamed when complete,
 so a crash (even SIGKILL) mid-save never leaves a directory that looks complete;
 leftover temp dirs are ignored and cleaned on the next save.
@@ -15,6 +21,9 @@ leftover temp dirs are ignored and cleaned on the next save.
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
 import re
@@ -23,10 +32,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from picochat.errors import DataError
-from picochat.runtime import home
+from picochat.errors import ConfigError, DataError
+from picochat.runtime import home, warn
 
 STAGES = ("base", "mid", "sft", "rl")
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -107,15 +118,30 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     final = directory / f"step_{step}"
     tmp = directory / f".step_{step}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    raw = model._orig_mod if hasattr(model, "_orig_mod") else model
-    save_file(clean_state_dict(raw.state_dict()), str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(raw.config.to_dict(), indent=1))
-    tokenizer.save(tmp / "tokenizer")
-    if state is not None:
-        torch.save(state, tmp / "state.pt")
-    full_meta = {"step": step, "tokenizer_hash": tokenizer.hash, "saved_at": time.time(), **meta}
-    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, default=str))
+    try:
+        tmp.mkdir()
+        raw = model._orig_mod if hasattr(model, "_orig_mod") else model
+        checksums = {"model.safetensors": write_file(tmp / "model.safetensors",
+                                                     save_safetensors(clean_state_dict(raw.state_dict()))),
+                     "config.json": write_file(tmp / "config.json", json.dumps(raw.config.to_dict(), indent=1).encode())}
+        tokenizer.save(tmp / "tokenizer")
+        if state is not None:
+            with open(tmp / "state.pt", "wb") as f:
+                writer = HashingWriter(f)
+                torch.save(state, writer)
+            if writer.error is not None:
+                raise writer.error
+            checksums["state.pt"] = writer.sha256.hexdigest()
+        full_meta = {"step": step, "tokenizer_hash": tokenizer.hash, "saved_at": time.time(), **meta,
+                     "checksums": checksums}
+        write_file(tmp / "meta.json", json.dumps(full_meta, indent=1, default=str).encode())
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = e if isinstance(e, OSError) else getattr(e, "__context__", None) or e
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"no space left on {directory} while saving step {step}; the previous checkpoints are "
+                            "intact: free some space (or set PICOCHAT_HOME to a bigger disk) and --resume") from e
+        raise
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -123,6 +149,85 @@ def save_checkpoint(
         for old in list_steps(directory)[:-keep_last]:
             shutil.rmtree(directory / f"step_{old}", ignore_errors=True)
     return final
+
+
+class HashingWriter:
+    """A binary file wrapper that hashes what goes through it (torch.save writes sequentially)."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.error = file, hashlib.sha256(), None
+
+    def write(self, data) -> int:
+        try:
+            written = write_chunk(self.file, data)
+        except OSError as e:
+            self.error = e  # torch wraps it in a RuntimeError without the errno; keep it to report
+            raise
+        self.sha256.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_chunk(file, data) -> int:
+    """The one place checkpoint bytes reach the disk (tests simulate a full disk here)."""
+    return file.write(data)
+
+
+def write_file(path: Path, data: bytes) -> str:
+    """Write `data` to `path`; its sha256."""
+    with open(path, "wb") as f:
+        write_chunk(f, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(path: Path, meta: dict) -> bytes:
+    """The bytes of a checkpoint file, checked against the sha256 meta.json recorded for it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror}); the checkpoint is incomplete") from e
+    expected = (meta.get("checksums") or {}).get(path.name)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(f"{path} does not match its checksum in meta.json (damaged or cut bytes); "
+                        "re-run the stage or load an earlier --step")
+    return data
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a checkpoint file, or a DataError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not readable JSON ({e}); the checkpoint is damaged: re-run the stage "
+                        "or load an earlier --step") from e
+    if not isinstance(value, dict):
+        raise DataError(f"{path} holds a JSON {type(value).__name__}, not an object; the checkpoint is damaged")
+    return value
+
+
+def load_weights(path: Path, meta: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The verified weights of a step directory, cleaned of compile prefixes."""
+    data = read_verified(Path(path) / "model.safetensors", meta)
+    try:
+        weights = load_safetensors(data)
+    except (SafetensorError, ValueError) as e:
+        raise DataError(f"{path}/model.safetensors is not a readable safetensors file ({e}); "
+                        "re-run the stage or load an earlier --step") from e
+    return clean_state_dict({k: v.to(device) for k, v in weights.items()})
+
+
+def load_weights_into(model: torch.nn.Module, path: Path, meta: dict, device: torch.device | str = "cpu") -> None:
+    """Load a step's weights into `model`, refusing a checkpoint of another shape by name."""
+    config = read_json_object(Path(path) / "config.json")
+    ours = model.config.to_dict()
+    differ = {k: (config[k], ours[k]) for k in ours if k in config and config[k] != ours[k]}
+    if differ:
+        shown = ", ".join(f"{k} {old} there, {new} here" for k, (old, new) in differ.items())
+        raise DataError(f"{path} holds a different model ({shown}); resume with the flags it was trained with "
+                        "(e.g. the same --depth) or start a new --tag")
+    model.load_state_dict(load_weights(path, meta, device))
 
 
 def load_checkpoint_dir(path: Path, device: torch.device | str = "cpu"):
@@ -134,14 +239,20 @@ def load_checkpoint_dir(path: Path, device: torch.device | str = "cpu"):
     for name in ("model.safetensors", "config.json", "meta.json"):
         if not (path / name).exists():
             raise DataError(f"{path} is not a complete checkpoint (missing {name})")
-    config = GPTConfig.from_dict(json.loads((path / "config.json").read_text()))
-    model = build_model(config, torch.device(device))
-    weights = clean_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    meta = read_json_object(path / "meta.json")
+    config_dict = read_json_object(path / "config.json")
+    try:
+        model = build_model(GPTConfig.from_dict(config_dict), torch.device(device))
+    except (TypeError, ValueError, ConfigError) as e:
+        raise DataError(f"{path}/config.json is not a model config ({e}); the checkpoint is damaged") from e
+    weights = load_weights(path, meta, device)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise DataError(f"{path}/model.safetensors does not match config.json ({str(e).splitlines()[-1].strip()})") from e
     if missing or unexpected:
         raise DataError(f"{path}/model.safetensors does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tokenizer = Tokenizer.load(path / "tokenizer")
-    meta = json.loads((path / "meta.json").read_text())
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise DataError(f"{path}: tokenizer hash {tokenizer.hash} differs from the one trained with ({meta['tokenizer_hash']})")
     return model, tokenizer, meta
@@ -162,4 +273,33 @@ def load_training_state(path: Path) -> dict:
     state_path = Path(path) / "state.pt"
     if not state_path.exists():
         raise DataError(f"{path} has no state.pt: it is a model-only checkpoint and cannot be resumed")
-    return torch.load(state_path, map_location="cpu", weights_only=False)
+    data = read_verified(state_path, read_json_object(Path(path) / "meta.json"))
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling a damaged file raises many types
+        raise DataError(f"{state_path} is damaged ({type(e).__name__}); resume from an earlier step") from e
+
+
+def check_resumable(path: Path) -> None:
+    """Raise a DataError if a step directory cannot be resumed from (files missing or damaged)."""
+    meta = read_json_object(Path(path) / "meta.json")
+    read_json_object(Path(path) / "config.json")
+    if {"model.safetensors", "state.pt"} <= set(meta.get("checksums") or {}):
+        read_verified(Path(path) / "model.safetensors", meta)  # the hashes say it all; no need to unpickle twice
+        if not (Path(path) / "state.pt").exists():
+            raise DataError(f"{path} has no state.pt")
+        read_verified(Path(path) / "state.pt", meta)
+    else:  # written before checksums: try to read it
+        load_weights(path, meta)
+        load_training_state(path)
+
+
+def newest_resumable_step(directory: Path) -> int | None:
+    """The newest step of a run that can be resumed from; damaged newer steps are skipped with a warning."""
+    for step in reversed(list_steps(directory)):
+        try:
+            check_resumable(Path(directory) / f"step_{step}")
+            return step
+        except DataError as e:
+            warn(f"--resume: skipping step {step}: {e}")
+    return None

@@ -153,11 +153,11 @@ def verify_shared_home(world: Dist) -> None:
 
 
 def newest_step(stage: str, tag: str, world: Dist) -> int | None:
-    """The newest complete checkpoint step of a run, decided on rank 0 and broadcast to all ranks."""
-    steps = [ckpt.list_steps(ckpt.run_dir(stage, tag)) if world.is_main else None]
+    """The newest complete, undamaged checkpoint step of a run, decided on rank 0 and broadcast to all ranks."""
+    steps = [ckpt.newest_resumable_step(ckpt.run_dir(stage, tag)) if world.is_main else None]
     if world.enabled:
         dist.broadcast_object_list(steps)
-    return steps[0][-1] if steps[0] else None
+    return steps[0]
 
 
 @dataclass
@@ -257,12 +257,10 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         """Restore weights, optimisers, data position, RNG and accumulators from a step directory."""
-        from safetensors.torch import load_file
-
         from picochat.errors import DataError
 
         state = ckpt.load_training_state(path)
-        meta = json.loads((path / "meta.json").read_text())
+        meta = ckpt.read_json_object(path / "meta.json")
         if state["world_size"] != self.world.world_size:
             raise DataError(
                 f"{path} was saved by {state['world_size']} processes and this run has {self.world.world_size}; "
@@ -271,8 +269,7 @@ class Trainer:
         if meta.get("tokenizer_hash") != self.tokenizer.hash:
             raise DataError(f"{path} was trained with tokenizer {meta.get('tokenizer_hash')}, this run uses "
                             f"{self.tokenizer.hash}; resume with the same tokenizer")
-        weights = ckpt.clean_state_dict(load_file(str(path / "model.safetensors"), device=str(self.device)))
-        self.model.load_state_dict(weights)
+        ckpt.load_weights_into(self.model, path, meta, self.device)
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
         mine = state["per_rank"][self.world.rank]
