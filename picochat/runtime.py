@@ -22,7 +22,13 @@ from picochat.errors import ConfigError
 def home() -> Path:
     """$PICOCHAT_HOME, default ~/.cache/picochat: data, tokenizer, checkpoints, logs, reports."""
     path = Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise ConfigError(f"PICOCHAT_HOME={path} is not a writable directory ({e.strerror}); "
+                          "point PICOCHAT_HOME at a directory you can write") from e
     return path
 
 
@@ -40,7 +46,10 @@ def pick_device(requested: str | None = None) -> torch.device:
         raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
     if requested == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(requested)
+    try:
+        return torch.device(requested)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from e
 
 
 def cpu_supports_fast_bf16() -> bool:

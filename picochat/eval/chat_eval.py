@@ -257,7 +257,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-a", "--tasks", default=None, help=f"tasks to run, '|'-separated (default: {'|'.join(CHAT_TASKS)})")
     p.add_argument("--source", choices=["offline", "hf"], default="offline",
                    help="task data: registry packages (offline, default) or the Hugging Face hub")
-    p.add_argument("--max-problems", type=int, default=None, help="items per task, evenly spread; -1 for all (default)")
+    p.add_argument("--max-problems", type=int, default=None,
+                   help="items per task, evenly spread, >= 1 (default: every item)")
     p.add_argument("--num-samples", type=int, default=None, help="samples per generative problem: pass@k (default 1)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: 0 = greedy for one sample, 1.0 for several)")
@@ -274,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
     from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
     from picochat.train.checkpoint import find_checkpoint, load_checkpoint_dir
 
+    if args.max_problems is not None and args.max_problems < 1:
+        raise ConfigError(f"--max-problems must be >= 1, got {args.max_problems}; omit it to run every problem")
     resolve(args, DEFAULTS)
     names = parse_task_names(args.tasks)
     if args.num_samples < 1:

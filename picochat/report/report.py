@@ -469,6 +469,11 @@ def resolve_names(root: Path, run_name: str | None, tag: str | None) -> tuple[st
         check_name("--run", run_name)
     if tag:
         check_name("--tag", tag)
+    if run_name and not (has_tag(root, run_name) or (root / "speedrun" / run_name).is_dir()
+                         or (tag and has_tag(root, tag))):
+        known = sorted({p.name for p in (root / "checkpoints").glob("*/*") if p.is_dir()})
+        raise UserError(f"--run {run_name!r}: no checkpoints, logs or speedrun of that name under {root} "
+                        f"(known: {', '.join(known) or 'none'}); omit --run for the newest run")
     else:
         tag = run_name if run_name and has_tag(root, run_name) else newest_tag(root) or run_name or "default"
     return run_name or tag, tag

@@ -19,6 +19,7 @@ import os
 import torch
 
 from picochat.errors import ConfigError
+from picochat.infer.chat_defaults import CHAT_SAMPLING
 from picochat.runtime import pick_device, pick_dtype, warn
 
 
@@ -38,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests one worker decodes together (continuous batching; CPU fp32 models), "
                              "also the largest n a request may ask for; 1 turns batching off")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before 503")
-    parser.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
-    parser.add_argument("--top-k", type=int, default=50, help="default when a request gives none (0: off)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="default when a request gives none")
+    parser.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,
+                        help=f"default when a request gives none ({CHAT_SAMPLING.temperature}, the chat default)")
+    parser.add_argument("--top-k", type=int, default=CHAT_SAMPLING.top_k,
+                        help=f"default when a request gives none (0: off; {CHAT_SAMPLING.top_k})")
+    parser.add_argument("--max-tokens", type=int, default=CHAT_SAMPLING.max_tokens,
+                        help=f"default when a request gives none ({CHAT_SAMPLING.max_tokens})")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $PICOCHAT_API_KEY; none: open)")
 

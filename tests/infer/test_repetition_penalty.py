@@ -39,3 +39,30 @@ def test_engine_penalty_is_opt_in_and_cuts_repeats(tokenizer, model):
                                    repetition_penalty=1.3)
     assert len(two) == 2 and two[0] != two[1]
     assert REPEAT_WINDOW >= 16
+
+
+def test_chat_and_serve_take_their_defaults_from_the_chat_sampling_settings():
+    import argparse
+
+    from picochat import chat_cli
+    from picochat.infer.chat_defaults import CHAT_SAMPLING
+    from picochat.serve import commands as serve_commands
+
+    for add_arguments in (chat_cli.add_arguments, serve_commands.add_arguments):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args([])
+        assert (args.temperature, args.top_k, args.max_tokens) == (
+            CHAT_SAMPLING.temperature, CHAT_SAMPLING.top_k, CHAT_SAMPLING.max_tokens)
+    assert 0 < CHAT_SAMPLING.temperature <= 1.0 and CHAT_SAMPLING.max_tokens <= 512  # sampled and capped, not greedy
+
+
+def test_chat_cli_passes_the_penalty_and_refuses_a_bad_one(picochat_home, capsys):
+    from picochat.cli import main
+    from tests.infer.tiny import save_tiny_checkpoint
+
+    save_tiny_checkpoint("sft", "tiny")
+    argv = ["chat", "-p", "Hello there!", "--max-tokens", "8", "--seed", "1", "--device", "cpu", "--dtype", "fp32"]
+    assert main(argv + ["--repetition-penalty", "1.3"]) == 0
+    assert main(argv + ["--repetition-penalty", "-1"]) == 2
+    assert "--repetition-penalty -1.0: must be in (0, 10]" in capsys.readouterr().err
