@@ -53,7 +53,7 @@ def fit_turns(tokenizer: Tokenizer, conversation: dict, max_prompt_tokens: int) 
     last = render(hi)
     if len(last) > max_prompt_tokens:
         what = "the system text and the last message" if system else "the last message"
-        raise ContextLengthError(f"{what} take {len(last)} tokens; the model's context leaves {max_prompt_tokens} "
+        raise ContextLengthError(f"{what}: {len(last)} tokens, but the model's context leaves {max_prompt_tokens} "
                                  "for the prompt; shorten the message")
     best = last
     while lo < hi:

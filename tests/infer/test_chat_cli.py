@@ -75,3 +75,26 @@ def test_end_of_input_leaves_the_loop(tokenizer):
         raise EOFError
 
     session.loop(read=read)
+
+
+def test_a_two_hundred_turn_chat_keeps_going_and_says_what_the_model_no_longer_sees(tokenizer):
+    session, out = session_with_tool_model(tokenizer)  # a 128-token context
+    session.system = "You are picochat."
+    for i in range(200):
+        assert session.reply(f"question {i} about the quick brown fox") == "<<6*7=42>>!"
+    assert len(session.messages) == 400  # the transcript keeps everything
+    text = out.getvalue()
+    assert "[the oldest 2 messages no longer fit the model's context" in text
+    assert session.dropped > 350 and f"[the oldest {session.dropped} messages" in text
+    # What the model saw last: the system text and the newest turns only.
+    seen = session.engine.model.inputs[-200:]
+    assert "You are picochat." in tokenizer.decode(seen) and "question 199" in tokenizer.decode(seen)
+
+
+def test_a_message_that_cannot_fit_is_refused_and_left_out(tokenizer):
+    session, out = session_with_tool_model(tokenizer)
+    session.reply("hi")
+    assert session.reply("blah " * 500) == ""
+    assert "[not sent: the last message: " in out.getvalue()
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    assert session.reply("and now?") == "<<6*7=42>>!"  # the chat goes on
