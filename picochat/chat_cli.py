@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from picochat.errors import ConfigError
+from picochat.infer.chat_defaults import CHAT_SAMPLING
 from picochat.runtime import home, pick_device, pick_dtype
 
 HELP = """commands:
@@ -39,9 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and exit")
     parser.add_argument("--system", default=None, help="system text put before the first user message")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-k", type=int, default=50, help="0 turns top-k off")
-    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
+    parser.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,
+                        help=f"sampling temperature, 0 = greedy (default {CHAT_SAMPLING.temperature})")
+    parser.add_argument("--top-k", type=int, default=CHAT_SAMPLING.top_k, help=f"0 turns top-k off (default {CHAT_SAMPLING.top_k})")
+    parser.add_argument("--max-tokens", type=int, default=CHAT_SAMPLING.max_tokens,
+                        help=f"longest reply, in tokens (default {CHAT_SAMPLING.max_tokens})")
+    parser.add_argument("--repetition-penalty", type=float, default=CHAT_SAMPLING.repetition_penalty,
+                        help="> 1 makes the reply's last 64 tokens less likely, against loops "
+                        f"(default {CHAT_SAMPLING.repetition_penalty or 'off'}; 1 = off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")
     parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
     parser.add_argument("--dtype", default=None, help="compute dtype: auto | bf16 | fp32")
@@ -53,6 +59,7 @@ class Settings:
     top_k: int
     max_tokens: int
     seed: int | None
+    repetition_penalty: float | None = None
 
 
 class ChatSession:
@@ -88,7 +95,8 @@ class ChatSession:
         prompt = fitted.ids
         streamer = TextStreamer(self.engine.tokenizer)
         steps = self.engine.generate(prompt, max_tokens=self.settings.max_tokens, temperature=self.settings.temperature,
-                                     top_k=self.settings.top_k or None, seed=self.settings.seed)
+                                     top_k=self.settings.top_k or None, seed=self.settings.seed,
+                                     repetition_penalty=self.settings.repetition_penalty)
         try:
             for column, _ in steps:
                 token = column[0]
@@ -175,13 +183,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
     if not 0.0 <= args.temperature <= 2.0:
         raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2")
+    if args.repetition_penalty is not None and not 0.0 < args.repetition_penalty <= 10.0:
+        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be in (0, 10]; 1 is off")
     device = pick_device(args.device)
-    model, tokenizer, _, path = load_for_inference(args.stage, args.tag, args.step, device)
-    engine = Engine(model, tokenizer, compute_dtype=pick_dtype(device, args.dtype))
+    dtype = pick_dtype(device, args.dtype)
+    model, tokenizer, _, path = load_for_inference(args.stage, args.tag, args.step, device, dtype)
+    engine = Engine(model, tokenizer, compute_dtype=dtype)
     chats = home() / "chats"
     chats.mkdir(parents=True, exist_ok=True)
     transcript = chats / f"chat_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    settings = Settings(args.temperature, args.top_k, args.max_tokens, args.seed)
+    settings = Settings(args.temperature, args.top_k, args.max_tokens, args.seed, args.repetition_penalty)
     session = ChatSession(engine, settings, system=args.system, transcript=transcript)
     if args.prompt is not None:
         if not args.prompt.strip():
