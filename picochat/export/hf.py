@@ -255,8 +255,21 @@ def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.Pa
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(config, state, DTYPES[dtype]), str(out / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_files(out, config, state, tokenizer, dtype, source)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror}); give a directory you can write") from e
+    return out
+
+
+def _write_files(out: Path, config: GPTConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer, dtype: str,
+                 source: dict | None) -> None:
+    weights = out / "model.safetensors"
+    save_file(hf_state_dict(config, state, DTYPES[dtype]), str(weights), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)  # safetensors creates it 0600; the other files get the usual mode
     _write_json(out / "config.json", hf_config(config, tokenizer, dtype))
     _write_json(out / "generation_config.json", generation_config(tokenizer))
     (out / "tokenizer.json").write_text(hf_tokenizer_json(tokenizer), encoding="utf-8")
@@ -265,4 +278,3 @@ def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.Pa
                                                   "pad_token": "<|assistant_end|>"})
     if source is not None:
         _write_json(out / "picochat_source.json", source)
-    return out

@@ -181,6 +181,7 @@ def test_speedrun_name_markers_and_wall_time(home, monkeypatch, capsys):
 
 def test_report_with_nothing_but_a_name(picochat_home, monkeypatch):
     monkeypatch.delenv("PICOCHAT_RUN", raising=False)
+    (picochat_home / "speedrun" / "empty").mkdir(parents=True)  # a run that has started, nothing more
     text = build_report("empty").read_text()
     assert "No checkpoints, logs or evals found for tag `empty`" in text
     assert "## Environment" in text and "## Base model" not in text
@@ -204,3 +205,15 @@ def test_latest_segment_keeps_only_the_newest_run():
     # A fresh run without a step-0 eval also drops the old evals.
     steps, evals = latest_segment(first + [{"step": 1, "loss": 3.0}])
     assert [r["loss"] for r in steps] == [3.0] and evals == []
+
+
+def test_an_unknown_run_is_refused_and_latest_is_kept(home, capsys, monkeypatch):
+    monkeypatch.delenv("PICOCHAT_RUN", raising=False)
+    assert main(["report"]) == 0
+    latest = home / "reports" / "latest.md"
+    before = latest.read_text()
+    capsys.readouterr()
+    assert main(["report", "--run", "bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --run 'bogus': no checkpoints") and "omit --run" in err and "\n" not in err
+    assert latest.read_text() == before and not (home / "reports" / "bogus").exists()
