@@ -9,7 +9,7 @@ seeds `seed, seed+1, ...`, so two runs on one checkpoint give the same answers. 
 each a pure function of the answer text:
 
 - echo share: answers that contain a task format nobody asked for (`task_formats`): a
-  spelling list (letters between commas, "a,p,p,l,e"), a GSM8K answer line (`####`), a
+  spelling list (letters between commas, "a,p,p,l,e"), a GSM8K answer line (`#### 42`), a
   calculator call (`<<...>>` or the python tool tokens; allowed for the one arithmetic
   prompt), multiple-choice letters (an answer that is only a letter A-D, or "Answer: B", or
   lines listing "A." ... "B." options);
@@ -79,7 +79,7 @@ _CONTRACTION = re.compile(r"(?:n['\u2019]t|['\u2019](?:s|re|ve|ll|d|m))$")
 _CONTRACTION_STEMS = {"ca": "can", "wo": "will", "sha": "shall"}  # can't, won't, shan't
 _FORMATS = {
     "spelling list": re.compile(r"\b[a-z](?:\s?,\s?[a-z]){3,}\b", re.IGNORECASE),
-    "#### answer": re.compile(r"####"),
+    "#### answer": re.compile(r"####\s*[-$]?\d"),  # GSM8K's final line; a markdown "#### Heading" is not it
     "calculator call": re.compile(r"<<[^<>]*>>|<\|python_(?:start|end)\|>|<\|output_(?:start|end)\|>"),
     # letters are capitals only: "the answer is a dog" is English, "Answer: B" is a drill
     "multiple choice": re.compile(r"^\(?[A-D]\)?[.)]?$|\b[Aa]nswer(?: is)?\s*:?\s*\(?[A-D]\)?(?:[.)]|\s*$)"

@@ -29,7 +29,7 @@ def test_task_formats_finds_each_drill_and_spares_plain_english():
     assert task_formats("Answer: C") == ["multiple choice"]
     assert task_formats("Pick one:\nA. red\nB. blue") == ["multiple choice"]
     for english in ("The answer is a dog.", "A cat, a dog, a bird: all pets.", "I like tea, and you?",
-                    "Plan A. Then plan B."):
+                    "Plan A. Then plan B.", "#### Tips for sleep\nGo to bed early."):
         assert task_formats(english) == [], english
 
 
