@@ -38,7 +38,7 @@ _BINARY_OPS = {
 }
 _UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 # Quoted literals are left alone when removing thousands separators.
-_STRING_LITERAL = re.compile(r"""('[^']*'|"[^"]*")""")
+_STRING_LITERAL = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")  # escaped quotes stay inside
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
@@ -89,11 +89,16 @@ def strip_thousands_separators(expr: str) -> str:
 
 
 def format_number(value: float) -> str:
-    """10 -> '10', 10.0 -> '10', 2.5 -> '2.5', 1/3 -> '0.333333333333'."""
+    """10 -> '10', 10.0 -> '10', 2.5 -> '2.5', 1/3 -> '0.333333333333', 123456789012345.67 as is.
+
+    Twelve significant digits hide float noise (0.1 + 0.2 -> '0.3'); where that would need an
+    exponent, and so drop digits of a large or tiny number, Python's repr (shortest exact) is used.
+    """
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e16:
             return str(int(value))
-        return format(value, ".12g")
+        short = format(value, ".12g")
+        return repr(value) if "e" in short else short
     return str(value)
 
 

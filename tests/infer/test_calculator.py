@@ -163,3 +163,21 @@ def test_error_messages_say_why():
         evaluate("lambda: 1")
     with pytest.raises(CalculatorError, match="characters"):
         evaluate("1+" * 200 + "1")
+
+
+def test_commas_inside_string_literals_with_escaped_quotes_are_kept():
+    assert strip_thousands_separators(r"'it\'s 1,000'.count(',') + 1,000") == r"'it\'s 1,000'.count(',') + 1000"
+    assert evaluate(r"'it\'s 1,000'.count(',')") == 1
+    assert evaluate(r'"say \"1,000\"".count(",")') == 1
+
+
+@pytest.mark.parametrize("value,expected", [
+    (123456789012345.67, "123456789012345.67"),  # was '1.23456789012e+14'
+    (1.2345678901234567e20, "1.2345678901234567e+20"),  # was '1.23456789012e+20'
+    (0.1 + 0.2, "0.3"),  # float noise still hidden
+    (1 / 3, "0.333333333333"),
+    (1e20, "1e+20"),
+])
+def test_floats_keep_their_precision_where_repr_would(value: float, expected: str):
+    assert format_number(value) == expected
+    assert float(format_number(value)) == value or expected in ("0.3", "0.333333333333")
