@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.errors import ConfigError, UserError
-from picochat.optim.distributed import sync_gradients
+from picochat.optim.sharded import shard_optimizers
 from picochat.runtime import Dist, home, log0
 from picochat.train import checkpoint as ckpt
 from picochat.train.mfu import mfu_percent, peak_flops, peak_memory_bytes
@@ -76,6 +76,7 @@ class LoopConfig:
     grad_clip: float = 0.0
     log_every: int = 1
     loss_weighting: str = "mean"  # "mean": average micro-batch means; "tokens": weight by supervised tokens
+    grad_reduce_dtype: str = "fp32"  # dtype of the cross-rank gradient reduction: fp32 or bf16
     time_budget_s: float = -1.0  # > 0: the horizon comes from throughput (num_iterations is ignored)
     budget_measure_steps: int = 8  # timed steps measured before a time budget fixes the horizon
     extra_meta: dict = field(default_factory=dict)
@@ -215,7 +216,10 @@ class Trainer:
     ):
         self.model = model  # the uncompiled model: saved, evaluated, sampled
         self.train_model = train_model or model  # possibly torch.compile'd, used for the forward
-        self.optimizers = optimizers
+        # In a world > 1 each rank keeps and updates only its share of the optimiser state
+        # (picochat.optim.sharded); in a world of 1 the optimisers are used as given.
+        self.gradients, self.optimizers = shard_optimizers(model, optimizers, world.rank, world.world_size,
+                                                           config.grad_reduce_dtype)
         self.batches = batches
         self.cfg = config
         self.world = world
@@ -247,7 +251,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "optimizers": [o.state_dict() for o in self.optimizers],
+            "optimizers": [o.state_dict() for o in self.optimizers],  # collective: the full state on rank 0
             "loop": {"smooth_loss": self.smooth_loss, "train_time": self.train_time, "metrics": self.metrics,
                      "num_iterations": self.num_iterations, "horizon_fixed": self.horizon_fixed,
                      "elapsed_s": self.elapsed_s},
@@ -328,7 +332,9 @@ class Trainer:
             dist.all_reduce(t)
             total_tokens = int(t.item())
         loss_sum = 0.0
-        for (x, y, _), n in zip(micro, n_tokens):
+        for i, ((x, y, _), n) in enumerate(zip(micro, n_tokens)):
+            if i == len(micro) - 1:
+                self.gradients.arm()  # the last backward: each gradient's reduction starts once it is final
             with torch.autocast(self.device.type, dtype=self.compute_dtype,
                                 enabled=self.compute_dtype != torch.float32):
                 if self.cfg.loss_weighting == "tokens":
@@ -344,12 +350,12 @@ class Trainer:
         if self.cfg.loss_weighting == "tokens":
             loss_sum /= self.world.world_size
         outcome = self._agree(loss_sum, real_tokens, total_tokens)
+        self.gradients.wait()  # every rank finishes the reductions the last backward started
         if outcome.nonfinite_ranks:
             self.model.zero_grad(set_to_none=True)
             return outcome
-        sync_gradients(self.model)
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.gradients.clip_grad_norm_(self.cfg.grad_clip)
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)

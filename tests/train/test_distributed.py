@@ -85,7 +85,7 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(tiny_home):
     a, b = torch.load(one), torch.load(two)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0), k
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     # Two ranks agree on the saved checkpoint too.
     assert (tiny_home / "checkpoints" / "base" / "w2" / f"step_{STEPS}" / "model.safetensors").exists()
 
