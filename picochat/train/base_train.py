@@ -76,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPUs and AMX CPUs), bf16, fp32")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto: on for CUDA)")
+    g.add_argument("--grad-reduce-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype of the cross-rank gradient reduction (bf16 halves the traffic, e.g. across nodes; the sum is rounded to bf16)")
     g.add_argument("--seed", type=int, default=42, help="seed for weights and everything random")
     g.add_argument("--wandb", default=None, metavar="RUN", help="log to Weights & Biases under this run name")
     add_plan_check_argument(g)
@@ -203,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
         loop_cfg = LoopConfig(stage="base", tag=tag, num_iterations=num_iterations, grad_accum_steps=grad_accum,
                               tokens_per_step=args.total_batch_size, eval_every=args.eval_every,
                               sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last,
-                              save_every_minutes=args.save_every_minutes, time_budget_s=60 * args.time_budget)
+                              save_every_minutes=args.save_every_minutes, time_budget_s=60 * args.time_budget,
+                              grad_reduce_dtype=args.grad_reduce_dtype)
         fingerprint = {"data_dir": str(train_files[0].parent), "train_files": [f.name for f in train_files],
                        "val_file": val_file.name}
         trainer = Trainer(

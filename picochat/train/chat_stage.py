@@ -51,6 +51,8 @@ def add_chat_stage_arguments(p: argparse.ArgumentParser, parent_default: str) ->
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     g.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp32")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: CUDA)")
+    g.add_argument("--grad-reduce-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype of the cross-rank gradient reduction (bf16 halves the traffic, e.g. across nodes; the sum is rounded to bf16)")
     g.add_argument("--wandb", default=None, metavar="RUN", help="log to Weights & Biases under this run name")
     add_plan_check_argument(g)
 
@@ -151,7 +153,8 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
     cfg = LoopConfig(stage=stage, tag=tag, num_iterations=num_iterations, grad_accum_steps=grad_accum,
                      tokens_per_step=tokens_per_step, eval_every=eval_every, save_every=args.save_every,
                      save_every_minutes=args.save_every_minutes, keep_last=args.keep_last,
-                     loss_weighting=loss_weighting, time_budget_s=60 * args.time_budget)
+                     loss_weighting=loss_weighting, time_budget_s=60 * args.time_budget,
+                     grad_reduce_dtype=args.grad_reduce_dtype)
     run_meta = {"parent": {"stage": args.from_stage, "tag": parent_meta.get("tag"), "step": parent_meta.get("step")},
                 "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **extra_meta}
     trainer = Trainer(model, optimizers, batches, cfg, world, tokenizer, lr_multiplier=lr_multiplier,
