@@ -89,14 +89,8 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
     app.state.pool = pool
     app.state.cancelled = 0  # generations stopped because the client went away
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        if api_key and _needs_key(request.url.path) and not _key_matches(request, api_key):
-            error = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>' with "
-                             "the key the server was started with (--api-key or PICOCHAT_API_KEY)",
-                             code="invalid_api_key")
-            return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -201,13 +195,31 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+class RequireKey:
+    """ASGI middleware: /v1/* and the tokenizer routes need `Authorization: Bearer <key>`; the page
+    and /health stay open (the page asks for the key when /health says one is needed)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and _needs_key(scope["path"]) and not self._matches(scope):
+            error = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>' with "
+                             "the key the server was started with (--api-key or PICOCHAT_API_KEY)",
+                             code="invalid_api_key")
+            response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _matches(self, scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)
+
+
 def _needs_key(path: str) -> bool:
     return path.startswith("/v1/") or path in ("/tokenizer_info", "/tokenize", "/detokenize")
-
-
-def _key_matches(request: Request, api_key: str) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
 
 async def _start(app: FastAPI, jobs: list[Generation], scoring: list | None = None):
