@@ -7,19 +7,23 @@
 Memory per device during training, by term (bytes; P = parameters, V = vocabulary,
 C = width, L = depth, N = tokens of one micro-batch on one device):
 - parameters: fp32 master weights, 4 P.
-- bf16 weight copies: with bf16 autocast, each matrix is cast once per forward and the copy
-  is kept for the backward: 2 (P - V C) (the embedding is a lookup, never cast).
-- gradients: fp32, 4 P (whole, on every rank: micro-batches accumulate into them).
+- bf16 weight copies: with bf16 autocast, each block matrix is cast once per forward and the
+  copy is kept for the backward (2 bytes each); compiled, lm_head too. The embedding is a
+  lookup, never cast.
+- gradients: fp32, 4 P, whole on every rank, when micro-batches accumulate into them. With
+  one micro-batch per step they are created during the backward as activations are freed
+  and the step zeroes them to None, so they add nothing to the peak (end of the forward).
 - optimiser state: AdamW moments for the embedding and lm_head (8 bytes per parameter),
   a Muon momentum buffer for every block matrix (4 bytes). With more than one rank it is
   assumed sharded over the ranks (ZeRO-2 style), so each holds 1/world of it.
-- activations kept for the backward, per token: eager L (a C + 4 heads + 12) + 8 C + 8 with
-  a = 50 in bf16 and 80 in fp32 (counted op by op and measured on CPU with saved-tensor
-  hooks, docs/LOG.md); compiled a = 30 (what the fused graph must keep: matmul inputs,
-  attention q/k/v/out and the MLP hidden; an estimate, not measured here).
+- activations kept for the backward, per token: L a C + 12 C + 16 with a = 51 in bf16 and 77
+  in fp32 eager (measured on CPU with saved-tensor hooks: 50.4 and 76.4, docs/LOG.md);
+  compiled a = 30 (what the fused graph must keep: matmul inputs, attention q/k/v/out and the
+  MLP hidden; an estimate, not measured here). 12 C + 16: the token ids, the embedding and
+  final norms' inputs and the loss's gradient with respect to the hidden states.
 - logits / loss buffers: eager runs lm_head + softcap + cross-entropy in chunks (two fp32 and
-  one bf16 buffer of 64M elements on a GPU, 32M on a CPU) plus fp32 gradients of lm_head and
-  of the hidden states; compiled materialises bf16 logits and their gradient, 4 N V.
+  one bf16 buffer of 64M elements on a GPU, 32M on a CPU), a bf16 copy of lm_head and its
+  fp32 gradient; compiled materialises bf16 logits and their gradient, 4 N V.
 - communication buffers: with more than one rank, two 32 MiB buckets in flight plus this
   rank's reduced gradient shard, 4 P / world.
 - headroom: what is left for the CUDA context, NCCL and fragmentation: max(2 GiB, 5%) of a
@@ -41,7 +45,7 @@ from picochat.errors import ConfigError
 
 GiB = 2**30
 BUCKET_BYTES = 32 << 20
-ACT_EAGER_BF16, ACT_EAGER_FP32, ACT_COMPILED = 50, 80, 30  # bytes per token per layer, per unit of width
+ACT_EAGER_BF16, ACT_EAGER_FP32, ACT_COMPILED = 51, 77, 30  # bytes per token per layer, per unit of width
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,13 @@ class Shape:
     compiled: bool = False
     bf16: bool = True
     on_gpu: bool = True
+    total_batch_tokens: int = 0  # tokens per optimiser step, all ranks; 0: unknown (assume accumulation)
+
+    @property
+    def accumulates(self) -> bool:
+        """More than one micro-batch per step (then gradients live across the forward)."""
+        per_micro = self.device_batch_size * self.seq_len * self.world_size
+        return self.total_batch_tokens <= 0 or self.total_batch_tokens > per_micro
 
     @classmethod
     def from_config(cls, config, device_batch_size: int, seq_len: int | None = None, **kw) -> Shape:
@@ -106,16 +117,16 @@ def memory_terms(s: Shape) -> dict[str, int]:
     sharded = s.world_size > 1
     optimiser = 8 * 2 * embed + 4 * s.matrix_params
     a = ACT_COMPILED if s.compiled else (ACT_EAGER_BF16 if s.bf16 else ACT_EAGER_FP32)
-    activations = N * (L * (a * C + 4 * s.n_head + 12) + 8 * C + 8)
+    activations = N * (L * a * C + 12 * C + 16)
     if s.compiled:
         logits = 4 * N * V
     else:
         chunk = min(N, (64 << 20 if s.on_gpu else 32 << 20) // V)
-        logits = chunk * V * (4 + 4 + (2 if s.bf16 else 0)) + 4 * V * C + 4 * N * C + (2 if s.bf16 else 4) * V * C
+        logits = chunk * V * (4 + 4 + (2 if s.bf16 else 0)) + 4 * V * C + (2 if s.bf16 else 4) * V * C
     return {
         "parameters": 4 * P,
-        "bf16 weight copies": 2 * (P - embed) if s.bf16 else 0,
-        "gradients": 4 * P,
+        "bf16 weight copies": (2 * (s.matrix_params + (embed if s.compiled else 0))) if s.bf16 else 0,
+        "gradients": 4 * P if s.accumulates else 0,
         "optimiser state": optimiser // s.world_size if sharded else optimiser,
         "activations": activations,
         "logits / loss buffers": logits,
@@ -266,7 +277,7 @@ def build_plan(args) -> dict:
                                   max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head)
     compiled = on_gpu and not args.eager
     s = Shape.from_config(config, args.device_batch_size, world_size=world, compiled=compiled,
-                          bf16=not args.fp32, on_gpu=on_gpu)
+                          bf16=not args.fp32, on_gpu=on_gpu, total_batch_tokens=args.total_batch_size)
     terms = memory_terms(s)
     room = headroom(device.memory_bytes, on_gpu)
     candidates = valid_batches(args.total_batch_size, args.max_seq_len, world)
@@ -305,7 +316,8 @@ def render(plan: dict, name: str) -> str:
              "memory per device" + (f" (optimiser state assumed sharded over the {world} ranks, ZeRO-2 style):"
                                     if world > 1 else ":")]
     for term, b in plan["memory_bytes"].items():
-        lines.append(f"  {term:<24}{b / GiB:8.2f} GiB")
+        note = " (one micro-batch per step: made during the backward)" if term == "gradients" and not b else ""
+        lines.append(f"  {term:<24}{b / GiB:8.2f} GiB{note}")
     lines += [f"  {'total':<24}{plan['total_bytes'] / GiB:8.2f} GiB",
               f"  {'headroom':<24}{plan['headroom_bytes'] / GiB:8.2f} GiB (CUDA context, NCCL, fragmentation)",
               f"fits: {'yes' if plan['fits'] else 'NO'} ({(plan['total_bytes'] + plan['headroom_bytes']) / GiB:.1f} "

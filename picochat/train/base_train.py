@@ -119,7 +119,7 @@ def check_memory(args, config, world, compiled: bool, dtype) -> None:
     if args.no_plan_check:
         return
     shape = Shape.from_config(config, args.device_batch_size, world_size=world.world_size, compiled=compiled,
-                              bf16=dtype != torch.float32)
+                              bf16=dtype != torch.float32, total_batch_tokens=args.total_batch_size)
     check_fits(shape, world.device, "--device-batch-size",
                valid_batches(args.total_batch_size, args.max_seq_len, world.world_size))
 

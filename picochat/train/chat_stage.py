@@ -124,8 +124,10 @@ def check_memory(args, world, dtype, compiled: bool, batch_flag: str, candidates
             batch_check(config)
         if args.no_plan_check:
             return
+        # Tokens per step: mid packs --total-batch-size; SFT takes --examples-per-step rows of up to T.
+        total = getattr(args, "total_batch_size", None) or args.examples_per_step * config.sequence_len
         shape = Shape.from_config(config, args.device_batch_size, world_size=world.world_size, compiled=compiled,
-                                  bf16=dtype != torch.float32)
+                                  bf16=dtype != torch.float32, total_batch_tokens=total)
         check_fits(shape, world.device, batch_flag, candidates(config))
 
     return check

@@ -124,3 +124,26 @@ def test_base_loss_reports_bpb_and_samples(tiny_home):
     assert 0 < out["train_bpb"] < 20 and 0 < out["val_bpb"] < 20
     assert out["samples"][0]["prompt"] == "The capital of France is"
     assert main(["base-loss", "--tag", "bl", "--split-tokens", "8"]) == 2  # too few tokens: error, not inf
+
+
+PLAN_TINY = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1",
+        "--num-iterations", "2"]
+
+
+def test_training_refuses_a_batch_that_cannot_fit_and_names_one_that_does(tiny_home, monkeypatch, capsys):
+    from picochat import plan
+    from picochat.model.gpt import GPTConfig
+    from picochat.plan import Shape, memory_terms
+
+    # A device just big enough for device batch 2 of cpu-tiny, and no headroom to keep the numbers small.
+    config = GPTConfig.from_depth(2, 320, aspect_ratio=32, head_dim=32, max_seq_len=128)
+    need2 = sum(memory_terms(Shape.from_config(config, 2, on_gpu=False, bf16=False, total_batch_tokens=1024)).values())
+    monkeypatch.setattr(plan, "headroom", lambda capacity, on_gpu: 0)
+    monkeypatch.setattr(plan, "local_capacity", lambda device: (int(need2 * 1.2), "the test device"))
+    assert main([*PLAN_TINY, "--device-batch-size", "8", "--total-batch-size", "1024", "--tag", "big"]) == 2
+    err = capsys.readouterr().err
+    assert "--device-batch-size 8 needs" in err and "use --device-batch-size 2" in err and "--no-plan-check" in err
+    assert not (tiny_home / "checkpoints" / "base" / "big").exists()
+    assert main([*PLAN_TINY, "--device-batch-size", "2", "--total-batch-size", "1024", "--tag", "ok"]) == 0
+    assert main([*PLAN_TINY, "--device-batch-size", "8", "--total-batch-size", "1024", "--tag", "forced",
+                 "--no-plan-check"]) == 0
