@@ -190,8 +190,9 @@ def _sampling(body: dict, limits: Limits, defaults: Defaults, model_ids: tuple[s
                        "model", "model_not_found")
     stream = _flag(body, "stream")
     options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}
-                                or not isinstance(options.get("include_usage", False), bool)):
+    # include_obfuscation (random padding against length side channels) changes no content: accepted, unused
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}
+                                or not all(isinstance(v, bool) for v in options.values())):
         raise _bad("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):

@@ -240,7 +240,8 @@ def test_unknown_and_unsupported_fields_are_named(client):
         assert info.value.body["param"] == param, extra
     ok = client.chat.completions.create(model="picochat", messages=USER, max_tokens=2, user="someone",
                                         frequency_penalty=0, presence_penalty=0.0, logit_bias={},
-                                        response_format={"type": "text"}, store=False)
+                                        response_format={"type": "text"}, store=False,
+                                        stream_options={"include_usage": False, "include_obfuscation": False})
     assert ok.choices[0].message.role == "assistant"
 
 
