@@ -1,13 +1,16 @@
 """Cross-rank helpers: start every rank from the same weights, average gradients.
 
-Why explicit calls in the training loop instead of wrapping the model in
-DistributedDataParallel:
+The training loop (base, mid, SFT) reduces gradients through picochat.optim.sharded, which
+also shards the optimiser state; `sync_gradients` is the unsharded path (RL uses it): every
+rank all-reduces every gradient and keeps the full optimiser state.
+
+Why explicit calls instead of wrapping the model in DistributedDataParallel:
 - gradient accumulation needs no `no_sync()` dance: micro-batches just accumulate
-  into .grad locally, and the loop calls `sync_gradients` once before the step;
+  into .grad locally, and the gradients are reduced once, after the last backward;
 - the model stays a plain module (checkpoints, evals and torch.compile see no wrapper);
 - the same code runs on gloo (CPU) and nccl (GPU), and a world of 1 costs nothing.
-The price is no overlap of communication with the backward pass; grads are flattened
-into a few large buckets so the all-reduce itself is efficient.
+`sync_gradients` does not overlap communication with the backward pass (the sharded path
+does); it flattens grads into a few large buckets so the all-reduce itself is efficient.
 """
 
 from __future__ import annotations
