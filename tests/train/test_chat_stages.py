@@ -139,3 +139,51 @@ def test_chat_stage_resumes_bit_exactly(base_ckpt, stage, extra):
     assert _losses(base_ckpt, name, "straight") == _losses(base_ckpt, name, "cut")
     meta = json.loads((ckpt.run_dir(name, "cut") / f"step_{sb}" / "meta.json").read_text())
     assert meta["parent"]["stage"] == "base" and meta["stage"] == name
+
+
+def _random_conversations(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    words = make_documents(50, seed=seed)[0].split()
+    return [{"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 6)))},
+                          {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 24)))}]}
+            for _ in range(n)]
+
+
+def test_padded_rows_count_real_tokens_and_fill_buckets(tok):
+    from picochat.data.chat_batches import PaddedConversations, width_buckets
+
+    task = ListTask(_random_conversations(24))
+    exact = PaddedConversations(task, tok, 4, 128)
+    bucketed = PaddedConversations(task, tok, 4, 128, bucket_widths=width_buckets(128))
+    for _ in range(6):
+        (x, y, real), (bx, by, breal) = next(exact), next(bucketed)
+        assert real == breal < x.numel() or real == x.numel()  # padding is not counted
+        assert bx.shape[1] in (16, 32, 64, 128) and bx.shape[1] >= x.shape[1]
+        assert torch.equal(bx[:, : x.shape[1]], x) and torch.equal(by[:, : y.shape[1]], y)
+        assert (by[:, y.shape[1]:] == -1).all()  # the extra width is padding, never a target
+
+
+def test_compiled_sft_batches_compile_at_most_four_graphs(tok):
+    """Rows of many widths, bucketed: dynamo traces one graph per bucket, not one per width."""
+    from torch._dynamo.utils import counters
+
+    from picochat.data.chat_batches import PaddedConversations, width_buckets
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
+                                  sequence_len=128), "cpu")
+    compiled = torch.compile(model, backend="eager", dynamic=False)  # counts graphs without inductor's cost
+    task = ListTask(_random_conversations(96, seed=3))
+    batches = PaddedConversations(task, tok, 2, 128, bucket_widths=width_buckets(128))
+    exact = PaddedConversations(task, tok, 2, 128)
+    widths, exact_widths = set(), set()
+    for _ in range(40):
+        x, y, _ = next(batches)
+        widths.add(x.shape[1])
+        exact_widths.add(next(exact)[0].shape[1])
+        compiled(x, y, loss_reduction="sum").backward()
+    assert len(exact_widths) > 8 and len(widths) >= 2  # unbucketed, this would be a graph per width
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
