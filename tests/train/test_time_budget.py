@@ -1,0 +1,64 @@
+"""--time-budget: the horizon comes from measured throughput, is fixed once, and survives a resume bit-exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from picochat.cli import main
+from picochat.train import checkpoint as ckpt
+
+TINY = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1"]
+
+
+def records(home: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (home / "logs" / f"{name}.jsonl").read_text().splitlines()]
+
+
+def losses(home: Path, name: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(home, name) if "loss" in r}
+
+
+def test_time_budget_sets_the_horizon_and_resume_keeps_it(tiny_home):
+    # Size the budget from this machine's step time, so the horizon lands ~40 steps out anywhere.
+    assert main(TINY + ["--num-iterations", "12", "--tag", "probe"]) == 0
+    dt = statistics.median(r["dt"] for r in records(tiny_home, "base-probe") if "dt" in r)
+    budget_min = (11 * 2 + 30) * dt / 60
+    args = TINY + ["--time-budget", f"{budget_min:.6f}", "--save-every", "5", "--keep-last", "100"]
+    assert main(args + ["--tag", "budget"]) == 0
+    recs = [r for r in records(tiny_home, "base-budget") if "loss" in r]
+    fixed_at = next(r["step"] for r in recs if r["num_iterations"] is not None)
+    horizon = recs[-1]["num_iterations"]
+    assert all(r["num_iterations"] is None for r in recs if r["step"] < fixed_at)
+    assert all(r["num_iterations"] == horizon for r in recs if r["step"] >= fixed_at)
+    assert recs[-1]["step"] == horizon and len(recs) == horizon
+    meta = json.loads((ckpt.run_dir("base", "budget") / f"step_{horizon}" / "meta.json").read_text())
+    assert meta["num_iterations"] == horizon
+
+    # Resume from the first checkpoint after the horizon was fixed: same horizon, same weights, same losses.
+    run = ckpt.run_dir("base", "budget")
+    steps = ckpt.list_steps(run)
+    cut = next(s for s in steps if s >= fixed_at)
+    assert cut < horizon, (cut, horizon)
+    straight = load_file(str(run / f"step_{horizon}" / "model.safetensors"))
+    straight_losses = losses(tiny_home, "base-budget")
+    for s in steps:
+        if s > cut:
+            shutil.rmtree(run / f"step_{s}")
+    assert main(args + ["--tag", "budget", "--resume"]) == 0
+    resumed = load_file(str(run / f"step_{horizon}" / "model.safetensors"))
+    assert ckpt.list_steps(run)[-1] == horizon
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    assert losses(tiny_home, "base-budget") == straight_losses
+
+
+def test_time_budget_of_seconds_ends_the_run(tiny_home):
+    assert main(TINY + ["--time-budget", "0.02", "--tag", "short"]) == 0  # 1.2 s: ends right after measuring
+    recs = [r for r in records(tiny_home, "base-short") if "loss" in r]
+    assert recs[-1]["step"] == recs[-1]["num_iterations"] <= 20
