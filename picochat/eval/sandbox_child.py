@@ -462,7 +462,8 @@ def supervise(job: dict) -> dict:
     stopped = job.get("stopped_by")
     return {"success": judged and returncode == 0 and not stopped and not memory, "stdout": stdout, "stderr": stderr,
             "timeout": stopped == "timeout", "memory_exceeded": memory, "output_truncated": out.truncated or err.truncated,
-            "returncode": proc.returncode, "isolated": in_namespace, "uid": uid}
+            "returncode": proc.returncode if job["mode"] == "program" else None,  # a judged solution is killed
+            "isolated": in_namespace, "uid": uid}
 
 
 def judge_main() -> None:

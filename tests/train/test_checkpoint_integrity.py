@@ -132,3 +132,15 @@ def test_resume_with_another_depth_is_a_clear_error(tiny_home: Path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "holds a different model (n_layer 2 there, 3 here" in err
     assert "--depth" in err
+
+
+def test_a_command_loading_flipped_weights_says_so_in_one_line(picochat_home: Path, capsys):
+    from tests.infer.tiny import save_tiny_checkpoint
+
+    step_dir = save_tiny_checkpoint()
+    data = bytearray((step_dir / "model.safetensors").read_bytes())
+    data[-10] ^= 0x01
+    (step_dir / "model.safetensors").write_bytes(bytes(data))
+    assert main(["export", "--out", str(picochat_home / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "model.safetensors does not match its checksum" in err and "\n" not in err
