@@ -187,3 +187,13 @@ def test_compiled_sft_batches_compile_at_most_four_graphs(tok):
         compiled(x, y, loss_reduction="sum").backward()
     assert len(exact_widths) > 8 and len(widths) >= 2  # unbucketed, this would be a graph per width
     assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("stage", ["mid-train", "sft"])
+def test_chat_stage_time_budget_fixes_the_horizon(base_ckpt, stage):
+    name = "mid" if stage == "mid-train" else "sft"
+    assert main([stage, "--preset", "cpu-tiny", "--dtype", "fp32", "--from-stage", "base", "--from-tag", "t",
+                 "--time-budget", "0.02", "--tag", "budget"]) == 0
+    step, _ = _weights(name, "budget")
+    meta = json.loads((ckpt.run_dir(name, "budget") / f"step_{step}" / "meta.json").read_text())
+    assert meta["num_iterations"] == step >= 8  # the measured steps, then what the 1.2 s budget had left
