@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:
-        # An error every rank of a distributed run raises together is printed once, by rank 0.
-        if not getattr(e, "all_ranks", False) or os.environ.get("RANK", "0") == "0":
+        # An error every rank of a distributed run raises together is printed once per node.
+        if not getattr(e, "all_ranks", False) or os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

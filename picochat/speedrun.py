@@ -2,6 +2,7 @@
 
     picochat speedrun --preset cpu            # a laptop: built-in corpus, ~30 minutes
     picochat speedrun --preset d20 --nproc-per-node 8
+    picochat speedrun --preset d32 --nproc-per-node 8 --nnodes 2 --node-rank R --master-addr HOST0 --master-port 29500
 
 Stages run in order as child processes (under torchrun when --nproc-per-node > 1):
 data -> tok-train -> tok-eval -> base-train -> base-loss -> base-eval -> mid-train ->
@@ -9,6 +10,12 @@ chat-eval + chat-probe (mid) -> sft -> chat-eval + chat-probe (sft) -> [rl -> ch
 A stage that finished leaves a marker in $PICOCHAT_HOME/speedrun/<run>/; running the
 same command again skips finished stages and resumes the training stage that was
 interrupted from its last checkpoint. --force-from STAGE re-runs from that stage on.
+
+Several nodes: run the same command on every node with its --node-rank. Every node needs
+the same $PICOCHAT_HOME on a shared filesystem (each training stage checks this at start and
+fails on every rank with one message if not). The single-process stages (data, tokenizer,
+report) run on node 0 only; the other nodes go straight to the next distributed stage, whose
+rendezvous waits for node 0.
 """
 
 from __future__ import annotations
@@ -70,14 +77,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pretraining text (default: builtin on cpu presets, fineweb-edu on GPU presets)")
     p.add_argument("--shards", type=int, default=240, help="train shards to download for hub data (default 240)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) for training and eval stages")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes taking part (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1")
+    p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, reachable from every node")
+    p.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 for the rendezvous")
     p.add_argument("--run", default=None, help="run name for markers and the report (default: the preset)")
     p.add_argument("--force-from", default=None, metavar="STAGE", help="re-run this stage and every later one")
     p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
 
 
+def launcher(args: argparse.Namespace) -> list[str]:
+    """How a distributed stage starts: torchrun across nodes, on one node, or a plain process."""
+    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}"]
+    if args.nnodes > 1:
+        return [*base, f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}",
+                f"--master_addr={args.master_addr}", f"--master_port={args.master_port}", "-m", "picochat"]
+    if args.nproc_per_node > 1:
+        return [*base, "--standalone", "-m", "picochat"]
+    return [sys.executable, "-m", "picochat"]
+
+
+def check_nodes(args: argparse.Namespace) -> None:
+    if args.nnodes < 1 or args.nproc_per_node < 1:
+        raise UserError(f"--nnodes {args.nnodes} --nproc-per-node {args.nproc_per_node}: both must be at least 1")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--node-rank {args.node_rank} must be in 0 .. {args.nnodes - 1} (--nnodes {args.nnodes})")
+
+
 def run(args: argparse.Namespace) -> int:
     from picochat.runtime import home
 
+    check_nodes(args)
     data_source = args.data or ("builtin" if args.preset.startswith("cpu") else "fineweb-edu")
     stages = plan(args.preset, args.rl, data_source, args.shards)
     names = [s[0] for s in stages]
@@ -99,11 +129,10 @@ def run(args: argparse.Namespace) -> int:
         if marker.exists():
             print(f"[{i}/{len(stages)}] {name}: done earlier, skipping", flush=True)
             continue
-        if distributed and args.nproc_per_node > 1:
-            full = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={args.nproc_per_node}", "-m", "picochat", *cmd]
-        else:
-            full = [sys.executable, "-m", "picochat", *cmd]
+        if not distributed and args.node_rank > 0:
+            print(f"[{i}/{len(stages)}] {name}: runs on node 0", flush=True)
+            continue
+        full = [*launcher(args), *cmd] if distributed else [sys.executable, "-m", "picochat", *cmd]
         print(f"[{i}/{len(stages)}] {name}: picochat {shlex.join(cmd)}", flush=True)
         if args.dry_run:
             continue

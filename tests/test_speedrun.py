@@ -30,3 +30,23 @@ def test_finished_stages_are_skipped_and_force_from_reruns(tmp_path, monkeypatch
     assert main(["speedrun", "--preset", "cpu", "--dry-run", "--force-from", "tok-train"]) == 0
     assert not (markers / "tok-train.done").exists() and (markers / "data.done").exists()
     assert main(["speedrun", "--preset", "cpu", "--force-from", "nope"]) == 2
+
+
+def test_several_nodes_launch_torchrun_with_the_rendezvous_and_node_0_runs_the_rest(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from picochat.speedrun import launcher
+
+    args = argparse.Namespace(nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29501)
+    cmd = launcher(args)
+    for flag in ("--nproc_per_node=8", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29501"):
+        assert flag in cmd
+    assert "--standalone" not in cmd
+    assert "--standalone" in launcher(argparse.Namespace(**{**vars(args), "nnodes": 1, "node_rank": 0}))
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    assert main(["speedrun", "--preset", "cpu-tiny", "--dry-run", "--nnodes", "2", "--node-rank", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "data: runs on node 0" in out and "tok-train: runs on node 0" in out
+    assert "base-train: picochat base-train" in out
+    assert main(["speedrun", "--preset", "cpu-tiny", "--dry-run", "--nnodes", "2", "--node-rank", "2"]) == 2
+    assert "--node-rank 2 must be in 0 .. 1" in capsys.readouterr().err

@@ -55,8 +55,14 @@ from picochat.train.mfu import mfu_percent, peak_flops, peak_memory_bytes
 UNFIXED_HORIZON = 2**31
 
 
+class SharedHomeError(ConfigError):
+    """Ranks see different $PICOCHAT_HOME contents; every rank raises it, the CLI prints it once per node."""
+
+    all_ranks = True
+
+
 class NonFiniteLossError(UserError):
-    """The loss was NaN or inf on some rank; every rank raises it, the CLI prints it once."""
+    """The loss was NaN or inf on some rank; every rank raises it, the CLI prints it once per node."""
 
     all_ranks = True
 
@@ -147,7 +153,7 @@ def verify_shared_home(world: Dist) -> None:
     if world.is_main:
         probe.unlink(missing_ok=True)
     if bad.item():
-        raise ConfigError(
+        raise SharedHomeError(
             f"{int(bad.item())} of {world.world_size} processes do not see the file rank 0 wrote under "
             f"$PICOCHAT_HOME ({home()} on rank 0): every node needs the same PICOCHAT_HOME on a shared "
             "filesystem (checkpoints, data and the tokenizer are read from there)")
