@@ -1,0 +1,34 @@
+"""Where a benchmark's results go: one JSON file per run, written whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from picochat.runtime import home
+
+
+def default_out(script: str) -> Path:
+    """$PICOCHAT_HOME/bench/<script>-<local time>.json"""
+    return home() / "bench" / f"{script}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def write_results(path: Path, results: dict) -> bool:
+    """Write `results` as JSON to `path` (through a temporary file, so no half-written file is left);
+    on failure say why on stderr and return False (the results were printed already)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        print(f"error: --out {path}: cannot write it ({e.strerror}); choose a writable path", file=sys.stderr)
+        return False
+    print(f"results written to {path}")
+    return True

@@ -1,0 +1,175 @@
+"""The benchmark scripts' plumbing: machine detection, best-vs-best, the soak's request mix, the
+results file, and one tiny end-to-end run of bench/infer.py (a stand-in reference included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))  # the bench scripts import their siblings by file name
+
+import infer
+import machine
+import results
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 2000.00
+Features\t: fp asimd evtstrm aes sve bf16
+CPU implementer\t: 0x41
+"""
+
+
+def test_cpu_flags_and_model_come_from_cpuinfo():
+    assert {"avx2", "avx512_bf16", "amx_bf16", "amx_tile"} <= machine.cpu_flags_of(X86_CPUINFO)
+    assert machine.cpu_model_of(X86_CPUINFO) == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert {"asimd", "sve", "bf16"} <= machine.cpu_flags_of(ARM_CPUINFO)
+    assert machine.cpu_model_of(ARM_CPUINFO) is None
+    assert machine.cpu_flags_of("") == set()
+
+
+def test_machine_kind_names_the_best_matrix_unit():
+    assert machine.kind_of({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, None) == "CPU AMX"
+    assert machine.kind_of({"avx2", "avx512f", "avx512_bf16"}, None) == "CPU AVX512-BF16"
+    assert machine.kind_of({"avx2", "fma"}, None) == "CPU AVX2"
+    assert machine.kind_of({"avx2"}, "NVIDIA H100 80GB HBM3") == "CUDA NVIDIA H100 80GB HBM3"
+
+
+def test_machine_record_has_every_field_and_a_header(monkeypatch):
+    monkeypatch.setenv("PICOCHAT_DTYPE", "fp32")
+    info = machine.describe_machine(torch.device("cpu"))
+    assert info["auto_dtype"] == "fp32" and info["dtype_env"] == "fp32"  # the switch is what auto resolves to
+    assert info["torch_threads"] == torch.get_num_threads() and info["torch_version"] == torch.__version__
+    assert set(info["cpu_flags"]) <= set(machine.SPEED_FLAGS) and info["cpus"] >= info["cpus_usable"] >= 1
+    header = machine.format_machine(info)
+    assert header.startswith(f"machine: {info['kind']}") and "auto dtype fp32 ($PICOCHAT_DTYPE=fp32)" in header
+
+
+def test_best_row_is_each_systems_fastest_dtype_per_batch():
+    engines = {"picochat": {"fp32": {"batch1": {"decode_tok_s": 300.0}, "batch8": {"decode_tok_s": 2000.0}},
+                            "bf16": {"batch1": {"decode_tok_s": 500.0}, "batch8": {"decode_tok_s": 1500.0}}},
+               "reference": {"fp32": {"batch1": {"decode_tok_s": 200.0}, "batch8": {"decode_tok_s": 800.0}},
+                             "bf16": {"batch1": {"decode_tok_s": 250.0}, "batch8": {"decode_tok_s": 1000.0}}}}
+    best = infer.best_rows(engines)
+    assert best["picochat"]["batch1"] == {"dtype": "bf16", "decode_tok_s": 500.0}
+    assert best["picochat"]["batch8"]["dtype"] == "fp32"
+    assert best["reference"]["batch1"]["dtype"] == "bf16"
+    assert infer.best_speedups(best) == {"batch1": 2.0, "batch8": 2.0}
+    assert infer.best_speedups(infer.best_rows({"picochat": engines["picochat"]})) is None
+
+
+def test_soak_plan_mixes_routes_lengths_n_and_streaming_reproducibly():
+    plan = infer.soak_plan(200, seed=3, max_prompt=40, max_tokens=9)
+    assert plan == infer.soak_plan(200, seed=3, max_prompt=40, max_tokens=9)
+    assert plan != infer.soak_plan(200, seed=4, max_prompt=40, max_tokens=9)
+    assert {route for route, _ in plan} == {"chat/completions", "completions"}
+    assert {body["n"] for _, body in plan} == {1, 2, 3, 4}
+    assert {body["stream"] for _, body in plan} == {True, False}
+    lengths = [len(body["prompt"]) if "prompt" in body else len(body["messages"][0]["content"]) for _, body in plan]
+    assert min(lengths) >= 1 and max(lengths) <= 40 and len(set(lengths)) > 20
+    assert {body["max_tokens"] for _, body in plan} == set(range(1, 10))
+    assert all(body["stream_options"] == {"include_usage": True} for _, body in plan if body["stream"])
+
+
+def test_results_file_is_written_whole_or_not_at_all(tmp_path, capsys):
+    out = tmp_path / "deep" / "infer.json"
+    assert results.write_results(out, {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1} and not list(out.parent.glob("*.tmp"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert not results.write_results(blocker / "infer.json", {"a": 1})
+    assert f"--out {blocker / 'infer.json'}: cannot write it" in capsys.readouterr().err
+
+
+# A stand-in for the reference checkout: its dtype is fixed from NANOCHAT_DTYPE at import, as the
+# real one's is, and its engine yields one token column per step.
+STAND_IN = {
+    "__init__.py": "",
+    "common.py": """
+        import os
+        import torch
+        COMPUTE_DTYPE = {"bfloat16": torch.bfloat16}.get(os.environ.get("NANOCHAT_DTYPE"), torch.float32)
+    """,
+    "gpt.py": """
+        from dataclasses import dataclass
+        import torch
+
+        @dataclass
+        class GPTConfig:
+            sequence_len: int
+            vocab_size: int
+            n_layer: int
+            n_head: int
+            n_kv_head: int
+            n_embd: int
+            window_pattern: str
+
+        class GPT(torch.nn.Module):
+            def __init__(self, config):
+                super().__init__()
+                self.lm_head = torch.nn.Linear(config.n_embd, 8)
+
+            def init_weights(self):
+                torch.nn.init.zeros_(self.lm_head.weight)
+    """,
+    "engine.py": """
+        class Engine:
+            def __init__(self, model, tokenizer):
+                self.model = model
+
+            def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+                for _ in range(max_tokens):
+                    yield [1] * num_samples, [1] * num_samples
+    """,
+}
+
+
+@pytest.mark.slow
+def test_infer_bench_reports_machine_dtype_rows_best_and_soak_memory(tmp_path, picochat_home):
+    reference = tmp_path / "reference"
+    (reference / "nanochat").mkdir(parents=True)
+    for name, text in STAND_IN.items():
+        (reference / "nanochat" / name).write_text(textwrap.dedent(text))
+    env = {**os.environ, "PICOCHAT_HOME": str(picochat_home)}
+    env.pop("PICOCHAT_DTYPE", None)
+    proc = subprocess.run([sys.executable, str(BENCH / "infer.py"), "--depth", "1", "--threads", "1",
+                           "--prompt-tokens", "4", "--new-tokens", "4", "--repeats", "1", "--dtypes", "fp32", "bf16",
+                           "--reference-dir", str(reference), "--skip-server", "--soak", "6",
+                           "--soak-max-prompt", "16", "--soak-max-tokens", "4", "--soak-concurrency", "3"],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("machine: ")
+    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    saved = list((picochat_home / "bench").glob("infer-*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text()) == report
+
+    assert {"kind", "cpu_model", "cpu_flags", "cpus", "torch_threads", "torch_version", "auto_dtype"} <= set(
+        report["machine"])
+    for system in ("picochat", "reference"):
+        for dtype in ("fp32", "bf16"):
+            rows = report["engines"][system][dtype]
+            assert set(rows) == {"batch1", "batch8"} and all(r["decode_tok_s"] > 0 for r in rows.values())
+            assert report["workers"][f"{system}:{dtype}"]["compute_dtype"] == dtype  # each in its own process
+    assert report["workers"]["picochat:bf16"]["weights_dtype"] == "bf16"  # cast once, as the server does
+    assert set(report["best"]["picochat"]) == set(report["speedup"]) == {"batch1", "batch8"}
+    assert report["best"]["picochat"]["batch1"]["dtype"] in ("fp32", "bf16")
+    for dtype in ("fp32", "bf16"):
+        soak = report["soak"][dtype]
+        assert soak["requests"] == soak["ok"] == 6 and soak["errors"] == 0, soak
+        assert all(soak["rss_mb"][point] > 50 for point in ("loaded", "start", "middle", "end"))
+    assert "server" not in report and report["notes"] == []
