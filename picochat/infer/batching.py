@@ -275,18 +275,18 @@ class BatchingEngine:
 
     def _prefill(self, model: torch.nn.Module, request: _Request, cache: KVCache, unembed: Unembedder) -> None:
         engine = self.engine
-        solo = KVCache(1, cache.num_layers, cache.k.size(2), cache.k.size(4), len(request.prompt), engine.device,
-                       engine.cache_dtype)
+        solo = KVCache(1, cache.num_layers, cache.k.size(2), cache.k.size(4), engine.prefill_len(len(request.prompt)),
+                       engine.device, engine.cache_dtype)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=engine.device)
-        logits = unembed(model.hidden_states(prompt, kv_cache=solo)[:, -1, :])  # (1, vocab)
+        logits = unembed(engine.prefill(model, prompt, solo))  # (1, vocab)
         length = len(request.prompt)
         first = len(self._slots)
         request.rows = [_Row(i) for i in range(request.num_samples)]
         for row in request.rows:
             self._slots.append(_Slot(request, row, length))
         rows = slice(first, first + request.num_samples)
-        cache.k[:, rows, :, :length] = solo.k
-        cache.v[:, rows, :, :length] = solo.v
+        cache.k[:, rows, :, :length] = solo.k[:, :, :, :length]
+        cache.v[:, rows, :, :length] = solo.v[:, :, :, :length]
         request.logits = logits.expand(request.num_samples, -1)
 
     def _free(self, finished_rows: set[int], cache: KVCache) -> None:

@@ -14,6 +14,12 @@ How a request runs:
    (so all rows stay at the same cache position); forced tokens have mask 0, sampled ones 1.
 4. A row finishes on `<|assistant_end|>` or `<|bos|>` (the token is yielded, then None), or at
    max_tokens. Finished rows are dropped from the batch and the cache, so they cost nothing.
+
+A picochat GPT computes with its weights held in the compute dtype (bf16 on CUDA and on CPUs
+with fast bf16, else fp32; PICOCHAT_DTYPE or --dtype choose), so no matmul casts a weight per
+token: serving casts the model once at load (GPT.cast_weights_), and a model that keeps
+training between generations (RL) gets a compute-dtype copy per generation
+(GPT.with_weights_in). Autocast then only rounds activations into the matmuls.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ from picochat.model.gpt import GPT
 from picochat.model.kv_cache import KVCache
 from picochat.runtime import pick_dtype
 
+# A CPU prefill in bf16 runs oneDNN GEMMs, which build (JIT-compile) and cache a kernel per new
+# shape: prompts of every length grew a server's memory without bound (~300 MB over 200 mixed
+# requests). Prefills are padded to a multiple of this many tokens, so a few shapes serve all.
+PREFILL_BUCKET = 64
 REPEAT_WINDOW = 64  # generated tokens a repetition penalty looks back over
 
 
@@ -64,6 +74,15 @@ class Engine:
         # A picochat GPT: logits come raw from _last_logits and the sampler applies this softcap.
         self.softcap = model.config.softcap if isinstance(model, GPT) else None
         self.lean_decode = DecodeStep.supports(model, self.compute_dtype)
+        # The lean path keeps keys and values in fp32 (bf16 values, exactly): see DecodeStep.
+        self.cache_dtype = torch.float32 if self.lean_decode else self.compute_dtype
+
+    def inference_model(self) -> torch.nn.Module:
+        """The model with its weights in the compute dtype: the model itself when they already are
+        (cast at load), else a copy for one generation (the weights may change between them)."""
+        if isinstance(self.model, GPT):
+            return self.model.with_weights_in(self.compute_dtype)
+        return self.model
 
     @property
     def context_len(self) -> int:
@@ -116,13 +135,17 @@ class Engine:
 
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
-        max_len = len(tokens) + max_tokens
-        cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, head_dim, max_len, self.device, self.compute_dtype)
+        max_len = max(len(tokens) + max_tokens, self.prefill_len(len(tokens)))
+        cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, head_dim, max_len, self.device, self.cache_dtype)
         prompt = torch.tensor([tokens], dtype=torch.long, device=self.device)
         # Per-generation helpers (they may copy weights, which must not change meanwhile).
-        unembed = Unembedder(self.model.lm_head.weight, self.compute_dtype) if self.softcap is not None else None
+        model = self.inference_model()
+        unembed = Unembedder(model.lm_head.weight, self.compute_dtype) if self.softcap is not None else None
         decode: DecodeStep | None = None
-        logits = self._last_logits(prompt, cache, unembed)  # (1, vocab)
+        if unembed is None:
+            logits = self._last_logits(model, prompt, cache, unembed)  # (1, vocab)
+        else:
+            logits = unembed(self.prefill(model, prompt, cache))  # (1, vocab)
         if num_samples > 1:
             cache = cache.expand(num_samples)
             logits = logits.expand(num_samples, -1)
@@ -150,8 +173,8 @@ class Engine:
                 rows = [rows[r] for r in live]
             ids = torch.tensor([[column[row.index]] for row in rows], dtype=torch.long, device=self.device)  # (B, 1)
             if decode is None and self.lean_decode:
-                decode = DecodeStep(self.model)
-            logits = self._last_logits(ids, cache, unembed, decode)  # (B, vocab)
+                decode = DecodeStep(model)
+            logits = self._last_logits(model, ids, cache, unembed, decode)  # (B, vocab)
 
     def _sampling(self, seed: int | None, temperature: float, top_k: int | None, top_p: float | None) -> dict:
         """sample_next's keyword arguments for one request, with its own generator (seeded with
@@ -184,7 +207,28 @@ class Engine:
                 finished.append(r)
         return column, masks, finished
 
-    def _last_logits(self, ids: torch.Tensor, cache: KVCache, unembed: Unembedder | None,
+    def prefill_len(self, length: int) -> int:
+        """How many positions the prefill of a `length`-token prompt computes (PREFILL_BUCKET)."""
+        if self.device.type != "cpu" or self.compute_dtype == torch.float32:
+            return length
+        return -(-length // PREFILL_BUCKET) * PREFILL_BUCKET
+
+    def prefill(self, model: torch.nn.Module, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run a (1, T) prompt through a picochat GPT into `cache` (room for prefill_len(T)); return
+        the final hidden state of its last token (1, C). Padding tokens after the prompt change
+        nothing before them (causal attention); their keys and values lie past cache.pos, where
+        decoding overwrites them before anything attends to them."""
+        length = prompt.size(1)
+        padded = self.prefill_len(length)
+        if padded > length:
+            prompt = torch.cat([prompt, prompt.new_zeros(1, padded - length)], dim=1)
+        start = cache.pos
+        with self._autocast():
+            hidden = model.hidden_states(prompt, kv_cache=cache)[:, length - 1, :]
+        cache.pos = start + length
+        return hidden
+
+    def _last_logits(self, model: torch.nn.Module, ids: torch.Tensor, cache: KVCache, unembed: Unembedder | None,
                      decode: DecodeStep | None = None) -> torch.Tensor:
         """Logits of the last position of every row, as `sample_next` takes them (see self.softcap).
 
@@ -194,10 +238,10 @@ class Engine:
         """
         with self._autocast():
             if unembed is None:
-                return self.model(ids, kv_cache=cache)[:, -1, :]
+                return model(ids, kv_cache=cache)[:, -1, :]
             if decode is not None and ids.size(1) == 1:
                 return unembed(decode(ids, cache))  # (B, C) -> (B, vocab)
-            return unembed(self.model.hidden_states(ids, kv_cache=cache)[:, -1, :])
+            return unembed(model.hidden_states(ids, kv_cache=cache)[:, -1, :])
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """All samples at once: (token lists, mask lists), without the final stop token."""
@@ -232,9 +276,10 @@ class Engine:
             raise UserError(f"the prompt has {len(tokens)} tokens; the context holds {self.context_len}")
         if len(tokens) == 1:
             return [None]
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        padded = tokens + [0] * (self.prefill_len(len(tokens)) - len(tokens))  # causal: the padding changes nothing
+        ids = torch.tensor([padded], dtype=torch.long, device=self.device)
         with self._autocast():
-            logits = self.model(ids)[0, :-1]  # (T-1, vocab), softcapped by the model's forward
+            logits = self.inference_model()(ids)[0, :len(tokens) - 1]  # (T-1, vocab), softcapped by forward
         return [None, *logprob_entries(token_logprobs(logits), tokens[1:], top)]
 
     def _check_prompt(self, tokens) -> list[int]:

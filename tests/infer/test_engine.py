@@ -237,3 +237,23 @@ def test_bad_prompts_raise_user_errors(tokenizer, model, bad):
     engine = Engine(model, tokenizer)
     with pytest.raises(UserError):
         list(engine.generate(bad, max_tokens=3))
+
+
+def test_bf16_cpu_prefills_are_padded_to_a_few_shapes(tokenizer, model):
+    """bf16 prefills on the CPU are padded to PREFILL_BUCKET tokens (oneDNN caches a kernel per
+    shape: every prompt length would grow the server's memory); the padding changes nothing."""
+    from picochat.model.kv_cache import KVCache
+
+    fp32 = Engine(model, tokenizer, compute_dtype=torch.float32)
+    assert fp32.prefill_len(5) == 5
+    model.cast_weights_(torch.bfloat16)
+    engine = Engine(model, tokenizer, compute_dtype=torch.bfloat16)
+    bucket = engine_module.PREFILL_BUCKET
+    assert [engine.prefill_len(n) for n in (1, bucket, bucket + 1)] == [bucket, bucket, 2 * bucket]
+    prompt = torch.tensor([prompt_ids(tokenizer)])
+    cache = KVCache(1, 2, 1, 16, bucket, dtype=torch.float32)
+    hidden = engine.prefill(model, prompt, cache)
+    assert cache.pos == prompt.size(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.hidden_states(prompt)[:, -1]
+    torch.testing.assert_close(hidden, expected, atol=0.05, rtol=0.05)
