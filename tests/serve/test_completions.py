@@ -179,6 +179,7 @@ class LocalItems(Task):
     def __init__(self, conversations: list[dict]):
         super().__init__()
         self.conversations = conversations
+        self.predicted: list[str] = []  # the letter picked for each item, in order
 
     def num_rows(self) -> int:
         return len(self.conversations)
@@ -187,6 +188,7 @@ class LocalItems(Task):
         return self.conversations[index]
 
     def evaluate(self, conversation: dict, response: str) -> bool:
+        self.predicted.append(response)
         return response_letter(response, conversation["letters"]) == conversation["answer"]
 
 
@@ -231,11 +233,14 @@ def test_lm_eval_local_completions_equals_picochats_categorical_eval(base_server
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     (samples,) = (tmp_path / "out").rglob("samples_picochat_local_mc_*.jsonl")
-    harness = {row["doc_id"]: bool(row["acc"]) for row in map(json.loads, samples.read_text().splitlines())}
-    assert sorted(harness) == list(range(len(QUESTIONS)))
-    # picochat's own categorical eval, item by item: the same model, the same prompts.
-    ours = {i: bool(evaluate_categorical(model, tokenizer, LocalItems([conv]))["correct"])
-            for i, conv in enumerate(conversations)}
-    assert harness == ours
-    total = evaluate_categorical(model, tokenizer, LocalItems(conversations))
-    assert total["correct"] == sum(harness.values())
+    rows = sorted(map(json.loads, samples.read_text().splitlines()), key=lambda row: row["doc_id"])
+    assert [row["doc_id"] for row in rows] == list(range(len(QUESTIONS)))
+    # The letter the harness picks: the choice with the highest log-likelihood.
+    harness_letters = [row["doc"]["letters"][max(range(len(row["filtered_resps"])),
+                                                 key=lambda k: float(row["filtered_resps"][k][0]))] for row in rows]
+    # picochat's own categorical eval: the same model, the same prompts, the same items.
+    items = LocalItems(conversations)
+    ours = evaluate_categorical(model, tokenizer, items)
+    assert harness_letters == items.predicted  # the same pick, item by item
+    assert [bool(row["acc"]) for row in rows] == [p == c["answer"] for p, c in zip(items.predicted, conversations)]
+    assert sum(row["acc"] for row in rows) == ours["correct"]
