@@ -127,6 +127,16 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
     async def body_of(request: Request) -> dict:
         return parse_body(await read_body(request, limits.max_body_bytes, body_timeout_s))
 
+    _generation_routes(app, model_id, model_ids, body_of, limits, defaults)
+    _tokenizer_routes(app, body_of)
+    return app
+
+
+def _generation_routes(app: FastAPI, model_id: str, model_ids: tuple[str, ...], body_of, limits: Limits,
+                       defaults: Defaults) -> None:
+    """POST /v1/chat/completions and /v1/completions."""
+    pool = app.state.pool
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         chat = parse_chat_request(await body_of(request), limits, defaults, model_ids)
@@ -159,6 +169,11 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         return JSONResponse(await completion_response(req, prompts, header, events, on_close, engine.tokenizer))
 
+
+def _tokenizer_routes(app: FastAPI, body_of) -> None:
+    """The server's own token ids: GET /tokenizer_info, POST /tokenize and /detokenize."""
+    pool = app.state.pool
+
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
         engine = pool.engines[0]
@@ -188,8 +203,6 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
                                                    for t in tokens):
             raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", "tokens")
         return {"prompt": engine.tokenizer.decode(tokens)}
-
-    return app
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
