@@ -202,6 +202,9 @@ class _Choices:
     def __init__(self, engine, job: Generation, emit: Callable[[object], None]) -> None:
         n = job.sampling.n
         self.stop_tokens, self.emit, self.base = engine.stop_tokens, emit, job.first_index
+        # Raw completions list every generated token in their log-probs, the ending one too (a
+        # harness takes the last entry as the generated token); chat leaves the end-of-turn out.
+        self.raw = job.raw_text
         make = RawTextStreamer if job.raw_text else TextStreamer
         self.streamers = [make(engine.tokenizer) for _ in range(n)]
         self.matchers = [StopMatcher(job.sampling.stop) for _ in range(n)]
@@ -215,11 +218,12 @@ class _Choices:
             if token is None or self.done[i]:
                 continue
             self.completion_tokens += 1
-            if token in self.stop_tokens:
+            stop_token = token in self.stop_tokens
+            if entries is not None and entries[i] is not None and (self.raw or not stop_token):
+                self.pending[i].append(TokenLogprob(token, *entries[i]))
+            if stop_token:
                 self._end(i, "stop")
                 continue
-            if entries is not None and entries[i] is not None:
-                self.pending[i].append(TokenLogprob(token, *entries[i]))
             matcher = self.matchers[i]
             self._send(i, matcher.push(self.streamers[i].push(token)))
             if matcher.stopped:

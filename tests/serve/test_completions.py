@@ -99,6 +99,19 @@ def test_echo_and_logprobs_equal_picochats_own_scoring(client, base_model):
             assert choice.text[offset:offset + len(token)] == token
 
 
+def test_a_completion_that_ends_lists_its_last_token_in_the_logprobs(client, base_model):
+    """A harness reads the last log-prob entry as the generated token, also when that token ends the
+    text (this tiny model's greedy next token here is an end token)."""
+    _, tokenizer = base_model
+    ids = tokenizer.encode("The quick brown fox", prepend="bos")
+    reply = client.completions.create(model="picochat", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == tokenizer.decode(ids)
+    assert len(choice.logprobs.tokens) == len(ids) + reply.usage.completion_tokens
+    assert choice.logprobs.tokens[-1] in ("<|bos|>", "<|assistant_end|>")
+    assert choice.logprobs.token_logprobs[-1] == max(choice.logprobs.top_logprobs[-1].values())
+
+
 def test_max_tokens_zero_scores_the_prompt_only(client, base_server, base_model):
     model, tokenizer = base_model
     reply = client.completions.create(model="picochat", prompt="Hello there! How are you", max_tokens=0, echo=True,
