@@ -147,3 +147,20 @@ def test_training_refuses_a_batch_that_cannot_fit_and_names_one_that_does(tiny_h
     assert main([*PLAN_TINY, "--device-batch-size", "2", "--total-batch-size", "1024", "--tag", "ok"]) == 0
     assert main([*PLAN_TINY, "--device-batch-size", "8", "--total-batch-size", "1024", "--tag", "forced",
                  "--no-plan-check"]) == 0
+
+
+def test_wall_clock_saves_keep_the_last_k(tiny_home):
+    # A save interval of 6 ms: every step is due; only the newest 2 survive, then the final one.
+    assert main([*PLAN_TINY[:-1], "5", "--save-every-minutes", "0.0001", "--keep-last", "2", "--tag", "wall"]) == 0
+    assert ckpt.list_steps(ckpt.run_dir("base", "wall")) == [4, 5]
+
+
+def test_gpu_presets_save_every_30_minutes_in_every_stage():
+    import argparse
+
+    from picochat.config import resolve
+
+    for preset in ("d20", "d26", "d32"):
+        for section in (None, "mid", "sft"):
+            args = resolve(argparse.Namespace(preset=preset), {"save_every_minutes": -1.0, "keep_last": 5}, section)
+            assert args.save_every_minutes == 30.0 and args.keep_last == 2
