@@ -1,0 +1,205 @@
+"""GPU validation on one CUDA device, in a few minutes: is the GPU path as fast and as small as planned?
+
+    python bench/gpu.py                      # depths 12 and 20, batch from the plan, 3 + 5 steps each
+    python bench/gpu.py --depths 12 --steps 3
+
+For each depth: the compiled bf16 training step (AdamW + Muon, random tokens, T=2048,
+vocab 65,536) with its MFU against the device's dense bf16 peak, and its peak memory
+(torch.cuda.max_memory_allocated) against `picochat plan`'s estimate for the same shape;
+then greedy decoding of one sequence with a KV cache against the HBM roofline (every token
+reads every bf16 weight but the embedding once), and the time to save and load a full
+training checkpoint (weights, tokenizer, optimiser state) through picochat.train.checkpoint.
+
+The device batch is the largest of 1, 2, 4, ..., 32 that the plan says fits this device
+(one process, so the optimiser state is not sharded), unless --batch is given.
+Prints a table and one JSON line, also written to --out (default
+$PICOCHAT_HOME/bench/gpu-<time>.json). Without a CUDA device it says so in one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from picochat.train.mfu import use_expandable_segments
+
+VOCAB, SEQ_LEN = 65536, 2048
+
+
+def pick_batch(config, capacity: int, cap: int) -> int:
+    from picochat.plan import Shape, largest_batch
+
+    shape = Shape.from_config(config, 1, compiled=True, total_batch_tokens=1)  # one micro-batch per step
+    return largest_batch(shape, capacity, [b for b in (1, 2, 4, 8, 16, 32) if b <= cap])
+
+
+def train_row(depth: int, batch: int | None, warmup: int, steps: int, device: torch.device) -> tuple[dict, object]:
+    """Compiled bf16 training steps at one depth: tok/s, MFU, peak memory against the plan."""
+    from picochat.model.gpt import GPTConfig, build_model
+    from picochat.optim import build_optimizers
+    from picochat.plan import Shape, memory_terms
+    from picochat.train.mfu import mfu_percent, peak_flops
+
+    config = GPTConfig.from_depth(depth, VOCAB, max_seq_len=SEQ_LEN)
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    B = batch or pick_batch(config, capacity, 32)
+    if B < 1:
+        return {"depth": depth, "error": "the plan says no batch fits this device"}, None
+    torch.manual_seed(0)
+    model = build_model(config, device)
+    optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    compiled = torch.compile(model, dynamic=False)
+    x = torch.randint(0, VOCAB, (B, SEQ_LEN), device=device)
+    y = torch.randint(0, VOCAB, (B, SEQ_LEN), device=device)
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    t0 = time.time()
+    for _ in range(warmup):  # compilation happens here
+        step()
+    torch.cuda.synchronize()
+    compile_s = time.time() - t0
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    dt = (time.time() - t0) / steps
+    tok_s = B * SEQ_LEN / dt
+    planned = sum(memory_terms(Shape.from_config(config, B, compiled=True, total_batch_tokens=B * SEQ_LEN)).values())
+    peak = torch.cuda.max_memory_allocated(device)
+    row = {"depth": depth, "params": model.num_params(), "batch": B, "compile_s": round(compile_s, 1),
+           "step_ms": round(1000 * dt, 1), "tok_per_s": round(tok_s),
+           "mfu": mfu_percent(model.flops_per_token(), tok_s, peak_flops(device, torch.bfloat16), 1),
+           "peak_mem_gib": peak / 2**30, "plan_mem_gib": planned / 2**30, "mem_vs_plan": peak / planned,
+           "loss": float(loss)}
+    return row, (model, optimizers)  # the compiled graph and the batch are freed here
+
+
+# Memory bandwidth by device name, most specific first (same word matching as the peak table).
+HBM_BYTES_PER_S: list[tuple[tuple[str, ...], float]] = [
+    (("H100", "PCIe"), 2.0e12), (("H100", "NVL"), 3.9e12), (("H100",), 3.35e12), (("H200",), 4.8e12),
+    (("A100", "40GB"), 1.555e12), (("A100",), 2.039e12), (("L4",), 0.3e12), (("RTX", "4090"), 1.008e12),
+]
+
+
+def hbm_bandwidth(name: str) -> float:
+    """Bytes/s of the device's memory, NaN when the table has no entry."""
+    have = set(re.split(r"[\s\-_]+", name.lower()))
+    for words, bandwidth in HBM_BYTES_PER_S:
+        if all(w.lower() in have for w in words):
+            return bandwidth
+    return float("nan")
+
+
+@torch.no_grad()
+def decode_row(model, device: torch.device, prompt: int = 128, new: int = 128) -> dict:
+    """Greedy decoding of one sequence with bf16 weights and a KV cache; tok/s against the HBM roofline."""
+    from picochat.model.kv_cache import KVCache
+
+    c = model.config
+    m = copy.deepcopy(model).to(torch.bfloat16).eval()
+    cache = KVCache(1, c.n_layer, c.n_kv_head, c.head_dim, prompt + new + 1, device=device, dtype=torch.bfloat16)
+    ids = torch.randint(0, c.vocab_size, (1, prompt), device=device)
+    tok = m(ids, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)  # prefill
+    torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(new):
+        tok = m(tok, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    tok_s = new / (time.time() - t0)
+    weight_bytes = 2 * (model.num_params() - c.vocab_size * c.n_embd)  # every bf16 weight but the embedding
+    roofline = hbm_bandwidth(torch.cuda.get_device_name(device)) / weight_bytes
+    del m, cache
+    return {"decode_tok_per_s": round(tok_s, 1), "decode_roofline_tok_per_s": round(roofline, 1),
+            "decode_vs_roofline": tok_s / roofline}
+
+
+def checkpoint_row(model, optimizers, directory: Path, device: torch.device) -> dict:
+    """Seconds to save and to load one full training checkpoint through picochat.train.checkpoint."""
+    from picochat.tokenizer import Tokenizer
+    from picochat.train import checkpoint as ckpt
+
+    tokenizer = Tokenizer.train(["a small text to give the checkpoint a tokenizer"] * 50, vocab_size=300)
+    state = {"optimizers": [o.state_dict() for o in optimizers]}
+    torch.cuda.synchronize()
+    t0 = time.time()
+    path = ckpt.save_checkpoint(directory, 1, model, tokenizer, {"stage": "bench"}, state)
+    save_s = time.time() - t0
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    t0 = time.time()
+    ckpt.load_checkpoint_dir(path, device)
+    ckpt.load_training_state(path)
+    torch.cuda.synchronize()
+    load_s = time.time() - t0
+    shutil.rmtree(directory, ignore_errors=True)
+    return {"ckpt_gb": size / 1e9, "save_s": round(save_s, 2), "load_s": round(load_s, 2)}
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:,.2f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[12, 20], help="model depths (default 12 20)")
+    p.add_argument("--batch", type=int, default=None, help="device batch (default: the largest the plan fits)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps, compilation included (default 3)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    p.add_argument("--out", default=None, help="JSON output (default $PICOCHAT_HOME/bench/gpu-<time>.json)")
+    args = p.parse_args()
+    use_expandable_segments()  # before CUDA is initialised, as the training commands do
+    if not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA device on this machine; run it where torch.cuda.is_available() is True",
+              file=sys.stderr)
+        return 2
+    from picochat.runtime import home
+
+    device = torch.device("cuda", 0)
+    t_all = time.time()
+    rows = []
+    for depth in args.depths:
+        row, parts = train_row(depth, args.batch, args.warmup, args.steps, device)
+        if parts is not None:
+            model, optimizers = parts
+            row.update(decode_row(model, device))
+            row.update(checkpoint_row(model, optimizers, home() / "bench" / f".gpu-ckpt-{depth}", device))
+            del model, optimizers, parts
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"depth {depth} done after {time.time() - t_all:.0f}s", flush=True)
+    cols = ["depth", "batch", "compile_s", "step_ms", "tok_per_s", "mfu", "peak_mem_gib", "plan_mem_gib",
+            "mem_vs_plan", "decode_tok_per_s", "decode_roofline_tok_per_s", "decode_vs_roofline", "save_s", "load_s"]
+    print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {time.time() - t_all:.0f}s in all")
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(fmt(r.get(c, "-")) for c in cols))
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "seconds": time.time() - t_all,
+              "rows": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]}
+    out = Path(args.out) if args.out else home() / "bench" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
