@@ -117,12 +117,13 @@ def decode_row(model, device: torch.device, prompt: int = 128, new: int = 128) -
     m = copy.deepcopy(model).to(torch.bfloat16).eval()
     cache = KVCache(1, c.n_layer, c.n_kv_head, c.head_dim, prompt + new + 1, device=device, dtype=torch.bfloat16)
     ids = torch.randint(0, c.vocab_size, (1, prompt), device=device)
-    tok = m(ids, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)  # prefill
-    torch.cuda.synchronize()
-    t0 = time.time()
-    for _ in range(new):
-        tok = m(tok, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # the norms return fp32; matmuls stay bf16
+        tok = m(ids, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)  # prefill
+        torch.cuda.synchronize()
+        t0 = time.time()
+        for _ in range(new):
+            tok = m(tok, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
     tok_s = new / (time.time() - t0)
     weight_bytes = 2 * (model.num_params() - c.vocab_size * c.n_embd)  # every bf16 weight but the embedding
     roofline = hbm_bandwidth(torch.cuda.get_device_name(device)) / weight_bytes
