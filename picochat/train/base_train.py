@@ -19,7 +19,8 @@ import torch
 
 from picochat.config import add_preset_argument, resolve
 from picochat.errors import ConfigError
-from picochat.plan import add_plan_check_argument, explain_batch_divisibility
+from picochat.plan import add_plan_check_argument, explain_batch_divisibility, valid_batches
+from picochat.runtime import log0
 
 DEFAULTS = {
     "depth": 20, "aspect_ratio": 64, "head_dim": 128, "n_kv_head": None, "max_seq_len": 2048,
@@ -102,9 +103,20 @@ def compute_horizon(args, model, world_size: int) -> tuple[int, int]:
 
 
 def check_batch(args, world_size: int) -> int:
-    """Micro-batches per step, or a ConfigError naming the flag to change for this world size."""
+    """Micro-batches per step, or a ConfigError naming the flag to change for this world size.
+
+    A device batch that came from the preset (not from --device-batch-size) is lowered to the
+    largest one that divides the step at this world size, so d20 runs on 16 GPUs as it is.
+    """
     problem = explain_batch_divisibility(args.total_batch_size, args.device_batch_size, args.max_seq_len,
                                          world_size, "--total-batch-size")
+    if problem and not getattr(args, "_batch_from_flag", True):
+        smaller = [b for b in valid_batches(args.total_batch_size, args.max_seq_len, world_size)
+                   if b < args.device_batch_size]
+        if smaller:
+            log0(f"the preset's device batch {args.device_batch_size} does not divide --total-batch-size "
+                 f"{args.total_batch_size} over {world_size} processes; using --device-batch-size {smaller[-1]}")
+            args.device_batch_size, problem = smaller[-1], None
     if problem:
         raise ConfigError(problem)
     return args.total_batch_size // (args.device_batch_size * args.max_seq_len * world_size)
@@ -114,7 +126,7 @@ def check_memory(args, config, world, compiled: bool, dtype) -> None:
     """The plan's memory estimate must fit this device; else name --device-batch-size and a value that fits."""
     import torch
 
-    from picochat.plan import Shape, check_fits, valid_batches
+    from picochat.plan import Shape, check_fits
 
     if args.no_plan_check:
         return
@@ -125,6 +137,7 @@ def check_memory(args, config, world, compiled: bool, dtype) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args._batch_from_flag = args.device_batch_size is not None
     resolve(args, DEFAULTS)
     from picochat.train.mfu import use_expandable_segments
 
@@ -139,7 +152,6 @@ def run(args: argparse.Namespace) -> int:
     from picochat.runtime import (
         home,
         init_distributed,
-        log0,
         pick_dtype,
         seed_everything,
         shutdown_distributed,

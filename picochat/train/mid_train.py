@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    batch_from_flag = args.device_batch_size is not None
     resolve(args, DEFAULTS, section="mid")
     import torch.distributed as dist
 
@@ -56,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
         def batch_check(config) -> None:
             problem = explain_batch_divisibility(args.total_batch_size, args.device_batch_size,
                                                  config.sequence_len, world.world_size, "--total-batch-size")
+            smaller = [b for b in valid_batches(args.total_batch_size, config.sequence_len, world.world_size)
+                       if b < args.device_batch_size]
+            if problem and smaller and not batch_from_flag:  # the preset's batch: lower it for this world size
+                log0(f"the preset's device batch {args.device_batch_size} does not divide --total-batch-size "
+                     f"{args.total_batch_size} over {world.world_size} processes; using --device-batch-size "
+                     f"{smaller[-1]}")
+                args.device_batch_size, problem = smaller[-1], None
             if problem:
                 raise ConfigError(problem)
 

@@ -44,11 +44,19 @@ def batch_choices(examples_per_step: int, world_size: int) -> list[int]:
     return [b for b in range(1, per_rank + 1) if per_rank % b == 0]
 
 
-def check_examples_per_step(args, world_size: int) -> None:
+def check_examples_per_step(args, world_size: int, batch_from_flag: bool = True) -> None:
+    """A ConfigError naming the flag to change, unless the preset's device batch can be lowered to fit."""
+    from picochat.runtime import log0
+
     per_micro = args.device_batch_size * world_size
     if args.examples_per_step % per_micro == 0:
         return
     smaller = [b for b in batch_choices(args.examples_per_step, world_size) if b < args.device_batch_size]
+    if smaller and not batch_from_flag:
+        log0(f"the preset's device batch {args.device_batch_size} does not divide --examples-per-step "
+             f"{args.examples_per_step} over {world_size} processes; using --device-batch-size {smaller[-1]}")
+        args.device_batch_size = smaller[-1]
+        return
     fix = (f"with {world_size} process(es) use --device-batch-size {smaller[-1]}, or " if smaller else "use ")
     raise ConfigError(f"--examples-per-step {args.examples_per_step} must be a multiple of device_batch_size*world "
                       f"= {args.device_batch_size}*{world_size} = {per_micro}; {fix}an --examples-per-step that is "
@@ -56,6 +64,7 @@ def check_examples_per_step(args, world_size: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    batch_from_flag = args.device_batch_size is not None
     resolve(args, DEFAULTS, section="sft")
     import torch.distributed as dist
 
@@ -74,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
         compiled = compiles(args, world)
         check = check_memory(args, world, dtype, compiled, "--device-batch-size",
                              lambda c: batch_choices(args.examples_per_step, world.world_size),
-                             lambda c: check_examples_per_step(args, world.world_size))
+                             lambda c: check_examples_per_step(args, world.world_size, batch_from_flag))
         model, tokenizer, parent_meta, tag = load_parent(args, world, check)
         T, B = model.config.sequence_len, args.device_batch_size
-        check_examples_per_step(args, world.world_size)
+        check_examples_per_step(args, world.world_size, batch_from_flag)
         per_micro = B * world.world_size
         grad_accum = args.examples_per_step // per_micro
         entries = pick(SFT, args.source, args.mix_scale)
