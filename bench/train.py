@@ -28,7 +28,13 @@ with plus --reference-env, so `--reference-env OMP_WAIT_POLICY=PASSIVE` times it
 same policy. On a machine other processes are loading this policy matters a lot; the load
 average at the start of each row is in the table.
 
-Prints a table, the ratio picochat-best / reference-best, then one JSON line.
+Each system's best row is the variant (dtype, eager or compiled) it trains fastest in; the
+summary names it, with its MFU against the measured fp32 and, where bf16 has fast matmuls, bf16
+peak, and the ratio picochat-best / reference-best.
+
+Prints the machine (CPU model and flags, cores, threads, torch, the dtype `auto` picks), a table,
+the best rows and their ratio, then one JSON line, also written to --out (default
+$PICOCHAT_HOME/bench/train-<time>.json).
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ VARIANTS = {
     "ref-bf16-compile": ("reference", "bf16", True),
 }
 FAST_BF16_VARIANTS = ["pico-fp32", "pico-bf16", "pico-bf16-compile", "ref-fp32", "ref-fp32-compile",
-                      "ref-bf16-compile"]
+                      "ref-bf16", "ref-bf16-compile"]
 # Without AMX/AVX512-BF16 a bf16 matmul falls back to scalar code (~1 GFLOP/s, 50x below fp32).
 FP32_ONLY_VARIANTS = ["pico-fp32", "pico-fp32-compile", "ref-fp32", "ref-fp32-compile"]
 
@@ -247,7 +253,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['loss_first']:6.2f}->{r['loss_last']:<6.2f} {r['load_avg_1m']:5.1f} {r['omp_wait_policy']:>8}")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
@@ -270,24 +276,26 @@ def main() -> int:
     parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--reference-env", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra environment for the reference rows, e.g. OMP_WAIT_POLICY=PASSIVE")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results file (default: $PICOCHAT_HOME/bench/train-<time>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker_main(json.loads(args.worker))
-        return 0
-    from picochat.runtime import cpu_supports_fast_bf16
+    for flag in ("steps", "rounds", "threads", "depth", "aspect_ratio", "head_dim", "vocab", "seq_len", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    bad = [item for item in args.reference_env if "=" not in item]
+    if bad:
+        parser.error(f"--reference-env {bad[0]!r}: give KEY=VALUE")
+    return args
 
-    reference_env = dict(item.split("=", 1) for item in args.reference_env)
 
-    spec = {"threads": args.threads, "depth": args.depth, "aspect_ratio": args.aspect_ratio,
-            "head_dim": args.head_dim, "vocab": args.vocab, "seq_len": args.seq_len, "batch": args.batch_size,
-            "steps": args.steps, "warmup": args.warmup, "loader_seconds": args.loader_seconds,
-            "data_dir": str(args.data_dir) if args.data_dir else None}
+def choose_variants(args, fast_bf16: bool) -> tuple[list[str], list[str]]:
+    """(rows to run, notes on what was left out and why)."""
     notes = []
     variants = args.variants
     if variants is None:
-        variants = FAST_BF16_VARIANTS if cpu_supports_fast_bf16() else FP32_ONLY_VARIANTS
-        if not cpu_supports_fast_bf16():
+        variants = FAST_BF16_VARIANTS if fast_bf16 else FP32_ONLY_VARIANTS
+        if not fast_bf16:
             notes.append("bf16 rows skipped: this CPU has no AMX/AVX512-BF16, where bf16 matmuls run ~50x slower "
                          "than fp32 (name them in --variants to time them anyway)")
     skip_reference = args.skip_reference
@@ -299,21 +307,13 @@ def main() -> int:
         skip_reference = True
     if skip_reference:
         variants = [v for v in variants if VARIANTS[v][0] != "reference"]
+    return variants, notes
 
-    print(f"shapes: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, vocab {args.vocab}, "
-          f"B={args.batch_size} T={args.seq_len}, {args.threads} threads; load average {os.getloadavg()[0]:.1f}",
-          flush=True)
-    # The bf16 peak only means something where bf16 matmuls have hardware support.
-    peak_dtypes = ["fp32", "bf16"] if cpu_supports_fast_bf16() else ["fp32"]
-    peaks = run_worker({**spec, "kind": "peak", "peak_dtypes": peak_dtypes}, args.threads)
-    if "error" in peaks:
-        print(f"peak measurement failed: {peaks['error']}", file=sys.stderr)
-        return 1
-    peaks.pop("omp_wait_policy")
-    print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
 
-    # Rounds: every variant once per round, in turn, so a slow spell of the machine (other
-    # tenants, clock changes) is spread over all of them; each variant keeps its best round.
+def run_rounds(variants: list[str], spec: dict, peaks: dict, args) -> list[dict]:
+    """Every variant once per round, in turn, so a slow spell of the machine (other tenants, clock
+    changes) is spread over all of them; each variant keeps its best round."""
+    reference_env = dict(item.split("=", 1) for item in args.reference_env)
     best_rows: dict[str, dict] = {}
     for round_index in range(args.rounds):
         for name in variants:
@@ -334,22 +334,76 @@ def main() -> int:
             if kept is None or ("error" in kept and "error" not in r) or (
                     "error" not in r and r["tok_per_s"] > kept["tok_per_s"]):
                 best_rows[name] = r
-    rows = [best_rows[name] for name in variants]
+    return [best_rows[name] for name in variants]
 
-    loader = {"skipped": "--skip-loader"} if args.skip_loader else run_worker({**spec, "kind": "loader"}, args.threads)
 
-    print()
-    print_table(rows)
+def best_of_each_system(rows: list[dict]) -> dict[str, dict]:
+    """{system: its fastest row} over the rows that ran."""
     best = {}
     for system in ("picochat", "reference"):
         ok = [r for r in rows if r["system"] == system and "error" not in r]
         if ok:
             best[system] = max(ok, key=lambda r: r["tok_per_s"])
-    ratio = None
-    if len(best) == 2:
-        ratio = best["picochat"]["tok_per_s"] / best["reference"]["tok_per_s"]
-        print(f"\npicochat best ({best['picochat']['variant']}) / reference best ({best['reference']['variant']}): "
-              f"{ratio:.2f}x")
+    return best
+
+
+def print_best(best: dict[str, dict], peaks: dict) -> float | None:
+    """One line per system's best row (variant, dtype, MFU against each peak); returns the ratio."""
+    print()
+    for system, r in best.items():
+        mfu = f"{r['mfu_bf16_peak']:.1f}% of the bf16 peak, " if r["mfu_bf16_peak"] is not None else ""
+        print(f"{system} best: {r['variant']} ({r['dtype']}, {'compiled' if r['compile'] else 'eager'}) "
+              f"{r['tok_per_s']:,.0f} tok/s, MFU {mfu}{r['mfu_fp32_peak']:.1f}% of the fp32 peak")
+    if "bf16" not in peaks:
+        print("bf16 peak not measured: this CPU has no fast bf16 matmuls")
+    if len(best) < 2:
+        return None
+    ratio = best["picochat"]["tok_per_s"] / best["reference"]["tok_per_s"]
+    print(f"picochat best ({best['picochat']['variant']}) / reference best ({best['reference']['variant']}): "
+          f"{ratio:.2f}x")
+    return ratio
+
+
+def main() -> int:
+    args = parse_args()
+    if args.worker:
+        worker_main(json.loads(args.worker))
+        return 0
+    # Imported here, not at the top: they import picochat, which sets OMP_WAIT_POLICY for this
+    # process as it loads, and reference workers (which run this file too) must not get it.
+    import torch
+    from machine import describe_machine, format_machine
+    from results import default_out, write_results
+
+    from picochat.runtime import cpu_supports_fast_bf16
+
+    torch.set_num_threads(args.threads)  # the machine record shows the threads every row gets
+    machine = describe_machine(torch.device("cpu"))
+    print(format_machine(machine), flush=True)
+    fast_bf16 = cpu_supports_fast_bf16()
+    variants, notes = choose_variants(args, fast_bf16)
+    spec = {"threads": args.threads, "depth": args.depth, "aspect_ratio": args.aspect_ratio,
+            "head_dim": args.head_dim, "vocab": args.vocab, "seq_len": args.seq_len, "batch": args.batch_size,
+            "steps": args.steps, "warmup": args.warmup, "loader_seconds": args.loader_seconds,
+            "data_dir": str(args.data_dir) if args.data_dir else None}
+    print(f"shapes: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, vocab {args.vocab}, "
+          f"B={args.batch_size} T={args.seq_len}, {args.threads} threads", flush=True)
+    # The bf16 peak only means something where bf16 matmuls have hardware support.
+    peaks = run_worker({**spec, "kind": "peak", "peak_dtypes": ["fp32", "bf16"] if fast_bf16 else ["fp32"]},
+                       args.threads)
+    if "error" in peaks:
+        print(f"peak measurement failed: {peaks['error']}", file=sys.stderr)
+        return 1
+    peaks.pop("omp_wait_policy")
+    print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
+
+    rows = run_rounds(variants, spec, peaks, args)
+    loader = {"skipped": "--skip-loader"} if args.skip_loader else run_worker({**spec, "kind": "loader"}, args.threads)
+
+    print()
+    print_table(rows)
+    best = best_of_each_system(rows)
+    ratio = print_best(best, peaks)
     if "tok_per_s" in loader:
         print(f"loader: {loader['tok_per_s']:,.0f} tok/s ({loader['batches']} batches of "
               f"{args.batch_size}x{args.seq_len} in {loader['seconds']:.1f} s after a first batch in "
@@ -358,12 +412,18 @@ def main() -> int:
         print(f"loader: {loader.get('skipped') or loader.get('error')}")
     for note in notes:
         print(f"note: {note}")
-    print(json.dumps({"shapes": {k: spec[k] for k in ("depth", "aspect_ratio", "head_dim", "vocab", "seq_len",
-                                                      "batch", "threads")},
-                      "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
-                      "rows": rows, "ratio_best": ratio, "reference_env": reference_env, "loader": loader, "notes": notes,
-                      "load_avg_end": os.getloadavg()}))
-    return 0
+    results = {"machine": machine,
+               "shapes": {k: spec[k] for k in ("depth", "aspect_ratio", "head_dim", "vocab", "seq_len", "batch",
+                                               "threads")},
+               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+               "peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()}, "rows": rows,
+               "best": {system: {k: r[k] for k in ("variant", "dtype", "compile", "tok_per_s", "mfu_fp32_peak",
+                                                   "mfu_bf16_peak")} for system, r in best.items()},
+               "ratio_best": None if ratio is None else round(ratio, 3),
+               "reference_env": dict(item.split("=", 1) for item in args.reference_env), "loader": loader,
+               "notes": notes, "load_avg_end": os.getloadavg()}
+    print(json.dumps(results))
+    return 0 if write_results(args.out or default_out("train"), results) else 1
 
 
 if __name__ == "__main__":

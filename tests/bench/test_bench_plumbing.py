@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCH))  # the bench scripts import their siblings by fil
 import infer
 import machine
 import results
+import train
 
 X86_CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -173,3 +174,23 @@ def test_infer_bench_reports_machine_dtype_rows_best_and_soak_memory(tmp_path, p
         assert soak["requests"] == soak["ok"] == 6 and soak["errors"] == 0, soak
         assert all(soak["rss_mb"][point] > 50 for point in ("loaded", "start", "middle", "end"))
     assert "server" not in report and report["notes"] == []
+
+
+def test_train_bench_best_rows_name_their_dtype_and_bf16_mfu(capsys):
+    def row(variant, tok_s, error=None):
+        system, dtype, compiled = train.VARIANTS[variant]
+        base = {"variant": variant, "system": system, "dtype": dtype, "compile": compiled}
+        if error:
+            return {**base, "error": error}
+        return {**base, "tok_per_s": tok_s, "mfu_fp32_peak": tok_s / 100, "mfu_bf16_peak": tok_s / 400}
+
+    rows = [row("pico-fp32", 3000), row("pico-bf16", 5000), row("pico-bf16-compile", 0, "exit 1"),
+            row("ref-fp32", 2000), row("ref-bf16-compile", 2500)]
+    best = train.best_of_each_system(rows)
+    assert best["picochat"]["variant"] == "pico-bf16" and best["reference"]["variant"] == "ref-bf16-compile"
+    assert train.print_best(best, {"fp32": 1e11, "bf16": 4e11}) == 2.0
+    out = capsys.readouterr().out
+    assert "picochat best: pico-bf16 (bf16, eager) 5,000 tok/s, MFU 12.5% of the bf16 peak, 50.0% of the fp32" in out
+    assert "reference best: ref-bf16-compile (bf16, compiled)" in out and "/ reference best (ref-bf16-compile): 2.00x" in out
+    assert train.print_best({"picochat": best["picochat"]}, {"fp32": 1e11}) is None
+    assert "bf16 peak not measured" in capsys.readouterr().out
