@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from picochat.errors import UserError
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, render_for_completion
-from picochat.tokenizer.chat import ConversationError
+from picochat.tokenizer.chat import ConversationError, normalize_messages
 
 
 class ContextLengthError(UserError):
@@ -33,7 +33,9 @@ class FittedPrompt:
 
 def fit_turns(tokenizer: Tokenizer, conversation: dict, max_prompt_tokens: int) -> FittedPrompt:
     """The prompt for the next assistant turn within `max_prompt_tokens`, dropping the fewest
-    oldest user/assistant pairs that make it fit (found by bisection: one render per halving)."""
+    oldest user/assistant pairs that make it fit. Each message is encoded once to count its
+    tokens; the bisection over how many pairs to drop adds up counts, and only the answer is
+    rendered (a 1,000-message chat costs one encoding of each message, not one per try)."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list) or not messages:
         raise ConversationError(None, "'messages' must be a non-empty list")
@@ -42,28 +44,41 @@ def fit_turns(tokenizer: Tokenizer, conversation: dict, max_prompt_tokens: int) 
     turns = list(messages[1:] if has_system else messages)
     if turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
         turns = turns[:-1]  # render_for_completion would drop it too
+    normalize_messages({"messages": system + turns})  # roles and content, before anything is encoded
+    system_text = system[0]["content"] if system else ""
+    sizes = [_rendered_size(tokenizer, m) for m in turns]
+    after = [0] * (len(turns) + 1)  # after[i]: tokens of turns[i:]
+    for i in range(len(turns) - 1, -1, -1):
+        after[i] = after[i + 1] + sizes[i]
 
-    def render(pairs_dropped: int) -> list[int]:
-        return render_for_completion(tokenizer, {"messages": system + turns[2 * pairs_dropped:]})
+    def size(pairs_dropped: int) -> int:
+        """len(render_for_completion(system + turns[2 * pairs_dropped:])), by counting."""
+        first = 2 * pairs_dropped
+        head = sizes[first]  # the system text is folded into the first user message kept
+        if system_text:
+            head = 2 + len(tokenizer.encode(f"{system_text}\n\n{turns[first]['content']}"))
+        return 1 + head + after[first + 1] + 1  # <|bos|> ... <|assistant_start|>
 
-    ids = render(0)  # validates roles and content
-    if len(ids) <= max_prompt_tokens:
-        return FittedPrompt(ids, 0)
-    lo, hi = 1, (len(turns) - 1) // 2  # the answer is in [lo, hi]; hi keeps only the last user turn
-    last = render(hi)
-    if len(last) > max_prompt_tokens:
-        what = "the system text and the last message" if system else "the last message"
-        raise ContextLengthError(f"{what}: {len(last)} tokens, but the model's context leaves {max_prompt_tokens} "
+    lo, hi = 0, (len(turns) - 1) // 2  # hi keeps only the last user turn
+    if size(hi) > max_prompt_tokens:
+        what = "the system text and the last message" if system_text else "the last message"
+        raise ContextLengthError(f"{what}: {size(hi)} tokens, but the model's context leaves {max_prompt_tokens} "
                                  "for the prompt; shorten the message")
-    best = last
-    while lo < hi:
+    while lo < hi:  # the fewest pairs to drop: size() shrinks as more are dropped
         mid = (lo + hi) // 2
-        candidate = render(mid)
-        if len(candidate) <= max_prompt_tokens:
-            hi, best = mid, candidate
+        if size(mid) <= max_prompt_tokens:
+            hi = mid
         else:
             lo = mid + 1
-    return FittedPrompt(best, 2 * hi)  # best is render(hi) throughout
+    return FittedPrompt(render_for_completion(tokenizer, {"messages": system + turns[2 * hi:]}), 2 * hi)
+
+
+def _rendered_size(tokenizer: Tokenizer, message: dict) -> int:
+    """Tokens a (validated) user or assistant message adds to a rendered conversation."""
+    content = message["content"]
+    if isinstance(content, str):
+        return 2 + len(tokenizer.encode(content))  # <|user_start|> ... <|user_end|> (or assistant)
+    return 2 + sum(len(tokenizer.encode(p["text"])) + (0 if p["type"] == "text" else 2) for p in content)
 
 
 def fit_conversation(tokenizer: Tokenizer, conversation: dict, max_prompt_tokens: int) -> list[int]:

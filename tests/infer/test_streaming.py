@@ -159,3 +159,27 @@ def test_raw_prompts_name_special_tokens(tokenizer):
     assert ids[0] == tokenizer.bos_id and tokenizer.encode_special("user_end") in ids
     assert tokenizer.decode(ids) == "<|bos|>Hi<|user_end|> <|nope|>"
     assert tokenizer.bos_id not in tokenizer.encode("<|bos|>")  # plain encoding never makes specials
+
+
+def test_counted_sizes_pick_exactly_the_fewest_pairs_to_drop(tokenizer):
+    """fit_turns counts tokens instead of rendering every try: the count must match the render,
+    with tool parts, string and part-list content, and with or without a system text."""
+    for system in ("You are terse.", None):
+        conv = conversation(30, system)
+        for i, m in enumerate(conv["messages"]):
+            if m["role"] == "assistant" and i % 3 == 0:
+                m["content"] = [{"type": "text", "text": f"turn {i} "}, {"type": "python", "text": "6*7"},
+                                {"type": "python_output", "text": "42"}, {"type": "text", "text": "!"}]
+        head = conv["messages"][:1] if system else []
+        turns = conv["messages"][1:] if system else conv["messages"]
+        for budget in range(60, 2000, 37):
+            try:
+                fitted = fit_turns(tokenizer, conv, budget)
+            except ContextLengthError:
+                assert len(tokenizer.render_for_completion({"messages": head + turns[-1:]})) > budget
+                continue
+            assert len(fitted.ids) <= budget
+            assert fitted.ids == tokenizer.render_for_completion({"messages": head + turns[fitted.dropped:]})
+            if fitted.dropped:
+                one_more = head + turns[fitted.dropped - 2:]
+                assert len(tokenizer.render_for_completion({"messages": one_more})) > budget
