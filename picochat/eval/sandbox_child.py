@@ -223,13 +223,14 @@ def install_guards(root: str) -> None:
 
 
 # --- the supervisor (and judge) -----------------------------------------------------------
-def child_setup(limits: dict, namespaces: bool):
+def child_setup(limits: dict, namespaces: bool, report_fd: int):
     """preexec_fn for the solution process: rlimits, no setuid gains, die with the supervisor, and
     (where the kernel allows) its own PID, network and IPC namespaces.
 
     A process that unshares a PID namespace cannot start threads any more and does not enter the
     namespace itself, so the fork made here stays outside as a stand-in: it waits for the program
     (the namespace's init) and exits as it did; killing it kills the program through PDEATHSIG.
+    Whether the namespaces were made is written to `report_fd` (closed before the exec).
     """
     def apply() -> None:
         for limit, value in ((resource.RLIMIT_AS, limits["memory_bytes"]), (resource.RLIMIT_DATA, limits["memory_bytes"]),
@@ -242,6 +243,7 @@ def child_setup(limits: dict, namespaces: bool):
         _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if namespaces and enter_namespaces():
+            os.write(report_fd, b"1")
             pid = os.fork()
             if pid > 0:
                 os.closerange(0, 1 << 16)  # hold no pipe of the supervisor's (its exec check, the output)
@@ -260,23 +262,22 @@ def enter_namespaces() -> bool:
     if _libc.unshare(flags) == 0:
         return True
     uid, gid = os.getuid(), os.getgid()
-    if _libc.unshare(flags | CLONE_NEWUSER) != 0:
-        return False
+    # /proc/self/uid_map of a non-dumpable process belongs to root: dumpable for the writes only.
+    # Nothing else runs meanwhile; the program is started after it is non-dumpable again, since this
+    # process is a copy of the supervisor (nonce included) and stays alive as the stand-in.
+    _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
+        if _libc.unshare(flags | CLONE_NEWUSER) != 0:
+            return False
         for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
                            ("/proc/self/gid_map", f"{gid} {gid} 1")):
             with open(path, "w") as f:
                 f.write(text)
     except OSError:
         return False
+    finally:
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     return True
-
-
-def in_own_pid_namespace(pid: int) -> bool:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/pid_for_children") != os.readlink("/proc/self/ns/pid_for_children")
-    except OSError:
-        return False
 
 
 class Output:
@@ -411,6 +412,7 @@ def supervise(job: dict) -> dict:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     request_r, request_w = os.pipe()
     reply_r, reply_w = os.pipe()
+    isolated_r, isolated_w = os.pipe()
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": job["root"],
            "TMPDIR": job["root"], "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     uid = NOBODY if os.geteuid() == 0 else -1
@@ -419,8 +421,10 @@ def supervise(job: dict) -> dict:
          job["root"], str(uid), job.get("entry_point", "")],
         cwd=job["root"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         pass_fds=(request_r, reply_w), start_new_session=True, close_fds=True,
-        preexec_fn=child_setup(job["limits"], job["namespaces"]))  # noqa: PLW1509 - no thread exists yet
-    in_namespace = in_own_pid_namespace(proc.pid)
+        preexec_fn=child_setup(job["limits"], job["namespaces"], isolated_w))  # noqa: PLW1509 - no thread yet
+    os.close(isolated_w)
+    in_namespace = os.read(isolated_r, 1) == b"1"  # the children closed their copies when Popen returned
+    os.close(isolated_r)
     os.close(request_r)
     os.close(reply_w)
     stop = threading.Event()

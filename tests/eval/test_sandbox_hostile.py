@@ -396,3 +396,34 @@ ALLOWED = {
 def test_what_the_sandbox_deliberately_allows(code: str):
     r = execute(code, timeout=5)
     assert r.success, r.stderr
+
+
+# --- a harness without root ---------------------------------------------------------------------
+UNPRIVILEGED_PROBE = """
+import sys, time
+sys.path.insert(0, {eval_dir!r})
+from sandbox import check_function, execute
+tests = "def check(c):\\n    assert c(2, 3) == 5\\n"
+right = check_function("def add(a, b):\\n    return a + b\\n", tests, "add", namespaces={ns})
+exploit = check_function({exploit!r}, tests, "add", namespaces={ns})
+t0 = time.monotonic()
+sleeper = execute({sleeper!r}, timeout=1, namespaces={ns})
+print(right.success, exploit.success, sleeper.success, time.monotonic() - t0 < 4, right.isolated)
+"""
+
+
+@AS_ROOT
+@pytest.mark.parametrize("namespaces", [True, False], ids=["user-namespaces", "subreaper"])
+def test_a_harness_without_root_still_owns_the_verdict(namespaces: bool):
+    """Run the sandbox as nobody (an interpreter nobody can read is needed: the system one)."""
+    python, setpriv = Path("/usr/bin/python3"), Path("/usr/bin/setpriv")
+    if not (python.exists() and setpriv.exists()):
+        pytest.skip("needs /usr/bin/python3 and setpriv to run a harness as nobody")
+    eval_dir = str(Path(__file__).parents[2] / "picochat" / "eval")
+    probe = UNPRIVILEGED_PROBE.format(eval_dir=eval_dir, ns=namespaces, sleeper=SLEEPERS["setsid sleeper (the issue's)"],
+                                      exploit=FAKE_VERDICTS["fake verdict into every process's pipes"] + WRONG)
+    out = subprocess.run([str(setpriv), "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c", probe],
+                         env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}, cwd="/", capture_output=True, text=True,
+                         timeout=120, check=False)
+    fields = out.stdout.split()
+    assert fields[:4] == ["True", "False", "False", "True"], out.stdout + out.stderr
