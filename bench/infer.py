@@ -3,6 +3,7 @@
     python bench/infer.py                                        # picochat engine, server and soak
     python bench/infer.py --reference-dir ~/src/nanochat         # also the reference engine, same shapes
     python bench/infer.py --dtypes fp32 --skip-server --soak 0   # engine rows in fp32 only
+    python bench/infer.py --skip-engines --skip-server --soak 1500   # the soak alone
 
 Model: a randomly initialised GPT of --depth 4 (width 256, 2 heads of 128), vocab 32,768; prompt
 64 tokens, 256 new tokens (stop tokens ignored by picochat so every run decodes the full length),
@@ -452,6 +453,20 @@ def run_once(kind: str, dtype_name: str, args) -> dict:
     return {"error": f"{spec} exited with status {proc.returncode} (its stderr is above)"}
 
 
+def engine_systems(args, notes: list[str]) -> list[str]:
+    """The engines to time: picochat, and the reference where --reference-dir holds a checkout
+    (else a note says why not); none with --skip-engines."""
+    if args.skip_engines:
+        return []
+    if args.reference_dir is None:
+        notes.append("no --reference-dir given; the reference engine is skipped")
+        return ["picochat"]
+    if not (args.reference_dir.expanduser() / "nanochat" / "engine.py").exists():
+        notes.append(f"no reference checkout at {args.reference_dir} (nanochat/engine.py missing); skipped")
+        return ["picochat"]
+    return ["picochat", "reference"]
+
+
 def default_dtypes(device: torch.device) -> list[str]:
     """fp32 always; bf16 too where it has fast matmuls (CUDA sm80+, CPUs with AMX/AVX512-BF16)."""
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_fast_bf16()
@@ -459,6 +474,8 @@ def default_dtypes(device: torch.device) -> list[str]:
 
 
 def print_engines(results: dict) -> None:
+    if not results["engines"]:
+        return
     print(f"\n{'engine':<12}{'dtype':>6}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'median':>10}")
     for system, by_dtype in results["engines"].items():
         for dtype, rows in by_dtype.items():
@@ -511,6 +528,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--server-workers", type=int, default=1, help="engines serving at once (sharing the model)")
     parser.add_argument("--server-max-batch", type=int, default=8,
                         help="requests an engine decodes together (picochat serve --max-batch); 1: one at a time")
+    parser.add_argument("--skip-engines", action="store_true", help="no engine rows (server and soak only)")
     parser.add_argument("--skip-server", action="store_true", help="no server rows")
     parser.add_argument("--soak", type=int, default=300, help="mixed requests in the soak, per dtype (0: no soak)")
     parser.add_argument("--soak-concurrency", type=int, default=8, help="soak requests in flight at once")
@@ -547,17 +565,10 @@ def main() -> int:
     notes = []
     if "bf16" in dtypes and device.type == "cpu" and not cpu_supports_fast_bf16():
         notes.append("bf16 on a CPU without AMX/AVX512-BF16: its matmuls fall back to slow code")
-    systems = ["picochat"]
-    if args.reference_dir is None:
-        notes.append("no --reference-dir given; the reference engine is skipped")
-    elif not (args.reference_dir.expanduser() / "nanochat" / "engine.py").exists():
-        notes.append(f"no reference checkout at {args.reference_dir} (nanochat/engine.py missing); skipped")
-    else:
-        systems.append("reference")
     results: dict = {"machine": machine, "dtypes": dtypes, "depth": args.depth, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "notes": notes}
 
-    workers = [EngineWorker(system, dtype, args) for system in systems for dtype in dtypes]
+    workers = [EngineWorker(system, dtype, args) for system in engine_systems(args, notes) for dtype in dtypes]
     try:
         ready = {w.name: w.read() for w in workers}  # each builds its engine, then says so
         for name, info in ready.items():
