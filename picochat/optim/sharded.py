@@ -28,7 +28,8 @@ One step:
 
 Each rank runs the unsharded optimisers' own kernels on its part, so the updates equal the
 unsharded ones up to the order in which a collective sums across ranks. `--grad-reduce-dtype
-bf16` halves the reduction traffic (the sum is then rounded to bf16). In a world of 1,
+bf16` halves the reduction traffic (the sum is then rounded to bf16), and a rank drops an fp32
+gradient it does not own as soon as its bf16 copy is on the way. In a world of 1,
 `shard_optimizers` returns the optimisers untouched: no hooks, no collectives.
 
 Checkpoints: `state_dict()` is collective and returns, on rank 0, the full state in exactly the
@@ -129,6 +130,7 @@ class ShardedAdamW:
             padded = flat.new_zeros(chunk * self.world, dtype=self.reduce_dtype)
             padded[: flat.numel()].copy_(flat)
             flat = padded
+            p.grad = None  # the copy is sent; the result lands in `out`
         out = flat.new_empty(chunk)
         return dist.reduce_scatter_single(out, flat, op=dist.ReduceOp.SUM, async_op=True), out, flat
 
@@ -217,8 +219,10 @@ class ShardedMuon:
 
     def start_reduce(self, i: int) -> tuple:
         """Launch the reduction of matrix i's gradient onto its owner."""
-        grad = self.params[i].grad
-        buf = grad if grad.dtype == self.reduce_dtype else grad.to(self.reduce_dtype)
+        p = self.params[i]
+        buf = p.grad if p.grad.dtype == self.reduce_dtype else p.grad.to(self.reduce_dtype)
+        if buf is not p.grad and self.owners[i] != self.rank:
+            p.grad = None  # a non-owner only sends: the copy is all it needs
         return dist.reduce(buf, dst=self.owners[i], op=dist.ReduceOp.SUM, async_op=True), buf
 
     def finish_reduce(self, i: int, pending: tuple) -> None:
