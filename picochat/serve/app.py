@@ -111,7 +111,9 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, "auth": bool(api_key), **pool.stats()}
+        return {"status": "ok", "model": model_id, "auth": bool(api_key), **pool.stats(),
+                "defaults": {"temperature": defaults.temperature, "top_k": defaults.top_k,
+                             "max_tokens": defaults.max_tokens}}
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -16,6 +16,7 @@ import pytest
 from picochat.infer import Engine
 from picochat.serve.app import create_app
 from picochat.serve.pool import WorkerPool
+from picochat.serve.requests import Defaults
 from tests.infer.test_engine import scripted_tool_model
 from tests.infer.tiny import tiny_tokenizer
 from tests.serve.conftest import ServerThread
@@ -49,7 +50,8 @@ def scripted_app(**options):
             yield step
 
     engine.generate = slow_generate
-    return create_app(WorkerPool([engine]), "scripted", **options)
+    return create_app(WorkerPool([engine]), "scripted", defaults=Defaults(temperature=0.3, top_k=20, max_tokens=64),
+                      **options)
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +117,13 @@ def test_a_refused_turn_never_strands_the_chat(browser, scripted_server):
     # The stuck sequence of old: a temperature the server refuses, then a message.
     send(page, "/temperature 3")
     assert "temperature must be a number from 0 to 2" in notices(page, "error")[-1]
-    assert page.input_value("#temperature") == "0.8"  # refused before anything was sent
+    assert page.input_value("#temperature") == "0.3"  # the server's default; refused before anything was sent
+    assert page.input_value("#topk") == "20"
     page.fill("#temperature", "3")  # typed straight into the field: still caught before sending
     send(page, "hello")
     page.wait_for_function("document.querySelectorAll('.message.notice.error').length === 2")
     assert page.locator(".message.user").count() == 0 and page.input_value("#input") == "hello"
-    page.fill("#temperature", "0.8")
+    page.fill("#temperature", "0.3")
     # A turn the server refuses (a message over its length limit): the error stays next to it,
     # the message goes back into the box, and the conversation holds no dangling user turn.
     send(page, "x" * 8001)
