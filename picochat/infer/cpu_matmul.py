@@ -14,9 +14,9 @@ in brackets):
 `PackedLinear(weight)` is the packed copy and its product; `available()` says whether the kernel
 could be built and loaded. It is compiled with the system's C compiler (`$CC`, else cc / gcc /
 clang) into $PICOCHAT_KERNEL_DIR (default $PICOCHAT_HOME/kernels) once per source, compiler and
-flags, and checked against torch before first use. Where there is no compiler, or the build or
-that check fails (each said in one warning line), or PICOCHAT_CPU_KERNEL=0, available() is
-False and the callers keep torch's matmuls: slower, same results. (The batch-1 column "256 x 768" is within noise of torch; the
+flags (picochat/kernels.py), and checked against torch before first use. Where there is no
+compiler, or the build or that check fails (each said in one warning line), or
+PICOCHAT_CPU_KERNEL=0, available() is False and the callers keep torch's matmuls: slower, same results. (The batch-1 column "256 x 768" is within noise of torch; the
 gain there is in the larger matrices and the unembedding.)
 """
 
@@ -24,18 +24,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from picochat.runtime import home, warn
+from picochat import kernels
+from picochat.runtime import warn
 
 FALLBACK = "CPU decoding uses torch's matmuls (1.2-1.5x slower at small batch)"
 
@@ -44,61 +39,14 @@ PANELS_PER_THREAD = 8
 MAX_ROWS = 16  # beyond this the products are large enough for BLAS (and PackedLinear defers to it)
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _flags() -> list[str]:
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99"]
-    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-        flags += ["-mavx2", "-mfma"]  # not -march=native: a shared home may serve several CPU models
-    return flags
-
-
 def _build() -> Path | None:
     """The compiled library's path (compiling it if needed), or None with the reason logged."""
-    compiler = _compiler()
-    if compiler is None:
-        warn(f"no C compiler found (cc, gcc, clang or $CC): {FALLBACK}")
-        return None
-    flags = _flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, platform.machine()]).encode()).hexdigest()
-    try:
-        directory = Path(os.environ.get("PICOCHAT_KERNEL_DIR") or home() / "kernels").expanduser()
-        target = directory / f"small_matmul-{key[:16]}.so"
-        if target.exists():
-            return target
-        directory.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: concurrent builders each write their own file, and
-        # a reader never sees a half-written library.
-        fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=directory)
-        os.close(fd)
-    except OSError as e:  # e.g. a read-only home
-        warn(f"no place to build {SOURCE.name} ({e}): {FALLBACK}")
-        return None
-    try:
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], check=False, capture_output=True,
-                                text=True, timeout=120)
-        if result.returncode != 0:
-            last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            warn(f"could not compile {SOURCE.name} ({last_line}): {FALLBACK}")
-            return None
-        os.replace(partial, target)
-        return target
-    except (OSError, subprocess.SubprocessError) as e:
-        warn(f"could not compile {SOURCE.name} ({e}): {FALLBACK}")
-        return None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    return kernels.build(SOURCE, FALLBACK)
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("PICOCHAT_CPU_KERNEL", "1") == "0":
+    if not kernels.enabled():
         return None
     path = _build()
     if path is None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from picochat.errors import ConfigError
+from picochat.model import fused_ce
 from picochat.model.kv_cache import KVCache
 
 IGNORE_INDEX = -1
@@ -364,11 +365,12 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
     With `grad_scale` (N,) given, also returns the gradients of sum(grad_scale * loss) with
     respect to x (N, C) and weight (V, C). Rows with an ignored target are skipped entirely.
 
-    Every full pass over a (rows, vocab) chunk counts on a CPU, hence in-place arithmetic in
-    two buffers allocated once, and tanh written through the sigmoid (3.5x cheaper in torch's
-    CPU kernels): with a = x @ (2 W / cap).T and s = sigmoid(a),
+    Every full pass over a (rows, vocab) chunk counts on a CPU, hence tanh written through the
+    sigmoid (3.5x cheaper in torch's CPU kernels): with a = x @ (2 W / cap).T and s = sigmoid(a),
         z = cap * tanh(a / 2) = cap * (2 s - 1),   dz/da = 2 cap * s * (1 - s),
-    so d/dx = 4 * (g @ W) and d/dW = 4 * (g.T @ x) for g = dL/dz * s * (1 - s).
+    so d/dx = 4 * (g @ W) and d/dW = 4 * (g.T @ x) for g = dL/dz * s * (1 - s). On a CPU the
+    elementwise part runs in one pass per row through a C kernel (picochat/model/fused_ce.py);
+    elsewhere, or without it, as in-place torch ops over two buffers allocated once.
     """
     N, V = x.size(0), weight.size(0)
     dtype = _compute_dtype(x.device, weight.dtype)
@@ -385,37 +387,20 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
     # exp(z + cap) = exp(2 cap s) cannot overflow when vocab * e^(2 cap) fits in fp32; the shift
     # then cancels in the softmax and comes off the log-sum-exp. Larger caps subtract it first.
     shift = softcap if 2.0 * softcap + math.log(V) < 80.0 else 0.0
-    sig_buf = torch.empty(step, V, dtype=torch.float32, device=x.device)
-    probs_buf = torch.empty(step, V, dtype=torch.float32, device=x.device) if want_grad else None
-    low_buf = torch.empty(step, V, dtype=dtype, device=x.device) if dtype != torch.float32 else None
+    elementwise = _FusedRows(step, V, dtype, x.device) if x.device.type == "cpu" and fused_ce.available() \
+        else _TorchRows(step, V, dtype, x.device, want_grad)
     with torch.autocast(x.device.type, enabled=False):
         for lo in range(0, n_valid, step):
             hi = min(lo + step, n_valid)
             sel = slice(lo, hi) if rows is None else rows[lo:hi]
             xs, ts = x[sel].to(dtype), targets[sel]  # (n, C), (n,)
-            sig = sig_buf[:hi - lo]  # (n, V); logits z = cap * (2 sig - 1)
-            if low_buf is None:
-                torch.mm(xs, w_a.t(), out=sig)
-            else:
-                sig.copy_(torch.mm(xs, w_a.t(), out=low_buf[:hi - lo]))
-            sig.sigmoid_()
-            target_logit = softcap * (2.0 * sig.gather(1, ts[:, None]).squeeze(1) - 1.0)
-            probs = torch.mul(sig, 2.0 * softcap, out=probs_buf[:hi - lo]) if want_grad else sig.mul_(2.0 * softcap)
-            if shift == 0.0:
-                probs.sub_(softcap)  # probs = z
-            sum_exp = probs.exp_().sum(dim=1)  # probs: unnormalised softmax, times e^shift
-            losses[sel] = sum_exp.log() - shift - target_logit
+            loss, sum_exp, g = elementwise(xs, w_a, ts, softcap, shift, want_grad)
+            losses[sel] = loss
             if not want_grad:
                 continue
-            # d(scale * loss)/dz * s * (1 - s) = c * g with c = scale / sum_exp (per row) and
-            # g = (exp - onehot * sum_exp) * s * (1 - s). The row factor c commutes with the
-            # matmuls (it scales rows of grad_x, and rows of x for grad_w): one pass fewer.
+            # The per-row factor c = scale / sum_exp commutes with the matmuls (it scales rows of
+            # grad_x, and rows of x for grad_w): one pass over the chunk fewer.
             c = grad_scale[sel] / sum_exp  # (n,)
-            probs[torch.arange(hi - lo, device=x.device), ts] -= sum_exp
-            g = probs.mul_(sig)
-            g = g.addcmul_(g, sig, value=-1.0)  # (n, V)
-            if low_buf is not None:
-                g = low_buf[:hi - lo].copy_(g)
             grad_x[sel] = (g @ w_a).mul_((2.0 * softcap) * c[:, None]).to(x.dtype)  # 2 cap * w_a = 4 W
             xs_c = xs * c[:, None].to(xs.dtype)
             if g.dtype == grad_w.dtype:
@@ -425,6 +410,53 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
     if want_grad:
         grad_w.mul_(4.0)
     return losses, grad_x, grad_w
+
+
+class _FusedRows:
+    """One chunk's loss, sum of exp and g (in the compute dtype) through the C kernel: a = xs @ w_a.T
+    lands in one buffer, which the kernel reads once and overwrites with g."""
+
+    def __init__(self, step: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.buf = torch.empty(step, vocab, dtype=dtype, device=device)
+
+    def __call__(self, xs, w_a, ts, softcap, shift, want_grad):
+        a = torch.mm(xs, w_a.t(), out=self.buf[:xs.size(0)])  # (n, V)
+        loss, sum_exp = fused_ce.softcap_ce_rows(a, ts, softcap, shift, want_grad)
+        return loss, sum_exp, a
+
+
+class _TorchRows:
+    """The same with torch ops, in place, in fp32 buffers allocated once per call (fresh pages cost
+    more than the arithmetic on them); g is handed back in the compute dtype."""
+
+    def __init__(self, step: int, vocab: int, dtype: torch.dtype, device: torch.device, want_grad: bool) -> None:
+        self.sig_buf = torch.empty(step, vocab, dtype=torch.float32, device=device)
+        self.probs_buf = torch.empty(step, vocab, dtype=torch.float32, device=device) if want_grad else None
+        self.low_buf = torch.empty(step, vocab, dtype=dtype, device=device) if dtype != torch.float32 else None
+
+    def __call__(self, xs, w_a, ts, softcap, shift, want_grad):
+        n = xs.size(0)
+        sig = self.sig_buf[:n]  # (n, V); logits z = cap * (2 sig - 1)
+        if self.low_buf is None:
+            torch.mm(xs, w_a.t(), out=sig)
+        else:
+            sig.copy_(torch.mm(xs, w_a.t(), out=self.low_buf[:n]))
+        sig.sigmoid_()
+        target_logit = softcap * (2.0 * sig.gather(1, ts[:, None]).squeeze(1) - 1.0)
+        probs = torch.mul(sig, 2.0 * softcap, out=self.probs_buf[:n]) if want_grad else sig.mul_(2.0 * softcap)
+        if shift == 0.0:
+            probs.sub_(softcap)  # probs = z
+        sum_exp = probs.exp_().sum(dim=1)  # probs: unnormalised softmax, times e^shift
+        loss = sum_exp.log() - shift - target_logit
+        if not want_grad:
+            return loss, sum_exp, None
+        # g = (exp - onehot * sum_exp) * s * (1 - s)
+        probs[torch.arange(n, device=xs.device), ts] -= sum_exp
+        g = probs.mul_(sig)
+        g = g.addcmul_(g, sig, value=-1.0)  # (n, V)
+        if self.low_buf is not None:
+            g = self.low_buf[:n].copy_(g)
+        return loss, sum_exp, g
 
 
 class _LinearSoftcapCrossEntropy(torch.autograd.Function):

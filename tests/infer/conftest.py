@@ -2,6 +2,7 @@
 
 import pytest
 
+from picochat import kernels
 from picochat.infer import cpu_matmul
 from picochat.tokenizer import Tokenizer
 from tests.infer.tiny import tiny_model, tiny_tokenizer
@@ -27,7 +28,7 @@ def matmul_kernel(request, monkeypatch) -> bool:
     """Run a test with the small-batch C kernel and again with torch's matmuls only (as on a
     machine without a C compiler). Where there is a compiler, the kernel must build."""
     if request.param:
-        if cpu_matmul._compiler() is None:
+        if kernels.compiler() is None:
             pytest.skip("no C compiler on this machine: the kernel cannot be built")
         assert cpu_matmul.available(), "the small-matmul kernel did not build; see picochat/infer/cpu_matmul.py"
     else:

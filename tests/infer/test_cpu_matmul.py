@@ -4,13 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from picochat import kernels
 from picochat.infer import cpu_matmul
 from picochat.infer.cpu_matmul import MAX_ROWS, PackedLinear
 
 
 @pytest.fixture
 def kernel():
-    if cpu_matmul._compiler() is None:
+    if kernels.compiler() is None:
         pytest.skip("no C compiler on this machine")
     assert cpu_matmul.available()
 
@@ -74,7 +75,7 @@ def test_the_packed_copy_is_a_copy(kernel):
 
 def test_a_failed_build_falls_back_and_leaves_no_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_matmul, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(kernels, "compiler", lambda: "/bin/false")
     assert cpu_matmul._build() is None
     assert list(tmp_path.iterdir()) == []
     assert "warning: could not compile small_matmul.c" in capsys.readouterr().err
@@ -84,7 +85,7 @@ def test_an_unwritable_kernel_dir_falls_back(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the directory should be")
     monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(blocker / "kernels"))
-    monkeypatch.setattr(cpu_matmul, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(kernels, "compiler", lambda: "/bin/false")
     assert cpu_matmul._build() is None
 
 

@@ -10,10 +10,46 @@ import torch
 import torch.nn.functional as F
 
 from picochat.errors import ConfigError
-from picochat.model import GPT, GPTConfig, build_model
+from picochat import kernels
+from picochat.model import GPT, GPTConfig, build_model, fused_ce
 from picochat.model.gpt import _softcap_cross_entropy_chunks, apply_rotary
 
-VOCAB = 100  # deliberately not a multiple of 64
+VOCAB = 100  # deliberately not a multiple of 64 (nor of the kernel's 8 lanes)
+
+
+@pytest.fixture(autouse=True, params=["fused-kernel", "torch-ops"])
+def elementwise(request, monkeypatch) -> str:
+    """Every test here runs with the loss's C kernel and again with torch's ops only (as on a
+    machine without a C compiler). Where there is a compiler, the kernel must build."""
+    if request.param == "fused-kernel":
+        if kernels.compiler() is None:
+            pytest.skip("no C compiler on this machine: the kernel cannot be built")
+        assert fused_ce.available(), "softcap_ce.c did not build or failed its check; see picochat/model/fused_ce.py"
+    else:
+        monkeypatch.setattr(fused_ce, "available", lambda: False)
+    return request.param
+
+
+def test_the_fused_kernel_equals_float64_torch_in_both_dtypes(elementwise) -> None:
+    if elementwise != "fused-kernel":
+        pytest.skip("a test of the kernel itself")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(7, 1001, generator=g) * 5  # rows of a vocabulary that is not a multiple of 8
+    targets = torch.randint(0, 1001, (7,), generator=g)
+    for dtype, shift in ((torch.float32, 15.0), (torch.float32, 0.0), (torch.bfloat16, 15.0)):
+        chunk = a.to(dtype)
+        loss_ref, sum_ref, g_ref = fused_ce.reference_rows(chunk.float(), targets, 15.0, shift)
+        for want_grad in (False, True):
+            work = chunk.clone()
+            loss, sum_exp = fused_ce.softcap_ce_rows(work, targets, 15.0, shift, want_grad)
+            torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sum_exp.double(), sum_ref, rtol=1e-5, atol=0)
+            scale = sum_ref[:, None]  # the loss divides g by the row's sum
+            if want_grad:
+                tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: g is rounded to bf16
+                torch.testing.assert_close(work.double() / scale, g_ref / scale, rtol=tol, atol=tol)
+            else:
+                assert torch.equal(work, chunk)  # no gradient asked: the chunk is left alone
 
 
 def small_config(**overrides) -> GPTConfig:

@@ -1,0 +1,83 @@
+"""C kernels for the CPU, compiled on first use with the system's C compiler.
+
+A kernel is one C source file inside the package. `build(source, fallback)` compiles it with
+`$CC` (else cc / gcc / clang) into $PICOCHAT_KERNEL_DIR (default $PICOCHAT_HOME/kernels), once
+per source, compiler and flags (the file name carries their hash), building beside the target
+and renaming it into place, so concurrent builders never expose a half-written library. Where
+there is no compiler, no writable place, or the build fails, it says so in one warning line
+ending with `fallback` (what the caller does instead) and returns None: every kernel is an
+optimisation with a torch fallback, never a requirement. PICOCHAT_CPU_KERNEL=0 turns them all off.
+
+Flags: -O3 with OpenMP (the runtime torch already loaded), fused multiply-adds, and -mavx2 -mfma on x86-64 CPUs that
+have them, not -march=native, so one shared home may serve several CPU models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from picochat.runtime import home, warn
+
+
+def enabled() -> bool:
+    return os.environ.get("PICOCHAT_CPU_KERNEL", "1") != "0"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def flags() -> list[str]:
+    # -std=c99 alone turns off fusing a * b + c into one FMA instruction (ISO C's default):
+    # -ffp-contract=fast turns it back on (half the arithmetic instructions in both kernels).
+    out = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99", "-ffp-contract=fast"]
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        out += ["-mavx2", "-mfma"]
+    return out
+
+
+def build(source: Path, fallback: str) -> Path | None:
+    """The compiled library of `source` (compiling it if needed), or None with the reason warned."""
+    cc = compiler()
+    if cc is None:
+        warn(f"no C compiler found (cc, gcc, clang or $CC): {fallback}")
+        return None
+    options = flags()
+    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *options, platform.machine()]).encode()).hexdigest()
+    try:
+        directory = Path(os.environ.get("PICOCHAT_KERNEL_DIR") or home() / "kernels").expanduser()
+        target = directory / f"{source.stem}-{key[:16]}.so"
+        if target.exists():
+            return target
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=directory)
+        os.close(fd)
+    except OSError as e:  # e.g. a read-only home, or a file where the directory should be
+        warn(f"no place to build {source.name} ({e}): {fallback}")
+        return None
+    try:
+        result = subprocess.run([cc, *options, str(source), "-o", partial, "-lm"], check=False,
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            warn(f"could not compile {source.name} ({last_line}): {fallback}")
+            return None
+        os.replace(partial, target)
+        return target
+    except (OSError, subprocess.SubprocessError) as e:
+        warn(f"could not compile {source.name} ({e}): {fallback}")
+        return None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
