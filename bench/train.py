@@ -17,7 +17,9 @@ caches and the reference's compute-dtype environment variable never mix. The fir
 `--warmup` steps (compilation included) are not timed; tok/s is B*T / median step time.
 With --rounds N every row runs N times, the rows taking turns, and reports its best round.
 MFU = tok/s * FLOPs per token (each system's own count: 6 per matmul weight + attention)
-over the measured peak of a 1024^3 matmul in fp32 and in bf16 on the same threads.
+over the measured peak of a 1024^3 matmul in fp32 and in bf16 on the same threads. With
+--device cuda the rows run on the GPU and MFU is against its datasheet dense bf16 peak
+(picochat.train.mfu's table; no fp32 peak).
 The loader row is picochat's PackedLoader alone (tokenizing the built-in corpus shards
 on its background thread) pulling (B, T) batches with no model.
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -83,11 +86,11 @@ def time_steps(step, warmup: int, steps: int) -> dict:
             "total_s": time.perf_counter() - t_start}
 
 
-def random_batch(vocab_size: int, batch: int, seq_len: int):
+def random_batch(vocab_size: int, batch: int, seq_len: int, device: str):
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=gen)
+    tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=gen).to(device)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) inputs, targets
 
 
@@ -100,14 +103,14 @@ def picochat_row(spec: dict) -> dict:
     torch.manual_seed(0)
     config = GPTConfig.from_depth(spec["depth"], spec["vocab"], aspect_ratio=spec["aspect_ratio"],
                                   head_dim=spec["head_dim"], max_seq_len=spec["seq_len"])
-    model = build_model(config, "cpu")
+    model = build_model(config, spec["device"])
     optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
     train_model = torch.compile(model, dynamic=False) if spec["compile"] else model
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    x, y = random_batch(config.vocab_size, spec["batch"], spec["seq_len"])
+    x, y = random_batch(config.vocab_size, spec["batch"], spec["seq_len"], spec["device"])
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(torch.device(spec["device"]).type, dtype=dtype, enabled=dtype != torch.float32):
             loss = train_model(x, y)
         loss.backward()
         for opt in optimizers:
@@ -133,11 +136,11 @@ def reference_row(spec: dict) -> dict:
                        n_head=n_head, n_kv_head=n_head, n_embd=n_embd, window_pattern="L")
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device="cpu")
+    model.to_empty(device=spec["device"])
     model.init_weights()
     optimizer = model.setup_optimizer()
     train_model = torch.compile(model, dynamic=False) if spec["compile"] else model
-    x, y = random_batch(config.vocab_size, spec["batch"], spec["seq_len"])
+    x, y = random_batch(config.vocab_size, spec["batch"], spec["seq_len"], spec["device"])
 
     def step() -> float:
         loss = train_model(x, y)
@@ -153,8 +156,11 @@ def reference_row(spec: dict) -> dict:
 def peak_row(spec: dict) -> dict:
     import torch
 
-    from picochat.train.mfu import measure_cpu_peak
+    from picochat.train.mfu import gpu_peak_bf16, measure_cpu_peak
 
+    if spec["device"].startswith("cuda"):  # the datasheet's dense bf16 peak; fp32/TF32 is left out
+        peak = gpu_peak_bf16(torch.cuda.get_device_name(spec["device"]))
+        return {} if math.isnan(peak) else {"bf16": peak}
     # Best of several short runs: on a busy machine a single long run mostly measures the load.
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     return {name: max(measure_cpu_peak(dtypes[name], seconds=0.3) for _ in range(6)) for name in spec["peak_dtypes"]}
@@ -232,7 +238,7 @@ def summarise(name: str, result: dict, spec: dict, peaks: dict) -> dict:
     return {**row, "tok_per_s": round(tok_s, 1), "step_s": round(step_s, 3),
             "step_s_min": round(min(result["step_times"]), 3), "step_s_max": round(max(result["step_times"]), 3),
             "warmup_s": round(result["warmup_s"], 1), "gflops": round(flops / 1e9, 1),
-            "mfu_fp32_peak": round(100 * flops / peaks["fp32"], 1),
+            "mfu_fp32_peak": round(100 * flops / peaks["fp32"], 1) if "fp32" in peaks else None,
             "mfu_bf16_peak": round(100 * flops / peaks["bf16"], 1) if "bf16" in peaks else None,
             "loss_first": round(result["losses"][0], 3), "loss_last": round(result["losses"][-1], 3),
             "flops_per_token": result["flops_per_token"], "params": result["params"],
@@ -246,10 +252,10 @@ def print_table(rows: list[dict]) -> None:
         if "error" in r:
             print(f"{r['variant']:<19} error: {r['error']}")
             continue
-        mfu_bf16 = "-" if r["mfu_bf16_peak"] is None else f"{r['mfu_bf16_peak']:.1f}%"
+        mfu_fp32, mfu_bf16 = ("-" if r[k] is None else f"{r[k]:.1f}%" for k in ("mfu_fp32_peak", "mfu_bf16_peak"))
         print(f"{r['variant']:<19} {r['tok_per_s']:7.0f} {r['step_s']:7.2f} "
               f"{r['step_s_min']:5.2f}-{r['step_s_max']:<5.2f} {r['warmup_s']:8.1f} {r['gflops']:7.1f} "
-              f"{r['mfu_fp32_peak']:7.1f}% {mfu_bf16:>8} "
+              f"{mfu_fp32:>8} {mfu_bf16:>8} "
               f"{r['loss_first']:6.2f}->{r['loss_last']:<6.2f} {r['load_avg_1m']:5.1f} {r['omp_wait_policy']:>8}")
 
 
@@ -262,6 +268,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reference-dir", type=Path, default=None,
                         help="a checkout of the reference system (directory holding nanochat/gpt.py)")
     parser.add_argument("--skip-reference", action="store_true", help="picochat rows only")
+    parser.add_argument("--device", default=None, help="auto (default: cuda if present, else cpu) | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--aspect-ratio", type=int, default=64)
@@ -351,11 +358,12 @@ def print_best(best: dict[str, dict], peaks: dict) -> float | None:
     """One line per system's best row (variant, dtype, MFU against each peak); returns the ratio."""
     print()
     for system, r in best.items():
-        mfu = f"{r['mfu_bf16_peak']:.1f}% of the bf16 peak, " if r["mfu_bf16_peak"] is not None else ""
+        mfu = ", ".join(f"{r[f'mfu_{k}_peak']:.1f}% of the {k} peak" for k in ("bf16", "fp32")
+                        if r[f"mfu_{k}_peak"] is not None) or "- (no peak known)"
         print(f"{system} best: {r['variant']} ({r['dtype']}, {'compiled' if r['compile'] else 'eager'}) "
-              f"{r['tok_per_s']:,.0f} tok/s, MFU {mfu}{r['mfu_fp32_peak']:.1f}% of the fp32 peak")
+              f"{r['tok_per_s']:,.0f} tok/s, MFU {mfu}")
     if "bf16" not in peaks:
-        print("bf16 peak not measured: this CPU has no fast bf16 matmuls")
+        print("no bf16 peak: this CPU has no fast bf16 matmuls, or this GPU is not in picochat's table")
     if len(best) < 2:
         return None
     ratio = best["picochat"]["tok_per_s"] / best["reference"]["tok_per_s"]
@@ -375,17 +383,18 @@ def main() -> int:
     from machine import describe_machine, format_machine
     from results import default_out, write_results
 
-    from picochat.runtime import cpu_supports_fast_bf16
+    from picochat.runtime import cpu_supports_fast_bf16, pick_device
 
     torch.set_num_threads(args.threads)  # the machine record shows the threads every row gets
-    machine = describe_machine(torch.device("cpu"))
+    device = pick_device(args.device)
+    machine = describe_machine(device)
     print(format_machine(machine), flush=True)
-    fast_bf16 = cpu_supports_fast_bf16()
+    fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_fast_bf16()
     variants, notes = choose_variants(args, fast_bf16)
     spec = {"threads": args.threads, "depth": args.depth, "aspect_ratio": args.aspect_ratio,
             "head_dim": args.head_dim, "vocab": args.vocab, "seq_len": args.seq_len, "batch": args.batch_size,
             "steps": args.steps, "warmup": args.warmup, "loader_seconds": args.loader_seconds,
-            "data_dir": str(args.data_dir) if args.data_dir else None}
+            "data_dir": str(args.data_dir) if args.data_dir else None, "device": str(device)}
     print(f"shapes: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, vocab {args.vocab}, "
           f"B={args.batch_size} T={args.seq_len}, {args.threads} threads", flush=True)
     # The bf16 peak only means something where bf16 matmuls have hardware support.
