@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from picochat.errors import ConfigError, DataError
@@ -182,17 +181,22 @@ def write_file(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_verified(path: Path, meta: dict) -> bytes:
-    """The bytes of a checkpoint file, checked against the sha256 meta.json recorded for it."""
+def verify_file(path: Path, meta: dict) -> None:
+    """Check a checkpoint file against the sha256 meta.json recorded for it (streamed: no copy in memory;
+    the load that follows reads it from the page cache)."""
+    expected = (meta.get("checksums") or {}).get(path.name)
+    if expected is None:
+        return  # written before checksums
+    digest = hashlib.sha256()
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
     except OSError as e:
         raise DataError(f"cannot read {path} ({e.strerror}); the checkpoint is incomplete") from e
-    expected = (meta.get("checksums") or {}).get(path.name)
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+    if digest.hexdigest() != expected:
         raise DataError(f"{path} does not match its checksum in meta.json (damaged or cut bytes); "
                         "re-run the stage or load an earlier --step")
-    return data
 
 
 def read_json_object(path: Path) -> dict:
@@ -209,13 +213,14 @@ def read_json_object(path: Path) -> dict:
 
 def load_weights(path: Path, meta: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The verified weights of a step directory, cleaned of compile prefixes."""
-    data = read_verified(Path(path) / "model.safetensors", meta)
+    file = Path(path) / "model.safetensors"
+    verify_file(file, meta)
     try:
-        weights = load_safetensors(data)
-    except (SafetensorError, ValueError) as e:
-        raise DataError(f"{path}/model.safetensors is not a readable safetensors file ({e}); "
+        weights = load_file(str(file), device=str(device))
+    except (SafetensorError, ValueError, OSError) as e:
+        raise DataError(f"{file} is not a readable safetensors file ({e}); "
                         "re-run the stage or load an earlier --step") from e
-    return clean_state_dict({k: v.to(device) for k, v in weights.items()})
+    return clean_state_dict(weights)
 
 
 def load_weights_into(model: torch.nn.Module, path: Path, meta: dict, device: torch.device | str = "cpu") -> None:
@@ -273,9 +278,9 @@ def load_training_state(path: Path) -> dict:
     state_path = Path(path) / "state.pt"
     if not state_path.exists():
         raise DataError(f"{path} has no state.pt: it is a model-only checkpoint and cannot be resumed")
-    data = read_verified(state_path, read_json_object(Path(path) / "meta.json"))
+    verify_file(state_path, read_json_object(Path(path) / "meta.json"))
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        return torch.load(state_path, map_location="cpu", weights_only=False)
     except Exception as e:  # unpickling a damaged file raises many types
         raise DataError(f"{state_path} is damaged ({type(e).__name__}); resume from an earlier step") from e
 
@@ -285,10 +290,10 @@ def check_resumable(path: Path) -> None:
     meta = read_json_object(Path(path) / "meta.json")
     read_json_object(Path(path) / "config.json")
     if {"model.safetensors", "state.pt"} <= set(meta.get("checksums") or {}):
-        read_verified(Path(path) / "model.safetensors", meta)  # the hashes say it all; no need to unpickle twice
+        verify_file(Path(path) / "model.safetensors", meta)  # the hashes say it all; no need to unpickle twice
         if not (Path(path) / "state.pt").exists():
             raise DataError(f"{path} has no state.pt")
-        read_verified(Path(path) / "state.pt", meta)
+        verify_file(Path(path) / "state.pt", meta)
     else:  # written before checksums: try to read it
         load_weights(path, meta)
         load_training_state(path)
