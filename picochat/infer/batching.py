@@ -44,7 +44,7 @@ import torch
 
 from picochat.errors import UserError
 from picochat.infer.decode import DecodeStep
-from picochat.infer.engine import Engine, _Row, logprob_column
+from picochat.infer.engine import Engine, RowState, logprob_column
 from picochat.infer.sampling import sample_many
 from picochat.infer.unembed import Unembedder
 from picochat.model.kv_cache import KVCache
@@ -62,7 +62,7 @@ class _Request:
     # called in the scheduler thread with each (column, masks), then with DONE or an exception;
     # returning False abandons the request
     deliver: Callable[[object], bool | None]
-    rows: list[_Row] = field(default_factory=list)  # live rows, in sampling order
+    rows: list[RowState] = field(default_factory=list)  # live rows, in sampling order
     logits: torch.Tensor | None = None  # (live rows, vocab) for the next sample
     steps: int = 0
     cancelled: bool = False
@@ -71,11 +71,28 @@ class _Request:
 
 
 @dataclass
+class _Decoder:
+    """What the scheduler decodes with, made for the first request and kept until close()."""
+
+    model: torch.nn.Module  # the engine's model in the compute dtype (the served model itself)
+    cache: KVCache  # max_rows x the context
+    decode: DecodeStep
+    unembed: Unembedder
+
+    @classmethod
+    def build(cls, engine: Engine, max_rows: int) -> _Decoder:
+        cfg, model = engine.config, engine.inference_model()
+        cache = KVCache(max_rows, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, engine.context_len, engine.device,
+                        engine.cache_dtype)
+        return cls(model, cache, DecodeStep(model), Unembedder(model.lm_head.weight, engine.compute_dtype))
+
+
+@dataclass
 class _Slot:
     """One cache row: whose sample it is and how many positions it holds."""
 
     request: _Request
-    row: _Row
+    row: RowState
     length: int
     last_token: int = 0
 
@@ -134,12 +151,12 @@ class BatchingEngine:
         each (tokens, masks) as Engine.generate yields them, then `DONE`, or an exception if the
         generation failed. `deliver` returning False abandons the request (its rows are freed)."""
         engine = self.engine
-        tokens = engine._check_prompt(tokens)
+        tokens = engine.check_prompt(tokens)
         if not 1 <= num_samples <= self.max_rows:
             raise UserError(f"num_samples must be in [1, {self.max_rows}] (the batch's rows), got {num_samples}")
         tokens, max_tokens = engine.fit_prompt(tokens, max_tokens)
         request = _Request(tokens, num_samples, max_tokens, use_tools=use_tools, deliver=deliver,
-                           sample=engine._sampling(seed, temperature, top_k, top_p), logprobs=logprobs,
+                           sample=engine.sampling(seed, temperature, top_k, top_p), logprobs=logprobs,
                            stopped=stopped)
         with self._cond:
             if self._closed:
@@ -164,28 +181,29 @@ class BatchingEngine:
     # ---- the scheduler thread ----
 
     def _run(self) -> None:
-        state: dict = {}
+        decoder: _Decoder | None = None
         while True:
             with self._cond:
                 while not self._closed and not self._waiting and not self._slots:
                     self._cond.wait()
                 if self._closed:
-                    state.clear()
+                    decoder = None
                     failure = RuntimeError("the server is shutting down")
                     for request in [*{id(s.request): s.request for s in self._slots}.values(), *self._waiting]:
                         self._hand(request, failure)
                     return
                 admit = self._take_admissible()
             try:
-                with torch.inference_mode(), self.engine._autocast():
-                    self._iterate(admit, state)
+                with torch.inference_mode(), self.engine.autocast():
+                    decoder = decoder or _Decoder.build(self.engine, self.max_rows)
+                    self._iterate(admit, decoder)
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                 failed = {id(s.request): s.request for s in self._slots}
                 failed.update({id(r): r for r in admit})
                 for request in failed.values():
                     self._hand(request, e)
                 self._slots.clear()
-                state.clear()
+                decoder = None
 
     def _take_admissible(self) -> list[_Request]:
         """Waiting requests (oldest first) that fit the free rows; called under the lock."""
@@ -197,25 +215,16 @@ class BatchingEngine:
             free -= admit[-1].num_samples
         return admit
 
-    def _iterate(self, admit: list[_Request], state: dict) -> None:
-        engine = self.engine
-        if "cache" not in state:
-            cfg = engine.config
-            state["cache"] = KVCache(self.max_rows, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head,
-                                     engine.context_len, engine.device, engine.cache_dtype)
-            state["model"] = model = engine.inference_model()
-            state["decode"] = DecodeStep(model)
-            state["unembed"] = Unembedder(model.lm_head.weight, engine.compute_dtype)
-        model = state["model"]
-        cache: KVCache = state["cache"]
+    def _iterate(self, admit: list[_Request], decoder: _Decoder) -> None:
+        engine, cache = self.engine, decoder.cache
         for request in admit:
-            self._prefill(model, request, cache, state["unembed"])
+            self._prefill(decoder, request)
 
         # Sample every request's next token, from its rows' logits, as Engine.generate does.
         in_batch = list({id(s.request): s.request for s in self._slots}.values())
         requests = [r for r in in_batch if not r.cancelled]
         slot_of = {id(s.row): s for s in self._slots}
-        # ids of the _Row objects that are done: those of abandoned requests, and those that end below
+        # ids of the RowState objects that are done: those of abandoned requests, and those that end below
         finished_rows = {id(row) for r in in_batch if r.cancelled for row in r.rows}
         drawn = []
         if requests:
@@ -223,7 +232,7 @@ class BatchingEngine:
         start = 0
         for request in requests:
             sampled, start = drawn[start:start + len(request.rows)], start + len(request.rows)
-            column, masks, finished = engine._next_column(request.rows, sampled, request.num_samples,
+            column, masks, finished = engine.next_column(request.rows, sampled, request.num_samples,
                                                           request.use_tools, request.stopped)
             item = (column, masks)
             if request.logprobs is not None:
@@ -249,7 +258,7 @@ class BatchingEngine:
         # One decode step for every live row, each at its own position.
         ids = torch.tensor([[s.last_token] for s in self._slots], dtype=torch.long, device=engine.device)
         positions = torch.tensor([s.length for s in self._slots], dtype=torch.long, device=engine.device)
-        logits = state["unembed"](state["decode"](ids, cache, positions))  # (B, vocab)
+        logits = decoder.unembed(decoder.decode(ids, cache, positions))  # (B, vocab)
         for s in self._slots:
             s.length += 1
         # Each request's rows back to back, in its sampling order: one gather, then views.
@@ -273,15 +282,15 @@ class BatchingEngine:
             request.cancelled = True
         return not request.cancelled
 
-    def _prefill(self, model: torch.nn.Module, request: _Request, cache: KVCache, unembed: Unembedder) -> None:
-        engine = self.engine
+    def _prefill(self, decoder: _Decoder, request: _Request) -> None:
+        engine, cache = self.engine, decoder.cache
         solo = KVCache(1, cache.num_layers, cache.k.size(2), cache.k.size(4), engine.prefill_len(len(request.prompt)),
                        engine.device, engine.cache_dtype)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=engine.device)
-        logits = unembed(engine.prefill(model, prompt, solo))  # (1, vocab)
+        logits = decoder.unembed(engine.prefill(decoder.model, prompt, solo))  # (1, vocab)
         length = len(request.prompt)
         first = len(self._slots)
-        request.rows = [_Row(i) for i in range(request.num_samples)]
+        request.rows = [RowState(i) for i in range(request.num_samples)]
         for row in request.rows:
             self._slots.append(_Slot(request, row, length))
         rows = slice(first, first + request.num_samples)

@@ -49,7 +49,7 @@ REPEAT_WINDOW = 64  # generated tokens a repetition penalty looks back over
 
 
 @dataclass
-class _Row:
+class RowState:
     """Decode state of one sample."""
 
     index: int  # position in the yielded column
@@ -88,7 +88,7 @@ class Engine:
     def context_len(self) -> int:
         return self.config.sequence_len
 
-    def _autocast(self):
+    def autocast(self):
         if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
@@ -127,11 +127,11 @@ class Engine:
         those samples end at the next step and leave the batch.
         `repetition_penalty` (opt-in, e.g. 1.2): each sample's last REPEAT_WINDOW generated tokens
         are made less likely (sampling.penalize_repeats)."""
-        tokens = self._check_prompt(tokens)
+        tokens = self.check_prompt(tokens)
         if num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {num_samples}")
         tokens, max_tokens = self.fit_prompt(tokens, max_tokens)
-        sample = self._sampling(seed, temperature, top_k, top_p)
+        sample = self.sampling(seed, temperature, top_k, top_p)
 
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
@@ -150,11 +150,11 @@ class Engine:
             cache = cache.expand(num_samples)
             logits = logits.expand(num_samples, -1)
 
-        rows = [_Row(i) for i in range(num_samples)]
+        rows = [RowState(i) for i in range(num_samples)]
         for step in range(max_tokens):
             recent = _recent_ids(rows, self.device) if repetition_penalty else None  # (live rows, W)
             sampled = sample_next(logits, **sample, recent=recent, repetition_penalty=repetition_penalty).tolist()
-            column, masks, finished = self._next_column(rows, sampled, num_samples, use_tools, stopped)
+            column, masks, finished = self.next_column(rows, sampled, num_samples, use_tools, stopped)
             if repetition_penalty:
                 for row in rows:
                     if column[row.index] is not None:
@@ -176,7 +176,7 @@ class Engine:
                 decode = DecodeStep(model)
             logits = self._last_logits(model, ids, cache, unembed, decode)  # (B, vocab)
 
-    def _sampling(self, seed: int | None, temperature: float, top_k: int | None, top_p: float | None) -> dict:
+    def sampling(self, seed: int | None, temperature: float, top_k: int | None, top_p: float | None) -> dict:
         """sample_next's keyword arguments for one request, with its own generator (seeded with
         `seed`, or from the OS when None)."""
         generator = torch.Generator(device=self.device)
@@ -184,7 +184,7 @@ class Engine:
         return {"generator": generator, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                 "softcap": self.softcap}
 
-    def _next_column(self, rows: list[_Row], sampled: list[int], num_samples: int,
+    def next_column(self, rows: list[RowState], sampled: list[int], num_samples: int,
                      use_tools: bool, stopped: set[int] | None = None) -> tuple[list[int | None], list[int], list[int]]:
         """One step of a request: a token per live row (the one sampled for it, or forced tool
         output), as (column, masks, indices into `rows` of the rows that just finished). A row
@@ -223,7 +223,7 @@ class Engine:
         if padded > length:
             prompt = torch.cat([prompt, prompt.new_zeros(1, padded - length)], dim=1)
         start = cache.pos
-        with self._autocast():
+        with self.autocast():
             hidden = model.hidden_states(prompt, kv_cache=cache)[:, length - 1, :]
         cache.pos = start + length
         return hidden
@@ -236,7 +236,7 @@ class Engine:
         and leaves the (monotonic) softcap to the sampler; one-token steps go through the
         leaner DecodeStep where it is faster. Any other model goes through forward.
         """
-        with self._autocast():
+        with self.autocast():
             if unembed is None:
                 return model(ids, kv_cache=cache)[:, -1, :]
             if decode is not None and ids.size(1) == 1:
@@ -255,7 +255,7 @@ class Engine:
                 masks[i].append(column_masks[i])
         return results, masks
 
-    def _track_tool(self, row: _Row, token: int) -> None:
+    def _track_tool(self, row: RowState, token: int) -> None:
         """The calculator state machine: collect the expression, force its result after <|python_end|>."""
         if token == self.python_start:
             row.in_python, row.python_tokens = True, []
@@ -271,18 +271,18 @@ class Engine:
     def score(self, tokens: list[int], top: int = 0) -> list[tuple[float, list[tuple[int, float]]] | None]:
         """Log-prob of every prompt token given the ones before it (None for the first), with the
         `top` most likely alternatives at each position: one forward pass over the whole prompt."""
-        tokens = self._check_prompt(tokens)
+        tokens = self.check_prompt(tokens)
         if len(tokens) > self.context_len:
             raise UserError(f"the prompt has {len(tokens)} tokens; the context holds {self.context_len}")
         if len(tokens) == 1:
             return [None]
         padded = tokens + [0] * (self.prefill_len(len(tokens)) - len(tokens))  # causal: the padding changes nothing
         ids = torch.tensor([padded], dtype=torch.long, device=self.device)
-        with self._autocast():
+        with self.autocast():
             logits = self.inference_model()(ids)[0, :len(tokens) - 1]  # (T-1, vocab), softcapped by forward
         return [None, *logprob_entries(token_logprobs(logits), tokens[1:], top)]
 
-    def _check_prompt(self, tokens) -> list[int]:
+    def check_prompt(self, tokens) -> list[int]:
         if not isinstance(tokens, (list, tuple)) or not tokens:
             raise UserError("the prompt must be a non-empty list of token ids")
         vocab = self.config.vocab_size
@@ -292,7 +292,7 @@ class Engine:
         return list(tokens)
 
 
-def logprob_column(rows: list[_Row], column: list[int | None], logits: torch.Tensor, softcap: float | None,
+def logprob_column(rows: list[RowState], column: list[int | None], logits: torch.Tensor, softcap: float | None,
                    top: int, num_samples: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
     """The log-prob entries of one step's column: `logits` has one row per entry of `rows`
     (the live rows, as sampled), a row that got no token (stopped) gets None."""
@@ -306,7 +306,7 @@ def logprob_column(rows: list[_Row], column: list[int | None], logits: torch.Ten
     return entries
 
 
-def _recent_ids(rows: list[_Row], device: torch.device) -> torch.Tensor:
+def _recent_ids(rows: list[RowState], device: torch.device) -> torch.Tensor:
     """(rows, REPEAT_WINDOW) int64 of each row's recent tokens, -1 where it has fewer."""
     out = torch.full((len(rows), REPEAT_WINDOW), -1, dtype=torch.long)
     for r, row in enumerate(rows):
