@@ -8,7 +8,7 @@ vocab 65,536) with its MFU against the device's dense bf16 peak, and its peak me
 (torch.cuda.max_memory_allocated) against `picochat plan`'s estimate for the same shape;
 then greedy decoding of one sequence with a KV cache against the HBM roofline (every token
 reads every bf16 weight but the embedding once), and the time to save and load a full
-training checkpoint (weights, tokenizer, optimiser state) through picochat.train.checkpoint.
+training checkpoint (weights, tokenizer, optimiser state) through picochat.checkpoint.
 
 The device batch is the largest of 1, 2, 4, ..., 32 that the plan says fits this device
 (one process, so the optimiser state is not sharded), unless --batch is given.
@@ -133,9 +133,9 @@ def decode_row(model, device: torch.device, prompt: int = 128, new: int = 128) -
 
 
 def checkpoint_row(model, optimizers, directory: Path, device: torch.device) -> dict:
-    """Seconds to save and to load one full training checkpoint through picochat.train.checkpoint."""
+    """Seconds to save and to load one full training checkpoint through picochat.checkpoint."""
     from picochat.tokenizer import Tokenizer
-    from picochat.train import checkpoint as ckpt
+    from picochat import checkpoint as ckpt
 
     tokenizer = Tokenizer.train(["a small text to give the checkpoint a tokenizer"] * 50, vocab_size=300)
     state = {"optimizers": [o.state_dict() for o in optimizers]}

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.data.shards import default_data_dir, list_shards
     from picochat.eval.samples import sample_prompts
     from picochat.runtime import home, init_distributed, log0, pick_dtype, shutdown_distributed
-    from picochat.train.checkpoint import find_checkpoint, load_checkpoint_dir
+    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 
     world = init_distributed(args.device)
     try:

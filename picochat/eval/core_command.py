@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.eval.core import evaluate_core, format_table
     from picochat.eval.core_data import eval_dir, load_bundle
     from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
-    from picochat.train.checkpoint import find_checkpoint, load_checkpoint_dir
+    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 
     resolve(args, DEFAULTS)
     only = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.export.hf import export_hf
     from picochat.infer.loading import resolve_checkpoint
     from picochat.runtime import home
-    from picochat.train.checkpoint import load_checkpoint_dir
+    from picochat.checkpoint import load_checkpoint_dir
 
     path = resolve_checkpoint(args.stage, args.tag, args.step)
     model, tokenizer, meta = load_checkpoint_dir(path, "cpu")

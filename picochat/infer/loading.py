@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from picochat.errors import DataError
-from picochat.train.checkpoint import (
+from picochat.checkpoint import (
     STAGES,
     checkpoints_root,
     find_checkpoint,

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed,
     )
     from picochat.tokenizer import Tokenizer
-    from picochat.train import checkpoint as ckpt
+    from picochat import checkpoint as ckpt
     from picochat.train.loop import LoopConfig, Trainer, newest_step, verify_shared_home, wandb_logger
     from picochat.train.schedules import muon_momentum, warmup_constant_warmdown
 

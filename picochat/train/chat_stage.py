@@ -75,7 +75,7 @@ def find_parent(args, world):
 
     import torch.distributed as dist
 
-    from picochat.train.checkpoint import find_checkpoint
+    from picochat.checkpoint import find_checkpoint
 
     found = [None]
     if world.is_main:
@@ -99,7 +99,7 @@ def load_parent(args, world, check_memory=None):
 
     from picochat.model.gpt import GPTConfig
     from picochat.runtime import log0
-    from picochat.train.checkpoint import load_checkpoint_dir
+    from picochat.checkpoint import load_checkpoint_dir
 
     path = find_parent(args, world)
     if check_memory is not None and (path / "config.json").exists():
@@ -145,7 +145,7 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
 
     from picochat.optim import build_optimizers
     from picochat.runtime import log0
-    from picochat.train import checkpoint as ckpt
+    from picochat import checkpoint as ckpt
     from picochat.train.loop import LoopConfig, Trainer, newest_step, wandb_logger
     from picochat.train.schedules import muon_momentum
 

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from picochat.errors import ConfigError, UserError
 from picochat.optim.sharded import shard_optimizers
 from picochat.runtime import Dist, home, log0
-from picochat.train import checkpoint as ckpt
+from picochat import checkpoint as ckpt
 from picochat.train.mfu import mfu_percent, peak_flops, peak_memory_bytes
 
 # The horizon the schedule sees while a time-budgeted run measures its throughput: far

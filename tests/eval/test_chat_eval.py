@@ -259,7 +259,7 @@ def test_chat_eval_command_end_to_end(offline, monkeypatch, capsys):
     """A real 2-step base-train checkpoint, saved as sft, scored on all six tasks (2 problems each)."""
     from picochat.cli import main
     from picochat.tokenizer import Tokenizer
-    from picochat.train import checkpoint as ckpt
+    from picochat import checkpoint as ckpt
     from tests.train.conftest import build_corpus, make_documents
 
     build_corpus(offline)

@@ -16,7 +16,7 @@ from picochat.errors import UserError
 from picochat.export.hf import check_exportable, export_hf
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.tokenizer import Tokenizer
-from picochat.train.checkpoint import run_dir, save_model_only
+from picochat.checkpoint import run_dir, save_model_only
 from tests.tokenizer.conftest import generated_documents
 
 transformers = pytest.importorskip("transformers")

@@ -34,7 +34,7 @@ def tiny_model(vocab_size: int, seed: int = 0, sequence_len: int = 64) -> torch.
 
 def save_tiny_checkpoint(stage: str = "sft", tag: str = "tiny", sequence_len: int = 64) -> Path:
     """Write a tiny servable checkpoint under $PICOCHAT_HOME/checkpoints/<stage>/<tag>/step_1."""
-    from picochat.train.checkpoint import run_dir, save_model_only
+    from picochat.checkpoint import run_dir, save_model_only
 
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size, sequence_len=sequence_len)

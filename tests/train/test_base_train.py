@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from picochat.cli import main
-from picochat.train import checkpoint as ckpt
+from picochat import checkpoint as ckpt
 
 TINY = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1"]
 

@@ -14,7 +14,7 @@ from picochat.data import PackedConversations, sft_collate
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.tasks import TaskSequence, identity, load_task
 from picochat.tokenizer import Tokenizer
-from picochat.train import checkpoint as ckpt
+from picochat import checkpoint as ckpt
 from tests.train.conftest import make_documents
 
 

@@ -13,7 +13,7 @@ import torch
 
 from picochat.cli import main
 from picochat.errors import DataError
-from picochat.train import checkpoint as ckpt
+from picochat import checkpoint as ckpt
 from tests.infer.tiny import tiny_model, tiny_tokenizer
 
 TINY = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from picochat.train import checkpoint as ckpt
+from picochat import checkpoint as ckpt
 from tests.train.test_distributed import free_port
 
 ARGS = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1",

@@ -15,7 +15,7 @@ from picochat.cli import main
 from picochat.infer import Engine
 from picochat.tasks.arithmetic import ArithmeticProblems
 from picochat.tasks.base import response_text
-from picochat.train import checkpoint as ckpt
+from picochat import checkpoint as ckpt
 from picochat.train import rl
 from picochat.train.rl import (
     ProblemOrder,
