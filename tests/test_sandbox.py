@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from picochat.eval.sandbox import execute
+from picochat.sandbox import execute
 
 HUMANEVAL_LIKE = '''
 def add(a, b):

@@ -1,4 +1,4 @@
-"""The two processes behind picochat/eval/sandbox.py; run as a script, never imported by picochat.
+"""The two processes behind picochat/sandbox.py; run as a script, never imported by picochat.
 
 `python -I -B sandbox_child.py judge` is the supervisor. It reads a job (JSON) on stdin, starts
 the untrusted program as `sandbox_child.py solution ...`, enforces the limits, kills everything

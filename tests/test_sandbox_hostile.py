@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from picochat.eval.sandbox import check_function, execute
+from picochat.sandbox import check_function, execute
 
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop to nobody needs root")
 
@@ -280,7 +280,7 @@ def test_the_supervisor_has_a_scrubbed_environment_too():
             "import os\nprint(os.environ.get('HOME'))\n")
     env = dict(os.environ, PICOCHAT_TEST_SECRET=SECRET)  # the harness's own initial environment
     probe = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
-             f"from picochat.eval.sandbox import execute\nr = execute({code!r})\nprint(r.stdout, r.stderr)\n")
+             f"from picochat.sandbox import execute\nr = execute({code!r})\nprint(r.stdout, r.stderr)\n")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60,
                          check=False)
     assert SECRET not in out.stdout and "Traceback" not in out.stdout, out.stdout + out.stderr
