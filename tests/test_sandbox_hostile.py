@@ -419,7 +419,7 @@ def test_a_harness_without_root_still_owns_the_verdict(namespaces: bool):
     python, setpriv = Path("/usr/bin/python3"), Path("/usr/bin/setpriv")
     if not (python.exists() and setpriv.exists()):
         pytest.skip("needs /usr/bin/python3 and setpriv to run a harness as nobody")
-    eval_dir = str(Path(__file__).parents[2] / "picochat" / "eval")
+    eval_dir = str(Path(__file__).parents[1] / "picochat")  # sandbox.py needs only the standard library
     probe = UNPRIVILEGED_PROBE.format(eval_dir=eval_dir, ns=namespaces, sleeper=SLEEPERS["setsid sleeper (the issue's)"],
                                       exploit=FAKE_VERDICTS["fake verdict into every process's pipes"] + WRONG)
     out = subprocess.run([str(setpriv), "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c", probe],
