@@ -147,6 +147,10 @@ class ShardedAdamW:
     @torch.no_grad()
     def step(self) -> None:
         _check_grad_reduced(self.gradients)
+        for p, own in zip(self.params, self.slices):
+            if own.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+                raise RuntimeError("a parameter's storage was replaced after the optimisers were built (e.g. by "
+                                   "model.to()); ShardedAdamW's slices no longer point into it")
         self.inner.step()
         for s in self.slices:
             s.grad = None

@@ -276,3 +276,14 @@ def test_a_checkpoint_of_another_model_is_refused() -> None:
     with pytest.raises(DataError, match="another model"):
         sharded[0].load_state_dict(wrong)
     gradients.remove_hooks()
+
+
+def test_a_parameter_moved_after_sharding_is_refused() -> None:
+    model = build_model(CONFIG, "cpu")
+    optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    gradients, sharded = shard_optimizers(model, optimizers, 0, 2)
+    model.to(torch.float64)  # new storage: the AdamW slices would update tensors no one reads
+    gradients.reduced = True
+    with pytest.raises(RuntimeError, match="storage was replaced"):
+        sharded[0].step()
+    gradients.remove_hooks()
