@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from picochat.train.mfu import use_expandable_segments
+from picochat.mfu import use_expandable_segments
 
 VOCAB, SEQ_LEN = 65536, 2048
 
@@ -47,7 +47,7 @@ def train_row(depth: int, batch: int | None, warmup: int, steps: int, device: to
     from picochat.model.gpt import GPTConfig, build_model
     from picochat.optim import build_optimizers
     from picochat.plan import Shape, memory_terms
-    from picochat.train.mfu import mfu_percent, peak_flops
+    from picochat.mfu import mfu_percent, peak_flops
 
     config = GPTConfig.from_depth(depth, VOCAB, max_seq_len=SEQ_LEN)
     capacity = torch.cuda.get_device_properties(device).total_memory

@@ -19,7 +19,7 @@ With --rounds N every row runs N times, the rows taking turns, and reports its b
 MFU = tok/s * FLOPs per token (each system's own count: 6 per matmul weight + attention)
 over the measured peak of a 1024^3 matmul in fp32 and in bf16 on the same threads. With
 --device cuda the rows run on the GPU and MFU is against its datasheet dense bf16 peak
-(picochat.train.mfu's table; no fp32 peak).
+(picochat.mfu's table; no fp32 peak).
 The loader row is picochat's PackedLoader alone (tokenizing the built-in corpus shards
 on its background thread) pulling (B, T) batches with no model.
 
@@ -156,7 +156,7 @@ def reference_row(spec: dict) -> dict:
 def peak_row(spec: dict) -> dict:
     import torch
 
-    from picochat.train.mfu import gpu_peak_bf16, measure_cpu_peak
+    from picochat.mfu import gpu_peak_bf16, measure_cpu_peak
 
     if spec["device"].startswith("cuda"):  # the datasheet's dense bf16 peak; fp32/TF32 is left out
         peak = gpu_peak_bf16(torch.cuda.get_device_name(spec["device"]))

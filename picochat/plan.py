@@ -257,7 +257,7 @@ def _target(args) -> Device:
         return DEVICES[args.gpu]
     import torch
 
-    from picochat.train.mfu import peak_flops
+    from picochat.mfu import peak_flops
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     dtype = torch.float32 if args.fp32 else torch.bfloat16

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from picochat.train.mfu import gpu_peak_bf16, mfu_percent, peak_flops, use_expandable_segments
+from picochat.mfu import gpu_peak_bf16, mfu_percent, peak_flops, use_expandable_segments
 
 
 @pytest.mark.parametrize(("name", "peak"), [

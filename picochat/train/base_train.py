@@ -139,7 +139,7 @@ def check_memory(args, config, world, compiled: bool, dtype) -> None:
 def run(args: argparse.Namespace) -> int:
     args._batch_from_flag = args.device_batch_size is not None
     resolve(args, DEFAULTS)
-    from picochat.train.mfu import use_expandable_segments
+    from picochat.mfu import use_expandable_segments
 
     use_expandable_segments()  # before CUDA is initialised
     from picochat.data.loader import PackedLoader

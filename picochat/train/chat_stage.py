@@ -61,7 +61,7 @@ def start_world(args):
     """Join the world with expandable CUDA segments, and check that every rank sees the same home."""
     from picochat.runtime import init_distributed
     from picochat.train.loop import verify_shared_home
-    from picochat.train.mfu import use_expandable_segments
+    from picochat.mfu import use_expandable_segments
 
     use_expandable_segments()  # before CUDA is initialised
     world = init_distributed(args.device)

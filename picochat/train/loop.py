@@ -13,7 +13,7 @@ step == num_iterations.
 
 Numbers in the step line: tok/s counts the tokens of every rank (for padded SFT rows the
 real, non-pad tokens); MFU is those tokens' FLOP/s over world size * one device's peak;
-mem is this process's peak memory (see `picochat.train.mfu.peak_memory_bytes`).
+mem is this process's peak memory (see `picochat.mfu.peak_memory_bytes`).
 
 Agreement across ranks: once per step, after the backward and before the optimiser step,
 one all-reduce carries the Ctrl-C flag, the "a wall-clock save is due" flag and the
@@ -48,7 +48,7 @@ from picochat.errors import ConfigError, UserError
 from picochat.optim.sharded import shard_optimizers
 from picochat.runtime import Dist, home, log0
 from picochat import checkpoint as ckpt
-from picochat.train.mfu import mfu_percent, peak_flops, peak_memory_bytes
+from picochat.mfu import mfu_percent, peak_flops, peak_memory_bytes
 
 # The horizon the schedule sees while a time-budgeted run measures its throughput: far
 # enough that no schedule has started its decay.
