@@ -21,9 +21,15 @@ C = width, L = depth, N = tokens of one micro-batch on one device):
   compiled a = 30 (what the fused graph must keep: matmul inputs, attention q/k/v/out and the
   MLP hidden; an estimate, not measured here). 12 C + 16: the token ids, the embedding and
   final norms' inputs and the loss's gradient with respect to the hidden states.
-- logits / loss buffers: eager runs lm_head + softcap + cross-entropy in chunks (two fp32 and
-  one bf16 buffer of 64M elements on a GPU, 32M on a CPU), a bf16 copy of lm_head and its
-  fp32 gradient; compiled materialises bf16 logits and their gradient, 4 N V.
+- logits / loss buffers: eager runs lm_head + softcap + cross-entropy in chunks of 64M
+  elements on a GPU (two fp32 buffers and one bf16) and 32M on a CPU (one buffer in the compute
+  dtype: the fused C kernel), a bf16 copy of lm_head and its fp32 gradient, or, if larger, the
+  loss's gradients at the start of the backward (lm_head's twice, the hidden states'); compiled
+  materialises bf16 logits and their gradient, 4 N V.
+- optimiser step temporaries: the peak may instead come at the optimiser step, when every
+  gradient exists and Muon's Nesterov update copies the gradients of the matrices this rank
+  updates (4 bytes each) while Newton-Schulz works on one matrix (4 x the largest, allowed).
+  The larger of the two moments is reported, with the terms alive at that moment.
 - communication buffers: with more than one rank, two 32 MiB buckets in flight plus this
   rank's reduced gradient shard, 4 P / world.
 - headroom: what is left for the CUDA context, NCCL and fragmentation: max(2 GiB, 5%) of a
@@ -82,6 +88,7 @@ class Shape:
     bf16: bool = True
     on_gpu: bool = True
     total_batch_tokens: int = 0  # tokens per optimiser step, all ranks; 0: unknown (assume accumulation)
+    mlp_ratio: int = 4
 
     @property
     def accumulates(self) -> bool:
@@ -91,13 +98,14 @@ class Shape:
 
     @classmethod
     def from_config(cls, config, device_batch_size: int, seq_len: int | None = None, **kw) -> Shape:
+        kw.setdefault("mlp_ratio", config.mlp_ratio)
         return cls(config.n_layer, config.n_embd, config.n_head, config.n_kv_head, config.vocab_size,
                    seq_len or config.sequence_len, device_batch_size, **kw)
 
     @property
     def matrix_params(self) -> int:
         C, kv = self.n_embd, self.n_kv_head * (self.n_embd // self.n_head)
-        return self.n_layer * (2 * C * C + 2 * C * kv + 8 * C * C)
+        return self.n_layer * (2 * C * C + 2 * C * kv + 2 * self.mlp_ratio * C * C)
 
     @property
     def params(self) -> int:
@@ -110,7 +118,11 @@ class Shape:
 
 
 def memory_terms(s: Shape) -> dict[str, int]:
-    """Peak training memory of one device by term, in bytes (headroom not included)."""
+    """Training memory of one device by term at its peak, in bytes (headroom not included).
+
+    Two moments compete: the end of the forward (activations and loss buffers alive) and the
+    optimiser step (every gradient alive, plus the update's temporaries); the larger one is returned.
+    """
     P, V, C, L = s.params, s.vocab_size, s.n_embd, s.n_layer
     N = s.device_batch_size * s.seq_len
     embed = V * C
@@ -121,17 +133,37 @@ def memory_terms(s: Shape) -> dict[str, int]:
     if s.compiled:
         logits = 4 * N * V
     else:
-        chunk = min(N, (64 << 20 if s.on_gpu else 32 << 20) // V)
-        logits = chunk * V * (4 + 4 + (2 if s.bf16 else 0)) + 4 * V * C + (2 if s.bf16 else 4) * V * C
-    return {
+        low = 2 if s.bf16 else 4  # bytes of the compute dtype
+        if s.on_gpu:
+            buffers = min(N, (64 << 20) // V) * V * (8 + (2 if s.bf16 else 0))
+        else:
+            buffers = min(N, (32 << 20) // V) * V * low
+        # At the start of the backward the chunk buffers are gone, but the saved lm_head gradient is
+        # scaled into a new tensor, lm_head's .grad is created and the hidden states' gradient copied.
+        backward = 8 * V * C + (0 if s.accumulates else 4 * V * C) + 4 * N * C
+        logits = max(buffers + 4 * V * C + low * V * C, backward)
+    fixed = {
         "parameters": 4 * P,
-        "bf16 weight copies": (2 * (s.matrix_params + (embed if s.compiled else 0))) if s.bf16 else 0,
-        "gradients": 4 * P if s.accumulates else 0,
         "optimiser state": optimiser // s.world_size if sharded else optimiser,
-        "activations": activations,
-        "logits / loss buffers": logits,
         "communication buffers": (2 * BUCKET_BYTES + 4 * P // s.world_size) if sharded else 0,
     }
+    forward_end = {
+        **fixed,
+        "bf16 weight copies": (2 * (s.matrix_params + (embed if s.compiled else 0))) if s.bf16 else 0,
+        "gradients": 4 * P if s.accumulates else 0,
+        "activations": activations,
+        "logits / loss buffers": logits,
+        "optimiser step temporaries": 0,
+    }
+    # The optimiser step: every gradient exists, Muon's Nesterov update copies the matrices' gradients
+    # (the matrices this rank updates) and Newton-Schulz works on one matrix at a time.
+    largest = 4 * s.n_embd * s.n_embd * s.mlp_ratio
+    step = {**fixed, "bf16 weight copies": 0, "gradients": 4 * P, "activations": 0, "logits / loss buffers": 0,
+            "optimiser step temporaries": 4 * s.matrix_params // s.world_size + 4 * largest}
+    peak = max((forward_end, step), key=lambda terms: sum(terms.values()))
+    order = ["parameters", "bf16 weight copies", "gradients", "optimiser state", "activations",
+             "logits / loss buffers", "optimiser step temporaries", "communication buffers"]
+    return {k: peak[k] for k in order}
 
 
 def headroom(capacity: int, on_gpu: bool) -> int:

