@@ -349,9 +349,9 @@ def render(plan: dict, name: str) -> str:
                                     if world > 1 else ":")]
     for term, b in plan["memory_bytes"].items():
         note = " (one micro-batch per step: made during the backward)" if term == "gradients" and not b else ""
-        lines.append(f"  {term:<24}{b / GiB:8.2f} GiB{note}")
-    lines += [f"  {'total':<24}{plan['total_bytes'] / GiB:8.2f} GiB",
-              f"  {'headroom':<24}{plan['headroom_bytes'] / GiB:8.2f} GiB "
+        lines.append(f"  {term:<28}{b / GiB:8.2f} GiB{note}")
+    lines += [f"  {'total':<28}{plan['total_bytes'] / GiB:8.2f} GiB",
+              f"  {'headroom':<28}{plan['headroom_bytes'] / GiB:8.2f} GiB "
               + ("(CUDA context, NCCL, fragmentation)" if t["device"] != "cpu" else "(Python and torch themselves)"),
               f"fits: {'yes' if plan['fits'] else 'NO'} ({(plan['total_bytes'] + plan['headroom_bytes']) / GiB:.1f} "
               f"of {t['memory_bytes'] / GiB:.1f} GiB)"
