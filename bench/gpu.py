@@ -44,10 +44,10 @@ def pick_batch(config, capacity: int, cap: int) -> int:
 
 def train_row(depth: int, batch: int | None, warmup: int, steps: int, device: torch.device) -> tuple[dict, object]:
     """Compiled bf16 training steps at one depth: tok/s, MFU, peak memory against the plan."""
+    from picochat.mfu import mfu_percent, peak_flops
     from picochat.model.gpt import GPTConfig, build_model
     from picochat.optim import build_optimizers
     from picochat.plan import Shape, memory_terms
-    from picochat.mfu import mfu_percent, peak_flops
 
     config = GPTConfig.from_depth(depth, VOCAB, max_seq_len=SEQ_LEN)
     capacity = torch.cuda.get_device_properties(device).total_memory
@@ -134,8 +134,8 @@ def decode_row(model, device: torch.device, prompt: int = 128, new: int = 128) -
 
 def checkpoint_row(model, optimizers, directory: Path, device: torch.device) -> dict:
     """Seconds to save and to load one full training checkpoint through picochat.checkpoint."""
-    from picochat.tokenizer import Tokenizer
     from picochat import checkpoint as ckpt
+    from picochat.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train(["a small text to give the checkpoint a tokenizer"] * 50, vocab_size=300)
     state = {"optimizers": [o.state_dict() for o in optimizers]}

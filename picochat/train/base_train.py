@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.mfu import use_expandable_segments
 
     use_expandable_segments()  # before CUDA is initialised
+    from picochat import checkpoint as ckpt
     from picochat.data.loader import PackedLoader
     from picochat.data.shards import default_data_dir, list_shards
     from picochat.eval.bpb import evaluate_bpb
@@ -157,7 +158,6 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed,
     )
     from picochat.tokenizer import Tokenizer
-    from picochat import checkpoint as ckpt
     from picochat.train.loop import LoopConfig, Trainer, newest_step, verify_shared_home, wandb_logger
     from picochat.train.schedules import muon_momentum, warmup_constant_warmdown
 

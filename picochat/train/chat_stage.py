@@ -59,9 +59,9 @@ def add_chat_stage_arguments(p: argparse.ArgumentParser, parent_default: str) ->
 
 def start_world(args):
     """Join the world with expandable CUDA segments, and check that every rank sees the same home."""
+    from picochat.mfu import use_expandable_segments
     from picochat.runtime import init_distributed
     from picochat.train.loop import verify_shared_home
-    from picochat.mfu import use_expandable_segments
 
     use_expandable_segments()  # before CUDA is initialised
     world = init_distributed(args.device)
@@ -97,9 +97,9 @@ def load_parent(args, world, check_memory=None):
     """
     import json as _json
 
+    from picochat.checkpoint import load_checkpoint_dir
     from picochat.model.gpt import GPTConfig
     from picochat.runtime import log0
-    from picochat.checkpoint import load_checkpoint_dir
 
     path = find_parent(args, world)
     if check_memory is not None and (path / "config.json").exists():
@@ -143,9 +143,9 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
     """Build optimisers and the Trainer, resume if asked, run, and return the final metrics."""
     import torch
 
+    from picochat import checkpoint as ckpt
     from picochat.optim import build_optimizers
     from picochat.runtime import log0
-    from picochat import checkpoint as ckpt
     from picochat.train.loop import LoopConfig, Trainer, newest_step, wandb_logger
     from picochat.train.schedules import muon_momentum
 

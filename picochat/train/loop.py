@@ -44,11 +44,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from picochat import checkpoint as ckpt
 from picochat.errors import ConfigError, UserError
+from picochat.mfu import mfu_percent, peak_flops, peak_memory_bytes
 from picochat.optim.sharded import shard_optimizers
 from picochat.runtime import Dist, home, log0
-from picochat import checkpoint as ckpt
-from picochat.mfu import mfu_percent, peak_flops, peak_memory_bytes
 
 # The horizon the schedule sees while a time-budgeted run measures its throughput: far
 # enough that no schedule has started its decay.

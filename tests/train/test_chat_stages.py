@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from picochat import checkpoint as ckpt
 from picochat.cli import main
 from picochat.data import PackedConversations, sft_collate
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.tasks import TaskSequence, identity, load_task
 from picochat.tokenizer import Tokenizer
-from picochat import checkpoint as ckpt
 from tests.train.conftest import make_documents
 
 
