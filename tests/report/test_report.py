@@ -150,7 +150,13 @@ def test_report_with_all_stages_and_evals(home):
         png_size(home / "reports" / "d2" / f"{plot}.png")
     assert not (home / "reports" / "d2" / "sft_training.png").exists()  # no SFT log: no curve
     # Wall time: base steps + mid 4 x 0.5 s + RL 3 x 2 s + base-eval 12 s + chat evals 30 + 30 + 5 s.
-    base_seconds = sum(r["dt"] for r in latest_segment(read_jsonl(home / "logs" / "base-d2.jsonl"))[0])
+    # The base run's own total when its checkpoint records one (the loop's wall time: evals and saves
+    # included), else the sum of its step times.
+    steps = (home / "checkpoints" / "base" / "d2").glob("step_*/meta.json")
+    base_meta = json.loads(max(steps, key=lambda m: int(m.parent.name.removeprefix("step_"))).read_text())
+    base_seconds = base_meta.get("metrics", {}).get("wall_time_s")
+    if base_seconds is None:
+        base_seconds = sum(r["dt"] for r in latest_segment(read_jsonl(home / "logs" / "base-d2.jsonl"))[0])
     expected = fmt_duration(base_seconds + 2.0 + 6.0 + 12.0 + 30.0 + 30.0 + 5.0)
     assert f"Total wall time: **{expected}** (sum of the recorded training and eval times)" in text
 
