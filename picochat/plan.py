@@ -26,9 +26,10 @@ C = width, L = depth, N = tokens of one micro-batch on one device):
   dtype: the fused C kernel), a bf16 copy of lm_head and its fp32 gradient, or, if larger, the
   loss's gradients at the start of the backward (lm_head's twice, the hidden states'); compiled
   materialises bf16 logits and their gradient, 4 N V.
-- optimiser step temporaries: the peak may instead come at the optimiser step, when every
-  gradient exists and Muon's Nesterov update copies the gradients of the matrices this rank
-  updates (4 bytes each) while Newton-Schulz works on one matrix (4 x the largest, allowed).
+- optimiser step temporaries: the peak may instead come at the optimiser step, when the
+  gradients this rank owns exist (all of them in a world of 1) and Muon's Nesterov update copies
+  the gradients of the matrices this rank updates (4 bytes each) while Newton-Schulz works on one
+  matrix (4 x the largest, allowed).
   The larger of the two moments is reported, with the terms alive at that moment.
 - communication buffers: with more than one rank, two 32 MiB buckets in flight plus this
   rank's reduced gradient shard, 4 P / world.
@@ -158,7 +159,9 @@ def memory_terms(s: Shape) -> dict[str, int]:
     # The optimiser step: every gradient exists, Muon's Nesterov update copies the matrices' gradients
     # (the matrices this rank updates) and Newton-Schulz works on one matrix at a time.
     largest = 4 * s.n_embd * s.n_embd * s.mlp_ratio
-    step = {**fixed, "bf16 weight copies": 0, "gradients": 4 * P, "activations": 0, "logits / loss buffers": 0,
+    # Sharded, a rank keeps only the gradients of what it owns once they are reduced.
+    step = {**fixed, "bf16 weight copies": 0, "gradients": 4 * P // s.world_size, "activations": 0,
+            "logits / loss buffers": 0,
             "optimiser step temporaries": 4 * s.matrix_params // s.world_size + 4 * largest}
     peak = max((forward_end, step), key=lambda terms: sum(terms.values()))
     order = ["parameters", "bf16 weight copies", "gradients", "optimiser state", "activations",
