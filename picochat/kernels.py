@@ -14,6 +14,7 @@ have them, not -march=native, so one shared home may serve several CPU models.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -81,3 +82,18 @@ def build(source: Path, fallback: str) -> Path | None:
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def load(source: Path, fallback: str) -> ctypes.CDLL | None:
+    """The loaded library of `source` (built if needed), or None with the reason warned; None at
+    once when PICOCHAT_CPU_KERNEL=0. The caller declares its functions' signatures."""
+    if not enabled():
+        return None
+    path = build(source, fallback)
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        warn(f"could not load {path} ({e}): {fallback}")
+        return None

@@ -46,15 +46,8 @@ def _build() -> Path | None:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if not kernels.enabled():
-        return None
-    path = _build()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        warn(f"could not load {path} ({e}): {FALLBACK}")
+    lib = kernels.load(SOURCE, FALLBACK)
+    if lib is None:
         return None
     lib.picochat_small_matmul.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                           ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
@@ -63,7 +56,7 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_small_matmul_bf16.restype = None
     lib.picochat_panel_width.restype = ctypes.c_int
     if not _agrees_with_torch(lib):
-        warn(f"{path} disagrees with torch on a test product: {FALLBACK}")
+        warn(f"{SOURCE.name} disagrees with torch on a test product: {FALLBACK}")
         return None
     return lib
 

@@ -29,22 +29,15 @@ FALLBACK = "the training loss keeps torch's elementwise ops"
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if not kernels.enabled():
-        return None
-    path = kernels.build(SOURCE, FALLBACK)
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        warn(f"could not load {path} ({e}): {FALLBACK}")
+    lib = kernels.load(SOURCE, FALLBACK)
+    if lib is None:
         return None
     lib.picochat_softcap_ce.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                         ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_int]
     lib.picochat_softcap_ce.restype = None
     if not _agrees_with_torch(lib):
-        warn(f"{path} disagrees with torch on a test problem: {FALLBACK}")
+        warn(f"{SOURCE.name} disagrees with torch on a test problem: {FALLBACK}")
         return None
     return lib
 
