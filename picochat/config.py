@@ -68,7 +68,7 @@ PRESETS["cpu"]["rl"] = {"num_steps": 16, "examples_per_step": 4, "num_samples": 
                         "eval_samples": 2, "save_every": 8}
 
 # GPU presets share the seeds' chat-stage settings: mid packs 2^19-token steps; SFT takes
-# 4 conversations per device and 32 per step (SPEC §6). Every training stage saves after each
+# 4 conversations per device and 32 per step. Every training stage saves after each
 # 30 minutes of wall time (agreed across ranks) and keeps the newest 2, so a crash of a
 # multi-hour run loses at most half an hour.
 for _name in ("d20", "d26", "d32"):

@@ -1,4 +1,4 @@
-"""Conversations -> training batches, two ways (SPEC §5, §6).
+"""Conversations -> training batches, two ways.
 
 - `PackedConversations` (mid-training): rendered conversations are concatenated into
   one token stream (each starts with its own `<|bos|>`, so they stay separated) and

@@ -1,4 +1,4 @@
-"""Bits per byte: a tokenizer-independent loss (SPEC §4).
+"""Bits per byte: a tokenizer-independent loss.
 
 bpb = sum of per-token cross-entropy (nats) over target tokens with byte length > 0
       / (ln 2 * total UTF-8 bytes of those targets)

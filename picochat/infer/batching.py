@@ -10,7 +10,7 @@ scheduler thread owns the model and a KV cache of `max_rows` rows. Each iteratio
 1. admits waiting requests while rows are free (a request of n samples needs n rows): the prompt
    is prefilled at batch 1, and its keys and values are copied into the request's rows;
 2. samples the next token of every request from its rows' logits with the request's own seeded
-   generator and settings, applies tool forcing (SPEC section 8), and hands the column to the
+   generator and settings, applies tool forcing (the calculator, as in engine.py), and hands the column to the
    request's consumer;
 3. frees the rows of finished or abandoned requests (the last rows move into the gaps, so the
    live rows stay 0..B-1 and the cache's first B rows are the batch);

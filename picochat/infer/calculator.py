@@ -1,4 +1,4 @@
-"""The calculator tool the model calls with `<|python_start|> expr <|python_end|>` (SPEC §8).
+"""The calculator tool the model calls with `<|python_start|> expr <|python_end|>`.
 
 The expression is parsed with `ast` and walked by a small evaluator that knows only:
 numbers, + - * / // % **, parentheses, unary minus/plus, and `'literal'.count('x')`

@@ -9,7 +9,7 @@ How a request runs:
    copied to `num_samples` rows (KVCache.expand), so n samples cost one prefill.
 2. Each step samples one token per live row (temperature / top-k / top-p, drawn from the
    request's own seeded torch.Generator), yields the column, and feeds the column back.
-3. Tool use (SPEC §8): a row that writes `<|python_start|> expr <|python_end|>` gets the
+3. Tool use: a row that writes `<|python_start|> expr <|python_end|>` gets the
    calculator's answer forced in as `<|output_start|> result <|output_end|>`, one token per step
    (so all rows stay at the same cache position); forced tokens have mask 0, sampled ones 1.
 4. A row finishes on `<|assistant_end|>` or `<|bos|>` (the token is yielded, then None), or at

@@ -1,4 +1,4 @@
-"""Conversations -> token ids and a training mask (the one chat format, SPEC §2).
+"""Conversations -> token ids and a training mask (the one chat format).
 
 A conversation is `{"messages": [{"role": ..., "content": ...}, ...]}`.
 Roles: an optional leading "system" (folded into the first user message as

@@ -1,4 +1,4 @@
-"""`picochat mid-train`: teach a base model the chat format, tools and multiple choice (SPEC §5).
+"""`picochat mid-train`: teach a base model the chat format, tools and multiple choice.
 
     picochat mid-train --preset cpu
     torchrun --standalone --nproc_per_node=8 -m picochat mid-train --preset d20

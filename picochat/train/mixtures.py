@@ -1,4 +1,4 @@
-"""The task mixtures of mid-training and SFT, as data (SPEC §5, §6), at three scales.
+"""The task mixtures of mid-training and SFT, as data, at three scales.
 
 `full` follows the reference sizes; `cpu` keeps the same recipe small enough for a
 laptop; `tiny` is for tests. Offline (registry packages) there is no MMLU

@@ -1,4 +1,4 @@
-"""`picochat sft`: supervised fine-tuning on whole conversations (SPEC §6).
+"""`picochat sft`: supervised fine-tuning on whole conversations.
 
     picochat sft --preset cpu                # from the newest mid checkpoint
     picochat sft --from-stage base           # skip mid-training
