@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.eval.bpb import evaluate_bpb
     from picochat.eval.samples import sample_prompts
     from picochat.model.gpt import GPTConfig, build_model
-    from picochat.optim import build_optimizers
+    from picochat.optim import build_optimizers, muon_momentum
     from picochat.optim.distributed import broadcast_parameters
     from picochat.runtime import (
         home,
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from picochat.tokenizer import Tokenizer
     from picochat.train.loop import LoopConfig, Trainer, newest_step, verify_shared_home, wandb_logger
-    from picochat.train.schedules import muon_momentum, warmup_constant_warmdown
+    from picochat.train.schedules import warmup_constant_warmdown
 
     world = init_distributed(args.device)
     try:

@@ -144,10 +144,9 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
     import torch
 
     from picochat import checkpoint as ckpt
-    from picochat.optim import build_optimizers
+    from picochat.optim import build_optimizers, muon_momentum
     from picochat.runtime import log0
     from picochat.train.loop import LoopConfig, Trainer, newest_step, wandb_logger
-    from picochat.train.schedules import muon_momentum
 
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)

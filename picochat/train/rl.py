@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from picochat import checkpoint as ckpt
 from picochat.config import add_preset_argument, resolve
 from picochat.errors import ConfigError
 from picochat.runtime import log0
-from picochat import checkpoint as ckpt
 
 DEFAULTS = {
     "num_steps": -1, "examples_per_step": 16, "num_samples": 16, "max_new_tokens": 256,
@@ -403,9 +403,9 @@ class RLRun:
 
 
 def run(args: argparse.Namespace) -> int:
+    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
     from picochat.optim.distributed import broadcast_parameters
     from picochat.runtime import init_distributed, pick_dtype, seed_everything, shutdown_distributed
-    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 
     resolve(args, DEFAULTS, section="rl", section_only=True)
     world = init_distributed(args.device)

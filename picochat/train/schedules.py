@@ -1,4 +1,5 @@
-"""Learning-rate and momentum schedules: pure functions of the step, logged each step."""
+"""Learning-rate schedules: pure functions of the step, logged each step (Muon's momentum
+schedule is picochat.optim.muon_momentum)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,3 @@ def constant_then_linear_to_zero(step: int, num_iterations: int, constant_frac: 
 def linear_to_zero(step: int, num_iterations: int, init_frac: float = 1.0) -> float:
     """SFT/RL: `init_frac` at step 0, linearly to 0 at the end."""
     return init_frac * max(0.0, 1 - step / max(1, num_iterations))
-
-
-def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
-    """Muon momentum warms from `start` to `end` over the first `warmup_steps` steps."""
-    if warmup_steps <= 0:
-        return end
-    frac = min(step / warmup_steps, 1.0)
-    return (1 - frac) * start + frac * end

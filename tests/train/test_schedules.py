@@ -5,7 +5,6 @@ import pytest
 from picochat.train.schedules import (
     constant_then_linear_to_zero,
     linear_to_zero,
-    muon_momentum,
     warmup_constant_warmdown,
 )
 
@@ -28,11 +27,3 @@ def test_mid_and_sft_schedules():
     assert constant_then_linear_to_zero(100, 100) == 0.0
     assert linear_to_zero(0, 10, init_frac=0.02) == pytest.approx(0.02)
     assert linear_to_zero(5, 10) == pytest.approx(0.5)
-
-
-def test_muon_momentum_warmup():
-    assert muon_momentum(0) == pytest.approx(0.85)
-    assert muon_momentum(150) == pytest.approx(0.90)
-    assert muon_momentum(300) == pytest.approx(0.95)
-    assert muon_momentum(10_000) == pytest.approx(0.95)
-    assert muon_momentum(5, warmup_steps=0) == 0.95
