@@ -71,11 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
     from picochat.data.loader import PackedLoader
     from picochat.data.shards import default_data_dir, list_shards
     from picochat.eval.samples import sample_prompts
     from picochat.runtime import home, init_distributed, log0, pick_dtype, shutdown_distributed
-    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 
     world = init_distributed(args.device)
     try:

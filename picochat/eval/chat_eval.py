@@ -271,9 +271,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
     from picochat.eval.core_data import eval_dir
     from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
-    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 
     if args.max_problems is not None and args.max_problems < 1:
         raise ConfigError(f"--max-problems must be >= 1, got {args.max_problems}; omit it to run every problem")

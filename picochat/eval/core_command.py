@@ -73,10 +73,10 @@ def write_results(result, out_stem: Path, info: dict) -> tuple[Path, Path]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
     from picochat.eval.core import evaluate_core, format_table
     from picochat.eval.core_data import eval_dir, load_bundle
     from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
-    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 
     resolve(args, DEFAULTS)
     only = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None

@@ -35,10 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from picochat.checkpoint import load_checkpoint_dir
     from picochat.export.hf import export_hf
     from picochat.infer.loading import resolve_checkpoint
     from picochat.runtime import home
-    from picochat.checkpoint import load_checkpoint_dir
 
     path = resolve_checkpoint(args.stage, args.tag, args.step)
     model, tokenizer, meta = load_checkpoint_dir(path, "cpu")

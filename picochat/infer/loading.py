@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from picochat.errors import DataError
 from picochat.checkpoint import (
     STAGES,
     checkpoints_root,
@@ -12,6 +11,7 @@ from picochat.checkpoint import (
     latest_tag,
     load_checkpoint_dir,
 )
+from picochat.errors import DataError
 
 # Most trained first: a chat wants RL > SFT > mid > base.
 CHAT_STAGE_ORDER = ("rl", "sft", "mid", "base")

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from picochat.checkpoint import list_steps
 from picochat.errors import UserError
 from picochat.eval.chat_probe import render_markdown as render_chat_probe
 from picochat.report.environment import PACKAGE_DIR, code_size, environment
 from picochat.report.plots import plot_bars, plot_training
 from picochat.runtime import home
-from picochat.checkpoint import list_steps
 
 STAGES = ("base", "mid", "sft", "rl")
 STAGE_TITLES = {"base": "Base model (pretraining)", "mid": "Mid-training", "sft": "Supervised fine-tuning (SFT)",

@@ -257,9 +257,9 @@ def test_humaneval_completion_runs_in_the_sandbox(tok, offline, body, expected):
 # ---- the command ---------------------------------------------------------------------------------
 def test_chat_eval_command_end_to_end(offline, monkeypatch, capsys):
     """A real 2-step base-train checkpoint, saved as sft, scored on all six tasks (2 problems each)."""
+    from picochat import checkpoint as ckpt
     from picochat.cli import main
     from picochat.tokenizer import Tokenizer
-    from picochat import checkpoint as ckpt
     from tests.train.conftest import build_corpus, make_documents
 
     build_corpus(offline)

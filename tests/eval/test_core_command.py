@@ -15,9 +15,9 @@ from tests.eval.fixtures.core_bundles import write_dclm_bundle
 
 @pytest.fixture
 def tiny_base_checkpoint(picochat_home: Path) -> Path:
+    from picochat.checkpoint import run_dir, save_model_only
     from picochat.model.gpt import GPTConfig, build_model
     from picochat.tokenizer import Tokenizer
-    from picochat.checkpoint import run_dir, save_model_only
 
     tok = Tokenizer.train(["The man turned on the faucet and water flowed. Sarah was happy. " * 30], vocab_size=300)
     torch.manual_seed(0)

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from picochat.checkpoint import run_dir, save_model_only
 from picochat.cli import main
 from picochat.errors import UserError
 from picochat.export.hf import check_exportable, export_hf
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.tokenizer import Tokenizer
-from picochat.checkpoint import run_dir, save_model_only
 from tests.tokenizer.conftest import generated_documents
 
 transformers = pytest.importorskip("transformers")

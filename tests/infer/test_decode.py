@@ -7,7 +7,6 @@ from picochat.infer.decode import DecodeStep
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.model.kv_cache import KVCache
 
-
 # (n_head, n_kv_head, n_embd): MHA, GQA, MQA and head dims 8 / 16 / 32
 SHAPES = [(4, 4, 64), (4, 2, 64), (4, 1, 64), (2, 1, 64), (8, 2, 64), (3, 3, 48)]
 # bf16: the step's products are exact and its sums are fp32, like a bf16 GEMM's, but its attention

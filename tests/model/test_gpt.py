@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from picochat.errors import ConfigError
 from picochat import kernels
+from picochat.errors import ConfigError
 from picochat.model import GPT, GPTConfig, build_model, fused_ce
 from picochat.model.gpt import _softcap_cross_entropy_chunks, apply_rotary
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from picochat import checkpoint as ckpt
 from picochat.cli import main
 from picochat.errors import DataError
-from picochat import checkpoint as ckpt
 from tests.infer.tiny import tiny_model, tiny_tokenizer
 
 TINY = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1"]

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from picochat import checkpoint as ckpt
 from picochat.cli import main
 from picochat.infer import Engine
 from picochat.tasks.arithmetic import ArithmeticProblems
 from picochat.tasks.base import response_text
-from picochat import checkpoint as ckpt
 from picochat.train import rl
 from picochat.train.rl import (
     ProblemOrder,
