@@ -320,7 +320,7 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
-                if mom is not None and "momentum" in group and group.get("kind", "muon") == "muon":
+                if mom is not None and "momentum" in group:  # Muon's groups (AdamW's have betas)
                     group["momentum"] = mom
         return lrm, mom
 
@@ -330,14 +330,15 @@ class Trainer:
         The update is skipped on every rank when any rank's loss is not finite.
         """
         micro = [_with_token_count(next(self.batches)) for _ in range(self.cfg.grad_accum_steps)]
-        n_tokens = [int((y >= 0).sum()) for _, y, _ in micro]
+        # Supervised tokens per micro-batch: one host sync for the whole step, not one per micro-batch.
+        n_tokens = torch.stack([(y >= 0).sum() for _, y, _ in micro]).tolist()
         real_tokens = sum(n for _, _, n in micro)
         total_tokens = sum(n_tokens)
         if self.cfg.loss_weighting == "tokens" and self.world.enabled:
             t = torch.tensor([total_tokens], dtype=torch.long, device=self.device)
             dist.all_reduce(t)
             total_tokens = int(t.item())
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, after the loop
         for i, ((x, y, _), n) in enumerate(zip(micro, n_tokens)):
             if i == len(micro) - 1:
                 self.gradients.arm()  # the last backward: each gradient's reduction starts once it is final
@@ -352,10 +353,11 @@ class Trainer:
                     loss = self.train_model(x, y)
                     scaled = loss / self.cfg.grad_accum_steps
             scaled.backward()
-            loss_sum += scaled.detach().float().item()
+            loss_sum += scaled.detach().double()
+        loss_value = loss_sum.item()  # the step's one host sync for the loss (the non-finite check needs it)
         if self.cfg.loss_weighting == "tokens":
-            loss_sum /= self.world.world_size
-        outcome = self._agree(loss_sum, real_tokens, total_tokens)
+            loss_value /= self.world.world_size
+        outcome = self._agree(loss_value, real_tokens, total_tokens)
         self.gradients.wait()  # every rank finishes the reductions the last backward started
         if outcome.nonfinite_ranks:
             self.model.zero_grad(set_to_none=True)
