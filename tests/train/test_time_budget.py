@@ -61,4 +61,10 @@ def test_time_budget_sets_the_horizon_and_resume_keeps_it(tiny_home):
 def test_time_budget_of_seconds_ends_the_run(tiny_home):
     assert main(TINY + ["--time-budget", "0.02", "--tag", "short"]) == 0  # 1.2 s: ends right after measuring
     recs = [r for r in records(tiny_home, "base-short") if "loss" in r]
-    assert recs[-1]["step"] == recs[-1]["num_iterations"] <= 20
+    # The horizon is fixed once the 8 timed steps are measured and then spent; how many steps fit
+    # in what is left depends on the machine, so the check is on time: the run ends near its budget
+    # (not an endless run), with a margin for a loaded machine.
+    assert recs[-1]["step"] == recs[-1]["num_iterations"] >= 8
+    fixed_at = next(r["step"] for r in recs if r["num_iterations"] is not None)
+    after = [r["dt"] for r in recs if r["step"] > fixed_at]  # the steps the fixed horizon added
+    assert sum(after) <= 1.2 + 2 * statistics.median(r["dt"] for r in recs)
