@@ -73,11 +73,23 @@ def test_several_choices_stream_interleaved(client, model_id):
 
 
 def test_multi_turn_with_tool_markup_in_history(client, model_id):
-    response = client.chat.completions.create(model=model_id, max_tokens=5, messages=[
-        {"role": "user", "content": "What is 6*7?"},
-        {"role": "assistant", "content": "It is <<6*7=42>>42."},
-        {"role": "user", "content": "And doubled?"}])
+    """`<<expr=result>>` in an assistant turn is read back as the calculator call and its output
+    (special tokens), not as text: the prompt is exactly that rendering."""
+    from picochat.tokenizer import render_for_completion
+    from tests.infer.tiny import tiny_tokenizer
+
+    messages = [{"role": "user", "content": "What is 6*7?"},
+                {"role": "assistant", "content": "It is <<6*7=42>>42."},
+                {"role": "user", "content": "And doubled?"}]
+    response = client.chat.completions.create(model=model_id, max_tokens=5, messages=messages)
     assert response.choices[0].message.content is not None
+    tok = tiny_tokenizer()
+    as_tools = [messages[0], {"role": "assistant", "content": [
+        {"type": "text", "text": "It is "}, {"type": "python", "text": "6*7"},
+        {"type": "python_output", "text": "42"}, {"type": "text", "text": "42."}]}, messages[2]]
+    prompt = render_for_completion(tok, {"messages": as_tools})
+    assert response.usage.prompt_tokens == len(prompt)
+    assert len(render_for_completion(tok, {"messages": messages})) != len(prompt)  # text would differ
 
 
 def test_client_sees_bad_request_errors(client, model_id):

@@ -90,10 +90,6 @@ def test_malformed_request(server, name, payload, status, param):
         assert error["param"] == param
 
 
-def test_at_least_thirty_kinds():
-    assert len(CASES) >= 30
-
-
 def test_oversized_body_is_413(server):
     raw = json.dumps({"messages": [{"role": "user", "content": "x" * 1_100_000}]}).encode()
     response = httpx.post(f"{server.url}/v1/chat/completions", content=raw, timeout=30)
