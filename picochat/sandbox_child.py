@@ -334,11 +334,13 @@ def is_zombie(pid: int) -> bool:
 def leftover_processes(proc: subprocess.Popen, in_namespace: bool, deadline: float) -> int:
     """How many processes the program leaves running besides itself, after waiting until `deadline`
     for them to end (the program itself is `proc`, or in a namespace `proc`'s one child)."""
-    while True:
+    quiet = 0  # consecutive scans that found nothing: a process between fork, exit and re-parenting
+    while True:  # can be missed by one /proc walk, so "none left" takes three walks in a row
         below = descendants(proc.pid) if in_namespace else descendants(os.getpid())
         program = below[:1] if in_namespace else [proc.pid]
         alive = [pid for pid in below if pid not in program and not is_zombie(pid)]
-        if not alive or time.monotonic() >= deadline:
+        quiet = 0 if alive else quiet + 1
+        if quiet >= 3 or time.monotonic() >= deadline:
             return len(alive)
         try:
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
