@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import math
-import re
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from picochat.mfu import use_expandable_segments
+from picochat.mfu import lookup_device, use_expandable_segments
 
 VOCAB, SEQ_LEN = 65536, 2048
 
@@ -101,11 +100,7 @@ HBM_BYTES_PER_S: list[tuple[tuple[str, ...], float]] = [
 
 def hbm_bandwidth(name: str) -> float:
     """Bytes/s of the device's memory, NaN when the table has no entry."""
-    have = set(re.split(r"[\s\-_]+", name.lower()))
-    for words, bandwidth in HBM_BYTES_PER_S:
-        if all(w.lower() in have for w in words):
-            return bandwidth
-    return float("nan")
+    return lookup_device(name, HBM_BYTES_PER_S)
 
 
 @torch.no_grad()

@@ -47,13 +47,18 @@ GPU_PEAK_BF16: list[tuple[tuple[str, ...], float]] = [
 CUDA_ALLOC_CONF = "expandable_segments:True"
 
 
+def lookup_device(name: str, table: list) -> float:
+    """The value of the first (words, value) row whose words all appear in a device name, else NaN."""
+    have = set(re.split(r"[\s\-_]+", name.lower()))
+    for words, value in table:
+        if all(w.lower() in have for w in words):
+            return value
+    return float("nan")
+
+
 def gpu_peak_bf16(name: str) -> float:
     """Dense bf16 FLOP/s of a GPU by its device name, or NaN when the table has no entry."""
-    have = set(re.split(r"[\s\-_]+", name.lower()))
-    for words, peak in GPU_PEAK_BF16:
-        if all(w.lower() in have for w in words):
-            return peak
-    return float("nan")
+    return lookup_device(name, GPU_PEAK_BF16)
 
 
 def measure_cpu_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.2, trials: int = 5) -> float:
