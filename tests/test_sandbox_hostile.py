@@ -10,6 +10,7 @@ the reason.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -419,11 +420,18 @@ def test_a_harness_without_root_still_owns_the_verdict(namespaces: bool):
     python, setpriv = Path("/usr/bin/python3"), Path("/usr/bin/setpriv")
     if not (python.exists() and setpriv.exists()):
         pytest.skip("needs /usr/bin/python3 and setpriv to run a harness as nobody")
-    eval_dir = str(Path(__file__).parents[1] / "picochat")  # sandbox.py needs only the standard library
+    # sandbox.py and its child script need only the standard library; nobody reads them from a
+    # world-readable copy, since a checkout may sit in a private directory (mktemp -d is 0700)
+    eval_dir = tempfile.mkdtemp(prefix="picochat-sandbox-")
+    os.chmod(eval_dir, 0o755)
+    for name in ("sandbox.py", "sandbox_child.py"):
+        shutil.copy(Path(__file__).parents[1] / "picochat" / name, eval_dir)
+        os.chmod(Path(eval_dir) / name, 0o644)
     probe = UNPRIVILEGED_PROBE.format(eval_dir=eval_dir, ns=namespaces, sleeper=SLEEPERS["setsid sleeper (the issue's)"],
                                       exploit=FAKE_VERDICTS["fake verdict into every process's pipes"] + WRONG)
     out = subprocess.run([str(setpriv), "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c", probe],
                          env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}, cwd="/", capture_output=True, text=True,
                          timeout=120, check=False)
+    shutil.rmtree(eval_dir, ignore_errors=True)
     fields = out.stdout.split()
     assert fields[:4] == ["True", "False", "False", "True"], out.stdout + out.stderr
