@@ -200,7 +200,8 @@ class Trainer:
 
     `batches` yields (inputs, targets), or (inputs, targets, real_tokens) when rows are padded,
     and has state_dict(). `lr_multiplier(step, num_iterations)` and `momentum(step)` schedule
-    the optimisers.
+    the optimisers; `weight_decay_multiplier(step, num_iterations)` scales the decay of every group
+    that carries `initial_weight_decay` (Muon's).
     """
 
     def __init__(
@@ -219,6 +220,7 @@ class Trainer:
         train_model: torch.nn.Module | None = None,
         run_meta: dict | None = None,
         on_log: Callable[[dict], None] | None = None,
+        weight_decay_multiplier: Callable[[int, int], float] | None = None,
     ):
         self.model = model  # the uncompiled model: saved, evaluated, sampled
         self.train_model = train_model or model  # possibly torch.compile'd, used for the forward
@@ -232,6 +234,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.lr_multiplier = lr_multiplier
         self.momentum = momentum
+        self.weight_decay_multiplier = weight_decay_multiplier
         self.evaluate = evaluate
         self.sample = sample
         self.compute_dtype = compute_dtype
@@ -317,11 +320,14 @@ class Trainer:
     def _set_hyperparameters(self, step: int) -> tuple[float, float | None]:
         lrm = self.lr_multiplier(step, self.num_iterations)
         mom = self.momentum(step) if self.momentum else None
+        wdm = self.weight_decay_multiplier(step, self.num_iterations) if self.weight_decay_multiplier else 1.0
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
                 if mom is not None and "momentum" in group:  # Muon's groups (AdamW's have betas)
                     group["momentum"] = mom
+                if "initial_weight_decay" in group:
+                    group["weight_decay"] = group["initial_weight_decay"] * wdm
         return lrm, mom
 
     def _train_step(self) -> StepOutcome:
