@@ -17,10 +17,9 @@ exact position with state_dict() / load_state_dict().
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
 
+from picochat.data.stream import TokenStream
 from picochat.errors import DataError
 
 
@@ -77,11 +76,16 @@ class PackedConversations:
         self.mask_user = mask_user
         self.max_tokens = max_conversation_tokens or 4 * seq_len
         self.position = 0  # next conversation to render
-        self.pending: deque = deque()  # [position, ids, keep (target allowed), read]
+        self.stream = TokenStream()  # pieces keyed by their conversation's position
 
-    def render(self, conversation: dict) -> tuple[list[int], list[int]]:
+    def render(self, conversation: dict) -> tuple[list[int], list[int] | None]:
         ids, mask = self.tokenizer.render_conversation(conversation, max_tokens=self.max_tokens)
-        return ids, (mask if self.mask_user else [1] * len(ids))
+        return ids, (mask if self.mask_user else None)
+
+    def _push(self, read: int = 0) -> None:
+        ids, keep = self.render(self.walk.row(self.position)[1])
+        self.stream.push(self.position, ids, keep, read)
+        self.position += 1
 
     def tokens_per_epoch(self) -> int:
         """Tokens this rank streams in one pass (renders every conversation once)."""
@@ -89,56 +93,33 @@ class PackedConversations:
 
     @property
     def epoch(self) -> int:
-        head = self.pending[0][0] if self.pending else self.position
-        return head // self.walk.per_epoch
+        head = self.stream.head()
+        return (self.position if head is None else head[0]) // self.walk.per_epoch
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        need = self.B * self.T + 1
-        while sum(len(p[1]) - p[3] for p in self.pending) < need:
-            _, conv = self.walk.row(self.position)
-            ids, keep = self.render(conv)
-            self.pending.append([self.position, ids, keep, 0])
-            self.position += 1
-        ids_out, keep_out = [], []
-        for p in self.pending:
-            take = min(need - len(ids_out), len(p[1]) - p[3])
-            ids_out += p[1][p[3] : p[3] + take]
-            keep_out += p[2][p[3] : p[3] + take]
-            if len(ids_out) == need:
-                break
-        consume = need - 1  # the last token starts the next block
-        while consume:
-            p = self.pending[0]
-            take = min(consume, len(p[1]) - p[3])
-            p[3] += take
-            consume -= take
-            if p[3] == len(p[1]):
-                self.pending.popleft()
-        buf = torch.tensor(ids_out, dtype=torch.long)
-        keep = torch.tensor(keep_out[1:], dtype=torch.bool)
-        targets = torch.where(keep, buf[1:], torch.full_like(buf[1:], -1))
+        need = self.B * self.T
+        while self.stream.available() < need + 1:
+            self._push()
+        ids, keep = self.stream.take(need)
+        buf = torch.from_numpy(ids)
+        targets = buf[1:] if keep is None else torch.where(torch.from_numpy(keep[1:]), buf[1:], -1)
         return buf[:-1].view(self.B, self.T).to(self.device), targets.view(self.B, self.T).to(self.device)
 
     def state_dict(self) -> dict:
-        if self.pending:
-            position, skip = self.pending[0][0], self.pending[0][3]
-        else:
-            position, skip = self.position, 0
+        head = self.stream.head()
+        position, skip = (self.position, 0) if head is None else head
         return {"position": position, "skip": skip, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.world_size:
             raise DataError(f"data state saved with world size {state['world_size']}, this run has {self.world_size}")
-        self.pending.clear()
+        self.stream.clear()
         self.position = state["position"]
         if state["skip"]:
-            _, conv = self.walk.row(self.position)
-            ids, keep = self.render(conv)
-            self.pending.append([self.position, ids, keep, state["skip"]])
-            self.position += 1
+            self._push(read=state["skip"])
 
 
 def width_buckets(max_seq_len: int, count: int = 4) -> list[int]:

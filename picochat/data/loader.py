@@ -1,31 +1,38 @@
-"""Packed pretraining loader: shards -> `<|bos|>`-separated token stream -> (inputs, targets).
+"""Pretraining loaders: shards -> documents, each `<|bos|>` + its tokens -> (inputs, targets) (B, T).
 
-Every document is encoded with `<|bos|>` in front and appended to one token
-stream; each step cuts `B*T + 1` tokens from it, `inputs = buf[:-1].view(B, T)`,
-`targets = buf[1:].view(B, T)`. Documents are packed across rows, nothing is
-padded. The last token of a batch is also the first token of the next one, so
-no token is skipped.
+Two ways to lay documents into rows:
+- `PackedLoader` (default): every document is appended to one token stream and each step
+  cuts `B*T + 1` tokens from it, `inputs = buf[:-1].view(B, T)`, `targets = buf[1:]`.
+  Documents are packed across rows, nothing is padded or dropped, and the last token of a
+  batch is the first token of the next one.
+- `BestFitLoader` (`--loader bestfit`): every row starts at a document's `<|bos|>`. From a
+  buffer of documents (1,000 by default) a row takes the longest that still fits, again and
+  again; when none fits it crops the shortest to fill the row exactly. Nothing is padded, but
+  the cropped tails are dropped (about a third of the tokens at T=2048 on web text), and at a
+  short context a row mostly sees document starts. The buffer is refilled 128 documents at a
+  time, in shard order.
 
-Sharding: the stream walks every row group of every train shard in order
-("units"); within each row group rank r of w takes documents r, r+w, r+2w, ...
-so across ranks every document is used exactly once per epoch, and ranks stay
-balanced to within one document per row group, even for a one-row-group shard.
-After the last unit the epoch counter goes up and the walk starts again.
+Sharding: the loaders walk every row group of every train shard in order ("units"); within
+each row group rank r of w takes documents r, r+w, r+2w, ... so across ranks every document
+is used exactly once per epoch, and ranks stay balanced to within one document per row
+group, even for a one-row-group shard. After the last unit the epoch counter goes up and the
+walk starts again.
 
-Tokenization runs on a background thread (tiktoken releases the GIL and uses
-its own threads), a few units ahead, so the training loop does not wait for it.
+Tokenization runs on a background thread (tiktoken releases the GIL and uses its own
+threads), a few units ahead, so the training loop does not wait for it.
 
-Exact resume: the state is (epoch, unit, skip) = the unit whose tokens start the
-unread part of the stream and how many of its tokens were already consumed.
-Tokenization is deterministic, so restarting the walk there reproduces the
-stream token for token.
+Exact resume: tokenization is deterministic, so a position in the walk reproduces the
+documents token for token. The packed loader's state is (epoch, unit, skip): the unit whose
+tokens start the unread part of the stream and how many of its tokens were already read.
+The best-fit loader's state is the next document to enter the buffer and the
+(epoch, unit, index) of every document in the buffer.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -33,26 +40,19 @@ import pyarrow.parquet as pq
 import torch
 
 from picochat.data.shards import check_text_column
+from picochat.data.stream import TokenStream
 from picochat.errors import DataError
 
 _STOP = object()
+LOADERS = ("packed", "bestfit")
 
 
-class PackedLoader:
-    """Infinite iterator of (inputs, targets) int64 tensors of shape (B, T) on `device`."""
+class _ShardWalk:
+    """The walk over row groups, its background tokenizer thread and the state checks both loaders share."""
 
-    def __init__(
-        self,
-        files: list[Path],
-        tokenizer,
-        batch_size: int,
-        seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        prefetch_units: int = 4,
-        max_epochs: int | None = None,
-    ):
+    def __init__(self, files: list[Path], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu", prefetch_units: int = 4,
+                 max_epochs: int | None = None):
         if not files:
             raise DataError("no shards to read; run `picochat data prepare` or pass --data-dir")
         for f in files:
@@ -70,21 +70,19 @@ class PackedLoader:
             self.units.extend((fi, rg) for rg in range(pq.ParquetFile(f).num_row_groups))
         if not self.units:
             raise DataError(f"shards {[f.name for f in self.files]} contain no row groups (no documents)")
-        self._start = (0, 0, 0)  # epoch, unit, skip
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop_event = threading.Event()
-        self._pending: deque = deque()  # [epoch, unit, tokens (np.int32), read position]
 
     # ---- producer (background thread) --------------------------------------------------------
-    def _encode_unit(self, unit: int) -> np.ndarray:
+    def _encode_unit(self, unit: int) -> list[np.ndarray]:
+        """This rank's documents of one row group, each `<|bos|>` + its tokens (empty texts skipped)."""
         fi, rg = self.units[unit]
         texts = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=["text"]).column("text").to_pylist()
-        mine = [t for t in texts[self.rank :: self.world_size] if t]
+        mine = [t for t in texts[self.rank:: self.world_size] if t]
         if not mine:
-            return np.zeros(0, dtype=np.int32)
-        encoded = self.tokenizer.encode(mine, prepend=self.tokenizer.bos_id)
-        return np.fromiter((i for ids in encoded for i in ids), dtype=np.int32, count=sum(map(len, encoded)))
+            return []
+        return [np.asarray(ids, dtype=np.int64) for ids in self.tokenizer.encode(mine, prepend=self.tokenizer.bos_id)]
 
     def _produce(self, epoch: int, unit: int, q: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -105,85 +103,41 @@ class PackedLoader:
         except BaseException as e:  # noqa: BLE001 - every error, KeyboardInterrupt included, is re-raised in the training thread
             q.put(e)
 
-    def _ensure_started(self) -> None:
-        if self._thread is not None:
-            return
-        epoch, unit, skip = self._start
+    def _start_walk(self, epoch: int, unit: int) -> None:
         self._queue = queue.Queue(maxsize=self.prefetch_units)
         self._stop_event = threading.Event()
-        self._thread = threading.Thread(
-            target=self._produce, args=(epoch, unit, self._queue, self._stop_event), daemon=True, name="packed-loader"
-        )
+        self._thread = threading.Thread(target=self._produce, args=(epoch, unit, self._queue, self._stop_event),
+                                        daemon=True, name="document-loader")
         self._thread.start()
-        self._pending.clear()
-        self._skip_first = skip
 
-    def _pull_unit(self) -> None:
+    def _next_unit(self) -> tuple[int, int, list[np.ndarray]]:
         item = self._queue.get()
         if item is _STOP:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
-        epoch, unit, tokens = item
-        start = self._skip_first
-        self._skip_first = 0
-        self._pending.append([epoch, unit, tokens, start])
+        return item
 
-    # ---- consumer ----------------------------------------------------------------------------
+    def _batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) on the device from a (B, T + 1) array, or a flat B*T + 1 stream."""
+        buf = torch.from_numpy(rows)
+        buf = buf.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else buf.to(self.device)
+        if buf.dim() == 1:
+            return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        return buf[:, :-1], buf[:, 1:]
+
     def __iter__(self):
         return self
-
-    def _available(self) -> int:
-        return sum(len(p[2]) - p[3] for p in self._pending)
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self._ensure_started()
-        need = self.B * self.T + 1
-        while self._available() < need:
-            self._pull_unit()
-        out = np.empty(need, dtype=np.int64)
-        filled = 0
-        for p in self._pending:
-            take = min(need - filled, len(p[2]) - p[3])
-            out[filled : filled + take] = p[2][p[3] : p[3] + take]
-            filled += take
-            if filled == need:
-                break
-        # Consume B*T tokens: the last token stays as the first input of the next batch.
-        consume = need - 1
-        while consume:
-            p = self._pending[0]
-            take = min(consume, len(p[2]) - p[3])
-            p[3] += take
-            consume -= take
-            if p[3] == len(p[2]):
-                self._pending.popleft()
-        buf = torch.from_numpy(out)
-        if self.device.type == "cuda":
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
-        else:
-            buf = buf.to(self.device)
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
     @property
     def epoch(self) -> int:
         return self.state_dict()["epoch"]
 
-    # ---- resume ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Exact position of the next unread token."""
-        if self._thread is None or not self._pending:
-            epoch, unit, skip = self._start
-        else:
-            # The head of the buffer is never fully read (the last token of a batch stays).
-            epoch, unit, _, skip = self._pending[0]
-        return {
-            "epoch": int(epoch), "unit": int(unit), "skip": int(skip),
-            "rank": self.rank, "world_size": self.world_size,
-            "files": [f.name for f in self.files], "num_units": len(self.units),
-        }
+    def _position(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "files": [f.name for f in self.files],
+                "num_units": len(self.units)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_state(self, state: dict) -> None:
         if state.get("world_size", self.world_size) != self.world_size:
             raise DataError(
                 f"loader state was saved with world size {state['world_size']}, this run has {self.world_size}; "
@@ -191,18 +145,140 @@ class PackedLoader:
             )
         if state.get("files") and state["files"] != [f.name for f in self.files]:
             raise DataError("loader state was saved for different shard files; resume with the same --data-dir")
+        if state.get("kind", "packed") != self.kind:
+            raise DataError(f"loader state was saved by the {state.get('kind', 'packed')} loader, this run uses "
+                            f"--loader {self.kind}; resume with the same --loader")
         self.close()
-        self._start = (int(state["epoch"]), int(state["unit"]), int(state["skip"]))
 
     def close(self) -> None:
         if self._thread is not None:
             self._stop_event.set()
-            # Unblock a producer waiting on a full queue.
-            try:
+            try:  # unblock a producer waiting on a full queue
                 while True:
                     self._queue.get_nowait()
             except queue.Empty:
                 pass
             self._thread.join(timeout=5)
         self._thread = None
-        self._pending.clear()
+
+
+class PackedLoader(_ShardWalk):
+    """Infinite iterator of (inputs, targets) int64 tensors of shape (B, T) on `device`: documents packed."""
+
+    kind = "packed"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._start = (0, 0, 0)  # epoch, unit, skip
+        self._stream = TokenStream()
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._stream.clear()
+            self._start_walk(*self._start[:2])
+            self._skip_first = self._start[2]
+        need = self.B * self.T
+        while self._stream.available() < need + 1:
+            epoch, unit, docs = self._next_unit()
+            tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
+            self._stream.push((epoch, unit), tokens, read=self._skip_first)
+            self._skip_first = 0
+        tokens, _ = self._stream.take(need)
+        return self._batch(tokens)
+
+    def state_dict(self) -> dict:
+        """Exact position of the next unread token (the head of the stream is never fully read)."""
+        head = self._stream.head() if self._thread is not None else None
+        epoch, unit, skip = self._start if head is None else (*head[0], head[1])
+        return {"kind": self.kind, "epoch": int(epoch), "unit": int(unit), "skip": int(skip), **self._position()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_state(state)
+        self._start = (int(state["epoch"]), int(state["unit"]), int(state["skip"]))
+
+    def close(self) -> None:
+        super().close()
+        if hasattr(self, "_stream"):
+            self._stream.clear()
+
+
+class BestFitLoader(_ShardWalk):
+    """Infinite iterator of (inputs, targets) (B, T) whose every row starts at a document's `<|bos|>`."""
+
+    kind = "bestfit"
+    REFILL = 128  # documents moved into the buffer at a time
+
+    def __init__(self, *args, buffer_size: int = 1000, **kwargs):
+        super().__init__(*args, **kwargs)
+        if buffer_size < 1:
+            raise DataError(f"best-fit loader: buffer_size={buffer_size} must be at least 1")
+        self.buffer_size = buffer_size
+        self._cursor = (0, 0, 0)  # the next document to enter the buffer: epoch, unit, index
+        self._buffer_ids: list[tuple[int, int, int]] = []
+        self._buffer: list[np.ndarray] = []
+        self._staged: list[np.ndarray] | None = None  # documents of the cursor's unit
+
+    def _refill(self) -> None:
+        epoch, unit, k = self._cursor
+        if self._staged is None:
+            got_epoch, got_unit, self._staged = self._next_unit()
+            if (got_epoch, got_unit) != (epoch, unit):
+                raise RuntimeError(f"document walk out of step: at {(got_epoch, got_unit)}, expected {(epoch, unit)}")
+        end = min(len(self._staged), k - k % self.REFILL + self.REFILL)
+        for i in range(k, end):
+            self._buffer_ids.append((epoch, unit, i))
+            self._buffer.append(self._staged[i])
+        if end == len(self._staged):
+            self._staged = None
+            unit += 1
+            epoch, unit, end = (epoch + 1, 0, 0) if unit == len(self.units) else (epoch, unit, 0)
+        self._cursor = (epoch, unit, end)
+
+    def _restore_buffer(self) -> None:
+        """Re-encode the documents a saved buffer held (the units they come from, once each)."""
+        wanted = defaultdict(list)
+        for epoch, unit, i in self._buffer_ids:
+            wanted[unit].append(i)
+        docs = {unit: self._encode_unit(unit) for unit in wanted}
+        self._buffer = [docs[unit][i] for _, unit, i in self._buffer_ids]
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._restore_buffer()
+            self._staged = None
+            self._start_walk(*self._cursor[:2])
+        width = self.T + 1
+        rows = np.empty((self.B, width), dtype=np.int64)
+        for r in range(self.B):
+            pos = 0
+            while pos < width:
+                while len(self._buffer) < self.buffer_size:
+                    self._refill()
+                lengths = np.fromiter(map(len, self._buffer), dtype=np.int64, count=len(self._buffer))
+                fits = np.where(lengths <= width - pos, lengths, -1)
+                i = int(fits.argmax())  # the longest that fits, the earliest of equals
+                if fits[i] < 0:
+                    i = int(lengths.argmin())  # nothing fits: crop the shortest
+                doc = self._buffer.pop(i)[: width - pos]
+                del self._buffer_ids[i]
+                rows[r, pos:pos + len(doc)] = doc
+                pos += len(doc)
+        return self._batch(rows)
+
+    def state_dict(self) -> dict:
+        epoch, unit, index = self._cursor
+        return {"kind": self.kind, "epoch": int(epoch), "unit": int(unit), "index": int(index),
+                "buffer": [list(map(int, d)) for d in self._buffer_ids], **self._position()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_state(state)
+        self._cursor = (int(state["epoch"]), int(state["unit"]), int(state["index"]))
+        self._buffer_ids = [tuple(d) for d in state["buffer"]]
+        self._buffer, self._staged = [], None
+
+
+def make_loader(kind: str, *args, **kwargs) -> PackedLoader | BestFitLoader:
+    """The loader named by --loader ('packed' or 'bestfit')."""
+    if kind not in LOADERS:
+        raise DataError(f"--loader {kind!r} is unknown; use one of {', '.join(LOADERS)}")
+    return (PackedLoader if kind == "packed" else BestFitLoader)(*args, **kwargs)

@@ -29,7 +29,7 @@ DEFAULTS = {
     "embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02, "weight_decay": 0.0,
     "warmup_steps": 0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, "momentum_warmup_steps": 300,
     "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "save_every": -1, "keep_last": 2,
-    "save_every_minutes": -1.0, "time_budget": -1.0,
+    "save_every_minutes": -1.0, "time_budget": -1.0, "loader": "packed",
     "vocab_size": None, "max_chars": None, "doc_cap": None,  # tokenizer keys shared by presets; unused here
 }
 
@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tag", default=None, help="run name under checkpoints/base/ (default d<depth>)")
     g = p.add_argument_group("runtime")
     g.add_argument("--data-dir", default=None, help="shard directory (default $PICOCHAT_HOME/data/builtin)")
+    g.add_argument("--loader", choices=["packed", "bestfit"],
+                   help="how documents fill rows: packed (one stream, nothing dropped) or bestfit (every row "
+                   "starts at <|bos|>, the longest document that fits, the rest cropped)")
     g.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default $PICOCHAT_HOME/tokenizer)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPUs and AMX CPUs), bf16, fp32")
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     use_expandable_segments()  # before CUDA is initialised
     from picochat import checkpoint as ckpt
-    from picochat.data.loader import PackedLoader
+    from picochat.data.loader import PackedLoader, make_loader
     from picochat.data.shards import default_data_dir, list_shards
     from picochat.eval.bpb import evaluate_bpb
     from picochat.eval.samples import sample_prompts
@@ -193,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
         train_model = model
         if compiled:
             train_model = torch.compile(model, dynamic=False)
-        batches = PackedLoader(train_files, tokenizer, args.device_batch_size, args.max_seq_len,
-                               world.rank, world.world_size, world.device)
+        batches = make_loader(args.loader, train_files, tokenizer, args.device_batch_size, args.max_seq_len,
+                              world.rank, world.world_size, world.device)
         token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
         eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * world.world_size)
         if eval_steps < 1:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from picochat.data.loader import PackedLoader
+from picochat.data.loader import BestFitLoader, PackedLoader, make_loader
 from picochat.data.shards import list_shards, write_shard
 from picochat.errors import DataError
 from picochat.tokenizer import Tokenizer
@@ -46,18 +47,9 @@ def test_every_document_exactly_once_per_epoch_across_ranks(corpus):
     for rank in range(3):
         loader = PackedLoader(train, tok, batch_size=1, seq_len=8, rank=rank, world_size=3)
         for unit in range(len(loader.units)):
-            ids = loader._encode_unit(unit).tolist()
-            docs, cur = [], None
-            for t in ids:
-                if t == tok.bos_id:
-                    if cur is not None:
-                        docs.append(cur)
-                    cur = []
-                else:
-                    cur.append(t)
-            if cur is not None:
-                docs.append(cur)
-            seen.extend(tok.decode(d) for d in docs)
+            for doc in loader._encode_unit(unit):
+                assert doc[0] == tok.bos_id and tok.bos_id not in doc[1:]
+                seen.append(tok.decode(doc[1:].tolist()))
     assert sorted(seen) == sorted(expected)
 
 
@@ -113,3 +105,100 @@ def test_bad_shard_directories(tmp_path):
         (tmp_path / "junk" / f"shard_{i}.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="not a readable parquet"):
         list_shards(tmp_path / "junk")
+
+
+def _documents(loader, tok):
+    """Every document of one epoch on this loader's rank, as token lists with their <|bos|>."""
+    return [doc.tolist() for unit in range(len(loader.units)) for doc in loader._encode_unit(unit)]
+
+
+def test_best_fit_rows_start_at_bos_and_hold_whole_documents(corpus):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    loader = BestFitLoader(train, tok, batch_size=4, seq_len=48, buffer_size=20)
+    docs = {tuple(d) for d in _documents(loader, tok)}
+    for _ in range(5):
+        x, y = next(loader)
+        assert x.shape == y.shape == (4, 48)
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the same rows shifted by one
+        for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+            assert row[0] == tok.bos_id  # every row starts a document
+            starts = [i for i, t in enumerate(row) if t == tok.bos_id] + [len(row)]
+            pieces = [tuple(row[a:b]) for a, b in zip(starts, starts[1:])]
+            for piece in pieces[:-1]:
+                assert piece in docs  # whole documents, in one piece
+            last = pieces[-1]
+            assert last in docs or any(d[:len(last)] == last for d in docs)  # the last one may be cropped
+    loader.close()
+
+
+def test_best_fit_takes_the_longest_document_that_fits():
+    class Tok:
+        bos_id = 0
+
+    loader = BestFitLoader.__new__(BestFitLoader)
+    loader.B, loader.T, loader.buffer_size = 1, 9, 3
+    loader._buffer = [[0, 1], [0, 2, 2, 2, 2, 2, 2], [0, 3, 3]]
+    loader._buffer = [np.array(d) for d in loader._buffer]
+    loader._buffer_ids = [(0, 0, 0), (0, 0, 1), (0, 0, 2)]
+    loader._thread = object()  # started
+    loader.device = torch.device("cpu")
+    loader._refill = lambda: (loader._buffer.append(np.array([0, 4, 4, 4, 4, 4])),
+                              loader._buffer_ids.append((0, 1, 0)))
+    x, y = next(loader)
+    # capacity 10: the 7-token document, then the 3-token one fits exactly
+    assert torch.cat([x[0], y[0, -1:]]).tolist() == [0, 2, 2, 2, 2, 2, 2, 0, 3, 3]
+
+
+def test_best_fit_every_document_enters_once_per_epoch(corpus):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    loader = BestFitLoader(train, tok, batch_size=2, seq_len=32, buffer_size=10, max_epochs=1)
+    expected = [(0, u, i) for u in range(len(loader.units)) for i in range(len(loader._encode_unit(u)))]
+    entered = []
+    original = loader._refill
+
+    def spy():
+        before = len(loader._buffer_ids)
+        original()
+        entered.extend(loader._buffer_ids[before:])
+
+    loader._refill = spy
+    with pytest.raises(StopIteration):
+        while True:
+            next(loader)
+    assert entered == expected[:len(entered)] and len(entered) >= len(expected) - 1
+    loader.close()
+
+
+def test_best_fit_exact_resume_across_epochs(corpus):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    a = BestFitLoader(train, tok, batch_size=3, seq_len=40, buffer_size=16)
+    for _ in range(9):
+        next(a)
+    state = a.state_dict()
+    assert len(state["buffer"]) >= 16  # refills come 128 documents (here a row group) at a time
+    expected = []
+    while a.epoch < 1 or len(expected) < 10:
+        expected.append(next(a))
+    a.close()
+    b = BestFitLoader(train, tok, batch_size=3, seq_len=40, buffer_size=16)
+    b.load_state_dict(state)
+    got = [next(b) for _ in range(len(expected))]
+    b.close()
+    for (x1, y1), (x2, y2) in zip(expected, got):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_loader_kind_is_checked(corpus):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    a = make_loader("packed", train, tok, 1, 8)
+    next(a)
+    state = a.state_dict()
+    a.close()
+    with pytest.raises(DataError, match="--loader"):
+        make_loader("bestfit", train, tok, 1, 8).load_state_dict(state)
+    with pytest.raises(DataError, match="--loader 'nope'"):
+        make_loader("nope", train, tok, 1, 8)

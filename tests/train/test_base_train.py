@@ -48,13 +48,15 @@ def test_loss_decreases_and_checkpoint_is_complete(tiny_home):
     assert 0 < meta["metrics"]["val_bpb"] < 20
 
 
-def test_resume_is_bit_exact(tiny_home):
-    args = TINY + ["--num-iterations", "12", "--save-every", "4", "--keep-last", "5"]
-    assert main(args + ["--tag", "straight"]) == 0
+@pytest.mark.parametrize("loader", ["packed", "bestfit"])
+def test_resume_is_bit_exact(tiny_home, loader):
+    args = TINY + ["--num-iterations", "12", "--save-every", "4", "--keep-last", "5", "--loader", loader]
+    straight, cut = f"straight-{loader}", f"cut-{loader}"
+    assert main(args + ["--tag", straight]) == 0
     # Interrupted run: stop after step 8 by running a shorter horizon with the same schedule is not
     # the same run, so instead train to 12 with saves, delete the later checkpoints and resume.
-    assert main(args + ["--tag", "cut"]) == 0
-    run = ckpt.run_dir("base", "cut")
+    assert main(args + ["--tag", cut]) == 0
+    run = ckpt.run_dir("base", cut)
     for step in (8, 12):
         import shutil
 
@@ -63,12 +65,12 @@ def test_resume_is_bit_exact(tiny_home):
     junk = run / ".step_8.tmp-12345"
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"partial")
-    assert main(args + ["--tag", "cut", "--resume"]) == 0
-    a, b = final_weights("straight", 12), final_weights("cut", 12)
+    assert main(args + ["--tag", cut, "--resume"]) == 0
+    a, b = final_weights(straight, 12), final_weights(cut, 12)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert losses(tiny_home, "straight") == losses(tiny_home, "cut")
+    assert losses(tiny_home, straight) == losses(tiny_home, cut)
     assert not junk.exists()
 
 
