@@ -25,6 +25,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "eval_tokens": 2048},
         "sft": {"mix_scale": "tiny", "device_batch_size": 2, "examples_per_step": 4, "eval_every": -1,
                 "eval_items": 8},
+        "speedrun": {"data": "builtin",
+                     "core": ["--max-per-task", "4", "--tasks", "copa,arc_easy,lambada_openai"],
+                     "chat": ["--max-problems", "4", "-a", "ARC-Easy|SpellingBee", "--max-new-tokens", "32"],
+                     "loss": ["--split-tokens", "4096", "--max-new-tokens", "8"]},
     },
     # ~12-17 minutes of pretraining on 2 CPU cores (fp32, 2,100-2,900 tok/s on a 2-core AVX2 machine):
     # 2.05M tokens of the built-in corpus; the whole cpu speedrun takes ~20-25 minutes.
@@ -37,6 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "eval_tokens": 32768},
         "sft": {"mix_scale": "cpu", "device_batch_size": 4, "examples_per_step": 16, "eval_every": -1,
                 "eval_items": 100},
+        # Evals capped to fit the laptop budget; base-loss reads as many val tokens as training's eval.
+        "speedrun": {"data": "builtin", "core": ["--max-per-task", "50"],
+                     "chat": ["--max-problems", "30", "--max-new-tokens", "64"], "loss": ["--split-tokens", "393216"]},
     },
     # GPU scale, the seeds' values (8xH100 class).
     "d20": {
@@ -77,11 +84,13 @@ for _name in ("d20", "d26", "d32"):
                              "eval_tokens": 10 * 524288}
     PRESETS[_name]["sft"] = {"mix_scale": "full", "device_batch_size": 4, "examples_per_step": 32,
                              "eval_every": 200, "eval_items": 1000}
+    PRESETS[_name]["speedrun"] = {"data": "fineweb-edu", "core": ["--max-per-task", "500"], "chat": [],
+                                  "loss": ["--split-tokens", str(20 * 524288)]}
 
 
-def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+def add_preset_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default=None,
+        "--preset", choices=sorted(PRESETS), default=default,
         help="named set of sizes (cpu-tiny: seconds, cpu: ~15 min on a laptop, d20/d26/d32: GPU nodes); "
         "explicit flags override it",
     )

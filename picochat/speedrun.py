@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -29,21 +30,30 @@ import sys
 import time
 from pathlib import Path
 
+from picochat.config import PRESETS, add_preset_argument, resolve
 from picochat.errors import UserError
 
-# Per preset: (stage name, command args, needs torchrun world). Evals are capped on CPU to fit the budget.
-EVAL_CAPS = {
-    "cpu-tiny": {"core": ["--max-per-task", "4", "--tasks", "copa,arc_easy,lambada_openai"],
-                 "chat": ["--max-problems", "4", "-a", "ARC-Easy|SpellingBee", "--max-new-tokens", "32"],
-                 "loss": ["--split-tokens", "4096", "--max-new-tokens", "8"]},
-    "cpu": {"core": ["--max-per-task", "50"], "chat": ["--max-problems", "30", "--max-new-tokens", "64"],
-            "loss": ["--split-tokens", "393216"]},  # the in-training eval's val tokens
-}
-GPU_CAPS = {"core": ["--max-per-task", "500"], "chat": [], "loss": ["--split-tokens", str(20 * 524288)]}
+# Pretraining text needed per token of the horizon, to size a hub download: characters per token of a
+# 32K-65K BPE on web text (measured 4.2-4.8; the low end, so the estimate errs towards more), characters per
+# hub shard, and the share of tokens the best-fit loader crops away; 10% spare on top.
+CHARS_PER_TOKEN = 4.2
+SHARD_CHARS = 250e6
+BESTFIT_CROPPED = 0.35
+
+
+def shards_needed(preset: str) -> int:
+    """Train shards the preset's pretraining horizon reads once, from its tokens (and loader)."""
+    from picochat.train.base_train import DEFAULTS, horizon_tokens
+
+    args = resolve(argparse.Namespace(preset=preset), DEFAULTS)
+    tokens = horizon_tokens(args)
+    kept = 1.0 - (BESTFIT_CROPPED if args.loader == "bestfit" else 0.0)
+    return math.ceil(1.1 * tokens / kept * CHARS_PER_TOKEN / SHARD_CHARS)
 
 
 def plan(preset: str, rl: bool, data_source: str, shards: int) -> list[tuple[str, list[str], bool]]:
-    caps = EVAL_CAPS.get(preset, GPU_CAPS)
+    """(stage name, command args, runs on the torchrun world) for every stage, in order."""
+    caps = PRESETS[preset]["speedrun"]
     p = ["--preset", preset]
     data = (["data", "prepare"] if data_source == "builtin"
             else ["data", "download", "--source", data_source, "-n", str(shards)])
@@ -70,12 +80,12 @@ def plan(preset: str, rl: bool, data_source: str, shards: int) -> list[tuple[str
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["cpu-tiny", "cpu", "d20", "d26", "d32"], default="cpu",
-                   help="sizes of every stage (default cpu)")
+    add_preset_argument(p, default="cpu")
     p.add_argument("--rl", action="store_true", help="also run RL on GSM8K-format problems and evaluate it")
     p.add_argument("--data", choices=["builtin", "fineweb-edu", "climbmix"], default=None,
-                   help="pretraining text (default: builtin on cpu presets, fineweb-edu on GPU presets)")
-    p.add_argument("--shards", type=int, default=240, help="train shards to download for hub data (default 240)")
+                   help="pretraining text (default: the preset's: builtin on cpu presets, a hub dataset on GPU presets)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="train shards to download for hub data (default: what the preset's horizon reads, plus 10%%)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) for training and eval stages")
     p.add_argument("--nnodes", type=int, default=1, help="nodes taking part (default 1)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1")
@@ -108,8 +118,12 @@ def run(args: argparse.Namespace) -> int:
     from picochat.runtime import home
 
     check_nodes(args)
-    data_source = args.data or ("builtin" if args.preset.startswith("cpu") else "fineweb-edu")
-    stages = plan(args.preset, args.rl, data_source, args.shards)
+    data_source = args.data or PRESETS[args.preset]["speedrun"]["data"]
+    shards = args.shards
+    if data_source != "builtin" and shards is None:
+        shards = shards_needed(args.preset)
+        print(f"speedrun: {shards} train shards cover the {args.preset} horizon once (--shards overrides)", flush=True)
+    stages = plan(args.preset, args.rl, data_source, shards)
     names = [s[0] for s in stages]
     if args.force_from and args.force_from not in names:
         raise UserError(f"--force-from {args.force_from!r} is not a stage; stages: {', '.join(names)}")

@@ -50,3 +50,20 @@ def test_several_nodes_launch_torchrun_with_the_rendezvous_and_node_0_runs_the_r
     assert "base-train: picochat base-train" in out
     assert main(["speedrun", "--preset", "cpu-tiny", "--dry-run", "--nnodes", "2", "--node-rank", "2"]) == 2
     assert "--node-rank 2 must be in 0 .. 1" in capsys.readouterr().err
+
+
+def test_presets_carry_their_speedrun_settings_and_hub_shards_follow_the_horizon(capsys, tmp_path, monkeypatch):
+    from picochat.config import PRESETS
+    from picochat.speedrun import shards_needed
+
+    for name, preset in PRESETS.items():
+        assert {"data", "core", "chat", "loss"} <= set(preset["speedrun"]), name
+    # d26 trains on more tokens than d20, d32 on more than d26: more shards, in proportion
+    d20, d26, d32 = (shards_needed(p) for p in ("d20", "d26", "d32"))
+    assert 100 < d20 < d26 < d32
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    assert main(["speedrun", "--preset", "d20", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"data download --source fineweb-edu -n {d20}" in out
+    assert main(["speedrun", "--preset", "d20", "--dry-run", "--shards", "7", "--run", "other"]) == 0
+    assert "-n 7" in capsys.readouterr().out

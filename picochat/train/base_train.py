@@ -87,6 +87,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_check_argument(g)
 
 
+def horizon_tokens(args) -> int:
+    """Training tokens of the horizon the flags ask for; 0 when a time budget sets it at run time."""
+    from picochat.model.gpt import GPT, GPTConfig
+
+    if args.time_budget and args.time_budget > 0:
+        return 0
+    if args.num_iterations and args.num_iterations > 0:
+        return args.num_iterations * args.total_batch_size
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(args.depth, args.vocab_size or 32768, aspect_ratio=args.aspect_ratio,
+                                         head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+                                         n_kv_head=args.n_kv_head))
+    return compute_horizon(args, model, 1)[0] * args.total_batch_size
+
+
 def compute_horizon(args, model, world_size: int) -> tuple[int, int]:
     """(num_iterations, grad_accum_steps) from the flags; with a time budget the loop sets the horizon."""
     grad_accum = check_batch(args, world_size)
