@@ -48,6 +48,8 @@ WORD_LIST = Artifact("npm", "word-list", "4.1.0",
                      "c0cd6e2a112392204960e9998d79347a8ae1571dab5e3fdbfa685ef5977faedb", "MIT")
 
 SOURCES = ("offline", "hf")
+SOURCE_CHOICES = (*SOURCES, "auto")  # auto: hf when the hub answers, else offline
+PROBE = ("HuggingFaceTB/smol-smoltalk", "default", "train")  # the listing `auto` asks the hub for
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 RETRIES = 5
 RETRY_BACKOFF_S = 1.0  # first wait; doubles on each retry
@@ -119,6 +121,24 @@ def read_olmes_docs(data: bytes) -> list[dict]:
 # --- Hugging Face parquet export ---------------------------------------------------------
 def hf_endpoint() -> str:
     return os.environ.get("PICOCHAT_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT
+
+
+def resolve_source(source: str, timeout: float = 10.0, log: Callable[[str], None] = print) -> str:
+    """'offline' or 'hf' as given; for 'auto', 'hf' if the hub lists the SmolTalk export within `timeout`
+    seconds (one try), else 'offline', saying which and why."""
+    if source in SOURCES:
+        return source
+    if source != "auto":
+        raise DataError(f"--source {source!r} is unknown; use one of {', '.join(SOURCE_CHOICES)}")
+    repo, config, split = PROBE
+    url = f"{hf_endpoint()}/api/datasets/{repo}/parquet/{config}/{split}"
+    try:
+        http_get(url, retries=1, timeout=timeout)
+    except DataError as e:
+        log(f"--source auto: the hub did not answer ({e}); using the offline mixtures")
+        return "offline"
+    log(f"--source auto: the hub answers at {hf_endpoint()}; using the full online mixtures")
+    return "hf"
 
 
 def _request(url: str, on_response: Callable, retries: int, backoff: float | None, timeout: float) -> Any:

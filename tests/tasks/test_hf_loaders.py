@@ -175,3 +175,15 @@ def test_a_file_changed_after_download_is_fetched_again(hub):
     assert pq.read_table(again[0]).num_rows == 1
     manifest = json.loads((again[0].parent / "manifest.json").read_text())
     assert manifest["files"][0]["bytes"] == again[0].stat().st_size and len(manifest["files"][0]["sha256"]) == 64
+
+
+def test_auto_source_uses_the_hub_when_it_answers_and_offline_when_not(hub, monkeypatch):
+    said = []
+    assert sources.resolve_source("auto", log=said.append) == "hf"
+    assert sources.resolve_source("offline") == "offline" and sources.resolve_source("hf") == "hf"
+    hub.httpd.shutdown()
+    hub.httpd.server_close()
+    assert sources.resolve_source("auto", timeout=2, log=said.append) == "offline"
+    assert "using the full online mixtures" in said[0] and "using the offline mixtures" in said[1]
+    with pytest.raises(DataError, match="--source 'web'"):
+        sources.resolve_source("web")
