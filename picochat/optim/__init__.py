@@ -1,33 +1,44 @@
 """Optimisers for the GPT: Muon for the hidden matrices, AdamW for embedding and lm_head.
 
 Every parameter goes to exactly one group (checked), every group carries `initial_lr`
-(the training loop sets lr = initial_lr * lr_multiplier) and Muon groups carry
-`momentum` (the loop schedules it with `muon_momentum`). The assignment is printed
-once at start, so a run's log says which parameter was trained how.
+(the training loop sets lr = initial_lr * lr_multiplier), Muon groups carry
+`momentum` (the loop schedules it with `muon_momentum`) and `initial_weight_decay`
+(the loop sets weight_decay = initial_weight_decay * its weight-decay multiplier). The
+assignment is printed once at start, so a run's log says which parameter was trained how.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
 from picochat.optim.distributed import broadcast_parameters, sync_gradients
-from picochat.optim.muon import Muon, newton_schulz
+from picochat.optim.muon import Muon, MuonOptions, newton_schulz, polar_express
 from picochat.runtime import is_main_process
 
-__all__ = ["Muon", "assign_param_groups", "broadcast_parameters", "build_optimizers", "describe_params",
-           "muon_momentum", "newton_schulz", "sync_gradients"]
+__all__ = ["Muon", "MuonOptions", "assign_param_groups", "broadcast_parameters", "build_optimizers",
+           "describe_params", "muon_momentum", "newton_schulz", "polar_express", "sync_gradients"]
 
 ADAMW_EPS = 1e-10
 REFERENCE_WIDTH = 768  # AdamW LRs were tuned at this width; other widths scale by (width/768)**-0.5
 
 
-def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
-    """Muon momentum at `step`: linear from `start` to `end` over the first `warmup_steps` steps."""
+def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95, *,
+                  final: float | None = None, warmdown_ratio: float = 0.0, num_iterations: int = 0) -> float:
+    """Muon momentum at `step`: linear from `start` to `end` over the first `warmup_steps` steps.
+
+    With `final`, it then goes linearly from `end` to `final` over the last `warmdown_ratio` of
+    the `num_iterations` steps (the LR warmdown); without, it stays at `end`.
+    """
+    warmdown = round(warmdown_ratio * num_iterations)
+    if final is not None and warmdown > 0 and step >= max(warmup_steps, num_iterations - warmdown):
+        progress = min((step - (num_iterations - warmdown)) / warmdown, 1.0)
+        return end + progress * (final - end)
     if warmup_steps <= 0:
         return end
     frac = min(max(step, 0) / warmup_steps, 1.0)
@@ -75,11 +86,14 @@ def describe_params(names: list[str]) -> str:
 
 def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float, unembedding_lr: float,
                      weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
-                     muon_momentum: float = 0.95, world: Any = None) -> list[torch.optim.Optimizer]:
+                     muon_momentum: float = 0.95, muon_options: MuonOptions | None = None,
+                     muon_weight_decay: float | None = None, world: Any = None) -> list[torch.optim.Optimizer]:
     """[AdamW for wte and lm_head, Muon for the block matrices]; prints the groups on rank 0.
 
     AdamW LRs are scaled by (n_embd / 768) ** -0.5: wider models take proportionally
     smaller steps in the embedding/unembedding, Muon's orthogonal updates need no such scaling.
+    `muon_options` chooses Muon's update rule (default: the classic one); `muon_weight_decay`
+    is Muon's decay (default: `weight_decay`, shared with AdamW).
     """
     groups = assign_param_groups(model)
     n_embd = model.config.n_embd
@@ -95,16 +109,19 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float,
     adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=ADAMW_EPS, weight_decay=weight_decay,
                               fused=fused)
     matrices = groups["matrix"]
+    muon_wd = weight_decay if muon_weight_decay is None else muon_weight_decay
+    options = muon_options or MuonOptions()
     muon = Muon([{"params": [p for _, p in matrices], "names": [n for n, _ in matrices],
-                  "lr": matrix_lr, "initial_lr": matrix_lr}],
-                momentum=muon_momentum, weight_decay=weight_decay)
+                  "lr": matrix_lr, "initial_lr": matrix_lr, "initial_weight_decay": muon_wd}],
+                momentum=muon_momentum, weight_decay=muon_wd, **asdict(options))
 
     is_main = world.is_main if world is not None else is_main_process()
     if is_main:
         for kind, opt in (("adamw", adamw), ("muon", muon)):
             for g in opt.param_groups:
                 count = sum(p.numel() for p in g["params"])
-                extra = f" momentum={g['momentum']}" if kind == "muon" else f" betas={g['betas']}"
+                extra = (f" momentum={g['momentum']} {options.describe()}".rstrip() if kind == "muon"
+                         else f" betas={g['betas']}")
                 print(f"optim {kind}: lr={g['lr']:.6g}{extra} wd={g['weight_decay']} "
                       f"({len(g['params'])} tensors, {count:,} params): {describe_params(g['names'])}",
                       flush=True)

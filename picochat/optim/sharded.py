@@ -10,7 +10,7 @@ micro-batches accumulate into them, and all but the owned part are freed before 
   rank r keeps AdamW state for slice r of each and updates only that slice.
 - Muon matrices stay whole, because Newton-Schulz needs the whole matrix. Largest first,
   each goes to the rank with the fewest matrix elements so far; only that owner keeps its
-  momentum buffer and orthogonalises it.
+  state (the momentum buffer, and NorMuon's second moment) and orthogonalises it.
 
 One step:
 1. While the step's last micro-batch runs backward, a post-accumulate-grad hook on every
@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from picochat.errors import ConfigError, DataError
-from picochat.optim.muon import Muon
+from picochat.optim.muon import Muon, muon_state_shape
 
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -278,9 +278,10 @@ class ShardedMuon:
         """Keep the state of the matrices this rank owns from a full (unsharded-format) Muon state."""
         for i, entry in full["state"].items():
             for key, value in entry.items():
-                if torch.is_tensor(value) and value.shape != self.params[i].shape:
+                expected = muon_state_shape(key, tuple(self.params[i].shape))
+                if torch.is_tensor(value) and tuple(value.shape) != expected:
                     raise DataError(f"optimiser state {key!r} of Muon matrix {i} has shape {tuple(value.shape)}, "
-                                    f"the model's is {tuple(self.params[i].shape)}; the checkpoint is from another model")
+                                    f"this model's is {expected}; the checkpoint is from another model")
         state = {i: entry for i, entry in full["state"].items() if self.owners[i] == self.rank}
         self.inner.load_state_dict({"state": state, "param_groups": full["param_groups"]})
 

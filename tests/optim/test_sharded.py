@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from picochat.errors import ConfigError, DataError
 from picochat.model import GPTConfig, build_model
-from picochat.optim import Muon, build_optimizers, sync_gradients
+from picochat.optim import Muon, MuonOptions, build_optimizers, sync_gradients
 from picochat.optim.sharded import (
     LocalGradients,
     ShardedGradients,
@@ -47,12 +47,18 @@ def step_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randint(0, CONFIG.vocab_size, (2, 8), generator=g)) for _ in range(MICRO)]
 
 
-def fresh_run(rank: int, world: int, reduce_dtype: str = "fp32"):
+# Every optional Muon rule at once, with a decay large enough for the cautious mask to matter.
+ALL_MUON_OPTIONS = MuonOptions(orthogonalizer="polar_express", row_equilibration=True, renormalize=True,
+                               normuon_beta2=0.9, cautious_weight_decay=True)
+
+
+def fresh_run(rank: int, world: int, reduce_dtype: str = "fp32", muon_options: MuonOptions | None = None):
     """The same initial model on every rank; Newton-Schulz in fp32 so the comparisons are tight."""
     torch.manual_seed(0)
     model = build_model(CONFIG, "cpu")
     optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
-                                  weight_decay=0.01, world=Dist(rank=rank, world_size=world))
+                                  weight_decay=0.01, world=Dist(rank=rank, world_size=world),
+                                  muon_options=muon_options, muon_weight_decay=0.5 if muon_options else None)
     optimizers[1].ns_dtype = torch.float32
     gradients, optimizers = shard_optimizers(model, optimizers, rank, world, reduce_dtype)
     return model, gradients, optimizers
@@ -93,6 +99,19 @@ def state_numel(optimizers) -> int:
                if torch.is_tensor(v) and v.ndim > 0)
 
 
+def resumed_params(checkpoint: Path, rank: int, world: int, muon_options: MuonOptions | None = None) -> dict:
+    """Fresh model and optimisers loaded from `checkpoint`, trained from SAVE_AT to STEPS: the parameters."""
+    saved = torch.load(checkpoint, weights_only=False)
+    model, gradients, optimizers = fresh_run(rank, world, muon_options=muon_options)
+    model.load_state_dict(saved["params"])
+    for opt, state in zip(optimizers, saved["optimizers"]):
+        opt.load_state_dict(state)
+    train_steps(model, gradients, optimizers, rank, world, range(SAVE_AT, STEPS))
+    if isinstance(gradients, ShardedGradients):
+        gradients.remove_hooks()
+    return params_of(model)
+
+
 def worker(rank: int, world: int, port: int, out_dir: str, resume_from: str | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -111,14 +130,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, resume_from: str | No
         dist.barrier()  # the checkpoint is on disk before anyone resumes from it
 
         # Resume from a checkpoint (this world's or another's) into fresh optimisers: one step.
-        saved = torch.load(Path(resume_from or out / f"checkpoint_w{world}.pt"), weights_only=False)
-        model, gradients, optimizers = fresh_run(rank, world)
-        model.load_state_dict(saved["params"])
-        for opt, state in zip(optimizers, saved["optimizers"]):
-            opt.load_state_dict(state)
-        train_steps(model, gradients, optimizers, rank, world, range(SAVE_AT, STEPS))
-        record["resumed"] = params_of(model)
-        gradients.remove_hooks()
+        record["resumed"] = resumed_params(Path(resume_from or out / f"checkpoint_w{world}.pt"), rank, world)
 
         # The unsharded multi-process path (all-reduce, full optimisers on every rank).
         torch.manual_seed(0)
@@ -213,13 +225,9 @@ def test_a_two_rank_checkpoint_resumes_in_a_single_process(runs, reference) -> N
     saved = torch.load(runs["dir"] / "checkpoint_w2.pt", weights_only=False)
     at_save, _, _ = reference
     assert_params_close(saved["params"], at_save, ATOL, "weights at the checkpoint", rtol=RTOL)
-    model, gradients, optimizers = fresh_run(0, 1)
-    model.load_state_dict(saved["params"])
-    for opt, state in zip(optimizers, saved["optimizers"]):
-        opt.load_state_dict(state)  # the plain torch optimisers read the gathered state
-    train_steps(model, gradients, optimizers, 0, 1, range(SAVE_AT, STEPS))
-    assert_params_close(params_of(model), runs[2][0]["params"], ATOL, "single process from a 2-rank checkpoint",
-                        rtol=RTOL)
+    # The plain torch optimisers read the gathered state.
+    single = resumed_params(runs["dir"] / "checkpoint_w2.pt", 0, 1)
+    assert_params_close(single, runs[2][0]["params"], ATOL, "single process from a 2-rank checkpoint", rtol=RTOL)
 
 
 def test_bf16_gradient_reduction_is_close_but_not_equal(runs) -> None:
@@ -229,6 +237,46 @@ def test_bf16_gradient_reduction_is_close_but_not_equal(runs) -> None:
         # Mostly close; AdamW gives an element whose summed gradient rounds to zero in bf16 no step at all.
         assert (bf16[name] - fp32[name]).abs().mean() < 5e-3, name
     assert all(torch.equal(bf16[n], runs[2][1]["bf16"][n]) for n in bf16)  # the ranks still agree
+
+
+def options_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """All optional Muon rules, sharded: train, checkpoint, resume from it into fresh optimisers."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        checkpoint = Path(out_dir) / "options_checkpoint.pt"
+        model, gradients, optimizers = fresh_run(rank, world, muon_options=ALL_MUON_OPTIONS)
+        train_steps(model, gradients, optimizers, rank, world, range(SAVE_AT))
+        saved = {"params": params_of(model), "optimizers": [o.state_dict() for o in optimizers]}
+        if rank == 0:
+            torch.save(saved, checkpoint)
+        record = {"state_numel": state_numel(optimizers)}
+        train_steps(model, gradients, optimizers, rank, world, range(SAVE_AT, STEPS))
+        record["params"] = params_of(model)
+        gradients.remove_hooks()
+        dist.barrier()  # the checkpoint is on disk before anyone resumes from it
+        record["resumed"] = resumed_params(checkpoint, rank, world, ALL_MUON_OPTIONS)
+        torch.save(record, Path(out_dir) / f"options_rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def test_sharded_muon_options_equal_the_unsharded_ones_and_resume(tmp_path) -> None:
+    mp.spawn(options_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    records = [torch.load(tmp_path / f"options_rank{r}.pt", weights_only=False) for r in range(2)]
+    model, gradients, optimizers = fresh_run(0, 1, muon_options=ALL_MUON_OPTIONS)
+    train_steps(model, gradients, optimizers, 0, 1, range(SAVE_AT))
+    total_state = state_numel(optimizers)
+    assert any("second_moment" in s for s in optimizers[1].state.values())
+    train_steps(model, gradients, optimizers, 0, 1, range(SAVE_AT, STEPS))
+    for rank, record in enumerate(records):
+        assert_params_close(record["params"], params_of(model), ATOL, f"options, rank {rank}", rtol=RTOL)
+        for name, value in record["params"].items():  # resumed from the gathered checkpoint: bit-identical
+            assert torch.equal(record["resumed"][name], value), name
+    assert sum(r["state_numel"] for r in records) == total_state  # the second moments are sharded too
+    # The gathered (unsharded-format) checkpoint resumes in a single process, NorMuon state included.
+    single = resumed_params(tmp_path / "options_checkpoint.pt", 0, 1, ALL_MUON_OPTIONS)
+    assert_params_close(single, records[0]["params"], ATOL, "single process from the 2-rank checkpoint", rtol=RTOL)
 
 
 def test_slices_cover_a_tensor_exactly_once() -> None:
