@@ -28,6 +28,9 @@ DEFAULTS = {
     "num_iterations": -1, "target_flops": -1.0, "target_param_data_ratio": 20.0,
     "embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02, "weight_decay": 0.0,
     "warmup_steps": 0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, "momentum_warmup_steps": 300,
+    "momentum_end": 0.95, "momentum_final": None, "muon_orthogonalizer": "newton_schulz", "muon_ns_steps": 5,
+    "muon_eq": False, "muon_plus": False, "normuon": False, "normuon_beta2": 0.9, "cautious_wd": False,
+    "muon_weight_decay": None, "weight_decay_schedule": "constant",
     "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "save_every": -1, "keep_last": 2,
     "save_every_minutes": -1.0, "time_budget": -1.0, "loader": "packed",
     "vocab_size": None, "max_chars": None, "doc_cap": None,  # tokenizer keys shared by presets; unused here
@@ -55,11 +58,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-lr", type=float, help="AdamW LR of the token embedding")
     g.add_argument("--unembedding-lr", type=float, help="AdamW LR of lm_head")
     g.add_argument("--matrix-lr", type=float, help="Muon LR of the block matrices")
-    g.add_argument("--weight-decay", type=float, help="weight decay of the AdamW groups")
+    g.add_argument("--weight-decay", type=float, help="weight decay of the AdamW groups (and of Muon's unless "
+                   "--muon-weight-decay)")
     g.add_argument("--warmup-steps", type=int, help="linear LR warmup steps")
     g.add_argument("--warmdown-ratio", type=float, help="fraction of steps in the final linear warmdown")
     g.add_argument("--final-lr-frac", type=float, help="LR multiplier at the end of the warmdown")
-    g.add_argument("--momentum-warmup-steps", type=int, help="Muon momentum 0.85 -> 0.95 over this many steps")
+    g.add_argument("--momentum-warmup-steps", type=int, help="Muon momentum 0.85 -> --momentum-end over this many steps")
+    g.add_argument("--momentum-end", type=float, help="Muon momentum after the warmup (default 0.95)")
+    g.add_argument("--momentum-final", type=float,
+                   help="Muon momentum at the end, reached linearly over the LR warmdown (default: --momentum-end)")
+    g.add_argument("--muon-orthogonalizer", choices=["newton_schulz", "polar_express"],
+                   help="Muon's orthogonalisation: one fixed quintic repeated, or per-step quintics (Polar Express)")
+    g.add_argument("--muon-ns-steps", type=int, help="orthogonalisation iterations (default 5)")
+    g.add_argument("--muon-eq", action=argparse.BooleanOptionalAction,
+                   help="equalise the update's row norms before orthogonalising (MuonEq)")
+    g.add_argument("--muon-plus", action=argparse.BooleanOptionalAction,
+                   help="rescale the orthogonalised update to Frobenius norm sqrt(min(rows, cols)) (Muon+)")
+    g.add_argument("--normuon", action=argparse.BooleanOptionalAction,
+                   help="even out the update's rows (columns of wide matrices) by their second moment (NorMuon)")
+    g.add_argument("--normuon-beta2", type=float, help="EMA factor of NorMuon's second moment (default 0.9)")
+    g.add_argument("--cautious-wd", action=argparse.BooleanOptionalAction,
+                   help="Muon decays a weight only where the update has the weight's sign")
+    g.add_argument("--muon-weight-decay", type=float, help="Muon's weight decay (default: --weight-decay)")
+    g.add_argument("--weight-decay-schedule", choices=["constant", "cosine"],
+                   help="Muon's weight decay over the run: constant, or a half cosine from full to 0")
     g = p.add_argument_group("eval and checkpoints")
     g.add_argument("--eval-every", type=int, help="val bpb every N steps (<=0: at the end only)")
     g.add_argument("--eval-tokens", type=int, help="val tokens per bpb evaluation")
@@ -166,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.eval.bpb import evaluate_bpb
     from picochat.eval.samples import sample_prompts
     from picochat.model.gpt import GPTConfig, build_model
-    from picochat.optim import build_optimizers, muon_momentum
+    from picochat.optim import MuonOptions, build_optimizers, muon_momentum
     from picochat.optim.distributed import broadcast_parameters
     from picochat.runtime import (
         home,
@@ -177,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from picochat.tokenizer import Tokenizer
     from picochat.train.loop import LoopConfig, Trainer, newest_step, verify_shared_home, wandb_logger
-    from picochat.train.schedules import warmup_constant_warmdown
+    from picochat.train.schedules import cosine_to_zero, warmup_constant_warmdown
 
     world = init_distributed(args.device)
     try:
@@ -206,8 +228,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             log0(f"horizon: what fits in --time-budget {args.time_budget:g} min, set after the first steps; "
                  f"{args.total_batch_size:,} tokens per step, grad accum {grad_accum}")
+        muon_options = MuonOptions(orthogonalizer=args.muon_orthogonalizer, ns_steps=args.muon_ns_steps,
+                                   row_equilibration=args.muon_eq, renormalize=args.muon_plus,
+                                   normuon_beta2=args.normuon_beta2 if args.normuon else None,
+                                   cautious_weight_decay=args.cautious_wd)
         optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-                                      unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
+                                      unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay,
+                                      muon_options=muon_options, muon_weight_decay=args.muon_weight_decay)
         train_model = model
         if compiled:
             train_model = torch.compile(model, dynamic=False)
@@ -243,7 +270,11 @@ def run(args: argparse.Namespace) -> int:
             model, optimizers, batches, loop_cfg, world, tokenizer,
             lr_multiplier=lambda s, n: warmup_constant_warmdown(s, n, args.warmup_steps, args.warmdown_ratio,
                                                                 args.final_lr_frac),
-            momentum=lambda s: muon_momentum(s, args.momentum_warmup_steps),
+            # The trainer's horizon: a time budget fixes it only after the first steps.
+            momentum=lambda s: muon_momentum(s, args.momentum_warmup_steps, end=args.momentum_end,
+                                             final=args.momentum_final, warmdown_ratio=args.warmdown_ratio,
+                                             num_iterations=trainer.num_iterations),
+            weight_decay_multiplier=cosine_to_zero if args.weight_decay_schedule == "cosine" else None,
             evaluate=evaluate,
             sample=sample if args.sample_every != 0 else None,
             compute_dtype=dtype, train_model=train_model,

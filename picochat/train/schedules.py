@@ -1,7 +1,9 @@
-"""Learning-rate schedules: pure functions of the step, logged each step (Muon's momentum
-schedule is picochat.optim.muon_momentum)."""
+"""Learning-rate and weight-decay schedules: pure functions of the step (the LR multiplier is logged
+each step; Muon's momentum schedule is picochat.optim.muon_momentum)."""
 
 from __future__ import annotations
+
+import math
 
 
 def warmup_constant_warmdown(step: int, num_iterations: int, warmup_steps: int = 0,
@@ -30,3 +32,8 @@ def constant_then_linear_to_zero(step: int, num_iterations: int, constant_frac: 
 def linear_to_zero(step: int, num_iterations: int, init_frac: float = 1.0) -> float:
     """SFT/RL: `init_frac` at step 0, linearly to 0 at the end."""
     return init_frac * max(0.0, 1 - step / max(1, num_iterations))
+
+
+def cosine_to_zero(step: int, num_iterations: int) -> float:
+    """Weight-decay multiplier: 1 at step 0, half a cosine down to 0 at `num_iterations`."""
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, num_iterations)))
