@@ -225,8 +225,9 @@ def load_weights(path: Path, meta: dict, device: torch.device | str = "cpu") -> 
 
 def load_weights_into(model: torch.nn.Module, path: Path, meta: dict, device: torch.device | str = "cpu") -> None:
     """Load a step's weights into `model`, refusing a checkpoint of another shape by name."""
-    config = read_json_object(Path(path) / "config.json")
     ours = model.config.to_dict()
+    # A field the checkpoint's config predates has its default value there (e.g. an option it did not have yet).
+    config = {**type(model.config)().to_dict(), **read_json_object(Path(path) / "config.json")}
     differ = {k: (config[k], ours[k]) for k in ours if k in config and config[k] != ours[k]}
     if differ:
         shown = ", ".join(f"{k} {old} there, {new} here" for k, (old, new) in differ.items())

@@ -88,6 +88,33 @@ for _name in ("d20", "d26", "d32"):
                                   "loss": ["--split-tokens", str(20 * 524288)]}
 
 
+# The model's architecture flags; each dest is the GPTConfig field it sets (picochat.model.gpt).
+ARCHITECTURE_FIELDS = ("value_embeds", "layer_lambdas", "smear", "backout", "window_pattern", "qk_scale",
+                       "rope_theta", "init")
+
+
+def add_architecture_arguments(group: argparse._ArgumentGroup) -> None:
+    """--value-embeds, --smear, --window-pattern SSSL, ...: the model's options (default: classic)."""
+    on_off = argparse.BooleanOptionalAction
+    group.add_argument("--value-embeds", action=on_off, help="a gated value embedding on every other layer")
+    group.add_argument("--layer-lambdas", action=on_off,
+                       help="learned scalars before each block: x = resid_lambda * x + x0_lambda * embedding")
+    group.add_argument("--smear", action=on_off, help="mix each token's predecessor's embedding into its own")
+    group.add_argument("--backout", action=on_off,
+                       help="subtract a learned share of the middle layer's residual before the final norm")
+    group.add_argument("--window-pattern", metavar="SL...",
+                       help="attention windows tiled over the layers: L the whole context, S a quarter of it "
+                       "(e.g. SSSL); the last layer always sees the whole context (default L)")
+    group.add_argument("--qk-scale", type=float, help="factor on the normed queries and keys (default 1)")
+    group.add_argument("--rope-theta", type=float, help="rotary base (default 10000)")
+    group.add_argument("--init", choices=["classic", "2026"], help="weight init scheme (default classic)")
+
+
+def architecture_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The architecture fields that were set, as GPTConfig keyword arguments."""
+    return {k: getattr(args, k) for k in ARCHITECTURE_FIELDS if getattr(args, k, None) is not None}
+
+
 def add_preset_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default=default,

@@ -6,14 +6,15 @@
 
 Memory per device during training, by term (bytes; P = parameters, V = vocabulary,
 C = width, L = depth, N = tokens of one micro-batch on one device):
-- parameters: fp32 master weights, 4 P.
+- parameters: fp32 master weights, 4 P (value embeddings included; the options' few scalars
+  and gates are not counted).
 - bf16 weight copies: with bf16 autocast, each block matrix is cast once per forward and the
   copy is kept for the backward (2 bytes each); compiled, lm_head too. The embedding is a
   lookup, never cast.
 - gradients: fp32, 4 P, whole on every rank, when micro-batches accumulate into them. With
   one micro-batch per step they are created during the backward as activations are freed
   and the step zeroes them to None, so they add nothing to the peak (end of the forward).
-- optimiser state: AdamW moments for the embedding and lm_head (8 bytes per parameter),
+- optimiser state: AdamW moments for the embedding, the value embeddings and lm_head (8 bytes per parameter),
   a Muon momentum buffer for every block matrix (4 bytes). With more than one rank it is
   assumed sharded over the ranks (ZeRO-2 style), so each holds 1/world of it.
 - activations kept for the backward, per token: L a C + 12 C + 16 with a = 51 in bf16 and 77
@@ -47,7 +48,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from picochat.config import add_preset_argument, resolve
+from picochat.config import add_architecture_arguments, add_preset_argument, architecture_options, resolve
 from picochat.errors import ConfigError
 
 GiB = 2**30
@@ -90,6 +91,8 @@ class Shape:
     on_gpu: bool = True
     total_batch_tokens: int = 0  # tokens per optimiser step, all ranks; 0: unknown (assume accumulation)
     mlp_ratio: int = 4
+    value_embed_params: int = 0  # lookup tables trained by AdamW, like the embedding
+    windows: tuple[int | None, ...] = ()  # per-layer attention windows (None: whole context); (): all whole
 
     @property
     def accumulates(self) -> bool:
@@ -100,6 +103,9 @@ class Shape:
     @classmethod
     def from_config(cls, config, device_batch_size: int, seq_len: int | None = None, **kw) -> Shape:
         kw.setdefault("mlp_ratio", config.mlp_ratio)
+        kw.setdefault("value_embed_params", len(config.value_embed_layers()) * config.vocab_size
+                      * config.n_kv_head * config.head_dim)
+        kw.setdefault("windows", tuple(config.window_sizes()))
         return cls(config.n_layer, config.n_embd, config.n_head, config.n_kv_head, config.vocab_size,
                    seq_len or config.sequence_len, device_batch_size, **kw)
 
@@ -110,12 +116,14 @@ class Shape:
 
     @property
     def params(self) -> int:
-        return self.matrix_params + 2 * self.vocab_size * self.n_embd
+        return self.matrix_params + 2 * self.vocab_size * self.n_embd + self.value_embed_params
 
     def flops_per_token(self) -> int:
-        """As GPT.flops_per_token: 6 per matmul parameter plus attention over the context."""
+        """As GPT.flops_per_token: 6 per matmul parameter plus attention over the context (its window)."""
         scaling = self.matrix_params + self.vocab_size * self.n_embd
-        return 6 * scaling + 12 * self.n_layer * self.n_embd * self.seq_len
+        T = self.seq_len
+        attended = sum(T if w is None else min(w, T) for w in self.windows) if self.windows else self.n_layer * T
+        return 6 * scaling + 12 * self.n_embd * attended
 
 
 def memory_terms(s: Shape) -> dict[str, int]:
@@ -128,7 +136,7 @@ def memory_terms(s: Shape) -> dict[str, int]:
     N = s.device_batch_size * s.seq_len
     embed = V * C
     sharded = s.world_size > 1
-    optimiser = 8 * 2 * embed + 4 * s.matrix_params
+    optimiser = 8 * (2 * embed + s.value_embed_params) + 4 * s.matrix_params
     a = ACT_COMPILED if s.compiled else (ACT_EAGER_BF16 if s.bf16 else ACT_EAGER_FP32)
     activations = N * (L * a * C + 12 * C + 16)
     if s.compiled:
@@ -270,6 +278,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-dim", type=int, help="attention head dimension")
     g.add_argument("--n-kv-head", type=int, help="key/value heads (default: all)")
     g.add_argument("--max-seq-len", type=int, help="context length T")
+    add_architecture_arguments(g)
     g.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size")
     g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per device")
     g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step")
@@ -309,7 +318,7 @@ def build_plan(args) -> dict:
     world = args.gpus * args.nodes
     on_gpu = args.gpu != "cpu"
     config = GPTConfig.from_depth(args.depth, args.vocab_size, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-                                  max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head)
+                                  max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head, **architecture_options(args))
     compiled = on_gpu and not args.eager
     s = Shape.from_config(config, args.device_batch_size, world_size=world, compiled=compiled,
                           bf16=not args.fp32, on_gpu=on_gpu, total_batch_tokens=args.total_batch_size)

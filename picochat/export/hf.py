@@ -33,16 +33,18 @@ import torch
 from safetensors.torch import save_file
 
 from picochat.errors import UserError
-from picochat.model.gpt import GPTConfig
+from picochat.model.gpt import ARCH_OPTIONS, GPTConfig
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from picochat.tokenizer.train_hf import bytes_to_unicode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # GPTConfig fields and how each maps into NanoChatConfig; a field missing here is a feature
-# export does not know how to express, so it is refused rather than silently dropped.
+# export does not know how to express, so it is refused rather than silently dropped. The
+# architecture options (ARCH_OPTIONS) are accepted at their classic values only; the init
+# scheme only decided the starting weights.
 SUPPORTED_CONFIG_FIELDS = {"vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len",
-                           "softcap", "rope_theta", "norm_eps", "mlp_ratio"}
+                           "softcap", "rope_theta", "norm_eps", "mlp_ratio", "init", *ARCH_OPTIONS}
 
 # Our state-dict names -> transformers' names; {i} is the layer index.
 LAYER_TENSORS = {
@@ -98,6 +100,10 @@ CHAT_TEMPLATE = (
 # ---- model ---------------------------------------------------------------------------------------
 def check_exportable(config: GPTConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
     """Raise UserError if the checkpoint has anything the NanoChat model type cannot express."""
+    options = config.non_classic()
+    if options:
+        raise UserError(f"--format hf exports the classic architecture only; this model uses {', '.join(options)}, "
+                        "which transformers' NanoChat type has no counterpart for")
     unknown = sorted(set(config.to_dict()) - SUPPORTED_CONFIG_FIELDS)
     if unknown:
         raise UserError(f"model config fields {unknown} have no counterpart in transformers' NanoChat type; "

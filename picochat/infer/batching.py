@@ -293,9 +293,7 @@ class BatchingEngine:
         request.rows = [RowState(i) for i in range(request.num_samples)]
         for row in request.rows:
             self._slots.append(_Slot(request, row, length))
-        rows = slice(first, first + request.num_samples)
-        cache.k[:, rows, :, :length] = solo.k[:, :, :, :length]
-        cache.v[:, rows, :, :length] = solo.v[:, :, :, :length]
+        cache.copy_rows(slice(first, first + request.num_samples), solo, slice(0, 1), length)
         request.logits = logits.expand(request.num_samples, -1)
 
     def _free(self, finished_rows: set[int], cache: KVCache) -> None:
@@ -308,7 +306,6 @@ class BatchingEngine:
             last = len(self._slots) - 1
             if b != last:
                 moved = self._slots[last]
-                cache.k[:, b, :, :moved.length] = cache.k[:, last, :, :moved.length]
-                cache.v[:, b, :, :moved.length] = cache.v[:, last, :, :moved.length]
+                cache.copy_rows(b, cache, last, moved.length)
                 self._slots[b] = moved
             self._slots.pop()

@@ -12,6 +12,9 @@ attention over the cache), and with:
   small-batch products ran up to 1.5x faster here (except the MLP down-projection at batch 1,
   which keeps the original layout);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
+- the architecture options through the model's own methods (GPT.embed, layer_input,
+  value_embedding, final_norm; the attention's rotate_norm and value_residual) and its window
+  per layer (attention_span / attention_mask);
 - keys and values written straight into the cache at the current position.
 
 It works in the dtype the model's weights are held in, fp32 or bf16 (GPT.cast_weights_ /
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 from picochat.infer import cpu_matmul
 from picochat.infer.cpu_matmul import PackedLinear
-from picochat.model.gpt import GPT, apply_rotary, rms_norm
+from picochat.model.gpt import GPT, attention_mask, attention_span, rms_norm
 from picochat.model.kv_cache import KVCache
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
@@ -85,7 +88,7 @@ class DecodeStep:
         Without `positions` every row is at cache.pos, which advances by one. With `positions`
         (B,) int64, row b of ids is cache row b at its own position (continuous batching: rows
         of different requests, picochat.infer.batching), cache.pos is left alone, and each row
-        attends to its own first positions[b] + 1 entries only.
+        attends to its own first positions[b] + 1 entries only (its window's, in a layer with one).
         """
         model, H, Hk, D = self.model, self.n_head, self.n_kv_head, self.head_dim
         B = ids.size(0)
@@ -96,7 +99,7 @@ class DecodeStep:
             cache.room_for(1)
             cos, sin = model.rotary(pos, 1)  # (1, D/2)
             where = (slice(None), slice(None), pos)  # cache [every row, every head, pos]
-            length, mask = pos + 1, None
+            length = pos + 1
         else:
             length = int(positions.max()) + 1
             if length > cache.max_len:
@@ -104,26 +107,47 @@ class DecodeStep:
             cos, sin = model.rotary(0, length)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, D/2)
             where = (torch.arange(B, device=ids.device), slice(None), positions)  # [row b, every head, positions[b]]
-            mask = (torch.arange(length, device=ids.device) <= positions.unsqueeze(1)).view(B, 1, 1, length)
+        spans: dict[int | None, tuple[int, torch.Tensor | None]] = {}  # window -> (first key, mask)
         low = self.dtype  # the matmuls' dtype; their inputs are rounded to it, as autocast does
-        x = rms_norm(model.transformer.wte(ids[:, 0]).float(), self.eps)  # (B, C) fp32 residual
+        x = x0 = model.embed(ids, cache, positions)[:, 0]  # (B, C) fp32 residual
         cos, sin = cos.to(low), sin.to(low)
-        for i in range(len(self.qkv)):
-            qkv = self.qkv[i](rms_norm(x, self.eps).to(low)).view(B, H + 2 * Hk, D)
+        mid = None
+        for i, block in enumerate(model.transformer.h):
+            attn = block.attn
+            x = model.layer_input(i, x, x0)
+            normed = rms_norm(x, self.eps)
+            qkv = self.qkv[i](normed.to(low)).view(B, H + 2 * Hk, D)
             qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
-            qk = rms_norm(apply_rotary(qk, cos, sin), self.eps)
+            ve = model.value_embedding(i, ids[:, 0])
+            if ve is not None:
+                v = attn.value_residual(v, normed, ve)
+            qk = attn.rotate_norm(qk, cos, sin)
             keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D), fp32
             keys[where], values[where] = qk[:, H:].float(), v.float()  # (B, Hk, D) each
+            if attn.window not in spans:
+                spans[attn.window] = _span(attn.window, length, positions, ids.device)
+            first, mask = spans[attn.window]
             with torch.autocast("cpu", enabled=False):  # autocast would run it in bf16
-                y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2).float(), keys[:, :, :length],
-                                                   values[:, :, :length], attn_mask=mask,
+                y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2).float(), keys[:, :, first:length],
+                                                   values[:, :, first:length], attn_mask=mask,
                                                    enable_gqa=H != Hk)  # (B, H, 1, D) fp32
             x = x + self.attn_proj[i](y.view(B, H * D).to(low))
             hidden = F.relu(self.fc[i](rms_norm(x, self.eps).to(low))).square()  # (B, 4C)
             x = x + self.mlp_proj[i](hidden)
+            if i == model.backout_layer:
+                mid = x
         if positions is None:
             cache.advance(1)
-        return rms_norm(x, self.eps)
+        return model.final_norm(x, mid)
+
+
+def _span(window: int | None, length: int, positions: torch.Tensor | None,
+          device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """(first key, mask) for one step's queries in a layer with `window`: a slice of the keys when
+    every row is at position length - 1, a mask (B, 1, 1, length) when each row has its own."""
+    if positions is None:
+        return attention_span(length - 1, 1, window, device)
+    return 0, attention_mask(positions.view(-1, 1, 1), torch.arange(length, device=device), window)
 
 
 class _TransposedLinear:

@@ -169,7 +169,7 @@ class Engine:
                 live = [r for r in range(len(rows)) if r not in finished]
                 if not live:
                     break
-                _keep_cache_rows(cache, torch.tensor(live, device=self.device))
+                cache.keep_rows(torch.tensor(live, device=self.device))
                 rows = [rows[r] for r in live]
             ids = torch.tensor([[column[row.index]] for row in rows], dtype=torch.long, device=self.device)  # (B, 1)
             if decode is None and self.lean_decode:
@@ -313,9 +313,3 @@ def _recent_ids(rows: list[RowState], device: torch.device) -> torch.Tensor:
         if row.recent:
             out[r, : len(row.recent)] = torch.tensor(list(row.recent))
     return out.to(device)
-
-
-def _keep_cache_rows(cache: KVCache, rows: torch.Tensor) -> None:
-    """Shrink the cache's batch to `rows`: its k/v buffers are (layers, B, H_kv, max_len, D)."""
-    cache.k = cache.k.index_select(1, rows)
-    cache.v = cache.v.index_select(1, rows)

@@ -12,6 +12,20 @@ opposite angle, so picochat.export.hf negates the second half of each q/k head's
 - final RMSNorm, untied lm_head, logits softcapped: softcap * tanh(logits / softcap).
 No biases and no norm weights anywhere; every RMSNorm uses eps 1e-6.
 
+That is the classic architecture, GPTConfig's defaults. Options (GPTConfig fields, all off by
+default; ARCH_2026 turns them on together, and export refuses a model that uses any):
+- value_embeds: on every other layer, ending with the last, a second embedding table per layer
+  whose row for the token is added to v, scaled per kv head by 3 * sigmoid(W x[:12]);
+- layer_lambdas: x = resid_lambda[i] * x + x0_lambda[i] * x0 before block i, x0 the embedding;
+- smear: each token's embedding gets smear_lambda * sigmoid(W x[:24]) times the previous
+  token's added (a KV cache keeps every row's embeddings for the next call's first token);
+- backout: backout_lambda times the residual after block n_layer // 2 is subtracted before
+  the final norm (with fewer than 3 layers that block is the last, and the norm undoes it);
+- window_pattern: per-layer sliding-window attention (GPTConfig.window_sizes);
+- qk_scale: the normed q and k are each multiplied by it (sharper attention).
+The small gates are computed as elementwise products summed per row (gate_logits), so a row's
+value never depends on the batch around it.
+
 The model is declared on the meta device (no memory, no init work) and then
 materialised and initialised explicitly by `build_model`; master weights are fp32.
 Mixed precision comes from the caller's `torch.autocast`; logits and losses are fp32.
@@ -38,6 +52,14 @@ from picochat.model import fused_ce
 from picochat.model.kv_cache import KVCache
 
 IGNORE_INDEX = -1
+INIT_SCHEMES = ("classic", "2026")
+SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of a token's embedding
+VALUE_GATE_CHANNELS = 12  # the value-embedding gate reads this many leading channels of the block input
+# The architecture options: fields whose defaults are the classic model (export needs them so).
+ARCH_OPTIONS = ("value_embeds", "layer_lambdas", "smear", "backout", "window_pattern", "qk_scale")
+# Every option on, with the rotary base and init scheme they were tuned with: one group of fields.
+ARCH_2026: dict[str, Any] = {"value_embeds": True, "layer_lambdas": True, "smear": True, "backout": True,
+                             "window_pattern": "SSSL", "qk_scale": 1.2, "rope_theta": 100000.0, "init": "2026"}
 
 
 @dataclass
@@ -52,6 +74,13 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     mlp_ratio: int = 4
+    value_embeds: bool = False  # a gated value embedding on every other layer
+    layer_lambdas: bool = False  # learned residual and x0 scalars before every block
+    smear: bool = False  # mix the previous token's embedding into each token's
+    backout: bool = False  # subtract a learned share of the middle layer's residual at the end
+    window_pattern: str = "L"  # per-layer attention windows, tiled: L the whole context, S short
+    qk_scale: float = 1.0  # factor on the normed queries and keys
+    init: str = "classic"  # weight init scheme: classic or 2026 (see GPT.init_weights)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len", "mlp_ratio"):
@@ -66,6 +95,17 @@ class GPTConfig:
             raise ConfigError(f"model config: head_dim={self.head_dim} must be even for rotary embeddings")
         if self.softcap <= 0:
             raise ConfigError(f"model config: softcap={self.softcap} must be > 0")
+        if not self.window_pattern or set(self.window_pattern) - set("SL"):
+            raise ConfigError(f"model config: window_pattern={self.window_pattern!r} must be letters S (short "
+                              "window) and L (whole context), tiled over the layers, e.g. SSSL")
+        if self.qk_scale <= 0:
+            raise ConfigError(f"model config: qk_scale={self.qk_scale} must be > 0")
+        if self.init not in INIT_SCHEMES:
+            raise ConfigError(f"model config: init={self.init!r} is unknown; choose one of {', '.join(INIT_SCHEMES)}")
+        for option, channels in (("smear", SMEAR_CHANNELS), ("value_embeds", VALUE_GATE_CHANNELS)):
+            if getattr(self, option) and self.n_embd < channels:
+                raise ConfigError(f"model config: {option} needs n_embd >= {channels} (its gate reads that many "
+                                  f"channels), got {self.n_embd}; use a wider model or turn {option} off")
 
     @property
     def head_dim(self) -> int:
@@ -73,8 +113,10 @@ class GPTConfig:
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, aspect_ratio: int = 64, head_dim: int = 128,
-                   max_seq_len: int = 2048, n_kv_head: int | None = None) -> GPTConfig:
-        """The one-dial config: width = depth * aspect_ratio rounded UP to a multiple of head_dim."""
+                   max_seq_len: int = 2048, n_kv_head: int | None = None, **options: Any) -> GPTConfig:
+        """The one-dial config: width = depth * aspect_ratio rounded UP to a multiple of head_dim.
+
+        `options`: other fields as they are (the architecture options, rope_theta, init)."""
         if depth < 1 or aspect_ratio < 1 or head_dim < 1:
             raise ConfigError(f"--depth {depth}, --aspect-ratio {aspect_ratio}, --head-dim {head_dim}: "
                               "all must be positive")
@@ -82,7 +124,28 @@ class GPTConfig:
         n_head = n_embd // head_dim
         return cls(vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                    n_kv_head=n_head if n_kv_head is None else n_kv_head,
-                   n_embd=n_embd, sequence_len=max_seq_len)
+                   n_embd=n_embd, sequence_len=max_seq_len, **options)
+
+    def window_sizes(self) -> list[int | None]:
+        """Per layer, how many earlier tokens a query attends to besides itself (None: all of them).
+
+        window_pattern is tiled over the layers; L is the whole context, S a quarter of sequence_len
+        rounded up to a multiple of 128 (512 at 2048); the last layer always sees the whole context.
+        """
+        quarter = -(-self.sequence_len // 4)
+        short = -(-quarter // 128) * 128
+        pattern = self.window_pattern
+        return [None if i == self.n_layer - 1 or pattern[i % len(pattern)] == "L" else short
+                for i in range(self.n_layer)]
+
+    def value_embed_layers(self) -> list[int]:
+        """The layers with a value embedding: every other one, ending with the last (none when off)."""
+        return [i for i in range(self.n_layer) if self.value_embeds and i % 2 == (self.n_layer - 1) % 2]
+
+    def non_classic(self) -> list[str]:
+        """'field=value' for every architecture option that is not at its classic value."""
+        classic = {f.name: f.default for f in dataclasses.fields(self)}
+        return [f"{name}={getattr(self, name)!r}" for name in ARCH_OPTIONS if getattr(self, name) != classic[name]]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,40 +175,76 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x[..., :k] @ weight.T for a small (n, k) gate weight -> (..., n), as elementwise products
+    summed in x's dtype: autocast leaves it alone, and each row is summed on its own, so a row's
+    gate does not depend on how many rows come with it (as a GEMM's rounding can)."""
+    return (x[..., None, :weight.size(1)] * weight).sum(-1)
+
+
+def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (..., queries, keys): the key at position j is visible to the query at position p
+    when p - window <= j <= p (window None: j <= p). query_pos (..., queries), key_pos (keys,)."""
+    behind = query_pos.unsqueeze(-1) - key_pos
+    return behind >= 0 if window is None else (behind >= 0) & (behind <= window)
+
+
+def attention_span(past: int, T: int, window: int | None, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """What T queries at positions past .. past+T-1 attend to among keys 0 .. past+T-1:
+    (the first key any of them sees, a mask over the keys from there on, or None when a single
+    query sees them all or plain causal attention over fresh keys is exact)."""
+    first = 0 if window is None else max(0, past - window)
+    if T == 1 or (past == 0 and (window is None or window >= T - 1)):
+        return first, None
+    return first, attention_mask(torch.arange(past, past + T, device=device),
+                                 torch.arange(first, past + T, device=device), window)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.eps = config.norm_eps
+        self.eps, self.qk_scale = config.norm_eps, config.qk_scale
+        self.window = config.window_sizes()[layer_idx]
         kv_dim = config.n_kv_head * config.head_dim
         self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        has_value_embed = layer_idx in config.value_embed_layers()
+        self.ve_gate = nn.Parameter(torch.empty(config.n_kv_head, VALUE_GATE_CHANNELS)) if has_value_embed else None
+
+    def rotate_norm(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding, then RMSNorm, then qk_scale: queries and keys (..., T, D) alike."""
+        t = rms_norm(apply_rotary(t, cos, sin), self.eps)
+        return t if self.qk_scale == 1.0 else t * self.qk_scale
+
+    def value_residual(self, v: torch.Tensor, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
+        """v (..., H_kv, D) plus the token's value embedding ve (..., H_kv * D), scaled per kv head by
+        3 * sigmoid(gate(x)) in (0, 3), x (..., C) the block's normed input; in v's dtype."""
+        gate = 3.0 * torch.sigmoid(gate_logits(x, self.ve_gate))  # (..., H_kv)
+        return (v + gate.unsqueeze(-1) * ve.view(v.shape)).to(v.dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None) -> torch.Tensor:
+                kv_cache: KVCache | None, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            v = self.value_residual(v, x, ve)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or H_kv, T, D)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = rms_norm(apply_rotary(q, cos, sin), self.eps)
-        k = rms_norm(apply_rotary(k, cos, sin), self.eps)
-
-        mask, is_causal = None, True
+        q, k = self.rotate_norm(q, cos, sin), self.rotate_norm(k, cos, sin)
+        past = 0
         if kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, H_kv, past + T, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
-            if T == 1:
-                is_causal = False  # one new token sees everything cached
-            elif past > 0:
-                # query i (absolute position past + i) sees keys 0 .. past + i
-                is_causal = False
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        first, mask = attention_span(past, T, self.window, x.device)
+        y = F.scaled_dot_product_attention(q, k[:, :, first:], v[:, :, first:], attn_mask=mask,
+                                           is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -168,14 +267,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.eps), cos, sin, kv_cache)
+                kv_cache: KVCache | None, ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, self.eps), cos, sin, kv_cache, ve)
         return x + self.mlp(rms_norm(x, self.eps))
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
-        """Declares modules only (works on the meta device); `init_weights` fills them."""
+        """Declares modules only (works on the meta device); `init_weights` fills them.
+
+        An option that is off adds nothing: its parameters are None, so a classic model's state
+        dict is exactly the classic one."""
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict({
@@ -183,6 +285,16 @@ class GPT(nn.Module):
             "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                           for i in config.value_embed_layers()})
+        L, lambdas = config.n_layer, config.layer_lambdas
+        self.resid_lambdas = nn.Parameter(torch.empty(L)) if lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.empty(L)) if lambdas else None
+        self.smear_gate = nn.Parameter(torch.empty(1, SMEAR_CHANNELS)) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.empty(1)) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.empty(1)) if config.backout else None
+        self.backout_layer = L // 2 if config.backout else None
         # Rotary tables (T, D/2); derived from the config, so not saved in the state dict.
         half = config.head_dim // 2
         self.register_buffer("rotary_cos", torch.empty(config.sequence_len, half), persistent=False)
@@ -192,6 +304,7 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Initialise every parameter and buffer, in a fixed order, from torch's global RNG.
 
+        init "classic":
         - wte ~ N(0, 1): its output is RMS-normed at once, so the scale only sets how far
           one AdamW step (absolute units) moves an embedding; 1 matches those steps.
         - q, k, v, c_fc ~ U(-a, a), std 1/sqrt(n_embd): their inputs are RMS-normed (unit
@@ -201,17 +314,39 @@ class GPT(nn.Module):
           the normed embedding, and depth adds signal only as fast as training asks.
         - lm_head ~ N(0, 0.001): logits start near 0 (loss near ln(vocab)), but not exactly
           0, so gradients reach the blocks from the first step.
+        init "2026": wte ~ N(0, 0.8) and c_fc with a 0.4x narrower bound; the rest as classic.
+        The options' parameters come after all of those (a classic model draws what it always
+        drew): value embeddings like c_v; gates ~ U(0, 0.02); smear_lambda 0; backout_lambda 0.2;
+        resid/x0 lambdas 1/0 (the blocks as without them), or with init 2026 from 1.15/0.20 at
+        the first layer down to 1.05/0.05 at the last.
         """
-        n_embd = self.config.n_embd
-        bound = math.sqrt(3.0) / math.sqrt(n_embd)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        c = self.config
+        modern = c.init == "2026"
+        bound = math.sqrt(3.0) / math.sqrt(c.n_embd)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if modern else 1.0)
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            fc_bound = 0.4 * bound if modern else bound
+            nn.init.uniform_(block.mlp.c_fc.weight, -fc_bound, fc_bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        self._set_rotary(self.config.sequence_len, self.lm_head.weight.device)
+        for table in self.value_embeds.values():
+            nn.init.uniform_(table.weight, -bound, bound)
+        gates = [b.attn.ve_gate for b in self.transformer.h if b.attn.ve_gate is not None] + [self.smear_gate]
+        for gate in gates:
+            if gate is not None:
+                nn.init.uniform_(gate, 0.0, 0.02)
+        if self.smear_lambda is not None:
+            nn.init.zeros_(self.smear_lambda)
+        if self.backout_lambda is not None:
+            nn.init.constant_(self.backout_lambda, 0.2)
+        if self.resid_lambdas is not None:
+            depth = torch.arange(c.n_layer, dtype=torch.float32) / max(c.n_layer - 1, 1)  # 0 .. 1
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth if modern else torch.ones(c.n_layer))
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth if modern else torch.zeros(c.n_layer))
+        self._set_rotary(c.sequence_len, self.lm_head.weight.device)
 
     def _set_rotary(self, length: int, device: torch.device) -> None:
         """cos/sin tables of angle t * theta**(-2i/D), t < length, i < D/2 (fp32)."""
@@ -240,20 +375,53 @@ class GPT(nn.Module):
         """idx (B, T) -> the final RMS-normed hidden states (B, T, C) that lm_head reads.
 
         The inference engine unembeds only the positions it samples from (see
-        picochat.infer.unembed); everything else goes through forward().
+        picochat.infer.unembed); everything else goes through forward(). The steps around the
+        blocks (embed, layer_input, value_embedding, final_norm) are methods that
+        picochat.infer.decode.DecodeStep calls too.
         """
         T = idx.size(1)
         cos, sin = self.rotary(kv_cache.pos if kv_cache is not None else 0, T)  # (T, D/2)
-
-        eps = self.config.norm_eps
-        # The residual stream is fp32 also when the weights are held in bf16 for inference
-        # (with_weights_in), as it is under autocast with fp32 master weights in training.
-        x = rms_norm(self.transformer.wte(idx).float(), eps)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        x = x0 = self.embed(idx, kv_cache)  # (B, T, C)
+        mid = None
+        for i, block in enumerate(self.transformer.h):
+            x = block(self.layer_input(i, x, x0), cos, sin, kv_cache, self.value_embedding(i, idx))
+            if i == self.backout_layer:
+                mid = x
         if kv_cache is not None:
             kv_cache.advance(T)
-        return rms_norm(x, eps)
+        return self.final_norm(x, mid)
+
+    def embed(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> the normed token embeddings (B, T, C), fp32, smeared when that option is on.
+
+        The residual stream is fp32 also when the weights are held in bf16 for inference
+        (with_weights_in), as it is under autocast with fp32 master weights in training. With a
+        cache, smear reads the embedding before each row's first token from it and stores these
+        (KVCache.swap_embeddings; `positions` as in DecodeStep)."""
+        x = rms_norm(self.transformer.wte(idx).float(), self.config.norm_eps)
+        if self.smear_gate is None:
+            return x
+        before = x.new_zeros(x.size(0), x.size(2)) if kv_cache is None else kv_cache.swap_embeddings(x, positions)
+        previous = torch.cat([before.unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C); zeros: no token before
+        return x + self.smear_lambda * torch.sigmoid(gate_logits(x, self.smear_gate)) * previous
+
+    def layer_input(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """What block i reads: x, or resid_lambda[i] * x + x0_lambda[i] * x0 (x0: the embedding)."""
+        if self.resid_lambdas is None:
+            return x
+        return self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+
+    def value_embedding(self, i: int, idx: torch.Tensor) -> torch.Tensor | None:
+        """Layer i's value embedding of the tokens idx (..., H_kv * D), or None where it has none."""
+        key = str(i)
+        return self.value_embeds[key](idx) if key in self.value_embeds else None
+
+    def final_norm(self, x: torch.Tensor, mid: torch.Tensor | None) -> torch.Tensor:
+        """RMSNorm of the last residual, after subtracting backout_lambda * mid (the middle layer's)."""
+        if mid is not None:
+            x = x - self.backout_lambda * mid
+        return rms_norm(x, self.config.norm_eps)
 
     def rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (length, D/2) for positions start .. start+length-1; the tables grow on demand."""
@@ -295,11 +463,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def cast_weights_(self, dtype: torch.dtype) -> GPT:
-        """Hold every weight in `dtype`, in place (the rotary tables stay fp32): for serving,
-        where the model never trains, so matmuls read compute-dtype weights without a cast per
-        call. Run it under torch.autocast(dtype) (the residual stream stays fp32)."""
+        """Hold every weight in `dtype`, in place (the rotary tables and the per-layer scalars stay
+        fp32: they scale the fp32 residual stream): for serving, where the model never trains, so
+        matmuls read compute-dtype weights without a cast per call. Run it under
+        torch.autocast(dtype) (the residual stream stays fp32)."""
         for param in self.parameters():
-            param.data = param.data.to(dtype)
+            if param.ndim > 1:
+                param.data = param.data.to(dtype)
         return self
 
     @torch.no_grad()
@@ -311,18 +481,22 @@ class GPT(nn.Module):
             return self
         with torch.device("meta"):
             clone = GPT(self.config)
-        clone.load_state_dict({k: v.to(dtype) for k, v in self.state_dict().items()}, assign=True)
+        clone.load_state_dict({k: v.to(dtype) if v.ndim > 1 else v.clone() for k, v in self.state_dict().items()},
+                              assign=True)
         clone.rotary_cos, clone.rotary_sin = self.rotary_cos, self.rotary_sin
         return clone.train(self.training).requires_grad_(False)
 
     def num_scaling_params(self) -> int:
-        """Block matrices + lm_head: the parameters that cost FLOPs (the embedding is a lookup)."""
-        return self.num_params() - self.transformer.wte.weight.numel()
+        """Block matrices + lm_head: the parameters that cost FLOPs. The token and value embeddings
+        are lookups; the options' gates and scalars are elementwise (and a few hundred numbers)."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per matmul parameter (fwd + bwd) + attention scores/values."""
-        c = self.config
-        return 6 * self.num_scaling_params() + 12 * c.n_layer * c.n_embd * c.sequence_len
+        """Training FLOPs per token: 6 per matmul parameter (fwd + bwd) + attention scores/values
+        over the keys a query sees at full length (min(window, T) per layer)."""
+        c, T = self.config, self.config.sequence_len
+        attended = sum(T if w is None else min(w, T) for w in c.window_sizes())
+        return 6 * self.num_scaling_params() + 12 * c.n_embd * attended
 
 
 def build_model(config: GPTConfig, device: torch.device | str) -> GPT:

@@ -1,5 +1,10 @@
 """Optimisers for the GPT: Muon for the hidden matrices, AdamW for embedding and lm_head.
 
+The architecture options' parameters (picochat.model.gpt) get AdamW groups of their own, each
+with its own LR, betas and weight decay (AdamWGroup): value embeddings, resid lambdas, x0
+lambdas, and the smear gate, smear lambda and backout lambda together; the value-embedding
+gates live in the blocks and go to Muon with the other block matrices.
+
 Every parameter goes to exactly one group (checked), every group carries `initial_lr`
 (the training loop sets lr = initial_lr * lr_multiplier), Muon groups carry
 `momentum` (the loop schedules it with `muon_momentum`) and `initial_weight_decay`
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,11 +26,27 @@ from picochat.optim.distributed import broadcast_parameters, sync_gradients
 from picochat.optim.muon import Muon, MuonOptions, newton_schulz, polar_express
 from picochat.runtime import is_main_process
 
-__all__ = ["Muon", "MuonOptions", "assign_param_groups", "broadcast_parameters", "build_optimizers",
+__all__ = ["AdamWGroup", "Muon", "MuonOptions", "assign_param_groups", "broadcast_parameters", "build_optimizers",
            "describe_params", "muon_momentum", "newton_schulz", "polar_express", "sync_gradients"]
 
 ADAMW_EPS = 1e-10
 REFERENCE_WIDTH = 768  # AdamW LRs were tuned at this width; other widths scale by (width/768)**-0.5
+
+
+@dataclass(frozen=True)
+class AdamWGroup:
+    """LR, betas and weight decay of one AdamW group of the architecture options' parameters.
+    `width_scaled`: the LR is scaled by (n_embd / 768) ** -0.5, as the embedding's is."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    width_scaled: bool = False
+
+
+# The options' parameters (by name, or name prefix) -> their AdamW group.
+OPTION_GROUPS = {"value_embeds.": "value_embeds", "resid_lambdas": "resid_lambdas", "x0_lambdas": "x0_lambdas",
+                 "smear_gate": "scalars", "smear_lambda": "scalars", "backout_lambda": "scalars"}
 
 
 def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95, *,
@@ -46,18 +67,23 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
 
 
 def assign_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Split the parameters into 'matrix' (Muon), 'embedding' and 'unembedding' (AdamW).
+    """Split the parameters into 'matrix' (Muon), 'embedding', 'unembedding' and the options'
+    groups (AdamW: 'value_embeds', 'resid_lambdas', 'x0_lambdas', 'scalars'; empty when off).
 
     Raises if a parameter fits no group, so a new kind of parameter can never go untrained.
     """
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embedding": [], "unembedding": []}
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+        "matrix": [], "embedding": [], "unembedding": [], **{g: [] for g in OPTION_GROUPS.values()}}
     for name, p in model.named_parameters():
+        option = next((g for prefix, g in OPTION_GROUPS.items() if name.startswith(prefix)), None)
         if name == "transformer.wte.weight":
             groups["embedding"].append((name, p))
         elif name == "lm_head.weight":
             groups["unembedding"].append((name, p))
         elif name.startswith("transformer.h.") and p.ndim == 2:
             groups["matrix"].append((name, p))
+        elif option is not None:
+            groups[option].append((name, p))
         else:
             raise RuntimeError(f"parameter {name} {tuple(p.shape)} has no optimiser group; "
                                "extend picochat.optim.assign_param_groups")
@@ -87,11 +113,21 @@ def describe_params(names: list[str]) -> str:
 def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float, unembedding_lr: float,
                      weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
                      muon_momentum: float = 0.95, muon_options: MuonOptions | None = None,
-                     muon_weight_decay: float | None = None, world: Any = None) -> list[torch.optim.Optimizer]:
-    """[AdamW for wte and lm_head, Muon for the block matrices]; prints the groups on rank 0.
+                     muon_weight_decay: float | None = None, world: Any = None,
+                     value_embeds: AdamWGroup | None = None,
+                     resid_lambdas: AdamWGroup = AdamWGroup(0.005, (0.8, 0.95), 0.05),
+                     x0_lambdas: AdamWGroup = AdamWGroup(0.5, (0.96, 0.95), 0.0),
+                     scalars: AdamWGroup = AdamWGroup(0.2, (0.8, 0.95), 0.0)) -> list[torch.optim.Optimizer]:
+    """[AdamW for wte, lm_head and the options' parameters, Muon for the block matrices]; prints
+    the groups on rank 0.
 
     AdamW LRs are scaled by (n_embd / 768) ** -0.5: wider models take proportionally
     smaller steps in the embedding/unembedding, Muon's orthogonal updates need no such scaling.
+    The options' AdamW groups, each left out when its option is off, default to the values they
+    were tuned with: `value_embeds` (None: half embedding_lr, width-scaled, betas (0.8, 0.995),
+    weight decay 0.01), `resid_lambdas` (0.005, (0.8, 0.95), 0.05), `x0_lambdas` (0.5,
+    (0.96, 0.95), 0: a slow first moment) and `scalars`, the smear gate and lambda and the backout
+    lambda (0.2, (0.8, 0.95), 0); only the value embeddings' LR is width-scaled.
     `muon_options` chooses Muon's update rule (default: the classic one); `muon_weight_decay`
     is Muon's decay (default: `weight_decay`, shared with AdamW).
     """
@@ -103,6 +139,13 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float,
         named = groups[key]
         adam_groups.append({"params": [p for _, p in named], "names": [n for n, _ in named],
                             "lr": lr * width_scale, "initial_lr": lr * width_scale})
+    value_embeds = value_embeds or AdamWGroup(embedding_lr / 2, (0.8, 0.995), 0.01, width_scaled=True)
+    for key, spec in (("value_embeds", value_embeds), ("resid_lambdas", resid_lambdas),
+                      ("x0_lambdas", x0_lambdas), ("scalars", scalars)):
+        if groups[key]:
+            lr = spec.lr * (width_scale if spec.width_scaled else 1.0)
+            adam_groups.append({"params": [p for _, p in groups[key]], "names": [n for n, _ in groups[key]],
+                                "lr": lr, "initial_lr": lr, "betas": spec.betas, "weight_decay": spec.weight_decay})
     device_type = next(model.parameters()).device.type
     # The fused kernel runs one pass over all of a group's tensors (CPU and CUDA).
     fused = device_type in ("cpu", "cuda")

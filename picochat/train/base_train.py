@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from picochat.config import add_preset_argument, resolve
+from picochat.config import add_architecture_arguments, add_preset_argument, architecture_options, resolve
 from picochat.errors import ConfigError
 from picochat.plan import add_plan_check_argument, explain_batch_divisibility, valid_batches
 from picochat.runtime import log0
@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-dim", type=int, help="attention head dimension")
     g.add_argument("--n-kv-head", type=int, help="key/value heads for grouped-query attention (default: all)")
     g.add_argument("--max-seq-len", type=int, help="context length T")
+    add_architecture_arguments(g)
     g = p.add_argument_group("batch and horizon")
     g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per process")
     g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step (all processes, all micro-batches)")
@@ -209,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = Tokenizer.load(args.tokenizer_dir or home() / "tokenizer")
         train_files, val_file = list_shards(args.data_dir or default_data_dir())
         config = GPTConfig.from_depth(args.depth, tokenizer.vocab_size, aspect_ratio=args.aspect_ratio,
-                                      head_dim=args.head_dim, max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head)
+                                      head_dim=args.head_dim, max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head,
+                                      **architecture_options(args))
         compiled = args.compile == "on" or (args.compile == "auto" and world.device.type == "cuda")
         check_batch(args, world.world_size)
         check_memory(args, config, world, compiled, dtype)

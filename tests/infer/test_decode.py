@@ -1,4 +1,5 @@
-"""DecodeStep: the lean one-token step equals the model's own forward, with and without GQA."""
+"""DecodeStep: the lean one-token step equals the model's own forward, with and without GQA,
+and with each architecture option alone and all of them together."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from picochat.infer.decode import DecodeStep
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.model.kv_cache import KVCache
+from tests.model.options import LONG, OPTIONS, options_config, randomize
 
 # (n_head, n_kv_head, n_embd): MHA, GQA, MQA and head dims 8 / 16 / 32
 SHAPES = [(4, 4, 64), (4, 2, 64), (4, 1, 64), (2, 1, 64), (8, 2, 64), (3, 3, 48)]
@@ -22,19 +24,31 @@ MEAN_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 def test_decode_step_equals_hidden_states(n_head, n_kv_head, n_embd, dtype, matmul_kernel):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=97, n_layer=3, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, sequence_len=8)
-    model = build_model(config, "cpu").eval()
-    with torch.no_grad():  # non-zero output projections, so every layer matters
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(std=0.1)
-            block.mlp.c_proj.weight.normal_(std=0.1)
+    # runs past sequence_len: the rotary tables must grow
+    check_decode_equals_hidden_states(randomize(build_model(config, "cpu").eval()), dtype, prompt_len=5, new=9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("option", OPTIONS)
+def test_decode_step_equals_hidden_states_with_options(option, n_kv_head, dtype, matmul_kernel):
+    torch.manual_seed(0)
+    config = options_config(OPTIONS[option], n_kv_head=n_kv_head)
+    # windowed: the prompt already reaches past the short window, decoding slides it along
+    prompt_len = LONG if config.sequence_len > 32 else 5
+    check_decode_equals_hidden_states(randomize(build_model(config, "cpu").eval()), dtype, prompt_len, new=9)
+
+
+def check_decode_equals_hidden_states(model, dtype: torch.dtype, prompt_len: int, new: int) -> None:
+    """Prefill `prompt_len` tokens, then `new` one at a time through hidden_states and DecodeStep."""
+    config = model.config
     model.cast_weights_(dtype)
     assert DecodeStep.supports(model, dtype)
     step = DecodeStep(model)
-    head_dim = n_embd // n_head
-    B, prompt_len, new = 3, 5, 9  # runs past sequence_len: the rotary tables must grow
-    ids = torch.randint(0, 97, (B, prompt_len + new))
-    ref_cache = KVCache(B, 3, n_kv_head, head_dim, prompt_len + new, dtype=dtype)
-    fast_cache = KVCache(B, 3, n_kv_head, head_dim, prompt_len + new)  # fp32: attention runs in fp32
+    B, layers, n_kv_head, head_dim = 3, config.n_layer, config.n_kv_head, config.head_dim
+    ids = torch.randint(0, config.vocab_size, (B, prompt_len + new))
+    ref_cache = KVCache(B, layers, n_kv_head, head_dim, prompt_len + new, dtype=dtype)
+    fast_cache = KVCache(B, layers, n_kv_head, head_dim, prompt_len + new)  # fp32: attention runs in fp32
     tol = TOLERANCE[dtype]
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         model.hidden_states(ids[:, :prompt_len], kv_cache=ref_cache)

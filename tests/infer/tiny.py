@@ -21,10 +21,12 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train(TEXTS, vocab_size=300)
 
 
-def tiny_model(vocab_size: int, seed: int = 0, sequence_len: int = 64) -> torch.nn.Module:
-    """A 2-layer GPT (GQA: 2 query heads, 1 kv head) with every weight random, so logits depend on context."""
+def tiny_model(vocab_size: int, seed: int = 0, sequence_len: int = 64, **options) -> torch.nn.Module:
+    """A 2-layer GPT (GQA: 2 query heads, 1 kv head) with every weight random, so logits depend on
+    context; `options`: other GPTConfig fields (the architecture options)."""
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=sequence_len)
+    config = GPTConfig(vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=sequence_len,
+                       **options)
     model = build_model(config, "cpu")
     with torch.no_grad():
         for p in model.parameters():

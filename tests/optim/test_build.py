@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from picochat.model import GPTConfig, build_model
-from picochat.optim import Muon, assign_param_groups, build_optimizers, describe_params, muon_momentum
+from picochat.optim import (
+    AdamWGroup,
+    Muon,
+    assign_param_groups,
+    build_optimizers,
+    describe_params,
+    muon_momentum,
+)
 
 
 def tiny_model():
@@ -91,3 +98,27 @@ def test_a_tiny_model_overfits_a_tiny_batch() -> None:
         losses.append(loss.item())
     assert losses[0] == pytest.approx(torch.log(torch.tensor(64.0)).item(), abs=0.05)
     assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+def test_the_architecture_options_get_their_own_adamw_groups() -> None:
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=64, n_layer=3, n_head=2, n_kv_head=1, n_embd=32, sequence_len=16,
+                                  value_embeds=True, layer_lambdas=True, smear=True, backout=True), "cpu")
+    groups = {k: [n for n, _ in v] for k, v in assign_param_groups(model).items()}
+    assert groups["value_embeds"] == ["value_embeds.0.weight", "value_embeds.2.weight"]
+    assert groups["resid_lambdas"] == ["resid_lambdas"] and groups["x0_lambdas"] == ["x0_lambdas"]
+    assert groups["scalars"] == ["smear_gate", "smear_lambda", "backout_lambda"]
+    assert {"transformer.h.0.attn.ve_gate", "transformer.h.2.attn.ve_gate"} <= set(groups["matrix"])  # Muon
+    adamw, _ = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.03,
+                                x0_lambdas=AdamWGroup(0.3, (0.9, 0.9), 0.1))
+    by_name = {g["names"][0]: g for g in adamw.param_groups}
+    scale = (32 / 768) ** -0.5
+    expected = {"transformer.wte.weight": (0.2 * scale, (0.8, 0.95), 0.03),  # classic groups as they were
+                "value_embeds.0.weight": (0.1 * scale, (0.8, 0.995), 0.01),
+                "resid_lambdas": (0.005, (0.8, 0.95), 0.05), "x0_lambdas": (0.3, (0.9, 0.9), 0.1),
+                "smear_gate": (0.2, (0.8, 0.95), 0.0)}
+    for name, (lr, betas, wd) in expected.items():
+        g = by_name[name]
+        assert (g["lr"], g["initial_lr"], g["betas"], g["weight_decay"]) == (pytest.approx(lr), pytest.approx(lr),
+                                                                            betas, wd), name
+    assert len(adamw.param_groups) == 6

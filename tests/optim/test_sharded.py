@@ -7,6 +7,7 @@ the plain optimisers is the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from picochat.runtime import Dist, shutdown_distributed
 
 # vocab 61: the embedding's 61*32 elements do not split evenly over 2 or 4 ranks (padded slices).
 CONFIG = GPTConfig(vocab_size=61, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=8)
+# The architecture options add AdamW groups of their own (one-element tensors: a slice on one rank,
+# empty slices on the others; value embeddings) and small gate matrices to Muon.
+OPTIONS_CONFIG = dataclasses.replace(CONFIG, n_layer=3, value_embeds=True, layer_lambdas=True, smear=True,
+                                     backout=True)
 MICRO = 4
 STEPS = 3  # a checkpoint is taken after SAVE_AT steps, then one more step is compared
 SAVE_AT = 2
@@ -52,10 +57,11 @@ ALL_MUON_OPTIONS = MuonOptions(orthogonalizer="polar_express", row_equilibration
                                normuon_beta2=0.9, cautious_weight_decay=True)
 
 
-def fresh_run(rank: int, world: int, reduce_dtype: str = "fp32", muon_options: MuonOptions | None = None):
+def fresh_run(rank: int, world: int, reduce_dtype: str = "fp32", muon_options: MuonOptions | None = None,
+              config: GPTConfig = CONFIG):
     """The same initial model on every rank; Newton-Schulz in fp32 so the comparisons are tight."""
     torch.manual_seed(0)
-    model = build_model(CONFIG, "cpu")
+    model = build_model(config, "cpu")
     optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
                                   weight_decay=0.01, world=Dist(rank=rank, world_size=world),
                                   muon_options=muon_options, muon_weight_decay=0.5 if muon_options else None)
@@ -145,6 +151,15 @@ def worker(rank: int, world: int, port: int, out_dir: str, resume_from: str | No
             model, gradients, optimizers = fresh_run(rank, world, "bf16")
             train_steps(model, gradients, optimizers, rank, world, range(STEPS))
             record["bf16"] = params_of(model)
+            gradients.remove_hooks()
+            # the architecture options' groups, sharded and all-reduced (fresh_run in a world of 1: plain optimisers)
+            model, gradients, optimizers = fresh_run(rank, world, config=OPTIONS_CONFIG)
+            train_steps(model, gradients, optimizers, rank, world, range(STEPS))
+            record["options"] = params_of(model)
+            gradients.remove_hooks()
+            model, _, optimizers = fresh_run(rank, 1, config=OPTIONS_CONFIG)
+            train_steps(model, AllReducedGradients(model), optimizers, rank, world, range(STEPS))
+            record["options_unsharded"] = params_of(model)
         torch.save(record, out / f"w{world}_rank{rank}.pt")
     finally:
         shutdown_distributed()
@@ -277,6 +292,14 @@ def test_sharded_muon_options_equal_the_unsharded_ones_and_resume(tmp_path) -> N
     # The gathered (unsharded-format) checkpoint resumes in a single process, NorMuon state included.
     single = resumed_params(tmp_path / "options_checkpoint.pt", 0, 1, ALL_MUON_OPTIONS)
     assert_params_close(single, records[0]["params"], ATOL, "single process from the 2-rank checkpoint", rtol=RTOL)
+
+
+def test_the_architecture_options_groups_shard_exactly(runs) -> None:
+    for rank, record in enumerate(runs[2]):  # two-term sums are exact: bit-identical to the all-reduce path
+        assert record["options"].keys() == record["options_unsharded"].keys()
+        for name, value in record["options_unsharded"].items():
+            assert torch.equal(record["options"][name], value), f"rank {rank}: {name}"
+    assert {"value_embeds.0.weight", "backout_lambda", "transformer.h.0.attn.ve_gate"} <= set(runs[2][0]["options"])
 
 
 def test_slices_cover_a_tensor_exactly_once() -> None:
