@@ -143,10 +143,9 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
     """Build optimisers and the Trainer, resume if asked, run, and return the final metrics."""
     import torch
 
-    from picochat import checkpoint as ckpt
     from picochat.optim import build_optimizers, muon_momentum
     from picochat.runtime import log0
-    from picochat.train.loop import LoopConfig, Trainer, newest_step, wandb_logger
+    from picochat.train.loop import LoopConfig, Trainer, wandb_logger
 
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
@@ -163,11 +162,7 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
                       compute_dtype=dtype, train_model=train_model, run_meta=run_meta,
                       on_log=wandb_logger(args.wandb, stage, vars(args)) if world.is_main else None)
     if args.resume:
-        step = newest_step(stage, tag, world)  # decided once, on rank 0
-        if step is not None:
-            trainer.resume(ckpt.run_dir(stage, tag) / f"step_{step}")
-        else:
-            log0(f"--resume: no checkpoint under {ckpt.run_dir(stage, tag)} yet; starting fresh")
+        trainer.resume_newest()
     result = trainer.run()
     log0(f"done: {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})}")
     return result

@@ -1,10 +1,10 @@
-"""The one training loop, shared by base, mid and SFT training.
+"""The one training loop, shared by base, mid, SFT and RL training.
 
-A stage hands the loop *data*, not code: a batch source with state_dict(), the
-LR schedule, the evals to run, where to save. The loop does gradient
+A stage hands the loop a batch source (or a step function, as RL does) and its stateful
+parts, the LR schedule, the evals to run, where to save. The loop does gradient
 accumulation, cross-rank gradient sync, the optimiser step with scheduled LR and
 Muon momentum, one log line per step (and a JSON line in the metrics log),
-periodic eval/sampling/checkpoints, exact resume and a clean Ctrl-C.
+periodic eval/sampling/checkpoints, exact resume, a clean Ctrl-C and the non-finite guard.
 
 Definitions (logged): a *step* is one optimiser update over `grad_accum_steps`
 micro-batches on every rank. The run has `num_iterations` steps; the loop runs
@@ -16,8 +16,9 @@ real, non-pad tokens); MFU is those tokens' FLOP/s over world size * one device'
 mem is this process's peak memory (see `picochat.mfu.peak_memory_bytes`).
 
 Agreement across ranks: once per step, after the backward and before the optimiser step,
-one all-reduce carries the Ctrl-C flag, the "a wall-clock save is due" flag and the
-"my loss is not finite" flag. So a NaN on any rank skips the update on every rank, every
+one all-reduce carries the Ctrl-C flag, the "a wall-clock save is due" flag, the
+"my loss is not finite" flag and the token counts and loss shares to sum (the logged loss is
+the whole step's, over every rank). So a NaN on any rank skips the update on every rank, every
 rank saves (a collective) and every rank stops with the same error, instead of one rank
 saving while the others wait in another collective.
 
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from picochat.mfu import mfu_percent, peak_flops, peak_memory_bytes
 from picochat.optim.sharded import shard_optimizers
 from picochat.runtime import Dist, home, log0
 
+LOSS_WEIGHTINGS = ("mean", "tokens")
 # The horizon the schedule sees while a time-budgeted run measures its throughput: far
 # enough that no schedule has started its decay.
 UNFIXED_HORIZON = 2**31
@@ -73,7 +75,7 @@ class LoopConfig:
     tag: str
     num_iterations: int
     grad_accum_steps: int
-    tokens_per_step: int  # for tok/s and MFU (all ranks, all micro-batches)
+    tokens_per_step: int  # tokens of one step, all ranks (the report counts with it); 0: it varies (RL)
     eval_every: int = -1  # <= 0: only at the end
     sample_every: int = -1
     save_every: int = -1  # <= 0: only at the end
@@ -81,11 +83,16 @@ class LoopConfig:
     keep_last: int = 2
     grad_clip: float = 0.0
     log_every: int = 1
-    loss_weighting: str = "mean"  # "mean": average micro-batch means; "tokens": weight by supervised tokens
+    loss_weighting: Literal["mean", "tokens"] = "mean"  # mean: of micro-batch means; tokens: per supervised token
     grad_reduce_dtype: str = "fp32"  # dtype of the cross-rank gradient reduction: fp32 or bf16
     time_budget_s: float = -1.0  # > 0: the horizon comes from throughput (num_iterations is ignored)
     budget_measure_steps: int = 8  # timed steps measured before a time budget fixes the horizon
     extra_meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting {self.loss_weighting!r} is unknown; choose one of "
+                              f"{', '.join(LOSS_WEIGHTINGS)}")
 
 
 def wandb_logger(run_name: str | None, project_stage: str, config: dict) -> Callable[[dict], None] | None:
@@ -168,15 +175,26 @@ def newest_step(stage: str, tag: str, world: Dist) -> int | None:
 
 
 @dataclass
-class StepOutcome:
-    """What one step produced, with the flags all ranks agreed on."""
+class StepWork:
+    """What one step's forward and backward left on this rank (the gradients sit in .grad)."""
 
-    loss: float  # this rank's loss
-    supervised_tokens: int  # this step's target tokens (all ranks when weighting by tokens)
+    loss: float  # this rank's share of the step's loss: the shares add up over the ranks
+    tokens: int  # real (non-pad) input tokens of this rank
+    supervised_tokens: int  # target tokens of this rank
+    record: dict = field(default_factory=dict)  # more numbers for the step line and the metrics log
+
+
+@dataclass
+class StepOutcome:
+    """What one step produced, summed over the ranks, with the flags all ranks agreed on."""
+
+    loss: float  # the step's loss (a NaN share makes it NaN)
+    supervised_tokens: int
     stop: bool  # Ctrl-C on some rank
     save_due: bool  # the wall-clock save interval passed on some rank
     nonfinite_ranks: int  # ranks whose loss was NaN or inf
-    tokens: int  # real (non-pad) input tokens of the step, all ranks
+    tokens: int
+    record: dict
 
 
 def _with_token_count(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -199,7 +217,10 @@ class Trainer:
     """Runs one stage's optimisation.
 
     `batches` yields (inputs, targets), or (inputs, targets, real_tokens) when rows are padded,
-    and has state_dict(). `lr_multiplier(step, num_iterations)` and `momentum(step)` schedule
+    and has state_dict(). A stage with its own step (RL) passes `step_fn(step) -> StepWork`
+    instead, which runs the forward and backward; `parts` are more per-rank stateful parts
+    (state_dict / load_state_dict), saved with every checkpoint under their names.
+    `lr_multiplier(step, num_iterations)` and `momentum(step)` schedule
     the optimisers; `weight_decay_multiplier(step, num_iterations)` scales the decay of every group
     that carries `initial_weight_decay` (Muon's).
     """
@@ -221,6 +242,8 @@ class Trainer:
         run_meta: dict | None = None,
         on_log: Callable[[dict], None] | None = None,
         weight_decay_multiplier: Callable[[int, int], float] | None = None,
+        step_fn: Callable[[int], StepWork] | None = None,
+        parts: dict[str, Any] | None = None,
     ):
         self.model = model  # the uncompiled model: saved, evaluated, sampled
         self.train_model = train_model or model  # possibly torch.compile'd, used for the forward
@@ -229,6 +252,8 @@ class Trainer:
         self.gradients, self.optimizers = shard_optimizers(model, optimizers, world.rank, world.world_size,
                                                            config.grad_reduce_dtype)
         self.batches = batches
+        self.step_fn = step_fn or self._supervised_work
+        self.parts = {**({"loader": batches} if batches is not None else {}), **(parts or {})}
         self.cfg = config
         self.world = world
         self.tokenizer = tokenizer
@@ -265,7 +290,8 @@ class Trainer:
                      "num_iterations": self.num_iterations, "horizon_fixed": self.horizon_fixed,
                      "elapsed_s": self.elapsed_s},
             "world_size": self.world.world_size,
-            "per_rank": _gather({"loader": self.batches.state_dict(), "rng": _rng_state()}, self.world),
+            "per_rank": _gather({"rng": _rng_state(), **{k: p.state_dict() for k, p in self.parts.items()}},
+                                self.world),
         }
 
     def resume(self, path: Path) -> None:
@@ -286,7 +312,8 @@ class Trainer:
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
         mine = state["per_rank"][self.world.rank]
-        self.batches.load_state_dict(mine["loader"])
+        for name, part in self.parts.items():
+            part.load_state_dict(mine[name])
         _set_rng_state(mine["rng"])
         self.step = state["step"]
         self.smooth_loss = state["loop"]["smooth_loss"]
@@ -299,6 +326,14 @@ class Trainer:
         log0(f"resumed from {path} at step {self.step}"
              + (f" (horizon {self.num_iterations} steps, fixed by the time budget)"
                 if self.cfg.time_budget_s > 0 and self.horizon_fixed else ""))
+
+    def resume_newest(self) -> None:
+        """--resume: continue from the newest undamaged checkpoint of this run (chosen on rank 0), if any."""
+        step = newest_step(self.cfg.stage, self.cfg.tag, self.world)
+        if step is None:
+            log0(f"--resume: no checkpoint under {self.ckpt_dir} yet; starting fresh")
+        else:
+            self.resume(self.ckpt_dir / f"step_{step}")
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part
@@ -330,15 +365,28 @@ class Trainer:
                     group["weight_decay"] = group["initial_weight_decay"] * wdm
         return lrm, mom
 
-    def _train_step(self) -> StepOutcome:
-        """Forward/backward over the micro-batches, agree across ranks, then sync and step.
+    def _train_step(self, step: int) -> StepOutcome:
+        """The stage's forward/backward, agreement across ranks, then gradient sync and the update.
 
         The update is skipped on every rank when any rank's loss is not finite.
         """
+        outcome = self._agree(self.step_fn(step))
+        self.gradients.wait()  # every rank finishes the reductions the last backward started
+        if outcome.nonfinite_ranks:
+            self.model.zero_grad(set_to_none=True)
+            return outcome
+        if self.cfg.grad_clip > 0:
+            self.gradients.clip_grad_norm_(self.cfg.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return outcome
+
+    def _supervised_work(self, step: int) -> StepWork:
+        """Forward/backward over `grad_accum_steps` micro-batches of `batches`, weighted as configured."""
         micro = [_with_token_count(next(self.batches)) for _ in range(self.cfg.grad_accum_steps)]
         # Supervised tokens per micro-batch: one host sync for the whole step, not one per micro-batch.
         n_tokens = torch.stack([(y >= 0).sum() for _, y, _ in micro]).tolist()
-        real_tokens = sum(n for _, _, n in micro)
         total_tokens = sum(n_tokens)
         if self.cfg.loss_weighting == "tokens" and self.world.enabled:
             t = torch.tensor([total_tokens], dtype=torch.long, device=self.device)
@@ -360,32 +408,24 @@ class Trainer:
                     scaled = loss / self.cfg.grad_accum_steps
             scaled.backward()
             loss_sum += scaled.detach().double()
-        loss_value = loss_sum.item()  # the step's one host sync for the loss (the non-finite check needs it)
-        if self.cfg.loss_weighting == "tokens":
-            loss_value /= self.world.world_size
-        outcome = self._agree(loss_value, real_tokens, total_tokens)
-        self.gradients.wait()  # every rank finishes the reductions the last backward started
-        if outcome.nonfinite_ranks:
-            self.model.zero_grad(set_to_none=True)
-            return outcome
-        if self.cfg.grad_clip > 0:
-            self.gradients.clip_grad_norm_(self.cfg.grad_clip)
-        for opt in self.optimizers:
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
-        return outcome
+        # The step's one host sync for the loss (the non-finite check needs it). The gradient
+        # sync averages over ranks, so this rank's share of the step's loss is 1/world of it.
+        return StepWork(loss=loss_sum.item() / self.world.world_size, tokens=sum(n for _, _, n in micro),
+                        supervised_tokens=sum(n_tokens))
 
-    def _agree(self, loss: float, real_tokens: int, supervised_tokens: int) -> StepOutcome:
-        """One all-reduce per step: stop, save-due and non-finite flags, and the step's real tokens."""
+    def _agree(self, work: StepWork) -> StepOutcome:
+        """One all-reduce per step: stop, save-due and non-finite flags, token counts and loss shares."""
         minutes = self.cfg.save_every_minutes
         save_due = minutes > 0 and time.time() - self._last_save >= 60 * minutes
-        flags = [int(self._stop_requested), int(save_due), int(not math.isfinite(loss)), real_tokens]
+        values = [int(self._stop_requested), int(save_due), int(not math.isfinite(work.loss)), work.tokens,
+                  work.supervised_tokens, work.loss]
         if self.world.enabled:
-            t = torch.tensor(flags, dtype=torch.long, device=self.device)
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)  # counts are exact below 2**53
             dist.all_reduce(t)  # SUM: a flag is set when any rank set it
-            flags = t.tolist()
-        return StepOutcome(loss=loss, supervised_tokens=supervised_tokens, stop=flags[0] > 0,
-                           save_due=flags[1] > 0, nonfinite_ranks=flags[2], tokens=flags[3])
+            summed = t.tolist()
+            values = [*map(int, summed[:5]), summed[5]]
+        return StepOutcome(loss=values[5], supervised_tokens=values[4], stop=values[0] > 0, save_due=values[1] > 0,
+                           nonfinite_ranks=values[2], tokens=values[3], record=work.record)
 
     def _stop_on_nonfinite(self, step: int, outcome: StepOutcome) -> None:
         """Every rank: save the last good state (collectively), then raise the same error."""
@@ -454,7 +494,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()
-            outcome = self._train_step()
+            outcome = self._train_step(step)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
@@ -509,10 +549,11 @@ class Trainer:
             epoch_text = f" | epoch {epoch}" if epoch is not None else ""
             mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device
             eta_text = f"{eta / 60:.1f}m" if math.isfinite(eta) else "-"  # until the warm-up steps are past
+            extra_text = "".join(f" | {k} {v:.4g}" for k, v in outcome.record.items())
             log0(f"step {self.step:5d}/{horizon if horizon is not None else '?'} | loss {debiased:.4f} | "
                  f"lrm {lrm:.3f}{mom_text} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu_text} | "
-                 f"mem {peak_mem / 2**30:.2f}GiB{epoch_text} | eta {eta_text}")
+                 f"mem {peak_mem / 2**30:.2f}GiB{epoch_text} | eta {eta_text}{extra_text}")
         self._log({"step": self.step, "loss": outcome.loss, "smooth_loss": debiased, "lrm": lrm, "momentum": mom,
                    "dt": dt, "tokens": outcome.tokens, "tok_per_s": tok_per_s, "mfu": mfu,
                    "peak_mem_bytes": peak_mem, "epoch": epoch, "supervised_tokens": outcome.supervised_tokens,
-                   "num_iterations": horizon})
+                   "num_iterations": horizon, **outcome.record})

@@ -1,5 +1,6 @@
-"""Multi-process training on gloo: 2 ranks with grad-accum 1 == 1 process with grad-accum 2; a NaN on
-one rank stops every rank cleanly; the step records of a world of 2 are truthful."""
+"""Multi-process training on gloo: 2 ranks with grad-accum 1 == 1 process with grad-accum 2 (also when
+weighting by supervised tokens that the ranks hold unevenly); a NaN on one rank stops every rank
+cleanly; the step records of a world of 2 are truthful."""
 
 from __future__ import annotations
 
@@ -44,13 +45,20 @@ class FixedBatches:
         self.pos = state["pos"]
 
 
-def make_batches(vocab: int, steps: int, micro: int, B: int = 2, T: int = 16):
+def make_batches(vocab: int, steps: int, micro: int, B: int = 2, T: int = 16, uneven: bool = False):
+    """Random micro-batches; `uneven`: micro-batch i of step s supervises only its first few targets,
+    a different number each time (none at all in one of them), the rest are -1."""
     g = torch.Generator().manual_seed(0)
-    return [[(torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, vocab, (B, T), generator=g))
-             for _ in range(micro)] for _ in range(steps)]
+    out = [[(torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, vocab, (B, T), generator=g))
+            for _ in range(micro)] for _ in range(steps)]
+    if uneven:
+        for s, step in enumerate(out):
+            for i, (_, y) in enumerate(step):
+                y.view(-1)[(3 * s + 11 * i + 5) % (B * T) if (s, i) != (1, 0) else 0:] = -1
+    return out
 
 
-def train_once(rank: int, world: int, port: int, home: str, out: str) -> None:
+def train_once(rank: int, world: int, port: int, home: str, out: str, weighting: str = "mean") -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
     torch.set_num_threads(1)
@@ -68,9 +76,9 @@ def train_once(rank: int, world: int, port: int, home: str, out: str) -> None:
     model = build_model(config, torch.device("cpu"))
     broadcast_parameters(model)
     opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
-    batches = FixedBatches(make_batches(tok.vocab_size, STEPS, 2), rank, world)
+    batches = FixedBatches(make_batches(tok.vocab_size, STEPS, 2, uneven=weighting == "tokens"), rank, world)
     cfg = LoopConfig(stage="base", tag=f"w{world}", num_iterations=STEPS, grad_accum_steps=2 // world,
-                     tokens_per_step=2 * 2 * 16)
+                     tokens_per_step=2 * 2 * 16, loss_weighting=weighting)
     Trainer(model, opts, batches, cfg, world_info, tok, lr_multiplier=lambda s, n: 1.0,
             momentum=lambda s: 0.9).run()
     if rank == 0:
@@ -78,16 +86,37 @@ def train_once(rank: int, world: int, port: int, home: str, out: str) -> None:
     shutdown_distributed()
 
 
-def test_two_gloo_ranks_match_one_process_with_accumulation(tiny_home):
+@pytest.mark.parametrize("weighting", ["mean", "tokens"])
+def test_two_gloo_ranks_match_one_process_with_accumulation(tiny_home, weighting):
+    """With "tokens", the ranks hold different numbers of supervised tokens each step (one micro-batch
+    none): the step is still the mean over the union of them, as one process computes it."""
     one, two = str(tiny_home / "one.pt"), str(tiny_home / "two.pt")
-    mp.start_processes(train_once, args=(1, free_port(), str(tiny_home), one), nprocs=1, start_method="spawn")
-    mp.start_processes(train_once, args=(2, free_port(), str(tiny_home), two), nprocs=2, start_method="spawn")
+    for world, out in ((1, one), (2, two)):
+        mp.start_processes(train_once, args=(world, free_port(), str(tiny_home), out, weighting), nprocs=world,
+                           start_method="spawn")
     a, b = torch.load(one), torch.load(two)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     # Two ranks agree on the saved checkpoint too.
     assert (tiny_home / "checkpoints" / "base" / "w2" / f"step_{STEPS}" / "model.safetensors").exists()
+    # The logged loss and supervised tokens are the whole step's, whatever the world size.
+    logs = [[json.loads(line) for line in (tiny_home / "logs" / f"base-w{w}.jsonl").read_text().splitlines()]
+            for w in (1, 2)]
+    for r1, r2 in zip(*logs, strict=True):
+        assert r1["supervised_tokens"] == r2["supervised_tokens"]
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+    if weighting == "tokens":
+        assert len({r["supervised_tokens"] for r in logs[0]}) > 1
+
+
+def test_loss_weighting_is_checked():
+    from picochat.errors import ConfigError
+    from picochat.train.loop import LoopConfig
+
+    with pytest.raises(ConfigError, match=r"^loss_weighting 'token' is unknown; choose one of mean, tokens$"):
+        LoopConfig(stage="sft", tag="t", num_iterations=1, grad_accum_steps=1, tokens_per_step=1,
+                   loss_weighting="token")
 
 
 @pytest.mark.slow
