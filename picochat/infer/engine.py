@@ -243,13 +243,15 @@ class Engine:
                 return unembed(decode(ids, cache))  # (B, C) -> (B, vocab)
             return unembed(model.hidden_states(ids, kv_cache=cache)[:, -1, :])
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
-        """All samples at once: (token lists, mask lists), without the final stop token."""
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, keep_stop: bool = False,
+                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """All samples at once: (token lists, mask lists), without the final stop token unless
+        `keep_stop` (RL trains on ending the answer: the stop token is a sampled action)."""
         results: list[list[int]] = [[] for _ in range(num_samples)]
         masks: list[list[int]] = [[] for _ in range(num_samples)]
         for column, column_masks in self.generate(tokens, num_samples=num_samples, **kwargs):
             for i, token in enumerate(column):
-                if token is None or token in self.stop_tokens:
+                if token is None or (token in self.stop_tokens and not keep_stop):
                     continue
                 results[i].append(token)
                 masks[i].append(column_masks[i])

@@ -1,8 +1,9 @@
 """Cross-rank helpers: start every rank from the same weights, average gradients.
 
-The training loop (base, mid, SFT) reduces gradients through picochat.optim.sharded, which
-also shards the optimiser state; `sync_gradients` is the unsharded path (RL uses it): every
-rank all-reduces every gradient and keeps the full optimiser state.
+The training loop (every stage) reduces gradients through picochat.optim.sharded, which
+also shards the optimiser state; `sync_gradients` is the unsharded path (the reference the
+sharded one is tested and benchmarked against): every rank all-reduces every gradient and
+keeps the full optimiser state.
 
 Why explicit calls instead of wrapping the model in DistributedDataParallel:
 - gradient accumulation needs no `no_sync()` dance: micro-batches just accumulate

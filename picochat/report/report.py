@@ -281,7 +281,7 @@ def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
     total = run.meta.get("num_iterations", run.meta.get("num_steps"))
     rows.append(["steps", f"{fmt(step)}" + (f" of {total:,}" if isinstance(total, int) else "")])
     tokens_per_step = (run.meta.get("loop") or {}).get("tokens_per_step")
-    if isinstance(tokens_per_step, int) and isinstance(step, int):
+    if isinstance(tokens_per_step, int) and tokens_per_step > 0 and isinstance(step, int):  # RL: no fixed count
         tokens = step * tokens_per_step
         rows.append(["tokens", tokens])
         if "scaling parameters" in facts:

@@ -1,32 +1,38 @@
 """RL: advantages, masking of prompt / forced tool output / padding, token-level loss normalisation,
-rollouts from the engine, and bit-exact resume of `picochat rl` on cpu-tiny."""
+rollouts from the engine, and, through the shared Trainer, bit-exact resume of `picochat rl` on
+cpu-tiny, Ctrl-C stop-and-save, the non-finite guard, and 2 gloo ranks that agree."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from picochat import checkpoint as ckpt
 from picochat.cli import main
-from picochat.infer import Engine
+from picochat.runtime import Dist
 from picochat.tasks.arithmetic import ArithmeticProblems
 from picochat.tasks.base import response_text
 from picochat.train import rl
 from picochat.train.rl import (
+    PolicyGradientStep,
     ProblemOrder,
     Rollout,
     group_advantages,
     policy_batch,
     policy_gradient_loss,
-    sample_rollouts,
 )
 from tests.eval.test_chat_eval import ScriptedModel, tool_script
 from tests.infer.tiny import save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from tests.train.test_distributed import free_port
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +101,11 @@ def test_loss_is_advantage_weighted_logprob_over_valid_tokens(tok):
 def test_rollouts_report_forced_tool_tokens(tok):
     """Through the real engine: the calculator output the engine forced gets mask 0, then -1 targets."""
     before, after = tool_script(tok, "6*7", " so the answer is 42.")
-    engine = Engine(ScriptedModel(tok, before, after), tok, compute_dtype=torch.float32)
+    args = SimpleNamespace(seed=0, num_samples=3, device_batch_size=2, temperature=1.0, top_k=50)
+    policy = PolicyGradientStep(args, ScriptedModel(tok, before, after), tok, [None], Dist(), torch.float32)
     prompt = [tok.bos_id, tok.encode_special("user_start"), *tok.encode("six times seven?"),
               tok.encode_special("user_end"), tok.encode_special("assistant_start")]
-    group = sample_rollouts(engine, prompt, num_samples=3, batch_size=2, max_new_tokens=40, temperature=1.0,
-                            top_k=50, seeds=[1, 2])
+    group = policy.sample_group(prompt, max_new_tokens=40)
     assert len(group) == 3
     sp = tok.encode_special
     forced = [sp("output_start"), *tok.encode("42"), sp("output_end")]
@@ -144,7 +150,8 @@ def test_rl_resume_is_bit_exact(picochat_home, monkeypatch):
 
     def records(tag):
         lines = (picochat_home / "logs" / f"rl-{tag}.jsonl").read_text().splitlines()
-        return {r["step"]: (r["reward"], r["loss"], r["valid_tokens"]) for r in map(json.loads, lines)}
+        return {r["step"]: (r["reward"], r["loss"], r["supervised_tokens"]) for r in map(json.loads, lines)
+                if "loss" in r}
 
     a, b = weights("straight"), weights("cut")
     for k in a:
@@ -163,3 +170,64 @@ def test_rl_errors_are_messages(picochat_home, capsys):
     save_tiny_checkpoint("sft", "tiny")
     assert main(["rl", "--preset", "cpu-tiny", "--examples-per-step", "0"]) == 2
     assert "--examples-per-step must be >= 1" in capsys.readouterr().err
+
+
+RL_ARGS = ["rl", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-problems", "0", "--num-steps", "4"]
+
+
+def test_rl_nonfinite_loss_skips_the_update_saves_and_stops(picochat_home, monkeypatch, capsys):
+    """The Trainer's guard covers RL: a NaN at step 2 is never applied, the state before it is saved."""
+    save_tiny_checkpoint("sft", "tiny", sequence_len=160)
+    monkeypatch.setattr(rl, "load_train_task", lambda source, size: CoinFlipProblems("train", size=size))
+    step_fn = rl.PolicyGradientStep.__call__
+
+    def poisoned(self, step):
+        work = step_fn(self, step)
+        if step == 2:  # NaN gradients too: had the update been applied, the weights would be NaN
+            work.loss = float("nan")
+            next(self.model.parameters()).grad.fill_(float("nan"))
+        return work
+
+    monkeypatch.setattr(rl.PolicyGradientStep, "__call__", poisoned)
+    assert main(RL_ARGS + ["--tag", "nan", "--save-every", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "not finite" in err and "at step 2" in err and "--resume" in err
+    assert ckpt.list_steps(ckpt.run_dir("rl", "nan")) == [2]
+    weights = load_file(str(ckpt.run_dir("rl", "nan") / "step_2" / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def rl_rank(rank: int, world: int, port: int, home: str) -> None:
+    """One rank of `picochat rl` on gloo; it leaves its final weights in rank<r>.pt."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
+    torch.set_num_threads(1)
+    rl.load_train_task = lambda source, size: CoinFlipProblems("train", size=size)
+
+    class KeepWeights(rl.Trainer):
+        def run(self):
+            result = super().run()
+            torch.save(dict(self.model.state_dict()), Path(home) / f"rank{self.world.rank}.pt")
+            return result
+
+    rl.Trainer = KeepWeights
+    if main(RL_ARGS + ["--tag", "two", "--examples-per-step", "4", "--save-every", "2"]) != 0:
+        raise SystemExit(f"rank {rank} failed")
+
+
+def test_rl_on_two_gloo_ranks_runs_and_the_ranks_agree(picochat_home):
+    save_tiny_checkpoint("sft", "tiny", sequence_len=160)
+    mp.start_processes(rl_rank, args=(2, free_port(), str(picochat_home)), nprocs=2, start_method="spawn")
+    a, b = (torch.load(picochat_home / f"rank{r}.pt") for r in (0, 1))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    saved = load_file(str(ckpt.run_dir("rl", "two") / "step_4" / "model.safetensors"))
+    start = load_file(str(ckpt.run_dir("sft", "tiny") / "step_1" / "model.safetensors"))
+    assert all(torch.equal(saved[k], a[k]) for k in saved)
+    assert any(not torch.equal(start[k], saved[k]) for k in saved)  # it trained
+    assert ckpt.list_steps(ckpt.run_dir("rl", "two")) == [2, 4]
+    records = [json.loads(line) for line in (picochat_home / "logs" / "rl-two.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(0.0 <= r["reward"] <= 1.0 and r["supervised_tokens"] > 0 for r in records)
+    meta = json.loads((ckpt.run_dir("rl", "two") / "step_4" / "meta.json").read_text())
+    assert meta["world_size"] == 2
