@@ -1,6 +1,7 @@
 """Micro-benchmark: one full training step (forward + backward + optimiser) of the GPT.
 
     python bench/model_step.py --depth 4 --vocab 32768 --seq 256 --batch 32 --dtype fp32 bf16
+    python bench/model_step.py --vocab 8192 --batch 8 --arch classic smear all_2026   # architecture options
 
 Prints a table (tok/s per variant, split into forward+backward and optimiser time) and
 one JSON line with the same numbers. Defaults are the `cpu` preset's model shape.
@@ -15,9 +16,14 @@ import time
 import torch
 
 from picochat.model import GPTConfig, build_model
+from picochat.model.gpt import ARCH_2026
 from picochat.optim import build_optimizers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# --arch: the architecture options one at a time (GPTConfig fields), and all of them (the 2026 recipe's model)
+ARCHS = {"classic": {}, "value_embeds": {"value_embeds": True}, "layer_lambdas": {"layer_lambdas": True},
+         "smear": {"smear": True}, "backout": {"backout": True}, "windows": {"window_pattern": "SSSL"},
+         "qk_scale": {"qk_scale": 1.2}, "all_2026": ARCH_2026}
 
 
 def bench_variant(config: GPTConfig, batch: int, dtype: torch.dtype, compile_model: bool, steps: int,
@@ -74,25 +80,30 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
     parser.add_argument("--plain-loss", action="store_true",
                         help="also time the loss through materialised logits instead of the chunked fused one")
+    parser.add_argument("--arch", nargs="+", choices=list(ARCHS), default=["classic"],
+                        help="architecture options to time, each alone, or all_2026 for all of them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = GPTConfig.from_depth(args.depth, args.vocab, aspect_ratio=args.aspect_ratio,
-                                  head_dim=args.head_dim, max_seq_len=args.seq)
     results = []
-    for name in args.dtype:
-        for compile_model in ([False, True] if args.compile else [False]):
-            for plain in ([False, True] if args.plain_loss and not compile_model else [False]):
-                results.append(bench_variant(config, args.batch, DTYPES[name], compile_model, args.steps,
-                                             args.warmup, plain))
+    for arch in args.arch:
+        config = GPTConfig.from_depth(args.depth, args.vocab, aspect_ratio=args.aspect_ratio,
+                                      head_dim=args.head_dim, max_seq_len=args.seq, **ARCHS[arch])
+        for name in args.dtype:
+            for compile_model in ([False, True] if args.compile else [False]):
+                for plain in ([False, True] if args.plain_loss and not compile_model else [False]):
+                    results.append({"arch": arch, "config": config.to_dict(),
+                                    **bench_variant(config, args.batch, DTYPES[name], compile_model, args.steps,
+                                                    args.warmup, plain)})
     # cpu s: process CPU time per step (all threads); on a busy machine wall time inflates, this less so.
-    print(f"{'dtype':>8} {'compile':>7} {'loss':>7} {'tok/s':>8} {'step s':>7} {'fwd+bwd':>8} {'optim':>7} {'cpu s':>7} "
-          f"{'GFLOP/s':>8}")
+    print(f"{'arch':>13} {'dtype':>8} {'compile':>7} {'loss':>7} {'tok/s':>8} {'step s':>7} {'fwd+bwd':>8} "
+          f"{'fb tok/s':>8} {'optim':>7} {'cpu s':>7} {'GFLOP/s':>8}")
     for r in results:
         loss_kind = "plain" if r["plain_loss"] else "fused"
-        print(f"{r['dtype']:>8} {r['compile']!s:>7} {loss_kind:>7} {r['tok_per_s']:8.0f} {r['step_s']:7.2f} "
-              f"{r['fwd_bwd_s']:8.2f} {r['optim_s']:7.3f} {r['cpu_s']:7.2f} {r['gflops']:8.1f}")
-    print(json.dumps({"config": config.to_dict(), "batch": args.batch, "threads": args.threads,
-                      "results": results}))
+        fwd_bwd_tok_s = args.batch * args.seq / r["fwd_bwd_s"]
+        print(f"{r['arch']:>13} {r['dtype']:>8} {r['compile']!s:>7} {loss_kind:>7} {r['tok_per_s']:8.0f} "
+              f"{r['step_s']:7.2f} {r['fwd_bwd_s']:8.2f} {fwd_bwd_tok_s:8.0f} {r['optim_s']:7.3f} {r['cpu_s']:7.2f} "
+              f"{r['gflops']:8.1f}")
+    print(json.dumps({"batch": args.batch, "threads": args.threads, "results": results}))
 
 
 if __name__ == "__main__":
