@@ -45,10 +45,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
-from picochat.config import add_architecture_arguments, add_preset_argument, architecture_options, resolve
+from picochat.config import (
+    ARCHITECTURE_FIELDS,
+    add_architecture_arguments,
+    add_preset_argument,
+    architecture_options,
+    resolve,
+)
 from picochat.errors import ConfigError
 
 GiB = 2**30
@@ -266,8 +273,40 @@ def add_plan_check_argument(p: argparse.ArgumentParser) -> None:
 DEFAULTS = {
     "depth": 20, "aspect_ratio": 64, "head_dim": 128, "n_kv_head": None, "max_seq_len": 2048,
     "vocab_size": 65536, "device_batch_size": 32, "total_batch_size": 524288, "num_iterations": -1,
-    "target_param_data_ratio": 20.0,
+    "target_param_data_ratio": 20.0, **{k: None for k in ARCHITECTURE_FIELDS},
 }
+B_REF = 2 ** 19  # tokens per step the 2026 recipe was tuned at, on a depth-12 model
+REF_DEPTH = 12
+
+
+def model_config(args, vocab_size: int, depth: int | None = None):
+    """The GPTConfig the flags describe (at `depth` instead of --depth if given, with every head for k/v)."""
+    from picochat.model.gpt import GPTConfig
+
+    return GPTConfig.from_depth(depth or args.depth, vocab_size, aspect_ratio=args.aspect_ratio,
+                                head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+                                n_kv_head=None if depth else args.n_kv_head, **architecture_options(args))
+
+
+def scaling_params(config) -> int:
+    """The model's matmul parameters (GPT.num_scaling_params), counted on the meta device."""
+    import torch
+
+    from picochat.model.gpt import GPT
+
+    with torch.device("meta"):
+        return GPT(config).num_scaling_params()
+
+
+def batch_growth(args, config) -> float:
+    """D / D_ref at a fixed tokens-per-parameter ratio: this model's scaling parameters over those
+    of a depth-12 model with the same options."""
+    return scaling_params(config) / scaling_params(model_config(args, config.vocab_size, depth=REF_DEPTH))
+
+
+def auto_batch(growth: float) -> int:
+    """Tokens per step for a horizon `growth` times the depth-12 one: 2^19 growth^0.383, to a power of 2."""
+    return 2 ** round(math.log2(B_REF * growth ** 0.383))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -281,7 +320,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_architecture_arguments(g)
     g.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size")
     g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per device")
-    g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step")
+    g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step (-1: automatic, as base-train)")
     g.add_argument("--num-iterations", type=int, help="optimiser steps (default: from the data ratio)")
     g.add_argument("--target-param-data-ratio", type=float, help="tokens per scaling parameter")
     g = p.add_argument_group("target")
@@ -310,15 +349,14 @@ def _target(args) -> Device:
 
 def build_plan(args) -> dict:
     """Everything the command prints, as one JSON-ready dict."""
-    from picochat.model.gpt import GPTConfig
-
     if args.gpus < 1 or args.nodes < 1:
         raise ConfigError(f"--gpus {args.gpus} --nodes {args.nodes}: both must be at least 1")
     device = _target(args)
     world = args.gpus * args.nodes
     on_gpu = args.gpu != "cpu"
-    config = GPTConfig.from_depth(args.depth, args.vocab_size, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-                                  max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head, **architecture_options(args))
+    config = model_config(args, args.vocab_size)
+    if args.total_batch_size == -1:
+        args.total_batch_size = auto_batch(batch_growth(args, config))
     compiled = on_gpu and not args.eager
     s = Shape.from_config(config, args.device_batch_size, world_size=world, compiled=compiled,
                           bf16=not args.fp32, on_gpu=on_gpu, total_batch_tokens=args.total_batch_size)

@@ -110,14 +110,18 @@ def describe_params(names: list[str]) -> str:
     return ", ".join(parts)
 
 
+RESID_LAMBDAS = AdamWGroup(0.005, (0.8, 0.95), 0.05)
+X0_LAMBDAS = AdamWGroup(0.5, (0.96, 0.95), 0.0)
+SCALARS = AdamWGroup(0.2, (0.8, 0.95), 0.0)
+
+
 def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float, unembedding_lr: float,
                      weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
                      muon_momentum: float = 0.95, muon_options: MuonOptions | None = None,
                      muon_weight_decay: float | None = None, world: Any = None,
-                     value_embeds: AdamWGroup | None = None,
-                     resid_lambdas: AdamWGroup = AdamWGroup(0.005, (0.8, 0.95), 0.05),
-                     x0_lambdas: AdamWGroup = AdamWGroup(0.5, (0.96, 0.95), 0.0),
-                     scalars: AdamWGroup = AdamWGroup(0.2, (0.8, 0.95), 0.0)) -> list[torch.optim.Optimizer]:
+                     embedding: AdamWGroup | None = None, unembedding: AdamWGroup | None = None,
+                     value_embeds: AdamWGroup | None = None, resid_lambdas: AdamWGroup = RESID_LAMBDAS,
+                     x0_lambdas: AdamWGroup = X0_LAMBDAS, scalars: AdamWGroup = SCALARS) -> list[torch.optim.Optimizer]:
     """[AdamW for wte, lm_head and the options' parameters, Muon for the block matrices]; prints
     the groups on rank 0.
 
@@ -128,20 +132,19 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float,
     weight decay 0.01), `resid_lambdas` (0.005, (0.8, 0.95), 0.05), `x0_lambdas` (0.5,
     (0.96, 0.95), 0: a slow first moment) and `scalars`, the smear gate and lambda and the backout
     lambda (0.2, (0.8, 0.95), 0); only the value embeddings' LR is width-scaled.
-    `muon_options` chooses Muon's update rule (default: the classic one); `muon_weight_decay`
-    is Muon's decay (default: `weight_decay`, shared with AdamW).
+    `embedding` / `unembedding` replace the wte / lm_head groups' (LR, `adam_betas`,
+    `weight_decay`) when a recipe tunes them apart. `muon_options` chooses Muon's update rule
+    (default: the classic one); `muon_weight_decay` is Muon's decay (default: `weight_decay`).
     """
     groups = assign_param_groups(model)
     n_embd = model.config.n_embd
     width_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
     adam_groups = []
-    for key, lr in (("unembedding", unembedding_lr), ("embedding", embedding_lr)):
-        named = groups[key]
-        adam_groups.append({"params": [p for _, p in named], "names": [n for n, _ in named],
-                            "lr": lr * width_scale, "initial_lr": lr * width_scale})
-    value_embeds = value_embeds or AdamWGroup(embedding_lr / 2, (0.8, 0.995), 0.01, width_scaled=True)
-    for key, spec in (("value_embeds", value_embeds), ("resid_lambdas", resid_lambdas),
-                      ("x0_lambdas", x0_lambdas), ("scalars", scalars)):
+    specs = {"unembedding": unembedding or AdamWGroup(unembedding_lr, adam_betas, weight_decay, width_scaled=True),
+             "embedding": embedding or AdamWGroup(embedding_lr, adam_betas, weight_decay, width_scaled=True),
+             "value_embeds": value_embeds or AdamWGroup(embedding_lr / 2, (0.8, 0.995), 0.01, width_scaled=True),
+             "resid_lambdas": resid_lambdas, "x0_lambdas": x0_lambdas, "scalars": scalars}
+    for key, spec in specs.items():
         if groups[key]:
             lr = spec.lr * (width_scale if spec.width_scaled else 1.0)
             adam_groups.append({"params": [p for _, p in groups[key]], "names": [n for n, _ in groups[key]],

@@ -13,13 +13,28 @@ Checkpoints go to $PICOCHAT_HOME/checkpoints/base/<tag>/ (tag defaults to d<dept
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 
 import torch
 
-from picochat.config import add_architecture_arguments, add_preset_argument, architecture_options, resolve
+from picochat.config import (
+    ARCHITECTURE_FIELDS,
+    add_architecture_arguments,
+    add_preset_argument,
+    resolve,
+)
 from picochat.errors import ConfigError
-from picochat.plan import add_plan_check_argument, explain_batch_divisibility, valid_batches
+from picochat.plan import (
+    B_REF,
+    add_plan_check_argument,
+    auto_batch,
+    batch_growth,
+    explain_batch_divisibility,
+    model_config,
+    valid_batches,
+)
 from picochat.runtime import log0
 
 DEFAULTS = {
@@ -33,12 +48,15 @@ DEFAULTS = {
     "muon_weight_decay": None, "weight_decay_schedule": "constant",
     "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "save_every": -1, "keep_last": 2,
     "save_every_minutes": -1.0, "time_budget": -1.0, "loader": "packed",
+    "scalar_lr": 0.5, "embedding_betas": None, "embedding_weight_decay": None, "unembedding_betas": None,
+    "unembedding_weight_decay": None, "batch_lr_scale": "none",
+    **{k: None for k in ARCHITECTURE_FIELDS},  # None: GPTConfig's default (the classic model)
     "vocab_size": None, "max_chars": None, "doc_cap": None,  # tokenizer keys shared by presets; unused here
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_preset_argument(p)
+    add_preset_argument(p, recipe=True)
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, help="number of transformer blocks (width and heads follow from it)")
     g.add_argument("--aspect-ratio", type=int, help="width = depth * aspect ratio, rounded up to --head-dim")
@@ -48,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_architecture_arguments(g)
     g = p.add_argument_group("batch and horizon")
     g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per process")
-    g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step (all processes, all micro-batches)")
+    g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step (all processes, all micro-batches); "
+                   "-1: 2^19 x (D / D_ref)^0.383 rounded to a power of 2, D the horizon's tokens, D_ref a depth-12 "
+                   "model's at the same ratio")
     g.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="train for this many minutes: the horizon is set from the first steps' throughput, "
                    "then fixed (and kept on --resume); overrides the three below")
@@ -59,6 +79,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-lr", type=float, help="AdamW LR of the token embedding")
     g.add_argument("--unembedding-lr", type=float, help="AdamW LR of lm_head")
     g.add_argument("--matrix-lr", type=float, help="Muon LR of the block matrices")
+    g.add_argument("--scalar-lr", type=float, help="AdamW LR of the x0 lambdas; the resid lambdas take 1/100 of it")
+    for name in ("embedding", "unembedding"):
+        g.add_argument(f"--{name}-betas", metavar="B1,B2", help=f"AdamW betas of the {name} (default 0.8,0.95)")
+        g.add_argument(f"--{name}-weight-decay", type=float, help=f"AdamW weight decay of the {name} "
+                       "(default --weight-decay)")
+    g.add_argument("--batch-lr-scale", choices=["none", "sqrt"],
+                   help="sqrt: every LR x sqrt(B / 2^19) and Muon's weight decay x sqrt(B / 2^19) x (D_ref / D), "
+                   "the 2026 recipe's transfer from its tuning batch (default none)")
     g.add_argument("--weight-decay", type=float, help="weight decay of the AdamW groups (and of Muon's unless "
                    "--muon-weight-decay)")
     g.add_argument("--warmup-steps", type=int, help="linear LR warmup steps")
@@ -110,18 +138,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_check_argument(g)
 
 
+def batch_and_scales(args, config) -> tuple[float, float]:
+    """Fix an automatic --total-batch-size (-1) and return the (LR, Muon weight decay) factors.
+
+    At a fixed tokens-per-parameter ratio the horizon D grows with the scaling parameters N, so
+    D / D_ref = N / N_ref against a depth-12 model of the same options. The automatic batch is
+    2^19 (D / D_ref)^0.383 rounded to a power of 2; with --batch-lr-scale sqrt every LR takes
+    sqrt(B / 2^19) and Muon's weight decay sqrt(B / 2^19) (D_ref / D), which keeps B / (lr wd D) fixed.
+    """
+    growth = batch_growth(args, config)
+    if args.total_batch_size == -1:
+        args.total_batch_size = auto_batch(growth)
+        log0(f"--total-batch-size -1: {args.total_batch_size:,} tokens per step (D / D_ref = {growth:.3f})")
+    elif args.total_batch_size < 1:
+        raise ConfigError(f"--total-batch-size {args.total_batch_size}: give tokens per step, or -1 for automatic")
+    if args.batch_lr_scale == "none":
+        return 1.0, 1.0
+    lr_scale = math.sqrt(args.total_batch_size / B_REF)
+    log0(f"--batch-lr-scale sqrt: LRs x {lr_scale:.4f}, Muon weight decay x {lr_scale / growth:.4f}")
+    return lr_scale, lr_scale / growth
+
+
+def adamw_groups(args, lr_scale: float) -> dict:
+    """build_optimizers' keyword arguments for the AdamW groups the flags tune (LRs already scaled)."""
+    from picochat.optim import RESID_LAMBDAS, X0_LAMBDAS, AdamWGroup
+
+    out = {"resid_lambdas": dataclasses.replace(RESID_LAMBDAS, lr=args.scalar_lr * lr_scale / 100),
+           "x0_lambdas": dataclasses.replace(X0_LAMBDAS, lr=args.scalar_lr * lr_scale)}
+    for name in ("embedding", "unembedding"):
+        betas, wd = getattr(args, f"{name}_betas"), getattr(args, f"{name}_weight_decay")
+        if betas is None and wd is None:
+            continue
+        try:
+            b1, b2 = (float(b) for b in (betas or "0.8,0.95").split(","))
+        except ValueError:
+            raise ConfigError(f"--{name}-betas {betas!r}: give two numbers, e.g. 0.8,0.95") from None
+        out[name] = AdamWGroup(getattr(args, f"{name}_lr") * lr_scale, (b1, b2),
+                               args.weight_decay if wd is None else wd, width_scaled=True)
+    return out
+
+
 def horizon_tokens(args) -> int:
     """Training tokens of the horizon the flags ask for; 0 when a time budget sets it at run time."""
-    from picochat.model.gpt import GPT, GPTConfig
+    from picochat.model.gpt import GPT
 
     if args.time_budget and args.time_budget > 0:
         return 0
+    config = model_config(args, args.vocab_size or 32768)
+    batch_and_scales(args, config)
     if args.num_iterations and args.num_iterations > 0:
         return args.num_iterations * args.total_batch_size
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(args.depth, args.vocab_size or 32768, aspect_ratio=args.aspect_ratio,
-                                         head_dim=args.head_dim, max_seq_len=args.max_seq_len,
-                                         n_kv_head=args.n_kv_head))
+        model = GPT(config)
     return compute_horizon(args, model, 1)[0] * args.total_batch_size
 
 
@@ -188,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.data.shards import default_data_dir, list_shards
     from picochat.eval.bpb import evaluate_bpb
     from picochat.eval.samples import sample_prompts
-    from picochat.model.gpt import GPTConfig, build_model
+    from picochat.model.gpt import build_model
     from picochat.optim import MuonOptions, build_optimizers, muon_momentum
     from picochat.optim.distributed import broadcast_parameters
     from picochat.runtime import (
@@ -209,9 +277,8 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)
         tokenizer = Tokenizer.load(args.tokenizer_dir or home() / "tokenizer")
         train_files, val_file = list_shards(args.data_dir or default_data_dir())
-        config = GPTConfig.from_depth(args.depth, tokenizer.vocab_size, aspect_ratio=args.aspect_ratio,
-                                      head_dim=args.head_dim, max_seq_len=args.max_seq_len, n_kv_head=args.n_kv_head,
-                                      **architecture_options(args))
+        config = model_config(args, tokenizer.vocab_size)
+        lr_scale, wd_scale = batch_and_scales(args, config)
         compiled = args.compile == "on" or (args.compile == "auto" and world.device.type == "cuda")
         check_batch(args, world.world_size)
         check_memory(args, config, world, compiled, dtype)
@@ -234,9 +301,12 @@ def run(args: argparse.Namespace) -> int:
                                    row_equilibration=args.muon_eq, renormalize=args.muon_plus,
                                    normuon_beta2=args.normuon_beta2 if args.normuon else None,
                                    cautious_weight_decay=args.cautious_wd)
-        optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-                                      unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay,
-                                      muon_options=muon_options, muon_weight_decay=args.muon_weight_decay)
+        muon_wd = args.weight_decay if args.muon_weight_decay is None else args.muon_weight_decay
+        optimizers = build_optimizers(model, matrix_lr=args.matrix_lr * lr_scale,
+                                      embedding_lr=args.embedding_lr * lr_scale,
+                                      unembedding_lr=args.unembedding_lr * lr_scale, weight_decay=args.weight_decay,
+                                      muon_options=muon_options, muon_weight_decay=muon_wd * wd_scale,
+                                      **adamw_groups(args, lr_scale))
         train_model = model
         if compiled:
             train_model = torch.compile(model, dynamic=False)

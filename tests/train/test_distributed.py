@@ -58,12 +58,13 @@ def make_batches(vocab: int, steps: int, micro: int, B: int = 2, T: int = 16, un
     return out
 
 
-def train_once(rank: int, world: int, port: int, home: str, out: str, weighting: str = "mean") -> None:
+def train_once(rank: int, world: int, port: int, home: str, out: str, weighting: str = "mean",
+               recipe: str = "2025") -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
     torch.set_num_threads(1)
-    from picochat.model.gpt import GPTConfig, build_model
-    from picochat.optim import build_optimizers
+    from picochat.model.gpt import ARCH_2026, GPTConfig, build_model
+    from picochat.optim import MuonOptions, build_optimizers
     from picochat.optim.distributed import broadcast_parameters
     from picochat.runtime import init_distributed, seed_everything, shutdown_distributed
     from picochat.tokenizer import Tokenizer
@@ -72,10 +73,15 @@ def train_once(rank: int, world: int, port: int, home: str, out: str, weighting:
     world_info = init_distributed("cpu")
     seed_everything(1000 + rank)  # different seeds per rank: identical weights must come from the broadcast
     tok = Tokenizer.load(Path(home) / "tokenizer")
-    config = GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16)
+    modern = recipe == "2026"  # every architecture option and the 2026 Muon rule with cautious weight decay
+    config = GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16,
+                                  **(ARCH_2026 if modern else {}))
     model = build_model(config, torch.device("cpu"))
     broadcast_parameters(model)
-    opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    muon = MuonOptions("polar_express", row_equilibration=True, renormalize=True, normuon_beta2=0.9,
+                       cautious_weight_decay=True) if modern else None
+    opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, muon_options=muon,
+                            muon_weight_decay=0.2 if modern else None)
     batches = FixedBatches(make_batches(tok.vocab_size, STEPS, 2, uneven=weighting == "tokens"), rank, world)
     cfg = LoopConfig(stage="base", tag=f"w{world}", num_iterations=STEPS, grad_accum_steps=2 // world,
                      tokens_per_step=2 * 2 * 16, loss_weighting=weighting)
@@ -86,13 +92,13 @@ def train_once(rank: int, world: int, port: int, home: str, out: str, weighting:
     shutdown_distributed()
 
 
-@pytest.mark.parametrize("weighting", ["mean", "tokens"])
-def test_two_gloo_ranks_match_one_process_with_accumulation(tiny_home, weighting):
+@pytest.mark.parametrize(("weighting", "recipe"), [("mean", "2025"), ("tokens", "2025"), ("mean", "2026")])
+def test_two_gloo_ranks_match_one_process_with_accumulation(tiny_home, weighting, recipe):
     """With "tokens", the ranks hold different numbers of supervised tokens each step (one micro-batch
     none): the step is still the mean over the union of them, as one process computes it."""
     one, two = str(tiny_home / "one.pt"), str(tiny_home / "two.pt")
     for world, out in ((1, one), (2, two)):
-        mp.start_processes(train_once, args=(world, free_port(), str(tiny_home), out, weighting), nprocs=world,
+        mp.start_processes(train_once, args=(world, free_port(), str(tiny_home), out, weighting, recipe), nprocs=world,
                            start_method="spawn")
     a, b = torch.load(one), torch.load(two)
     assert a.keys() == b.keys()
