@@ -4,12 +4,14 @@
     picochat export --format hf --stage sft --tag d20 --out ~/models/picochat-d20
     picochat export --format hf --dtype bfloat16        # half the size on disk
 
-`--format hf` writes a Hugging Face transformers directory of the native `nanochat` model
-type (see picochat/export/hf.py); default destination $PICOCHAT_HOME/export/hf/<stage>-<tag>-step<N>.
-Load it with:
+`--format hf` writes a Hugging Face transformers directory (see picochat/export/hf.py): of the
+native `nanochat` model type for the classic architecture, else transformers remote code (the model
+code travels in the directory; loading needs trust_remote_code=True). Default destination
+$PICOCHAT_HOME/export/hf/<stage>-<tag>-step<N>. Load it with:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(DIR); tok = AutoTokenizer.from_pretrained(DIR)
+    model = AutoModelForCausalLM.from_pretrained(DIR)  # remote code: add trust_remote_code=True
+    tok = AutoTokenizer.from_pretrained(DIR)
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                   return_tensors="pt")
 """
@@ -36,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from picochat.checkpoint import load_checkpoint_dir
-    from picochat.export.hf import export_hf
+    from picochat.export.hf import export_hf, needs_remote_code
     from picochat.infer.loading import resolve_checkpoint
     from picochat.runtime import home
 
@@ -48,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
               "tokenizer_hash": tokenizer.hash, "metrics": meta.get("metrics", {})}
     export_hf(model, tokenizer, out, dtype=args.dtype, source=source)
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
-    print(f"exported {path} ({model.num_params():,} params, {args.dtype}, {size_mb:.1f} MB) -> {out}")
-    print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    options = model.config.non_classic()
+    kind = f"transformers remote code, for {', '.join(options)}" if options else "native nanochat"
+    print(f"exported {path} ({model.num_params():,} params, {args.dtype}, {size_mb:.1f} MB, {kind}) -> {out}")
+    trust = ", trust_remote_code=True" if needs_remote_code(model.config) else ""
+    print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r}{trust})")
     return 0

@@ -1,7 +1,8 @@
-"""Export a checkpoint as a Hugging Face transformers model of the native `nanochat` type.
+"""Export a checkpoint as a Hugging Face transformers model.
 
-The directory written here loads with `AutoModelForCausalLM.from_pretrained(dir)` and
-`AutoTokenizer.from_pretrained(dir)`, no remote code:
+A classic model (no architecture option on) becomes the native `nanochat` type: the directory
+loads with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`,
+no remote code:
 
   config.json              NanoChatConfig fields (sizes, rope theta, softcap, special ids, dtype)
   generation_config.json   bos / eos (<|assistant_end|>) / pad ids for `generate`
@@ -9,12 +10,18 @@ The directory written here loads with `AutoModelForCausalLM.from_pretrained(dir)
   tokenizer.json           a fast byte-level BPE tokenizer equivalent to ours
   tokenizer_config.json    special tokens and a chat template reproducing render_conversation
 
+Any other model becomes transformers remote code (`from_pretrained(dir, trust_remote_code=True)`):
+the same tokenizer files, our tensors under our own names, config.json with every GPTConfig field
+and an auto_map to modeling_picochat.py / configuration_picochat.py, which are copied from
+picochat/export/remote/ (standalone: torch and transformers only), and a README.md saying so.
+
 The GPT matches the NanoChat architecture (see picochat/model/gpt.py) except for one sign:
 transformers' NanoChat rotates q and k by -angle (its rotate_half is cat(x2, -x1)), ours by
 +angle. Negating the second half of every head's q and k rows makes the two agree: the rotated
 vectors then differ only in the sign of their second halves, which the q/k RMSNorm ignores and
 which cancels in q.k. `check_exportable` refuses any checkpoint whose config or tensors carry
-something the NanoChat type cannot express.
+something the NanoChat type cannot express; `check_remote_exportable` does the same for the
+remote-code model.
 
 The tokenizer: tiktoken ranks become a BPE vocabulary in GPT-2's printable byte alphabet.
 tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank;
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +41,18 @@ import torch
 from safetensors.torch import save_file
 
 from picochat.errors import UserError
-from picochat.model.gpt import ARCH_OPTIONS, GPTConfig
+from picochat.model.gpt import ARCH_OPTIONS, GPT, GPTConfig
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from picochat.tokenizer.train_hf import bytes_to_unicode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REMOTE_DIR = Path(__file__).parent / "remote"
+REMOTE_FILES = ("configuration_picochat.py", "modeling_picochat.py")
 
-# GPTConfig fields and how each maps into NanoChatConfig; a field missing here is a feature
-# export does not know how to express, so it is refused rather than silently dropped. The
-# architecture options (ARCH_OPTIONS) are accepted at their classic values only; the init
-# scheme only decided the starting weights.
+# GPTConfig fields the export can express: each maps into NanoChatConfig (the architecture
+# options at their classic values only) and is a field of configuration_picochat.py. A field
+# missing here is refused rather than silently dropped. The init scheme only decided the
+# starting weights.
 SUPPORTED_CONFIG_FIELDS = {"vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len",
                            "softcap", "rope_theta", "norm_eps", "mlp_ratio", "init", *ARCH_OPTIONS}
 
@@ -102,21 +112,38 @@ def check_exportable(config: GPTConfig, state_dict: dict[str, torch.Tensor], tok
     """Raise UserError if the checkpoint has anything the NanoChat model type cannot express."""
     options = config.non_classic()
     if options:
-        raise UserError(f"--format hf exports the classic architecture only; this model uses {', '.join(options)}, "
-                        "which transformers' NanoChat type has no counterpart for")
+        raise UserError(f"the native NanoChat export takes the classic architecture only; this model uses "
+                        f"{', '.join(options)} (export_hf writes it as remote code)")
+    _check_layout(config, state_dict, tokenizer, set(rename_state_dict_keys(config)), "the NanoChat layout")
+
+
+def check_remote_exportable(config: GPTConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
+    """Raise UserError if the checkpoint has anything modeling_picochat.py cannot express: its
+    tensors must be exactly those of a picochat GPT of this config."""
+    with torch.device("meta"):
+        expected = set(GPT(config).state_dict())
+    _check_layout(config, state_dict, tokenizer, expected, "a picochat GPT's")
+
+
+def _check_layout(config: GPTConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer,
+                  expected: set[str], layout: str) -> None:
     unknown = sorted(set(config.to_dict()) - SUPPORTED_CONFIG_FIELDS)
     if unknown:
-        raise UserError(f"model config fields {unknown} have no counterpart in transformers' NanoChat type; "
+        raise UserError(f"model config fields {unknown} have no counterpart in the exported model; "
                         "this checkpoint cannot be exported with --format hf")
-    expected = set(rename_state_dict_keys(config))
     extra = sorted(set(state_dict) - expected)
     missing = sorted(expected - set(state_dict))
     if extra or missing:
-        raise UserError(f"model tensors differ from the NanoChat layout (unexpected {extra[:3]}, missing "
+        raise UserError(f"model tensors differ from {layout} (unexpected {extra[:3]}, missing "
                         f"{missing[:3]}): biases, norm weights or other extra tensors cannot be exported")
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
                         "the checkpoint's tokenizer/ does not belong to this model")
+
+
+def needs_remote_code(config: GPTConfig) -> bool:
+    """True when an architecture option is on: transformers' NanoChat type cannot hold the model."""
+    return bool(config.non_classic())
 
 
 def rename_state_dict_keys(config: GPTConfig) -> dict[str, str]:
@@ -177,10 +204,58 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str) -> dict[str, 
     }
 
 
-def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
-    """Stop at <|assistant_end|> (end of a chat turn) or <|bos|> (start of a new document)."""
+def remote_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor],
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Our tensors under our own names, in `dtype`; the per-layer scalars (1-D) stay fp32, as in
+    picochat's own low-precision inference (`config`: for the same signature as hf_state_dict)."""
+    return {name: t.detach().to("cpu", dtype if t.ndim > 1 else torch.float32).contiguous()
+            for name, t in state_dict.items()}
+
+
+def remote_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str) -> dict[str, Any]:
+    """config.json for configuration_picochat.PicochatConfig: every GPTConfig field under its own
+    name, the per-layer layout derived from them, and the auto_map to the copied source files."""
     eos = tokenizer.encode_special("assistant_end")
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": [eos, tokenizer.bos_id], "pad_token_id": eos}
+    return {
+        "architectures": ["PicochatForCausalLM"],
+        "model_type": "picochat",
+        "auto_map": {"AutoConfig": "configuration_picochat.PicochatConfig",
+                     "AutoModelForCausalLM": "modeling_picochat.PicochatForCausalLM"},
+        **config.to_dict(),
+        "window_sizes": config.window_sizes(),
+        "value_embed_layers": config.value_embed_layers(),
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "tie_word_embeddings": False,
+        "use_cache": False,
+        "dtype": dtype,
+    }
+
+
+REMOTE_README = """# picochat model (transformers remote code)
+
+Its architecture options ({options}) have no counterpart among transformers' built-in model
+types, so the model's code travels in this directory: modeling_picochat.py and
+configuration_picochat.py, written by picochat, importing only torch and transformers. Loading
+it needs `trust_remote_code=True`:
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("path/to/this/directory", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
+
+config.json holds every picochat GPTConfig field; model.safetensors keeps picochat's tensor names.
+`generate()` recomputes the whole sequence at every step (no KV cache): exact, but slow for long
+outputs.
+"""
+
+
+def generation_config(tokenizer: Tokenizer, use_cache: bool = True) -> dict[str, Any]:
+    """Stop at <|assistant_end|> (end of a chat turn) or <|bos|> (start of a new document).
+    `use_cache` False: the model keeps no KV cache, so generate() need not build one."""
+    eos = tokenizer.encode_special("assistant_end")
+    config = {"bos_token_id": tokenizer.bos_id, "eos_token_id": [eos, tokenizer.bos_id], "pad_token_id": eos}
+    return config if use_cache else {**config, "use_cache": False}
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------
@@ -252,12 +327,13 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.PathLike,
               dtype: str = "float32", source: dict | None = None) -> Path:
-    """Write the transformers directory for `model` + `tokenizer` into `out_dir`; returns it."""
+    """Write the transformers directory for `model` + `tokenizer` into `out_dir`; returns it.
+    Native NanoChat for a classic model, remote code otherwise (see the module docstring)."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     config: GPTConfig = model.config
     state = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
-    check_exportable(config, state, tokenizer)
+    (check_remote_exportable if needs_remote_code(config) else check_exportable)(config, state, tokenizer)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
@@ -271,16 +347,23 @@ def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.Pa
 
 def _write_files(out: Path, config: GPTConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer, dtype: str,
                  source: dict | None) -> None:
+    remote = needs_remote_code(config)
+    tensors = (remote_state_dict if remote else hf_state_dict)(config, state, DTYPES[dtype])
     weights = out / "model.safetensors"
-    save_file(hf_state_dict(config, state, DTYPES[dtype]), str(weights), metadata={"format": "pt"})
+    save_file(tensors, str(weights), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # safetensors creates it 0600; the other files get the usual mode
-    _write_json(out / "config.json", hf_config(config, tokenizer, dtype))
-    _write_json(out / "generation_config.json", generation_config(tokenizer))
+    _write_json(out / "config.json", (remote_config if remote else hf_config)(config, tokenizer, dtype))
+    _write_json(out / "generation_config.json", generation_config(tokenizer, use_cache=not remote))
     (out / "tokenizer.json").write_text(hf_tokenizer_json(tokenizer), encoding="utf-8")
     _write_json(out / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.sequence_len))
     _write_json(out / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
                                                   "pad_token": "<|assistant_end|>"})
+    if remote:
+        for name in REMOTE_FILES:
+            shutil.copyfile(REMOTE_DIR / name, out / name)
+        (out / "README.md").write_text(REMOTE_README.format(options=", ".join(config.non_classic())),
+                                       encoding="utf-8")
     if source is not None:
         _write_json(out / "picochat_source.json", source)
