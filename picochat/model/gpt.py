@@ -13,7 +13,7 @@ opposite angle, so picochat.export.hf negates the second half of each q/k head's
 No biases and no norm weights anywhere; every RMSNorm uses eps 1e-6.
 
 That is the classic architecture, GPTConfig's defaults. Options (GPTConfig fields, all off by
-default; ARCH_2026 turns them on together, and export refuses a model that uses any):
+default; ARCH_2026 turns them on together; export writes a model that uses any as transformers remote code):
 - value_embeds: on every other layer, ending with the last, a second embedding table per layer
   whose row for the token is added to v, scaled per kv head by 3 * sigmoid(W x[:12]);
 - layer_lambdas: x = resid_lambda[i] * x + x0_lambda[i] * x0 before block i, x0 the embedding;

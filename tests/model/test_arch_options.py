@@ -1,6 +1,6 @@
 """The architecture options (GPTConfig fields, classic by default): each changes the output and
-trains, windows hide what they should, a KV cache carries them, checkpoints keep them, export
-refuses them, flags set them, FLOPs and the plan count them, and a classic model is what it was."""
+trains, windows hide what they should, a KV cache carries them, checkpoints keep them, the native
+export refuses them (remote code takes them), flags set them, FLOPs and the plan count them, and a classic model is what it was."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def test_a_checkpoint_keeps_the_options_and_refuses_another_architecture(picocha
         load_weights_into(smeared, old, old_meta)
 
 
-def test_export_refuses_every_option_and_takes_any_init() -> None:
+def test_native_export_refuses_every_option_and_takes_any_init() -> None:
     tok = tiny_tokenizer()
     for option, fields in OPTIONS.items():
         model = build_model(options_config(fields, vocab_size=tok.vocab_size), "meta")
