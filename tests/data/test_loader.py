@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,7 +126,7 @@ def test_best_fit_rows_start_at_bos_and_hold_whole_documents(corpus):
         for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
             assert row[0] == tok.bos_id  # every row starts a document
             starts = [i for i, t in enumerate(row) if t == tok.bos_id] + [len(row)]
-            pieces = [tuple(row[a:b]) for a, b in zip(starts, starts[1:])]
+            pieces = [tuple(row[a:b]) for a, b in itertools.pairwise(starts)]
             for piece in pieces[:-1]:
                 assert piece in docs  # whole documents, in one piece
             last = pieces[-1]
