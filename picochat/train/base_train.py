@@ -251,7 +251,6 @@ def run(args: argparse.Namespace) -> int:
     from picochat.mfu import use_expandable_segments
 
     use_expandable_segments()  # before CUDA is initialised
-    from picochat import checkpoint as ckpt
     from picochat.data.loader import PackedLoader, make_loader
     from picochat.data.shards import default_data_dir, list_shards
     from picochat.eval.bpb import evaluate_bpb
@@ -267,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed,
     )
     from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import LoopConfig, Trainer, newest_step, verify_shared_home, wandb_logger
+    from picochat.train.loop import LoopConfig, Trainer, verify_shared_home, wandb_logger
     from picochat.train.schedules import cosine_to_zero, warmup_constant_warmdown
 
     world = init_distributed(args.device)
@@ -354,11 +353,7 @@ def run(args: argparse.Namespace) -> int:
             run_meta={"data": fingerprint, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}},
         )
         if args.resume:
-            step = newest_step("base", tag, world)  # decided once, on rank 0
-            if step is not None:
-                trainer.resume(ckpt.run_dir("base", tag) / f"step_{step}")
-            else:
-                log0(f"--resume: no checkpoint under {ckpt.run_dir('base', tag)} yet; starting fresh")
+            trainer.resume_newest()
         result = trainer.run()
         batches.close()
         log0(f"done: {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})}")
