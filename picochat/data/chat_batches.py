@@ -62,6 +62,19 @@ class _ConversationWalk:
         epoch, k = divmod(position, self.per_epoch)
         return epoch, self.task[self.rank + k * self.world_size]
 
+    def resharded_position(self, states: list[dict]) -> int:
+        """This rank's first position at or after the earliest conversation any old rank (state: its
+        position, rank and world size) had not finished: some are seen twice, none skipped."""
+        n = len(self.task)
+
+        def absolute(s: dict) -> int:  # conversation index counted over epochs
+            per_epoch = len(range(s["rank"], n, s["world_size"]))
+            epoch, k = divmod(s["position"], per_epoch)
+            return epoch * n + s["rank"] + k * s["world_size"]
+
+        epoch, first = divmod(min(map(absolute, states)), n)
+        return epoch * self.per_epoch + max(0, -(-(first - self.rank) // self.world_size))
+
 
 class PackedConversations:
     """Infinite iterator of packed (inputs, targets) blocks of shape (B, T)."""
@@ -112,6 +125,10 @@ class PackedConversations:
         head = self.stream.head()
         position, skip = (self.position, 0) if head is None else head
         return {"position": position, "skip": skip, "rank": self.rank, "world_size": self.world_size}
+
+    def reshard_state(self, states: list[dict]) -> dict:
+        return {"position": self.walk.resharded_position(states), "skip": 0, "rank": self.rank,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.world_size:
@@ -170,6 +187,9 @@ class PaddedConversations:
 
     def state_dict(self) -> dict:
         return {"position": self.position, "rank": self.rank, "world_size": self.world_size}
+
+    def reshard_state(self, states: list[dict]) -> dict:
+        return {"position": self.walk.resharded_position(states), "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.world_size:

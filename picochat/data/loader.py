@@ -21,6 +21,9 @@ walk starts again.
 Tokenization runs on a background thread (tiktoken releases the GIL and uses its own
 threads), a few units ahead, so the training loop does not wait for it.
 
+Resume at another world size (`reshard_state`) restarts every rank at the earliest row group any
+old rank had reached: a few documents are seen twice, none is skipped.
+
 Exact resume: tokenization is deterministic, so a position in the walk reproduces the
 documents token for token. The packed loader's state is (epoch, unit, skip): the unit whose
 tokens start the unread part of the stream and how many of its tokens were already read.
@@ -196,6 +199,12 @@ class PackedLoader(_ShardWalk):
         self._check_state(state)
         self._start = (int(state["epoch"]), int(state["unit"]), int(state["skip"]))
 
+    def reshard_state(self, states: list[dict]) -> dict:
+        """This rank's state in a new world, from every old rank's: the start of the earliest row group
+        any old rank was reading (ranks stay within a row group or so of each other)."""
+        epoch, unit = min((s["epoch"], s["unit"]) for s in states)
+        return {"kind": self.kind, "epoch": epoch, "unit": unit, "skip": 0, **self._position()}
+
     def close(self) -> None:
         super().close()
         if hasattr(self, "_stream"):
@@ -269,6 +278,12 @@ class BestFitLoader(_ShardWalk):
         epoch, unit, index = self._cursor
         return {"kind": self.kind, "epoch": int(epoch), "unit": int(unit), "index": int(index),
                 "buffer": [list(map(int, d)) for d in self._buffer_ids], **self._position()}
+
+    def reshard_state(self, states: list[dict]) -> dict:
+        """This rank's state in a new world: an empty buffer refilled from the earliest row group that any
+        old rank's buffer or cursor was in."""
+        epoch, unit = min((d[0], d[1]) for s in states for d in [*s["buffer"], (s["epoch"], s["unit"])])
+        return {"kind": self.kind, "epoch": epoch, "unit": unit, "index": 0, "buffer": [], **self._position()}
 
     def load_state_dict(self, state: dict) -> None:
         self._check_state(state)

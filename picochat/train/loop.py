@@ -49,7 +49,7 @@ from picochat import checkpoint as ckpt
 from picochat.errors import ConfigError, UserError
 from picochat.mfu import mfu_percent, peak_flops, peak_memory_bytes
 from picochat.optim.sharded import shard_optimizers
-from picochat.runtime import Dist, home, log0
+from picochat.runtime import Dist, home, log0, seed_everything
 
 LOSS_WEIGHTINGS = ("mean", "tokens")
 # The horizon the schedule sees while a time-budgeted run measures its throughput: far
@@ -300,22 +300,34 @@ class Trainer:
 
         state = ckpt.load_training_state(path)
         meta = ckpt.read_json_object(path / "meta.json")
-        if state["world_size"] != self.world.world_size:
-            raise DataError(
-                f"{path} was saved by {state['world_size']} processes and this run has {self.world.world_size}; "
-                "resume with the same --nproc_per_node (the data position and RNG are per rank)"
-            )
+        resharded = state["world_size"] != self.world.world_size
+        if resharded:
+            fixed = sorted(name for name, part in self.parts.items() if not hasattr(part, "reshard_state"))
+            if fixed:
+                raise DataError(
+                    f"{path} was saved by {state['world_size']} processes and this run has {self.world.world_size}; "
+                    f"this stage's {', '.join(fixed)} position is per rank: resume with the same --nproc_per_node"
+                )
         if meta.get("tokenizer_hash") != self.tokenizer.hash:
             raise DataError(f"{path} was trained with tokenizer {meta.get('tokenizer_hash')}, this run uses "
                             f"{self.tokenizer.hash}; resume with the same tokenizer")
         ckpt.load_weights_into(self.model, path, meta, self.device)
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
-        mine = state["per_rank"][self.world.rank]
-        for name, part in self.parts.items():
-            part.load_state_dict(mine[name])
-        _set_rng_state(mine["rng"])
         self.step = state["step"]
+        if resharded:
+            # Every part restarts at the earliest position any old rank had reached (some data is seen
+            # twice, none skipped); the RNG streams are new ones, so the run continues, not bit-exactly.
+            for name, part in self.parts.items():
+                part.load_state_dict(part.reshard_state([r[name] for r in state["per_rank"]]))
+            seed_everything(1_000_003 * self.step + self.world.rank)
+            log0(f"resuming {state['world_size']} processes' checkpoint on {self.world.world_size}: the data "
+                 "restarts at the earliest position of any old rank, with fresh random streams")
+        else:
+            mine = state["per_rank"][self.world.rank]
+            for name, part in self.parts.items():
+                part.load_state_dict(mine[name])
+            _set_rng_state(mine["rng"])
         self.smooth_loss = state["loop"]["smooth_loss"]
         self.train_time = state["loop"]["train_time"]
         self.metrics = state["loop"]["metrics"]

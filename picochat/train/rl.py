@@ -212,6 +212,10 @@ class PolicyGradientStep:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.set_state(state["sampler"])
 
+    def reshard_state(self, states: list[dict]) -> dict:
+        """At another world size this rank keeps the sampling stream it was built with."""
+        return self.state_dict()
+
     def sample_group(self, prompt: list[int], max_new_tokens: int) -> list[Rollout]:
         """`--num-samples` completions of `prompt`, `--device-batch-size` rows per engine call (one seed each)."""
         a, group = self.args, []

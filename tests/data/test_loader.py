@@ -204,3 +204,31 @@ def test_loader_kind_is_checked(corpus):
         make_loader("bestfit", train, tok, 1, 8).load_state_dict(state)
     with pytest.raises(DataError, match="--loader 'nope'"):
         make_loader("nope", train, tok, 1, 8)
+
+
+@pytest.mark.parametrize("kind", ["packed", "bestfit"])
+def test_another_world_size_restarts_at_the_earliest_row_group_and_skips_nothing(corpus, kind):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    old = []
+    for rank, steps in ((0, 9), (1, 6)):  # rank 1 is behind: it read fewer batches
+        loader = make_loader(kind, train, tok, 2, 32, rank=rank, world_size=2)
+        for _ in range(steps):
+            next(loader)
+        old.append(loader.state_dict())
+        loader.close()
+    earliest = min((s["epoch"], s["unit"]) for s in old)
+    for rank in range(3):
+        new = make_loader(kind, train, tok, 2, 32, rank=rank, world_size=3)
+        state = new.reshard_state(old)
+        assert (state["epoch"], state["unit"]) <= earliest and state["world_size"] == 3
+        new.load_state_dict(state)
+        x, _ = next(new)
+        docs = [d.tolist() for u in range(state["unit"], len(new.units)) for d in new._encode_unit(u)]
+        if kind == "packed":  # this rank's documents of that row group come first, in order
+            assert x[0].tolist() == [t for d in docs for t in d][:32]
+        else:  # a row holds this rank's documents from that row group on
+            row = x[0].tolist()
+            end = row.index(tok.bos_id, 1) if tok.bos_id in row[1:] else len(row)
+            assert any(d[:end] == row[:end] for d in docs)
+        new.close()

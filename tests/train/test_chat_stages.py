@@ -197,3 +197,22 @@ def test_chat_stage_time_budget_fixes_the_horizon(base_ckpt, stage):
     step, _ = _weights(name, "budget")
     meta = json.loads((ckpt.run_dir(name, "budget") / f"step_{step}" / "meta.json").read_text())
     assert meta["num_iterations"] == step >= 8  # the measured steps, then what the 1.2 s budget had left
+
+
+def test_conversations_resume_at_another_world_size_from_the_earliest_unfinished(tok):
+    from picochat.data.chat_batches import PaddedConversations
+
+    convs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(10)]
+    task = ListTask(convs)
+    old = [PaddedConversations(task, tok, 1, 64, rank=r, world_size=2) for r in range(2)]
+    for loader, steps in zip(old, (3, 2)):  # rank 0 has done conversations 0, 2, 4; rank 1: 1, 3
+        for _ in range(steps):
+            next(loader)
+    states = [o.state_dict() for o in old]  # the earliest unfinished conversation is 5
+    nxt = []
+    for r in range(3):
+        new = PaddedConversations(task, tok, 1, 64, rank=r, world_size=3)
+        new.load_state_dict(new.reshard_state(states))
+        nxt.append(new.walk.row(new.position)[1]["messages"][0]["content"])
+    assert nxt == ["q6", "q7", "q5"]  # ranks 0, 1, 2 of 3 take 6, 7, 5: from 5 on, nothing skipped

@@ -217,3 +217,28 @@ def _flops_per_token(home: Path) -> int:
     tok = Tokenizer.load(home / "tokenizer")
     return build_model(GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16),
                        "cpu").flops_per_token()
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_in_one_process(tiny_home, capsys):
+    """The data restarts at the earliest position any old rank had reached, the optimiser state is
+    gathered from the shards, and the run finishes its horizon."""
+    from picochat import checkpoint as ckpt
+    from picochat.cli import main
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "PICOCHAT_HOME": str(tiny_home), "OMP_NUM_THREADS": "1"}
+    args = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--num-iterations", "8", "--save-every", "4",
+            "--sample-every", "-1", "--eval-every", "-1", "--tag", "grow"]
+    proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted below
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "picochat", *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = ckpt.run_dir("base", "grow")
+    shutil.rmtree(run / "step_8")
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming 2 processes' checkpoint on 1" in out
+    meta = json.loads((run / "step_8" / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["step"] == 8
