@@ -71,6 +71,7 @@ also holds every run's curves.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -421,7 +422,9 @@ def pico_command(args, ctx: dict, seed: int, tag: str, wall: float | None) -> li
 
 
 def run_pico(args, ctx: dict, seed: int, mode: str, wall: float | None) -> dict:
-    tag = f"recipe-pico-{mode}-s{seed}"
+    # The run's directory names its --pico-args, so runs of different picochat configurations never share one.
+    digest = hashlib.sha256(args.pico_args.encode()).hexdigest()[:8]
+    tag = f"recipe-pico-{mode}-s{seed}-{digest}"
     run_home = ctx["scratch"] / "pico"
     log_path = run_home / "logs" / f"base-{tag}.jsonl"
     shutil.rmtree(run_home / "checkpoints" / "base" / tag, ignore_errors=True)
