@@ -178,6 +178,63 @@ def adamw_groups(args, lr_scale: float) -> dict:
     return out
 
 
+def log_run(args, model, dtype, world, num_iterations: int, grad_accum: int) -> None:
+    log0(f"model: {json.dumps(model.config.to_dict())}")
+    log0(f"params {model.num_params():,} (scaling {model.num_scaling_params():,}) | "
+         f"flops/token {model.flops_per_token():.3e} | dtype {dtype} | device {world.device} | world {world.world_size}")
+    if num_iterations > 0:
+        log0(f"horizon: {num_iterations} steps x {args.total_batch_size:,} tokens = "
+             f"{num_iterations * args.total_batch_size:,} tokens "
+             f"({num_iterations * args.total_batch_size / model.num_scaling_params():.1f} tokens/param), "
+             f"grad accum {grad_accum}")
+    else:
+        log0(f"horizon: what fits in --time-budget {args.time_budget:g} min, set after the first steps; "
+             f"{args.total_batch_size:,} tokens per step, grad accum {grad_accum}")
+
+
+def optimizers_for(args, model, lr_scale: float, wd_scale: float) -> list:
+    """AdamW + Muon as the flags say, LRs and Muon's decay times the batch transfer factors."""
+    from picochat.optim import MuonOptions, build_optimizers
+
+    muon_options = MuonOptions(orthogonalizer=args.muon_orthogonalizer, ns_steps=args.muon_ns_steps,
+                               row_equilibration=args.muon_eq, renormalize=args.muon_plus,
+                               normuon_beta2=args.normuon_beta2 if args.normuon else None,
+                               cautious_weight_decay=args.cautious_wd)
+    muon_wd = args.weight_decay if args.muon_weight_decay is None else args.muon_weight_decay
+    return build_optimizers(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+                            unembedding_lr=args.unembedding_lr * lr_scale, weight_decay=args.weight_decay,
+                            muon_options=muon_options, muon_weight_decay=muon_wd * wd_scale,
+                            **adamw_groups(args, lr_scale))
+
+
+def evaluators(args, world, tokenizer, val_file, dtype):
+    """(val bpb over --eval-tokens of the val shard, greedy samples of fixed prompts on rank 0) for the loop."""
+    from picochat.data.loader import PackedLoader
+    from picochat.eval.bpb import evaluate_bpb
+    from picochat.eval.samples import sample_prompts
+
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
+    eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * world.world_size)
+    if eval_steps < 1:
+        raise ConfigError(f"--eval-tokens {args.eval_tokens} is less than one batch "
+                          f"({args.device_batch_size}*{args.max_seq_len}*{world.world_size} tokens); raise it")
+
+    def evaluate(m, step):
+        val = PackedLoader([val_file], tokenizer, args.device_batch_size, args.max_seq_len,
+                           world.rank, world.world_size, world.device)
+        try:
+            return {"val_bpb": evaluate_bpb(m, val, eval_steps, token_bytes, dtype)}
+        finally:
+            val.close()
+
+    def sample(m, step):
+        if world.is_main:
+            for s in sample_prompts(m, tokenizer, compute_dtype=dtype):
+                log0(f"  sample | {s['prompt']}{s['completion']!r}")
+
+    return evaluate, sample
+
+
 def horizon_tokens(args) -> int:
     """Training tokens of the horizon the flags ask for; 0 when a time budget sets it at run time."""
     from picochat.model.gpt import GPT
@@ -251,12 +308,10 @@ def run(args: argparse.Namespace) -> int:
     from picochat.mfu import use_expandable_segments
 
     use_expandable_segments()  # before CUDA is initialised
-    from picochat.data.loader import PackedLoader, make_loader
+    from picochat.data.loader import make_loader
     from picochat.data.shards import default_data_dir, list_shards
-    from picochat.eval.bpb import evaluate_bpb
-    from picochat.eval.samples import sample_prompts
     from picochat.model.gpt import build_model
-    from picochat.optim import MuonOptions, build_optimizers, muon_momentum
+    from picochat.optim import muon_momentum
     from picochat.optim.distributed import broadcast_parameters
     from picochat.runtime import (
         home,
@@ -285,51 +340,14 @@ def run(args: argparse.Namespace) -> int:
         broadcast_parameters(model)
         num_iterations, grad_accum = compute_horizon(args, model, world.world_size)
         tag = args.tag or f"d{args.depth}"
-        log0(f"model: {json.dumps(config.to_dict())}")
-        log0(f"params {model.num_params():,} (scaling {model.num_scaling_params():,}) | "
-             f"flops/token {model.flops_per_token():.3e} | dtype {dtype} | device {world.device} | world {world.world_size}")
-        if num_iterations > 0:
-            log0(f"horizon: {num_iterations} steps x {args.total_batch_size:,} tokens = "
-                 f"{num_iterations * args.total_batch_size:,} tokens "
-                 f"({num_iterations * args.total_batch_size / model.num_scaling_params():.1f} tokens/param), "
-                 f"grad accum {grad_accum}")
-        else:
-            log0(f"horizon: what fits in --time-budget {args.time_budget:g} min, set after the first steps; "
-                 f"{args.total_batch_size:,} tokens per step, grad accum {grad_accum}")
-        muon_options = MuonOptions(orthogonalizer=args.muon_orthogonalizer, ns_steps=args.muon_ns_steps,
-                                   row_equilibration=args.muon_eq, renormalize=args.muon_plus,
-                                   normuon_beta2=args.normuon_beta2 if args.normuon else None,
-                                   cautious_weight_decay=args.cautious_wd)
-        muon_wd = args.weight_decay if args.muon_weight_decay is None else args.muon_weight_decay
-        optimizers = build_optimizers(model, matrix_lr=args.matrix_lr * lr_scale,
-                                      embedding_lr=args.embedding_lr * lr_scale,
-                                      unembedding_lr=args.unembedding_lr * lr_scale, weight_decay=args.weight_decay,
-                                      muon_options=muon_options, muon_weight_decay=muon_wd * wd_scale,
-                                      **adamw_groups(args, lr_scale))
+        log_run(args, model, dtype, world, num_iterations, grad_accum)
+        optimizers = optimizers_for(args, model, lr_scale, wd_scale)
         train_model = model
         if compiled:
             train_model = torch.compile(model, dynamic=False)
         batches = make_loader(args.loader, train_files, tokenizer, args.device_batch_size, args.max_seq_len,
                               world.rank, world.world_size, world.device)
-        token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
-        eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * world.world_size)
-        if eval_steps < 1:
-            raise ConfigError(f"--eval-tokens {args.eval_tokens} is less than one batch "
-                              f"({args.device_batch_size}*{args.max_seq_len}*{world.world_size} tokens); raise it")
-
-        def evaluate(m, step):
-            val = PackedLoader([val_file], tokenizer, args.device_batch_size, args.max_seq_len,
-                               world.rank, world.world_size, world.device)
-            try:
-                return {"val_bpb": evaluate_bpb(m, val, eval_steps, token_bytes, dtype)}
-            finally:
-                val.close()
-
-        def sample(m, step):
-            if world.is_main:
-                for s in sample_prompts(m, tokenizer, compute_dtype=dtype):
-                    log0(f"  sample | {s['prompt']}{s['completion']!r}")
-
+        evaluate, sample = evaluators(args, world, tokenizer, val_file, dtype)
         loop_cfg = LoopConfig(stage="base", tag=tag, num_iterations=num_iterations, grad_accum_steps=grad_accum,
                               tokens_per_step=args.total_batch_size, eval_every=args.eval_every,
                               sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last,
