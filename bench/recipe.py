@@ -30,7 +30,9 @@ Runs (`--systems`):
 Every run trains on the same built-in-corpus shards (`--data-dir`), at the same geometry
 (default: the cpu preset's), with one tokenizer: picochat's BPE at `--vocab`, trained once by
 `picochat tok-train` into the scratch directory (`--scratch`) and reused while the shards
-are the same. Both systems compute in `--dtype` (auto: what picochat picks here).
+are the same. Checkpoints and logs go to a directory of this invocation's own under
+`<scratch>/runs/`, removed at the end, so benchmarks sharing a scratch directory never mix
+their runs. Both systems compute in `--dtype` (auto: what picochat picks here).
 
 Modes (`--modes`): `tokens` trains `--steps` steps of the same tokens per step;
 `wall` trains for `--wall-seconds` (default: the seconds picochat's `tokens` run of the same
@@ -71,7 +73,6 @@ also holds every run's curves.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -87,6 +88,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from machine import describe_machine, format_machine
 from results import default_out, write_results
 
@@ -383,8 +385,15 @@ def prepare_tokenizer(args, data_dir: Path, scratch: Path) -> Path:
              "files": [[f.name, f.stat().st_size] for f in [*train_files, val_file]]}
     tok_dir = scratch / f"tokenizer-{args.vocab}"
     stamp_file = tok_dir / "bench-stamp.json"
-    if (tok_dir / "tokenizer.json").exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
-        return tok_dir
+    scratch.mkdir(parents=True, exist_ok=True)
+    with FileLock(scratch / f"tokenizer-{args.vocab}.lock"):  # two benchmarks at once train it once
+        if not (stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp):
+            train_tokenizer(args, data_dir, scratch, tok_dir)
+            stamp_file.write_text(json.dumps(stamp))
+    return tok_dir
+
+
+def train_tokenizer(args, data_dir: Path, scratch: Path, tok_dir: Path) -> None:
     print(f"training the tokenizer (vocab {args.vocab:,}) into {tok_dir}", flush=True)
     shutil.rmtree(tok_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "picochat", "tok-train", "--preset", "cpu", "--vocab-size", str(args.vocab),
@@ -392,15 +401,12 @@ def prepare_tokenizer(args, data_dir: Path, scratch: Path) -> Path:
     result = run_process(cmd, "tok-train", {"PICOCHAT_HOME": str(scratch)}, args.threads, args.progress_every)
     if "error" in result:
         raise DataError(f"training the bench tokenizer failed: {result['error']}")
-    stamp_file.write_text(json.dumps(stamp))
-    return tok_dir
 
 
-def link_reference_data(data_dir: Path, scratch: Path) -> Path:
+def link_reference_data(data_dir: Path, runs_dir: Path) -> Path:
     """A $NANOCHAT_BASE_DIR whose shard directory links to our shards (the last sorted one is val there too)."""
-    base = scratch / "ref-base"
+    base = runs_dir / "ref-base"
     shard_dir = base / "base_data_climbmix"
-    shutil.rmtree(shard_dir, ignore_errors=True)
     shard_dir.mkdir(parents=True)
     train_files, val_file = list_shards(data_dir)
     for f in [*train_files, val_file]:
@@ -422,13 +428,9 @@ def pico_command(args, ctx: dict, seed: int, tag: str, wall: float | None) -> li
 
 
 def run_pico(args, ctx: dict, seed: int, mode: str, wall: float | None) -> dict:
-    # The run's directory names its --pico-args, so runs of different picochat configurations never share one.
-    digest = hashlib.sha256(args.pico_args.encode()).hexdigest()[:8]
-    tag = f"recipe-pico-{mode}-s{seed}-{digest}"
-    run_home = ctx["scratch"] / "pico"
+    tag = f"recipe-pico-{mode}-s{seed}"
+    run_home = ctx["runs_dir"] / "pico"  # this invocation's own: no other run writes its log or checkpoints
     log_path = run_home / "logs" / f"base-{tag}.jsonl"
-    shutil.rmtree(run_home / "checkpoints" / "base" / tag, ignore_errors=True)
-    log_path.unlink(missing_ok=True)
     result = run_process(pico_command(args, ctx, seed, tag, wall), f"seed {seed} pico {mode}",
                          {"PICOCHAT_HOME": str(run_home)}, args.threads, args.progress_every)
     if "error" in result:
@@ -441,8 +443,7 @@ def run_pico(args, ctx: dict, seed: int, mode: str, wall: float | None) -> dict:
 
 
 def run_ref(args, ctx: dict, system: str, seed: int, mode: str, wall: float | None) -> dict:
-    out_dir = ctx["scratch"] / "ref" / f"{system}-{mode}-s{seed}"
-    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir = ctx["runs_dir"] / "ref" / f"{system}-{mode}-s{seed}"
     out_dir.mkdir(parents=True)
     spec = {"kind": "ref-train", "reference_dir": str(args.reference_dir.resolve()), "seed": seed,
             "rescaled": system == "ref-rescaled", "compile": args.ref_compile == "on", "out_dir": str(out_dir),
@@ -698,10 +699,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 "seq_len": args.seq_len, "vocab": vocab, "device_batch": args.device_batch_size,
                 "batch_tokens": args.total_batch_size, "window_pattern": args.window_pattern,
                 "tokenizer_dir": str(tokenizer_dir), "threads": args.threads, "dtype": dtype_name}
-    ctx = {"systems": systems, "scratch": scratch, "data_dir": data_dir, "val_file": val_file,
+    # This invocation's checkpoints and logs, apart from any other benchmark using the same scratch.
+    runs_dir = scratch / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    ctx = {"systems": systems, "runs_dir": runs_dir, "data_dir": data_dir, "val_file": val_file,
            "tokenizer_dir": tokenizer_dir, "dtype": dtype_name, "geometry": geometry,
            "nanochat_dtype": "bfloat16" if dtype_name == "bf16" else "float32",
-           "ref_base": link_reference_data(data_dir, scratch) if systems != ["pico"] else None}
+           "ref_base": link_reference_data(data_dir, runs_dir) if systems != ["pico"] else None}
     config = {**{k: v for k, v in geometry.items() if k not in ("tokenizer_dir", "threads")},
               "steps": args.steps, "eval_every": args.eval_every, "seeds": args.seeds, "systems": systems,
               "modes": args.modes, "pico_args": args.pico_args, "wall_seconds": args.wall_seconds,
@@ -709,7 +712,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
               "tokenizer_hash": Tokenizer.load(tokenizer_dir).hash}
     print(f"config: {json.dumps(config)}", flush=True)
     reused = reused_runs(args.reuse, config) if args.reuse else {}
-    all_runs = {seed: reused[seed] if seed in reused else run_seed(args, ctx, seed) for seed in args.seeds}
+    try:
+        all_runs = {seed: reused[seed] if seed in reused else run_seed(args, ctx, seed) for seed in args.seeds}
+    finally:
+        shutil.rmtree(runs_dir, ignore_errors=True)
     summary = summarise(all_runs, systems)
     mults = multipliers(all_runs, summary, systems)
     print_table(summary, mults)

@@ -177,6 +177,7 @@ def check_report(proc: subprocess.CompletedProcess, out: Path, systems: list[str
     saved = json.loads(out.read_text())
     assert {k: saved[k] for k in report} == report and set(saved["runs"]["1"]) == set(systems)
     assert set(report["summary"]) == set(systems) and report["errors"] == []
+    assert not any((out.parent / "scratch" / "runs").iterdir())  # this invocation's checkpoints are gone
     for system in systems:
         for mode in ("tokens", "wall"):
             row = report["summary"][system][mode]
