@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
 from picochat.infer.chat_defaults import CHAT_SAMPLING
 from picochat.runtime import home, pick_device, pick_dtype
@@ -34,10 +35,7 @@ HELP = """commands:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default=None,
-                        help="checkpoint stage (default: the first of rl, sft, mid, base that exists)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and exit")
     parser.add_argument("--system", default=None, help="system text put before the first user message")
     parser.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,
@@ -49,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="> 1 makes the reply's last 64 tokens less likely, against loops "
                         f"(default {CHAT_SAMPLING.repetition_penalty or 'off'}; 1 = off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")
-    parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
-    parser.add_argument("--dtype", default=None, help="compute dtype: auto | bf16 | fp32")
+    add_device_arguments(parser)
 
 
 @dataclass

@@ -125,6 +125,31 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+STAGES = ("base", "mid", "sft", "rl")
+
+
+def add_device_arguments(group: argparse._ActionsContainer) -> None:
+    """--device and --dtype: where and in which compute dtype a command runs its model."""
+    group.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    group.add_argument("--dtype", default="auto",
+                       help="compute dtype: auto (bf16 on GPUs and on CPUs with fast bf16, else fp32), bf16, fp32")
+
+
+def add_checkpoint_arguments(group: argparse._ActionsContainer, stage: str | None = None,
+                             choose_stage: bool = True) -> None:
+    """--stage, --tag, --step: which checkpoint a command loads (by default the newest of its stage).
+
+    `stage` is the default stage; None means the most trained one that exists (rl, sft, mid, base).
+    Commands that only read base checkpoints pass choose_stage=False.
+    """
+    if choose_stage:
+        group.add_argument("--stage", choices=STAGES, default=stage,
+                           help=f"checkpoint stage (default {stage})" if stage else
+                           "checkpoint stage (default: the first of rl, sft, mid, base that exists)")
+    group.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
+    group.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+
+
 # The model's architecture flags; each dest is the GPTConfig field it sets (picochat.model.gpt).
 ARCHITECTURE_FIELDS = ("value_embeds", "layer_lambdas", "smear", "backout", "window_pattern", "qk_scale",
                        "rope_theta", "init")

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from picochat.config import resolve
+from picochat.config import add_checkpoint_arguments, add_device_arguments, resolve
 from picochat.errors import ConfigError
 
 # Display name -> (load_task name, split, extra load_task kwargs).
@@ -251,9 +251,7 @@ def results_payload(results: dict[str, TaskResult], core: float | None, run_info
 
 # ---- command line --------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default="sft", help="checkpoint stage (default sft)")
-    p.add_argument("--tag", default=None, help="run tag (default: the newest of the stage)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_checkpoint_arguments(p, "sft")
     p.add_argument("-a", "--tasks", default=None, help=f"tasks to run, '|'-separated (default: {'|'.join(CHAT_TASKS)})")
     p.add_argument("--source", choices=["offline", "hf"], default="offline",
                    help="task data: registry packages (offline, default) or the Hugging Face hub")
@@ -266,8 +264,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per completion (default 512)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass for MMLU/ARC (default 8)")
     p.add_argument("--seed", type=int, default=None, help="base sampling seed; problem i uses seed + i (default 42)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp32")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

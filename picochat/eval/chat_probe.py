@@ -35,6 +35,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
 from picochat.infer.chat_defaults import CHAT_SAMPLING
 
@@ -161,9 +162,7 @@ def summarize(answers: list[dict], dictionary: set[str] | frozenset[str]) -> dic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default="sft", help="checkpoint stage (default sft)")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_checkpoint_arguments(p, "sft")
     p.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,
                    help=f"sampling temperature, 0 = greedy (default: the chat default {CHAT_SAMPLING.temperature})")
     p.add_argument("--top-k", type=int, default=CHAT_SAMPLING.top_k,
@@ -175,8 +174,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{CHAT_SAMPLING.repetition_penalty or 'off'})")
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed+i (default 0)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (default: all 30)")
-    p.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
-    p.add_argument("--dtype", default=None, help="compute dtype: auto | bf16 | fp32")
+    add_device_arguments(p)
 
 
 def answer_prompts(engine, prompts: Iterable[str], temperature: float, top_k: int, max_tokens: int,

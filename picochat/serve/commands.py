@@ -18,20 +18,17 @@ import os
 
 import torch
 
+from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
 from picochat.infer.chat_defaults import CHAT_SAMPLING
 from picochat.runtime import pick_device, pick_dtype, warn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default=None,
-                        help="checkpoint stage (default: the first of rl, sft, mid, base that exists)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: the best available)")
-    parser.add_argument("--dtype", default=None, help="compute dtype: auto | bf16 | fp32")
+    add_device_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="engines generating at once (default: one per GPU; 1 on CPU); each takes up to "
                              "--max-batch requests at once where it batches")

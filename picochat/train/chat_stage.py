@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from picochat.config import add_preset_argument
+from picochat.config import add_device_arguments, add_preset_argument
 from picochat.errors import DataError
 from picochat.plan import add_plan_check_argument
 from picochat.tasks.sources import SOURCE_CHOICES, resolve_source
@@ -50,8 +53,7 @@ def add_chat_stage_arguments(p: argparse.ArgumentParser, parent_default: str) ->
     g.add_argument("--keep-last", type=int, help="keep this many newest checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this tag")
     g.add_argument("--tag", default=None, help="run name (default: the starting checkpoint's tag)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    g.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp32")
+    add_device_arguments(g)
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: CUDA)")
     g.add_argument("--grad-reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="dtype of the cross-rank gradient reduction (bf16 halves the traffic, e.g. across nodes; the sum is rounded to bf16)")
@@ -139,9 +141,23 @@ def compiles(args, world) -> bool:
     return args.compile == "on" or (args.compile == "auto" and world.device.type == "cuda")
 
 
-def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta: dict, batches, num_iterations: int,
-                grad_accum: int, tokens_per_step: int, lr_multiplier, evaluate, dtype, loss_weighting: str,
-                eval_every: int, extra_meta: dict) -> dict:
+@dataclass
+class StagePlan:
+    """What a chat stage hands the shared trainer shell: its batches, horizon, schedule and eval."""
+
+    stage: Literal["mid", "sft"]
+    tag: str
+    batches: Any  # a stateful iterator of (inputs, targets, supervised-token count) batches
+    num_iterations: int
+    grad_accum: int
+    tokens_per_step: int
+    lr_multiplier: Callable[[int, int], float]  # (step, horizon) -> multiple of the base LRs
+    evaluate: Callable[[Any, int], dict] | None
+    loss_weighting: Literal["mean", "tokens"]  # per micro-batch mean, or weighted by supervised tokens
+    extra_meta: dict = field(default_factory=dict)  # recorded in every checkpoint's meta.json
+
+
+def run_trainer(args, world, model, tokenizer, parent_meta: dict, dtype, plan: StagePlan) -> dict:
     """Build optimisers and the Trainer, resume if asked, run, and return the final metrics."""
     import torch
 
@@ -152,17 +168,18 @@ def run_trainer(args, world, stage: str, tag: str, model, tokenizer, parent_meta
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
     train_model = torch.compile(model, dynamic=False) if compiles(args, world) else model
-    cfg = LoopConfig(stage=stage, tag=tag, num_iterations=num_iterations, grad_accum_steps=grad_accum,
-                     tokens_per_step=tokens_per_step, eval_every=eval_every, save_every=args.save_every,
+    cfg = LoopConfig(stage=plan.stage, tag=plan.tag, num_iterations=plan.num_iterations,
+                     grad_accum_steps=plan.grad_accum, tokens_per_step=plan.tokens_per_step,
+                     eval_every=args.eval_every, save_every=args.save_every,
                      save_every_minutes=args.save_every_minutes, keep_last=args.keep_last,
-                     loss_weighting=loss_weighting, time_budget_s=60 * args.time_budget,
+                     loss_weighting=plan.loss_weighting, time_budget_s=60 * args.time_budget,
                      grad_reduce_dtype=args.grad_reduce_dtype)
     run_meta = {"parent": {"stage": args.from_stage, "tag": parent_meta.get("tag"), "step": parent_meta.get("step")},
-                "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **extra_meta}
-    trainer = Trainer(model, optimizers, batches, cfg, world, tokenizer, lr_multiplier=lr_multiplier,
-                      momentum=lambda s: muon_momentum(s, args.momentum_warmup_steps), evaluate=evaluate,
+                "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **plan.extra_meta}
+    trainer = Trainer(model, optimizers, plan.batches, cfg, world, tokenizer, lr_multiplier=plan.lr_multiplier,
+                      momentum=lambda s: muon_momentum(s, args.momentum_warmup_steps), evaluate=plan.evaluate,
                       compute_dtype=dtype, train_model=train_model, run_meta=run_meta,
-                      on_log=wandb_logger(args.wandb, stage, vars(args)) if world.is_main else None)
+                      on_log=wandb_logger(args.wandb, plan.stage, vars(args)) if world.is_main else None)
     if args.resume:
         trainer.resume_newest()
     result = trainer.run()

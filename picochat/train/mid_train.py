@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from picochat.eval.bpb import evaluate_bpb
     from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
     from picochat.train.chat_stage import (
+        StagePlan,
         agreed_source,
         check_memory,
         compiles,
@@ -107,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
             val = PackedConversations(val_mix, tokenizer, B, T, world.rank, world.world_size, world.device)
             return {"val_bpb": evaluate_bpb(m, val, eval_steps, token_bytes, dtype)}
 
-        run_trainer(args, world, "mid", tag, model, tokenizer, parent_meta, batches, num_iterations, grad_accum,
-                    args.total_batch_size, lambda s, n: constant_then_linear_to_zero(s, n), evaluate,
-                    dtype, "mean", args.eval_every,
-                    {"mixture": describe(entries), "conversations": len(train_mix), "mask_user": args.mask_user})
+        run_trainer(args, world, model, tokenizer, parent_meta, dtype, StagePlan(
+            "mid", tag, batches, num_iterations, grad_accum, args.total_batch_size, constant_then_linear_to_zero,
+            evaluate, "mean", {"mixture": describe(entries), "conversations": len(train_mix),
+                               "mask_user": args.mask_user}))
         return 0
     finally:
         shutdown_distributed()

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import load_checkpoint_dir
-from picochat.config import add_preset_argument, resolve
+from picochat.config import add_device_arguments, add_preset_argument, resolve
 from picochat.data.chat_batches import sft_collate
 from picochat.errors import ConfigError
 from picochat.eval.chat_eval import completion_parts, evaluate_generative, spread_subset
@@ -177,8 +177,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tag", default=None, help="run name under checkpoints/rl/ (default: the start checkpoint's tag)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --tag")
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    g.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp32")
+    add_device_arguments(g)
     g.add_argument("--seed", type=int, default=42, help="seed of the problem order and the sampling")
     g.add_argument("--wandb", default=None, metavar="RUN", help="log to Weights & Biases under this run name")
 

@@ -66,13 +66,10 @@ def check_examples_per_step(args, world_size: int, batch_from_flag: bool = True)
 def run(args: argparse.Namespace) -> int:
     batch_from_flag = args.device_batch_size is not None
     resolve(args, DEFAULTS, section="sft")
-    import torch.distributed as dist
-
     from picochat.data.chat_batches import PaddedConversations, width_buckets
-    from picochat.eval.categorical import evaluate_categorical
     from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
-    from picochat.tasks import load_task
     from picochat.train.chat_stage import (
+        StagePlan,
         agreed_source,
         check_memory,
         compiles,
@@ -80,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         run_trainer,
         start_world,
     )
-    from picochat.train.mixtures import SFT, SFT_EVAL, build_mixture, describe, pick
+    from picochat.train.mixtures import SFT, build_mixture, describe, pick
     from picochat.train.schedules import linear_to_zero
 
     world = start_world(args)
@@ -109,38 +106,52 @@ def run(args: argparse.Namespace) -> int:
         buckets = width_buckets(T) if compiled else None  # a few shapes for the compiler, exact widths eagerly
         batches = PaddedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device,
                                       bucket_widths=buckets)
-        plan = SFT_EVAL[args.mix_scale]
-        val_name, val_split, val_kw = plan["val"]
-        val_task = load_task(val_name, val_split, source=args.source, **val_kw)
-        val_task = val_task[: max(world.world_size, args.eval_items)]
-        eval_tasks = {name: load_task(name, split, source=args.source) for name, split in plan["categorical"]}
-
-        @torch.no_grad()
-        def evaluate(m, step):
-            m.eval()
-            val = PaddedConversations(val_task, tokenizer, B, T, world.rank, world.world_size, world.device)
-            total = torch.zeros(2, dtype=torch.float64, device=world.device)  # loss sum, supervised tokens
-            for _ in range(max(1, val.walk.per_epoch // B)):
-                x, y, _ = next(val)
-                with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    total[0] += m(x, y, loss_reduction="sum").double()
-                total[1] += (y >= 0).sum()
-            if world.enabled:
-                dist.all_reduce(total)
-            if total[1] == 0:
-                raise DataError("SFT validation saw no supervised tokens; raise --eval-items")
-            results = {"val_loss": (total[0] / total[1]).item()}
-            for name, task in eval_tasks.items():
-                r = evaluate_categorical(m, tokenizer, task, batch_size=B * 2, max_items=args.eval_items,
-                                         rank=world.rank, world_size=world.world_size, compute_dtype=dtype)
-                results[f"{name}_acc"] = r["accuracy"]
-            m.train()
-            return results
-
-        run_trainer(args, world, "sft", tag, model, tokenizer, parent_meta, batches, num_iterations, grad_accum,
-                    args.examples_per_step * T, lambda s, n: linear_to_zero(s, n, args.init_lr_frac),
-                    evaluate, dtype, "tokens", args.eval_every,
-                    {"mixture": describe(entries), "conversations": len(train_mix)})
+        evaluate = sft_evaluator(args, world, tokenizer, B, T, dtype)
+        run_trainer(args, world, model, tokenizer, parent_meta, dtype, StagePlan(
+            "sft", tag, batches, num_iterations, grad_accum, args.examples_per_step * T,
+            lambda s, n: linear_to_zero(s, n, args.init_lr_frac), evaluate, "tokens",
+            {"mixture": describe(entries), "conversations": len(train_mix)}))
         return 0
     finally:
         shutdown_distributed()
+
+
+def sft_evaluator(args: argparse.Namespace, world, tokenizer, B: int, T: int, dtype):
+    """The SFT eval: loss per supervised token on the mixture's val conversations, and the categorical
+    accuracy of each eval task (both over every rank)."""
+    import torch.distributed as dist
+
+    from picochat.data.chat_batches import PaddedConversations
+    from picochat.eval.categorical import evaluate_categorical
+    from picochat.tasks import load_task
+    from picochat.train.mixtures import SFT_EVAL
+
+    plan = SFT_EVAL[args.mix_scale]
+    val_name, val_split, val_kw = plan["val"]
+    val_task = load_task(val_name, val_split, source=args.source, **val_kw)
+    val_task = val_task[: max(world.world_size, args.eval_items)]
+    eval_tasks = {name: load_task(name, split, source=args.source) for name, split in plan["categorical"]}
+
+    @torch.no_grad()
+    def evaluate(m, step):
+        m.eval()
+        val = PaddedConversations(val_task, tokenizer, B, T, world.rank, world.world_size, world.device)
+        total = torch.zeros(2, dtype=torch.float64, device=world.device)  # loss sum, supervised tokens
+        for _ in range(max(1, val.walk.per_epoch // B)):
+            x, y, _ = next(val)
+            with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                total[0] += m(x, y, loss_reduction="sum").double()
+            total[1] += (y >= 0).sum()
+        if world.enabled:
+            dist.all_reduce(total)
+        if total[1] == 0:
+            raise DataError("SFT validation saw no supervised tokens; raise --eval-items")
+        results = {"val_loss": (total[0] / total[1]).item()}
+        for name, task in eval_tasks.items():
+            r = evaluate_categorical(m, tokenizer, task, batch_size=B * 2, max_items=args.eval_items,
+                                     rank=world.rank, world_size=world.world_size, compute_dtype=dtype)
+            results[f"{name}_acc"] = r["accuracy"]
+        m.train()
+        return results
+
+    return evaluate
