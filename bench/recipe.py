@@ -39,8 +39,8 @@ Modes (`--modes`): `tokens` trains `--steps` steps of the same tokens per step;
 seed trained, so picochat's `wall` row is that run). Wall time counts the training steps only
 (forward, backward, optimiser, the loader's next batch), not the first 3 steps
 (warm-up and compilation), evaluations or checkpoints. A `wall` run sets its LR
-schedule horizon as picochat's `--time-budget` does: it times 8 steps after the first 3 under
-the schedule of an endless run, then fixes the horizon to the steps that fit in the seconds
+schedule horizon as picochat's `--time-budget` does: it times at least 8 steps after the first 3,
+and 3% of the budget, under the schedule of an endless run, then fixes the horizon to the steps that fit in the seconds
 left, and runs to it (so it ends near, not exactly at, the budget). picochat's own `wall`
 run, when `--wall-seconds` is given, is `base-train --time-budget`, whose clock counts its
 whole loop.
@@ -103,7 +103,8 @@ RESULT_PREFIX = "RECIPE_RESULT "
 SYSTEMS = ("pico", "ref", "ref-rescaled")
 MODES = ("tokens", "wall")
 UNTIMED_STEPS = 3  # the first steps pay for warm-up and compilation (as picochat's loop counts)
-MEASURE_STEPS = 8  # timed steps before a wall-time run fixes its horizon (as picochat's --time-budget)
+MEASURE_STEPS = 8  # timed steps before a wall-time run fixes its horizon (as picochat's --time-budget),
+MEASURE_FRACTION = 0.03  # and the share of the wall budget they must have taken
 UNFIXED_HORIZON = 2**31  # the horizon the schedule sees until then: no decay has started
 STEP_LINE = re.compile(r"^step\s+(\d+)/")
 # The reference training script's defaults (read from it, not imported: it is a script).
@@ -276,7 +277,8 @@ def ref_train(spec: dict) -> dict:
         dt = time.perf_counter() - t0
         steps.append({"step": step + 1, "loss": loss_value, "dt": dt})
         timed += dt if step >= UNTIMED_STEPS else 0.0
-        if wall and horizon == UNFIXED_HORIZON and (step + 1 - UNTIMED_STEPS >= MEASURE_STEPS or timed >= wall):
+        if wall and horizon == UNFIXED_HORIZON and ((step + 1 - UNTIMED_STEPS >= MEASURE_STEPS
+                                                       and timed >= MEASURE_FRACTION * wall) or timed >= wall):
             per_step = timed / max(1, step + 1 - UNTIMED_STEPS)
             horizon = step + 1 + max(0, int((wall - timed) // per_step))
             print(f"wall time {wall:.0f}s: {per_step * 1000:.0f} ms/step -> horizon fixed at {horizon} steps", flush=True)
@@ -619,7 +621,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seq-len", type=int, default=cpu["max_seq_len"])
     g.add_argument("--device-batch-size", type=int, default=cpu["device_batch_size"])
     g.add_argument("--total-batch-size", type=int, default=cpu["total_batch_size"], help="tokens per step")
-    g.add_argument("--steps", type=int, default=cpu["num_iterations"], help="steps of the tokens runs")
+    g.add_argument("--steps", type=int, default=500,
+                   help="steps of the tokens runs (the cpu preset itself trains for a time budget)")
     g.add_argument("--vocab", type=int, default=cpu["vocab_size"], help="BPE vocabulary of the shared tokenizer")
     g = p.add_argument_group("runs and output")
     g.add_argument("--eval-every", type=int, default=None, help="val bpb curve point every N steps (default steps/5)")

@@ -273,7 +273,7 @@ def add_plan_check_argument(p: argparse.ArgumentParser) -> None:
 DEFAULTS = {
     "depth": 20, "aspect_ratio": 64, "head_dim": 128, "n_kv_head": None, "max_seq_len": 2048,
     "vocab_size": 65536, "device_batch_size": 32, "total_batch_size": 524288, "num_iterations": -1,
-    "target_param_data_ratio": 20.0, **{k: None for k in ARCHITECTURE_FIELDS},
+    "target_param_data_ratio": 20.0, "time_budget": -1.0, **{k: None for k in ARCHITECTURE_FIELDS},
 }
 B_REF = 2 ** 19  # tokens per step the 2026 recipe was tuned at, on a depth-12 model
 REF_DEPTH = 12
@@ -368,6 +368,8 @@ def build_plan(args) -> dict:
     steps = args.num_iterations if args.num_iterations and args.num_iterations > 0 else \
         int(args.target_param_data_ratio * scaling) // args.total_batch_size
     step_s = s.flops_per_token() * args.total_batch_size / (world * device.peak_bf16 * mfu)
+    if args.time_budget and args.time_budget > 0:  # the preset trains for a time: the steps that fit in it
+        steps = int(60 * args.time_budget / step_s)
     hours = steps * step_s / 3600
     return {
         "model": {"depth": config.n_layer, "width": config.n_embd, "heads": config.n_head, "vocab": config.vocab_size,

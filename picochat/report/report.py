@@ -318,6 +318,8 @@ def base_loss_section(root: Path, tag: str) -> str | None:
              md_table(["split", "bits per byte", "standard error"],
                       [[split, payload.get(f"{split}_bpb"), payload.get(f"{split}_bpb_se")] for split in ("train", "val")])]
     lines.append("\n" + base_loss_note(payload))
+    if payload.get("train_tokens") not in (None, payload.get("tokens_per_split")):
+        lines.append(f"Train bpb over the first {fmt(payload['train_tokens'])} tokens of the train shards.")
     samples = payload.get("samples") or []
     if samples:
         lines.append("\nGreedy samples (prompt → completion):\n\n```")

@@ -22,6 +22,7 @@ import torch
 from picochat.config import (
     ARCHITECTURE_FIELDS,
     add_architecture_arguments,
+    add_device_arguments,
     add_preset_argument,
     resolve,
 )
@@ -127,8 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how documents fill rows: packed (one stream, nothing dropped) or bestfit (every row "
                    "starts at <|bos|>, the longest document that fits, the rest cropped)")
     g.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default $PICOCHAT_HOME/tokenizer)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    g.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPUs and AMX CPUs), bf16, fp32")
+    add_device_arguments(g)
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto: on for CUDA)")
     g.add_argument("--grad-reduce-dtype", choices=["fp32", "bf16"], default="fp32",
@@ -208,9 +208,10 @@ def optimizers_for(args, model, lr_scale: float, wd_scale: float) -> list:
 
 
 def evaluators(args, world, tokenizer, val_file, dtype):
-    """(val bpb over --eval-tokens of the val shard, greedy samples of fixed prompts on rank 0) for the loop."""
+    """(val bpb and its standard error over --eval-tokens of the val shard, greedy samples of fixed prompts
+    on rank 0) for the loop."""
     from picochat.data.loader import PackedLoader
-    from picochat.eval.bpb import evaluate_bpb
+    from picochat.eval.bpb import evaluate_bpb_with_se
     from picochat.eval.samples import sample_prompts
 
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
@@ -223,7 +224,8 @@ def evaluators(args, world, tokenizer, val_file, dtype):
         val = PackedLoader([val_file], tokenizer, args.device_batch_size, args.max_seq_len,
                            world.rank, world.world_size, world.device)
         try:
-            return {"val_bpb": evaluate_bpb(m, val, eval_steps, token_bytes, dtype)}
+            bpb, se = evaluate_bpb_with_se(m, val, eval_steps, token_bytes, dtype)
+            return {"val_bpb": bpb, **({"val_bpb_se": se} if math.isfinite(se) else {})}  # one batch: no spread
         finally:
             val.close()
 
@@ -302,9 +304,21 @@ def check_memory(args, config, world, compiled: bool, dtype) -> None:
                valid_batches(args.total_batch_size, args.max_seq_len, world.world_size))
 
 
-def run(args: argparse.Namespace) -> int:
-    args._batch_from_flag = args.device_batch_size is not None
+def resolve_base_args(args: argparse.Namespace) -> argparse.Namespace:
+    """resolve() for base training, where a horizon given on the command line (--num-iterations,
+    --target-flops, --target-param-data-ratio) replaces a preset's --time-budget."""
+    horizon_flag = any(getattr(args, k, None) is not None
+                       for k in ("num_iterations", "target_flops", "target_param_data_ratio"))
+    budget_flag = getattr(args, "time_budget", None) is not None
+    args._batch_from_flag = getattr(args, "device_batch_size", None) is not None
     resolve(args, DEFAULTS)
+    if horizon_flag and not budget_flag:
+        args.time_budget = -1.0
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    resolve_base_args(args)
     from picochat.mfu import use_expandable_segments
 
     use_expandable_segments()  # before CUDA is initialised

@@ -23,7 +23,8 @@ rank saves (a collective) and every rank stops with the same error, instead of o
 saving while the others wait in another collective.
 
 Time budget (`time_budget_s` > 0): the horizon is unknown at the start; the first steps run
-with the schedule of an endless run (UNFIXED_HORIZON), their throughput is measured, and the
+with the schedule of an endless run (UNFIXED_HORIZON), their throughput is measured (at least
+`budget_measure_steps` steps after the warm-up ones, and 3% of the budget), and the
 horizon is then fixed (agreed as the minimum over ranks) so that the loop ends when the
 budget is spent. The fixed horizon is saved in every checkpoint, so a resumed run keeps it
 and reproduces the uninterrupted run bit for bit.
@@ -86,8 +87,8 @@ class LoopConfig:
     loss_weighting: Literal["mean", "tokens"] = "mean"  # mean: of micro-batch means; tokens: per supervised token
     grad_reduce_dtype: str = "fp32"  # dtype of the cross-rank gradient reduction: fp32 or bf16
     time_budget_s: float = -1.0  # > 0: the horizon comes from throughput (num_iterations is ignored)
-    budget_measure_steps: int = 8  # timed steps measured before a time budget fixes the horizon
-    extra_meta: dict = field(default_factory=dict)
+    budget_measure_steps: int = 8  # timed steps measured before a time budget fixes the horizon,
+    budget_measure_fraction: float = 0.03  # and at least this share of the budget spent in them
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -517,7 +518,8 @@ class Trainer:
             if step >= 3:  # the first steps pay for warm-up and compilation
                 self.train_time += dt
                 timed_steps += 1
-            if not self.horizon_fixed and timed_steps >= cfg.budget_measure_steps:
+            if (not self.horizon_fixed and timed_steps >= cfg.budget_measure_steps
+                    and self.train_time >= cfg.budget_measure_fraction * cfg.time_budget_s):
                 self._fix_horizon(timed_steps)
             self._log_step(step, outcome, dt, lrm, mom, timed_steps)
             periodic = cfg.save_every > 0 and self.step % cfg.save_every == 0

@@ -180,7 +180,7 @@ def test_unknown_source_is_a_clear_error(tmp_path):
 
 
 def test_prepare_builds_clean_shards_with_provenance(tmp_path, fake_packages, monkeypatch):
-    monkeypatch.setattr(corpus, "SHARD_CHARS", 20_000)  # several small train shards
+    monkeypatch.setattr(corpus, "SHARD_CHARS", 12_000)  # several small train shards
     monkeypatch.setattr(corpus, "MAX_WORDS", 2_000)
     out = tmp_path / "builtin"
     logs: list[str] = []

@@ -10,8 +10,7 @@ import torch
 
 from picochat.cli import main
 from picochat.errors import DataError
-from picochat.eval.base_loss import bpb_with_standard_error, per_batch_bpb
-from picochat.eval.bpb import evaluate_bpb
+from picochat.eval.bpb import bpb_with_standard_error, evaluate_bpb, evaluate_bpb_with_se
 from picochat.model.gpt import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
 from tests.train.conftest import build_corpus, make_documents
@@ -29,17 +28,21 @@ def test_standard_error_of_equal_batches_is_the_standard_error_of_the_mean():
         bpb_with_standard_error([])
 
 
-def test_per_batch_bpb_combines_to_the_one_evaluate_bpb():
+def test_the_standard_error_comes_from_the_batches_the_one_bpb_is_made_of():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=16))
     model.init_weights()
     batches = [(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))) for _ in range(5)]
     batches[1][1][0, :4] = -1  # ignored targets
     token_bytes = torch.tensor([0] + [1 + i % 3 for i in range(63)])  # id 0: a special token, no bytes
-    whole = evaluate_bpb(model, iter(batches), 5, token_bytes)
-    parts = per_batch_bpb(model, iter(batches), 5, token_bytes, torch.float32)
-    assert [n for _, n in parts] == [float(token_bytes[y.clamp(min=0)][y >= 0].sum()) for _, y in batches]
-    assert bpb_with_standard_error(parts)[0] == pytest.approx(whole, rel=1e-6)
+    bpb, se = evaluate_bpb_with_se(model, iter(batches), 5, token_bytes)
+    assert bpb == evaluate_bpb(model, iter(batches), 5, token_bytes)
+    parts = [(evaluate_bpb(model, iter([b]), 1, token_bytes), float(token_bytes[b[1].clamp(min=0)][b[1] >= 0].sum()))
+             for b in batches]
+    assert (bpb, se) == (pytest.approx(bpb_with_standard_error(parts)[0], rel=1e-9),
+                         pytest.approx(bpb_with_standard_error(parts)[1], rel=1e-6))
+    assert se > 0
+    assert math.isnan(evaluate_bpb_with_se(model, iter(batches), 1, token_bytes)[1])  # one batch: no spread
 
 
 def test_base_loss_reads_the_in_training_eval_tokens_and_reports_the_standard_error(tmp_path, monkeypatch):
@@ -54,4 +57,13 @@ def test_base_loss_reads_the_in_training_eval_tokens_and_reports_the_standard_er
     assert out["training_eval_tokens"] == out["tokens_per_split"] == 2048 and out["batches_per_split"] == 4
     # the same tokens in the same rows (a different batch size): the same number
     assert out["val_bpb"] == pytest.approx(out["training_eval_val_bpb"], rel=1e-5)
+    meta = json.loads(next((tmp_path / "checkpoints" / "base" / "se").glob("step_4/meta.json")).read_text())
+    assert 0 < meta["metrics"]["val_bpb_se"] < 1  # training reports it too (over its own batches of 2 rows)
     assert 0 < out["val_bpb_se"] < out["val_bpb"] and 0 < out["train_bpb_se"] < out["train_bpb"]
+    # a smaller train split: the val number is unchanged, the train split reads only its own batches
+    assert main(["base-loss", "--tag", "se", "--split-tokens", "2048", "--train-tokens", "1024",
+                 "--device-batch-size", "4", "--max-new-tokens", "2", "--dtype", "fp32"]) == 0
+    fewer = json.loads((tmp_path / "eval" / "base_loss_se_step4.json").read_text())
+    assert fewer["val_bpb"] == out["val_bpb"] and fewer["train_tokens"] == 1024 and fewer["tokens_per_split"] == 2048
+    assert fewer["train_bpb"] != out["train_bpb"]
+    assert main(["base-loss", "--tag", "se", "--train-tokens", "8", "--device-batch-size", "4"]) == 2

@@ -27,8 +27,12 @@ def flags(*argv: str) -> argparse.Namespace:
 
 
 def test_recipe_precedence():
-    classic = flags("--preset", "cpu")
+    classic = flags("--preset", "d20")
     assert (classic.muon_orthogonalizer, classic.loader, classic.value_embeds) == ("newton_schulz", "packed", None)
+    assert flags("--preset", "cpu", "--recipe", "2025").muon_orthogonalizer == "newton_schulz"
+    cpu = flags("--preset", "cpu")  # the 2026 recipe with the preset's own loader and unscaled LRs
+    assert (cpu.muon_orthogonalizer, cpu.value_embeds, cpu.loader, cpu.batch_lr_scale, cpu.warmup_steps) == (
+        "polar_express", True, "packed", "none", 10)
     modern = flags("--preset", "cpu", "--recipe", "2026")
     assert modern.muon_orthogonalizer == "polar_express" and modern.loader == "bestfit" and modern.value_embeds
     assert modern.total_batch_size == 4096 and modern.depth == 4  # sizes stay the preset's
@@ -43,6 +47,23 @@ def test_recipe_precedence():
     # chat stages take no recipe: their sections keep the commands' defaults
     mid = resolve(argparse.Namespace(preset="gpt2"), {"matrix_lr": 0.02, "source": "offline"}, section="mid")
     assert mid.matrix_lr == 0.02 and mid.source == "auto"
+
+
+def test_a_horizon_on_the_command_line_replaces_the_presets_time_budget():
+    def base(*argv):
+        p = argparse.ArgumentParser()
+        base_train.add_arguments(p)
+        return base_train.resolve_base_args(p.parse_args(list(argv)))
+
+    assert base("--preset", "cpu").time_budget == 15.0
+    assert base("--preset", "cpu", "--num-iterations", "50").time_budget == -1.0
+    assert base("--preset", "cpu", "--target-flops", "1e12").time_budget == -1.0
+    assert base("--preset", "cpu", "--num-iterations", "50", "--time-budget", "2").time_budget == 2.0
+    assert base("--preset", "d20").time_budget == -1.0
+    # the chat stages of the cpu preset run their epochs, not pretraining's budget
+    for section in ("mid", "sft"):
+        chat = resolve(argparse.Namespace(preset="cpu"), {"time_budget": -1.0, "eval_tokens": 1}, section=section)
+        assert chat.time_budget == -1.0
 
 
 def test_automatic_batch_and_its_lr_and_weight_decay_transfer():
