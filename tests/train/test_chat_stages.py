@@ -216,3 +216,21 @@ def test_conversations_resume_at_another_world_size_from_the_earliest_unfinished
         new.load_state_dict(new.reshard_state(states))
         nxt.append(new.walk.row(new.position)[1]["messages"][0]["content"])
     assert nxt == ["q6", "q7", "q5"]  # ranks 0, 1, 2 of 3 take 6, 7, 5: from 5 on, nothing skipped
+
+
+def test_the_cpu_presets_architecture_goes_through_mid_sft_and_chat(tiny_home, capsys):
+    """The cpu preset pretrains with the 2026 architecture: mid-training, SFT and the chat command take it."""
+    arch = ["--recipe", "2026", "--loader", "packed", "--batch-lr-scale", "none", "--warmup-steps", "1"]
+    assert main(["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--num-iterations", "3",
+                 "--sample-every", "-1", "--tag", "a26", *arch]) == 0
+    config = json.loads((ckpt.run_dir("base", "a26") / "step_3" / "config.json").read_text())
+    assert config["value_embeds"] and config["smear"] and config["window_pattern"] == "SSSL"
+    for stage, parent in (("mid-train", "base"), ("sft", "mid")):
+        assert main([stage, "--preset", "cpu-tiny", "--dtype", "fp32", "--from-stage", parent, "--from-tag", "a26",
+                     "--tag", "a26"]) == 0
+    _, weights = _weights("sft", "a26")
+    assert "smear_lambda" in weights and all(torch.isfinite(w).all() for w in weights.values())
+    capsys.readouterr()
+    assert main(["chat", "--stage", "sft", "--tag", "a26", "--dtype", "fp32", "-p", "Hello", "--max-tokens", "8",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip()
