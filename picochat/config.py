@@ -132,6 +132,21 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+HORIZON_FLAGS = ("num_iterations", "target_flops", "target_param_data_ratio")
+
+
+def resolve_pretraining(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
+    """resolve() for a command that describes a pretraining run (base-train, plan): a horizon given on
+    the command line (--num-iterations, --target-flops, --target-param-data-ratio) replaces a preset's
+    --time-budget, unless --time-budget is given too."""
+    horizon_given = any(getattr(args, k, None) is not None for k in HORIZON_FLAGS)
+    budget_given = getattr(args, "time_budget", None) is not None
+    resolve(args, defaults)
+    if horizon_given and not budget_given:
+        args.time_budget = -1.0
+    return args
+
+
 STAGES = ("base", "mid", "sft", "rl")
 
 

@@ -54,7 +54,7 @@ from picochat.config import (
     add_architecture_arguments,
     add_preset_argument,
     architecture_options,
-    resolve,
+    resolve_pretraining,
 )
 from picochat.errors import ConfigError
 
@@ -419,7 +419,7 @@ def render(plan: dict, name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve(args, DEFAULTS)
+    resolve_pretraining(args, DEFAULTS)
     from picochat.runtime import home
 
     plan = build_plan(args)

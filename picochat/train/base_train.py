@@ -24,7 +24,7 @@ from picochat.config import (
     add_architecture_arguments,
     add_device_arguments,
     add_preset_argument,
-    resolve,
+    resolve_pretraining,
 )
 from picochat.errors import ConfigError
 from picochat.plan import (
@@ -305,16 +305,10 @@ def check_memory(args, config, world, compiled: bool, dtype) -> None:
 
 
 def resolve_base_args(args: argparse.Namespace) -> argparse.Namespace:
-    """resolve() for base training, where a horizon given on the command line (--num-iterations,
-    --target-flops, --target-param-data-ratio) replaces a preset's --time-budget."""
-    horizon_flag = any(getattr(args, k, None) is not None
-                       for k in ("num_iterations", "target_flops", "target_param_data_ratio"))
-    budget_flag = getattr(args, "time_budget", None) is not None
+    """config.resolve_pretraining with base training's defaults (and a note of whether the device
+    batch came from the command line, for check_batch)."""
     args._batch_from_flag = getattr(args, "device_batch_size", None) is not None
-    resolve(args, DEFAULTS)
-    if horizon_flag and not budget_flag:
-        args.time_budget = -1.0
-    return args
+    return resolve_pretraining(args, DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> int:

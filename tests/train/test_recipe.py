@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from picochat import checkpoint as ckpt
+from picochat import config
 from picochat.cli import main
 from picochat.config import RECIPES, resolve
 from picochat.errors import ConfigError
@@ -60,6 +61,18 @@ def test_a_horizon_on_the_command_line_replaces_the_presets_time_budget():
     assert base("--preset", "cpu", "--target-flops", "1e12").time_budget == -1.0
     assert base("--preset", "cpu", "--num-iterations", "50", "--time-budget", "2").time_budget == 2.0
     assert base("--preset", "d20").time_budget == -1.0
+    # picochat plan follows the same rule
+    from picochat import plan
+
+    def planned(*argv):
+        p = argparse.ArgumentParser()
+        plan.add_arguments(p)
+        args = p.parse_args(list(argv))
+        config.resolve_pretraining(args, plan.DEFAULTS)
+        return plan.build_plan(args)["steps"]
+
+    assert planned("--preset", "cpu", "--num-iterations", "50") == 50
+    assert planned("--preset", "cpu") > 10_000  # 15 minutes on the default GPU
     # the chat stages of the cpu preset run their epochs, not pretraining's budget
     for section in ("mid", "sft"):
         chat = resolve(argparse.Namespace(preset="cpu"), {"time_budget": -1.0, "eval_tokens": 1}, section=section)
