@@ -1,15 +1,23 @@
-"""Presets and flag resolution: one config system for every command.
+"""Presets, recipes and typed options: one config system for every command.
 
-A command declares its flags with `default=None` and keeps its own defaults in a
-dict. `resolve(args, defaults)` fills each flag, in order of precedence, from:
-the command line, then the chosen `--preset`, then the command's defaults.
+A training stage describes its settings as a dataclass (`BaseTrainConfig`, `MidConfig`, ...)
+whose fields are made with `option()`: one default and one line of help each. The command's
+flags and their help are generated from it (`Options.add_arguments`), and `Options.from_args`
+fills every field, in order of precedence, from the command line, then the chosen `--preset`
+(and `--recipe`), then the field's default, and checks every enumeration.
 So `--preset cpu --depth 6` is the cpu preset with a deeper model.
+
+Commands without a stage config keep a dict of defaults and call `resolve(args, defaults)`,
+the same precedence over a Namespace.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar
 
 from picochat.errors import ConfigError
 
@@ -150,11 +158,109 @@ def resolve_pretraining(args: argparse.Namespace, defaults: dict[str, Any]) -> a
 STAGES = ("base", "mid", "sft", "rl")
 
 
-def add_device_arguments(group: argparse._ActionsContainer) -> None:
+def option(default: Any, help: str, *, group: str | None = None, choices: Any = None, metavar: str | None = None,
+           store_true: bool = False, cli: bool = True, parse: Any = None) -> Any:
+    """A field of an Options dataclass: its default, one line of help (the default is appended unless the
+    line speaks of it), the help group it is listed under (None: the command's own), the values it may
+    take, whether it is a flag at all (cli=False: set by the program), and how the command line's text
+    is read (default: the field's type)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "group": group, "choices": tuple(choices) if choices else None, "metavar": metavar,
+        "store_true": store_true, "cli": cli, "parse": parse})
+
+
+def _plain_type(hint: Any) -> type:
+    """int for `int | None`, and so on: the type a flag's value is parsed as."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _help_line(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    if f.default is not None and "default" not in text and not f.metadata["store_true"]:
+        shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f"{f.default:,}" \
+            if isinstance(f.default, int) else f"{f.default:g}" if isinstance(f.default, float) else f.default
+        text += f" (default {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+class Options:
+    """Base of a command's typed options: a dataclass whose fields are option()s.
+
+    SECTION names the preset's sub-dict for this stage (it wins over the preset's top level;
+    with SECTION_ONLY the top level is ignored). PRETRAINING: a horizon on the command line
+    replaces a preset's time budget (resolve_pretraining), and --recipe applies.
+    """
+
+    SECTION: ClassVar[str | None] = None
+    SECTION_ONLY: ClassVar[bool] = False
+    PRETRAINING: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} is not one of {', '.join(map(str, choices))}")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ActionsContainer,
+                      container: argparse._ActionsContainer | None = None, parser_defaults: bool = False) -> None:
+        """One flag per field, under its group (or all in `container`). The parser's defaults are None,
+        so that from_args can tell a flag given from one left to the preset, unless `parser_defaults`
+        (for commands that read the Namespace as it is)."""
+        hints = typing.get_type_hints(cls)
+        groups: dict[str | None, Any] = {None: parser}
+        flags = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+        for f in sorted(flags, key=lambda f: f.metadata["group"] == "runtime"):  # runtime flags listed last
+            meta = f.metadata
+            if container is not None:
+                target = container
+            elif meta["group"] not in groups:
+                target = groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            else:
+                target = groups[meta["group"]]
+            kind = _plain_type(hints[f.name])
+            kw: dict[str, Any] = {"dest": f.name, "help": _help_line(f), "default": f.default if parser_defaults else None}
+            if meta["store_true"]:
+                kw["action"] = "store_true"
+            elif kind is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw.update(type=meta["parse"] or kind, choices=meta["choices"], metavar=meta["metavar"])
+            target.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        """The options the command line, the preset (and recipe) and the defaults give, in that order."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        if cls.PRETRAINING:
+            resolve_pretraining(args, defaults)
+        else:
+            resolve(args, defaults, section=cls.SECTION, section_only=cls.SECTION_ONLY)
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def defaults(cls, **given: Any):
+        """The options a command line of `given` values (flag dests) resolves to, e.g. defaults(preset="cpu")."""
+        return cls.from_args(argparse.Namespace(**given))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class DeviceOptions(Options):
     """--device and --dtype: where and in which compute dtype a command runs its model."""
-    group.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    group.add_argument("--dtype", default="auto",
-                       help="compute dtype: auto (bf16 on GPUs and on CPUs with fast bf16, else fp32), bf16, fp32")
+
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps", group="runtime")
+    dtype: str = option("auto", "compute dtype: auto (bf16 on GPUs and on CPUs with fast bf16, else fp32), bf16, fp32, "
+                        "fp16", group="runtime")
+
+
+def add_device_arguments(group: argparse._ActionsContainer) -> None:
+    """--device and --dtype for a command that reads its Namespace as parsed."""
+    DeviceOptions.add_arguments(group, container=group, parser_defaults=True)
 
 
 def add_checkpoint_arguments(group: argparse._ActionsContainer, stage: str | None = None,
@@ -172,31 +278,60 @@ def add_checkpoint_arguments(group: argparse._ActionsContainer, stage: str | Non
     group.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
 
 
-# The model's architecture flags; each dest is the GPTConfig field it sets (picochat.model.gpt).
-ARCHITECTURE_FIELDS = ("value_embeds", "layer_lambdas", "smear", "backout", "window_pattern", "qk_scale",
-                       "rope_theta", "init")
+@dataclasses.dataclass
+class ArchitectureOptions(Options):
+    """The model's options beyond its size; each field is the GPTConfig field it sets (None: the classic
+    model's value)."""
+
+    value_embeds: bool | None = option(None, "a gated value embedding on every other layer", group="model")
+    layer_lambdas: bool | None = option(
+        None, "learned scalars before each block: x = resid_lambda * x + x0_lambda * embedding", group="model")
+    smear: bool | None = option(None, "mix each token's predecessor's embedding into its own", group="model")
+    backout: bool | None = option(
+        None, "subtract a learned share of the middle layer's residual before the final norm", group="model")
+    window_pattern: str | None = option(
+        None, "attention windows tiled over the layers: L the whole context, S a quarter of it (e.g. SSSL); "
+        "the last layer always sees the whole context (default L)", group="model", metavar="SL...")
+    qk_scale: float | None = option(None, "factor on the normed queries and keys (default 1)", group="model")
+    rope_theta: float | None = option(None, "rotary base (default 10000)", group="model")
+    init: str | None = option(None, "weight init scheme (default classic)", group="model",
+                              choices=("classic", "2026"))
+
+    def architecture(self) -> dict[str, Any]:
+        """The architecture fields that were set, as GPTConfig keyword arguments."""
+        return {k: getattr(self, k) for k in ARCHITECTURE_FIELDS if getattr(self, k) is not None}
 
 
-def add_architecture_arguments(group: argparse._ArgumentGroup) -> None:
-    """--value-embeds, --smear, --window-pattern SSSL, ...: the model's options (default: classic)."""
-    on_off = argparse.BooleanOptionalAction
-    group.add_argument("--value-embeds", action=on_off, help="a gated value embedding on every other layer")
-    group.add_argument("--layer-lambdas", action=on_off,
-                       help="learned scalars before each block: x = resid_lambda * x + x0_lambda * embedding")
-    group.add_argument("--smear", action=on_off, help="mix each token's predecessor's embedding into its own")
-    group.add_argument("--backout", action=on_off,
-                       help="subtract a learned share of the middle layer's residual before the final norm")
-    group.add_argument("--window-pattern", metavar="SL...",
-                       help="attention windows tiled over the layers: L the whole context, S a quarter of it "
-                       "(e.g. SSSL); the last layer always sees the whole context (default L)")
-    group.add_argument("--qk-scale", type=float, help="factor on the normed queries and keys (default 1)")
-    group.add_argument("--rope-theta", type=float, help="rotary base (default 10000)")
-    group.add_argument("--init", choices=["classic", "2026"], help="weight init scheme (default classic)")
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ArchitectureOptions))
 
 
-def architecture_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The architecture fields that were set, as GPTConfig keyword arguments."""
+@dataclasses.dataclass
+class ModelOptions(ArchitectureOptions):
+    """The model's size and options, from which base-train and plan build its GPTConfig."""
+
+    depth: int = option(20, "number of transformer blocks (width and heads follow from it)", group="model")
+    aspect_ratio: int = option(64, "width = depth * aspect ratio, rounded up to --head-dim", group="model")
+    head_dim: int = option(128, "attention head dimension", group="model")
+    n_kv_head: int | None = option(None, "key/value heads for grouped-query attention (default: all)", group="model")
+    max_seq_len: int = option(2048, "context length T", group="model")
+
+    def model_config(self, vocab_size: int, depth: int | None = None):
+        """The GPTConfig these options describe (at `depth` instead of --depth if given, every head for k/v)."""
+        from picochat.model.gpt import GPTConfig  # the model pulls in torch; options stay light
+
+        return GPTConfig.from_depth(depth or self.depth, vocab_size, aspect_ratio=self.aspect_ratio,
+                                    head_dim=self.head_dim, max_seq_len=self.max_seq_len,
+                                    n_kv_head=None if depth else self.n_kv_head, **self.architecture())
+
+
+def architecture_options(args: Any) -> dict[str, Any]:
+    """The architecture fields set on `args` (options or a Namespace), as GPTConfig keyword arguments."""
     return {k: getattr(args, k) for k in ARCHITECTURE_FIELDS if getattr(args, k, None) is not None}
+
+
+def add_architecture_arguments(group: argparse._ActionsContainer) -> None:
+    """--value-embeds, --smear, --window-pattern SSSL, ...: the model's options, in `group`."""
+    ArchitectureOptions.add_arguments(group, container=group)
 
 
 def add_preset_argument(parser: argparse.ArgumentParser, default: str | None = None, recipe: bool = False) -> None:

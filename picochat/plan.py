@@ -48,14 +48,9 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
-from picochat.config import (
-    ARCHITECTURE_FIELDS,
-    add_architecture_arguments,
-    add_preset_argument,
-    architecture_options,
-    resolve_pretraining,
-)
+from picochat.config import ModelOptions, add_preset_argument, option
 from picochat.errors import ConfigError
 
 GiB = 2**30
@@ -263,29 +258,35 @@ def check_fits(s: Shape, device, batch_flag: str, candidates: list[int]) -> None
                       "(or --no-plan-check to try anyway)")
 
 
-def add_plan_check_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-plan-check", action="store_true",
-                   help="start even if the memory estimate says the run does not fit")
-
-
 # ---- the command --------------------------------------------------------------------------------
 
-DEFAULTS = {
-    "depth": 20, "aspect_ratio": 64, "head_dim": 128, "n_kv_head": None, "max_seq_len": 2048,
-    "vocab_size": 65536, "device_batch_size": 32, "total_batch_size": 524288, "num_iterations": -1,
-    "target_param_data_ratio": 20.0, "time_budget": -1.0, **{k: None for k in ARCHITECTURE_FIELDS},
-}
 B_REF = 2 ** 19  # tokens per step the 2026 recipe was tuned at, on a depth-12 model
 REF_DEPTH = 12
+SIZE, TARGET = "model and batch (default: the preset's, else d20's)", "target"
 
 
-def model_config(args, vocab_size: int, depth: int | None = None):
-    """The GPTConfig the flags describe (at `depth` instead of --depth if given, with every head for k/v)."""
-    from picochat.model.gpt import GPTConfig
+@dataclass
+class PlanConfig(ModelOptions):
+    """What `picochat plan` plans: a pretraining run's model, batch and horizon, and the hardware."""
 
-    return GPTConfig.from_depth(depth or args.depth, vocab_size, aspect_ratio=args.aspect_ratio,
-                                head_dim=args.head_dim, max_seq_len=args.max_seq_len,
-                                n_kv_head=None if depth else args.n_kv_head, **architecture_options(args))
+    PRETRAINING: ClassVar[bool] = True
+
+    preset: str | None = option(None, "the --preset the options came from", cli=False)
+    vocab_size: int = option(65536, "tokenizer vocabulary size", group=SIZE)
+    device_batch_size: int = option(32, "sequences per micro-batch per device", group=SIZE)
+    total_batch_size: int = option(524288, "tokens per optimiser step (-1: automatic, as base-train)", group=SIZE)
+    num_iterations: int = option(-1, "optimiser steps (default: from the data ratio)", group=SIZE)
+    target_param_data_ratio: float = option(20.0, "tokens per scaling parameter", group=SIZE)
+    time_budget: float = option(-1.0, "a preset's minutes of pretraining", cli=False)
+    gpu: str = option("H100-80GB", "device kind", group=TARGET, choices=[*DEVICES, "cpu"])
+    gpus: int = option(8, "devices per node", group=TARGET)
+    nodes: int = option(1, "nodes", group=TARGET)
+    price_per_gpu_hour: float | None = option(None, "price of one device-hour, for the cost", group=TARGET)
+    mfu: float | None = option(None, "assumed model FLOPs utilisation in percent (default 40 on GPUs, 30 on a CPU)",
+                               group=TARGET)
+    eager: bool = option(False, "plan an uncompiled run (default: compiled on GPUs)", group=TARGET, store_true=True)
+    fp32: bool = option(False, "plan fp32 compute instead of bf16", group=TARGET, store_true=True)
+    out: str | None = option(None, "write the plan as JSON here (default $PICOCHAT_HOME/plans/...)")
 
 
 def scaling_params(config) -> int:
@@ -298,10 +299,10 @@ def scaling_params(config) -> int:
         return GPT(config).num_scaling_params()
 
 
-def batch_growth(args, config) -> float:
+def batch_growth(opts: ModelOptions, config) -> float:
     """D / D_ref at a fixed tokens-per-parameter ratio: this model's scaling parameters over those
     of a depth-12 model with the same options."""
-    return scaling_params(config) / scaling_params(model_config(args, config.vocab_size, depth=REF_DEPTH))
+    return scaling_params(config) / scaling_params(opts.model_config(config.vocab_size, depth=REF_DEPTH))
 
 
 def auto_batch(growth: float) -> int:
@@ -311,71 +312,50 @@ def auto_batch(growth: float) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_preset_argument(p)
-    g = p.add_argument_group("model and batch (default: the preset's, else d20's)")
-    g.add_argument("--depth", type=int, help="transformer blocks")
-    g.add_argument("--aspect-ratio", type=int, help="width = depth * aspect ratio, rounded up to --head-dim")
-    g.add_argument("--head-dim", type=int, help="attention head dimension")
-    g.add_argument("--n-kv-head", type=int, help="key/value heads (default: all)")
-    g.add_argument("--max-seq-len", type=int, help="context length T")
-    add_architecture_arguments(g)
-    g.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size")
-    g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per device")
-    g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step (-1: automatic, as base-train)")
-    g.add_argument("--num-iterations", type=int, help="optimiser steps (default: from the data ratio)")
-    g.add_argument("--target-param-data-ratio", type=float, help="tokens per scaling parameter")
-    g = p.add_argument_group("target")
-    g.add_argument("--gpu", default="H100-80GB", choices=[*DEVICES, "cpu"], help="device kind (default H100-80GB)")
-    g.add_argument("--gpus", type=int, default=8, help="devices per node (default 8)")
-    g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    g.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one device-hour, for the cost")
-    g.add_argument("--mfu", type=float, default=None,
-                   help="assumed model FLOPs utilisation in percent (default 40 on GPUs, 30 on a CPU)")
-    g.add_argument("--eager", action="store_true", help="plan an uncompiled run (default: compiled on GPUs)")
-    g.add_argument("--fp32", action="store_true", help="plan fp32 compute instead of bf16")
-    p.add_argument("--out", default=None, help="write the plan as JSON here (default $PICOCHAT_HOME/plans/...)")
+    PlanConfig.add_arguments(p)
 
 
-def _target(args) -> Device:
-    if args.gpu != "cpu":
-        return DEVICES[args.gpu]
+def _target(cfg: PlanConfig) -> Device:
+    if cfg.gpu != "cpu":
+        return DEVICES[cfg.gpu]
     import torch
 
     from picochat.mfu import peak_flops
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    dtype = torch.float32 if args.fp32 else torch.bfloat16
-    return Device("cpu", total // max(1, args.gpus), peak_flops(torch.device("cpu"), dtype), float("nan"))
+    dtype = torch.float32 if cfg.fp32 else torch.bfloat16
+    return Device("cpu", total // max(1, cfg.gpus), peak_flops(torch.device("cpu"), dtype), float("nan"))
 
 
-def build_plan(args) -> dict:
+def build_plan(cfg: PlanConfig) -> dict:
     """Everything the command prints, as one JSON-ready dict."""
-    if args.gpus < 1 or args.nodes < 1:
-        raise ConfigError(f"--gpus {args.gpus} --nodes {args.nodes}: both must be at least 1")
-    device = _target(args)
-    world = args.gpus * args.nodes
-    on_gpu = args.gpu != "cpu"
-    config = model_config(args, args.vocab_size)
-    if args.total_batch_size == -1:
-        args.total_batch_size = auto_batch(batch_growth(args, config))
-    compiled = on_gpu and not args.eager
-    s = Shape.from_config(config, args.device_batch_size, world_size=world, compiled=compiled,
-                          bf16=not args.fp32, on_gpu=on_gpu, total_batch_tokens=args.total_batch_size)
+    if cfg.gpus < 1 or cfg.nodes < 1:
+        raise ConfigError(f"--gpus {cfg.gpus} --nodes {cfg.nodes}: both must be at least 1")
+    device = _target(cfg)
+    world = cfg.gpus * cfg.nodes
+    on_gpu = cfg.gpu != "cpu"
+    config = cfg.model_config(cfg.vocab_size)
+    if cfg.total_batch_size == -1:
+        cfg.total_batch_size = auto_batch(batch_growth(cfg, config))
+    compiled = on_gpu and not cfg.eager
+    s = Shape.from_config(config, cfg.device_batch_size, world_size=world, compiled=compiled,
+                          bf16=not cfg.fp32, on_gpu=on_gpu, total_batch_tokens=cfg.total_batch_size)
     terms = memory_terms(s)
     room = headroom(device.memory_bytes, on_gpu)
-    candidates = valid_batches(args.total_batch_size, args.max_seq_len, world)
-    mfu = (args.mfu if args.mfu is not None else (40.0 if on_gpu else 30.0)) / 100
+    candidates = valid_batches(cfg.total_batch_size, cfg.max_seq_len, world)
+    mfu = (cfg.mfu if cfg.mfu is not None else (40.0 if on_gpu else 30.0)) / 100
     scaling = s.matrix_params + config.vocab_size * config.n_embd
-    steps = args.num_iterations if args.num_iterations and args.num_iterations > 0 else \
-        int(args.target_param_data_ratio * scaling) // args.total_batch_size
-    step_s = s.flops_per_token() * args.total_batch_size / (world * device.peak_bf16 * mfu)
-    if args.time_budget and args.time_budget > 0:  # the preset trains for a time: the steps that fit in it
-        steps = int(60 * args.time_budget / step_s)
+    steps = cfg.num_iterations if cfg.num_iterations and cfg.num_iterations > 0 else \
+        int(cfg.target_param_data_ratio * scaling) // cfg.total_batch_size
+    step_s = s.flops_per_token() * cfg.total_batch_size / (world * device.peak_bf16 * mfu)
+    if cfg.time_budget and cfg.time_budget > 0:  # the preset trains for a time: the steps that fit in it
+        steps = int(60 * cfg.time_budget / step_s)
     hours = steps * step_s / 3600
     return {
         "model": {"depth": config.n_layer, "width": config.n_embd, "heads": config.n_head, "vocab": config.vocab_size,
                   "seq_len": config.sequence_len, "params": s.params, "flops_per_token": s.flops_per_token()},
-        "target": {"device": device.name, "devices_per_node": args.gpus, "nodes": args.nodes, "world": world,
-                   "memory_bytes": device.memory_bytes, "compiled": compiled, "dtype": "fp32" if args.fp32 else "bf16",
+        "target": {"device": device.name, "devices_per_node": cfg.gpus, "nodes": cfg.nodes, "world": world,
+                   "memory_bytes": device.memory_bytes, "compiled": compiled, "dtype": "fp32" if cfg.fp32 else "bf16",
                    "optimiser_state_sharded": world > 1},
         "device_batch_size": s.device_batch_size,
         "memory_bytes": terms, "total_bytes": sum(terms.values()), "headroom_bytes": room,
@@ -385,7 +365,7 @@ def build_plan(args) -> dict:
         "largest_device_batch_eager": largest_batch(Shape(**{**asdict(s), "compiled": False}),
                                                     device.memory_bytes, candidates) if candidates else 0,
         "mfu_assumed": mfu, "steps": steps, "step_seconds": step_s, "hours": hours,
-        "cost": hours * world * args.price_per_gpu_hour if args.price_per_gpu_hour is not None else None,
+        "cost": hours * world * cfg.price_per_gpu_hour if cfg.price_per_gpu_hour is not None else None,
     }
 
 
@@ -419,13 +399,13 @@ def render(plan: dict, name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve_pretraining(args, DEFAULTS)
+    cfg = PlanConfig.from_args(args)
     from picochat.runtime import home
 
-    plan = build_plan(args)
-    name = args.preset or f"d{args.depth}"
+    plan = build_plan(cfg)
+    name = cfg.preset or f"d{cfg.depth}"
     print(render(plan, name))
-    out = args.out or home() / "plans" / f"{name}-{args.gpu}-{args.gpus}x{args.nodes}.json"
+    out = cfg.out or home() / "plans" / f"{name}-{cfg.gpu}-{cfg.gpus}x{cfg.nodes}.json"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp"
     with open(tmp, "w") as f:

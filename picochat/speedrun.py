@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from picochat.config import PRESETS, add_preset_argument, resolve
+from picochat.config import PRESETS, add_preset_argument
 from picochat.errors import UserError
 
 # Pretraining text needed per token of the horizon, to size a hub download: characters per token of a
@@ -43,11 +43,11 @@ BESTFIT_CROPPED = 0.35
 
 def shards_needed(preset: str) -> int:
     """Train shards the preset's pretraining horizon reads once, from its tokens (and loader)."""
-    from picochat.train.base_train import DEFAULTS, horizon_tokens
+    from picochat.train.base_train import BaseTrainConfig, horizon_tokens
 
-    args = resolve(argparse.Namespace(preset=preset), DEFAULTS)
-    tokens = horizon_tokens(args)
-    kept = 1.0 - (BESTFIT_CROPPED if args.loader == "bestfit" else 0.0)
+    cfg = BaseTrainConfig.defaults(preset=preset)
+    tokens = horizon_tokens(cfg, PRESETS[preset].get("vocab_size", 32768))
+    kept = 1.0 - (BESTFIT_CROPPED if cfg.loader == "bestfit" else 0.0)
     return math.ceil(1.1 * tokens / kept * CHARS_PER_TOKEN / SHARD_CHARS)
 
 

@@ -4,13 +4,23 @@ command shares (--device/--dtype, --stage/--tag/--step), checked on the real com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 
 import pytest
 
 from picochat.cli import COMMANDS
-from picochat.config import PRESETS, STAGES, resolve
+from picochat.config import PRESETS, STAGES, DeviceOptions, _help_line, resolve
 from picochat.errors import ConfigError
+from picochat.plan import PlanConfig
+from picochat.tokenizer.commands_train import TokTrainConfig
+from picochat.train.base_train import BaseTrainConfig
+from picochat.train.mid_train import MidConfig
+from picochat.train.rl import RLConfig
+from picochat.train.sft import SFTConfig
+
+STAGE_CONFIGS = {"tok-train": TokTrainConfig, "base-train": BaseTrainConfig, "mid-train": MidConfig,
+                 "sft": SFTConfig, "rl": RLConfig, "plan": PlanConfig}
 
 DEFAULTS = {"depth": 12, "device_batch_size": 32, "eval_every": 250, "mix_scale": "full", "num_steps": 100}
 
@@ -41,22 +51,19 @@ def test_unknown_preset_is_one_line_error_naming_the_flag():
         resolve(argparse.Namespace(preset="cpu2"), dict(DEFAULTS))
 
 
-def test_every_preset_section_names_flags_its_command_has():
-    """A typo in a preset key would silently do nothing: every key must be a flag of its command."""
-    def dests(module: str) -> set[str]:
-        p = argparse.ArgumentParser()
-        importlib.import_module(module).add_arguments(p)
-        return {a.dest for a in p._actions}
+def test_every_preset_key_is_a_field_of_the_stage_it_configures():
+    """A typo in a preset key would silently do nothing: every key must be a field of its stage's options
+    (the top level: tokenizer training or pretraining; each section: its stage)."""
+    def names(*configs) -> set[str]:
+        return {f.name for c in configs for f in dataclasses.fields(c)}
 
-    base, mid, sft, rl = (dests(COMMANDS[c][0]) for c in ("base-train", "mid-train", "sft", "rl"))
+    top = names(TokTrainConfig, BaseTrainConfig)
     for name, preset in PRESETS.items():
-        for key in preset:
-            if key in ("mid", "sft", "rl", "speedrun", "recipe"):
-                continue
-            assert key in base | {"vocab_size", "max_chars", "doc_cap"}, (name, key)
-        for section, flags in (("mid", mid), ("sft", sft), ("rl", rl)):
-            for key in preset.get(section, {}):
-                assert key in flags, (name, section, key)
+        assert set(preset) - {"mid", "sft", "rl", "speedrun"} <= top, name
+        for section, stage in (("mid", MidConfig), ("sft", SFTConfig), ("rl", RLConfig)):
+            assert set(preset.get(section, {})) <= names(stage), (name, section)
+        for stage in (TokTrainConfig, BaseTrainConfig, MidConfig, SFTConfig, RLConfig, PlanConfig):
+            stage.defaults(preset=name)  # and each resolves to valid options
 
 
 @pytest.mark.parametrize("command", ["chat", "serve", "chat-eval", "chat-probe", "export", "base-loss", "base-eval"])
@@ -77,6 +84,82 @@ def test_checkpoint_commands_share_one_stage_tag_step_block(command):
 def test_model_commands_share_one_device_dtype_block(command):
     p = argparse.ArgumentParser()
     importlib.import_module(COMMANDS[command][0]).add_arguments(p)
-    args = p.parse_args([])
+    stage = STAGE_CONFIGS.get(command)
+    args = p.parse_args([]) if stage is None else stage.from_args(p.parse_args([]))
     assert (args.device, args.dtype) == ("auto", "auto")
     assert p.parse_args(["--device", "cpu", "--dtype", "fp32"]).dtype == "fp32"
+    helps = {a.dest: a.help for a in p._actions}
+    assert helps["dtype"] == _help_line(next(f for f in dataclasses.fields(DeviceOptions) if f.name == "dtype"))
+
+
+# ---- typed stage options ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", sorted(STAGE_CONFIGS))
+def test_a_stages_flags_and_help_come_from_its_dataclass(command):
+    """One flag per field (the same name, type and choices), the field's default in the help, and the
+    parsed defaults resolved to exactly the dataclass's defaults when no preset is given."""
+    stage = STAGE_CONFIGS[command]
+    p = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[command][0]).add_arguments(p)
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "preset", "recipe")}
+    flags = {f.name: f for f in dataclasses.fields(stage) if f.metadata["cli"]}
+    assert set(actions) == set(flags)
+    for name, f in flags.items():
+        action = actions[name]
+        assert action.option_strings[0] == "--" + name.replace("_", "-")
+        assert action.default is None  # so a preset can tell a flag given from one left to it
+        assert action.help.startswith(f.metadata["help"].replace("%", "%%"))
+        if f.metadata["choices"]:
+            assert tuple(action.choices) == f.metadata["choices"]
+        if f.default is not None and not isinstance(f.default, bool):
+            assert "default" in action.help, name
+    resolved = stage.from_args(p.parse_args([]))
+    assert isinstance(resolved, stage)
+    for f in dataclasses.fields(stage):
+        if f.name != "batch_from_flag":
+            assert getattr(resolved, f.name) == f.default, f.name
+
+
+@pytest.mark.parametrize(("stage", "field", "value"), [
+    (SFTConfig, "mix_scale", "huge"), (MidConfig, "source", "web"), (BaseTrainConfig, "loader", "random"),
+    (BaseTrainConfig, "muon_orthogonalizer", "svd"), (RLConfig, "from_stage", "base"),
+    (BaseTrainConfig, "compile", "yes"), (PlanConfig, "gpu", "TPUv5")])
+def test_an_enumeration_outside_its_choices_is_a_one_line_error_naming_the_flag(stage, field, value):
+    with pytest.raises(ConfigError) as e:
+        stage.defaults(**{field: value})
+    message = str(e.value)
+    assert message.startswith(f"--{field.replace('_', '-')} {value!r} is not one of") and "\n" not in message
+
+
+def test_an_enumeration_from_a_preset_is_checked_too(monkeypatch):
+    monkeypatch.setitem(PRESETS, "broken", {"loader": "shuffled"})
+    with pytest.raises(ConfigError, match="--loader 'shuffled' is not one of packed, bestfit"):
+        BaseTrainConfig.defaults(preset="broken")
+
+
+def test_presets_override_fields_and_a_section_gives_a_stage_its_own_values():
+    base, mid, sft, rl = (c.defaults(preset="cpu") for c in (BaseTrainConfig, MidConfig, SFTConfig, RLConfig))
+    assert (base.depth, base.device_batch_size, base.time_budget) == (4, 16, 15.0)
+    assert (mid.mix_scale, mid.time_budget, mid.total_batch_size) == ("cpu", -1.0, 4096)
+    assert (sft.device_batch_size, sft.examples_per_step) == (4, 16)
+    assert (rl.num_steps, rl.save_every, rl.matrix_lr) == (16, 8, 0.02)  # rl: its section only
+    assert not base.batch_from_flag and BaseTrainConfig.defaults(device_batch_size=3).batch_from_flag
+
+
+def test_stage_functions_take_typed_options_not_a_namespace():
+    """Only a command's entry points (run, add_arguments, from_args) see argparse.Namespace in picochat/train."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "picochat" / "train"
+    offenders = []
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in (
+                    "run", "add_arguments", "from_args", "add_chat_stage_arguments"):
+                for arg in node.args.args:
+                    if arg.annotation is not None and "Namespace" in ast.unparse(arg.annotation):
+                        offenders.append(f"{path.name}:{node.name}")
+                    if arg.arg == "args":
+                        offenders.append(f"{path.name}:{node.name}({arg.arg})")
+    assert offenders == []

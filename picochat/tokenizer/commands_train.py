@@ -22,13 +22,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from picochat.config import add_preset_argument, resolve
+from picochat.config import Options, add_preset_argument, option
 from picochat.data.shards import default_data_dir, iter_texts, list_shards
 from picochat.errors import ConfigError, DataError
 from picochat.runtime import home, warn
 from picochat.tokenizer.bpe import BACKENDS, SPLIT_PATTERN, Tokenizer
 
-DEFAULTS = {"vocab_size": 65_536, "max_chars": 10_000_000_000, "doc_cap": 10_000, "backend": "rustbpe"}
 REPORT_FILE = "train_report.json"
 
 
@@ -43,20 +42,22 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
+@dataclass
+class TokTrainConfig(Options):
+    """Every setting of tokenizer training; presets give vocab_size, max_chars and doc_cap."""
+
+    vocab_size: int = option(65_536, "ids in the vocabulary, 9 special tokens included", parse=parse_count)
+    max_chars: int = option(10_000_000_000, "stop reading after this many characters", parse=parse_count)
+    doc_cap: int = option(10_000, "use at most this many characters of each document", parse=parse_count)
+    backend: str = option("rustbpe", "BPE trainer: rustbpe (measured faster here) or hf (HuggingFace tokenizers)",
+                          choices=BACKENDS)
+    data_dir: str | None = option(None, "shard directory (default $PICOCHAT_HOME/data/builtin)")
+    output_dir: str | None = option(None, "where to write the tokenizer (default $PICOCHAT_HOME/tokenizer)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_preset_argument(parser)
-    parser.add_argument("--vocab-size", type=parse_count, default=None,
-                        help=f"ids in the vocabulary, 9 special tokens included (default {DEFAULTS['vocab_size']:,})")
-    parser.add_argument("--max-chars", type=parse_count, default=None,
-                        help=f"stop reading after this many characters (default {DEFAULTS['max_chars']:.0e})")
-    parser.add_argument("--doc-cap", type=parse_count, default=None,
-                        help=f"use at most this many characters of each document (default {DEFAULTS['doc_cap']:,})")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="BPE trainer: rustbpe (default, measured faster here) or hf (HuggingFace tokenizers)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="shard directory (default $PICOCHAT_HOME/data/builtin)")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where to write the tokenizer (default $PICOCHAT_HOME/tokenizer)")
+    TokTrainConfig.add_arguments(parser)
 
 
 @dataclass
@@ -99,27 +100,27 @@ def training_texts(train_files: list[Path], max_chars: int, doc_cap: int, stats:
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve(args, DEFAULTS)
-    for flag, value in (("--max-chars", args.max_chars), ("--doc-cap", args.doc_cap)):
+    cfg = TokTrainConfig.from_args(args)
+    for flag, value in (("--max-chars", cfg.max_chars), ("--doc-cap", cfg.doc_cap)):
         if value <= 0:
             raise ConfigError(f"{flag} {value} must be positive")
-    data_dir = args.data_dir or default_data_dir()
-    out_dir = args.output_dir or home() / "tokenizer"
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else home() / "tokenizer"
     train_files, val_file = list_shards(data_dir)
-    print(f"training a {args.vocab_size:,}-id BPE tokenizer ({args.backend}) on {len(train_files)} train shard(s) "
-          f"in {data_dir}: up to {args.max_chars:,} characters, {args.doc_cap:,} per document", flush=True)
+    print(f"training a {cfg.vocab_size:,}-id BPE tokenizer ({cfg.backend}) on {len(train_files)} train shard(s) "
+          f"in {data_dir}: up to {cfg.max_chars:,} characters, {cfg.doc_cap:,} per document", flush=True)
 
     stats = ReadStats()
     t0 = time.perf_counter()
     tok = Tokenizer.train(
-        training_texts(train_files, args.max_chars, args.doc_cap, stats), args.vocab_size, backend=args.backend
+        training_texts(train_files, cfg.max_chars, cfg.doc_cap, stats), cfg.vocab_size, backend=cfg.backend
     )
     seconds = time.perf_counter() - t0
     if stats.chars == 0:
         raise DataError(f"the train shards in {data_dir} hold no text; rebuild them with `picochat data prepare`")
-    if tok.vocab_size < args.vocab_size:
+    if tok.vocab_size < cfg.vocab_size:
         warn(f"the text ran out of pairs to merge: the vocabulary has {tok.vocab_size:,} ids, "
-             f"not {args.vocab_size:,}; give it more text (--max-chars) or ask for fewer ids")
+             f"not {cfg.vocab_size:,}; give it more text (--max-chars) or ask for fewer ids")
 
     # Round trip one held-out document: tiktoken must reproduce the text exactly.
     _, sample = next(iter_texts(val_file))
@@ -131,12 +132,12 @@ def run(args: argparse.Namespace) -> int:
     tok.save(out_dir)
     report = {
         "vocab_size": tok.vocab_size,
-        "requested_vocab_size": args.vocab_size,
+        "requested_vocab_size": cfg.vocab_size,
         "hash": tok.hash,
-        "backend": args.backend,
+        "backend": cfg.backend,
         "pattern": SPLIT_PATTERN,
-        "max_chars": args.max_chars,
-        "doc_cap": args.doc_cap,
+        "max_chars": cfg.max_chars,
+        "doc_cap": cfg.doc_cap,
         "data_dir": str(data_dir),
         "seconds": round(seconds, 3),
         "chars_per_second": round(stats.chars / max(seconds, 1e-9)),
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\nvocab size    {tok.vocab_size:,} ({len(tok.mergeable_ranks) - 256:,} merges + 256 bytes + 9 special)")
     print(f"text read     {stats.chars:,} characters ({stats.bytes / 1e6:,.1f} MB) from {stats.docs:,} documents "
-          f"({stats.docs_capped:,} cut at {args.doc_cap:,} characters)")
+          f"({stats.docs_capped:,} cut at {cfg.doc_cap:,} characters)")
     print(f"time          {seconds:.1f} s ({stats.bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s)")
     print(f"hash          {tok.hash}")
     print(f"written       {out_dir}/{{tokenizer.json, token_bytes.npy, {REPORT_FILE}}}")

@@ -14,32 +14,41 @@ Checkpoints go to checkpoints/mid/<tag>/.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from picochat.config import resolve
+from picochat.config import option
 from picochat.errors import ConfigError
 from picochat.plan import explain_batch_divisibility, valid_batches
-from picochat.train.chat_stage import CHAT_DEFAULTS, add_chat_stage_arguments
+from picochat.train.chat_stage import ChatStageConfig, add_chat_stage_arguments
 
-DEFAULTS = {**CHAT_DEFAULTS, "device_batch_size": 32, "total_batch_size": 524288, "eval_every": 150,
-            "eval_tokens": 10 * 524288}
+BATCH = "batch and eval"
+
+
+@dataclass
+class MidConfig(ChatStageConfig):
+    """Every setting of mid-training; `picochat mid-train --help` lists them as flags."""
+
+    SECTION: ClassVar[str | None] = "mid"
+
+    from_stage: str = option("base", "stage of the starting checkpoint", group="start from",
+                             choices=("base", "mid", "sft"))
+    device_batch_size: int = option(32, "sequences per micro-batch per process", group=BATCH)
+    total_batch_size: int = option(524288, "tokens per optimiser step", group=BATCH)
+    mask_user: bool = option(False, "train on assistant tokens only (default: every token is a target, as the "
+                             "reference)", group=BATCH, store_true=True)
+    eval_every: int = option(150, "val bpb every N steps (<=0: at the end only)", group=BATCH)
+    eval_tokens: int = option(10 * 524288, "val tokens per evaluation", group=BATCH)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_chat_stage_arguments(p, parent_default="base")
-    g = p.add_argument_group("batch and eval")
-    g.add_argument("--device-batch-size", type=int, help="sequences per micro-batch per process")
-    g.add_argument("--total-batch-size", type=int, help="tokens per optimiser step")
-    g.add_argument("--mask-user", action="store_true",
-                   help="train on assistant tokens only (default: every token is a target, as the reference)")
-    g.add_argument("--eval-every", type=int, help="val bpb every N steps (<=0: at the end only)")
-    g.add_argument("--eval-tokens", type=int, help="val tokens per evaluation")
+    add_chat_stage_arguments(p, MidConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    batch_from_flag = args.device_batch_size is not None
-    resolve(args, DEFAULTS, section="mid")
+    cfg = MidConfig.from_args(args)
     import torch.distributed as dist
 
     from picochat.data.chat_batches import PackedConversations
@@ -49,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
         StagePlan,
         agreed_source,
         check_memory,
-        compiles,
         load_parent,
         run_trainer,
         start_world,
@@ -57,39 +65,39 @@ def run(args: argparse.Namespace) -> int:
     from picochat.train.mixtures import MID, MID_VAL, build_mixture, describe, pick
     from picochat.train.schedules import constant_then_linear_to_zero
 
-    world = start_world(args)
+    world = start_world(cfg)
     try:
-        args.source = agreed_source(args.source, world)
-        seed_everything(args.seed)
-        dtype = pick_dtype(world.device, args.dtype)
+        cfg.source = agreed_source(cfg.source, world)
+        seed_everything(cfg.seed)
+        dtype = pick_dtype(world.device, cfg.dtype)
 
         def batch_check(config) -> None:
-            problem = explain_batch_divisibility(args.total_batch_size, args.device_batch_size,
+            problem = explain_batch_divisibility(cfg.total_batch_size, cfg.device_batch_size,
                                                  config.sequence_len, world.world_size, "--total-batch-size")
-            smaller = [b for b in valid_batches(args.total_batch_size, config.sequence_len, world.world_size)
-                       if b < args.device_batch_size]
-            if problem and smaller and not batch_from_flag:  # the preset's batch: lower it for this world size
-                log0(f"the preset's device batch {args.device_batch_size} does not divide --total-batch-size "
-                     f"{args.total_batch_size} over {world.world_size} processes; using --device-batch-size "
+            smaller = [b for b in valid_batches(cfg.total_batch_size, config.sequence_len, world.world_size)
+                       if b < cfg.device_batch_size]
+            if problem and smaller and not cfg.batch_from_flag:  # the preset's batch: lower it for this world size
+                log0(f"the preset's device batch {cfg.device_batch_size} does not divide --total-batch-size "
+                     f"{cfg.total_batch_size} over {world.world_size} processes; using --device-batch-size "
                      f"{smaller[-1]}")
-                args.device_batch_size, problem = smaller[-1], None
+                cfg.device_batch_size, problem = smaller[-1], None
             if problem:
                 raise ConfigError(problem)
 
-        check = check_memory(args, world, dtype, compiles(args, world), "--device-batch-size",
-                             lambda c: valid_batches(args.total_batch_size, c.sequence_len, world.world_size),
+        check = check_memory(cfg, world, dtype, cfg.compiles(world.device.type), "--device-batch-size",
+                             lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size),
                              batch_check)
-        model, tokenizer, parent_meta, tag = load_parent(args, world, check)
-        T, B = model.config.sequence_len, args.device_batch_size
+        model, tokenizer, parent_meta, tag = load_parent(cfg, world, check)
+        T, B = model.config.sequence_len, cfg.device_batch_size
         batch_check(model.config)
         per_micro = B * T * world.world_size
-        grad_accum = args.total_batch_size // per_micro
-        entries = pick(MID, args.source, args.mix_scale)
-        log0(f"mid mixture ({args.source}, {args.mix_scale}): {describe(entries)}")
-        train_mix = build_mixture(entries, args.source, seed=args.seed)
-        val_mix = build_mixture(MID_VAL[args.mix_scale], args.source, seed=args.seed)
+        grad_accum = cfg.total_batch_size // per_micro
+        entries = pick(MID, cfg.source, cfg.mix_scale)
+        log0(f"mid mixture ({cfg.source}, {cfg.mix_scale}): {describe(entries)}")
+        train_mix = build_mixture(entries, cfg.source, seed=cfg.seed)
+        val_mix = build_mixture(MID_VAL[cfg.mix_scale], cfg.source, seed=cfg.seed)
         batches = PackedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device,
-                                      mask_user=args.mask_user)
+                                      mask_user=cfg.mask_user)
         tokens = torch.tensor([batches.tokens_per_epoch()], device=world.device)
         if world.enabled:
             dist.all_reduce(tokens, op=dist.ReduceOp.MIN)
@@ -98,20 +106,20 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"the mid mixture has {int(tokens.item()):,} tokens per process, less than one step "
                               f"({B * T * grad_accum:,}); use a larger --mix-scale or a smaller --total-batch-size")
         log0(f"one pass: {len(train_mix):,} conversations, {int(tokens.item()):,} tokens per process -> "
-             f"{num_iterations} steps of {args.total_batch_size:,} tokens (grad accum {grad_accum})")
-        eval_steps = args.eval_tokens // per_micro
+             f"{num_iterations} steps of {cfg.total_batch_size:,} tokens (grad accum {grad_accum})")
+        eval_steps = cfg.eval_tokens // per_micro
         if eval_steps < 1:
-            raise ConfigError(f"--eval-tokens {args.eval_tokens} is less than one batch ({per_micro}); raise it")
+            raise ConfigError(f"--eval-tokens {cfg.eval_tokens} is less than one batch ({per_micro}); raise it")
         token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
 
         def evaluate(m, step):
             val = PackedConversations(val_mix, tokenizer, B, T, world.rank, world.world_size, world.device)
             return {"val_bpb": evaluate_bpb(m, val, eval_steps, token_bytes, dtype)}
 
-        run_trainer(args, world, model, tokenizer, parent_meta, dtype, StagePlan(
-            "mid", tag, batches, num_iterations, grad_accum, args.total_batch_size, constant_then_linear_to_zero,
+        run_trainer(cfg, world, model, tokenizer, parent_meta, dtype, StagePlan(
+            "mid", tag, batches, num_iterations, grad_accum, cfg.total_batch_size, constant_then_linear_to_zero,
             evaluate, "mean", {"mixture": describe(entries), "conversations": len(train_mix),
-                               "mask_user": args.mask_user}))
+                               "mask_user": cfg.mask_user}))
         return 0
     finally:
         shutdown_distributed()

@@ -36,12 +36,13 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from picochat.checkpoint import load_checkpoint_dir
-from picochat.config import add_device_arguments, add_preset_argument, resolve
+from picochat.config import add_preset_argument, option
 from picochat.data.chat_batches import sft_collate
 from picochat.errors import ConfigError
 from picochat.eval.chat_eval import completion_parts, evaluate_generative, spread_subset
@@ -52,15 +53,9 @@ from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distrib
 from picochat.tasks import load_task
 from picochat.train.chat_stage import find_parent, start_world
 from picochat.train.loop import LoopConfig, StepWork, Trainer, wandb_logger
+from picochat.train.options import ParentOptions, StageOptions
 from picochat.train.schedules import linear_to_zero
 
-DEFAULTS = {
-    "num_steps": -1, "examples_per_step": 16, "num_samples": 16, "max_new_tokens": 256,
-    "temperature": 1.0, "top_k": 50, "device_batch_size": 8, "train_size": 7473,
-    "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004, "weight_decay": 0.0, "init_lr_frac": 0.05,
-    "eval_every": 60, "eval_problems": 400, "eval_samples": 8, "save_every": 60, "save_every_minutes": -1.0,
-    "keep_last": 2,
-}
 
 # ---- rollouts, advantages, loss (pure pieces, tested on scripted batches) --------------------------
 @dataclass
@@ -143,53 +138,49 @@ class ProblemOrder:
 
 
 # ---- the run --------------------------------------------------------------------------------------
+START, ROLL, OPTIM, SAVE = "start and data", "rollouts", "optimisation", "eval and checkpoints"
+
+
+@dataclass
+class RLConfig(ParentOptions, StageOptions):
+    """Every setting of RL; `picochat rl --help` lists them as flags. A preset's "rl" section alone applies."""
+
+    SECTION: ClassVar[str | None] = "rl"
+    SECTION_ONLY: ClassVar[bool] = True
+
+    from_stage: str = option("sft", "checkpoint to start from", group=START, choices=("sft", "mid"))
+    source: str = option("offline", "offline: generated arithmetic problems (GSM8K format); hf: GSM8K train",
+                         group=START, choices=("offline", "hf"))
+    train_size: int = option(7473, "offline: number of generated training problems", group=START)
+    num_steps: int = option(-1, "optimiser steps (<=0: one pass over the problems)", group=ROLL)
+    examples_per_step: int = option(16, "problems per step, all ranks", group=ROLL)
+    num_samples: int = option(16, "completions per problem", group=ROLL)
+    max_new_tokens: int = option(256, "tokens per completion", group=ROLL)
+    temperature: float = option(1.0, "sampling temperature", group=ROLL)
+    top_k: int = option(50, "sample among the k most likely tokens", group=ROLL)
+    device_batch_size: int = option(8, "rows per sampling batch and per forward/backward", group=ROLL)
+    init_lr_frac: float = option(0.05, "LR at step 0 as a fraction of the base LRs", group=OPTIM)
+    eval_every: int = option(60, "pass@k eval every N steps (<=0: at the end only)", group=SAVE)
+    eval_problems: int = option(400, "held-out test problems per eval, 0 = no eval", group=SAVE)
+    eval_samples: int = option(8, "samples per eval problem, the k of pass@k", group=SAVE)
+    save_every: int = option(60, "checkpoint every N steps (<=0: at the end only)", group=SAVE)
+    tag: str | None = option(None, "run name under checkpoints/rl/ (default: the start checkpoint's tag)",
+                             group=SAVE)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_preset_argument(p)
-    g = p.add_argument_group("start and data")
-    g.add_argument("--from-stage", choices=["sft", "mid"], default="sft", help="checkpoint to start from (default sft)")
-    g.add_argument("--from-tag", default=None, help="tag of that checkpoint (default: the newest)")
-    g.add_argument("--from-step", type=int, default=None, help="step of that checkpoint (default: the newest)")
-    g.add_argument("--source", choices=["offline", "hf"], default="offline",
-                   help="offline: generated arithmetic problems (GSM8K format); hf: GSM8K train")
-    g.add_argument("--train-size", type=int, help="offline: number of generated training problems (default 7473)")
-    g = p.add_argument_group("rollouts")
-    g.add_argument("--num-steps", type=int, help="optimiser steps (default: one pass over the problems)")
-    g.add_argument("--examples-per-step", type=int, help="problems per step, all ranks (default 16)")
-    g.add_argument("--num-samples", type=int, help="completions per problem (default 16)")
-    g.add_argument("--max-new-tokens", type=int, help="tokens per completion (default 256)")
-    g.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
-    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 50)")
-    g.add_argument("--device-batch-size", type=int, help="rows per sampling batch and per forward/backward (default 8)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--matrix-lr", type=float, help="Muon base LR (default 0.02)")
-    g.add_argument("--embedding-lr", type=float, help="AdamW base LR of the embedding (default 0.2)")
-    g.add_argument("--unembedding-lr", type=float, help="AdamW base LR of lm_head (default 0.004)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    g.add_argument("--init-lr-frac", type=float, help="LR at step 0 as a fraction of the base LRs (default 0.05)")
-    g = p.add_argument_group("eval and checkpoints")
-    g.add_argument("--eval-every", type=int, help="pass@k eval every N steps (<=0: at the end only; default 60)")
-    g.add_argument("--eval-problems", type=int, help="held-out test problems per eval, 0 = no eval (default 400)")
-    g.add_argument("--eval-samples", type=int, help="samples per eval problem, the k of pass@k (default 8)")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps (<=0: at the end only; default 60)")
-    g.add_argument("--save-every-minutes", type=float,
-                   help="also checkpoint when this many minutes of wall time passed since the last save (<=0: off)")
-    g.add_argument("--keep-last", type=int, help="keep this many newest checkpoints (default 2)")
-    g.add_argument("--tag", default=None, help="run name under checkpoints/rl/ (default: the start checkpoint's tag)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --tag")
-    g = p.add_argument_group("runtime")
-    add_device_arguments(g)
-    g.add_argument("--seed", type=int, default=42, help="seed of the problem order and the sampling")
-    g.add_argument("--wandb", default=None, metavar="RUN", help="log to Weights & Biases under this run name")
+    RLConfig.add_arguments(p)
 
 
-def _check(args: argparse.Namespace, world_size: int) -> None:
+def _check(cfg: RLConfig, world_size: int) -> None:
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "train_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_problems > 0 and args.eval_samples < 1:
-        raise ConfigError(f"--eval-samples must be >= 1, got {args.eval_samples} (or set --eval-problems 0)")
-    if args.examples_per_step % world_size:
-        raise ConfigError(f"--examples-per-step {args.examples_per_step} must be a multiple of the "
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_problems > 0 and cfg.eval_samples < 1:
+        raise ConfigError(f"--eval-samples must be >= 1, got {cfg.eval_samples} (or set --eval-problems 0)")
+    if cfg.examples_per_step % world_size:
+        raise ConfigError(f"--examples-per-step {cfg.examples_per_step} must be a multiple of the "
                           f"{world_size} processes")
 
 
@@ -197,12 +188,12 @@ class PolicyGradientStep:
     """RL's step for the Trainer: this rank's rollouts, sampled through the Engine and graded, then
     the policy-gradient backward. Its state, the generator that draws the engine seeds, is per rank."""
 
-    def __init__(self, args, model, tokenizer, task, world, compute_dtype: torch.dtype):
-        self.args, self.model, self.tokenizer, self.task, self.world = args, model, tokenizer, task, world
+    def __init__(self, cfg: RLConfig, model, tokenizer, task, world, compute_dtype: torch.dtype):
+        self.cfg, self.model, self.tokenizer, self.task, self.world = cfg, model, tokenizer, task, world
         self.compute_dtype = compute_dtype
         self.engine = Engine(model, tokenizer, compute_dtype=compute_dtype)
-        self.order = ProblemOrder(len(task), args.seed)
-        self.sampler = torch.Generator().manual_seed(args.seed * 1_000_003 + world.rank)  # engine seeds
+        self.order = ProblemOrder(len(task), cfg.seed)
+        self.sampler = torch.Generator().manual_seed(cfg.seed * 1_000_003 + world.rank)  # engine seeds
         self.pad_id = tokenizer.encode_special("assistant_end")
 
     def state_dict(self) -> dict:
@@ -217,7 +208,7 @@ class PolicyGradientStep:
 
     def sample_group(self, prompt: list[int], max_new_tokens: int) -> list[Rollout]:
         """`--num-samples` completions of `prompt`, `--device-batch-size` rows per engine call (one seed each)."""
-        a, group = self.args, []
+        a, group = self.cfg, []
         while len(group) < a.num_samples:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.sampler))
             tokens, masks = self.engine.generate_batch(prompt, min(a.device_batch_size, a.num_samples - len(group)),
@@ -228,7 +219,7 @@ class PolicyGradientStep:
 
     def rollouts(self, step: int) -> list[Rollout]:
         """This rank's rollouts for `step`, graded, with advantages."""
-        a, w = self.args, self.world
+        a, w = self.cfg, self.world
         out: list[Rollout] = []
         for j in range(a.examples_per_step // w.world_size):
             conversation = self.task[self.order(step * a.examples_per_step + w.rank + j * w.world_size)]
@@ -244,7 +235,7 @@ class PolicyGradientStep:
         t0 = time.time()
         rollouts = self.rollouts(step)
         sample_s = time.time() - t0
-        rewards, n = [r.reward for r in rollouts], self.args.num_samples
+        rewards, n = [r.reward for r in rollouts], self.cfg.num_samples
         groups = [rewards[i : i + n] for i in range(0, len(rewards), n)]
         valid = sum(r.valid_tokens for r in rollouts)
         stats = [valid, sum(rewards), len(rewards), sum(any(g) for g in groups), len(groups),
@@ -256,8 +247,8 @@ class PolicyGradientStep:
         total_valid, reward_sum, n_rollouts, solved, n_groups, gen_tokens = stats
         learning = [r for r in rollouts if r.advantage != 0.0]  # the others add no gradient
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        for i in range(0, len(learning), self.args.device_batch_size):
-            inputs, targets, adv = policy_batch(learning[i : i + self.args.device_batch_size], self.pad_id)
+        for i in range(0, len(learning), self.cfg.device_batch_size):
+            inputs, targets, adv = policy_batch(learning[i : i + self.cfg.device_batch_size], self.pad_id)
             loss = policy_gradient_loss(self.model, inputs.to(self.engine.device), targets.to(self.engine.device),
                                         adv, int(total_valid), self.compute_dtype)
             # The gradient sync averages over ranks; scaled so the result is the sum over all ranks.
@@ -273,37 +264,37 @@ class PolicyGradientStep:
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve(args, DEFAULTS, section="rl", section_only=True)
-    world = start_world(args)
+    cfg = RLConfig.from_args(args)
+    world = start_world(cfg)
     try:
-        _check(args, world.world_size)
-        seed_everything(args.seed)
-        start_from = find_parent(args, world)  # chosen once, on rank 0
+        _check(cfg, world.world_size)
+        seed_everything(cfg.seed)
+        start_from = find_parent(cfg, world)  # chosen once, on rank 0
         model, tokenizer, _ = load_checkpoint_dir(start_from, world.device)
         broadcast_parameters(model)
-        tag = args.tag or start_from.parent.name
-        dtype = pick_dtype(world.device, args.dtype)
-        train_task = load_train_task(args.source, args.train_size)
-        num_steps = args.num_steps if args.num_steps > 0 else len(train_task) // args.examples_per_step
+        tag = cfg.tag or start_from.parent.name
+        dtype = pick_dtype(world.device, cfg.dtype)
+        train_task = load_train_task(cfg.source, cfg.train_size)
+        num_steps = cfg.num_steps if cfg.num_steps > 0 else len(train_task) // cfg.examples_per_step
         if num_steps < 1:
             raise ConfigError(f"{len(train_task)} problems make no step of --examples-per-step "
-                              f"{args.examples_per_step}; lower it or raise --train-size")
-        policy = PolicyGradientStep(args, model, tokenizer, train_task, world, dtype)
-        optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-                                      unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay, world=world)
-        cfg = LoopConfig(stage="rl", tag=tag, num_iterations=num_steps, grad_accum_steps=1, tokens_per_step=0,
-                         eval_every=args.eval_every, save_every=args.save_every,
-                         save_every_minutes=args.save_every_minutes, keep_last=args.keep_last)
+                              f"{cfg.examples_per_step}; lower it or raise --train-size")
+        policy = PolicyGradientStep(cfg, model, tokenizer, train_task, world, dtype)
+        optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                                      unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, world=world)
+        loop_cfg = LoopConfig(stage="rl", tag=tag, num_iterations=num_steps, grad_accum_steps=1, tokens_per_step=0,
+                              eval_every=cfg.eval_every, save_every=cfg.save_every,
+                              save_every_minutes=cfg.save_every_minutes, keep_last=cfg.keep_last)
         run_meta = {"start_from": str(start_from), "train_task": train_task.name,
-                    "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
-        trainer = Trainer(model, optimizers, None, cfg, world, tokenizer, compute_dtype=dtype, run_meta=run_meta,
-                          lr_multiplier=lambda s, n: linear_to_zero(s, n, init_frac=args.init_lr_frac),
-                          evaluate=pass_at_k(args, policy.engine, world) if args.eval_problems > 0 else None,
-                          on_log=wandb_logger(args.wandb, "rl", vars(args)) if world.is_main else None,
+                    "args": cfg.to_dict()}
+        trainer = Trainer(model, optimizers, None, loop_cfg, world, tokenizer, compute_dtype=dtype, run_meta=run_meta,
+                          lr_multiplier=lambda s, n: linear_to_zero(s, n, init_frac=cfg.init_lr_frac),
+                          evaluate=pass_at_k(cfg, policy.engine, world) if cfg.eval_problems > 0 else None,
+                          on_log=wandb_logger(cfg.wandb, "rl", cfg.to_dict()) if world.is_main else None,
                           step_fn=policy, parts={"rollouts": policy})
-        log0(f"rl: {num_steps} steps x {args.examples_per_step} problems x {args.num_samples} samples "
+        log0(f"rl: {num_steps} steps x {cfg.examples_per_step} problems x {cfg.num_samples} samples "
              f"from {train_task.name} | start {start_from} | world {world.world_size}")
-        if args.resume:
+        if cfg.resume:
             trainer.resume_newest()
         log0(f"done: {json.dumps(trainer.run())}")
         return 0
@@ -311,15 +302,15 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed()
 
 
-def pass_at_k(args, engine: Engine, world):
+def pass_at_k(cfg: RLConfig, engine: Engine, world):
     """The Trainer's eval: pass@1 and pass@k on `--eval-problems` held-out problems."""
-    task = load_eval_task(args.source, args.eval_problems)
+    task = load_eval_task(cfg.source, cfg.eval_problems)
 
     def evaluate(model, step: int) -> dict:
-        r = evaluate_generative(engine, engine.tokenizer, task, num_samples=args.eval_samples,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                seed=args.seed, rank=world.rank, world_size=world.world_size,
+        r = evaluate_generative(engine, engine.tokenizer, task, num_samples=cfg.eval_samples,
+                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                seed=cfg.seed, rank=world.rank, world_size=world.world_size,
                                 desc=f"eval step {step}")
-        return {"pass@1": r["pass@1"], f"pass@{args.eval_samples}": r["pass@k"]}
+        return {"pass@1": r["pass@1"], f"pass@{cfg.eval_samples}": r["pass@k"]}
 
     return evaluate

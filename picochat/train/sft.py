@@ -16,26 +16,36 @@ so one run compiles at most four graphs. Evaluates val loss and MMLU / ARC accur
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from picochat.config import resolve
+from picochat.config import option
 from picochat.errors import ConfigError, DataError
-from picochat.train.chat_stage import CHAT_DEFAULTS, add_chat_stage_arguments
+from picochat.train.chat_stage import ChatStageConfig, add_chat_stage_arguments
 
-DEFAULTS = {**CHAT_DEFAULTS, "device_batch_size": 4, "examples_per_step": 32, "num_epochs": 1,
-            "init_lr_frac": 0.02, "eval_every": 200, "eval_items": 1000}
+BATCH = "batch and eval"
+
+
+@dataclass
+class SFTConfig(ChatStageConfig):
+    """Every setting of SFT; `picochat sft --help` lists them as flags."""
+
+    SECTION: ClassVar[str | None] = "sft"
+
+    from_stage: str = option("mid", "stage of the starting checkpoint", group="start from",
+                             choices=("base", "mid", "sft"))
+    device_batch_size: int = option(4, "conversations per micro-batch per process", group=BATCH)
+    examples_per_step: int = option(32, "conversations per optimiser step (all processes)", group=BATCH)
+    num_epochs: int = option(1, "passes over the mixture", group=BATCH)
+    init_lr_frac: float = option(0.02, "LR multiplier at step 0 (linear to 0 at the end)", group=BATCH)
+    eval_every: int = option(200, "val loss and MMLU/ARC accuracy every N steps (<=0: end only)", group=BATCH)
+    eval_items: int = option(1000, "items per categorical eval task and val conversations", group=BATCH)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_chat_stage_arguments(p, parent_default="mid")
-    g = p.add_argument_group("batch and eval")
-    g.add_argument("--device-batch-size", type=int, help="conversations per micro-batch per process")
-    g.add_argument("--examples-per-step", type=int, help="conversations per optimiser step (all processes)")
-    g.add_argument("--num-epochs", type=int, help="passes over the mixture")
-    g.add_argument("--init-lr-frac", type=float, help="LR multiplier at step 0 (linear to 0 at the end)")
-    g.add_argument("--eval-every", type=int, help="val loss and MMLU/ARC accuracy every N steps (<=0: end only)")
-    g.add_argument("--eval-items", type=int, help="items per categorical eval task and val conversations")
+    add_chat_stage_arguments(p, SFTConfig)
 
 
 def batch_choices(examples_per_step: int, world_size: int) -> list[int]:
@@ -44,35 +54,33 @@ def batch_choices(examples_per_step: int, world_size: int) -> list[int]:
     return [b for b in range(1, per_rank + 1) if per_rank % b == 0]
 
 
-def check_examples_per_step(args, world_size: int, batch_from_flag: bool = True) -> None:
+def check_examples_per_step(cfg: SFTConfig, world_size: int) -> None:
     """A ConfigError naming the flag to change, unless the preset's device batch can be lowered to fit."""
     from picochat.runtime import log0
 
-    per_micro = args.device_batch_size * world_size
-    if args.examples_per_step % per_micro == 0:
+    per_micro = cfg.device_batch_size * world_size
+    if cfg.examples_per_step % per_micro == 0:
         return
-    smaller = [b for b in batch_choices(args.examples_per_step, world_size) if b < args.device_batch_size]
-    if smaller and not batch_from_flag:
-        log0(f"the preset's device batch {args.device_batch_size} does not divide --examples-per-step "
-             f"{args.examples_per_step} over {world_size} processes; using --device-batch-size {smaller[-1]}")
-        args.device_batch_size = smaller[-1]
+    smaller = [b for b in batch_choices(cfg.examples_per_step, world_size) if b < cfg.device_batch_size]
+    if smaller and not cfg.batch_from_flag:
+        log0(f"the preset's device batch {cfg.device_batch_size} does not divide --examples-per-step "
+             f"{cfg.examples_per_step} over {world_size} processes; using --device-batch-size {smaller[-1]}")
+        cfg.device_batch_size = smaller[-1]
         return
     fix = (f"with {world_size} process(es) use --device-batch-size {smaller[-1]}, or " if smaller else "use ")
-    raise ConfigError(f"--examples-per-step {args.examples_per_step} must be a multiple of device_batch_size*world "
-                      f"= {args.device_batch_size}*{world_size} = {per_micro}; {fix}an --examples-per-step that is "
+    raise ConfigError(f"--examples-per-step {cfg.examples_per_step} must be a multiple of device_batch_size*world "
+                      f"= {cfg.device_batch_size}*{world_size} = {per_micro}; {fix}an --examples-per-step that is "
                       f"a multiple of {per_micro}")
 
 
 def run(args: argparse.Namespace) -> int:
-    batch_from_flag = args.device_batch_size is not None
-    resolve(args, DEFAULTS, section="sft")
+    cfg = SFTConfig.from_args(args)
     from picochat.data.chat_batches import PaddedConversations, width_buckets
     from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
     from picochat.train.chat_stage import (
         StagePlan,
         agreed_source,
         check_memory,
-        compiles,
         load_parent,
         run_trainer,
         start_world,
@@ -80,43 +88,43 @@ def run(args: argparse.Namespace) -> int:
     from picochat.train.mixtures import SFT, build_mixture, describe, pick
     from picochat.train.schedules import linear_to_zero
 
-    world = start_world(args)
+    world = start_world(cfg)
     try:
-        args.source = agreed_source(args.source, world)
-        seed_everything(args.seed)
-        dtype = pick_dtype(world.device, args.dtype)
-        compiled = compiles(args, world)
-        check = check_memory(args, world, dtype, compiled, "--device-batch-size",
-                             lambda c: batch_choices(args.examples_per_step, world.world_size),
-                             lambda c: check_examples_per_step(args, world.world_size, batch_from_flag))
-        model, tokenizer, parent_meta, tag = load_parent(args, world, check)
-        T, B = model.config.sequence_len, args.device_batch_size
-        check_examples_per_step(args, world.world_size, batch_from_flag)
+        cfg.source = agreed_source(cfg.source, world)
+        seed_everything(cfg.seed)
+        dtype = pick_dtype(world.device, cfg.dtype)
+        compiled = cfg.compiles(world.device.type)
+        check = check_memory(cfg, world, dtype, compiled, "--device-batch-size",
+                             lambda c: batch_choices(cfg.examples_per_step, world.world_size),
+                             lambda c: check_examples_per_step(cfg, world.world_size))
+        model, tokenizer, parent_meta, tag = load_parent(cfg, world, check)
+        T, B = model.config.sequence_len, cfg.device_batch_size
+        check_examples_per_step(cfg, world.world_size)
         per_micro = B * world.world_size
-        grad_accum = args.examples_per_step // per_micro
-        entries = pick(SFT, args.source, args.mix_scale)
-        log0(f"sft mixture ({args.source}, {args.mix_scale}): {describe(entries)}")
-        train_mix = build_mixture(entries, args.source, seed=args.seed)
-        num_iterations = len(train_mix) * args.num_epochs // args.examples_per_step
+        grad_accum = cfg.examples_per_step // per_micro
+        entries = pick(SFT, cfg.source, cfg.mix_scale)
+        log0(f"sft mixture ({cfg.source}, {cfg.mix_scale}): {describe(entries)}")
+        train_mix = build_mixture(entries, cfg.source, seed=cfg.seed)
+        num_iterations = len(train_mix) * cfg.num_epochs // cfg.examples_per_step
         if num_iterations < 1:
             raise ConfigError(f"the SFT mixture has {len(train_mix)} conversations, fewer than one step "
-                              f"(--examples-per-step {args.examples_per_step})")
-        log0(f"{len(train_mix):,} conversations x {args.num_epochs} epoch(s) -> {num_iterations} steps of "
-             f"{args.examples_per_step} conversations (grad accum {grad_accum})")
+                              f"(--examples-per-step {cfg.examples_per_step})")
+        log0(f"{len(train_mix):,} conversations x {cfg.num_epochs} epoch(s) -> {num_iterations} steps of "
+             f"{cfg.examples_per_step} conversations (grad accum {grad_accum})")
         buckets = width_buckets(T) if compiled else None  # a few shapes for the compiler, exact widths eagerly
         batches = PaddedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device,
                                       bucket_widths=buckets)
-        evaluate = sft_evaluator(args, world, tokenizer, B, T, dtype)
-        run_trainer(args, world, model, tokenizer, parent_meta, dtype, StagePlan(
-            "sft", tag, batches, num_iterations, grad_accum, args.examples_per_step * T,
-            lambda s, n: linear_to_zero(s, n, args.init_lr_frac), evaluate, "tokens",
+        evaluate = sft_evaluator(cfg, world, tokenizer, B, T, dtype)
+        run_trainer(cfg, world, model, tokenizer, parent_meta, dtype, StagePlan(
+            "sft", tag, batches, num_iterations, grad_accum, cfg.examples_per_step * T,
+            lambda s, n: linear_to_zero(s, n, cfg.init_lr_frac), evaluate, "tokens",
             {"mixture": describe(entries), "conversations": len(train_mix)}))
         return 0
     finally:
         shutdown_distributed()
 
 
-def sft_evaluator(args: argparse.Namespace, world, tokenizer, B: int, T: int, dtype):
+def sft_evaluator(cfg: SFTConfig, world, tokenizer, B: int, T: int, dtype):
     """The SFT eval: loss per supervised token on the mixture's val conversations, and the categorical
     accuracy of each eval task (both over every rank)."""
     import torch.distributed as dist
@@ -126,11 +134,11 @@ def sft_evaluator(args: argparse.Namespace, world, tokenizer, B: int, T: int, dt
     from picochat.tasks import load_task
     from picochat.train.mixtures import SFT_EVAL
 
-    plan = SFT_EVAL[args.mix_scale]
+    plan = SFT_EVAL[cfg.mix_scale]
     val_name, val_split, val_kw = plan["val"]
-    val_task = load_task(val_name, val_split, source=args.source, **val_kw)
-    val_task = val_task[: max(world.world_size, args.eval_items)]
-    eval_tasks = {name: load_task(name, split, source=args.source) for name, split in plan["categorical"]}
+    val_task = load_task(val_name, val_split, source=cfg.source, **val_kw)
+    val_task = val_task[: max(world.world_size, cfg.eval_items)]
+    eval_tasks = {name: load_task(name, split, source=cfg.source) for name, split in plan["categorical"]}
 
     @torch.no_grad()
     def evaluate(m, step):
@@ -148,7 +156,7 @@ def sft_evaluator(args: argparse.Namespace, world, tokenizer, B: int, T: int, dt
             raise DataError("SFT validation saw no supervised tokens; raise --eval-items")
         results = {"val_loss": (total[0] / total[1]).item()}
         for name, task in eval_tasks.items():
-            r = evaluate_categorical(m, tokenizer, task, batch_size=B * 2, max_items=args.eval_items,
+            r = evaluate_categorical(m, tokenizer, task, batch_size=B * 2, max_items=cfg.eval_items,
                                      rank=world.rank, world_size=world.world_size, compute_dtype=dtype)
             results[f"{name}_acc"] = r["accuracy"]
         m.train()

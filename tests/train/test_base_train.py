@@ -158,25 +158,27 @@ def test_wall_clock_saves_keep_the_last_k(tiny_home):
 
 
 def test_gpu_presets_save_every_30_minutes_in_every_stage():
-    import argparse
-
-    from picochat.config import resolve
+    from picochat.train.base_train import BaseTrainConfig
+    from picochat.train.mid_train import MidConfig
+    from picochat.train.sft import SFTConfig
 
     for preset in ("d20", "d26", "d32"):
-        for section in (None, "mid", "sft"):
-            args = resolve(argparse.Namespace(preset=preset), {"save_every_minutes": -1.0, "keep_last": 5}, section)
-            assert args.save_every_minutes == 30.0 and args.keep_last == 2
+        for stage in (BaseTrainConfig, MidConfig, SFTConfig):
+            cfg = stage.defaults(preset=preset)
+            assert cfg.save_every_minutes == 30.0 and cfg.keep_last == 2
 
 
 def test_d20_at_16_processes_lowers_the_preset_batch_or_explains_the_flag():
-    import argparse
+    import dataclasses
 
     from picochat.errors import ConfigError
-    from picochat.train.base_train import check_batch
+    from picochat.train.base_train import BaseTrainConfig, check_batch
 
-    preset = argparse.Namespace(total_batch_size=524288, device_batch_size=32, max_seq_len=2048, _batch_from_flag=False)
+    preset = BaseTrainConfig.defaults(preset="d20")
+    assert not preset.batch_from_flag and preset.device_batch_size == 32
     assert check_batch(preset, 16) == 1 and preset.device_batch_size == 16
-    assert check_batch(argparse.Namespace(**{**vars(preset), "device_batch_size": 32}), 8) == 1
-    given = argparse.Namespace(**{**vars(preset), "device_batch_size": 32, "_batch_from_flag": True})
+    assert check_batch(dataclasses.replace(preset, device_batch_size=32), 8) == 1
+    given = BaseTrainConfig.defaults(preset="d20", device_batch_size=32)
+    assert given.batch_from_flag
     with pytest.raises(ConfigError, match="with 16 process\\(es\\) use --device-batch-size 16"):
         check_batch(given, 16)

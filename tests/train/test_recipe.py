@@ -12,19 +12,20 @@ import pytest
 import torch
 
 from picochat import checkpoint as ckpt
-from picochat import config
 from picochat.cli import main
-from picochat.config import RECIPES, resolve
+from picochat.config import RECIPES
 from picochat.errors import ConfigError
-from picochat.plan import B_REF, auto_batch, batch_growth, model_config
+from picochat.plan import B_REF, auto_batch, batch_growth
 from picochat.train import base_train
+from picochat.train.mid_train import MidConfig
+from picochat.train.sft import SFTConfig
 from tests.train.test_base_train import TINY, final_weights, losses
 
 
-def flags(*argv: str) -> argparse.Namespace:
+def flags(*argv: str) -> base_train.BaseTrainConfig:
     p = argparse.ArgumentParser()
     base_train.add_arguments(p)
-    return resolve(p.parse_args(list(argv)), base_train.DEFAULTS)
+    return base_train.BaseTrainConfig.from_args(p.parse_args(list(argv)))
 
 
 def test_recipe_precedence():
@@ -44,17 +45,14 @@ def test_recipe_precedence():
     assert flags("--preset", "gpt2", "--no-smear").smear is False  # an explicit flag wins over everything
     assert flags("--preset", "gpt2", "--recipe", "2025").muon_orthogonalizer == "newton_schulz"
     with pytest.raises(ConfigError, match="--recipe '1999' is unknown"):
-        resolve(argparse.Namespace(preset=None, recipe="1999"), base_train.DEFAULTS)
+        base_train.BaseTrainConfig.defaults(recipe="1999")
     # chat stages take no recipe: their sections keep the commands' defaults
-    mid = resolve(argparse.Namespace(preset="gpt2"), {"matrix_lr": 0.02, "source": "offline"}, section="mid")
+    mid = MidConfig.defaults(preset="gpt2")
     assert mid.matrix_lr == 0.02 and mid.source == "auto"
 
 
 def test_a_horizon_on_the_command_line_replaces_the_presets_time_budget():
-    def base(*argv):
-        p = argparse.ArgumentParser()
-        base_train.add_arguments(p)
-        return base_train.resolve_base_args(p.parse_args(list(argv)))
+    base = flags
 
     assert base("--preset", "cpu").time_budget == 15.0
     assert base("--preset", "cpu", "--num-iterations", "50").time_budget == -1.0
@@ -67,21 +65,18 @@ def test_a_horizon_on_the_command_line_replaces_the_presets_time_budget():
     def planned(*argv):
         p = argparse.ArgumentParser()
         plan.add_arguments(p)
-        args = p.parse_args(list(argv))
-        config.resolve_pretraining(args, plan.DEFAULTS)
-        return plan.build_plan(args)["steps"]
+        return plan.build_plan(plan.PlanConfig.from_args(p.parse_args(list(argv))))["steps"]
 
     assert planned("--preset", "cpu", "--num-iterations", "50") == 50
     assert planned("--preset", "cpu") > 10_000  # 15 minutes on the default GPU
     # the chat stages of the cpu preset run their epochs, not pretraining's budget
-    for section in ("mid", "sft"):
-        chat = resolve(argparse.Namespace(preset="cpu"), {"time_budget": -1.0, "eval_tokens": 1}, section=section)
-        assert chat.time_budget == -1.0
+    for stage in (MidConfig, SFTConfig):
+        assert stage.defaults(preset="cpu").time_budget == -1.0
 
 
 def test_automatic_batch_and_its_lr_and_weight_decay_transfer():
     gpt2 = flags("--preset", "gpt2")
-    config = model_config(gpt2, 32768)
+    config = gpt2.model_config(32768)
     growth = batch_growth(gpt2, config)
     assert 6 < growth < 7  # depth 24 has ~6.6x the scaling parameters of depth 12
     assert auto_batch(growth) == 2 ** 20 and auto_batch(1.0) == B_REF
@@ -89,9 +84,9 @@ def test_automatic_batch_and_its_lr_and_weight_decay_transfer():
     assert gpt2.total_batch_size == 2 ** 20
     assert lr == pytest.approx(math.sqrt(2)) and wd == pytest.approx(math.sqrt(2) / growth)
     cpu = flags("--preset", "cpu", "--recipe", "2026")
-    lr, _ = base_train.batch_and_scales(cpu, model_config(cpu, 8192))
+    lr, _ = base_train.batch_and_scales(cpu, cpu.model_config(8192))
     assert lr == pytest.approx(math.sqrt(4096 / 2 ** 19))  # 4K-token steps shrink every LR ~11x
-    assert base_train.batch_and_scales(flags("--preset", "cpu"), model_config(cpu, 8192)) == (1.0, 1.0)
+    assert base_train.batch_and_scales(flags("--preset", "cpu"), cpu.model_config(8192)) == (1.0, 1.0)
     with pytest.raises(ConfigError, match="--embedding-betas"):
         base_train.adamw_groups(flags("--embedding-betas", "0.9"), 1.0)
 
