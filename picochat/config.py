@@ -169,6 +169,12 @@ def option(default: Any, help: str, *, group: str | None = None, choices: Any = 
         "store_true": store_true, "cli": cli, "parse": parse})
 
 
+# The order of help groups in `--help` (others before "runtime", which is listed last).
+GROUP_ORDER = (None, "start from", "data", "model", "batch and horizon", "batch and eval",
+               "rollouts", "model and batch (default: the preset's, else d20's)", "target", "optimisation",
+               "eval and checkpoints", "runtime")
+
+
 def _plain_type(hint: Any) -> type:
     """int for `int | None`, and so on: the type a flag's value is parsed as."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -212,7 +218,8 @@ class Options:
         hints = typing.get_type_hints(cls)
         groups: dict[str | None, Any] = {None: parser}
         flags = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
-        for f in sorted(flags, key=lambda f: f.metadata["group"] == "runtime"):  # runtime flags listed last
+        for f in sorted(flags, key=lambda f: GROUP_ORDER.index(f.metadata["group"])
+                        if f.metadata["group"] in GROUP_ORDER else len(GROUP_ORDER) - 1):
             meta = f.metadata
             if container is not None:
                 target = container

@@ -149,18 +149,23 @@ def log_run(cfg: BaseTrainConfig, model, dtype, world, num_iterations: int, grad
              f"{cfg.total_batch_size:,} tokens per step, grad accum {grad_accum}")
 
 
+def muon_options_for(cfg: BaseTrainConfig):
+    """Muon's update rule as the flags say (recorded in every checkpoint; later stages train with it)."""
+    from picochat.optim import MuonOptions
+
+    return MuonOptions(orthogonalizer=cfg.muon_orthogonalizer, ns_steps=cfg.muon_ns_steps,
+                       row_equilibration=cfg.muon_eq, renormalize=cfg.muon_plus,
+                       normuon_beta2=cfg.normuon_beta2 if cfg.normuon else None, cautious_weight_decay=cfg.cautious_wd)
+
+
 def optimizers_for(cfg: BaseTrainConfig, model, lr_scale: float, wd_scale: float) -> list:
     """AdamW + Muon as the flags say, LRs and Muon's decay times the batch transfer factors."""
-    from picochat.optim import MuonOptions, build_optimizers
+    from picochat.optim import build_optimizers
 
-    muon_options = MuonOptions(orthogonalizer=cfg.muon_orthogonalizer, ns_steps=cfg.muon_ns_steps,
-                               row_equilibration=cfg.muon_eq, renormalize=cfg.muon_plus,
-                               normuon_beta2=cfg.normuon_beta2 if cfg.normuon else None,
-                               cautious_weight_decay=cfg.cautious_wd)
     muon_wd = cfg.weight_decay if cfg.muon_weight_decay is None else cfg.muon_weight_decay
     return build_optimizers(model, matrix_lr=cfg.matrix_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
                             unembedding_lr=cfg.unembedding_lr * lr_scale, weight_decay=cfg.weight_decay,
-                            muon_options=muon_options, muon_weight_decay=muon_wd * wd_scale,
+                            muon_options=muon_options_for(cfg), muon_weight_decay=muon_wd * wd_scale,
                             **adamw_groups(cfg, lr_scale))
 
 
@@ -326,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
             sample=sample if cfg.sample_every != 0 else None,
             compute_dtype=dtype, train_model=train_model,
             on_log=wandb_logger(cfg.wandb, "base", cfg.to_dict()) if world.is_main else None,
-            run_meta={"data": fingerprint, "args": cfg.to_dict()},
+            run_meta={"data": fingerprint, "args": cfg.to_dict(), "muon": dataclasses.asdict(muon_options_for(cfg))},
         )
         if cfg.resume:
             trainer.resume_newest()

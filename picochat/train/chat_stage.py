@@ -7,6 +7,7 @@ which `mid_train.py` and `sft.py` pass in; the loop is `picochat.train.loop.Trai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,8 +133,9 @@ def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict
     from picochat.runtime import log0
     from picochat.train.loop import LoopConfig, Trainer, wandb_logger
 
+    muon = cfg.muon_options(parent_meta)
     optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                  unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
+                                  unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, muon_options=muon)
     train_model = torch.compile(model, dynamic=False) if cfg.compiles(world.device.type) else model
     loop_cfg = LoopConfig(stage=plan.stage, tag=plan.tag, num_iterations=plan.num_iterations,
                           grad_accum_steps=plan.grad_accum, tokens_per_step=plan.tokens_per_step,
@@ -142,7 +144,7 @@ def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict
                           loss_weighting=plan.loss_weighting, time_budget_s=60 * cfg.time_budget,
                           grad_reduce_dtype=cfg.grad_reduce_dtype)
     run_meta = {"parent": {"stage": cfg.from_stage, "tag": parent_meta.get("tag"), "step": parent_meta.get("step")},
-                "args": cfg.to_dict(), **plan.extra_meta}
+                "args": cfg.to_dict(), "muon": dataclasses.asdict(muon), **plan.extra_meta}
     trainer = Trainer(model, optimizers, plan.batches, loop_cfg, world, tokenizer, lr_multiplier=plan.lr_multiplier,
                       momentum=lambda s: muon_momentum(s, cfg.momentum_warmup_steps), evaluate=plan.evaluate,
                       compute_dtype=dtype, train_model=train_model, run_meta=run_meta,

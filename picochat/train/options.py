@@ -71,3 +71,23 @@ class ParentOptions(Options):
                              choices=("base", "mid", "sft"))
     from_tag: str | None = option(None, "tag of the starting checkpoint (default: the newest)", group="start from")
     from_step: int | None = option(None, "step of the starting checkpoint (default: the newest)", group="start from")
+    muon: str = option("parent", "Muon's update rule: parent (the one the starting checkpoint was trained with, "
+                       "e.g. Polar Express and NorMuon after the 2026 recipe) or classic", group=OPTIM,
+                       choices=("parent", "classic"))
+
+    def muon_options(self, parent_meta: dict):
+        """The MuonOptions this stage trains with: the parent's recorded rule (a base checkpoint from before
+        rules were recorded: its flags), or the classic rule."""
+        from picochat.optim import MuonOptions  # the optimisers pull in torch; options stay light
+
+        if self.muon == "classic":
+            return MuonOptions()
+        if "muon" in parent_meta:
+            return MuonOptions(**parent_meta["muon"])
+        flags = parent_meta.get("args") or {}
+        if "muon_orthogonalizer" not in flags:
+            return MuonOptions()
+        return MuonOptions(orthogonalizer=flags["muon_orthogonalizer"], ns_steps=flags.get("muon_ns_steps", 5),
+                           row_equilibration=bool(flags.get("muon_eq")), renormalize=bool(flags.get("muon_plus")),
+                           normuon_beta2=flags.get("normuon_beta2", 0.9) if flags.get("normuon") else None,
+                           cautious_weight_decay=bool(flags.get("cautious_wd")))

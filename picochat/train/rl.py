@@ -33,6 +33,7 @@ test split; `picochat chat-eval` then measures GSM8K test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ class ProblemOrder:
 
 
 # ---- the run --------------------------------------------------------------------------------------
-START, ROLL, OPTIM, SAVE = "start and data", "rollouts", "optimisation", "eval and checkpoints"
+DATA, ROLL, OPTIM, SAVE = "data", "rollouts", "optimisation", "eval and checkpoints"
 
 
 @dataclass
@@ -148,10 +149,10 @@ class RLConfig(ParentOptions, StageOptions):
     SECTION: ClassVar[str | None] = "rl"
     SECTION_ONLY: ClassVar[bool] = True
 
-    from_stage: str = option("sft", "checkpoint to start from", group=START, choices=("sft", "mid"))
+    from_stage: str = option("sft", "checkpoint to start from", group="start from", choices=("sft", "mid"))
     source: str = option("offline", "offline: generated arithmetic problems (GSM8K format); hf: GSM8K train",
-                         group=START, choices=("offline", "hf"))
-    train_size: int = option(7473, "offline: number of generated training problems", group=START)
+                         group=DATA, choices=("offline", "hf"))
+    train_size: int = option(7473, "offline: number of generated training problems", group=DATA)
     num_steps: int = option(-1, "optimiser steps (<=0: one pass over the problems)", group=ROLL)
     examples_per_step: int = option(16, "problems per step, all ranks", group=ROLL)
     num_samples: int = option(16, "completions per problem", group=ROLL)
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         _check(cfg, world.world_size)
         seed_everything(cfg.seed)
         start_from = find_parent(cfg, world)  # chosen once, on rank 0
-        model, tokenizer, _ = load_checkpoint_dir(start_from, world.device)
+        model, tokenizer, parent_meta = load_checkpoint_dir(start_from, world.device)
         broadcast_parameters(model)
         tag = cfg.tag or start_from.parent.name
         dtype = pick_dtype(world.device, cfg.dtype)
@@ -280,13 +281,15 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{len(train_task)} problems make no step of --examples-per-step "
                               f"{cfg.examples_per_step}; lower it or raise --train-size")
         policy = PolicyGradientStep(cfg, model, tokenizer, train_task, world, dtype)
+        muon = cfg.muon_options(parent_meta)
         optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                      unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, world=world)
+                                      unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, world=world,
+                                      muon_options=muon)
         loop_cfg = LoopConfig(stage="rl", tag=tag, num_iterations=num_steps, grad_accum_steps=1, tokens_per_step=0,
                               eval_every=cfg.eval_every, save_every=cfg.save_every,
                               save_every_minutes=cfg.save_every_minutes, keep_last=cfg.keep_last)
         run_meta = {"start_from": str(start_from), "train_task": train_task.name,
-                    "args": cfg.to_dict()}
+                    "args": cfg.to_dict(), "muon": dataclasses.asdict(muon)}
         trainer = Trainer(model, optimizers, None, loop_cfg, world, tokenizer, compute_dtype=dtype, run_meta=run_meta,
                           lr_multiplier=lambda s, n: linear_to_zero(s, n, init_frac=cfg.init_lr_frac),
                           evaluate=pass_at_k(cfg, policy.engine, world) if cfg.eval_problems > 0 else None,

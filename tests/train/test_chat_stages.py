@@ -218,6 +218,27 @@ def test_conversations_resume_at_another_world_size_from_the_earliest_unfinished
     assert nxt == ["q6", "q7", "q5"]  # ranks 0, 1, 2 of 3 take 6, 7, 5: from 5 on, nothing skipped
 
 
+def _meta(stage: str, tag: str) -> dict:
+    run = ckpt.run_dir(stage, tag)
+    return json.loads((run / f"step_{ckpt.list_steps(run)[-1]}" / "meta.json").read_text())
+
+
+def test_a_later_stage_takes_the_muon_rule_its_parent_was_trained_with():
+    from picochat.optim import MuonOptions
+    from picochat.train.sft import SFTConfig
+
+    recorded = {"muon": {**vars(MuonOptions()), "orthogonalizer": "polar_express", "normuon_beta2": 0.95}}
+    assert SFTConfig().muon_options(recorded) == MuonOptions(orthogonalizer="polar_express", normuon_beta2=0.95)
+    assert SFTConfig(muon="classic").muon_options(recorded) == MuonOptions()
+    # a base checkpoint from before the rule was recorded: its flags say it
+    flags = {"args": {"muon_orthogonalizer": "polar_express", "muon_ns_steps": 5, "muon_eq": True,
+                      "muon_plus": True, "normuon": True, "normuon_beta2": 0.9, "cautious_wd": True}}
+    assert SFTConfig().muon_options(flags) == MuonOptions(orthogonalizer="polar_express", row_equilibration=True,
+                                                          renormalize=True, normuon_beta2=0.9,
+                                                          cautious_weight_decay=True)
+    assert SFTConfig().muon_options({"args": {"mix_scale": "cpu"}}) == MuonOptions()  # nothing recorded: classic
+
+
 def test_the_cpu_presets_architecture_goes_through_mid_sft_and_chat(tiny_home, capsys):
     """The cpu preset pretrains with the 2026 architecture: mid-training, SFT and the chat command take it."""
     arch = ["--recipe", "2026", "--loader", "packed", "--batch-lr-scale", "none", "--warmup-steps", "1"]
@@ -230,6 +251,15 @@ def test_the_cpu_presets_architecture_goes_through_mid_sft_and_chat(tiny_home, c
                      "--tag", "a26"]) == 0
     _, weights = _weights("sft", "a26")
     assert "smear_lambda" in weights and all(torch.isfinite(w).all() for w in weights.values())
+    # Muon's 2026 rule (Polar Express, MuonEq, Muon+, NorMuon, cautious decay) goes down the stages.
+    muon = {stage: _meta(stage, "a26")["muon"] for stage in ("base", "mid", "sft")}
+    assert muon["base"]["orthogonalizer"] == "polar_express" and muon["base"]["normuon_beta2"] == 0.9
+    assert muon["mid"] == muon["sft"] == muon["base"]
+    out = capsys.readouterr().out
+    assert "orthogonalizer=polar_express" in out.split("mid mixture")[1]  # the optimiser line of mid-training
+    assert main(["sft", "--preset", "cpu-tiny", "--dtype", "fp32", "--from-stage", "mid", "--from-tag", "a26",
+                 "--tag", "a26c", "--muon", "classic"]) == 0
+    assert _meta("sft", "a26c")["muon"]["orthogonalizer"] == "newton_schulz"
     capsys.readouterr()
     assert main(["chat", "--stage", "sft", "--tag", "a26", "--dtype", "fp32", "-p", "Hello", "--max-tokens", "8",
                  "--seed", "1"]) == 0
