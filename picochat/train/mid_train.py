@@ -33,8 +33,6 @@ class MidConfig(ChatStageConfig):
 
     SECTION: ClassVar[str | None] = "mid"
 
-    from_stage: str = option("base", "stage of the starting checkpoint", group="start from",
-                             choices=("base", "mid", "sft"))
     device_batch_size: int = option(32, "sequences per micro-batch per process", group=BATCH)
     total_batch_size: int = option(524288, "tokens per optimiser step", group=BATCH)
     mask_user: bool = option(False, "train on assistant tokens only (default: every token is a target, as the "
