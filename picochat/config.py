@@ -7,8 +7,9 @@ fills every field, in order of precedence, from the command line, then the chose
 (and `--recipe`), then the field's default, and checks every enumeration.
 So `--preset cpu --depth 6` is the cpu preset with a deeper model.
 
-Commands without a stage config keep a dict of defaults and call `resolve(args, defaults)`,
-the same precedence over a Namespace.
+The other commands with settings of their own (chat-eval, base-eval, data) describe them the
+same way; the flag blocks many commands share (--stage/--tag/--step, --device/--dtype) are added
+by `add_checkpoint_arguments` and `add_device_arguments`.
 """
 
 from __future__ import annotations
@@ -159,14 +160,14 @@ STAGES = ("base", "mid", "sft", "rl")
 
 
 def option(default: Any, help: str, *, group: str | None = None, choices: Any = None, metavar: str | None = None,
-           store_true: bool = False, cli: bool = True, parse: Any = None) -> Any:
+           store_true: bool = False, cli: bool = True, parse: Any = None, short: str | None = None) -> Any:
     """A field of an Options dataclass: its default, one line of help (the default is appended unless the
     line speaks of it), the help group it is listed under (None: the command's own), the values it may
-    take, whether it is a flag at all (cli=False: set by the program), and how the command line's text
-    is read (default: the field's type)."""
+    take, whether it is a flag at all (cli=False: set by the program), how the command line's text
+    is read (default: the field's type) and a one-letter flag beside the long one (e.g. "-n")."""
     return dataclasses.field(default=default, metadata={
         "help": help, "group": group, "choices": tuple(choices) if choices else None, "metavar": metavar,
-        "store_true": store_true, "cli": cli, "parse": parse})
+        "store_true": store_true, "cli": cli, "parse": parse, "short": short})
 
 
 # The order of help groups in `--help` (others before "runtime", which is listed last).
@@ -235,7 +236,8 @@ class Options:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
                 kw.update(type=meta["parse"] or kind, choices=meta["choices"], metavar=meta["metavar"])
-            target.add_argument("--" + f.name.replace("_", "-"), **kw)
+            names = [meta["short"]] if meta.get("short") else []
+            target.add_argument(*names, "--" + f.name.replace("_", "-"), **kw)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):

