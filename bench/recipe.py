@@ -60,8 +60,9 @@ built-in val text: an evaluation costs about a training step per batch on a CPU)
 Compute multiplier: the tokens picochat needs to reach another system's final bpb on those
 same targets (interpolated linearly in log tokens between eval points), relative to that
 system's tokens; above 1 picochat needs fewer tokens. It is computed on the seed-mean curves.
-`--reuse FILE` takes the seeds a previous results file of the same configuration holds
-instead of running them again (run seed 1, then `--seeds 1 2 --reuse` its file).
+`--reuse FILE` takes the runs (seed, system, mode) a previous results file of the same
+configuration holds instead of running them again (run seed 1, then `--seeds 1 2 --reuse` its
+file); `--rerun pico` runs picochat again all the same, e.g. after a preset has changed.
 
 Every training and evaluation runs in its own process, one at a time, with `--threads`
 threads; both systems run with the OpenMP settings picochat makes on import. Prints the
@@ -454,11 +455,17 @@ def run_ref(args, ctx: dict, system: str, seed: int, mode: str, wall: float | No
     return run_worker(spec, f"seed {seed} {system} {mode}", args, env)
 
 
-def run_seed(args, ctx: dict, seed: int) -> dict:
-    """Every (system, mode) run of one seed, then one evaluation of all their checkpoints."""
+def run_seed(args, ctx: dict, seed: int, have: dict | None = None) -> dict:
+    """Every (system, mode) run of one seed that `have` (runs of a --reuse file) lacks, then one evaluation
+    of all their checkpoints."""
+    have = have or {}
     runs: dict[str, dict] = {system: {} for system in ctx["systems"]}
+    fresh: dict[str, dict] = {system: {} for system in ctx["systems"]}
     for mode in [m for m in MODES if m in args.modes]:
         for system in ctx["systems"]:
+            if mode in have.get(system, {}):
+                runs[system][mode] = have[system][mode]
+                continue
             wall = None
             if mode == "wall":
                 if system == "pico" and args.wall_seconds is None:
@@ -471,10 +478,10 @@ def run_seed(args, ctx: dict, seed: int) -> dict:
                   flush=True)
             raw = run_pico(args, ctx, seed, mode, wall) if system == "pico" else \
                 run_ref(args, ctx, system, seed, mode, wall)
-            runs[system][mode] = summarise_run(raw, args)
-    evaluate_runs(args, ctx, seed, runs)
+            runs[system][mode] = fresh[system][mode] = summarise_run(raw, args)
+    evaluate_runs(args, ctx, seed, fresh)
     pico = runs.get("pico", {})
-    if "wall" in args.modes and args.wall_seconds is None and "tokens" in pico:
+    if "wall" in args.modes and args.wall_seconds is None and "tokens" in pico and "wall" not in pico:
         pico["wall"] = {**pico["tokens"], "same_as": "tokens"}
     return runs
 
@@ -638,7 +645,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokenizer, checkpoints and logs (default $PICOCHAT_HOME/bench/recipe-scratch)")
     g.add_argument("--progress-every", type=int, default=50, help="echo every Nth step line of a run")
     g.add_argument("--reuse", type=Path, default=None,
-                   help="a previous results file of the same configuration: its seeds are not run again")
+                   help="a previous results file of the same configuration: the runs it holds are not run again")
+    g.add_argument("--rerun", nargs="+", choices=SYSTEMS, default=[],
+                   help="with --reuse: systems to run again all the same (when what their flags mean has changed, "
+                        "e.g. a preset's contents)")
     g.add_argument("--out", type=Path, default=None, help="JSON file (default $PICOCHAT_HOME/bench/recipe-<time>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -661,22 +671,31 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--eval-every {args.eval_every} must be between 1 and --steps {args.steps}")
     if args.wall_seconds is not None and args.wall_seconds <= 0:
         p.error("--wall-seconds must be positive")
+    if args.rerun and not args.reuse:
+        p.error("--rerun names systems to run again over a --reuse file; give --reuse FILE or drop --rerun")
+    if args.rerun and "wall" in args.modes and args.wall_seconds is None:
+        p.error("--rerun with wall runs needs --wall-seconds: the reused runs' wall time was the earlier "
+                "picochat run's")
     if args.reference_dir is not None and not (args.reference_dir / "nanochat" / "gpt.py").exists():
         p.error(f"--reference-dir {args.reference_dir}: no nanochat/gpt.py there; point it at a reference checkout")
 
 
-def reused_runs(path: Path, config: dict) -> dict[int, dict]:
-    """{seed: runs} of a previous results file whose configuration (seeds aside) is this one."""
+def reused_runs(path: Path, config: dict, rerun: tuple[str, ...] = ()) -> dict[int, dict]:
+    """{seed: {system: {mode: run}}} of a previous results file whose configuration (seeds, systems and
+    modes aside) is this one, less the systems in `rerun`. Each run keeps the file it came from."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"--reuse {path}: not a readable results file ({e})") from e
-    differ = sorted(k for k in {*config, *saved.get("config", {})} - {"seeds"}
+    differ = sorted(k for k in {*config, *saved.get("config", {})} - {"seeds", "systems", "modes"}
                     if config.get(k) != saved.get("config", {}).get(k))
     if differ:
         raise ConfigError(f"--reuse {path}: its configuration differs in {', '.join(differ)}; "
                           "run with the same flags or drop --reuse")
-    return {int(seed): runs for seed, runs in saved["runs"].items()}
+    return {int(seed): {system: {mode: {"reused_from": str(path), **run} if "reused_from" not in run else run
+                                 for mode, run in modes.items() if "error" not in run}
+                        for system, modes in runs.items() if system in config["systems"] and system not in rerun}
+            for seed, runs in saved["runs"].items()}
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -714,9 +733,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
               "ref_compile": args.ref_compile, "threads": args.threads, "data_dir": str(data_dir),
               "tokenizer_hash": Tokenizer.load(tokenizer_dir).hash}
     print(f"config: {json.dumps(config)}", flush=True)
-    reused = reused_runs(args.reuse, config) if args.reuse else {}
+    reused = reused_runs(args.reuse, config, tuple(args.rerun)) if args.reuse else {}
     try:
-        all_runs = {seed: reused[seed] if seed in reused else run_seed(args, ctx, seed) for seed in args.seeds}
+        all_runs = {seed: run_seed(args, ctx, seed, reused.get(seed)) for seed in args.seeds}
     finally:
         shutil.rmtree(runs_dir, ignore_errors=True)
     summary = summarise(all_runs, systems)

@@ -237,20 +237,39 @@ def test_recipe_bench_without_a_reference_runs_picochat_alone_and_reuses_a_seed(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "seed 1: pico" not in proc.stdout and "seed 2: pico, tokens" in proc.stdout
     both = json.loads((tmp_path / "out.json").read_text())
+    reused = both["runs"]["1"]["pico"]["tokens"]
+    assert reused.pop("reused_from") == str(tmp_path / "seed1.json")
     assert both["runs"]["1"] == first["runs"]["1"] and both["summary"]["pico"]["tokens"]["seeds"] == 2
     assert both["summary"]["pico"]["tokens"]["val_bpb"]["values"][0] == first["summary"]["pico"]["tokens"]["val_bpb"]["mean"]
 
 
 def test_reuse_refuses_a_results_file_of_another_configuration(tmp_path):
     path = tmp_path / "old.json"
-    path.write_text(json.dumps({"config": {"depth": 4, "seeds": [1], "steps": 500}, "runs": {"1": {}}}))
-    assert recipe.reused_runs(path, {"depth": 4, "seeds": [1, 2], "steps": 500}) == {1: {}}
+    path.write_text(json.dumps({"config": {"depth": 4, "seeds": [1], "steps": 500, "systems": ["pico"]},
+                                "runs": {"1": {}}}))
+    assert recipe.reused_runs(path, {"depth": 4, "seeds": [1, 2], "steps": 500, "systems": ["pico", "ref"]}) == {1: {}}
     with pytest.raises(recipe.ConfigError, match="--reuse .* differs in depth, steps"):
-        recipe.reused_runs(path, {"depth": 2, "seeds": [1, 2], "steps": 5})
+        recipe.reused_runs(path, {"depth": 2, "seeds": [1, 2], "steps": 5, "systems": ["pico"]})
+
+
+def test_reuse_takes_runs_by_system_and_mode_and_rerun_leaves_a_system_out(tmp_path):
+    path = tmp_path / "old.json"
+    runs = {"pico": {"tokens": {"val_bpb": 1.7}, "wall": {"error": "killed"}}, "ref": {"tokens": {"val_bpb": 1.8}},
+            "ref-rescaled": {"tokens": {"val_bpb": 1.75}}}
+    path.write_text(json.dumps({"config": {"steps": 500, "systems": list(runs), "modes": ["tokens", "wall"]},
+                                "runs": {"1": runs}}))
+    config = {"steps": 500, "systems": ["pico", "ref-rescaled"], "modes": ["tokens"]}
+    got = recipe.reused_runs(path, config)[1]
+    # a failed run is run again; a system this run does not ask for is left out; each run says where it came from
+    assert got == {"pico": {"tokens": {"val_bpb": 1.7, "reused_from": str(path)}},
+                   "ref-rescaled": {"tokens": {"val_bpb": 1.75, "reused_from": str(path)}}}
+    assert recipe.reused_runs(path, config, rerun=("pico",))[1] == {"ref-rescaled": got["ref-rescaled"]}
 
 
 def test_recipe_bench_flags_are_checked(tmp_path, capsys):
     bad = [(["--total-batch-size", "100"], "--total-batch-size 100 is not a multiple"),
+           (["--rerun", "pico"], "give --reuse FILE or drop --rerun"),
+           (["--rerun", "pico", "--reuse", "x.json"], "--rerun with wall runs needs --wall-seconds"),
            (["--eval-every", "900"], "--eval-every 900 must be between 1 and --steps 500"),
            (["--reference-dir", str(tmp_path)], "no nanochat/gpt.py there")]
     for argv, message in bad:
