@@ -692,7 +692,7 @@ def reused_runs(path: Path, config: dict, rerun: tuple[str, ...] = ()) -> dict[i
     if differ:
         raise ConfigError(f"--reuse {path}: its configuration differs in {', '.join(differ)}; "
                           "run with the same flags or drop --reuse")
-    return {int(seed): {system: {mode: {"reused_from": str(path), **run} if "reused_from" not in run else run
+    return {int(seed): {system: {mode: {"reused_from": str(path), **run}  # a run's own origin wins
                                  for mode, run in modes.items() if "error" not in run}
                         for system, modes in runs.items() if system in config["systems"] and system not in rerun}
             for seed, runs in saved["runs"].items()}

@@ -47,7 +47,6 @@ CHAT_TASKS: dict[str, tuple[str, str, dict]] = {
 }
 
 
-
 @dataclass
 class TaskResult:
     """One task's score. For categorical tasks pass@1 == accuracy and num_samples is 1."""
