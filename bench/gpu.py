@@ -2,12 +2,16 @@
 
     python bench/gpu.py                      # depths 12 and 20, batch from the plan, 3 + 5 steps each
     python bench/gpu.py --depths 12 --steps 3
+    python bench/gpu.py --depths 12 --recipes 2025 2026 --fp8   # the 2026 bundle, in bf16 and in fp8
 
-For each depth: the compiled bf16 training step (AdamW + Muon, random tokens, T=2048,
+For each depth and recipe (`--recipes`: 2025, the classic model and Muon; 2026, the newest
+architecture and Muon rule as `base-train --recipe 2026` builds them; with `--fp8` every row
+runs a second time with the block matmuls in float8, as `base-train --fp8 on` trains):
+the compiled bf16 training step (AdamW + Muon, random tokens, T=2048,
 vocab 65,536) with its MFU against the device's dense bf16 peak, and its peak memory
 (torch.cuda.max_memory_allocated) against `picochat plan`'s estimate for the same shape;
 then greedy decoding of one sequence with a KV cache against the HBM roofline (every token
-reads every bf16 weight but the embedding once), and the time to save and load a full
+reads every bf16 weight but the embedding tables once), and the time to save and load a full
 training checkpoint (weights, tokenizer, optimiser state) through picochat.checkpoint.
 
 The device batch is the largest of 1, 2, 4, ..., 32 that the plan says fits this device
@@ -41,21 +45,36 @@ def pick_batch(config, capacity: int, cap: int) -> int:
     return largest_batch(shape, capacity, [b for b in (1, 2, 4, 8, 16, 32) if b <= cap])
 
 
-def train_row(depth: int, batch: int | None, warmup: int, steps: int, device: torch.device) -> tuple[dict, object]:
-    """Compiled bf16 training steps at one depth: tok/s, MFU, peak memory against the plan."""
+def recipe_parts(recipe: str) -> tuple[dict, object]:
+    """(GPTConfig architecture keywords, MuonOptions) of a --recipe, as base-train resolves them."""
+    from picochat.config import ARCHITECTURE_FIELDS
+    from picochat.train.base_train import BaseTrainConfig, muon_options_for
+
+    cfg = BaseTrainConfig.defaults(recipe=recipe)
+    return {k: getattr(cfg, k) for k in ARCHITECTURE_FIELDS if getattr(cfg, k) is not None}, muon_options_for(cfg)
+
+
+def train_row(depth: int, recipe: str, fp8: bool, batch: int | None, warmup: int, steps: int,
+              device: torch.device) -> tuple[dict, object]:
+    """Compiled bf16 (or fp8) training steps at one depth and recipe: tok/s, MFU, peak memory against the plan."""
     from picochat.mfu import mfu_percent, peak_flops
+    from picochat.model.fp8 import convert_to_fp8
     from picochat.model.gpt import GPTConfig, build_model
     from picochat.optim import build_optimizers
     from picochat.plan import Shape, memory_terms
 
-    config = GPTConfig.from_depth(depth, VOCAB, max_seq_len=SEQ_LEN)
+    arch, muon = recipe_parts(recipe)
+    config = GPTConfig.from_depth(depth, VOCAB, max_seq_len=SEQ_LEN, **arch)
     capacity = torch.cuda.get_device_properties(device).total_memory
     B = batch or pick_batch(config, capacity, 32)
+    head = {"depth": depth, "recipe": recipe, "fp8": fp8}
     if B < 1:
-        return {"depth": depth, "error": "the plan says no batch fits this device"}, None
+        return {**head, "error": "the plan says no batch fits this device"}, None
     torch.manual_seed(0)
     model = build_model(config, device)
-    optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    if fp8:
+        convert_to_fp8(model)
+    optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, muon_options=muon)
     compiled = torch.compile(model, dynamic=False)
     x = torch.randint(0, VOCAB, (B, SEQ_LEN), device=device)
     y = torch.randint(0, VOCAB, (B, SEQ_LEN), device=device)
@@ -83,7 +102,7 @@ def train_row(depth: int, batch: int | None, warmup: int, steps: int, device: to
     tok_s = B * SEQ_LEN / dt
     planned = sum(memory_terms(Shape.from_config(config, B, compiled=True, total_batch_tokens=B * SEQ_LEN)).values())
     peak = torch.cuda.max_memory_allocated(device)
-    row = {"depth": depth, "params": model.num_params(), "batch": B, "compile_s": round(compile_s, 1),
+    row = {**head, "params": model.num_params(), "batch": B, "compile_s": round(compile_s, 1),
            "step_ms": round(1000 * dt, 1), "tok_per_s": round(tok_s),
            "mfu": mfu_percent(model.flops_per_token(), tok_s, peak_flops(device, torch.bfloat16), 1),
            "peak_mem_gib": peak / 2**30, "plan_mem_gib": planned / 2**30, "mem_vs_plan": peak / planned,
@@ -120,7 +139,8 @@ def decode_row(model, device: torch.device, prompt: int = 128, new: int = 128) -
             tok = m(tok, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
     tok_s = new / (time.time() - t0)
-    weight_bytes = 2 * (model.num_params() - c.vocab_size * c.n_embd)  # every bf16 weight but the embedding
+    lookups = sum(e.weight.numel() for e in model.modules() if isinstance(e, torch.nn.Embedding))
+    weight_bytes = 2 * (model.num_params() - lookups)  # every bf16 weight but the embedding tables
     roofline = hbm_bandwidth(torch.cuda.get_device_name(device)) / weight_bytes
     del m, cache
     return {"decode_tok_per_s": round(tok_s, 1), "decode_roofline_tok_per_s": round(roofline, 1),
@@ -157,6 +177,10 @@ def fmt(v) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depths", type=int, nargs="+", default=[12, 20], help="model depths (default 12 20)")
+    p.add_argument("--recipes", nargs="+", choices=("2025", "2026"), default=["2025"],
+                   help="model and Muon rule of each row (default 2025)")
+    p.add_argument("--fp8", action="store_true", help="also time every row with the block matmuls in float8 "
+                   "(needs FP8 tensor cores: compute capability 8.9+)")
     p.add_argument("--batch", type=int, default=None, help="device batch (default: the largest the plan fits)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps, compilation included (default 3)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
@@ -172,17 +196,25 @@ def main() -> int:
     device = torch.device("cuda", 0)
     t_all = time.time()
     rows = []
+    if args.fp8 and torch.cuda.get_device_capability(device) < (8, 9):
+        print("bench/gpu.py: --fp8 needs FP8 tensor cores (compute capability 8.9+); this GPU has "
+              f"{torch.cuda.get_device_capability(device)}", file=sys.stderr)
+        return 2
     for depth in args.depths:
-        row, parts = train_row(depth, args.batch, args.warmup, args.steps, device)
-        if parts is not None:
-            model, optimizers = parts
-            row.update(decode_row(model, device))
-            row.update(checkpoint_row(model, optimizers, home() / "bench" / f".gpu-ckpt-{depth}", device))
-            del model, optimizers, parts
-        torch.cuda.empty_cache()
-        rows.append(row)
-        print(f"depth {depth} done after {time.time() - t_all:.0f}s", flush=True)
-    cols = ["depth", "batch", "compile_s", "step_ms", "tok_per_s", "mfu", "peak_mem_gib", "plan_mem_gib",
+        for recipe in args.recipes:
+            for fp8 in (False, True) if args.fp8 else (False,):
+                row, parts = train_row(depth, recipe, fp8, args.batch, args.warmup, args.steps, device)
+                if parts is not None and not fp8:  # decode and checkpoints do not depend on fp8
+                    model, optimizers = parts
+                    row.update(decode_row(model, device))
+                    row.update(checkpoint_row(model, optimizers, home() / "bench" / f".gpu-ckpt-{depth}", device))
+                    del model, optimizers
+                del parts
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print(f"depth {depth} recipe {recipe}{' fp8' if fp8 else ''} done after {time.time() - t_all:.0f}s",
+                      flush=True)
+    cols = ["depth", "recipe", "fp8", "batch", "compile_s", "step_ms", "tok_per_s", "mfu", "peak_mem_gib", "plan_mem_gib",
             "mem_vs_plan", "decode_tok_per_s", "decode_roofline_tok_per_s", "decode_vs_roofline", "save_s", "load_s"]
     print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {time.time() - t_all:.0f}s in all")
     print(" | ".join(cols))

@@ -138,6 +138,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "matrix_lr": 0.02, "scalar_lr": 0.5, "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05,
         # LRs x sqrt(B / 2^19) and Muon's decay x sqrt(B / 2^19) x (D_ref / D); BOS-aligned best-fit rows
         "batch_lr_scale": "sqrt", "loader": "bestfit",
+        # precision: the block matmuls in float8 where the GPU has FP8 tensor cores (H100 and up)
+        "fp8": "auto",
     },
 }
 

@@ -88,6 +88,10 @@ class BaseTrainConfig(ModelOptions, LoopOptions):
         "packed", "how documents fill rows: packed (one stream, nothing dropped) or bestfit (every row starts at "
         "<|bos|>, the longest document that fits, the rest cropped)", group=RUN, choices=("packed", "bestfit"))
     tokenizer_dir: str | None = option(None, "tokenizer directory (default $PICOCHAT_HOME/tokenizer)", group=RUN)
+    fp8: str = option(
+        "off", "train the block matmuls in float8 with per-tensor scales (on; auto: where the GPU has FP8 tensor "
+        "cores, compute capability 8.9+); lm_head, evals and checkpoints stay as they are", group=RUN,
+        choices=("off", "on", "auto"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,6 +151,19 @@ def log_run(cfg: BaseTrainConfig, model, dtype, world, num_iterations: int, grad
     else:
         log0(f"horizon: what fits in --time-budget {cfg.time_budget:g} min, set after the first steps; "
              f"{cfg.total_batch_size:,} tokens per step, grad accum {grad_accum}")
+
+
+def use_fp8(cfg: BaseTrainConfig, model, device) -> None:
+    """Convert the block matmuls to fp8 training if --fp8 says so on this device, and say what was converted."""
+    from picochat.model.fp8 import convert_to_fp8, fp8_decision
+
+    if not fp8_decision(cfg.fp8, device):
+        return
+    names = convert_to_fp8(model)
+    total = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    log0(f"fp8: {len(names)} of {total} linear layers train in float8 (e4m3 forward, e5m2 gradients, one scale "
+         "per tensor); lm_head and the smaller layers stay in the compute dtype; MFU stays against the bf16 peak"
+         + ("; on a CPU the fp8 matmuls run slower than bf16 (for checks only)" if device.type == "cpu" else ""))
 
 
 def muon_options_for(cfg: BaseTrainConfig):
@@ -300,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
         check_batch(cfg, world.world_size)
         check_memory(cfg, config, world, compiled, dtype)
         model = build_model(config, world.device)
+        use_fp8(cfg, model, world.device)
         broadcast_parameters(model)
         num_iterations, grad_accum = compute_horizon(cfg, model, world.world_size)
         tag = cfg.tag or f"d{cfg.depth}"

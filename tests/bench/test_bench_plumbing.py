@@ -194,3 +194,16 @@ def test_train_bench_best_rows_name_their_dtype_and_bf16_mfu(capsys):
     assert "reference best: ref-bf16-compile (bf16, compiled)" in out and "/ reference best (ref-bf16-compile): 2.00x" in out
     assert train.print_best({"picochat": best["picochat"]}, {"fp32": 1e11}) is None
     assert "no bf16 peak: this CPU has no fast bf16 matmuls" in capsys.readouterr().out
+
+
+def test_gpu_bench_builds_each_recipe_as_base_train_does_and_needs_cuda():
+    import gpu
+
+    classic, classic_muon = gpu.recipe_parts("2025")
+    modern, modern_muon = gpu.recipe_parts("2026")
+    assert classic == {} and classic_muon.orthogonalizer == "newton_schulz"
+    assert modern["value_embeds"] and modern["window_pattern"] == "SSSL" and modern_muon.orthogonalizer == "polar_express"
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--depths", "2", "--recipes", "2026", "--fp8"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 2 and "no CUDA device" in run.stderr
