@@ -42,11 +42,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Pretraining gets 15 minutes of wall time on any machine (the horizon is fixed from the first
     # steps' throughput), so the whole cpu speedrun takes ~25 minutes whatever the CPU kind. The
     # 2026 architecture and Muon with picochat's packed rows and unscaled LRs, less the residual/x0
-    # lambdas, which cost bpb at this size on two seeds (the comparison and the one-component-out table
-    # are in docs/LOG.md). One eval at the end, over 1.76M tokens: nearly all of the val shard
-    # (1.79M at vocab 8,192), which puts its standard error just under 0.01 bpb.
+    # lambdas and the 1.2 QK scale, which cost bpb at this size on two seeds (the comparison and the
+    # one-component-out table are in docs/LOG.md). One eval at the end, over 1.76M tokens: nearly all
+    # of the val shard (1.79M at vocab 8,192), which puts its standard error just under 0.01 bpb.
     "cpu": {
-        "recipe": "2026", "batch_lr_scale": "none", "loader": "packed", "warmup_steps": 10, "layer_lambdas": False,
+        "recipe": "2026", "batch_lr_scale": "none", "loader": "packed", "warmup_steps": 10,
+        "layer_lambdas": False, "qk_scale": 1.0,
         "vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000,
         "depth": 4, "aspect_ratio": 64, "head_dim": 64, "max_seq_len": 256,
         "device_batch_size": 16, "total_batch_size": 4096, "time_budget": 15.0,
