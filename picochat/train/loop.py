@@ -489,7 +489,7 @@ class Trainer:
 
     def _run(self, cfg: LoopConfig) -> dict:
         self.model.train()
-        timed_steps = 0
+        timed_steps, timed_s = 0, 0.0  # this process's timed steps (a resumed run's train_time holds earlier ones)
         t_run = time.time()
         self._last_save = t_run
         elapsed_before = self.elapsed_s
@@ -517,11 +517,11 @@ class Trainer:
             self.elapsed_s = elapsed_before + time.time() - t_run
             if step >= 3:  # the first steps pay for warm-up and compilation
                 self.train_time += dt
-                timed_steps += 1
+                timed_steps, timed_s = timed_steps + 1, timed_s + dt
             if (not self.horizon_fixed and timed_steps >= cfg.budget_measure_steps
                     and self.train_time >= cfg.budget_measure_fraction * cfg.time_budget_s):
-                self._fix_horizon(timed_steps)
-            self._log_step(step, outcome, dt, lrm, mom, timed_steps)
+                self._fix_horizon(timed_steps, timed_s)
+            self._log_step(step, outcome, dt, lrm, mom, timed_steps and timed_s / timed_steps)
             periodic = cfg.save_every > 0 and self.step % cfg.save_every == 0
             if (periodic or outcome.save_due) and self.step != self.num_iterations:
                 self.save()
@@ -531,9 +531,9 @@ class Trainer:
                 return {"step": self.step, "stopped": True, **self.metrics}
         return {"step": self.step, "stopped": False, **self.metrics}
 
-    def _fix_horizon(self, timed_steps: int) -> None:
-        """Time budget: the horizon that spends what is left of the budget at the measured step time."""
-        seconds_per_step = self.train_time / timed_steps
+    def _fix_horizon(self, timed_steps: int, timed_s: float) -> None:
+        """Time budget: the horizon that spends what is left of the budget at the step time measured here."""
+        seconds_per_step = timed_s / timed_steps
         left = self.cfg.time_budget_s - self.elapsed_s
         horizon = self.step + max(0, int(left // seconds_per_step))
         if self.world.enabled:  # ranks measured slightly different times: agree on the smallest
@@ -545,7 +545,8 @@ class Trainer:
              f"{timed_steps} steps, {self.elapsed_s:.0f}s spent -> horizon fixed at {horizon} steps")
 
     def _log_step(self, step: int, outcome: StepOutcome, dt: float, lrm: float, mom: float | None,
-                  timed_steps: int) -> None:
+                  seconds_per_step: float) -> None:
+        """One step's line (every log_every steps) and JSONL record; seconds_per_step is 0 until steps are timed."""
         cfg = self.cfg
         beta = 0.9
         self.smooth_loss = beta * self.smooth_loss + (1 - beta) * outcome.loss
@@ -555,8 +556,8 @@ class Trainer:
         peak_mem = peak_memory_bytes(self.device)
         horizon = self.num_iterations if self.horizon_fixed else None
         eta = float("nan")
-        if timed_steps and horizon is not None:
-            eta = (horizon - self.step) * (self.train_time / timed_steps)
+        if seconds_per_step and horizon is not None:
+            eta = (horizon - self.step) * seconds_per_step
         epoch = getattr(self.batches, "epoch", None)
         if step % cfg.log_every == 0 or self.step == horizon:
             mom_text = f" | mom {mom:.3f}" if mom is not None else ""
@@ -570,4 +571,4 @@ class Trainer:
         self._log({"step": self.step, "loss": outcome.loss, "smooth_loss": debiased, "lrm": lrm, "momentum": mom,
                    "dt": dt, "tokens": outcome.tokens, "tok_per_s": tok_per_s, "mfu": mfu,
                    "peak_mem_bytes": peak_mem, "epoch": epoch, "supervised_tokens": outcome.supervised_tokens,
-                   "num_iterations": horizon, **outcome.record})
+                   "num_iterations": horizon, "eta_s": eta if math.isfinite(eta) else None, **outcome.record})

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from safetensors.torch import load_file
 
 from picochat import checkpoint as ckpt
 from picochat.cli import main
+from picochat.train import loop
 
 TINY = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1"]
 
@@ -58,8 +62,6 @@ def test_resume_is_bit_exact(tiny_home, loader):
     assert main(args + ["--tag", cut]) == 0
     run = ckpt.run_dir("base", cut)
     for step in (8, 12):
-        import shutil
-
         shutil.rmtree(run / f"step_{step}")
     # A half-written save left by a crash must be ignored.
     junk = run / ".step_8.tmp-12345"
@@ -72,6 +74,23 @@ def test_resume_is_bit_exact(tiny_home, loader):
         assert torch.equal(a[k], b[k]), k
     assert losses(tiny_home, straight) == losses(tiny_home, cut)
     assert not junk.exists()
+
+
+def test_eta_after_a_resume_uses_the_step_time_measured_since(tiny_home, monkeypatch):
+    """ETA = steps left x this process's mean step time. A resumed run restores its train time, which
+    holds the earlier process's steps: dividing that by the steps timed since the resume overstated it."""
+    clock = itertools.count(0.0, 0.5)  # every reading of the loop's clock is half a second later
+    monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: next(clock)))
+    args = TINY + ["--num-iterations", "12", "--save-every", "4", "--keep-last", "5", "--tag", "eta"]
+    assert main(args) == 0
+    for step in (8, 12):
+        shutil.rmtree(ckpt.run_dir("base", "eta") / f"step_{step}")
+    assert main(args + ["--resume"]) == 0
+    records = [json.loads(line) for line in (tiny_home / "logs" / "base-eta.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r.get("eta_s") is not None]
+    assert [r["step"] for r in timed][-8:] == list(range(5, 13))  # the resumed process's steps, all timed
+    for r in timed:
+        assert r["eta_s"] == pytest.approx((12 - r["step"]) * r["dt"]), r
 
 
 @pytest.mark.slow
