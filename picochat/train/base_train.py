@@ -22,10 +22,30 @@ from typing import ClassVar
 import torch
 
 from picochat.config import ModelOptions, add_preset_argument, option
+from picochat.data.loader import PackedLoader, make_loader
+from picochat.data.shards import default_data_dir, list_shards
 from picochat.errors import ConfigError
-from picochat.plan import B_REF, auto_batch, batch_growth, explain_batch_divisibility, valid_batches
-from picochat.runtime import log0
+from picochat.eval.bpb import evaluate_bpb_with_se
+from picochat.eval.samples import sample_prompts
+from picochat.mfu import use_expandable_segments
+from picochat.model.fp8 import convert_to_fp8, fp8_decision
+from picochat.model.gpt import GPT, build_model
+from picochat.optim import RESID_LAMBDAS, X0_LAMBDAS, AdamWGroup, MuonOptions, build_optimizers, muon_momentum
+from picochat.optim.distributed import broadcast_parameters
+from picochat.plan import (
+    B_REF,
+    Shape,
+    auto_batch,
+    batch_growth,
+    check_fits,
+    explain_batch_divisibility,
+    valid_batches,
+)
+from picochat.runtime import home, init_distributed, log0, pick_dtype, seed_everything, shutdown_distributed
+from picochat.tokenizer import Tokenizer
+from picochat.train.loop import LoopConfig, Trainer, verify_shared_home, wandb_logger
 from picochat.train.options import LoopOptions
+from picochat.train.schedules import cosine_to_zero, warmup_constant_warmdown
 
 BATCH, OPTIM, SAVE, RUN = "batch and horizon", "optimisation", "eval and checkpoints", "runtime"
 
@@ -122,8 +142,6 @@ def batch_and_scales(cfg: BaseTrainConfig, config) -> tuple[float, float]:
 
 def adamw_groups(cfg: BaseTrainConfig, lr_scale: float) -> dict:
     """build_optimizers' keyword arguments for the AdamW groups the flags tune (LRs already scaled)."""
-    from picochat.optim import RESID_LAMBDAS, X0_LAMBDAS, AdamWGroup
-
     out = {"resid_lambdas": dataclasses.replace(RESID_LAMBDAS, lr=cfg.scalar_lr * lr_scale / 100),
            "x0_lambdas": dataclasses.replace(X0_LAMBDAS, lr=cfg.scalar_lr * lr_scale)}
     for name in ("embedding", "unembedding"):
@@ -155,8 +173,6 @@ def log_run(cfg: BaseTrainConfig, model, dtype, world, num_iterations: int, grad
 
 def use_fp8(cfg: BaseTrainConfig, model, device) -> None:
     """Convert the block matmuls to fp8 training if --fp8 says so on this device, and say what was converted."""
-    from picochat.model.fp8 import convert_to_fp8, fp8_decision
-
     if not fp8_decision(cfg.fp8, device):
         return
     names = convert_to_fp8(model)
@@ -168,8 +184,6 @@ def use_fp8(cfg: BaseTrainConfig, model, device) -> None:
 
 def muon_options_for(cfg: BaseTrainConfig):
     """Muon's update rule as the flags say (recorded in every checkpoint; later stages train with it)."""
-    from picochat.optim import MuonOptions
-
     return MuonOptions(orthogonalizer=cfg.muon_orthogonalizer, ns_steps=cfg.muon_ns_steps,
                        row_equilibration=cfg.muon_eq, renormalize=cfg.muon_plus,
                        normuon_beta2=cfg.normuon_beta2 if cfg.normuon else None, cautious_weight_decay=cfg.cautious_wd)
@@ -177,8 +191,6 @@ def muon_options_for(cfg: BaseTrainConfig):
 
 def optimizers_for(cfg: BaseTrainConfig, model, lr_scale: float, wd_scale: float) -> list:
     """AdamW + Muon as the flags say, LRs and Muon's decay times the batch transfer factors."""
-    from picochat.optim import build_optimizers
-
     muon_wd = cfg.weight_decay if cfg.muon_weight_decay is None else cfg.muon_weight_decay
     return build_optimizers(model, matrix_lr=cfg.matrix_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
                             unembedding_lr=cfg.unembedding_lr * lr_scale, weight_decay=cfg.weight_decay,
@@ -189,10 +201,6 @@ def optimizers_for(cfg: BaseTrainConfig, model, lr_scale: float, wd_scale: float
 def evaluators(cfg: BaseTrainConfig, world, tokenizer, val_file, dtype):
     """(val bpb and its standard error over --eval-tokens of the val shard, greedy samples of fixed prompts
     on rank 0) for the loop."""
-    from picochat.data.loader import PackedLoader
-    from picochat.eval.bpb import evaluate_bpb_with_se
-    from picochat.eval.samples import sample_prompts
-
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
     eval_steps = cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world.world_size)
     if eval_steps < 1:
@@ -218,8 +226,6 @@ def evaluators(cfg: BaseTrainConfig, world, tokenizer, val_file, dtype):
 
 def horizon_tokens(cfg: BaseTrainConfig, vocab_size: int = 32768) -> int:
     """Training tokens of the horizon the options ask for; 0 when a time budget sets it at run time."""
-    from picochat.model.gpt import GPT
-
     if cfg.time_budget and cfg.time_budget > 0:
         return 0
     config = cfg.model_config(vocab_size)
@@ -271,10 +277,6 @@ def check_batch(cfg: BaseTrainConfig, world_size: int) -> int:
 
 def check_memory(cfg: BaseTrainConfig, config, world, compiled: bool, dtype) -> None:
     """The plan's memory estimate must fit this device; else name --device-batch-size and a value that fits."""
-    import torch
-
-    from picochat.plan import Shape, check_fits
-
     if cfg.no_plan_check:
         return
     shape = Shape.from_config(config, cfg.device_batch_size, world_size=world.world_size, compiled=compiled,
@@ -285,25 +287,7 @@ def check_memory(cfg: BaseTrainConfig, config, world, compiled: bool, dtype) -> 
 
 def run(args: argparse.Namespace) -> int:
     cfg = BaseTrainConfig.from_args(args)
-    from picochat.mfu import use_expandable_segments
-
     use_expandable_segments()  # before CUDA is initialised
-    from picochat.data.loader import make_loader
-    from picochat.data.shards import default_data_dir, list_shards
-    from picochat.model.gpt import build_model
-    from picochat.optim import muon_momentum
-    from picochat.optim.distributed import broadcast_parameters
-    from picochat.runtime import (
-        home,
-        init_distributed,
-        pick_dtype,
-        seed_everything,
-        shutdown_distributed,
-    )
-    from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import LoopConfig, Trainer, verify_shared_home, wandb_logger
-    from picochat.train.schedules import cosine_to_zero, warmup_constant_warmdown
-
     world = init_distributed(cfg.device)
     try:
         verify_shared_home(world)

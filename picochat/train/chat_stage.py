@@ -11,11 +11,22 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
+import torch.distributed as dist
+
+from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import DeviceOptions, add_preset_argument, option
 from picochat.errors import DataError
+from picochat.mfu import use_expandable_segments
+from picochat.model.gpt import GPTConfig
+from picochat.optim import build_optimizers, muon_momentum
+from picochat.plan import Shape, check_fits
+from picochat.runtime import init_distributed, log0
 from picochat.tasks.sources import SOURCE_CHOICES, resolve_source
+from picochat.train.loop import LoopConfig, Trainer, verify_shared_home, wandb_logger
 from picochat.train.options import LoopOptions, ParentOptions
 
 
@@ -35,10 +46,6 @@ def add_chat_stage_arguments(p: argparse.ArgumentParser, config: type[ChatStageC
 
 def start_world(cfg: DeviceOptions):
     """Join the world with expandable CUDA segments, and check that every rank sees the same home."""
-    from picochat.mfu import use_expandable_segments
-    from picochat.runtime import init_distributed
-    from picochat.train.loop import verify_shared_home
-
     use_expandable_segments()  # before CUDA is initialised
     world = init_distributed(cfg.device)
     verify_shared_home(world)
@@ -47,12 +54,6 @@ def start_world(cfg: DeviceOptions):
 
 def find_parent(cfg: ParentOptions, world):
     """The starting checkpoint's directory, chosen once on rank 0 (the newest, unless given) for every rank."""
-    from pathlib import Path
-
-    import torch.distributed as dist
-
-    from picochat.checkpoint import find_checkpoint
-
     found = [None]
     if world.is_main:
         try:
@@ -71,15 +72,9 @@ def load_parent(cfg: ChatStageConfig, world, check_memory=None):
 
     `check_memory(config)` runs on the parent's config before anything is allocated.
     """
-    import json as _json
-
-    from picochat.checkpoint import load_checkpoint_dir
-    from picochat.model.gpt import GPTConfig
-    from picochat.runtime import log0
-
     path = find_parent(cfg, world)
     if check_memory is not None and (path / "config.json").exists():
-        check_memory(GPTConfig.from_dict(_json.loads((path / "config.json").read_text())))
+        check_memory(GPTConfig.from_dict(json.loads((path / "config.json").read_text())))
     model, tokenizer, meta = load_checkpoint_dir(path, world.device)
     log0(f"starting from {path} ({model.num_params():,} params)")
     return model, tokenizer, meta, cfg.tag or meta.get("tag") or path.parent.name
@@ -91,10 +86,6 @@ def check_memory(cfg: ChatStageConfig, world, dtype, compiled: bool, batch_flag:
     `candidates(config)` lists the device batches that divide the step; `batch_check(config)`
     raises first if the batch flags cannot work at this world size.
     """
-    import torch
-
-    from picochat.plan import Shape, check_fits
-
     def check(config) -> None:
         if batch_check is not None:
             batch_check(config)
@@ -127,12 +118,6 @@ class StagePlan:
 
 def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict, dtype, plan: StagePlan) -> dict:
     """Build optimisers and the Trainer, resume if asked, run, and return the final metrics."""
-    import torch
-
-    from picochat.optim import build_optimizers, muon_momentum
-    from picochat.runtime import log0
-    from picochat.train.loop import LoopConfig, Trainer, wandb_logger
-
     muon = cfg.muon_options(parent_meta)
     optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, muon_options=muon)
@@ -158,10 +143,6 @@ def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict
 
 def agreed_source(source: str, world) -> str:
     """--source with 'auto' settled once, on rank 0 (one probe of the hub), and the same on every rank."""
-    import torch.distributed as dist
-
-    from picochat.runtime import log0
-
     settled = [resolve_source(source, log=log0) if world.is_main else None]
     if world.enabled:
         dist.broadcast_object_list(settled)

@@ -18,11 +18,26 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
 from picochat.config import option
+from picochat.data.chat_batches import PackedConversations
 from picochat.errors import ConfigError
+from picochat.eval.bpb import evaluate_bpb
 from picochat.plan import explain_batch_divisibility, valid_batches
-from picochat.train.chat_stage import ChatStageConfig, add_chat_stage_arguments
+from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
+from picochat.train.chat_stage import (
+    ChatStageConfig,
+    StagePlan,
+    add_chat_stage_arguments,
+    agreed_source,
+    check_memory,
+    load_parent,
+    run_trainer,
+    start_world,
+)
+from picochat.train.mixtures import MID, MID_VAL, build_mixture, describe, pick
+from picochat.train.schedules import constant_then_linear_to_zero
 
 BATCH = "batch and eval"
 
@@ -47,22 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = MidConfig.from_args(args)
-    import torch.distributed as dist
-
-    from picochat.data.chat_batches import PackedConversations
-    from picochat.eval.bpb import evaluate_bpb
-    from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
-    from picochat.train.chat_stage import (
-        StagePlan,
-        agreed_source,
-        check_memory,
-        load_parent,
-        run_trainer,
-        start_world,
-    )
-    from picochat.train.mixtures import MID, MID_VAL, build_mixture, describe, pick
-    from picochat.train.schedules import constant_then_linear_to_zero
-
     world = start_world(cfg)
     try:
         cfg.source = agreed_source(cfg.source, world)

@@ -20,10 +20,26 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
 from picochat.config import option
+from picochat.data.chat_batches import PaddedConversations, width_buckets
 from picochat.errors import ConfigError, DataError
-from picochat.train.chat_stage import ChatStageConfig, add_chat_stage_arguments
+from picochat.eval.categorical import evaluate_categorical
+from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
+from picochat.tasks import load_task
+from picochat.train.chat_stage import (
+    ChatStageConfig,
+    StagePlan,
+    add_chat_stage_arguments,
+    agreed_source,
+    check_memory,
+    load_parent,
+    run_trainer,
+    start_world,
+)
+from picochat.train.mixtures import SFT, SFT_EVAL, build_mixture, describe, pick
+from picochat.train.schedules import linear_to_zero
 
 BATCH = "batch and eval"
 
@@ -56,8 +72,6 @@ def batch_choices(examples_per_step: int, world_size: int) -> list[int]:
 
 def check_examples_per_step(cfg: SFTConfig, world_size: int) -> None:
     """A ConfigError naming the flag to change, unless the preset's device batch can be lowered to fit."""
-    from picochat.runtime import log0
-
     per_micro = cfg.device_batch_size * world_size
     if cfg.examples_per_step % per_micro == 0:
         return
@@ -75,19 +89,6 @@ def check_examples_per_step(cfg: SFTConfig, world_size: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = SFTConfig.from_args(args)
-    from picochat.data.chat_batches import PaddedConversations, width_buckets
-    from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
-    from picochat.train.chat_stage import (
-        StagePlan,
-        agreed_source,
-        check_memory,
-        load_parent,
-        run_trainer,
-        start_world,
-    )
-    from picochat.train.mixtures import SFT, build_mixture, describe, pick
-    from picochat.train.schedules import linear_to_zero
-
     world = start_world(cfg)
     try:
         cfg.source = agreed_source(cfg.source, world)
@@ -127,13 +128,6 @@ def run(args: argparse.Namespace) -> int:
 def sft_evaluator(cfg: SFTConfig, world, tokenizer, B: int, T: int, dtype):
     """The SFT eval: loss per supervised token on the mixture's val conversations, and the categorical
     accuracy of each eval task (both over every rank)."""
-    import torch.distributed as dist
-
-    from picochat.data.chat_batches import PaddedConversations
-    from picochat.eval.categorical import evaluate_categorical
-    from picochat.tasks import load_task
-    from picochat.train.mixtures import SFT_EVAL
-
     plan = SFT_EVAL[cfg.mix_scale]
     val_name, val_split, val_kw = plan["val"]
     val_task = load_task(val_name, val_split, source=cfg.source, **val_kw)
