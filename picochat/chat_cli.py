@@ -23,7 +23,11 @@ from typing import TextIO
 
 from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
+from picochat.infer import Engine
 from picochat.infer.chat_defaults import CHAT_SAMPLING
+from picochat.infer.loading import load_for_inference
+from picochat.infer.prompt import ContextLengthError, fit_turns
+from picochat.infer.streaming import TextStreamer
 from picochat.runtime import home, pick_device, pick_dtype
 
 HELP = """commands:
@@ -72,9 +76,6 @@ class ChatSession:
 
     def reply(self, user_text: str) -> str:
         """Stream the assistant's answer to `user_text` to `out`; returns it in display form."""
-        from picochat.infer.prompt import ContextLengthError, fit_turns
-        from picochat.infer.streaming import TextStreamer
-
         self.messages.append({"role": "user", "content": user_text})
         system = [{"role": "system", "content": self.system}] if self.system else []
         budget = max(self.engine.context_len - self.settings.max_tokens, self.engine.context_len // 2)
@@ -173,9 +174,6 @@ def _in_range(value: float, lo: float, hi: float, name: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from picochat.infer import Engine
-    from picochat.infer.loading import load_for_inference
-
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
     if not 0.0 <= args.temperature <= 2.0:

@@ -22,9 +22,14 @@ import json
 
 import torch
 
+from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import add_checkpoint_arguments, add_device_arguments
+from picochat.data.loader import PackedLoader
+from picochat.data.shards import default_data_dir, list_shards
 from picochat.errors import ConfigError
 from picochat.eval.bpb import evaluate_bpb_with_se
+from picochat.eval.samples import sample_prompts
+from picochat.runtime import home, init_distributed, log0, pick_dtype, shutdown_distributed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,12 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
-    from picochat.data.loader import PackedLoader
-    from picochat.data.shards import default_data_dir, list_shards
-    from picochat.eval.samples import sample_prompts
-    from picochat.runtime import home, init_distributed, log0, pick_dtype, shutdown_distributed
-
     world = init_distributed(args.device)
     try:
         dtype = pick_dtype(world.device, args.dtype)

@@ -32,9 +32,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import Options, add_checkpoint_arguments, add_device_arguments, option
 from picochat.errors import ConfigError
+from picochat.eval.categorical import evaluate_categorical
+from picochat.eval.core_data import eval_dir
+from picochat.infer import Engine
+from picochat.infer.streaming import TextStreamer
+from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
+from picochat.tasks import load_task
 
 # Display name -> (load_task name, split, extra load_task kwargs).
 CHAT_TASKS: dict[str, tuple[str, str, dict]] = {
@@ -114,8 +122,6 @@ def spread_subset(task, max_problems: int):
 
 
 def _progress(total: int, desc: str, rank: int):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, disable=rank != 0, leave=False)
 
 
@@ -131,8 +137,6 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def evaluate_multiple_choice(model, tokenizer, task, batch_size: int = 8, rank: int = 0, world_size: int = 1,
                              compute_dtype: torch.dtype = torch.float32, desc: str = "") -> dict:
     """Letter-restricted accuracy and mean chance level over `task`, in chunks for a progress bar."""
-    from picochat.eval.categorical import evaluate_categorical
-
     device = next(model.parameters()).device
     chunk = batch_size * world_size * 4  # rows per call across all ranks
     correct = total = 0
@@ -153,8 +157,6 @@ def evaluate_multiple_choice(model, tokenizer, task, batch_size: int = 8, rank: 
 # ---- generative ----------------------------------------------------------------------------------
 def completion_parts(tokenizer, tokens: list[int]) -> list[dict]:
     """Generated ids -> assistant parts (text / python / python_output), the conversation format."""
-    from picochat.infer.streaming import TextStreamer
-
     streamer = TextStreamer(tokenizer)
     for token in tokens:
         streamer.push(token)
@@ -201,9 +203,6 @@ def run_chat_eval(model, tokenizer, names: list[str], *, source: str = "offline"
                   max_new_tokens: int = 512, batch_size: int = 8, seed: int = 42, rank: int = 0,
                   world_size: int = 1, compute_dtype: torch.dtype = torch.float32, log=print) -> dict[str, TaskResult]:
     """Score `model` on the named chat tasks (keys of CHAT_TASKS)."""
-    from picochat.infer import Engine
-    from picochat.tasks import load_task
-
     engine = Engine(model, tokenizer, compute_dtype=compute_dtype)
     results: dict[str, TaskResult] = {}
     for name in names:
@@ -283,10 +282,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
-    from picochat.eval.core_data import eval_dir
-    from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
-
     cfg = ChatEvalConfig.from_args(args)
     names = parse_task_names(cfg.tasks)
     world = init_distributed(args.device)

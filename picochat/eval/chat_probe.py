@@ -37,7 +37,11 @@ from pathlib import Path
 
 from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
+from picochat.infer import Engine
 from picochat.infer.chat_defaults import CHAT_SAMPLING
+from picochat.infer.loading import load_for_inference
+from picochat.runtime import home, pick_device, pick_dtype
+from picochat.tasks.spelling import word_list_path
 
 PROMPTS = (
     "Why is the sky blue?",
@@ -225,16 +229,10 @@ def probe_file_stem(stage: str, tag: str, step: int, settings: dict, limit: int 
 
 def english_words() -> frozenset[str]:
     """The spelling tasks' English word list (npm word-list, fetched once)."""
-    from picochat.tasks.spelling import word_list_path
-
     return frozenset(Path(word_list_path()).read_text().split())
 
 
 def run(args: argparse.Namespace) -> int:
-    from picochat.infer import Engine
-    from picochat.infer.loading import load_for_inference
-    from picochat.runtime import home, pick_device, pick_dtype
-
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
     if not 0.0 <= args.temperature <= 2.0:

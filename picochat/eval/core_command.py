@@ -19,8 +19,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
+from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import Options, add_checkpoint_arguments, add_device_arguments, option
 from picochat.errors import ConfigError
+from picochat.eval.core import evaluate_core, format_table
+from picochat.eval.core_data import download_eval_bundle, eval_dir, load_bundle
+from picochat.eval.core_offline import ensure_offline_bundle
+from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
 
 
 @dataclass
@@ -48,9 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bundle_path(choice: str, rebuild: bool = False) -> Path:
     """Directory of the bundle named by --bundle, building or downloading it if needed."""
-    from picochat.eval.core_data import download_eval_bundle
-    from picochat.eval.core_offline import ensure_offline_bundle
-
     if choice == "offline":
         return ensure_offline_bundle(rebuild=rebuild)
     if choice == "dclm":
@@ -78,13 +82,6 @@ def write_results(result, out_stem: Path, info: dict) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
-    from picochat.eval.core import evaluate_core, format_table
-    from picochat.eval.core_data import eval_dir, load_bundle
-    from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
-
     cfg = CoreEvalConfig.from_args(args)
     only = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if cfg.tasks else None
     world = init_distributed(args.device)
