@@ -36,7 +36,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from picochat.errors import ConfigError, DataError
+from picochat.model.gpt import GPTConfig, build_model
 from picochat.runtime import home, warn
+from picochat.tokenizer import Tokenizer
 
 STAGES = ("base", "mid", "sft", "rl")
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -110,8 +112,6 @@ def save_checkpoint(
     keep_last: int | None = None,
 ) -> Path:
     """Write step_<step> atomically (call on rank 0 only); prune to the newest `keep_last`."""
-    from picochat.model.gpt import GPT  # noqa: F401  (config lives on the model)
-
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".step_*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -238,9 +238,6 @@ def load_weights_into(model: torch.nn.Module, path: Path, meta: dict, device: to
 
 def load_checkpoint_dir(path: Path, device: torch.device | str = "cpu"):
     """(model, tokenizer, meta) from one step directory."""
-    from picochat.model.gpt import GPTConfig, build_model
-    from picochat.tokenizer import Tokenizer
-
     path = Path(path)
     for name in ("model.safetensors", "config.json", "meta.json"):
         if not (path / name).exists():

@@ -50,8 +50,13 @@ import os
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
+import torch
+
 from picochat.config import ModelOptions, add_preset_argument, option
 from picochat.errors import ConfigError
+from picochat.mfu import peak_flops
+from picochat.model.gpt import GPT
+from picochat.runtime import home
 
 GiB = 2**30
 BUCKET_BYTES = 32 << 20
@@ -228,8 +233,6 @@ def explain_batch_divisibility(total: int, batch: int, seq_len: int, world: int,
 
 def local_capacity(device) -> tuple[int, str]:
     """(bytes one process may use, a description) for the device this process trains on."""
-    import torch
-
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return int(props.total_memory), props.name
@@ -291,10 +294,6 @@ class PlanConfig(ModelOptions):
 
 def scaling_params(config) -> int:
     """The model's matmul parameters (GPT.num_scaling_params), counted on the meta device."""
-    import torch
-
-    from picochat.model.gpt import GPT
-
     with torch.device("meta"):
         return GPT(config).num_scaling_params()
 
@@ -318,10 +317,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _target(cfg: PlanConfig) -> Device:
     if cfg.gpu != "cpu":
         return DEVICES[cfg.gpu]
-    import torch
-
-    from picochat.mfu import peak_flops
-
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     dtype = torch.float32 if cfg.fp32 else torch.bfloat16
     return Device("cpu", total // max(1, cfg.gpus), peak_flops(torch.device("cpu"), dtype), float("nan"))
@@ -400,8 +395,6 @@ def render(plan: dict, name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = PlanConfig.from_args(args)
-    from picochat.runtime import home
-
     plan = build_plan(cfg)
     name = cfg.preset or f"d{cfg.depth}"
     print(render(plan, name))

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from picochat.config import PRESETS, add_preset_argument
 from picochat.errors import UserError
+from picochat.runtime import home
+from picochat.train.base_train import BaseTrainConfig, horizon_tokens
 
 # Pretraining text needed per token of the horizon, to size a hub download: characters per token of a
 # 32K-65K BPE on web text (measured 4.2-4.8; the low end, so the estimate errs towards more), characters per
@@ -43,8 +45,6 @@ BESTFIT_CROPPED = 0.35
 
 def shards_needed(preset: str) -> int:
     """Train shards the preset's pretraining horizon reads once, from its tokens (and loader)."""
-    from picochat.train.base_train import BaseTrainConfig, horizon_tokens
-
     cfg = BaseTrainConfig.defaults(preset=preset)
     tokens = horizon_tokens(cfg, PRESETS[preset].get("vocab_size", 32768))
     kept = 1.0 - (BESTFIT_CROPPED if cfg.loader == "bestfit" else 0.0)
@@ -115,8 +115,6 @@ def check_nodes(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from picochat.runtime import home
-
     check_nodes(args)
     data_source = args.data or PRESETS[args.preset]["speedrun"]["data"]
     shards = args.shards

@@ -1,7 +1,9 @@
-"""The package's import graph, read from the source with `ast`: no cycles between packages, and
-serving and inference never reach into training (docs/ARCHITECTURE.md draws the arrows)."""
+"""The package's import graph, read from the source with `ast`: no cycles between packages,
+serving and inference never reach into training (docs/ARCHITECTURE.md draws the arrows), and an
+import sits inside a function only with a comment saying why."""
 
 import ast
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -72,3 +74,37 @@ def test_serving_and_inference_never_import_training():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})[0] == ["a", "b", "c", "a"]
+
+
+def deferred_imports_without_a_reason() -> list[str]:
+    """Imports inside functions with no comment on their line, the line above, or the first line of the
+    run of import lines they belong to: each deferred import must say why it is deferred."""
+    bare = []
+    for path in sorted(ROOT.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines), filename=str(path))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                first = node.lineno - 1
+                while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                    first -= 1  # the start of this run of import lines
+                said = [lines[node.lineno - 1], lines[first], lines[first - 1] if first else ""]
+                if not any("#" in line for line in said):
+                    bare.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {ast.unparse(node)}")
+    return bare
+
+
+def test_imports_sit_at_the_top_unless_a_comment_says_why_not():
+    assert deferred_imports_without_a_reason() == []
+
+
+def test_the_check_finds_a_deferred_import_without_a_reason(tmp_path, monkeypatch):
+    pkg = tmp_path / "picochat"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("def f():\n    import json\n\n    return json\n\n\ndef g():\n"
+                              "    import wandb  # optional\n    import yaml\n    return wandb, yaml\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
+    assert deferred_imports_without_a_reason() == ["picochat/a.py:2: import json"]

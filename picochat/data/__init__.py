@@ -9,7 +9,7 @@ __all__ = ["PackedConversations", "PaddedConversations", "sft_collate"]  # loade
 
 def __getattr__(name: str):
     if name in __all__:
-        from picochat.data import chat_batches
+        from picochat.data import chat_batches  # on first use: the batchers pull in torch, the shards do not
 
         return getattr(chat_batches, name)
     raise AttributeError(f"module 'picochat.data' has no attribute {name!r}")

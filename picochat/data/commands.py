@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from picochat.config import Options, add_preset_argument, option
+from picochat.data.corpus import prepare_corpus
+from picochat.data.download import download_shards
 
 
 @dataclass
@@ -55,15 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "prepare":
-        from picochat.data.corpus import prepare_corpus
-
         prep = PrepareConfig.from_args(args)
         sources = [s.strip() for s in prep.sources.split(",") if s.strip()] if prep.sources else None
         prepare_corpus(Path(prep.data_dir) if prep.data_dir else None, sources=sources, max_mb=prep.max_mb,
                        force=prep.force)
         return 0
-
-    from picochat.data.download import download_shards
 
     dl = DownloadConfig.from_args(args)
     download_shards(dl.source, dl.num_shards, Path(dl.data_dir) if dl.data_dir else None, base_url=dl.base_url,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from picochat.errors import DataError
+
 
 def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
     """Token id of each letter; letters must encode to a single token (A-Z always do: bytes are tokens)."""
@@ -63,7 +65,5 @@ def evaluate_categorical(
         correct, total = int(t[0]), int(t[1])
     model.train(was_training)
     if total == 0:
-        from picochat.errors import DataError
-
         raise DataError(f"{task.name}: no items to evaluate (max_items={max_items}, len={len(task)})")
     return {"accuracy": correct / total, "correct": correct, "total": total}

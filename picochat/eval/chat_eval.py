@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import Options, add_checkpoint_arguments, add_device_arguments, option
-from picochat.errors import ConfigError
+from picochat.errors import ConfigError, DataError
 from picochat.eval.categorical import evaluate_categorical
 from picochat.eval.core_data import eval_dir
 from picochat.infer import Engine
@@ -191,8 +191,6 @@ def evaluate_generative(engine, tokenizer, task, num_samples: int = 1, max_new_t
     mean_correct = float(sum(sum(row) / len(row) for row in graded))
     passed, mean_correct, total = _all_reduce_sum([passed, mean_correct, float(len(graded))], engine.device)
     if total == 0:
-        from picochat.errors import DataError
-
         raise DataError(f"{task.name}: no problems to evaluate")
     return {"pass@k": passed / total, "pass@1": mean_correct / total, "passed": int(passed), "total": int(total)}
 

@@ -21,7 +21,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from picochat.checkpoint import load_checkpoint_dir
 from picochat.config import add_checkpoint_arguments
+from picochat.export.hf import export_hf, needs_remote_code
+from picochat.infer.loading import resolve_checkpoint
+from picochat.runtime import home
 
 FORMATS = ("hf",)
 
@@ -36,11 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from picochat.checkpoint import load_checkpoint_dir
-    from picochat.export.hf import export_hf, needs_remote_code
-    from picochat.infer.loading import resolve_checkpoint
-    from picochat.runtime import home
-
     path = resolve_checkpoint(args.stage, args.tag, args.step)
     model, tokenizer, meta = load_checkpoint_dir(path, "cpu")
     stage, tag, step = path.parent.parent.name, path.parent.name, int(meta.get("step", 0))

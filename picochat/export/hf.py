@@ -284,6 +284,7 @@ def bpe_vocab_and_merges(tokenizer: Tokenizer) -> tuple[dict[str, int], list[lis
 
 def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
     """tokenizer.json of a `tokenizers` fast tokenizer that encodes like ours."""
+    # HF tokenizers loads only when a model is exported
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as FastTokenizer
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from picochat.report.report import build_report
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default=None,
@@ -22,8 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from picochat.report.report import build_report
-
     path = build_report(args.run, args.tag)
     print(f"report written to {path} (copy: {path.parent.parent / 'latest.md'})")
     return 0

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SOURCE_SUFFIXES = {".py", ".html", ".js", ".css", ".md", ".toml", ".yaml", ".yml", ".sh"}
 
@@ -46,8 +48,6 @@ def cpu_model() -> str:
 
 
 def environment() -> dict:
-    import torch
-
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

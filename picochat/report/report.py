@@ -28,9 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from picochat.checkpoint import list_steps
 from picochat.errors import UserError
 from picochat.eval.chat_probe import render_markdown as render_chat_probe
+from picochat.model.gpt import GPT, GPTConfig
 from picochat.report.environment import PACKAGE_DIR, code_size, environment
 from picochat.report.plots import plot_bars, plot_training
 from picochat.runtime import home
@@ -250,10 +253,6 @@ def model_facts(run: StageRun) -> dict[str, Any]:
     """Parameter counts and FLOPs from config.json (the model is declared on the meta device)."""
     if not run.config:
         return {}
-    import torch
-
-    from picochat.model.gpt import GPT, GPTConfig
-
     try:
         config = GPTConfig.from_dict(run.config)
         with torch.device("meta"):

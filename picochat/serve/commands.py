@@ -17,11 +17,18 @@ import ipaddress
 import os
 
 import torch
+import uvicorn
 
 from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
+from picochat.infer import Engine
 from picochat.infer.chat_defaults import CHAT_SAMPLING
+from picochat.infer.loading import load_for_inference
 from picochat.runtime import pick_device, pick_dtype, warn
+from picochat.serve.app import create_app
+from picochat.serve.http import server_options
+from picochat.serve.pool import serving_pool
+from picochat.serve.requests import Defaults, Limits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,8 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flags no request could use, before anything is loaded or bound."""
-    from picochat.serve.requests import Limits
-
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be in 0..65535")
     if args.workers is not None and args.workers < 1:
@@ -84,12 +89,6 @@ def is_loopback(host: str) -> bool:
 
 def build_app(args: argparse.Namespace):
     """(FastAPI app, model id) for the checkpoint and pool the flags describe."""
-    from picochat.infer import Engine
-    from picochat.infer.loading import load_for_inference
-    from picochat.serve.app import create_app
-    from picochat.serve.pool import serving_pool
-    from picochat.serve.requests import Defaults, Limits
-
     check_arguments(args)
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
@@ -116,10 +115,6 @@ def build_app(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from picochat.serve.http import server_options
-
     check_arguments(args)
     app, model_id = build_app(args)
     if not is_loopback(args.host) and not api_key(args):

@@ -98,7 +98,7 @@ class PackageArchive:
 
 def read_arrow_stream(data: bytes) -> list[dict]:
     """Rows of a Hugging Face `save_to_disk` arrow file (an Arrow IPC stream)."""
-    import pyarrow as pa
+    import pyarrow as pa  # heavy: only when hub data is read
 
     return pa.ipc.open_stream(pa.BufferReader(data)).read_all().to_pylist()
 
@@ -144,7 +144,7 @@ def resolve_source(source: str, timeout: float = 10.0, log: Callable[[str], None
 def _request(url: str, on_response: Callable, retries: int, backoff: float | None, timeout: float) -> Any:
     """GET `url` and hand the streaming 200 response to `on_response`, retrying network errors,
     429 and 5xx with exponential backoff; other HTTP statuses fail at once."""
-    import httpx
+    import httpx  # only when the hub is asked
 
     backoff = RETRY_BACKOFF_S if backoff is None else backoff
     last = ""
@@ -193,7 +193,7 @@ def hf_parquet_files(repo: str, config: str, split: str, retries: int = RETRIES,
     The manifest, written last, records each file's size and sha256; a later call trusts the
     files only while their sizes still match it, and downloads again otherwise.
     """
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy: only when hub data is read
 
     directory = datasets_dir() / "hf" / repo / config / split
     directory.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def hf_parquet_files(repo: str, config: str, split: str, retries: int = RETRIES,
 
 def hf_rows(repo: str, config: str, split: str) -> Iterator[dict]:
     """Rows (dicts) of a hub dataset split, in file order."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy: only when hub data is read
 
     for path in hf_parquet_files(repo, config, split):
         table = pq.read_table(path)

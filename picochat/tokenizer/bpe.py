@@ -36,6 +36,7 @@ import numpy as np
 import tiktoken
 
 from picochat.errors import DataError, UserError
+from picochat.tokenizer.chat import render_conversation, render_for_completion
 
 SPECIAL_TOKENS = (
     "<|bos|>",
@@ -106,13 +107,13 @@ class Tokenizer:
             raise UserError(f"--vocab-size {vocab_size} is too small: need at least {MIN_VOCAB} (256 bytes + 9 specials + 1)")
         n_ranks = vocab_size - len(SPECIAL_TOKENS)
         if backend == "rustbpe":
-            import rustbpe
+            import rustbpe  # the trainers load only when a tokenizer is trained
 
             trainer = rustbpe.Tokenizer()
             trainer.train_from_iterator(iter(texts), n_ranks, pattern=pattern)
             ranks = {bytes(k): int(v) for k, v in trainer.get_mergeable_ranks()}
         elif backend == "hf":
-            from picochat.tokenizer.train_hf import train_ranks_hf
+            from picochat.tokenizer.train_hf import train_ranks_hf  # the trainers load only when used
 
             ranks = train_ranks_hf(texts, n_ranks, pattern)
         else:
@@ -276,11 +277,7 @@ class Tokenizer:
 
     # ---- chat rendering (see picochat.tokenizer.chat) -------------------------------------------
     def render_conversation(self, conversation: dict, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
-        from picochat.tokenizer.chat import render_conversation
-
         return render_conversation(self, conversation, max_tokens=max_tokens)
 
     def render_for_completion(self, conversation: dict) -> list[int]:
-        from picochat.tokenizer.chat import render_for_completion
-
         return render_for_completion(self, conversation)

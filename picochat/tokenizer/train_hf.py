@@ -42,6 +42,7 @@ def unicode_to_bytes(token: str, decoder: dict[str, int]) -> bytes:
 
 def train_ranks_hf(texts: Iterable[str], n_ranks: int, pattern: str) -> dict[bytes, int]:
     """Learn `n_ranks` byte-level BPE tokens (256 bytes + merges) with HF tokenizers' BpeTrainer."""
+    # HF tokenizers loads only when a tokenizer is trained with it
     from tokenizers import Regex, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 

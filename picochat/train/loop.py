@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from picochat import checkpoint as ckpt
-from picochat.errors import ConfigError, UserError
+from picochat.errors import ConfigError, DataError, UserError
 from picochat.mfu import mfu_percent, peak_flops, peak_memory_bytes
 from picochat.optim.sharded import shard_optimizers
 from picochat.runtime import Dist, home, log0, seed_everything
@@ -101,10 +102,8 @@ def wandb_logger(run_name: str | None, project_stage: str, config: dict) -> Call
     if not run_name:
         return None
     try:
-        import wandb
+        import wandb  # optional dependency (pip install 'picochat[wandb]'), needed only with --wandb
     except ImportError as e:
-        from picochat.errors import ConfigError
-
         raise ConfigError("--wandb needs the wandb package: pip install 'picochat[wandb]'") from e
     run = wandb.init(project="picochat", name=run_name, group=project_stage,
                      config={k: v for k, v in config.items() if not k.startswith("_")})
@@ -142,8 +141,6 @@ def verify_shared_home(world: Dist) -> None:
     """
     if not world.enabled:
         return
-    import secrets
-
     nonce = [secrets.token_hex(8) if world.is_main else None]
     dist.broadcast_object_list(nonce)
     probe = home() / ".world-check" / f"{nonce[0]}.txt"
@@ -297,8 +294,6 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         """Restore weights, optimisers, data position, RNG and accumulators from a step directory."""
-        from picochat.errors import DataError
-
         state = ckpt.load_training_state(path)
         meta = ckpt.read_json_object(path / "meta.json")
         resharded = state["world_size"] != self.world.world_size
