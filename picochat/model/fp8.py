@@ -37,10 +37,10 @@ TILE = 16  # every dimension of a _scaled_mm operand is a multiple of this
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x scaled into dtype's range and cast, the fp32 scalar that undoes the scale)."""
+    """(x scaled into dtype's range and cast, row-major, and the fp32 scalar that undoes the scale)."""
     top = torch.finfo(dtype).max
     scale = (top / x.detach().abs().amax().double().clamp(min=1e-12)).float()
-    return (x.detach().float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+    return (x.detach().float() * scale).clamp(-top, top).to(dtype).contiguous(), scale.reciprocal()
 
 
 def column_major(t: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,13 @@ def test_the_decision(monkeypatch):
         fp8.fp8_decision("on", gpu)
     with pytest.raises(ConfigError, match="--fp8 'yes'"):
         fp8.fp8_decision("yes", cpu)
+
+
+def test_a_transposed_gradient_still_gives_row_major_operands():
+    torch.manual_seed(2)
+    q, _ = fp8.quantize(torch.randn(128, 64).t(), fp8.E5M2)  # a gradient can arrive as a transposed view
+    assert q.is_contiguous()
+    x = torch.randn(16, 128, requires_grad=True)
+    w = torch.randn(128, 128, requires_grad=True)
+    fp8._Float8Matmul.apply(x, w, torch.float32).backward(torch.randn(128, 16).t())
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
