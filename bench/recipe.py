@@ -62,7 +62,8 @@ same targets (interpolated linearly in log tokens between eval points), relative
 system's tokens; above 1 picochat needs fewer tokens. It is computed on the seed-mean curves.
 `--reuse FILE` takes the runs (seed, system, mode) a previous results file of the same
 configuration holds instead of running them again (run seed 1, then `--seeds 1 2 --reuse` its
-file); `--rerun pico` runs picochat again all the same, e.g. after a preset has changed.
+file); `--rerun pico` runs picochat again all the same, e.g. after a preset has changed, or with other
+`--pico-args` against the same reference runs.
 
 Every training and evaluation runs in its own process, one at a time, with `--threads`
 threads; both systems run with the OpenMP settings picochat makes on import. Prints the
@@ -680,14 +681,20 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--reference-dir {args.reference_dir}: no nanochat/gpt.py there; point it at a reference checkout")
 
 
+# Configuration keys that only one side's runs depend on: they may differ when that side is rerun.
+ONE_SIDE_KEYS = {"pico_args": ("pico",), "ref_compile": ("ref", "ref-rescaled")}
+
+
 def reused_runs(path: Path, config: dict, rerun: tuple[str, ...] = ()) -> dict[int, dict]:
     """{seed: {system: {mode: run}}} of a previous results file whose configuration (seeds, systems and
-    modes aside) is this one, less the systems in `rerun`. Each run keeps the file it came from."""
+    modes aside, and keys only rerun systems depend on, such as `--pico-args` with `--rerun pico`) is
+    this one, less the systems in `rerun`. Each run keeps the file it came from."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"--reuse {path}: not a readable results file ({e})") from e
-    differ = sorted(k for k in {*config, *saved.get("config", {})} - {"seeds", "systems", "modes"}
+    own = {k for k, systems in ONE_SIDE_KEYS.items() if set(systems) & set(config["systems"]) <= set(rerun)}
+    differ = sorted(k for k in {*config, *saved.get("config", {})} - {"seeds", "systems", "modes"} - own
                     if config.get(k) != saved.get("config", {}).get(k))
     if differ:
         raise ConfigError(f"--reuse {path}: its configuration differs in {', '.join(differ)}; "

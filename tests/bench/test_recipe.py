@@ -264,6 +264,15 @@ def test_reuse_takes_runs_by_system_and_mode_and_rerun_leaves_a_system_out(tmp_p
     assert got == {"pico": {"tokens": {"val_bpb": 1.7, "reused_from": str(path)}},
                    "ref-rescaled": {"tokens": {"val_bpb": 1.75, "reused_from": str(path)}}}
     assert recipe.reused_runs(path, config, rerun=("pico",))[1] == {"ref-rescaled": got["ref-rescaled"]}
+    # other --pico-args are fine when picochat runs again, not otherwise
+    path.write_text(json.dumps({"config": {"steps": 500, "pico_args": "--preset cpu", "systems": list(runs)},
+                                "runs": {"1": runs}}))
+    bestfit = {**config, "pico_args": "--preset cpu --loader bestfit"}
+    assert recipe.reused_runs(path, bestfit, rerun=("pico",))[1] == {"ref-rescaled": got["ref-rescaled"]}
+    with pytest.raises(recipe.ConfigError, match="differs in pico_args"):
+        recipe.reused_runs(path, bestfit)
+    with pytest.raises(recipe.ConfigError, match="differs in pico_args"):
+        recipe.reused_runs(path, {**bestfit, "systems": ["pico", "ref-rescaled"]}, rerun=("ref-rescaled",))
 
 
 def test_recipe_bench_flags_are_checked(tmp_path, capsys):
