@@ -54,6 +54,7 @@ from picochat.optim.sharded import shard_optimizers
 from picochat.runtime import Dist, home, log0, seed_everything
 
 LOSS_WEIGHTINGS = ("mean", "tokens")
+WARMUP_STEPS = 3  # each process's first steps pay for warm-up and compilation: not in train time or step time
 # The horizon the schedule sees while a time-budgeted run measures its throughput: far
 # enough that no schedule has started its decay.
 UNFIXED_HORIZON = 2**31
@@ -485,6 +486,7 @@ class Trainer:
     def _run(self, cfg: LoopConfig) -> dict:
         self.model.train()
         timed_steps, timed_s = 0, 0.0  # this process's timed steps (a resumed run's train_time holds earlier ones)
+        run_steps = 0  # steps this process has taken: its first ones pay for warm-up and compilation, resumed or not
         t_run = time.time()
         self._last_save = t_run
         elapsed_before = self.elapsed_s
@@ -510,9 +512,10 @@ class Trainer:
                 self._stop_on_nonfinite(step, outcome)
             self.step = step + 1
             self.elapsed_s = elapsed_before + time.time() - t_run
-            if step >= 3:  # the first steps pay for warm-up and compilation
+            if run_steps >= WARMUP_STEPS:
                 self.train_time += dt
                 timed_steps, timed_s = timed_steps + 1, timed_s + dt
+            run_steps += 1
             if (not self.horizon_fixed and timed_steps >= cfg.budget_measure_steps
                     and self.train_time >= cfg.budget_measure_fraction * cfg.time_budget_s):
                 self._fix_horizon(timed_steps, timed_s)
