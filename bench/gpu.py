@@ -18,6 +18,12 @@ The device batch is the largest of 1, 2, 4, ..., 32 that the plan says fits this
 (one process, so the optimiser state is not sharded), unless --batch is given.
 Prints a table and one JSON line, also written to --out (default
 $PICOCHAT_HOME/bench/gpu-<time>.json). Without a CUDA device it says so in one line and exits 2.
+
+`--device cpu` runs the same code on this machine's CPU, at the sizes you give it
+(`--seq-len`, `--vocab`, `--dtype`): a check that every part of the run works before a GPU's
+time is spent on it, not a measurement of a GPU. On a CPU the peak memory is the process's peak
+resident set (an upper bound on tensor memory), the MFU is against the CPU's measured matmul peak,
+and the decode roofline is "-" (no bandwidth entry for a CPU).
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,12 +44,39 @@ import torch
 from picochat.mfu import lookup_device, use_expandable_segments
 
 VOCAB, SEQ_LEN = 65536, 2048
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def pick_batch(config, capacity: int, cap: int) -> int:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a CPU is done when the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def capacity_bytes(device: torch.device) -> int:
+    """Memory the plan may fill: the GPU's, or this machine's RAM for --device cpu."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from machine import describe_machine
+
+    return f"CPU {describe_machine(device)['cpu_model']}"
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast for the matmuls; fp32 runs as it is."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def pick_batch(config, capacity: int, cap: int, compiled: bool = True) -> int:
     from picochat.plan import Shape, largest_batch
 
-    shape = Shape.from_config(config, 1, compiled=True, total_batch_tokens=1)  # one micro-batch per step
+    shape = Shape.from_config(config, 1, compiled=compiled, total_batch_tokens=1)  # one micro-batch per step
     return largest_batch(shape, capacity, [b for b in (1, 2, 4, 8, 16, 32) if b <= cap])
 
 
@@ -55,18 +90,21 @@ def recipe_parts(recipe: str) -> tuple[dict, object]:
 
 
 def train_row(depth: int, recipe: str, fp8: bool, batch: int | None, warmup: int, steps: int,
-              device: torch.device) -> tuple[dict, object]:
-    """Compiled bf16 (or fp8) training steps at one depth and recipe: tok/s, MFU, peak memory against the plan."""
-    from picochat.mfu import mfu_percent, peak_flops
+              device: torch.device, size: argparse.Namespace) -> tuple[dict, object]:
+    """Compiled bf16 (or fp8) training steps at one depth and recipe: tok/s, MFU, peak memory against the plan.
+
+    `size` holds the run's seq_len, vocab, dtype name and compile flag (the GPU defaults, or --device cpu's).
+    """
+    from picochat.mfu import mfu_percent, peak_flops, peak_memory_bytes
     from picochat.model.fp8 import convert_to_fp8
     from picochat.model.gpt import GPTConfig, build_model
     from picochat.optim import build_optimizers
     from picochat.plan import Shape, memory_terms
 
     arch, muon = recipe_parts(recipe)
-    config = GPTConfig.from_depth(depth, VOCAB, max_seq_len=SEQ_LEN, **arch)
-    capacity = torch.cuda.get_device_properties(device).total_memory
-    B = batch or pick_batch(config, capacity, 32)
+    T, dtype = size.seq_len, DTYPES[size.dtype]
+    config = GPTConfig.from_depth(depth, size.vocab, max_seq_len=T, **arch)
+    B = batch or pick_batch(config, capacity_bytes(device), 32, size.compile)
     head = {"depth": depth, "recipe": recipe, "fp8": fp8}
     if B < 1:
         return {**head, "error": "the plan says no batch fits this device"}, None
@@ -75,12 +113,12 @@ def train_row(depth: int, recipe: str, fp8: bool, batch: int | None, warmup: int
     if fp8:
         convert_to_fp8(model)
     optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, muon_options=muon)
-    compiled = torch.compile(model, dynamic=False)
-    x = torch.randint(0, VOCAB, (B, SEQ_LEN), device=device)
-    y = torch.randint(0, VOCAB, (B, SEQ_LEN), device=device)
+    compiled = torch.compile(model, dynamic=False) if size.compile else model
+    x = torch.randint(0, size.vocab, (B, T), device=device)
+    y = torch.randint(0, size.vocab, (B, T), device=device)
 
     def step() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(device, dtype):
             loss = compiled(x, y)
         loss.backward()
         for opt in optimizers:
@@ -91,20 +129,22 @@ def train_row(depth: int, recipe: str, fp8: bool, batch: int | None, warmup: int
     t0 = time.time()
     for _ in range(warmup):  # compilation happens here
         step()
-    torch.cuda.synchronize()
+    sync(device)
     compile_s = time.time() - t0
-    torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
     for _ in range(steps):
         loss = step()
-    torch.cuda.synchronize()
+    sync(device)
     dt = (time.time() - t0) / steps
-    tok_s = B * SEQ_LEN / dt
-    planned = sum(memory_terms(Shape.from_config(config, B, compiled=True, total_batch_tokens=B * SEQ_LEN)).values())
-    peak = torch.cuda.max_memory_allocated(device)
+    tok_s = B * T / dt
+    shape = Shape.from_config(config, B, compiled=size.compile, total_batch_tokens=B * T)
+    planned = sum(memory_terms(shape).values())
+    peak = peak_memory_bytes(device)
     row = {**head, "params": model.num_params(), "batch": B, "compile_s": round(compile_s, 1),
            "step_ms": round(1000 * dt, 1), "tok_per_s": round(tok_s),
-           "mfu": mfu_percent(model.flops_per_token(), tok_s, peak_flops(device, torch.bfloat16), 1),
+           "mfu": mfu_percent(model.flops_per_token(), tok_s, peak_flops(device, dtype), 1),
            "peak_mem_gib": peak / 2**30, "plan_mem_gib": planned / 2**30, "mem_vs_plan": peak / planned,
            "loss": float(loss)}
     return row, (model, optimizers)  # the compiled graph and the batch are freed here
@@ -123,25 +163,29 @@ def hbm_bandwidth(name: str) -> float:
 
 
 @torch.no_grad()
-def decode_row(model, device: torch.device, prompt: int = 128, new: int = 128) -> dict:
-    """Greedy decoding of one sequence with bf16 weights and a KV cache; tok/s against the HBM roofline."""
+def decode_row(model, device: torch.device, dtype: torch.dtype = torch.bfloat16, prompt: int = 128,
+               new: int = 128) -> dict:
+    """Greedy decoding of one sequence with weights in `dtype` and a KV cache; tok/s against the HBM roofline."""
     from picochat.model.kv_cache import KVCache
 
     c = model.config
-    m = copy.deepcopy(model).to(torch.bfloat16).eval()
-    cache = KVCache(1, c.n_layer, c.n_kv_head, c.head_dim, prompt + new + 1, device=device, dtype=torch.bfloat16)
+    prompt = min(prompt, c.sequence_len // 2)
+    new = min(new, c.sequence_len - prompt - 1)
+    m = copy.deepcopy(model).to(dtype).eval()
+    cache = KVCache(1, c.n_layer, c.n_kv_head, c.head_dim, prompt + new + 1, device=device, dtype=dtype)
     ids = torch.randint(0, c.vocab_size, (1, prompt), device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16):  # the norms return fp32; matmuls stay bf16
+    with autocast(device, dtype):  # the norms return fp32; matmuls stay in dtype
         tok = m(ids, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)  # prefill
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.time()
         for _ in range(new):
             tok = m(tok, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
+        sync(device)
     tok_s = new / (time.time() - t0)
     lookups = sum(e.weight.numel() for e in model.modules() if isinstance(e, torch.nn.Embedding))
-    weight_bytes = 2 * (model.num_params() - lookups)  # every bf16 weight but the embedding tables
-    roofline = hbm_bandwidth(torch.cuda.get_device_name(device)) / weight_bytes
+    weight_bytes = dtype.itemsize * (model.num_params() - lookups)  # every weight but the embedding tables
+    bandwidth = hbm_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("nan")
+    roofline = bandwidth / weight_bytes
     del m, cache
     return {"decode_tok_per_s": round(tok_s, 1), "decode_roofline_tok_per_s": round(roofline, 1),
             "decode_vs_roofline": tok_s / roofline}
@@ -154,7 +198,7 @@ def checkpoint_row(model, optimizers, directory: Path, device: torch.device) -> 
 
     tokenizer = Tokenizer.train(["a small text to give the checkpoint a tokenizer"] * 50, vocab_size=300)
     state = {"optimizers": [o.state_dict() for o in optimizers]}
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.time()
     path = ckpt.save_checkpoint(directory, 1, model, tokenizer, {"stage": "bench"}, state)
     save_s = time.time() - t0
@@ -162,13 +206,15 @@ def checkpoint_row(model, optimizers, directory: Path, device: torch.device) -> 
     t0 = time.time()
     ckpt.load_checkpoint_dir(path, device)
     ckpt.load_training_state(path)
-    torch.cuda.synchronize()
+    sync(device)
     load_s = time.time() - t0
     shutil.rmtree(directory, ignore_errors=True)
     return {"ckpt_gb": size / 1e9, "save_s": round(save_s, 2), "load_s": round(load_s, 2)}
 
 
 def fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return "-" if math.isnan(v) else f"{v:,.2f}"
     return f"{v:,}" if isinstance(v, int) else str(v)
@@ -185,42 +231,57 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps, compilation included (default 3)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--out", default=None, help="JSON output (default $PICOCHAT_HOME/bench/gpu-<time>.json)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: run the same code on this CPU to check it works, not to measure a GPU (default cuda)")
+    size = p.add_argument_group("sizes (the GPU run's defaults; smaller ones for --device cpu)")
+    size.add_argument("--seq-len", type=int, default=SEQ_LEN, help=f"tokens per row (default {SEQ_LEN})")
+    size.add_argument("--vocab", type=int, default=VOCAB, help=f"vocabulary (default {VOCAB:,})")
+    size.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="compute dtype (default bf16)")
+    size.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                      help="torch.compile the training step (default on)")
     args = p.parse_args()
+    for flag in ("steps", "seq_len", "vocab"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     use_expandable_segments()  # before CUDA is initialised, as the training commands do
-    if not torch.cuda.is_available():
-        print("bench/gpu.py: no CUDA device on this machine; run it where torch.cuda.is_available() is True",
-              file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA device on this machine; run it where torch.cuda.is_available() is True "
+              "(or check the code path on this CPU with --device cpu and small sizes)", file=sys.stderr)
         return 2
     from picochat.runtime import home
 
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    name = device_name(device)
     t_all = time.time()
     rows = []
-    if args.fp8 and torch.cuda.get_device_capability(device) < (8, 9):
+    if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         print("bench/gpu.py: --fp8 needs FP8 tensor cores (compute capability 8.9+); this GPU has "
               f"{torch.cuda.get_device_capability(device)}", file=sys.stderr)
         return 2
     for depth in args.depths:
         for recipe in args.recipes:
             for fp8 in (False, True) if args.fp8 else (False,):
-                row, parts = train_row(depth, recipe, fp8, args.batch, args.warmup, args.steps, device)
+                row, parts = train_row(depth, recipe, fp8, args.batch, args.warmup, args.steps, device, args)
                 if parts is not None and not fp8:  # decode and checkpoints do not depend on fp8
                     model, optimizers = parts
-                    row.update(decode_row(model, device))
+                    row.update(decode_row(model, device, DTYPES[args.dtype]))
                     row.update(checkpoint_row(model, optimizers, home() / "bench" / f".gpu-ckpt-{depth}", device))
                     del model, optimizers
                 del parts
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 rows.append(row)
                 print(f"depth {depth} recipe {recipe}{' fp8' if fp8 else ''} done after {time.time() - t_all:.0f}s",
                       flush=True)
     cols = ["depth", "recipe", "fp8", "batch", "compile_s", "step_ms", "tok_per_s", "mfu", "peak_mem_gib", "plan_mem_gib",
             "mem_vs_plan", "decode_tok_per_s", "decode_roofline_tok_per_s", "decode_vs_roofline", "save_s", "load_s"]
-    print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {time.time() - t_all:.0f}s in all")
+    print(f"\n{name}, torch {torch.__version__}, {args.dtype}, T={args.seq_len}, vocab {args.vocab:,}, "
+          f"{'compiled' if args.compile else 'eager'}, {time.time() - t_all:.0f}s in all")
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(fmt(r.get(c, "-")) for c in cols))
-    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "seconds": time.time() - t_all,
+    result = {"device": name, "torch": torch.__version__, "dtype": args.dtype, "seq_len": args.seq_len,
+              "vocab": args.vocab, "compiled": args.compile, "seconds": time.time() - t_all,
               "rows": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]}
     out = Path(args.out) if args.out else home() / "bench" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

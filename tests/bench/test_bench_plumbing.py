@@ -4,6 +4,7 @@ results file, and one tiny end-to-end run of bench/infer.py (a stand-in referenc
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -207,3 +208,30 @@ def test_gpu_bench_builds_each_recipe_as_base_train_does_and_needs_cuda():
         run = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--depths", "2", "--recipes", "2026", "--fp8"],
                              capture_output=True, text=True, timeout=120, check=False)
         assert run.returncode == 2 and "no CUDA device" in run.stderr
+
+
+def test_gpu_bench_runs_every_part_on_a_cpu_at_small_sizes(tmp_path, picochat_home):
+    """--device cpu runs the GPU script's own code (training rows for both recipes with and without fp8,
+    decode, checkpoint save/load) so that a broken part shows here, not on a rented GPU."""
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(BENCH / "gpu.py"), "--device", "cpu", "--depths", "2", "--recipes", "2025", "2026",
+           "--fp8", "--seq-len", "32", "--vocab", "300", "--dtype", "fp32", "--no-compile", "--warmup", "1",
+           "--steps", "1", "--batch", "2", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "PICOCHAT_HOME": str(picochat_home)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == result
+    assert result["device"].startswith("CPU") and result["dtype"] == "fp32" and result["compiled"] is False
+    rows = result["rows"]
+    assert [(r["recipe"], r["fp8"]) for r in rows] == [("2025", False), ("2025", True), ("2026", False), ("2026", True)]
+    for r in rows:
+        assert r["batch"] == 2 and r["tok_per_s"] > 0 and math.isfinite(r["loss"]) and r["peak_mem_gib"] > 0
+        assert r["plan_mem_gib"] > 0 and "error" not in r
+    for r in rows[0], rows[2]:  # decode and checkpoints run once per model, without fp8
+        assert r["decode_tok_per_s"] > 0 and r["decode_roofline_tok_per_s"] is None  # no bandwidth entry for a CPU
+        assert r["save_s"] >= 0 and r["load_s"] >= 0 and r["ckpt_gb"] > 0
+    assert not any(p.name.startswith(".gpu-ckpt") for p in (picochat_home / "bench").iterdir())
+    bad = subprocess.run(cmd[:2] + ["--device", "cpu", "--steps", "0"], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
