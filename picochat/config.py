@@ -342,11 +342,6 @@ def architecture_options(args: Any) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ARCHITECTURE_FIELDS if getattr(args, k, None) is not None}
 
 
-def add_architecture_arguments(group: argparse._ActionsContainer) -> None:
-    """--value-embeds, --smear, --window-pattern SSSL, ...: the model's options, in `group`."""
-    ArchitectureOptions.add_arguments(group, container=group)
-
-
 def add_preset_argument(parser: argparse.ArgumentParser, default: str | None = None, recipe: bool = False) -> None:
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default=default,

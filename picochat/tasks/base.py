@@ -21,8 +21,6 @@ from typing import Any
 
 from picochat.errors import DataError
 
-EVAL_TYPES = ("categorical", "generative")
-
 
 class Task:
     """A sequence of conversations with an optional grader.

@@ -46,8 +46,6 @@ CL100K_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 ENDOFTEXT = "<|endoftext|>"
-GPT2_N_RANKS = 50256
-CL100K_N_RANKS = 100256
 
 # A single-quoted JavaScript string literal, escapes included.
 _JS_STRING = re.compile(r"'((?:[^'\\]|\\.)*)'", re.DOTALL)
