@@ -40,6 +40,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from results import default_out, write_results
 
 from picochat.mfu import lookup_device, use_expandable_segments
 
@@ -220,6 +221,13 @@ def fmt(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def results(name: str, args: argparse.Namespace, rows: list[dict], seconds: float) -> dict:
+    """The JSON record: the device, the sizes, and every row (NaN as null)."""
+    return {"device": name, "torch": torch.__version__, "dtype": args.dtype, "seq_len": args.seq_len,
+            "vocab": args.vocab, "compiled": args.compile, "seconds": seconds,
+            "rows": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depths", type=int, nargs="+", default=[12, 20], help="model depths (default 12 20)")
@@ -252,6 +260,7 @@ def main() -> int:
 
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     name = device_name(device)
+    out = Path(args.out) if args.out else default_out("gpu")
     t_all = time.time()
     rows = []
     if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
@@ -271,8 +280,11 @@ def main() -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 rows.append(row)
-                print(f"depth {depth} recipe {recipe}{' fp8' if fp8 else ''} done after {time.time() - t_all:.0f}s",
-                      flush=True)
+                result = results(name, args, rows, time.time() - t_all)
+                if not write_results(out, result):  # every row so far, in case a time limit stops the run
+                    return 1
+                print(f"depth {depth} recipe {recipe}{' fp8' if fp8 else ''} done after {time.time() - t_all:.0f}s "
+                      f"({len(rows)} rows in {out})", flush=True)
     cols = ["depth", "recipe", "fp8", "batch", "compile_s", "step_ms", "tok_per_s", "mfu", "peak_mem_gib", "plan_mem_gib",
             "mem_vs_plan", "decode_tok_per_s", "decode_roofline_tok_per_s", "decode_vs_roofline", "save_s", "load_s"]
     print(f"\n{name}, torch {torch.__version__}, {args.dtype}, T={args.seq_len}, vocab {args.vocab:,}, "
@@ -280,14 +292,10 @@ def main() -> int:
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(fmt(r.get(c, "-")) for c in cols))
-    result = {"device": name, "torch": torch.__version__, "dtype": args.dtype, "seq_len": args.seq_len,
-              "vocab": args.vocab, "compiled": args.compile, "seconds": time.time() - t_all,
-              "rows": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]}
-    out = Path(args.out) if args.out else home() / "bench" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-    return 0
+    result = results(name, args, rows, time.time() - t_all)
+    written = write_results(out, result)
+    print(json.dumps(result))  # the last line, as every benchmark ends
+    return 0 if written else 1
 
 
 if __name__ == "__main__":

@@ -251,3 +251,19 @@ def test_gpu_bench_runs_every_part_on_a_cpu_at_small_sizes(tmp_path, picochat_ho
     bad = subprocess.run(cmd[:4] + ["--device", "cpu", "--steps", "0"], capture_output=True, text=True, timeout=60,
                          check=False)
     assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_every_step_with_its_flags(tmp_path, picochat_home):
+    """bench/gpu_session.sh is what a machine with a GPU runs, once and within its time: SMOKE=1 runs
+    the same commands and flags on this CPU at tiny sizes, so a wrong flag or a broken step shows here."""
+    out = tmp_path / "session"
+    env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "PICOCHAT_HOME": str(picochat_home)}
+    run = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(out)], cwd=BENCH.parent, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary] == ["gpu-d12", "gpu-d20", "train-d12", "infer-d12"], run.stdout[-3000:]
+    assert run.returncode == 0 and all(" rc=0 " in line for line in summary), (summary, run.stdout[-3000:])
+    assert len(json.loads((out / "gpu-d12.json").read_text())["rows"]) == 4  # 2 recipes x (bf16, fp8)
+    assert json.loads((out / "train-d12.json").read_text())["rows"]
+    assert json.loads((out / "infer-d12.json").read_text())["engines"]["picochat"]
