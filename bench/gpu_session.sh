@@ -7,8 +7,9 @@
 # Runs from the repository root with the machine's own python3 and torch (nothing is installed:
 # picochat is put on PYTHONPATH). In order of importance, each with its own time limit so that a
 # slow step cannot starve the rest:
-#   1. bench/gpu.py at depth 12, recipes 2025 and 2026, bf16 and fp8: MFU, peak memory against
-#      `picochat plan`, decode against the HBM roofline, checkpoint save/load;
+#   1. bench/gpu.py at depth 12, recipes 2026 then 2025, bf16 and fp8 (rows are saved as they
+#      finish): MFU, peak memory against `picochat plan`, decode against the HBM roofline,
+#      checkpoint save/load;
 #   2. bench/gpu.py at depth 20 (the d20 preset's recipe, 2025);
 #   3. bench/train.py at depth 12 on the GPU (picochat compiled bf16; the reference's row too when a
 #      checkout is given);
@@ -55,7 +56,7 @@ else
 fi
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$out/torch.txt"
 
-step gpu-d12 220 "$py" bench/gpu.py "${d12[@]}" --recipes 2025 2026 --fp8 "${gpu_sizes[@]}" --out "$out/gpu-d12.json"
+step gpu-d12 220 "$py" bench/gpu.py "${d12[@]}" --recipes 2026 2025 --fp8 "${gpu_sizes[@]}" --out "$out/gpu-d12.json"
 step gpu-d20 100 "$py" bench/gpu.py "${d20[@]}" --recipes 2025 "${gpu_sizes[@]}" --out "$out/gpu-d20.json"
 
 train_ref=(--skip-reference)
