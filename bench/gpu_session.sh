@@ -16,6 +16,8 @@
 #   4. bench/infer.py at depth 12 on the GPU in bf16 (engine rows; the server and its soak when
 #      fastapi and uvicorn can be imported, which a bare GPU image may not have).
 # Each step's log and JSON go to OUTDIR (default ./gpu-session); a summary of exit codes ends the run.
+# Where only the repository is copied to the GPU machine, put the reference checkout in a git-ignored
+# folder inside it (for example .ref/nanochat, listed in .git/info/exclude) and pass that path.
 set -uo pipefail
 
 out=${1:-${OUT:-$PWD/gpu-session}}
