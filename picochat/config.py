@@ -164,14 +164,16 @@ STAGES = ("base", "mid", "sft", "rl")
 
 
 def option(default: Any, help: str, *, group: str | None = None, choices: Any = None, metavar: str | None = None,
-           store_true: bool = False, cli: bool = True, parse: Any = None, short: str | None = None) -> Any:
+           store_true: bool = False, cli: bool = True, parse: Any = None, short: str | None = None,
+           minimum: float | None = None) -> Any:
     """A field of an Options dataclass: its default, one line of help (the default is appended unless the
     line speaks of it), the help group it is listed under (None: the command's own), the values it may
     take, whether it is a flag at all (cli=False: set by the program), how the command line's text
-    is read (default: the field's type) and a one-letter flag beside the long one (e.g. "-n")."""
+    is read (default: the field's type), a one-letter flag beside the long one (e.g. "-n") and the
+    smallest value allowed (checked wherever the value came from: flag, preset or code)."""
     return dataclasses.field(default=default, metadata={
         "help": help, "group": group, "choices": tuple(choices) if choices else None, "metavar": metavar,
-        "store_true": store_true, "cli": cli, "parse": parse, "short": short})
+        "store_true": store_true, "cli": cli, "parse": parse, "short": short, "minimum": minimum})
 
 
 # The order of help groups in `--help` (others before "runtime", which is listed last).
@@ -213,6 +215,9 @@ class Options:
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} is not one of {', '.join(map(str, choices))}")
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and value is not None and value < minimum:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be >= {minimum:g}, got {value}")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ActionsContainer,
@@ -326,7 +331,7 @@ class ModelOptions(ArchitectureOptions):
     aspect_ratio: int = option(64, "width = depth * aspect ratio, rounded up to --head-dim", group="model")
     head_dim: int = option(128, "attention head dimension", group="model")
     n_kv_head: int | None = option(None, "key/value heads for grouped-query attention (default: all)", group="model")
-    max_seq_len: int = option(2048, "context length T", group="model")
+    max_seq_len: int = option(2048, "context length T", group="model", minimum=1)
 
     def model_config(self, vocab_size: int, depth: int | None = None):
         """The GPTConfig these options describe (at `depth` instead of --depth if given, every head for k/v)."""

@@ -276,7 +276,7 @@ class PlanConfig(ModelOptions):
 
     preset: str | None = option(None, "the --preset the options came from", cli=False)
     vocab_size: int = option(65536, "tokenizer vocabulary size", group=SIZE)
-    device_batch_size: int = option(32, "sequences per micro-batch per device", group=SIZE)
+    device_batch_size: int = option(32, "sequences per micro-batch per device", group=SIZE, minimum=1)
     total_batch_size: int = option(524288, "tokens per optimiser step (-1: automatic, as base-train)", group=SIZE)
     num_iterations: int = option(-1, "optimiser steps (default: from the data ratio)", group=SIZE)
     target_param_data_ratio: float = option(20.0, "tokens per scaling parameter", group=SIZE)

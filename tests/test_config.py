@@ -134,6 +134,17 @@ def test_an_enumeration_outside_its_choices_is_a_one_line_error_naming_the_flag(
     assert message.startswith(f"--{field.replace('_', '-')} {value!r} is not one of") and "\n" not in message
 
 
+@pytest.mark.parametrize(("stage", "field"), [
+    (BaseTrainConfig, "device_batch_size"), (MidConfig, "device_batch_size"), (SFTConfig, "device_batch_size"),
+    (SFTConfig, "examples_per_step"), (RLConfig, "device_batch_size"), (PlanConfig, "device_batch_size"),
+    (BaseTrainConfig, "max_seq_len")])
+def test_a_size_below_its_minimum_is_a_one_line_error_naming_the_flag(stage, field):
+    with pytest.raises(ConfigError) as e:  # a zero batch used to end in a ZeroDivisionError traceback
+        stage.defaults(**{field: 0})
+    assert str(e.value) == f"--{field.replace('_', '-')} must be >= 1, got 0"
+    assert getattr(stage.defaults(**{field: 1}), field) == 1
+
+
 def test_an_enumeration_from_a_preset_is_checked_too(monkeypatch):
     monkeypatch.setitem(PRESETS, "broken", {"loader": "shuffled"})
     with pytest.raises(ConfigError, match="--loader 'shuffled' is not one of packed, bestfit"):

@@ -57,7 +57,7 @@ class BaseTrainConfig(ModelOptions, LoopOptions):
     PRETRAINING: ClassVar[bool] = True
 
     recipe: str | None = option(None, "the --recipe the options came from", cli=False)
-    device_batch_size: int = option(32, "sequences per micro-batch per process", group=BATCH)
+    device_batch_size: int = option(32, "sequences per micro-batch per process", group=BATCH, minimum=1)
     total_batch_size: int = option(
         524288, "tokens per optimiser step (all processes, all micro-batches); -1: 2^19 x (D / D_ref)^0.383 "
         "rounded to a power of 2, D the horizon's tokens, D_ref a depth-12 model's at the same ratio", group=BATCH)

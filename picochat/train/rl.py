@@ -159,7 +159,7 @@ class RLConfig(ParentOptions, StageOptions):
     max_new_tokens: int = option(256, "tokens per completion", group=ROLL)
     temperature: float = option(1.0, "sampling temperature", group=ROLL)
     top_k: int = option(50, "sample among the k most likely tokens", group=ROLL)
-    device_batch_size: int = option(8, "rows per sampling batch and per forward/backward", group=ROLL)
+    device_batch_size: int = option(8, "rows per sampling batch and per forward/backward", group=ROLL, minimum=1)
     init_lr_frac: float = option(0.05, "LR at step 0 as a fraction of the base LRs", group=OPTIM)
     eval_every: int = option(60, "pass@k eval every N steps (<=0: at the end only)", group=SAVE)
     eval_problems: int = option(400, "held-out test problems per eval, 0 = no eval", group=SAVE)
