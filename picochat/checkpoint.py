@@ -111,7 +111,7 @@ def save_checkpoint(
     state: dict | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write step_<step> atomically (call on rank 0 only); prune to the newest `keep_last`."""
+    """Write step_<step> atomically (call on rank 0 only); keep it and the `keep_last`-1 steps before it."""
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".step_*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -145,7 +145,11 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     if keep_last:
-        for old in list_steps(directory)[:-keep_last]:
+        # Keep this step and the keep_last-1 before it. Higher steps are an earlier run's under the same
+        # tag (this one started fresh or from an older step): left there, --resume would continue them.
+        steps = list_steps(directory)
+        older = [s for s in steps if s < step]
+        for old in older[:max(0, len(older) - (keep_last - 1))] + [s for s in steps if s > step]:
             shutil.rmtree(directory / f"step_{old}", ignore_errors=True)
     return final
 

@@ -332,6 +332,11 @@ class Trainer:
         if self.cfg.time_budget_s > 0 and state["loop"].get("horizon_fixed"):
             # The horizon the first run measured and fixed: the schedule continues exactly.
             self.num_iterations, self.horizon_fixed = state["loop"]["num_iterations"], True
+        if self.horizon_fixed and self.step > self.num_iterations:
+            raise ConfigError(
+                f"{path} is at step {self.step}, past this run's horizon of {self.num_iterations} steps (a schedule "
+                f"cannot continue beyond its end): resume with a horizon of at least {self.step} steps "
+                "(--num-iterations or the flags that set it) or start a new run under another --tag")
         log0(f"resumed from {path} at step {self.step}"
              + (f" (horizon {self.num_iterations} steps, fixed by the time budget)"
                 if self.cfg.time_budget_s > 0 and self.horizon_fixed else ""))
@@ -478,6 +483,10 @@ class Trainer:
             log0("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
 
         signal.signal(signal.SIGINT, on_sigint)
+        earlier = ckpt.list_steps(self.ckpt_dir) if self.step == 0 and self.world.is_main else []
+        if earlier:
+            log0(f"note: {self.ckpt_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, earlier))}); "
+                 "this fresh run replaces them as it saves (continue that run instead with --resume)")
         try:
             return self._run(cfg)
         finally:
@@ -492,12 +501,12 @@ class Trainer:
         elapsed_before = self.elapsed_s
         while True:
             step = self.step
-            last = step == self.num_iterations
+            last = step >= self.num_iterations
             self._eval_and_sample(step, last)
             if last:
                 self.metrics["train_time_s"] = self.train_time
-                self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + time.time() - t_run
                 self.elapsed_s = elapsed_before + time.time() - t_run
+                self.metrics["wall_time_s"] = self.elapsed_s  # every process of this training, resumed or not
                 self.save()
                 break
             lrm, mom = self._set_hyperparameters(step)
@@ -516,8 +525,7 @@ class Trainer:
                 self.train_time += dt
                 timed_steps, timed_s = timed_steps + 1, timed_s + dt
             run_steps += 1
-            if (not self.horizon_fixed and timed_steps >= cfg.budget_measure_steps
-                    and self.train_time >= cfg.budget_measure_fraction * cfg.time_budget_s):
+            if not self.horizon_fixed and self._budget_measured(timed_steps):
                 self._fix_horizon(timed_steps, timed_s)
             self._log_step(step, outcome, dt, lrm, mom, timed_steps and timed_s / timed_steps)
             periodic = cfg.save_every > 0 and self.step % cfg.save_every == 0
@@ -528,6 +536,21 @@ class Trainer:
                 log0(f"stopped at step {self.step}; continue with --resume")
                 return {"step": self.step, "stopped": True, **self.metrics}
         return {"step": self.step, "stopped": False, **self.metrics}
+
+    def _budget_measured(self, timed_steps: int) -> bool:
+        """Time budget: enough steps timed and enough of the budget spent to fix the horizon now.
+
+        Decided from the largest train time of any rank, so that every rank fixes the horizon (a
+        collective) at the same step; each rank's own clock could cross the threshold a step apart.
+        """
+        if timed_steps < self.cfg.budget_measure_steps:
+            return False
+        spent = self.train_time
+        if self.world.enabled:  # one small all-reduce per step, only until the horizon is fixed
+            t = torch.tensor([spent], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            spent = t.item()
+        return spent >= self.cfg.budget_measure_fraction * self.cfg.time_budget_s
 
     def _fix_horizon(self, timed_steps: int, timed_s: float) -> None:
         """Time budget: the horizon that spends what is left of the budget at the step time measured here."""

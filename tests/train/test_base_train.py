@@ -99,6 +99,39 @@ def test_eta_after_a_resume_uses_the_step_time_measured_since(tiny_home, monkeyp
         assert r["eta_s"] == pytest.approx((12 - r["step"]) * r["dt"]), r
 
 
+def test_wall_time_counts_every_process_of_a_resumed_run(tiny_home, monkeypatch):
+    """meta's wall_time_s (the report's training time) is the loop time of the whole training, the time
+    before the resume included; it used to hold only the resumed process's."""
+    clock = itertools.count(0.0, 0.5)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: next(clock)))
+    args = TINY + ["--num-iterations", "12", "--save-every", "4", "--keep-last", "5", "--tag", "wall"]
+    assert main(args) == 0
+    run = ckpt.run_dir("base", "wall")
+    straight = ckpt.read_json_object(run / "step_12" / "meta.json")["metrics"]["wall_time_s"]
+    for step in (8, 12):
+        shutil.rmtree(run / f"step_{step}")
+    before = ckpt.load_training_state(run / "step_4")["loop"]["elapsed_s"]
+    assert before > 0
+    assert main(args + ["--resume"]) == 0
+    resumed = ckpt.read_json_object(run / "step_12" / "meta.json")["metrics"]["wall_time_s"]
+    assert resumed == ckpt.load_training_state(run / "step_12")["loop"]["elapsed_s"]
+    # On the fake clock every step takes as long in either process: the resumed training's total is the
+    # straight one's (the resumed process alone took about straight - before).
+    assert resumed == pytest.approx(straight, rel=0.1) and resumed > straight - before + 1
+
+
+def test_resume_past_the_horizon_is_a_clear_error(tiny_home, capsys):
+    """A checkpoint beyond the horizon used to train on forever with a negative learning rate."""
+    args = TINY + ["--save-every", "4", "--keep-last", "5", "--tag", "past"]
+    assert main(args + ["--num-iterations", "8"]) == 0
+    assert main(args + ["--num-iterations", "6", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "step_8 is at step 8, past this run's horizon of 6 steps" in err and "--num-iterations" in err
+    assert ckpt.list_steps(ckpt.run_dir("base", "past")) == [4, 8]  # nothing written
+    assert main(args + ["--num-iterations", "8", "--resume"]) == 0  # at the horizon: evaluates and saves again
+    assert ckpt.list_steps(ckpt.run_dir("base", "past")) == [4, 8]
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tiny_home):
     """Kill the training process hard (possibly mid-save), resume, and match an uninterrupted run."""

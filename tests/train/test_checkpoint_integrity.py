@@ -144,3 +144,20 @@ def test_a_command_loading_flipped_weights_says_so_in_one_line(picochat_home: Pa
     assert main(["export", "--out", str(picochat_home / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "model.safetensors does not match its checksum" in err and "\n" not in err
+
+
+def test_pruning_keeps_the_step_just_written_and_drops_an_earlier_runs_higher_steps(picochat_home: Path):
+    """keep_last counts back from the step just saved. A fresh run under a tag that holds an earlier run's
+    steps 8 and 12 used to delete its own step 4 (the newest two were 8 and 12), and --resume then
+    continued the earlier run."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    run = picochat_home / "run"
+    for step in (8, 12):
+        ckpt.save_checkpoint(run, step, model, tok, {}, state={"x": torch.zeros(1)}, keep_last=2)
+    assert ckpt.list_steps(run) == [8, 12]
+    ckpt.save_checkpoint(run, 4, model, tok, {}, state={"x": torch.zeros(1)}, keep_last=2)
+    assert ckpt.list_steps(run) == [4]
+    for step in (5, 6, 7):
+        ckpt.save_checkpoint(run, step, model, tok, {}, state={"x": torch.zeros(1)}, keep_last=2)
+    assert ckpt.list_steps(run) == [6, 7]
