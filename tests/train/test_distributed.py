@@ -78,6 +78,8 @@ def train_once(rank: int, world: int, port: int, home: str, out: str, weighting:
                                   **(ARCH_2026 if modern else {}))
     model = build_model(config, torch.device("cpu"))
     broadcast_parameters(model)
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, out + ".init")
     muon = MuonOptions("polar_express", row_equilibration=True, renormalize=True, normuon_beta2=0.9,
                        cautious_weight_decay=True) if modern else None
     opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, muon_options=muon,
@@ -100,10 +102,18 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(tiny_home, weighting
     for world, out in ((1, one), (2, two)):
         mp.start_processes(train_once, args=(world, free_port(), str(tiny_home), out, weighting, recipe), nprocs=world,
                            start_method="spawn")
-    a, b = torch.load(one), torch.load(two)
+    a, b, init = torch.load(one), torch.load(two), torch.load(one + ".init")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        if recipe == "2025":
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            # The 2026 model's scalars and value embeddings are AdamW-trained with gradients near zero in
+            # places, where Adam turns last-bit differences between the runs' kernels into visible ones
+            # (7e-4 of the update on an AVX2-only CPU, 0 on an AVX-512 one). A sync or sharding mistake
+            # changes the update itself: the two updates must agree to 1%.
+            update = (a[k] - init[k]).float().norm()
+            assert (a[k] - b[k]).float().norm() <= 1e-2 * update + 1e-7, (k, float(update))
     # Two ranks agree on the saved checkpoint too.
     assert (tiny_home / "checkpoints" / "base" / "w2" / f"step_{STEPS}" / "model.safetensors").exists()
     # The logged loss and supervised tokens are the whole step's, whatever the world size.
@@ -242,3 +252,59 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tiny_home, capsys):
     assert "resuming 2 processes' checkpoint on 1" in out
     meta = json.loads((run / "step_8" / "meta.json").read_text())
     assert meta["world_size"] == 1 and meta["step"] == 8
+
+
+def train_on_budget(rank: int, world: int, port: int, home: str) -> None:
+    """A time-budgeted run whose ranks read clocks at different speeds (rank 1's steps look twice as long)."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
+    torch.set_num_threads(1)
+    import itertools
+    from types import SimpleNamespace
+
+    from picochat.model.gpt import GPTConfig, build_model
+    from picochat.optim import build_optimizers
+    from picochat.optim.distributed import broadcast_parameters
+    from picochat.runtime import init_distributed, seed_everything, shutdown_distributed
+    from picochat.tokenizer import Tokenizer
+    from picochat.train import loop
+
+    clock = itertools.count(0.0, 0.25 * (rank + 1))
+    loop.time = SimpleNamespace(time=lambda: next(clock))
+    world_info = init_distributed("cpu")
+    seed_everything(0)
+    tok = Tokenizer.load(Path(home) / "tokenizer")
+    model = build_model(GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16), "cpu")
+    broadcast_parameters(model)
+    opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    batches = FixedBatches(make_batches(tok.vocab_size, 200, 2), rank, world)
+    # The measurement ends once 10% of the budget is spent in timed steps: rank 1's clock gets there
+    # steps before rank 0's.
+    cfg = loop.LoopConfig(stage="base", tag="budget", num_iterations=0, grad_accum_steps=1, tokens_per_step=2 * 2 * 16,
+                     time_budget_s=20.0, budget_measure_steps=2, budget_measure_fraction=0.1)
+    trainer = loop.Trainer(model, opts, batches, cfg, world_info, tok, lr_multiplier=lambda s, n: 1.0,
+                           momentum=lambda s: 0.9)
+    result = trainer.run()
+    (Path(home) / f"budget{rank}.json").write_text(json.dumps({"step": result["step"],
+                                                               "horizon": trainer.num_iterations}))
+    shutdown_distributed()
+
+
+def test_a_time_budget_fixes_one_horizon_at_the_same_step_on_every_rank(tiny_home):
+    """Fixing the horizon is a collective: decided per rank, the ranks whose clock crossed the threshold
+    first entered it while the others were in the next step's all-reduce (a mismatch or a hang)."""
+    ctx = mp.start_processes(train_on_budget, args=(2, free_port(), str(tiny_home)), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.time() + 180
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks hung while fixing the time budget's horizon")
+    outcomes = [json.loads((tiny_home / f"budget{r}.json").read_text()) for r in (0, 1)]
+    assert outcomes[0] == outcomes[1]
+    horizon = outcomes[0]["horizon"]
+    assert outcomes[0]["step"] == horizon and 10 < horizon < 200
+    records = [json.loads(line) for line in (tiny_home / "logs" / "base-budget.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, horizon + 1))
+    assert (tiny_home / "checkpoints" / "base" / "budget" / f"step_{horizon}").is_dir()
