@@ -149,6 +149,17 @@ def test_torchrun_two_processes_base_train(tiny_home):
     assert (tiny_home / "checkpoints" / "base" / "tr" / "step_6" / "meta.json").exists()
 
 
+def run_two_ranks(fn, args: tuple, doing: str, timeout_s: float = 180) -> None:
+    """fn(rank, 2, port, *args) on two spawned processes; fails the test if they have not ended in time."""
+    ctx = mp.start_processes(fn, args=(2, free_port(), *args), nprocs=2, start_method="spawn", join=False)
+    deadline = time.time() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the ranks hung {doing}")
+
+
 def train_until_nan(rank: int, world: int, port: int, home: str, bad_rank: int, bad_step: int) -> None:
     """A run whose loss on `bad_rank` becomes NaN at `bad_step` (injected here, not by any flag)."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
@@ -195,14 +206,7 @@ def test_nan_on_one_rank_stops_every_rank_with_one_checkpoint(tiny_home):
     """
     peak = 1e11  # a known CPU peak, so MFU can be checked exactly
     (tiny_home / "cpu_peak.json").write_text(json.dumps({f"torch.float32-threads{n}-v2": peak for n in (1, 2)}))
-    ctx = mp.start_processes(train_until_nan, args=(2, free_port(), str(tiny_home), 1, 3), nprocs=2,
-                             start_method="spawn", join=False)
-    deadline = time.time() + 180
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the ranks hung after a NaN on one of them")
+    run_two_ranks(train_until_nan, (str(tiny_home), 1, 3), "after a NaN on one of them")
     outcomes = [json.loads((tiny_home / f"outcome{r}.json").read_text()) for r in (0, 1)]
     for o in outcomes:
         assert o["error"] and "not finite" in o["error"] and "1 of 2" in o["error"] and "--resume" in o["error"]
@@ -293,14 +297,7 @@ def train_on_budget(rank: int, world: int, port: int, home: str) -> None:
 def test_a_time_budget_fixes_one_horizon_at_the_same_step_on_every_rank(tiny_home):
     """Fixing the horizon is a collective: decided per rank, the ranks whose clock crossed the threshold
     first entered it while the others were in the next step's all-reduce (a mismatch or a hang)."""
-    ctx = mp.start_processes(train_on_budget, args=(2, free_port(), str(tiny_home)), nprocs=2,
-                             start_method="spawn", join=False)
-    deadline = time.time() + 180
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the ranks hung while fixing the time budget's horizon")
+    run_two_ranks(train_on_budget, (str(tiny_home),), "while fixing the time budget's horizon")
     outcomes = [json.loads((tiny_home / f"budget{r}.json").read_text()) for r in (0, 1)]
     assert outcomes[0] == outcomes[1]
     horizon = outcomes[0]["horizon"]
