@@ -6,6 +6,15 @@ import torch
 
 from picochat.model.gpt import softcap_logits
 
+# Below this temperature a draw is greedy: dividing logits by, say, 1e-40 overflows to inf and the
+# softmax to NaN, and at 1e-5 a logit gap of 1e-4 already makes odds of e**-10, which is greedy anyway.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether `temperature` draws the argmax (0, and any temperature below GREEDY_BELOW)."""
+    return temperature < GREEDY_BELOW
+
 
 def sample_next(
     logits: torch.Tensor,
@@ -19,7 +28,7 @@ def sample_next(
 ) -> torch.Tensor:
     """One token per row from `logits` (B, vocab) -> (B,) int64.
 
-    temperature 0 is greedy (argmax). top_k keeps the k most likely tokens, top_p the smallest
+    temperature 0 (or below GREEDY_BELOW) is greedy (argmax). top_k keeps the k most likely tokens, top_p the smallest
     set whose probability mass reaches p; both apply before the temperature-scaled draw.
     All randomness comes from `generator`, so a seeded generator makes the draw reproducible.
 
@@ -35,7 +44,7 @@ def sample_next(
     """
     if repetition_penalty is not None and repetition_penalty != 1.0 and recent is not None and recent.numel():
         logits, softcap = penalize_repeats(capped(logits.float(), softcap), recent, repetition_penalty), None
-    if temperature <= 0.0:
+    if is_greedy(temperature):
         return logits.argmax(dim=-1)
     vocab = logits.size(-1)
     if top_k is not None and 0 < top_k < vocab:
@@ -93,7 +102,7 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
     ks = []
     for _, sample in requests:
         top_k = sample.get("top_k")
-        if sample["temperature"] <= 0.0:
+        if is_greedy(sample["temperature"]):
             ks.append(1)
         elif top_k is not None and 0 < top_k < vocab:
             ks.append(top_k)
@@ -101,7 +110,7 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
             return _one_by_one(logits, requests)
     width = max(ks)
     top_logits, top_ids = torch.topk(logits.float(), width, dim=-1)  # (R, width), sorted descending
-    temperature = torch.tensor([sample["temperature"] if sample["temperature"] > 0.0 else 1.0
+    temperature = torch.tensor([1.0 if is_greedy(sample["temperature"]) else sample["temperature"]
                                 for n, sample in requests for _ in range(n)], device=logits.device).unsqueeze(1)
     scaled = capped(top_logits, requests[0][1].get("softcap")) / temperature  # one model: one softcap
     if min(ks) < width:  # each row keeps its own k best
@@ -116,7 +125,7 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
         probs = keep_top_p(probs, p)
     choices, start = [], 0
     for (n, sample), k in zip(requests, ks, strict=True):
-        if sample["temperature"] <= 0.0:
+        if is_greedy(sample["temperature"]):
             choices.append(torch.zeros(n, 1, dtype=torch.long, device=logits.device))  # the argmax: first of the top-k
         else:
             # exactly its k columns: how multinomial consumes the generator depends on the width

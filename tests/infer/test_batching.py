@@ -72,6 +72,20 @@ def test_batched_draws_equal_request_by_request_draws():
     assert sample_many(logits, full)[:2] == expected  # a full-vocabulary request: request by request
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_a_tiny_temperature_draws_the_argmax_not_nan(temperature):
+    """Logits divided by 1e-40 overflow to inf and the softmax to NaN (multinomial then raised, and in a
+    batch every request sharing the step failed): below GREEDY_BELOW a draw is greedy."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 5
+    best = logits.argmax(dim=-1).tolist()
+    for top_k, top_p in ((None, None), (None, 0.9), (20, None), (20, 0.5)):
+        sample = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "softcap": 15.0}
+        assert sample_next(logits, torch.Generator().manual_seed(0), **sample).tolist() == best
+        mixed = [(2, {**sample, "generator": torch.Generator().manual_seed(0)}),
+                 (2, {"temperature": 0.8, "top_k": 20, "generator": torch.Generator().manual_seed(3)})]
+        assert sample_many(logits, mixed)[:2] == best[:2]
+
+
 def _alone(engine, prompt, **kwargs):
     return [(list(col), list(masks)) for col, masks in engine.generate(prompt, **kwargs)]
 
