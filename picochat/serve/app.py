@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from picochat.errors import UserError
 from picochat.infer.prompt import ContextLengthError, encode_raw_prompt, fit_turns
 from picochat.serve.completions import completion_response, completion_sse, prepare_completion
-from picochat.serve.http import BODY_TIMEOUT_S, read_body
+from picochat.serve.http import BODY_TIMEOUT_S, read_body, unless_disconnected
 from picochat.serve.pool import (
     END,
     Delta,
@@ -148,14 +148,15 @@ def _generation_routes(app: FastAPI, model_id: str, model_ids: tuple[str, ...], 
             fitted = await asyncio.to_thread(fit_turns, engine.tokenizer, chat.conversation, budget)
         except ContextLengthError as e:
             raise APIError(400, str(e), "messages", "context_length_exceeded") from None
+        dropped = chat.request_messages_dropped(fitted.dropped)  # counted in the request's messages
         events, on_close = await _start(app, [Generation(fitted.ids, chat)])
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
-        headers = {DROPPED_HEADER: str(fitted.dropped)}
+        headers = {DROPPED_HEADER: str(dropped)}
         if chat.stream:
-            return StreamingResponse(_chat_sse(chat, header, events, on_close, fitted.dropped, engine.tokenizer),
+            return StreamingResponse(_chat_sse(chat, header, events, on_close, dropped, engine.tokenizer),
                                      media_type="text/event-stream", headers={**headers, **_SSE_HEADERS})
-        return JSONResponse(await _chat_collect(chat, header, events, on_close, engine.tokenizer, fitted.dropped),
-                            headers=headers)
+        return await unless_disconnected(
+            request, _chat_collect(chat, header, events, on_close, engine.tokenizer, dropped), headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -169,7 +170,8 @@ def _generation_routes(app: FastAPI, model_id: str, model_ids: tuple[str, ...], 
         if req.stream:
             return StreamingResponse(completion_sse(req, prompts, header, events, on_close, engine.tokenizer),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
-        return JSONResponse(await completion_response(req, prompts, header, events, on_close, engine.tokenizer))
+        return await unless_disconnected(
+            request, completion_response(req, prompts, header, events, on_close, engine.tokenizer))
 
 
 def _tokenizer_routes(app: FastAPI, body_of) -> None:

@@ -4,7 +4,8 @@ uvicorn's h11 protocol closes idle keep-alive connections, but a client that sen
 head a byte at a time, or never finishes its body, holds a connection (and a file descriptor)
 forever. `SlowClientProtocol` closes a connection whose request head is not complete within
 `HEAD_TIMEOUT_S` of the connection opening (or of the previous response); `read_body` answers
-408 when the body is not complete within `body_timeout_s`.
+408 when the body is not complete within `body_timeout_s`. `unless_disconnected` stops the work of
+a non-streaming answer when its client goes away (a streaming one stops when a write fails).
 
     uvicorn.Config(app, host, port, **server_options())  # what `picochat serve` and the tests use
 """
@@ -12,9 +13,11 @@ forever. `SlowClientProtocol` closes a connection whose request head is not comp
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import h11
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from picochat.serve.requests import APIError
@@ -85,3 +88,31 @@ async def read_body(request: Request, limit: int, timeout_s: float = BODY_TIMEOU
             raise too_big
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+CLIENT_CLOSED = 499  # the status logged for an answer whose client went away (nobody receives it)
+
+
+async def unless_disconnected(request: Request, answer: Awaitable[dict], headers: dict | None = None) -> Response:
+    """`answer` as a JSON response; if the client disconnects first, `answer` is cancelled (its
+    generation stops, as a streaming one does) and an empty 499 is returned. Call it after the body
+    was read: the ASGI receive channel then only reports the disconnect."""
+    work = asyncio.ensure_future(answer)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        try:
+            await work
+        except asyncio.CancelledError:
+            pass
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(work.result(), headers=headers)

@@ -67,6 +67,15 @@ class Sampling:
 @dataclass
 class ChatRequest(Sampling):
     conversation: dict = field(default_factory=dict)  # {"messages": [...]} in picochat's format, validated
+    origin: list[int] = field(default_factory=list)  # index in the request of each message of `conversation`
+
+    def request_messages_dropped(self, dropped: int) -> int:
+        """The request's messages left out when the first `dropped` turns of `conversation` (after the
+        system message) are: a tool result and the assistant text after it merge into one turn."""
+        if not dropped:
+            return 0
+        first = 1 if self.conversation["messages"][0]["role"] == "system" else 0
+        return self.origin[first + dropped] - self.origin[first]
 
 
 @dataclass
@@ -155,9 +164,10 @@ def _number(body: dict, name: str, default: float | None, lo: float, hi: float,
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise _bad(f"'{name}' must be {kind}, got {json.dumps(value)[:40]}", name)
-    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+    # a float may be inf or NaN (math.isfinite of a huge JSON integer would raise OverflowError)
+    if (isinstance(value, float) and not math.isfinite(value)) or value < lo or value > hi or (lo_open and value == lo):
         low = f"> {lo}" if lo_open else f">= {lo}"
-        raise _bad(f"'{name}' must be {low} and <= {hi}, got {value}", name)
+        raise _bad(f"'{name}' must be {low} and <= {hi}, got {str(value)[:40]}", name)
     return value
 
 
@@ -220,8 +230,9 @@ def parse_chat_request(body: dict, limits: Limits, defaults: Defaults, model_ids
     top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
     if top is not None and not logprobs:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    messages, origin = _messages(body, limits)
     return ChatRequest(**sampling, logprobs=(top or 0) if logprobs else None,
-                       conversation={"messages": _messages(body, limits)})
+                       conversation={"messages": messages}, origin=origin)
 
 
 def parse_completion_request(body: dict, limits: Limits, defaults: Defaults,
@@ -348,7 +359,8 @@ def _merge_message(out: list[dict], m: dict, i: int, limits: Limits) -> int:
     return chars
 
 
-def _messages(body: dict, limits: Limits) -> list[dict]:
+def _messages(body: dict, limits: Limits) -> tuple[list[dict], list[int]]:
+    """The request's messages in picochat's format, and the request index each of them starts at."""
     messages = body.get("messages")
     if messages is None:
         raise _bad("'messages' is required", "messages")
@@ -379,4 +391,4 @@ def _messages(body: dict, limits: Limits) -> list[dict]:
         raise _bad("the last message must be from the user (the model writes the next assistant turn; picochat runs "
                    "the calculator itself, so a tool result never needs to be sent last)",
                    f"messages.{len(messages) - 1}.role")
-    return out
+    return out, origin

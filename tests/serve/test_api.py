@@ -214,6 +214,24 @@ def test_client_disconnect_stops_generation(checkpoint_home):
         assert len(produced) < 60
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_non_streaming_clients_disconnect_stops_generation_too(checkpoint_home, path):
+    """Without a stream no write fails when the client goes away: the server watches for the disconnect
+    (it used to generate all 100 tokens for nobody, holding the worker)."""
+    app, gate, produced = gated_app(checkpoint_home, max_queue=4)
+    gate.set()
+    with ServerThread(app) as srv:
+        prompt = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "Hello"}
+        body = {**prompt, "max_tokens": 100, "temperature": 1.0, "seed": 1}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"{srv.url}{path}", json=body, timeout=httpx.Timeout(30, read=0.3))
+        wait_for(lambda: httpx.get(f"{srv.url}/health").json()["busy"] == 0)
+        assert app.state.cancelled == 1
+        assert len(produced) < 60
+        answer = httpx.post(f"{srv.url}{path}", json={**body, "max_tokens": 3}, timeout=30)  # still serving
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+
+
 def test_client_disconnect_frees_its_batch_rows(checkpoint_home):
     from picochat.infer.batching import BatchingEngine
     from picochat.serve.commands import build_app

@@ -310,6 +310,27 @@ def test_a_two_hundred_turn_chat_drops_its_oldest_turns_and_says_so(client, fp32
     assert f'"dropped_messages": {dropped}' in frames[-1]
 
 
+def test_dropped_messages_count_the_requests_messages_when_tool_turns_merge(client):
+    """A calculator exchange (assistant call, tool result, assistant text) is one turn of the prompt and
+    three messages of the request: the count is of the request's messages (it used to be of turns)."""
+    call = {"id": "c", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}}
+    messages = [{"role": "system", "content": "You are picochat."}]
+    for i in range(60):
+        messages += [{"role": "user", "content": f"question {i}: what is six times seven?"},
+                     {"role": "assistant", "content": "Let me see.", "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "c", "content": "42"},
+                     {"role": "assistant", "content": f"answer {i}: it is 42."}]
+    messages.append({"role": "user", "content": "and now?"})
+    raw = client.chat.completions.with_raw_response.create(model="picochat", messages=messages, max_tokens=4)
+    dropped = int(raw.headers["x-picochat-dropped-messages"])
+    assert raw.parse().usage.model_extra["dropped_messages"] == dropped
+    assert dropped % 4 == 0 and 200 <= dropped < 240  # whole exchanges of 4 messages; the newest few kept
+    kept = messages[:1] + messages[1 + dropped:]
+    assert kept[1]["role"] == "user"
+    again = client.chat.completions.with_raw_response.create(model="picochat", messages=kept, max_tokens=4)
+    assert again.headers["x-picochat-dropped-messages"] == "0"  # what was kept fits as it is
+
+
 def test_a_message_that_cannot_fit_is_context_length_exceeded(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="picochat", max_tokens=8, messages=[
