@@ -294,11 +294,15 @@ def test_sharded_muon_options_equal_the_unsharded_ones_and_resume(tmp_path) -> N
     assert_params_close(single, records[0]["params"], ATOL, "single process from the 2-rank checkpoint", rtol=RTOL)
 
 
-def test_the_architecture_options_groups_shard_exactly(runs) -> None:
-    for rank, record in enumerate(runs[2]):  # two-term sums are exact: bit-identical to the all-reduce path
+def test_the_architecture_options_groups_shard_like_the_all_reduce_path(runs) -> None:
+    # Two-term sums are exact, so only the update's own arithmetic differs: an AdamW slice of a tensor
+    # puts other elements in the vector loop's remainder than the whole tensor does (1 ulp, 1.5e-8, on
+    # an AVX2-only CPU; bit-identical on an AVX-512 one).
+    for rank, record in enumerate(runs[2]):
         assert record["options"].keys() == record["options_unsharded"].keys()
         for name, value in record["options_unsharded"].items():
-            assert torch.equal(record["options"][name], value), f"rank {rank}: {name}"
+            torch.testing.assert_close(record["options"][name], value, atol=ATOL, rtol=0,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank}: {name}: {m}")
     assert {"value_embeds.0.weight", "backout_lambda", "transformer.h.0.attn.ve_gate"} <= set(runs[2][0]["options"])
 
 
