@@ -132,6 +132,19 @@ def test_resume_past_the_horizon_is_a_clear_error(tiny_home, capsys):
     assert ckpt.list_steps(ckpt.run_dir("base", "past")) == [4, 8]
 
 
+def test_a_fresh_run_on_a_used_tag_replaces_the_earlier_runs_checkpoints(tiny_home, capsys):
+    """Its first save removes the earlier run's higher steps, so --resume can only continue this run."""
+    args = TINY + ["--save-every", "4", "--keep-last", "2", "--tag", "again"]
+    assert main(args + ["--num-iterations", "12"]) == 0
+    run = ckpt.run_dir("base", "again")
+    assert ckpt.list_steps(run) == [8, 12]
+    capsys.readouterr()
+    assert main(args + ["--num-iterations", "6"]) == 0
+    assert "holds checkpoints of an earlier run (steps 8, 12)" in capsys.readouterr().out
+    assert ckpt.list_steps(run) == [4, 6]
+    assert ckpt.read_json_object(run / "step_6" / "meta.json")["num_iterations"] == 6
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tiny_home):
     """Kill the training process hard (possibly mid-save), resume, and match an uninterrupted run."""
