@@ -152,11 +152,11 @@ class RLConfig(ParentOptions, StageOptions):
     from_stage: str = option("sft", "checkpoint to start from", group="start from", choices=("sft", "mid"))
     source: str = option("offline", "offline: generated arithmetic problems (GSM8K format); hf: GSM8K train",
                          group=DATA, choices=("offline", "hf"))
-    train_size: int = option(7473, "offline: number of generated training problems", group=DATA)
+    train_size: int = option(7473, "offline: number of generated training problems", group=DATA, minimum=1)
     num_steps: int = option(-1, "optimiser steps (<=0: one pass over the problems)", group=ROLL)
-    examples_per_step: int = option(16, "problems per step, all ranks", group=ROLL)
-    num_samples: int = option(16, "completions per problem", group=ROLL)
-    max_new_tokens: int = option(256, "tokens per completion", group=ROLL)
+    examples_per_step: int = option(16, "problems per step, all ranks", group=ROLL, minimum=1)
+    num_samples: int = option(16, "completions per problem", group=ROLL, minimum=1)
+    max_new_tokens: int = option(256, "tokens per completion", group=ROLL, minimum=1)
     temperature: float = option(1.0, "sampling temperature", group=ROLL)
     top_k: int = option(50, "sample among the k most likely tokens", group=ROLL)
     device_batch_size: int = option(8, "rows per sampling batch and per forward/backward", group=ROLL, minimum=1)
@@ -175,9 +175,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(cfg: RLConfig, world_size: int) -> None:
-    for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "train_size"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.eval_problems > 0 and cfg.eval_samples < 1:
         raise ConfigError(f"--eval-samples must be >= 1, got {cfg.eval_samples} (or set --eval-problems 0)")
     if cfg.examples_per_step % world_size:
