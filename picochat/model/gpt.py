@@ -215,9 +215,10 @@ class CausalSelfAttention(nn.Module):
         has_value_embed = layer_idx in config.value_embed_layers()
         self.ve_gate = nn.Parameter(torch.empty(config.n_kv_head, VALUE_GATE_CHANNELS)) if has_value_embed else None
 
-    def rotate_norm(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding, then RMSNorm, then qk_scale: queries and keys (..., T, D) alike."""
-        t = rms_norm(apply_rotary(t, cos, sin), self.eps)
+    def rotate_norm(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm=rms_norm) -> torch.Tensor:
+        """Rotary embedding, then RMSNorm, then qk_scale: queries and keys (..., T, D) alike.
+        (`norm`: rms_norm or an implementation equal to it, as the CPU decode step passes.)"""
+        t = norm(apply_rotary(t, cos, sin), self.eps)
         return t if self.qk_scale == 1.0 else t * self.qk_scale
 
     def value_residual(self, v: torch.Tensor, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:

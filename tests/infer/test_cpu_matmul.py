@@ -116,3 +116,27 @@ def test_the_first_use_may_come_inside_a_bf16_autocast(kernel):
     cpu_matmul._library.cache_clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_matmul.available()
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (8, 256), (3, 4, 128), (5, 1280), (2, 7)])
+def test_rms_norm_equals_the_models_row_by_row(kernel, shape):
+    """The decode step's RMSNorm kernel: the model's rms_norm up to float rounding, and each row's
+    result the same bits whatever rows come with it (a request's tokens must not depend on its batch)."""
+    from picochat.model.gpt import rms_norm
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=generator) * 3 + 0.5
+    got = cpu_matmul.rms_norm(x, 1e-6)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, rms_norm(x, 1e-6), atol=2e-6, rtol=2e-6)
+    assert torch.equal(cpu_matmul.rms_norm(x[:1].clone(), 1e-6), got[:1])
+    assert torch.equal(cpu_matmul.rms_norm(torch.zeros(2, 16), 1e-6), torch.zeros(2, 16))  # eps: no 0/0
+    assert not torch.equal(cpu_matmul.rms_norm(x, 1.0), got)  # eps is passed through
+
+
+def test_rms_norm_hands_other_inputs_to_the_model(kernel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_matmul, "model_rms_norm", lambda x, eps: calls.append(x.dtype) or x)
+    cpu_matmul.rms_norm(torch.randn(2, 8).bfloat16(), 1e-6)
+    cpu_matmul.rms_norm(torch.randn(8, 2).t(), 1e-6)  # not contiguous
+    cpu_matmul.rms_norm(torch.randn(2, 8), 1e-6)
+    assert calls == [torch.bfloat16, torch.float32]

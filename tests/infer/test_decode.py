@@ -88,3 +88,18 @@ def test_large_models_skip_the_copies(monkeypatch):
         hidden = torch.randn(rows, 32)
         torch.testing.assert_close(unembed(hidden), hidden @ model.lm_head.weight.t(), atol=1e-5, rtol=1e-5)
     assert unembed.transposed is None and unembed.packed is None
+
+
+def test_the_step_norms_its_rows_in_the_kernel(matmul_kernel, monkeypatch):
+    """torch runs an RMSNorm as ~8 small ops: with the C kernel, the step's per-layer norms (block
+    inputs, queries and keys) go through it, and only the embedding's and the final norm through torch."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = build_model(GPTConfig(vocab_size=64, n_layer=3, n_head=2, n_kv_head=2, n_embd=32, sequence_len=8), "cpu")
+    cache = KVCache(1, 3, 2, 16, 8)
+    with torch.inference_mode():
+        DecodeStep(model)(torch.tensor([[5]]), cache)
+    assert len(calls) == (2 if matmul_kernel else 2 + 3 * 3)
