@@ -12,7 +12,7 @@ in brackets):
     8        74 (101)    101 (143)     1,747 (2,784)
 
 `PackedLinear(weight)` is the packed copy and its product; `rms_norm(x, eps)` the decode step's
-row-wise RMSNorm from the same library; `available()` says whether the kernel
+row-wise RMSNorm and `topk(x, k)` the sampler's top-k, from the same library; `available()` says whether the kernel
 could be built and loaded. It is compiled with the system's C compiler (`$CC`, else cc / gcc /
 clang) into $PICOCHAT_KERNEL_DIR (default $PICOCHAT_HOME/kernels) once per source, compiler and
 flags (picochat/kernels.py), and checked against torch before first use. Where there is no
@@ -59,6 +59,9 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_panel_width.restype = ctypes.c_int
     lib.picochat_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_void_p]
     lib.picochat_rms_norm.restype = None
+    lib.picochat_topk.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int]
+    lib.picochat_topk.restype = ctypes.c_int
     if not _agrees_with_torch(lib):
         warn(f"{SOURCE.name} disagrees with torch on a test product: {FALLBACK}")
         return None
@@ -77,7 +80,15 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
     lib.picochat_rms_norm(x.data_ptr(), x.size(0), x.size(1), 1e-6, normed.data_ptr())
     return (torch.allclose(got, x @ weight.t(), atol=1e-4, rtol=1e-4)
             and torch.allclose(got_low, x @ low.float().t(), atol=1e-4, rtol=1e-4)
-            and torch.allclose(normed, model_rms_norm(x, 1e-6), atol=1e-5, rtol=1e-5))
+            and torch.allclose(normed, model_rms_norm(x, 1e-6), atol=1e-5, rtol=1e-5)
+            and _topk_agrees(lib, generator))
+
+
+def _topk_agrees(lib: ctypes.CDLL, generator: torch.Generator) -> bool:
+    x = torch.randn(3, 101, generator=generator)
+    values, ids = torch.empty(3, 7), torch.empty(3, 7, dtype=torch.int64)
+    nan = lib.picochat_topk(x.data_ptr(), 3, 101, 7, values.data_ptr(), ids.data_ptr(), 1)
+    return nan == 0 and torch.equal(values, torch.topk(x, 7).values) and torch.equal(x.gather(1, ids), values)
 
 
 def available() -> bool:
@@ -96,6 +107,23 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     lib.picochat_rms_norm(x.data_ptr(), x.numel() // x.size(-1), x.size(-1), eps, out.data_ptr())
     return out
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1) (sorted, largest first) for (rows, n) fp32 CPU logits, in one pass
+    per row (~5x faster than torch's at a 32K vocabulary); equal values come in index order. Other
+    inputs, a row with a NaN, or no kernel: torch.topk itself."""
+    lib = _library()
+    if (lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu"
+            or not 0 < k <= x.size(1)):
+        return torch.topk(x, k, dim=-1)
+    x = x.contiguous()
+    values = torch.empty(x.size(0), k, dtype=torch.float32)
+    ids = torch.empty(x.size(0), k, dtype=torch.int64)
+    if lib.picochat_topk(x.data_ptr(), x.size(0), x.size(1), k, values.data_ptr(), ids.data_ptr(),
+                         torch.get_num_threads()):
+        return torch.topk(x, k, dim=-1)
+    return values, ids
 
 
 class PackedLinear:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from picochat.infer import cpu_matmul
 from picochat.model.gpt import softcap_logits
 
 # Below this temperature a draw is greedy: dividing logits by, say, 1e-40 overflows to inf and the
@@ -49,7 +50,7 @@ def sample_next(
     vocab = logits.size(-1)
     if top_k is not None and 0 < top_k < vocab:
         # Work on the k best only: a (B, k) softmax instead of (B, vocab) is most of the speed.
-        top_logits, top_ids = torch.topk(logits.float(), top_k, dim=-1)  # (B, k), sorted descending
+        top_logits, top_ids = cpu_matmul.topk(logits.float(), top_k)  # (B, k), sorted descending
         probs = torch.softmax(capped(top_logits, softcap) / temperature, dim=-1)
         if top_p is not None and top_p < 1.0:
             probs = keep_top_p(probs, top_p)
@@ -109,7 +110,7 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
         else:  # a full-vocabulary draw somewhere: request by request
             return _one_by_one(logits, requests)
     width = max(ks)
-    top_logits, top_ids = torch.topk(logits.float(), width, dim=-1)  # (R, width), sorted descending
+    top_logits, top_ids = cpu_matmul.topk(logits.float(), width)  # (R, width), sorted descending
     temperature = torch.tensor([1.0 if is_greedy(sample["temperature"]) else sample["temperature"]
                                 for n, sample in requests for _ in range(n)], device=logits.device).unsqueeze(1)
     scaled = capped(top_logits, requests[0][1].get("softcap")) / temperature  # one model: one softcap

@@ -25,6 +25,9 @@
  * It normalises each row on its own (the sum of squares in double), so a row's result does not
  * depend on how many rows come with it.
  *
+ * picochat_topk serves the sampler: the k largest logits of each row, in one pass over the
+ * vocabulary against the k-th best so far (torch's CPU top-k took ~0.4 ms of a ~5 ms batch-8 step).
+ *
  * Written with GCC/Clang vector extensions, so the same code compiles to AVX2 on x86-64 and to
  * NEON on ARM. picochat/infer/cpu_matmul.py compiles it on first use and checks it against torch.
  */
@@ -139,4 +142,68 @@ void picochat_rms_norm(const float *x, long rows, long dim, float eps, float *ou
         float scale = (float)(1.0 / sqrt(sum / dim + eps));
         for (long j = 0; j < dim; j++) out[r * dim + j] = row[j] * scale;
     }
+}
+
+/* Ranking for top-k: a before b when larger, or equal and at a lower index. */
+static inline int ranks_before(float va, long ia, float vb, long ib) { return va > vb || (va == vb && ia < ib); }
+
+/* Restore the heap below slot i: a min-heap of the k best so far, the worst (by ranks_before) at 0. */
+static void sift_down(float *v, long *id, long k, long i) {
+    for (;;) {
+        long worst = i, l = 2 * i + 1, r = l + 1;
+        if (l < k && ranks_before(v[worst], id[worst], v[l], id[l])) worst = l;
+        if (r < k && ranks_before(v[worst], id[worst], v[r], id[r])) worst = r;
+        if (worst == i) return;
+        float tv = v[i]; v[i] = v[worst]; v[worst] = tv;
+        long ti = id[i]; id[i] = id[worst]; id[worst] = ti;
+        i = worst;
+    }
+}
+
+typedef int32_t mask8 __attribute__((vector_size(32)));
+typedef uint64_t wide4 __attribute__((vector_size(32)));
+
+/* Put x[index] = value into the heap of the k best if it ranks above the worst there (an equal
+ * value comes later in the row, so it ranks below); 1 for a NaN. */
+static inline int offer(float *v, long *id, long k, float value, long index) {
+    if (value > v[0]) {
+        v[0] = value;
+        id[0] = index;
+        sift_down(v, id, k, 0);
+    }
+    return value != value;
+}
+
+/* values, ids (rows, k) = the k largest of each row of x (rows, n), largest first, ties in index
+ * order; 0 < k <= n. Returns 1 when some row holds a NaN (the caller then falls back to torch),
+ * else 0. The heap lives in the output row; popping its worst element k times sorts the row. */
+int picochat_topk(const float *x, long rows, long n, long k, float *values, long *ids, int threads) {
+    int nan = 0;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1) reduction(|: nan)
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * n;
+        float *v = values + r * k;
+        long *id = ids + r * k;
+        for (long j = 0; j < k; j++) {
+            v[j] = row[j];
+            id[j] = j;
+            nan |= row[j] != row[j];
+        }
+        for (long i = k / 2 - 1; i >= 0; i--) sift_down(v, id, k, i);
+        long j = k;
+        for (; j + 8 <= n; j += 8) { /* 8 at a time: most blocks hold nothing better than the k-th */
+            vec8 block = LOAD_F32(row + j);
+            mask8 hit = (block > v[0]) | (block != block);
+            wide4 any = (wide4)hit;
+            if (!(any[0] | any[1] | any[2] | any[3])) continue;
+            for (long c = j; c < j + 8; c++) nan |= offer(v, id, k, row[c], c);
+        }
+        for (; j < n; j++) nan |= offer(v, id, k, row[j], j);
+        for (long end = k - 1; end > 0; end--) { /* heap sort: the worst to the back, best first */
+            float tv = v[0]; v[0] = v[end]; v[end] = tv;
+            long ti = id[0]; id[0] = id[end]; id[end] = ti;
+            sift_down(v, id, end, 0);
+        }
+    }
+    return nan;
 }

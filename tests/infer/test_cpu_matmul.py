@@ -140,3 +140,33 @@ def test_rms_norm_hands_other_inputs_to_the_model(kernel, monkeypatch):
     cpu_matmul.rms_norm(torch.randn(8, 2).t(), 1e-6)  # not contiguous
     cpu_matmul.rms_norm(torch.randn(2, 8), 1e-6)
     assert calls == [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows, n, k", [(1, 32768, 50), (8, 1000, 7), (3, 9, 9), (5, 37, 1), (2, 64, 20), (4, 200, 199)])
+def test_topk_equals_torch(kernel, threads, rows, n, k):
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, n, generator=generator) * 4
+    values, ids = cpu_matmul.topk(x, k)
+    expected = torch.topk(x, k, dim=-1)
+    assert values.shape == ids.shape == (rows, k) and ids.dtype == torch.int64
+    assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices)
+    assert torch.equal(cpu_matmul.topk(x[-1:].clone(), k)[1], ids[-1:])  # a row alone: the same
+
+
+def test_topk_ties_come_in_index_order_and_a_nan_goes_to_torch(kernel):
+    x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.5, 2.0, 3.0, 1.0, 2.0, 3.0]])  # past one 8-wide block
+    values, ids = cpu_matmul.topk(x, 6)
+    assert values.tolist() == [[3.0, 3.0, 3.0, 3.0, 3.0, 2.0]] and ids.tolist() == [[1, 3, 4, 7, 10, 2]]
+    for where in (0, 5, 10):  # in the first k, in a block, in the tail
+        bad = x.clone()
+        bad[0, where] = float("nan")
+        values, ids = cpu_matmul.topk(bad, 3)
+        expected = torch.topk(bad, 3)
+        torch.testing.assert_close(values, expected.values, equal_nan=True)
+        assert torch.equal(ids, expected.indices) and values[0, 0].isnan()
+    low = torch.randn(2, 40).bfloat16()
+    assert torch.equal(cpu_matmul.topk(low, 5)[0], torch.topk(low, 5).values)  # bf16: torch's
+    strided = torch.randn(40, 2).t()
+    assert torch.equal(cpu_matmul.topk(strided, 5)[1], torch.topk(strided, 5).indices)
