@@ -12,7 +12,11 @@
  * panel and one broadcast per row feed 2 fused multiply-adds per row. Up to ROWS_PER_PASS rows
  * go through a panel at a time (6 x 2 accumulators + 2 panel vectors + 1 broadcast = 15 of
  * AVX2's 16 registers); more rows take another pass over the same panel, now in L1 cache.
- * Panels are spread over OpenMP threads (the OpenMP runtime torch already loaded).
+ * Panels are spread over OpenMP threads (the OpenMP runtime torch already loaded). Each pass
+ * prefetches: 64 lines ahead in the panel it streams, or, in a second pass over a panel that
+ * is now in cache, the next panel, so the arithmetic of 7-16 rows overlaps the memory reads
+ * (measured here, weights cold: 8 rows 1,587 -> 1,209 us and 6 rows 1,212 -> 946 us for the
+ * 256 x 32,768 unembedding; 1 row unchanged).
  *
  * The bf16 variant reads weights stored as bfloat16 (the top 16 bits of an fp32), packed the
  * same way: half the bytes per step, widened to fp32 in registers (a zero-extend and a shift,
@@ -47,6 +51,7 @@ static inline vec8 widen_bf16(const uint16_t *p) {
 
 #define PANEL 16
 #define ROWS_PER_PASS 6
+#define PREFETCH_AHEAD 64 /* j steps: 64 cache lines of fp32 panel */
 
 /* Keep a loaded value in a register: otherwise GCC folds the panel loads into every FMA as a
  * memory operand, and the loads, not the arithmetic, then limit the kernel. */
@@ -61,7 +66,7 @@ static inline vec8 widen_bf16(const uint16_t *p) {
 
 #define PANEL_KERNEL(NAME, R, WTYPE, LOAD)                                                  \
     static void NAME##_##R(const float *x, long k, const WTYPE *panel, float *out, long n, \
-                           long columns) {                                                  \
+                           long columns, const WTYPE *ahead) {                              \
         vec8 lo[R], hi[R];                                                                  \
         for (int r = 0; r < R; r++) {                                                       \
             lo[r] = (vec8){0};                                                              \
@@ -70,6 +75,7 @@ static inline vec8 widen_bf16(const uint16_t *p) {
         for (long j = 0; j < k; j++) {                                                      \
             vec8 w_lo = LOAD(panel + j * PANEL);                                            \
             vec8 w_hi = LOAD(panel + j * PANEL + 8);                                        \
+            __builtin_prefetch(ahead + j * PANEL);                                          \
             IN_REGISTER(w_lo);                                                              \
             IN_REGISTER(w_hi);                                                              \
             for (int r = 0; r < R; r++) {                                                   \
@@ -102,9 +108,9 @@ PANEL_KERNEL(panel_bf16, 4, uint16_t, LOAD_BF16)
 PANEL_KERNEL(panel_bf16, 5, uint16_t, LOAD_BF16)
 PANEL_KERNEL(panel_bf16, 6, uint16_t, LOAD_BF16)
 
-typedef void (*panel_fn)(const float *, long, const float *, float *, long, long);
+typedef void (*panel_fn)(const float *, long, const float *, float *, long, long, const float *);
 static const panel_fn PANEL_KERNELS[ROWS_PER_PASS + 1] = {0, panel_1, panel_2, panel_3, panel_4, panel_5, panel_6};
-typedef void (*panel_bf16_fn)(const float *, long, const uint16_t *, float *, long, long);
+typedef void (*panel_bf16_fn)(const float *, long, const uint16_t *, float *, long, long, const uint16_t *);
 static const panel_bf16_fn PANEL_BF16_KERNELS[ROWS_PER_PASS + 1] = {
     0, panel_bf16_1, panel_bf16_2, panel_bf16_3, panel_bf16_4, panel_bf16_5, panel_bf16_6};
 
@@ -119,7 +125,13 @@ int picochat_panel_width(void) { return PANEL; }
         long columns = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;                           \
         for (long r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {                                     \
             long r = rows - r0 < ROWS_PER_PASS ? rows - r0 : ROWS_PER_PASS;                     \
-            KERNELS[r](x + r0 * k, k, panel, out + r0 * n + p * PANEL, n, columns);             \
+            /* Prefetch: the first pass streams this panel, PREFETCH_AHEAD lines ahead (the      \
+             * hardware prefetcher alone left ~25% of the bandwidth unused); a later pass reads   \
+             * it from cache while the next panel is fetched, so memory and arithmetic overlap */ \
+            const WTYPE *ahead = p + 1 == panels ? panel /* nothing after the last */           \
+                               : r0 > 0 ? panel + k * PANEL                                     \
+                               : panel + (PREFETCH_AHEAD < k ? PREFETCH_AHEAD : k) * PANEL;     \
+            KERNELS[r](x + r0 * k, k, panel, out + r0 * n + p * PANEL, n, columns, ahead);      \
         }                                                                                       \
     }
 
