@@ -101,8 +101,10 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     fewer microseconds than torch's ~8 small ops at decode sizes); any other input, or no kernel,
     goes to the model's function. Equal to it up to float rounding (the sum of squares is
     accumulated in double), each row on its own."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return model_rms_norm(x, eps)
     lib = _library()
-    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+    if lib is None:
         return model_rms_norm(x, eps)
     out = torch.empty_like(x)
     lib.picochat_rms_norm(x.data_ptr(), x.numel() // x.size(-1), x.size(-1), eps, out.data_ptr())
@@ -113,9 +115,10 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(x, k, dim=-1) (sorted, largest first) for (rows, n) fp32 CPU logits, in one pass
     per row (~5x faster than torch's at a 32K vocabulary); equal values come in index order. Other
     inputs, a row with a NaN, or no kernel: torch.topk itself."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32 or not 0 < k <= x.size(1):
+        return torch.topk(x, k, dim=-1)  # (a GPU's logits never build or load the library)
     lib = _library()
-    if (lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu"
-            or not 0 < k <= x.size(1)):
+    if lib is None:
         return torch.topk(x, k, dim=-1)
     x = x.contiguous()
     values = torch.empty(x.size(0), k, dtype=torch.float32)

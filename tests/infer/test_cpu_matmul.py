@@ -170,3 +170,12 @@ def test_topk_ties_come_in_index_order_and_a_nan_goes_to_torch(kernel):
     assert torch.equal(cpu_matmul.topk(low, 5)[0], torch.topk(low, 5).values)  # bf16: torch's
     strided = torch.randn(40, 2).t()
     assert torch.equal(cpu_matmul.topk(strided, 5)[1], torch.topk(strided, 5).indices)
+
+
+def test_other_devices_never_touch_the_library(monkeypatch):
+    """Sampling on a GPU goes straight to torch: no C build (or its warning) for a CUDA machine."""
+    monkeypatch.setattr(cpu_matmul, "_library", lambda: pytest.fail("the library was loaded"))
+    x = torch.randn(2, 50, device="meta")
+    values, ids = cpu_matmul.topk(x, 5)
+    assert values.device.type == "meta" and ids.shape == (2, 5)
+    assert cpu_matmul.rms_norm(x, 1e-6).device.type == "meta"
