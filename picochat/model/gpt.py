@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,7 +216,8 @@ class CausalSelfAttention(nn.Module):
         has_value_embed = layer_idx in config.value_embed_layers()
         self.ve_gate = nn.Parameter(torch.empty(config.n_kv_head, VALUE_GATE_CHANNELS)) if has_value_embed else None
 
-    def rotate_norm(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm=rms_norm) -> torch.Tensor:
+    def rotate_norm(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    norm: Callable[[torch.Tensor, float], torch.Tensor] = rms_norm) -> torch.Tensor:
         """Rotary embedding, then RMSNorm, then qk_scale: queries and keys (..., T, D) alike.
         (`norm`: rms_norm or an implementation equal to it, as the CPU decode step passes.)"""
         t = norm(apply_rotary(t, cos, sin), self.eps)
