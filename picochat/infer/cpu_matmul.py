@@ -59,6 +59,8 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_panel_width.restype = ctypes.c_int
     lib.picochat_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_void_p]
     lib.picochat_rms_norm.restype = None
+    lib.picochat_rms_norm_bf16.argtypes = lib.picochat_rms_norm.argtypes
+    lib.picochat_rms_norm_bf16.restype = None
     lib.picochat_topk.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_int]
     lib.picochat_topk.restype = ctypes.c_int
@@ -97,17 +99,19 @@ def available() -> bool:
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """picochat.model.gpt.rms_norm for a few contiguous fp32 CPU rows, in one kernel call (~10x
-    fewer microseconds than torch's ~8 small ops at decode sizes); any other input, or no kernel,
-    goes to the model's function. Equal to it up to float rounding (the sum of squares is
-    accumulated in double), each row on its own."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+    """picochat.model.gpt.rms_norm for a few contiguous fp32 or bf16 CPU rows, in one kernel call
+    (~10x fewer microseconds than torch's ~8 small ops at decode sizes); any other input, or no
+    kernel, goes to the model's function. Equal to it up to float rounding (computed in fp32, the
+    sum of squares in double; bf16 rows are rounded to bf16 at the end, as torch's are), each row
+    on its own."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or not x.is_contiguous():
         return model_rms_norm(x, eps)
     lib = _library()
     if lib is None:
         return model_rms_norm(x, eps)
     out = torch.empty_like(x)
-    lib.picochat_rms_norm(x.data_ptr(), x.numel() // x.size(-1), x.size(-1), eps, out.data_ptr())
+    norm = lib.picochat_rms_norm if x.dtype == torch.float32 else lib.picochat_rms_norm_bf16
+    norm(x.data_ptr(), x.numel() // x.size(-1), x.size(-1), eps, out.data_ptr())
     return out
 
 

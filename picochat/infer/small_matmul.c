@@ -145,15 +145,37 @@ void picochat_small_matmul_bf16(const float *x, long rows, long k, const uint16_
     SMALL_MATMUL(PANEL_BF16_KERNELS, uint16_t)
 }
 
-/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) for each of `rows` rows of `dim` floats. */
-void picochat_rms_norm(const float *x, long rows, long dim, float eps, float *out) {
-    for (long r = 0; r < rows; r++) {
-        const float *row = x + r * dim;
-        double sum = 0.0;
-        for (long j = 0; j < dim; j++) sum += (double)row[j] * row[j];
-        float scale = (float)(1.0 / sqrt(sum / dim + eps));
-        for (long j = 0; j < dim; j++) out[r * dim + j] = row[j] * scale;
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) for each of `rows` rows of `dim` values, computed in
+ * fp32 (the sum of squares in double); the bf16 variant reads and writes bf16, rounding the fp32
+ * result to the nearest even bf16 as torch's cast does. */
+#define RMS_NORM(READ, WRITE)                                                 \
+    for (long r = 0; r < rows; r++) {                                         \
+        double sum = 0.0;                                                     \
+        for (long j = 0; j < dim; j++) {                                      \
+            double v = READ(x[r * dim + j]);                                  \
+            sum += v * v;                                                     \
+        }                                                                     \
+        float scale = (float)(1.0 / sqrt(sum / dim + eps));                   \
+        for (long j = 0; j < dim; j++) out[r * dim + j] = WRITE(READ(x[r * dim + j]) * scale); \
     }
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+#define AS_IS(v) (v)
+
+void picochat_rms_norm(const float *x, long rows, long dim, float eps, float *out) { RMS_NORM(AS_IS, AS_IS) }
+
+void picochat_rms_norm_bf16(const uint16_t *x, long rows, long dim, float eps, uint16_t *out) {
+    RMS_NORM(bf16_to_float, float_to_bf16)
 }
 
 /* Ranking for top-k: a before b when larger, or equal and at a lower index. */

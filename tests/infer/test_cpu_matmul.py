@@ -136,10 +136,29 @@ def test_rms_norm_equals_the_models_row_by_row(kernel, shape):
 def test_rms_norm_hands_other_inputs_to_the_model(kernel, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_matmul, "model_rms_norm", lambda x, eps: calls.append(x.dtype) or x)
-    cpu_matmul.rms_norm(torch.randn(2, 8).bfloat16(), 1e-6)
+    cpu_matmul.rms_norm(torch.randn(2, 8).half(), 1e-6)
     cpu_matmul.rms_norm(torch.randn(8, 2).t(), 1e-6)  # not contiguous
     cpu_matmul.rms_norm(torch.randn(2, 8), 1e-6)
-    assert calls == [torch.bfloat16, torch.float32]
+    cpu_matmul.rms_norm(torch.randn(2, 8).bfloat16(), 1e-6)
+    assert calls == [torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (8, 3, 128), (5, 1280)])
+def test_rms_norm_of_bf16_rows_rounds_as_torch_does(kernel, shape):
+    """bf16 rows (the QK-norm of a bf16 decode): computed in fp32 and rounded to bf16 at the end, like
+    the model's; the two fp32 results differ in the last bits at most, so a few values may round to
+    the neighbouring bf16 value and no more."""
+    from picochat.model.gpt import rms_norm
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=generator) * 3).bfloat16()
+    got, expected = cpu_matmul.rms_norm(x, 1e-6), rms_norm(x, 1e-6)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    torch.testing.assert_close(got.float(), expected.float(), atol=0, rtol=2 ** -7)  # one bf16 step
+    assert (got != expected).float().mean() < 0.01
+    assert torch.equal(cpu_matmul.rms_norm(x[:1].clone(), 1e-6), got[:1])
+    special = torch.tensor([[float("nan"), 1.0], [float("inf"), 1.0], [0.0, 0.0]]).bfloat16()
+    out = cpu_matmul.rms_norm(special, 1e-6)
+    assert out[0].isnan().all() and out[1].isnan().any() and torch.equal(out[2], special[2])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
