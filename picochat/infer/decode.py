@@ -11,9 +11,10 @@ attention over the cache), and with:
   cannot be built, from a contiguous transposed copy (x @ W.T), the layout in which MKL's
   small-batch products ran up to 1.5x faster here (except the MLP down-projection at batch 1,
   which keeps the original layout);
-- every RMSNorm of the blocks (inputs, queries and keys) through the same kernel library's
-  row-wise norm (cpu_matmul.rms_norm: one call where torch runs ~8 small ops; equal to the
-  model's rms_norm up to float rounding; 1.2x tokens/s at batch 1 and ~1.1x at batch 8 here);
+- every RMSNorm (the embedding's, the blocks' inputs, queries and keys, the final one) through
+  the same kernel library's row-wise norm, passed to the model's methods (cpu_matmul.rms_norm:
+  one call where torch runs ~8 small ops; equal to the model's rms_norm up to float rounding;
+  1.2x tokens/s at batch 1 and ~1.1x at batch 8 here);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
 - the architecture options through the model's own methods (GPT.embed, layer_input,
   value_embedding, final_norm; the attention's rotate_norm and value_residual) and its window
@@ -119,7 +120,7 @@ class DecodeStep:
         # per-layer autocast switch cost ~15% of a d4 token.
         low = (lambda t: t) if self.dtype == torch.float32 else (lambda t: t.to(self.dtype))
         exact = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else contextlib.nullcontext()
-        x = x0 = model.embed(ids, cache, positions)[:, 0]  # (B, C) fp32 residual
+        x = x0 = model.embed(ids, cache, positions, self.norm)[:, 0]  # (B, C) fp32 residual
         cos, sin = low(cos), low(sin)
         mid = None
         for i, block in enumerate(model.transformer.h):
@@ -148,7 +149,7 @@ class DecodeStep:
                 mid = x
         if positions is None:
             cache.advance(1)
-        return model.final_norm(x, mid)
+        return model.final_norm(x, mid, self.norm)
 
 
 def _span(window: int | None, length: int, positions: torch.Tensor | None,

@@ -394,15 +394,15 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         return self.final_norm(x, mid)
 
-    def embed(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-              positions: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, kv_cache: KVCache | None = None, positions: torch.Tensor | None = None,
+              norm: Callable[[torch.Tensor, float], torch.Tensor] = rms_norm) -> torch.Tensor:
         """idx (B, T) -> the normed token embeddings (B, T, C), fp32, smeared when that option is on.
 
         The residual stream is fp32 also when the weights are held in bf16 for inference
         (with_weights_in), as it is under autocast with fp32 master weights in training. With a
         cache, smear reads the embedding before each row's first token from it and stores these
         (KVCache.swap_embeddings; `positions` as in DecodeStep)."""
-        x = rms_norm(self.transformer.wte(idx).float(), self.config.norm_eps)
+        x = norm(self.transformer.wte(idx).float(), self.config.norm_eps)
         if self.smear_gate is None:
             return x
         before = x.new_zeros(x.size(0), x.size(2)) if kv_cache is None else kv_cache.swap_embeddings(x, positions)
@@ -420,11 +420,13 @@ class GPT(nn.Module):
         key = str(i)
         return self.value_embeds[key](idx) if key in self.value_embeds else None
 
-    def final_norm(self, x: torch.Tensor, mid: torch.Tensor | None) -> torch.Tensor:
-        """RMSNorm of the last residual, after subtracting backout_lambda * mid (the middle layer's)."""
+    def final_norm(self, x: torch.Tensor, mid: torch.Tensor | None,
+                   norm: Callable[[torch.Tensor, float], torch.Tensor] = rms_norm) -> torch.Tensor:
+        """RMSNorm of the last residual, after subtracting backout_lambda * mid (the middle layer's).
+        (`norm` in both: rms_norm or an implementation equal to it, as in rotate_norm.)"""
         if mid is not None:
             x = x - self.backout_lambda * mid
-        return rms_norm(x, self.config.norm_eps)
+        return norm(x, self.config.norm_eps)
 
     def rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (length, D/2) for positions start .. start+length-1; the tables grow on demand."""
