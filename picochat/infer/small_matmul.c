@@ -182,14 +182,14 @@ void picochat_rms_norm_bf16(const uint16_t *x, long rows, long dim, float eps, u
 static inline int ranks_before(float va, long ia, float vb, long ib) { return va > vb || (va == vb && ia < ib); }
 
 /* Restore the heap below slot i: a min-heap of the k best so far, the worst (by ranks_before) at 0. */
-static void sift_down(float *v, long *id, long k, long i) {
+static void sift_down(float *v, int64_t *id, long k, long i) {
     for (;;) {
         long worst = i, l = 2 * i + 1, r = l + 1;
         if (l < k && ranks_before(v[worst], id[worst], v[l], id[l])) worst = l;
         if (r < k && ranks_before(v[worst], id[worst], v[r], id[r])) worst = r;
         if (worst == i) return;
         float tv = v[i]; v[i] = v[worst]; v[worst] = tv;
-        long ti = id[i]; id[i] = id[worst]; id[worst] = ti;
+        int64_t ti = id[i]; id[i] = id[worst]; id[worst] = ti;
         i = worst;
     }
 }
@@ -199,7 +199,7 @@ typedef uint64_t wide4 __attribute__((vector_size(32)));
 
 /* Put x[index] = value into the heap of the k best if it ranks above the worst there (an equal
  * value comes later in the row, so it ranks below); 1 for a NaN. */
-static inline int offer(float *v, long *id, long k, float value, long index) {
+static inline int offer(float *v, int64_t *id, long k, float value, long index) {
     if (value > v[0]) {
         v[0] = value;
         id[0] = index;
@@ -210,14 +210,15 @@ static inline int offer(float *v, long *id, long k, float value, long index) {
 
 /* values, ids (rows, k) = the k largest of each row of x (rows, n), largest first, ties in index
  * order; 0 < k <= n. Returns 1 when some row holds a NaN (the caller then falls back to torch),
- * else 0. The heap lives in the output row; popping its worst element k times sorts the row. */
-int picochat_topk(const float *x, long rows, long n, long k, float *values, long *ids, int threads) {
+ * else 0. The heap lives in the output row (ids int64, as torch.int64 holds them on every platform);
+ * popping its worst element k times sorts the row. */
+int picochat_topk(const float *x, long rows, long n, long k, float *values, int64_t *ids, int threads) {
     int nan = 0;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1) reduction(|: nan)
     for (long r = 0; r < rows; r++) {
         const float *row = x + r * n;
         float *v = values + r * k;
-        long *id = ids + r * k;
+        int64_t *id = ids + r * k;
         for (long j = 0; j < k; j++) {
             v[j] = row[j];
             id[j] = j;
@@ -235,7 +236,7 @@ int picochat_topk(const float *x, long rows, long n, long k, float *values, long
         for (; j < n; j++) nan |= offer(v, id, k, row[j], j);
         for (long end = k - 1; end > 0; end--) { /* heap sort: the worst to the back, best first */
             float tv = v[0]; v[0] = v[end]; v[end] = tv;
-            long ti = id[0]; id[0] = id[end]; id[end] = ti;
+            int64_t ti = id[0]; id[0] = id[end]; id[end] = ti;
             sift_down(v, id, end, 0);
         }
     }
