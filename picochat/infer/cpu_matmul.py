@@ -12,13 +12,14 @@ in brackets):
     8        74 (101)    101 (143)     1,747 (2,784)
 
 `PackedLinear(weight)` is the packed copy and its product; `rms_norm(x, eps)` the decode step's
-row-wise RMSNorm and `topk(x, k)` the sampler's top-k, from the same library; `available()` says whether the kernel
-could be built and loaded. It is compiled with the system's C compiler (`$CC`, else cc / gcc /
-clang) into $PICOCHAT_KERNEL_DIR (default $PICOCHAT_HOME/kernels) once per source, compiler and
-flags (picochat/kernels.py), and checked against torch before first use. Where there is no
-compiler, or the build or that check fails (each said in one warning line), or
-PICOCHAT_CPU_KERNEL=0, available() is False and the callers keep torch's matmuls: slower, same results. (The batch-1 column "256 x 768" is within noise of torch; the
-gain there is in the larger matrices and the unembedding.)
+row-wise RMSNorm and `topk(x, k)` the sampler's top-k, from the same library; `available()` says
+whether the kernel could be built and loaded. It is compiled with the system's C compiler (`$CC`,
+else cc / gcc / clang) into $PICOCHAT_KERNEL_DIR (default $PICOCHAT_HOME/kernels) once per source,
+compiler and flags (picochat/kernels.py), and checked against torch before first use. Where there is
+no compiler, or the build or that check fails (each said in one warning line), or
+PICOCHAT_CPU_KERNEL=0, available() is False and the callers keep torch's matmuls, norms and top-k:
+slower, same results. (The batch-1 column "256 x 768" is within noise of torch; the gain there is in
+the larger matrices and the unembedding.)
 """
 
 from __future__ import annotations
