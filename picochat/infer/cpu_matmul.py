@@ -79,11 +79,14 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
     got = PackedLinear(weight, lib=lib)(x)
     low = weight.bfloat16()
     got_low = PackedLinear(low, lib=lib)(x)  # bf16 weights, fp32 input: exact products
-    normed = torch.empty_like(x)
+    normed, x_low = torch.empty_like(x), x.bfloat16()
+    normed_low = torch.empty_like(x_low)
     lib.picochat_rms_norm(x.data_ptr(), x.size(0), x.size(1), 1e-6, normed.data_ptr())
+    lib.picochat_rms_norm_bf16(x_low.data_ptr(), x.size(0), x.size(1), 1e-6, normed_low.data_ptr())
     return (torch.allclose(got, x @ weight.t(), atol=1e-4, rtol=1e-4)
             and torch.allclose(got_low, x @ low.float().t(), atol=1e-4, rtol=1e-4)
             and torch.allclose(normed, model_rms_norm(x, 1e-6), atol=1e-5, rtol=1e-5)
+            and torch.allclose(normed_low.float(), model_rms_norm(x_low, 1e-6).float(), atol=0, rtol=2 ** -7)
             and _topk_agrees(lib, generator))
 
 
