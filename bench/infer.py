@@ -20,10 +20,12 @@ best over the reference's best, at batch 1 and at batch 8.
 
 Server rows (per dtype, in a fresh process): N concurrent streaming clients against `picochat
 serve`'s app on 127.0.0.1 (--server-workers engines, each batching up to --server-max-batch requests
-as `picochat serve` does); p50/p99 request latency and aggregate tokens/s.
+as `picochat serve` does); p50/p99 request latency and aggregate tokens/s. The clients run in a
+process of their own (bench/load_client.py), so their parsing does not hold the server's
+interpreter lock.
 
-Soak (per dtype, in a fresh process, --soak N requests, 0 skips): N mixed requests against the same
-in-process server, --soak-concurrency at a time: chat and raw-token completions, random prompt
+Soak (per dtype, in a fresh process, --soak N requests, 0 skips): N mixed requests against that
+process's server, --soak-concurrency at a time: chat and raw-token completions, random prompt
 length and max_tokens, n from 1 to 4, half of them streamed. The process's resident memory (VmRSS)
 is read when the server is up, after a warm-up, and at the middle and the end of the soak: flat
 memory under load shows as middle ~ end.
@@ -35,11 +37,9 @@ Prints the machine, the tables, then one JSON line with every number, also writt
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import json
-import logging
 import os
 import random
 import socket
@@ -53,9 +53,9 @@ from pathlib import Path
 import picochat  # noqa: F401 - before torch: sets the OpenMP environment torch's runtime reads as it loads
 
 # isort: split
-import httpx
 import torch
 import uvicorn
+from load_client import rss_mb
 from machine import DTYPE_NAMES, describe_machine, format_machine
 from results import default_out, write_results
 
@@ -176,17 +176,6 @@ def engine_worker(system: str, dtype_name: str, device: torch.device, args) -> N
         print(RESULT_PREFIX + json.dumps({"ttft_ms": ttft_ms, "decode_tok_s": tok_s}), flush=True)
 
 
-def rss_mb() -> float | None:
-    """This process's resident memory in MB (VmRSS), or None where /proc does not say."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
 @contextlib.contextmanager
 def serving(device: torch.device, dtype: torch.dtype, args):
     """`picochat serve`'s app on the benchmark model, on a free port of 127.0.0.1; yields the port."""
@@ -213,28 +202,13 @@ def serving(device: torch.device, dtype: torch.dtype, args):
         app.state.pool.shutdown()
 
 
-async def post(http: httpx.AsyncClient, port: int, route: str, body: dict) -> tuple[float, int]:
-    """(seconds, completion tokens) of one request, streamed or not; raises on a non-200 answer."""
-    url = f"http://127.0.0.1:{port}/v1/{route}"
-    start = time.perf_counter()
-    tokens = 0
-    if not body.get("stream"):
-        response = await http.post(url, json=body)
-        response.raise_for_status()
-        return time.perf_counter() - start, response.json()["usage"]["completion_tokens"]
-    async with http.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"usage": {' in line:
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    return time.perf_counter() - start, tokens
-
-
-def latency_stats(results: list[tuple[float, int]], wall: float) -> dict:
-    latencies = sorted(r[0] for r in results)
-    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
-    return {"p50_ms": round(statistics.median(latencies) * 1000, 1), "p99_ms": round(p99 * 1000, 1),
-            "tok_s": round(sum(r[1] for r in results) / wall, 1)}
+def run_clients(job: dict) -> dict:
+    """bench/load_client.py's answer to `job`, the clients in a process of their own (see there)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().with_name("load_client.py"))],
+                          input=json.dumps(job), stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"load_client.py exited with status {proc.returncode} (its stderr is above)")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def server_worker(device: torch.device, dtype: torch.dtype, args) -> dict:
@@ -242,20 +216,11 @@ def server_worker(device: torch.device, dtype: torch.dtype, args) -> dict:
     # The prompt is the chat markup around the 2-byte message.
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": args.server_tokens,
             "temperature": 1.0, "top_k": 50, "stream_options": {"include_usage": True}}
-
-    async def wave(port: int, clients: int) -> dict:
-        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
-            start = time.perf_counter()
-            results = await asyncio.gather(*(post(http, port, "chat/completions", body) for _ in range(clients)))
-            return latency_stats(results, time.perf_counter() - start)
-
-    out = {}
     with serving(device, dtype, args) as port:
-        asyncio.run(wave(port, 1))  # warm-up
-        for n in (1, 8, 32):
-            out[f"clients{n}"] = asyncio.run(wave(port, n))
-            print(f"  server {DTYPE_NAMES[dtype]} {n} clients: {out[f'clients{n}']}", file=sys.stderr, flush=True)
-    return out
+        out = run_clients({"job": "waves", "port": port, "body": body, "waves": [1, 8, 32]})
+    for n in (1, 8, 32):
+        print(f"  server {DTYPE_NAMES[dtype]} {n} clients: {out[f'clients{n}']}", file=sys.stderr, flush=True)
+    return {**out, "server_pid": os.getpid()}
 
 
 def soak_plan(count: int, seed: int, max_prompt: int, max_tokens: int) -> list[tuple[str, dict]]:
@@ -277,56 +242,23 @@ def soak_plan(count: int, seed: int, max_prompt: int, max_tokens: int) -> list[t
 
 
 def soak_worker(device: torch.device, dtype: torch.dtype, args) -> dict:
-    """Run the soak against the in-process server; RSS at load, start, middle and end, and throughput."""
+    """Run the soak against this process's server; RSS at load, start, middle and end, and throughput."""
     plan = soak_plan(args.soak, args.seed, args.soak_max_prompt, args.soak_max_tokens)
     warmup = soak_plan(args.soak_concurrency, args.seed + 1, args.soak_max_prompt, args.soak_max_tokens)
     rss: dict[str, float | None] = {}
-    trace: list[tuple[int, float | None]] = []
-    results: list[tuple[float, int]] = []
-    errors: list[str] = []
-    warmup_errors: list[str] = []
-
-    async def clients(port: int, requests: list[tuple[str, dict]], record: bool) -> None:
-        queue = list(reversed(requests))
-        every = max(1, len(requests) // 10)
-
-        async def client(http: httpx.AsyncClient) -> None:
-            while queue:
-                route, body = queue.pop()
-                try:
-                    result = await post(http, port, route, body)
-                except httpx.HTTPError as e:
-                    (errors if record else warmup_errors).append(f"{route}: {type(e).__name__}: {e}")
-                    result = None
-                if not record:
-                    continue
-                if result is not None:
-                    results.append(result)
-                done = len(results) + len(errors)
-                if done == len(requests) // 2:
-                    rss["middle"] = rss_mb()
-                if done % every == 0:
-                    trace.append((done, rss_mb()))
-
-        limits = httpx.Limits(max_connections=args.soak_concurrency + 4)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-            await asyncio.gather(*(client(http) for _ in range(args.soak_concurrency)))
-
     with serving(device, dtype, args) as port:
         rss["loaded"] = rss_mb()
-        asyncio.run(clients(port, warmup, record=False))
+        job = {"job": "requests", "port": port, "concurrency": args.soak_concurrency}
+        warm = run_clients({**job, "requests": warmup})
         rss["start"] = rss_mb()
-        start = time.perf_counter()
-        asyncio.run(clients(port, plan, record=True))
-        wall = time.perf_counter() - start
+        soak = run_clients({**job, "requests": plan, "server_pid": os.getpid()})
+        rss["middle"] = soak.pop("rss_middle_mb")
         rss["end"] = rss_mb()
-    out = {"requests": len(plan), "ok": len(results), "errors": len(errors), "warmup_errors": len(warmup_errors),
-           "first_error": (errors or warmup_errors or [None])[0], "concurrency": args.soak_concurrency,
-           "wall_s": round(wall, 1), "rss_mb": rss, "rss_trace": trace,
+    out = {"requests": len(plan), **soak, "warmup_errors": warm["errors"],
+           "first_error": soak["first_error"] or warm["first_error"], "concurrency": args.soak_concurrency,
+           "rss_mb": rss, "server_pid": os.getpid(),
            "choices": sum(body["n"] for _, body in plan), "streamed": sum(body["stream"] for _, body in plan)}
-    if results:
-        out.update(latency_stats(results, wall))
-    print(f"  soak {DTYPE_NAMES[dtype]}: {len(results)} of {len(plan)} requests answered, RSS MB {rss}",
+    print(f"  soak {DTYPE_NAMES[dtype]}: {soak['ok']} of {len(plan)} requests answered, RSS MB {rss}",
           file=sys.stderr, flush=True)
     return out
 
@@ -498,6 +430,8 @@ def print_serving(results: dict) -> None:
             continue
         print(f"{'clients':<10}{'p50 ms':>10}{'p99 ms':>10}{'tok/s':>10}")
         for clients, row in waves.items():
+            if not clients.startswith("clients"):  # the processes' ids
+                continue
             print(f"{clients.removeprefix('clients'):<10}{row['p50_ms']:>10}{row['p99_ms']:>10}{row['tok_s']:>10}")
     if results.get("soak"):
         print(f"\nsoak ({results['soak_setup']})")
@@ -552,7 +486,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the table
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
