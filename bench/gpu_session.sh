@@ -13,8 +13,10 @@
 #   2. bench/gpu.py at depth 20 (the d20 preset's recipe, 2025);
 #   3. bench/train.py at depth 12 on the GPU (picochat compiled bf16; the reference's row too when a
 #      checkout is given);
-#   4. bench/infer.py at depth 12 on the GPU in bf16 (engine rows; the server and its soak when
-#      fastapi and uvicorn can be imported, which a bare GPU image may not have).
+#   4. bench/infer.py at depth 12 on the GPU in bf16 (engine rows; the server, continuously batching,
+#      and its soak when fastapi and uvicorn can be imported, which a bare GPU image may not have);
+#   5. the same server with one Engine per request (--server-max-batch 1, 8 workers): batching's gain
+#      on the GPU, side by side with step 4's server rows.
 # Each step's log and JSON go to OUTDIR (default ./gpu-session); a summary of exit codes ends the run.
 # Where only the repository is copied to the GPU machine, put the reference checkout in a git-ignored
 # folder inside it (for example .ref/nanochat, listed in .git/info/exclude) and pass that path.
@@ -58,15 +60,15 @@ else
 fi
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$out/torch.txt"
 
-step gpu-d12 220 "$py" bench/gpu.py "${d12[@]}" --recipes 2026 2025 --fp8 "${gpu_sizes[@]}" --out "$out/gpu-d12.json"
-step gpu-d20 100 "$py" bench/gpu.py "${d20[@]}" --recipes 2025 "${gpu_sizes[@]}" --out "$out/gpu-d20.json"
+step gpu-d12 210 "$py" bench/gpu.py "${d12[@]}" --recipes 2026 2025 --fp8 "${gpu_sizes[@]}" --out "$out/gpu-d12.json"
+step gpu-d20 95 "$py" bench/gpu.py "${d20[@]}" --recipes 2025 "${gpu_sizes[@]}" --out "$out/gpu-d20.json"
 
 train_ref=(--skip-reference)
 if [[ -n $ref ]]; then
     train_ref=(--reference-dir "$ref")
     variants+=("$ref_variant")
 fi
-step train-d12 110 "$py" bench/train.py "${train_sizes[@]}" --variants "${variants[@]}" --rounds 1 "${train_ref[@]}" \
+step train-d12 105 "$py" bench/train.py "${train_sizes[@]}" --variants "${variants[@]}" --rounds 1 "${train_ref[@]}" \
     --out "$out/train-d12.json"
 
 infer_server=()
@@ -76,7 +78,11 @@ if ! "$py" -c "import fastapi, uvicorn" 2>/dev/null; then
 fi
 infer_ref=()
 [[ -n $ref ]] && infer_ref=(--reference-dir "$ref")
-step infer-d12 70 "$py" bench/infer.py "${infer_sizes[@]}" "${infer_server[@]}" "${infer_ref[@]}" --out "$out/infer-d12.json"
+step infer-d12 60 "$py" bench/infer.py "${infer_sizes[@]}" "${infer_server[@]}" "${infer_ref[@]}" --out "$out/infer-d12.json"
+if [[ ${#infer_server[@]} == 0 ]]; then
+    step serve-d12-unbatched 30 "$py" bench/infer.py "${infer_sizes[@]}" --skip-engines --soak 0 --server-max-batch 1 \
+        --server-workers 8 --out "$out/serve-d12-unbatched.json"
+fi
 
 echo "== summary"
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

@@ -25,12 +25,18 @@ small-batch C kernel, whose rows are summed independently of the batch: torch's 
 fallback where no C compiler is found) sum a row in an order that depends on the batch's size,
 and rounding to bf16 can turn that into another token.
 
-This needs the engine's lean decode path (a picochat GPT on the CPU in fp32 or bf16, see
-DecodeStep); elsewhere (CUDA) `BatchingEngine.supports` is False and the server runs one Engine
-per request. The KV cache (max_rows x the context, in the compute dtype), the model in the
-compute dtype (Engine.inference_model: the served model itself, cast at load) and the packed
-weight copies are made for the first request and kept until close(), so the model's weights
-must not change while a BatchingEngine is in use (serving never trains).
+This needs a picochat GPT computing in fp32 or bf16 (DecodeStep.runs), on any device. Where the
+engine decodes through DecodeStep's weight copies (a small model on the CPU) so does the batch;
+elsewhere (a GPU, or a model whose blocks are too large to copy, d20 and up) the step reads the
+model's own weights through F.linear, and one step for B requests still reads them once instead
+of B times. There, in bf16, torch's GEMMs may round a row differently with the batch's size, so
+a batched request can in rare near-ties draw another token than alone (fp32 stays exact; the
+tests check both paths in fp32 and the copies in bf16). Any other model or dtype
+(`BatchingEngine.supports` False) is served with one Engine per request. The KV cache (max_rows
+x the context, fp32 as DecodeStep keeps it: e.g. 3.4 GB for d20 at 8 rows and 2,048 positions),
+the model in the compute dtype (Engine.inference_model: the served model itself, cast at load)
+and any weight copies are made for the first request and kept until close(), so the model's
+weights must not change while a BatchingEngine is in use (serving never trains).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from picochat.infer.sampling import sample_many
 from picochat.infer.unembed import Unembedder
 from picochat.model.kv_cache import KVCache
 
+CACHE_DTYPE = torch.float32  # DecodeStep's keys and values (bf16 values, exactly)
 DONE = object()  # the last item a request's `deliver` gets after a normal end
 
 
@@ -83,7 +90,7 @@ class _Decoder:
     def build(cls, engine: Engine, max_rows: int) -> _Decoder:
         cfg, model = engine.config, engine.inference_model()
         cache = KVCache(max_rows, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, engine.context_len, engine.device,
-                        engine.cache_dtype)
+                        CACHE_DTYPE)
         return cls(model, cache, DecodeStep(model), Unembedder(model.lm_head.weight, engine.compute_dtype))
 
 
@@ -102,7 +109,7 @@ class BatchingEngine:
 
     def __init__(self, engine: Engine, max_rows: int = 8) -> None:
         if not self.supports(engine):
-            raise ValueError("continuous batching needs the lean CPU decode path (a picochat GPT on the CPU, fp32 or bf16)")
+            raise ValueError("continuous batching needs a picochat GPT computing in fp32 or bf16")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.engine = engine
@@ -116,7 +123,7 @@ class BatchingEngine:
 
     @staticmethod
     def supports(engine: Engine) -> bool:
-        return engine.lean_decode and engine.softcap is not None
+        return DecodeStep.runs(engine.model, engine.compute_dtype) and engine.softcap is not None
 
     @property
     def context_len(self) -> int:
@@ -285,7 +292,7 @@ class BatchingEngine:
     def _prefill(self, decoder: _Decoder, request: _Request) -> None:
         engine, cache = self.engine, decoder.cache
         solo = KVCache(1, cache.num_layers, cache.k.size(2), cache.k.size(4), engine.prefill_len(len(request.prompt)),
-                       engine.device, engine.cache_dtype)
+                       engine.device, CACHE_DTYPE)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=engine.device)
         logits = decoder.unembed(engine.prefill(decoder.model, prompt, solo))  # (1, vocab)
         length = len(request.prompt)

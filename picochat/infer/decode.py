@@ -61,33 +61,47 @@ MAX_COPY_BYTES = 256 << 20
 
 
 class DecodeStep:
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, copies: bool | None = None) -> None:
+        """`copies`: read the weights from copies laid out for small batches (the default where
+        `supports` says the step is faster), or from the model's own weights through F.linear
+        (a GPU, or a model too large to copy: what continuous batching runs there)."""
         cfg = model.config
         self.model = model
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.eps = cfg.norm_eps
         self.dtype = model.weights_dtype()
-        self.norm = cpu_matmul.rms_norm if cpu_matmul.available() else rms_norm
+        self.device_type = model.lm_head.weight.device.type
+        on_cpu = self.device_type == "cpu"
+        self.norm = cpu_matmul.rms_norm if on_cpu and cpu_matmul.available() else rms_norm
+        self.copies = self.supports(model, self.dtype) if copies is None else copies
         blocks = model.transformer.h
-        with torch.no_grad():  # per layer; q, k and v stacked into one (C + 2 kv_dim, C) matrix
-            qkv = [torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]) for b in blocks]
-        make = PackedLinear if cpu_matmul.available() else _TransposedLinear
-        self.qkv = [make(w) for w in qkv]
+        attn = [(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight) for b in blocks]
+        if self.copies:
+            make = PackedLinear if on_cpu and cpu_matmul.available() else _TransposedLinear
+            with torch.no_grad():  # per layer; q, k and v stacked into one (C + 2 kv_dim, C) matrix
+                self.qkv = [make(torch.cat(w)) for w in attn]
+        else:
+            make = _ModelLinear
+            self.qkv = [_ModelLinear(*w) for w in attn]
         self.attn_proj = [make(b.attn.c_proj.weight) for b in blocks]
         self.fc = [make(b.mlp.c_fc.weight) for b in blocks]
         self.mlp_proj = [make(b.mlp.c_proj.weight) for b in blocks]
 
     @staticmethod
     def supports(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
-        """Where the step is measured faster: a picochat GPT on the CPU computing in fp32 or bf16,
-        whose block weights are small enough to copy per generation (MAX_COPY_BYTES at the
-        compute dtype's size; d20 and up are not)."""
-        weight = getattr(getattr(model, "lm_head", None), "weight", None)
-        if not (isinstance(model, GPT) and weight is not None and weight.device.type == "cpu"
-                and compute_dtype in COMPUTE_DTYPES):
+        """Where the step with copies is measured faster than forward(): a picochat GPT on the CPU
+        computing in fp32 or bf16, whose block weights are small enough to copy per generation
+        (MAX_COPY_BYTES at the compute dtype's size; d20 and up are not)."""
+        if not (DecodeStep.runs(model, compute_dtype) and model.lm_head.weight.device.type == "cpu"):
             return False
         block_numel = sum(p.numel() for p in model.transformer.h.parameters())
         return block_numel * compute_dtype.itemsize <= MAX_COPY_BYTES
+
+    @staticmethod
+    def runs(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
+        """Whether the step can run at all (without copies where `supports` is False): a picochat
+        GPT computing in fp32 or bf16, on any device."""
+        return isinstance(model, GPT) and compute_dtype in COMPUTE_DTYPES
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, 1) -> final normed hidden state (B, C), writing this position's keys and values.
@@ -119,7 +133,8 @@ class DecodeStep:
         # such cast is a no-op, skipped: at batch 1 a step is dispatch-bound, and the casts and a
         # per-layer autocast switch cost ~15% of a d4 token.
         low = (lambda t: t) if self.dtype == torch.float32 else (lambda t: t.to(self.dtype))
-        exact = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else contextlib.nullcontext()
+        on = torch.is_autocast_enabled(self.device_type)
+        exact = torch.autocast(self.device_type, enabled=False) if on else contextlib.nullcontext()
         x = x0 = model.embed(ids, cache, positions, self.norm)[:, 0]  # (B, C) fp32 residual
         cos, sin = low(cos), low(sin)
         mid = None
@@ -159,6 +174,19 @@ def _span(window: int | None, length: int, positions: torch.Tensor | None,
     if positions is None:
         return attention_span(length - 1, 1, window, device)
     return 0, attention_mask(positions.view(-1, 1, 1), torch.arange(length, device=device), window)
+
+
+class _ModelLinear:
+    """x -> x @ W.T for the model's own weights (no copy); several weights give their outputs side
+    by side, as one stacked matrix would (q, k and v)."""
+
+    def __init__(self, *weights: torch.Tensor) -> None:
+        self.weights = weights
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.weights) == 1:
+            return F.linear(x, self.weights[0])
+        return torch.cat([F.linear(x, w) for w in self.weights], dim=-1)
 
 
 class _TransposedLinear:

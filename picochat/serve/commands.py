@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engines generating at once (default: one per GPU; 1 on CPU); each takes up to "
                              "--max-batch requests at once where it batches")
     parser.add_argument("--max-batch", type=int, default=8,
-                        help="requests one worker decodes together (continuous batching; CPU fp32 models), "
+                        help="requests one worker decodes together (continuous batching: picochat models in fp32 or bf16), "
                              "also the largest n a request may ask for; 1 turns batching off")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before 503")
     parser.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,

@@ -1,8 +1,8 @@
 """A bounded pool of engines, and one request's generation run in a worker thread.
 
 Each worker is an Engine (one model replica per GPU; on CPU, N engines share one model, which is
-read-only at inference). Where the engine supports continuous batching (a picochat GPT in fp32 on
-the CPU), a worker is a BatchingEngine instead, handed out to `max_batch` requests at once that
+read-only at inference). Where the engine supports continuous batching (a picochat GPT computing
+in fp32 or bf16, on a CPU or a GPU), a worker is a BatchingEngine instead, handed out to `max_batch` requests at once that
 share its decode steps (`serving_pool`). A request takes a free handle, waiting in a bounded
 queue; when the queue is full the server answers 503 with Retry-After instead of piling up work.
 Generation runs in a thread (torch releases the GIL), sending events back to the event loop,

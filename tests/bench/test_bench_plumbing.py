@@ -271,9 +271,13 @@ def test_gpu_session_script_runs_every_step_with_its_flags(tmp_path, picochat_ho
     run = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(out)], cwd=BENCH.parent, env=env,
                          capture_output=True, text=True, timeout=600, check=False)
     summary = (out / "summary.txt").read_text().splitlines()
-    assert [line.split()[0] for line in summary] == ["gpu-d12", "gpu-d20", "train-d12", "infer-d12"], run.stdout[-3000:]
+    steps = ["gpu-d12", "gpu-d20", "train-d12", "infer-d12", "serve-d12-unbatched"]
+    assert [line.split()[0] for line in summary] == steps, run.stdout[-3000:]
     assert run.returncode == 0 and all(" rc=0 " in line for line in summary), (summary, run.stdout[-3000:])
     rows = json.loads((out / "gpu-d12.json").read_text())["rows"]
     assert [(r["recipe"], r["fp8"]) for r in rows] == [("2026", False), ("2026", True), ("2025", False), ("2025", True)]
     assert json.loads((out / "train-d12.json").read_text())["rows"]
     assert json.loads((out / "infer-d12.json").read_text())["engines"]["picochat"]
+    unbatched = json.loads((out / "serve-d12-unbatched.json").read_text())
+    assert unbatched["server_setup"] == {"workers": 8, "max_batch": 1, "tokens_per_request": 8}
+    assert unbatched["server"]["fp32"]["clients8"]["tok_s"] > 0

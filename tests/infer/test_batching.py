@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+import picochat.infer.decode as decode_module
 from picochat.errors import UserError
 from picochat.infer import Engine
 from picochat.infer.batching import BatchingEngine
@@ -112,6 +113,22 @@ def test_concurrent_requests_get_what_they_get_alone(tokenizer, model, matmul_ke
     if dtype == torch.bfloat16 and not matmul_kernel:
         pytest.skip("without the C kernel, torch's GEMMs sum a row in an order that depends on the batch's "
                     "size; rounded to bf16 that changes tokens (the kernel's rows are independent)")
+    _check_concurrent_requests(tokenizer, model, dtype, arch)
+
+
+@pytest.mark.parametrize("arch", ["classic", "all_2026"])
+def test_a_model_too_large_to_copy_batches_on_its_own_weights(tokenizer, model, arch, monkeypatch):
+    """Where the engine decodes through forward() (a GPU, or blocks over MAX_COPY_BYTES), the batch
+    steps on the model's own weights, and each request still gets what it gets alone (fp32)."""
+    monkeypatch.setattr(decode_module, "MAX_COPY_BYTES", 0)
+    made, real = [], decode_module._ModelLinear
+    monkeypatch.setattr(decode_module, "_ModelLinear", lambda *w: made.append(w) or real(*w))
+    engine = _check_concurrent_requests(tokenizer, model, torch.float32, arch)
+    assert not engine.lean_decode and BatchingEngine.supports(engine)
+    assert len(made) == 4 * engine.config.n_layer  # qkv, attention out, MLP in and out, per layer
+
+
+def _check_concurrent_requests(tokenizer, model, dtype: torch.dtype, arch: str) -> Engine:
     if arch != "classic":
         model = tiny_model(tokenizer.vocab_size, sequence_len=256, **OPTIONS[arch])
     engine = Engine(model.cast_weights_(dtype), tokenizer, compute_dtype=dtype)
@@ -137,6 +154,7 @@ def test_concurrent_requests_get_what_they_get_alone(tokenizer, model, matmul_ke
     assert len(results["three"][0][0]) == 3
     # a random model may stop early; the long prompt decodes past the short window with the options
     assert len(results["greedy"]) == 30 if arch == "classic" else len(results["long"]) > 1
+    return engine
 
 
 def test_an_abandoned_request_frees_its_rows(tokenizer, model):
@@ -164,10 +182,10 @@ def test_requests_are_checked_before_they_queue(tokenizer, model):
     batcher.close()
 
 
-def test_only_the_lean_cpu_path_batches(tokenizer, model):
+def test_a_gpt_in_fp32_or_bf16_batches(tokenizer, model):
     assert BatchingEngine.supports(Engine(model, tokenizer, compute_dtype=torch.float32))
     assert BatchingEngine.supports(Engine(model, tokenizer, compute_dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="lean CPU decode path"):
+    with pytest.raises(ValueError, match="a picochat GPT computing in fp32 or bf16"):
         BatchingEngine(Engine(model, tokenizer, compute_dtype=torch.float16))
 
 

@@ -39,12 +39,29 @@ def test_decode_step_equals_hidden_states_with_options(option, n_kv_head, dtype,
     check_decode_equals_hidden_states(randomize(build_model(config, "cpu").eval()), dtype, prompt_len, new=9)
 
 
-def check_decode_equals_hidden_states(model, dtype: torch.dtype, prompt_len: int, new: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["classic", "all_2026"])
+def test_the_step_on_the_models_own_weights_equals_hidden_states(arch, dtype):
+    """Without copies (a GPU, or a model too large to copy; continuous batching runs it there) the
+    step reads the model's parameters themselves and still computes what forward() computes."""
+    torch.manual_seed(0)
+    config = options_config(OPTIONS.get(arch, {}), n_kv_head=2)
+    prompt_len = LONG if config.sequence_len > 32 else 5
+    step = check_decode_equals_hidden_states(randomize(build_model(config, "cpu").eval()), dtype, prompt_len, new=9,
+                                             copies=False)
+    params = {p.data_ptr() for p in step.model.parameters()}
+    linears = step.qkv + step.attn_proj + step.fc + step.mlp_proj
+    assert all(w.data_ptr() in params for linear in linears for w in linear.weights)
+
+
+def check_decode_equals_hidden_states(model, dtype: torch.dtype, prompt_len: int, new: int,
+                                      copies: bool | None = None) -> DecodeStep:
     """Prefill `prompt_len` tokens, then `new` one at a time through hidden_states and DecodeStep."""
     config = model.config
     model.cast_weights_(dtype)
     assert DecodeStep.supports(model, dtype)
-    step = DecodeStep(model)
+    step = DecodeStep(model, copies=copies)
+    assert step.copies == (copies is not False)
     B, layers, n_kv_head, head_dim = 3, config.n_layer, config.n_kv_head, config.head_dim
     ids = torch.randint(0, config.vocab_size, (B, prompt_len + new))
     ref_cache = KVCache(B, layers, n_kv_head, head_dim, prompt_len + new, dtype=dtype)
@@ -64,6 +81,7 @@ def check_decode_equals_hidden_states(model, dtype: torch.dtype, prompt_len: int
         torch.testing.assert_close(fast_cache.v, ref_cache.v.float(), atol=tol, rtol=tol)
         with pytest.raises(ValueError, match="KV cache overflow"):
             step(ids[:, :1], fast_cache)
+    return step
 
 
 def test_decode_step_is_only_used_where_it_is_faster():
@@ -71,6 +89,8 @@ def test_decode_step_is_only_used_where_it_is_faster():
     assert DecodeStep.supports(model, torch.float32) and DecodeStep.supports(model, torch.bfloat16)
     assert not DecodeStep.supports(model, torch.float16)
     assert not DecodeStep.supports(torch.nn.Linear(2, 2), torch.float32)
+    assert DecodeStep.runs(model, torch.bfloat16) and not DecodeStep.runs(model, torch.float16)
+    assert not DecodeStep.runs(torch.nn.Linear(2, 2), torch.float32)
 
 
 def test_large_models_skip_the_copies(monkeypatch):
@@ -82,6 +102,7 @@ def test_large_models_skip_the_copies(monkeypatch):
     assert DecodeStep.supports(model, torch.float32)
     monkeypatch.setattr(decode_module, "MAX_COPY_BYTES", 1000)
     assert not DecodeStep.supports(model, torch.float32)
+    assert DecodeStep.runs(model, torch.float32) and not DecodeStep(model).copies
     monkeypatch.setattr(unembed_module, "MAX_COPY_BYTES", 1000)
     unembed = Unembedder(model.lm_head.weight, torch.float32)
     for rows in (1, 1, 1, 4):
