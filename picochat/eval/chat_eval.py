@@ -43,6 +43,7 @@ from picochat.infer import Engine
 from picochat.infer.streaming import TextStreamer
 from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
 from picochat.tasks import load_task
+from picochat.tasks.base import Task
 
 # Display name -> (load_task name, split, extra load_task kwargs).
 CHAT_TASKS: dict[str, tuple[str, str, dict]] = {
@@ -112,13 +113,35 @@ def parse_task_names(text: str | None) -> list[str]:
     return [name for name in CHAT_TASKS if name in chosen]
 
 
-def spread_subset(task, max_problems: int):
-    """An evenly strided view of at most `max_problems` rows (all rows when <= 0), so a subset spans
+class SpreadSubset(Task):
+    """`count` rows of `task` at evenly spaced positions: row i is task[i * len(task) // count]."""
+
+    def __init__(self, task: Task, count: int):
+        super().__init__()
+        self.task, self.count = task, count
+        self.eval_type = task.eval_type
+
+    def num_rows(self) -> int:
+        return self.count
+
+    def get_row(self, index: int) -> dict:
+        return self.task[index * len(self.task) // self.count]
+
+    def evaluate(self, conversation: dict, response):
+        return self.task.evaluate(conversation, response)
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+
+def spread_subset(task: Task, max_problems: int) -> Task:
+    """`max_problems` rows spread evenly over the whole task (all rows when <= 0), so a subset spans
     every subject of a task stored in subject order."""
     n = len(task)
     if max_problems <= 0 or max_problems >= n:
         return task
-    return task[:: n // max_problems][:max_problems]
+    return SpreadSubset(task, max_problems)
 
 
 def _progress(total: int, desc: str, rank: int):

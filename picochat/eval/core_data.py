@@ -83,6 +83,8 @@ def read_items(path: Path, task_type: str, label: str) -> list[dict]:
         raise DataError(f"task {label}: data file {path} is missing; rebuild or re-download the bundle")
     items = []
     for line_no, item in iter_jsonl(path):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}:{line_no}: a {task_type} item must be a JSON object, not {item!r}")
         missing = [k for k in REQUIRED_FIELDS[task_type] if k not in item]
         if missing:
             raise DataError(f"{path}:{line_no}: a {task_type} item needs {missing}")
@@ -106,6 +108,10 @@ def load_bundle(path: str | os.PathLike, only: list[str] | None = None) -> list[
     entries = (spec or {}).get("icl_tasks")
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{root / 'core.yaml'} has no `icl_tasks:` list")
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry.get("label") or not entry.get("dataset_uri"):
+            raise DataError(f"{root / 'core.yaml'}: every `icl_tasks:` entry needs a label and a dataset_uri "
+                            f"(got {entry!r})")
     baselines = read_baselines(root / "eval_meta_data.csv")
     labels = [e.get("label") for e in entries]
     if only:
@@ -123,11 +129,14 @@ def load_bundle(path: str | os.PathLike, only: list[str] | None = None) -> list[
         if label not in baselines:
             raise DataError(f"{root / 'eval_meta_data.csv'} has no 'Random baseline' row for task {label}")
         shots = entry.get("num_fewshot", [0])
-        shots = shots[0] if isinstance(shots, list) else shots
+        shots = shots[0] if isinstance(shots, list) and shots else shots
+        if not isinstance(shots, int) or shots < 0:
+            raise DataError(f"{root / 'core.yaml'}: task {label}: num_fewshot {entry['num_fewshot']!r} is not a "
+                            "count >= 0 (write e.g. [10])")
         tasks.append(CoreTask(
             label=label, task_type=task_type,
             items=read_items(root / "eval_data" / entry["dataset_uri"], task_type, label),
-            num_fewshot=int(shots), continuation_delimiter=entry.get("continuation_delimiter", " "),
+            num_fewshot=shots, continuation_delimiter=entry.get("continuation_delimiter", " "),
             random_baseline=baselines[label],
         ))
     return tasks

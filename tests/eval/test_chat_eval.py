@@ -159,6 +159,19 @@ def test_task_names_and_subsets():
     assert len(spread_subset(task, -1)) == 10
 
 
+def test_a_subset_of_more_than_half_the_rows_still_spans_the_whole_task():
+    """MMLU is stored subject by subject: 6 of 10 rows are not the first 6, nor 10,000 of 14,042 the first 10,000."""
+    task = ListTask([{"i": i, "letters": ["A", "B"], "answer": "A"} for i in range(10)], "categorical",
+                    lambda c, r: r == c["answer"])
+    subset = spread_subset(task, 6)
+    assert [row["i"] for row in subset] == [0, 1, 3, 5, 6, 8]
+    assert [row["i"] for row in subset[2:4]] == [3, 5]
+    assert subset.eval_type == "categorical" and subset.evaluate(subset[0], "A")
+    big = ListTask([{"i": i} for i in range(14042)], "generative", None)
+    rows = [row["i"] for row in spread_subset(big, 10000)]
+    assert len(rows) == len(set(rows)) == 10000 and rows[-1] >= 14030
+
+
 # ---- generative ----------------------------------------------------------------------------------
 GSM8K_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
                 "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")

@@ -46,6 +46,13 @@ def test_bundle_scores_end_to_end_with_a_scripted_model(tmp_path: Path):
         json.dumps({"context": "only a context"}) + "\n"), "continuation"),
     (lambda root: (root / "core.yaml").write_text("icl_tasks:\n- label: copa\n  icl_task_type: cloze\n"), "cloze"),
     (lambda root: (root / "core.yaml").unlink(), "core.yaml"),
+    (lambda root: (root / "core.yaml").write_text("icl_tasks:\n- label: copa\n  icl_task_type: multiple_choice\n"),
+     "dataset_uri"),
+    (lambda root: (root / "core.yaml").write_text("icl_tasks:\n- copa\n"), "label and a dataset_uri"),
+    (lambda root: (root / "core.yaml").write_text(
+        "icl_tasks:\n- label: copa\n  dataset_uri: commonsense_reasoning/copa.jsonl\n  num_fewshot: [ten]\n"
+        "  icl_task_type: multiple_choice\n"), "num_fewshot"),
+    (lambda root: (root / "eval_data/commonsense_reasoning/copa.jsonl").write_text("5\n"), "JSON object"),
 ])
 def test_broken_bundles_are_data_errors_naming_the_culprit(tmp_path: Path, breakage, message: str):
     root = write_dclm_bundle(tmp_path)
