@@ -475,7 +475,7 @@ def resolve_names(root: Path, run_name: str | None, tag: str | None) -> tuple[st
         known = sorted({p.name for p in (root / "checkpoints").glob("*/*") if p.is_dir()})
         raise UserError(f"--run {run_name!r}: no checkpoints, logs or speedrun of that name under {root} "
                         f"(known: {', '.join(known) or 'none'}); omit --run for the newest run")
-    else:
+    if not tag:
         tag = run_name if run_name and has_tag(root, run_name) else newest_tag(root) or run_name or "default"
     return run_name or tag, tag
 

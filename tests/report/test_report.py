@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from picochat.cli import main
-from picochat.report.report import build_report, fmt_duration, latest_segment, read_jsonl
+from picochat.report.report import build_report, fmt_duration, latest_segment, read_jsonl, resolve_names
 from picochat.tokenizer import Tokenizer
 from tests.train.conftest import build_corpus, make_documents
 
@@ -223,3 +224,16 @@ def test_an_unknown_run_is_refused_and_latest_is_kept(home, capsys, monkeypatch)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --run 'bogus': no checkpoints") and "omit --run" in err and "\n" not in err
     assert latest.read_text() == before and not (home / "reports" / "bogus").exists()
+
+
+def test_an_explicit_tag_is_the_one_reported(picochat_home, monkeypatch):
+    """--tag names the checkpoints to read, also when another tag's checkpoint is newer."""
+    monkeypatch.delenv("PICOCHAT_RUN", raising=False)
+    for tag, mtime in (("old", 1_000_000.0), ("new", 2_000_000.0)):
+        meta = picochat_home / "checkpoints" / "base" / tag / "step_5" / "meta.json"
+        write_json(meta, {"step": 5})
+        os.utime(meta, (mtime, mtime))
+    assert resolve_names(picochat_home, None, None) == ("new", "new")
+    assert resolve_names(picochat_home, None, "old") == ("old", "old")
+    (picochat_home / "speedrun" / "cpu").mkdir(parents=True)
+    assert resolve_names(picochat_home, "cpu", "old") == ("cpu", "old")
