@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else home() / "export" / "hf" / f"{stage}-{tag}-step{step}"
     source = {"checkpoint": str(path), "stage": stage, "tag": tag, "step": step,
               "tokenizer_hash": tokenizer.hash, "metrics": meta.get("metrics", {})}
-    export_hf(model, tokenizer, out, dtype=args.dtype, source=source)
+    out = export_hf(model, tokenizer, out, dtype=args.dtype, source=source)  # the directory written (~ expanded)
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     options = model.config.non_classic()
     kind = f"transformers remote code, for {', '.join(options)}" if options else "native nanochat"

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from picochat.errors import UserError
@@ -198,7 +199,9 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str) -> dict[str, 
         "tie_word_embeddings": False,
         "bos_token_id": bos,
         "eos_token_id": eos,
-        "pad_token_id": eos,
+        # No pad id here: NanoChat makes it its embedding's padding_idx, whose row never trains, and
+        # NanoChatConfig's default (1) would freeze a byte's row. generate() pads with generation_config's.
+        "pad_token_id": None,
         "use_cache": True,
         "dtype": dtype,
     }
@@ -341,8 +344,9 @@ def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.Pa
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_files(out, config, state, tokenizer, dtype, source)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror}); give a directory you can write") from e
+    except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors (disk full, ...) as its own
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"--out {out}: cannot write there ({reason}); give a directory you can write") from e
     return out
 
 

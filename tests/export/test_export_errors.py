@@ -1,4 +1,5 @@
-"""export: an unwritable --out is a one-line error, and exported files get ordinary permissions."""
+"""export: an unwritable --out (or a failed weights write) is a one-line error, --out may start with ~,
+and exported files get ordinary permissions."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
 from picochat.cli import main
+from picochat.export import hf
 from tests.infer.tiny import save_tiny_checkpoint
 
 
@@ -31,3 +34,25 @@ def test_exported_files_have_ordinary_permissions(checkpoint, tmp_path: Path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_a_failed_weights_write_is_one_line(checkpoint, tmp_path: Path, monkeypatch, capsys):
+    """safetensors raises its own error type for I/O failures (a full disk, a read-only directory)."""
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(hf, "save_file", full_disk)
+    assert main(["export", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {tmp_path / 'hf'}: cannot write there") and "No space left" in err
+    assert "\n" not in err
+
+
+def test_out_with_an_unexpanded_home(checkpoint, tmp_path: Path, monkeypatch, capsys):
+    """`--out=~/hf` reaches picochat with its tilde (the shell expands none after '='): written, and reported,
+    under the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["export", "--out=~/hf"]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert f"-> {tmp_path / 'hf'}" in capsys.readouterr().out

@@ -88,6 +88,16 @@ def test_logits_match(model, hf_model, tokenizer):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
+def test_every_embedding_row_trains(exported, tokenizer):
+    """Fine-tuning the export in transformers updates every token's embedding, <|assistant_end|>'s too
+    (a pad_token_id in config.json would make that row an nn.Embedding padding_idx, which gets no gradient)."""
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    eos = tokenizer.encode_special("assistant_end")
+    ids = torch.tensor([tokenizer.encode("Hi there", prepend="<|bos|>", append=eos) + [tokenizer.bos_id]])
+    hf_model(ids, labels=ids).loss.backward()
+    assert hf_model.model.embed_tokens.weight.grad[eos].abs().max() > 0
+    assert transformers.GenerationConfig.from_pretrained(exported).pad_token_id == eos  # batched generate pads
+
 def test_greedy_generation_matches(model, hf_model, tokenizer):
     prompt = tokenizer.encode("The river ran", prepend="<|bos|>")
     ids = list(prompt)
