@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,8 @@ def parse_count(text: str) -> int:
         value = float(text.replace("_", ""))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 2e9 or 2_000_000_000)") from e
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a count such as 2e9")
     if value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return int(value)

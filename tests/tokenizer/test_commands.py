@@ -78,6 +78,9 @@ def test_parse_count() -> None:
         parse_count("lots")
     with pytest.raises(argparse.ArgumentTypeError):
         parse_count("1.5")
+    for endless in ("inf", "-inf", "nan"):  # a clear flag error, not an OverflowError traceback
+        with pytest.raises(argparse.ArgumentTypeError, match="finite"):
+            parse_count(endless)
 
 
 def test_tok_eval_table_and_files(picochat_home: Path, shard_dir: Path, monkeypatch, capsys) -> None:
