@@ -13,7 +13,7 @@ dropped document is counted under the first filter that caught it:
    frequent in the Bible and Shakespeare;
 3. exact duplicates: the same text up to case and whitespace;
 4. near duplicates: MinHash over word 5-gram shingles (`NUM_HASHES` hashes, banded for
-   candidate pairs), keeping a document whose estimated Jaccard similarity with an earlier
+   candidate pairs), dropping a document whose estimated Jaccard similarity with an earlier
    kept one reaches `NEAR_DUP_JACCARD`.
 
 Everything is deterministic: hashes are crc32/blake2b-based (never Python's salted

@@ -16,7 +16,8 @@ Sharding: the loaders walk every row group of every train shard in order ("units
 each row group rank r of w takes documents r, r+w, r+2w, ... so across ranks every document
 is used exactly once per epoch, and ranks stay balanced to within one document per row
 group, even for a one-row-group shard. After the last unit the epoch counter goes up and the
-walk starts again.
+walk starts again. A rank that a whole pass gives no document (row groups with fewer texts than
+processes) is a DataError, not an endless wait.
 
 Tokenization runs on a background thread (tiktoken releases the GIL and uses its own
 threads), a few units ahead, so the training loop does not wait for it.
@@ -107,6 +108,7 @@ class _ShardWalk:
             q.put(e)
 
     def _start_walk(self, epoch: int, unit: int) -> None:
+        self._empty_units = 0  # units in a row that gave this rank no document
         self._queue = queue.Queue(maxsize=self.prefetch_units)
         self._stop_event = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(epoch, unit, self._queue, self._stop_event),
@@ -119,6 +121,13 @@ class _ShardWalk:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
+        self._empty_units = 0 if item[2] else self._empty_units + 1
+        if self._empty_units == len(self.units):  # a whole epoch without a document: it would never end
+            raise DataError(
+                f"shards {[f.name for f in self.files]} give rank {self.rank} of {self.world_size} no documents "
+                f"(rank r takes texts r, r+{self.world_size}, ... of each row group, and skips empty ones); "
+                "use fewer processes or shards with more documents"
+            )
         return item
 
     def _batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +155,16 @@ class _ShardWalk:
                 f"loader state was saved with world size {state['world_size']}, this run has {self.world_size}; "
                 "resume with the same number of processes"
             )
+        self._check_source(state)
+        self.close()
+
+    def _check_source(self, state: dict) -> None:
+        """A state (of this rank or of any old rank) must come from the same shards and the same --loader."""
         if state.get("files") and state["files"] != [f.name for f in self.files]:
             raise DataError("loader state was saved for different shard files; resume with the same --data-dir")
         if state.get("kind", "packed") != self.kind:
             raise DataError(f"loader state was saved by the {state.get('kind', 'packed')} loader, this run uses "
                             f"--loader {self.kind}; resume with the same --loader")
-        self.close()
 
     def close(self) -> None:
         if self._thread is not None:
@@ -202,10 +215,15 @@ class PackedLoader(_ShardWalk):
     def reshard_state(self, states: list[dict]) -> dict:
         """This rank's state in a new world, from every old rank's: the start of the earliest row group
         any old rank was reading (ranks stay within a row group or so of each other)."""
+        for s in states:
+            self._check_source(s)
         epoch, unit = min((s["epoch"], s["unit"]) for s in states)
         return {"kind": self.kind, "epoch": epoch, "unit": unit, "skip": 0, **self._position()}
 
     def close(self) -> None:
+        if self._thread is not None:  # keep the position: a later next() or state_dict() continues from it
+            state = self.state_dict()
+            self._start = (state["epoch"], state["unit"], state["skip"])
         super().close()
         if hasattr(self, "_stream"):
             self._stream.clear()
@@ -282,6 +300,8 @@ class BestFitLoader(_ShardWalk):
     def reshard_state(self, states: list[dict]) -> dict:
         """This rank's state in a new world: an empty buffer refilled from the earliest row group that any
         old rank's buffer or cursor was in."""
+        for s in states:
+            self._check_source(s)
         epoch, unit = min((d[0], d[1]) for s in states for d in [*s["buffer"], (s["epoch"], s["unit"])])
         return {"kind": self.kind, "epoch": epoch, "unit": unit, "index": 0, "buffer": [], **self._position()}
 

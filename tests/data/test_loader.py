@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from picochat.data.loader import BestFitLoader, PackedLoader, make_loader
+from picochat.data.loader import LOADERS, BestFitLoader, PackedLoader, make_loader
 from picochat.data.shards import list_shards, write_shard
 from picochat.errors import DataError
 from picochat.tokenizer import Tokenizer
@@ -232,3 +233,65 @@ def test_another_world_size_restarts_at_the_earliest_row_group_and_skips_nothing
             end = row.index(tok.bos_id, 1) if tok.bos_id in row[1:] else len(row)
             assert any(d[:end] == row[:end] for d in docs)
         new.close()
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_rank_without_documents_is_a_clear_error_not_a_hang(corpus, tmp_path, kind):
+    _, tok = corpus
+    path = tmp_path / "shard_val.parquet"
+    write_shard(path, ["One document here.", "", "Another document."], row_group_size=2)
+    first = make_loader(kind, [path], tok, 1, 8, rank=0, world_size=2)  # rank 0 has both documents
+    assert next(first)[0][0, 0].item() == tok.bos_id
+    first.close()
+    loader = make_loader(kind, [path], tok, 1, 8, rank=1, world_size=2)  # rank 1: the empty text, then nothing
+    raised = []
+
+    def first_batch():
+        try:
+            next(loader)
+        except Exception as e:  # noqa: BLE001 - the test looks at what was raised
+            raised.append(e)
+
+    worker = threading.Thread(target=first_batch, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    loader.close()
+    assert not worker.is_alive(), "the loader waited forever for a document"
+    assert len(raised) == 1 and isinstance(raised[0], DataError)
+    assert "rank 1 of 2 no documents" in str(raised[0]) and "fewer processes" in str(raised[0])
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_another_world_size_still_checks_the_shards_and_the_loader_kind(corpus, kind):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    old = []
+    for rank in range(2):
+        loader = make_loader(kind, train, tok, 1, 8, rank=rank, world_size=2)
+        next(loader)
+        old.append(loader.state_dict())
+        loader.close()
+    with pytest.raises(DataError, match="different shard files"):
+        make_loader(kind, train[:-1], tok, 1, 8, world_size=3).reshard_state(old)
+    other = "bestfit" if kind == "packed" else "packed"
+    with pytest.raises(DataError, match=f"--loader {other}"):
+        make_loader(other, train, tok, 1, 8, world_size=3).reshard_state(old)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_close_keeps_the_position(corpus, kind):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    a = make_loader(kind, train, tok, 2, 32)
+    for _ in range(5):
+        next(a)
+    state = a.state_dict()
+    a.close()
+    assert a.state_dict() == state
+    b = make_loader(kind, train, tok, 2, 32)
+    b.load_state_dict(state)
+    for _ in range(3):
+        (x1, y1), (x2, y2) = next(a), next(b)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    a.close()
+    b.close()
