@@ -231,7 +231,9 @@ def load_weights_into(model: torch.nn.Module, path: Path, meta: dict, device: to
     """Load a step's weights into `model`, refusing a checkpoint of another shape by name."""
     ours = model.config.to_dict()
     # A field the checkpoint's config predates has its default value there (e.g. an option it did not have yet).
-    config = {**type(model.config)().to_dict(), **read_json_object(Path(path) / "config.json")}
+    saved = read_json_object(Path(path) / "config.json")
+    verify_file(Path(path) / "config.json", meta)  # a damaged value can still be valid JSON
+    config = {**type(model.config)().to_dict(), **saved}
     differ = {k: (config[k], ours[k]) for k in ours if k in config and config[k] != ours[k]}
     if differ:
         shown = ", ".join(f"{k} {old} there, {new} here" for k, (old, new) in differ.items())
@@ -249,7 +251,9 @@ def load_checkpoint_dir(path: Path, device: torch.device | str = "cpu"):
     meta = read_json_object(path / "meta.json")
     config_dict = read_json_object(path / "config.json")
     try:
-        model = build_model(GPTConfig.from_dict(config_dict), torch.device(device))
+        config = GPTConfig.from_dict(config_dict)
+        verify_file(path / "config.json", meta)  # before building: a damaged size could be huge
+        model = build_model(config, torch.device(device))
     except (TypeError, ValueError, ConfigError) as e:
         raise DataError(f"{path}/config.json is not a model config ({e}); the checkpoint is damaged") from e
     weights = load_weights(path, meta, device)
@@ -291,6 +295,7 @@ def check_resumable(path: Path) -> None:
     """Raise a DataError if a step directory cannot be resumed from (files missing or damaged)."""
     meta = read_json_object(Path(path) / "meta.json")
     read_json_object(Path(path) / "config.json")
+    verify_file(Path(path) / "config.json", meta)
     if {"model.safetensors", "state.pt"} <= set(meta.get("checksums") or {}):
         verify_file(Path(path) / "model.safetensors", meta)  # the hashes say it all; no need to unpickle twice
         if not (Path(path) / "state.pt").exists():

@@ -51,6 +51,21 @@ def test_a_flipped_byte_is_a_clear_error(saved: Path, name: str):
         load(saved)
 
 
+def test_a_changed_value_in_config_json_is_a_clear_error(saved: Path):
+    path = saved / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(path.read_text().replace(json.dumps(config["softcap"]), json.dumps(config["softcap"] + 80)))
+    assert json.loads(path.read_text())["softcap"] != config["softcap"]  # still a valid config, but not the one saved
+    damaged = r"config.json does not match its checksum in meta.json"
+    with pytest.raises(DataError, match=damaged):
+        ckpt.load_checkpoint_dir(saved)
+    with pytest.raises(DataError, match=damaged):
+        ckpt.check_resumable(saved)
+    tok = tiny_tokenizer()
+    with pytest.raises(DataError, match=damaged):
+        ckpt.load_weights_into(tiny_model(tok.vocab_size), saved, json.loads((saved / "meta.json").read_text()))
+
+
 def drop_checksums(step_dir: Path) -> None:
     meta = json.loads((step_dir / "meta.json").read_text())
     del meta["checksums"]
