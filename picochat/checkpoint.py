@@ -115,6 +115,12 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".step_*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for replaced in directory.glob(".step_*.old-*"):  # a re-save stopped between its two renames
+        kept = directory / replaced.name[1:].split(".old-")[0]
+        if kept.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(replaced, kept)
     final = directory / f"step_{step}"
     tmp = directory / f".step_{step}.tmp-{os.getpid()}"
     try:
@@ -142,8 +148,14 @@ def save_checkpoint(
                             "intact: free some space (or set PICOCHAT_HOME to a bigger disk) and --resume") from e
         raise
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        # The old copy is moved aside, not deleted, until the new one is in place: a crash in between
+        # leaves it whole, and the next save puts it back.
+        replaced = directory / f".step_{step}.old-{os.getpid()}"
+        os.replace(final, replaced)
+        os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     if keep_last:
         # Keep this step and the keep_last-1 before it. Higher steps are an earlier run's under the same
         # tag (this one started fresh or from an older step): left there, --resume would continue them.

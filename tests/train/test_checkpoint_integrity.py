@@ -176,3 +176,26 @@ def test_pruning_keeps_the_step_just_written_and_drops_an_earlier_runs_higher_st
     for step in (5, 6, 7):
         ckpt.save_checkpoint(run, step, model, tok, {}, state={"x": torch.zeros(1)}, keep_last=2)
     assert ckpt.list_steps(run) == [6, 7]
+
+
+def test_a_resave_stopped_between_its_renames_keeps_the_old_copy(saved: Path, monkeypatch):
+    """Re-saving a step moves the old copy aside until the new one is in place: a crash in between
+    (here the second rename fails) loses neither, and the next save restores the old copy first."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    before = sha256(saved / "model.safetensors")
+    real = ckpt.os.replace
+
+    def crash_moving_the_new_copy_in(src, dst):
+        if Path(dst) == saved and Path(src).name.startswith(".step_3.tmp-"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_moving_the_new_copy_in)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(saved.parent, 3, model, tok, {"stage": "base"})
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    assert not saved.exists() and len(list(saved.parent.glob(".step_3.old-*"))) == 1
+    ckpt.save_checkpoint(saved.parent, 1, model, tok, {"stage": "base"})  # any later save puts it back
+    assert sha256(saved / "model.safetensors") == before and ckpt.list_steps(saved.parent) == [1, 3]
+    assert not list(saved.parent.glob(".step_*"))
