@@ -370,5 +370,11 @@ def _write_files(out: Path, config: GPTConfig, state: dict[str, torch.Tensor], t
             shutil.copyfile(REMOTE_DIR / name, out / name)
         (out / "README.md").write_text(REMOTE_README.format(options=", ".join(config.non_classic())),
                                        encoding="utf-8")
+    else:  # a remote-code export written here before: its code and its README would mislead
+        for name in REMOTE_FILES:
+            (out / name).unlink(missing_ok=True)
+        readme = out / "README.md"
+        if readme.is_file() and readme.read_text(encoding="utf-8").startswith(REMOTE_README.split("\n")[0]):
+            readme.unlink()
     if source is not None:
         _write_json(out / "picochat_source.json", source)

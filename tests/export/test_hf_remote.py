@@ -17,7 +17,7 @@ from picochat.cli import main
 from picochat.errors import UserError
 from picochat.export.hf import REMOTE_FILES, SUPPORTED_CONFIG_FIELDS, check_remote_exportable, export_hf
 from picochat.infer.engine import Engine
-from picochat.model.gpt import ARCH_2026, GPTConfig, build_model
+from picochat.model.gpt import ARCH_2026, ARCH_OPTIONS, GPTConfig, build_model
 from tests.infer.tiny import tiny_tokenizer
 from tests.model.options import LONG, OPTIONS, options_config, randomize
 
@@ -176,3 +176,16 @@ def test_export_command_says_remote_code(picochat_home, model, tokenizer, capsys
     assert "remote code" in printed and "trust_remote_code=True" in printed
     config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
     assert config.model_type == "picochat" and config.smear and config.window_pattern == "SSSL"
+
+
+def test_a_classic_export_over_a_remote_one_leaves_no_remote_code(model, tokenizer, tmp_path):
+    out = export_hf(model, tokenizer, tmp_path / "hf")
+    assert all((out / name).exists() for name in REMOTE_FILES) and (out / "README.md").exists()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    classic = build_model(dataclasses.replace(model.config, **{name: defaults[name] for name in ARCH_OPTIONS}),
+                          "cpu").eval()
+    assert not classic.config.non_classic()
+    export_hf(classic, tokenizer, out)
+    assert not any((out / name).exists() for name in REMOTE_FILES) and not (out / "README.md").exists()
+    assert "auto_map" not in json.loads((out / "config.json").read_text()) and (out / "notes.txt").exists()
