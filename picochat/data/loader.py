@@ -74,6 +74,7 @@ class _ShardWalk:
             self.units.extend((fi, rg) for rg in range(pq.ParquetFile(f).num_row_groups))
         if not self.units:
             raise DataError(f"shards {[f.name for f in self.files]} contain no row groups (no documents)")
+        self._sizes = [f.stat().st_size for f in self.files]  # a shard rebuilt under its old name differs here
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop_event = threading.Event()
@@ -147,7 +148,7 @@ class _ShardWalk:
 
     def _position(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "files": [f.name for f in self.files],
-                "num_units": len(self.units)}
+                "num_units": len(self.units), "sizes": self._sizes}
 
     def _check_state(self, state: dict) -> None:
         if state.get("world_size", self.world_size) != self.world_size:
@@ -162,6 +163,13 @@ class _ShardWalk:
         """A state (of this rank or of any old rank) must come from the same shards and the same --loader."""
         if state.get("files") and state["files"] != [f.name for f in self.files]:
             raise DataError("loader state was saved for different shard files; resume with the same --data-dir")
+        rebuilt = [f.name for f, old, new in zip(self.files, state.get("sizes") or self._sizes, self._sizes)
+                   if old != new]
+        if rebuilt or state.get("num_units", len(self.units)) != len(self.units):
+            shown = ", ".join(rebuilt[:3]) or "their row groups"
+            raise DataError(f"loader state was saved for shards with other contents ({shown} changed since, e.g. "
+                            "rebuilt by `picochat data prepare --force`): its positions would point at other "
+                            "documents; resume with the data it was saved with, or train without --resume")
         if state.get("kind", "packed") != self.kind:
             raise DataError(f"loader state was saved by the {state.get('kind', 'packed')} loader, this run uses "
                             f"--loader {self.kind}; resume with the same --loader")

@@ -295,3 +295,24 @@ def test_close_keeps_the_position(corpus, kind):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_shards_rebuilt_under_their_old_names_are_refused_on_resume(corpus, tmp_path, kind):
+    """A state's positions are row groups and documents of the shards it was saved with: shards
+    rebuilt under the same names (other documents, other row groups) must not resume silently."""
+    _, tok = corpus
+    paths = [tmp_path / f"shard_{i:05d}.parquet" for i in range(2)]
+    for i, path in enumerate(paths):
+        write_shard(path, [f"Document {i}.{j} is here." for j in range(40)], row_group_size=10)
+    loader = make_loader(kind, paths, tok, 1, 8)
+    next(loader)
+    state = loader.state_dict()
+    loader.close()
+    make_loader(kind, paths, tok, 1, 8).load_state_dict(state)  # the same shards: fine
+    write_shard(paths[1], [f"Another text {j}, longer than before." for j in range(40)], row_group_size=10)
+    with pytest.raises(DataError, match=r"other contents \(shard_00001.parquet changed"):
+        make_loader(kind, paths, tok, 1, 8).load_state_dict(state)
+    write_shard(paths[1], [f"Document 1.{j} is here." for j in range(40)], row_group_size=20)
+    with pytest.raises(DataError, match="other contents"):
+        make_loader(kind, paths, tok, 1, 8).load_state_dict(state)
