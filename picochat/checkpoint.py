@@ -257,7 +257,7 @@ def load_weights_into(model: torch.nn.Module, path: Path, meta: dict, device: to
 def load_checkpoint_dir(path: Path, device: torch.device | str = "cpu"):
     """(model, tokenizer, meta) from one step directory."""
     path = Path(path)
-    for name in ("model.safetensors", "config.json", "meta.json"):
+    for name in ("model.safetensors", "config.json", "meta.json", "tokenizer"):
         if not (path / name).exists():
             raise DataError(f"{path} is not a complete checkpoint (missing {name})")
     meta = read_json_object(path / "meta.json")

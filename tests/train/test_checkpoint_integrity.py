@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,10 @@ def test_a_resave_stopped_between_its_renames_keeps_the_old_copy(saved: Path, mo
     ckpt.save_checkpoint(saved.parent, 1, model, tok, {"stage": "base"})  # any later save puts it back
     assert sha256(saved / "model.safetensors") == before and ckpt.list_steps(saved.parent) == [1, 3]
     assert not list(saved.parent.glob(".step_*"))
+
+
+def test_a_checkpoint_without_its_tokenizer_says_it_is_incomplete(saved: Path):
+    """Not "train one with tok-train": the checkpoint's own tokenizer is what is missing."""
+    shutil.rmtree(saved / "tokenizer")
+    with pytest.raises(DataError, match=r"is not a complete checkpoint \(missing tokenizer\)"):
+        ckpt.load_checkpoint_dir(saved)
