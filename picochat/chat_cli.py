@@ -173,11 +173,27 @@ def _in_range(value: float, lo: float, hi: float, name: str) -> float:
     return value
 
 
+def new_transcript(chats: Path) -> Path:
+    """chats/chat_<time>.json, created empty now: a second chat started in the same second (a
+    script asking one question after another) gets -2, -3, ... instead of overwriting the first."""
+    stem = f"chat_{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 10_000):
+        path = chats / (f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
+        try:
+            path.touch(exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{chats}: no free transcript name for {stem}; clear old chats")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
     if not 0.0 <= args.temperature <= 2.0:
         raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns top-k off)")
     if args.repetition_penalty is not None and not 0.0 < args.repetition_penalty <= 10.0:
         raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be in (0, 10]; 1 is off")
     device = pick_device(args.device)
@@ -186,14 +202,18 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, tokenizer, compute_dtype=dtype)
     chats = home() / "chats"
     chats.mkdir(parents=True, exist_ok=True)
-    transcript = chats / f"chat_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.prompt is not None and not args.prompt.strip():
+        raise ConfigError("-p/--prompt is empty; give a question")
+    transcript = new_transcript(chats)
     settings = Settings(args.temperature, args.top_k, args.max_tokens, args.seed, args.repetition_penalty)
     session = ChatSession(engine, settings, system=args.system, transcript=transcript)
-    if args.prompt is not None:
-        if not args.prompt.strip():
-            raise ConfigError("-p/--prompt is empty; give a question")
-        session.reply(args.prompt)
+    try:
+        if args.prompt is not None:
+            session.reply(args.prompt)
+            return 0
+        print(f"loaded {path}", file=sys.stderr)
+        session.loop()
         return 0
-    print(f"loaded {path}", file=sys.stderr)
-    session.loop()
-    return 0
+    finally:
+        if transcript.stat().st_size == 0:  # no reply was saved: keep no empty file
+            transcript.unlink()

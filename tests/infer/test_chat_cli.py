@@ -25,6 +25,22 @@ def test_one_shot_prompt_prints_an_answer_and_saves_it(picochat_home, capsys):
     assert messages[0]["content"] == "Hello there!"
 
 
+def test_two_chats_in_one_second_keep_both_transcripts(picochat_home, monkeypatch, capsys):
+    save_tiny_checkpoint("sft", "tiny")
+    monkeypatch.setattr("picochat.chat_cli.time.strftime", lambda fmt: "20261204-120000")
+    for question in ("First?", "Second?"):
+        assert main(["chat", "-p", question, "--max-tokens", "4", "--seed", "1", "--device", "cpu"]) == 0
+    saved = sorted((picochat_home / "chats").glob("chat_*.json"))
+    assert [p.name for p in saved] == ["chat_20261204-120000-2.json", "chat_20261204-120000.json"]
+    asked = {json.loads(p.read_text())["messages"][0]["content"] for p in saved}
+    assert asked == {"First?", "Second?"}
+    assert main(["chat", "-p", "hi", "--top-k", "-3", "--device", "cpu"]) == 2
+    assert "--top-k -3: must be >= 0" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("/quit\n"))  # a chat left before any reply
+    assert main(["chat", "--device", "cpu"]) == 0
+    assert len(list((picochat_home / "chats").glob("chat_*.json"))) == 2  # no empty transcript left
+
+
 def test_default_checkpoint_is_the_most_trained_stage(picochat_home):
     save_tiny_checkpoint("base", "a")
     assert resolve_checkpoint(None).parts[-3] == "base"
