@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from picochat.config import PRESETS, add_preset_argument
+from picochat.data.shards import default_data_dir
 from picochat.errors import UserError
 from picochat.runtime import home
 from picochat.train.base_train import BaseTrainConfig, horizon_tokens
@@ -48,7 +49,8 @@ def shards_needed(preset: str) -> int:
     cfg = BaseTrainConfig.defaults(preset=preset)
     tokens = horizon_tokens(cfg, PRESETS[preset].get("vocab_size", 32768))
     kept = 1.0 - (BESTFIT_CROPPED if cfg.loader == "bestfit" else 0.0)
-    return math.ceil(1.1 * tokens / kept * CHARS_PER_TOKEN / SHARD_CHARS)
+    # A time budget sets the horizon at run time (0 tokens here): one shard, the least a run can train on.
+    return max(1, math.ceil(1.1 * tokens / kept * CHARS_PER_TOKEN / SHARD_CHARS))
 
 
 def plan(preset: str, rl: bool, data_source: str, shards: int) -> list[tuple[str, list[str], bool]]:
@@ -57,12 +59,14 @@ def plan(preset: str, rl: bool, data_source: str, shards: int) -> list[tuple[str
     p = ["--preset", preset]
     data = (["data", "prepare"] if data_source == "builtin"
             else ["data", "download", "--source", data_source, "-n", str(shards)])
+    # The stages that read the shards default to the built-in corpus: hub shards are named.
+    d = [] if data_source == "builtin" else ["--data-dir", str(default_data_dir(data_source))]
     stages = [
         ("data", data, False),
-        ("tok-train", ["tok-train", *p], False),
-        ("tok-eval", ["tok-eval"], False),
-        ("base-train", ["base-train", *p, "--resume"], True),
-        ("base-loss", ["base-loss", *caps["loss"]], True),
+        ("tok-train", ["tok-train", *p, *d], False),
+        ("tok-eval", ["tok-eval", *d], False),
+        ("base-train", ["base-train", *p, *d, "--resume"], True),
+        ("base-loss", ["base-loss", *caps["loss"], *d], True),
         ("base-eval", ["base-eval", *caps["core"]], True),
         ("mid-train", ["mid-train", *p, "--resume"], True),
         ("chat-eval-mid", ["chat-eval", "--stage", "mid", *caps["chat"]], True),

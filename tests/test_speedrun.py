@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 from picochat.cli import main
-from picochat.speedrun import plan
+from picochat.data.shards import default_data_dir
+from picochat.speedrun import plan, shards_needed
 
 
-def test_plan_covers_the_pipeline_in_order():
+def test_plan_covers_the_pipeline_in_order(picochat_home):
     names = [s[0] for s in plan("cpu", rl=True, data_source="builtin", shards=0)]
     assert names == ["data", "tok-train", "tok-eval", "base-train", "base-loss", "base-eval", "mid-train",
                      "chat-eval-mid", "chat-probe-mid", "sft", "chat-eval-sft", "chat-probe-sft", "rl", "chat-eval-rl",
@@ -67,3 +68,18 @@ def test_presets_carry_their_speedrun_settings_and_hub_shards_follow_the_horizon
     assert f"data download --source fineweb-edu -n {d20}" in out
     assert main(["speedrun", "--preset", "d20", "--dry-run", "--shards", "7", "--run", "other"]) == 0
     assert "-n 7" in capsys.readouterr().out
+
+
+def test_hub_data_is_what_the_tokenizer_and_pretraining_read(picochat_home):
+    """Hub shards land in data/<source>/; every stage that reads shards is pointed there, not at the
+    built-in corpus (absent on a GPU machine, or another corpus where an earlier cpu run left it)."""
+    for source in ("fineweb-edu", "climbmix"):
+        stages = {n: c for n, c, _ in plan("d20", rl=False, data_source=source, shards=8)}
+        where = ["--data-dir", str(default_data_dir(source))]
+        for name in ("tok-train", "tok-eval", "base-train", "base-loss"):
+            cmd = stages[name]
+            assert cmd[cmd.index("--data-dir"):][:2] == where, (source, name, cmd)
+    builtin = {n: c for n, c, _ in plan("cpu", rl=False, data_source="builtin", shards=None)}
+    assert not any("--data-dir" in c for c in builtin.values())
+    # A time-budgeted preset on hub data still downloads a train shard besides the val shard.
+    assert shards_needed("cpu") >= 1
