@@ -49,7 +49,7 @@ class MidConfig(ChatStageConfig):
     SECTION: ClassVar[str | None] = "mid"
 
     device_batch_size: int = option(32, "sequences per micro-batch per process", group=BATCH, minimum=1)
-    total_batch_size: int = option(524288, "tokens per optimiser step", group=BATCH)
+    total_batch_size: int = option(524288, "tokens per optimiser step", group=BATCH, minimum=1)
     mask_user: bool = option(False, "train on assistant tokens only (default: every token is a target, as the "
                              "reference)", group=BATCH, store_true=True)
     eval_every: int = option(150, "val bpb every N steps (<=0: at the end only)", group=BATCH)

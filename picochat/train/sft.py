@@ -54,7 +54,7 @@ class SFTConfig(ChatStageConfig):
                              choices=("base", "mid", "sft"))
     device_batch_size: int = option(4, "conversations per micro-batch per process", group=BATCH, minimum=1)
     examples_per_step: int = option(32, "conversations per optimiser step (all processes)", group=BATCH, minimum=1)
-    num_epochs: int = option(1, "passes over the mixture", group=BATCH)
+    num_epochs: int = option(1, "passes over the mixture", group=BATCH, minimum=1)
     init_lr_frac: float = option(0.02, "LR multiplier at step 0 (linear to 0 at the end)", group=BATCH)
     eval_every: int = option(200, "val loss and MMLU/ARC accuracy every N steps (<=0: end only)", group=BATCH)
     eval_items: int = option(1000, "items per categorical eval task and val conversations", group=BATCH)

@@ -141,6 +141,15 @@ def test_chat_stage_resumes_bit_exactly(base_ckpt, stage, extra):
     assert meta["parent"]["stage"] == "base" and meta["stage"] == name
 
 
+@pytest.mark.parametrize("argv,flag", [(["mid-train", "--total-batch-size", "0"], "--total-batch-size"),
+                                       (["mid-train", "--total-batch-size", "-512"], "--total-batch-size"),
+                                       (["sft", "--num-epochs", "0"], "--num-epochs")])
+def test_chat_stage_batch_flags_below_one_are_flag_errors(picochat_home, capsys, argv, flag):
+    assert main([*argv, "--preset", "cpu-tiny", "--from-stage", "base"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be >= 1" in err and "Traceback" not in err
+
+
 def _random_conversations(n: int, seed: int = 0) -> list[dict]:
     import random
 
