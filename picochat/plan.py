@@ -28,9 +28,11 @@ C = width, L = depth, N = tokens of one micro-batch on one device):
   loss's gradients at the start of the backward (lm_head's twice, the hidden states'); compiled
   materialises bf16 logits and their gradient, 4 N V.
 - optimiser step temporaries: the peak may instead come at the optimiser step, when the
-  gradients this rank owns exist (all of them in a world of 1) and Muon's Nesterov update copies
-  the gradients of the matrices this rank updates (4 bytes each) while Newton-Schulz works on one
-  matrix (4 x the largest, allowed).
+  gradients this rank owns exist (all of them in a world of 1) and Muon works through the
+  matrices this rank updates one shape at a time, all of a shape as one stack: per matrix its
+  Nesterov update, its copy in the stack, the Newton-Schulz iterate and the next one (4 bytes
+  each, as in fp32; bf16 needs less), and two Gram matrices of its shorter side (4 bytes each).
+  The largest such stack counts (`muon_step_temporaries`).
   The larger of the two moments is reported, with the terms alive at that moment.
 - communication buffers: with more than one rank, two 32 MiB buckets in flight plus this
   rank's reduced gradient shard, 4 P / world.
@@ -47,6 +49,7 @@ import argparse
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -56,6 +59,7 @@ from picochat.config import ModelOptions, add_preset_argument, option
 from picochat.errors import ConfigError
 from picochat.mfu import peak_flops
 from picochat.model.gpt import GPT
+from picochat.optim.sharded import assign_owners
 from picochat.runtime import home
 
 GiB = 2**30
@@ -133,6 +137,20 @@ class Shape:
         return 6 * scaling + 12 * self.n_embd * attended
 
 
+def muon_step_temporaries(s: Shape) -> int:
+    """Bytes Muon's step allocates at its peak on the busiest rank. Muon updates the matrices of one
+    shape together (picochat.optim.muon.Muon.step), those this rank owns (picochat.optim.sharded's
+    assign_owners); per (rows, cols) matrix: its Nesterov update, its copy in the stack, the
+    Newton-Schulz iterate and the next one (4 bytes each) and two Gram matrices of its shorter side."""
+    C, kv = s.n_embd, s.n_kv_head * (s.n_embd // s.n_head)
+    hidden = s.mlp_ratio * C
+    # The block matrices in parameter order: q, k, v, attention out, MLP in, MLP out.
+    shapes = [(C, C), (kv, C), (kv, C), (C, C), (hidden, C), (C, hidden)] * s.n_layer
+    owners = assign_owners([rows * cols for rows, cols in shapes], s.world_size)
+    stacks = Counter(zip(owners, shapes))  # (rank, shape) -> matrices in one stack
+    return max(count * (16 * rows * cols + 8 * min(rows, cols) ** 2) for (_, (rows, cols)), count in stacks.items())
+
+
 def memory_terms(s: Shape) -> dict[str, int]:
     """Training memory of one device by term at its peak, in bytes (headroom not included).
 
@@ -171,13 +189,10 @@ def memory_terms(s: Shape) -> dict[str, int]:
         "logits / loss buffers": logits,
         "optimiser step temporaries": 0,
     }
-    # The optimiser step: every gradient exists, Muon's Nesterov update copies the matrices' gradients
-    # (the matrices this rank updates) and Newton-Schulz works on one matrix at a time.
-    largest = 4 * s.n_embd * s.n_embd * s.mlp_ratio
-    # Sharded, a rank keeps only the gradients of what it owns once they are reduced.
+    # The optimiser step: every gradient exists (sharded, a rank keeps only the gradients of what it
+    # owns once they are reduced), and Muon orthogonalises one shape's matrices at a time.
     step = {**fixed, "bf16 weight copies": 0, "gradients": 4 * P // s.world_size, "activations": 0,
-            "logits / loss buffers": 0,
-            "optimiser step temporaries": 4 * s.matrix_params // s.world_size + 4 * largest}
+            "logits / loss buffers": 0, "optimiser step temporaries": muon_step_temporaries(s)}
     peak = max((forward_end, step), key=lambda terms: sum(terms.values()))
     order = ["parameters", "bf16 weight copies", "gradients", "optimiser state", "activations",
              "logits / loss buffers", "optimiser step temporaries", "communication buffers"]

@@ -103,6 +103,16 @@ def test_memory_model_matches_measured_cpu_training_step(depth, width, seq_len, 
     assert sum(est.values()) == pytest.approx(got["total"], rel=0.10)
 
 
+def test_memory_model_matches_a_step_that_peaks_in_the_optimiser():
+    """A deep model and a tiny batch: the peak is Muon's step, which orthogonalises each shape's
+    matrices as one stack (q, k, v and the attention output share one when every head has k/v)."""
+    config = GPTConfig(vocab_size=512, n_layer=8, n_head=4, n_kv_head=4, n_embd=256, sequence_len=16)
+    shape = Shape.from_config(config, 1, on_gpu=False, total_batch_tokens=16)
+    est = memory_terms(shape)
+    assert est["activations"] == 0 < est["optimiser step temporaries"]  # the step moment was chosen
+    assert sum(est.values()) == pytest.approx(measure_terms(config, 1, True)["total"], rel=0.10)
+
+
 def test_sharding_divides_optimiser_state_and_adds_comm_buffers():
     config = GPTConfig.from_depth(20, 65536)
     one = memory_terms(Shape.from_config(config, 32, total_batch_tokens=524288))
