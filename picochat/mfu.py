@@ -27,12 +27,14 @@ from picochat.runtime import home
 # Dense bf16 tensor-core peaks by device name, most specific pattern first: every word of a
 # pattern must be a word of torch.cuda.get_device_name() (split at spaces and dashes, any
 # case), so "L4" does not match "L40S" nor "H100" "GH200". An H100 PCIe (756 TFLOP/s) or NVL
-# (835) is not an SXM (989); an H100 the table cannot tell apart prints "-".
+# (835) is not an SXM (989), nor an H200 NVL (835) an H200 SXM (989); an H100 the table cannot
+# tell apart prints "-".
 GPU_PEAK_BF16: list[tuple[tuple[str, ...], float]] = [
     (("H100", "PCIe"), 756e12),
     (("H100", "NVL"), 835e12),
     (("H100", "HBM3"), 989e12),  # SXM5 parts report "NVIDIA H100 80GB HBM3"
     (("H100", "SXM"), 989e12),
+    (("H200", "NVL"), 835e12),
     (("H200",), 989e12),
     (("GH200",), 989e12),
     (("A100",), 312e12),

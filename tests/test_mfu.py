@@ -16,6 +16,7 @@ from picochat.mfu import gpu_peak_bf16, mfu_percent, peak_flops, use_expandable_
     ("NVIDIA H100 PCIe", 756e12),
     ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),  # the PCIe card, not an SXM
     ("NVIDIA A100-SXM4-80GB", 312e12),
     ("NVIDIA L4", 121e12),
     ("NVIDIA L40S", 362e12),
