@@ -27,7 +27,7 @@ and rounding to bf16 can turn that into another token.
 
 This needs a picochat GPT computing in fp32 or bf16 (DecodeStep.runs), on any device. Where the
 engine decodes through DecodeStep's weight copies (a small model on the CPU) so does the batch;
-elsewhere (a GPU, or a model whose blocks are too large to copy, d20 and up) the step reads the
+elsewhere (a GPU, or blocks over DecodeStep's copy limit: d12 and up in fp32) the step reads the
 model's own weights through F.linear, and one step for B requests still reads them once instead
 of B times. There, in bf16, torch's GEMMs may round a row differently with the batch's size, so
 a batched request can in rare near-ties draw another token than alone (fp32 stays exact; the
