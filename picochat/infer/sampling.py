@@ -79,7 +79,9 @@ def penalize_repeats(logits: torch.Tensor, recent: torch.Tensor, penalty: float)
 def keep_top_p(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tail of descending-sorted probabilities beyond mass `top_p` (the first token always stays)."""
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
-    return sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    drop = mass_before >= top_p
+    drop[..., 0] = False  # top_p 0 would otherwise drop every token
+    return sorted_probs.masked_fill(drop, 0.0)
 
 
 def capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

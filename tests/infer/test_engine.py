@@ -8,7 +8,7 @@ import torch
 import picochat.infer.engine as engine_module
 from picochat.errors import UserError
 from picochat.infer import Engine
-from picochat.infer.sampling import capped
+from picochat.infer.sampling import capped, keep_top_p, sample_many, sample_next
 from tests.infer.tiny import tiny_model
 
 
@@ -112,6 +112,26 @@ def test_top_k_one_is_greedy(tokenizer, model):
     greedy, _ = engine.generate_batch(prompt, max_tokens=15, temperature=0.0, use_tools=False)
     top1, _ = engine.generate_batch(prompt, max_tokens=15, temperature=1.5, top_k=1, seed=5, use_tools=False)
     assert top1 == greedy
+
+
+@pytest.mark.parametrize("top_k", [None, 5], ids=["full-vocab", "top-k"])
+def test_top_p_zero_keeps_the_most_likely_token(tokenizer, model, top_k):
+    """top_p 0 keeps only the first token (keep_top_p: "the first token always stays"): greedy,
+    not an all-zero distribution that multinomial refuses."""
+    probs = torch.softmax(torch.tensor([[2.0, 1.0, 0.5, -1.0]]), dim=-1)
+    assert keep_top_p(probs, 0.0)[0].tolist() == [probs[0, 0].item(), 0.0, 0.0, 0.0]
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    draw = sample_next(logits, torch.Generator().manual_seed(1), temperature=1.0, top_k=top_k, top_p=0.0)
+    assert draw.tolist() == logits.argmax(dim=-1).tolist()
+    sample = {"generator": torch.Generator().manual_seed(1), "temperature": 1.0, "top_k": top_k or 40, "top_p": 0.0}
+    assert sample_many(logits, [(3, sample)]) == logits.argmax(dim=-1).tolist()
+
+    engine = Engine(model, tokenizer)
+    prompt = prompt_ids(tokenizer)
+    greedy, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0.0, use_tools=False)
+    nucleus, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.0, top_k=top_k, top_p=0.0, seed=3,
+                                       use_tools=False)
+    assert nucleus == greedy
 
 
 def test_finished_rows_are_dropped_and_the_rest_stay_exact(tokenizer, model, monkeypatch, matmul_kernel):
