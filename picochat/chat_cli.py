@@ -121,6 +121,8 @@ class ChatSession:
                 return False
             if name == "/clear":
                 self.messages, self.dropped = [], 0
+                if self.transcript is not None and self.transcript.stat().st_size:  # keep the cleared chat's file
+                    self.transcript = new_transcript(self.transcript.parent)
                 self.out.write("(conversation cleared)\n")
             elif name == "/temperature":
                 if value:
@@ -215,5 +217,5 @@ def run(args: argparse.Namespace) -> int:
         session.loop()
         return 0
     finally:
-        if transcript.stat().st_size == 0:  # no reply was saved: keep no empty file
-            transcript.unlink()
+        if session.transcript.stat().st_size == 0:  # no reply was saved (since the last /clear): keep no empty file
+            session.transcript.unlink()

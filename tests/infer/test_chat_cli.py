@@ -41,6 +41,17 @@ def test_two_chats_in_one_second_keep_both_transcripts(picochat_home, monkeypatc
     assert len(list((picochat_home / "chats").glob("chat_*.json"))) == 2  # no empty transcript left
 
 
+def test_clear_keeps_the_cleared_conversation_saved(picochat_home, monkeypatch, capsys):
+    """/clear starts a new conversation and a new transcript: the next reply must not overwrite
+    the file of the conversation before it; a /clear with nothing after it leaves no empty file."""
+    save_tiny_checkpoint("sft", "tiny")
+    monkeypatch.setattr("sys.stdin", io.StringIO("First?\n/clear\nSecond?\n/clear\n/quit\n"))
+    assert main(["chat", "--max-tokens", "4", "--seed", "1", "--device", "cpu"]) == 0
+    saved = sorted((picochat_home / "chats").glob("chat_*.json"))
+    asked = sorted(json.loads(p.read_text())["messages"][0]["content"] for p in saved)
+    assert asked == ["First?", "Second?"]
+
+
 def test_default_checkpoint_is_the_most_trained_stage(picochat_home):
     save_tiny_checkpoint("base", "a")
     assert resolve_checkpoint(None).parts[-3] == "base"
