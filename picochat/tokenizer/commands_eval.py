@@ -135,6 +135,8 @@ def markdown_table(rows: list[dict], reference_names: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     tok_dir = args.tokenizer_dir or home() / "tokenizer"
     tok = Tokenizer.load(tok_dir)
+    if tok_dir.is_file():  # tokenizer.json itself: the results go beside it
+        tok_dir = tok_dir.parent
     names = [] if args.references.strip() == "none" else [n.strip() for n in args.references.split(",") if n.strip()]
     unknown = [n for n in names if n not in REFERENCES]
     if unknown:

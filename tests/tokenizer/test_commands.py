@@ -125,6 +125,17 @@ def test_tok_eval_without_data_or_references(picochat_home: Path, shard_dir: Pat
     assert "unknown ['gpt3']" in capsys.readouterr().err
 
 
+def test_tok_eval_of_a_tokenizer_file_writes_beside_it(picochat_home: Path, shard_dir: Path, capsys) -> None:
+    """--tokenizer-dir may name tokenizer.json itself (Tokenizer.load takes either): the results go
+    into its directory, not a traceback after the whole evaluation."""
+    assert train(shard_dir, "--vocab-size", "400") == 0
+    tok_dir = picochat_home / "tokenizer"
+    assert main(["tok-eval", "--tokenizer-dir", str(tok_dir / "tokenizer.json"), "--references", "none"]) == 0
+    result = json.loads((tok_dir / "tok_eval.json").read_text())
+    assert result["tokenizer"]["dir"] == str(tok_dir)
+    assert (tok_dir / "tok_eval.md").exists()
+
+
 def test_tok_eval_without_tokenizer(picochat_home: Path, capsys) -> None:
     assert main(["tok-eval", "--references", "none"]) == 2
     assert "picochat tok-train" in capsys.readouterr().err
