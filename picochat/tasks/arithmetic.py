@@ -11,12 +11,16 @@ written exactly like GSM8K's, with calculator calls and a final line:
 
 so `picochat.tasks.gsm8k.parse_answer` turns them into text / python / python_output parts
 and `evaluate` / `reward` compare the final numbers, as for GSM8K.
-Rows depend only on (split, index), so any size is free and reproducible.
+Rows depend only on (split, index), so any size is free and reproducible. The space of
+questions is small (a few hundred discount problems in all), so the splits are kept apart by
+the question itself: about 10% of the possible questions (by a hash of their text) are
+reserved for the test split, and no test question is ever a train question.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable
 
 from picochat.tasks.base import GeneratedTask
@@ -28,6 +32,7 @@ PRONOUNS = {"Maya": "she", "Aisha": "she", "Sofia": "she", "Elena": "she", "Grac
             "Zoe": "she", "Amara": "she", "Mei": "she", "Fatima": "she"}
 ITEMS = ("pen", "notebook", "apple", "sticker", "marble", "cupcake", "book", "toy car", "candle", "plant")
 FOODS = ("cookies", "muffins", "dumplings", "pancakes", "brownies")
+TEST_PERCENT = 10  # share of the possible questions reserved for the test split
 
 
 def pronoun(name: str) -> str:
@@ -146,6 +151,11 @@ PROBLEMS: tuple[Callable[[random.Random], tuple[str, str]], ...] = (
 )
 
 
+def question_split(question: str) -> str:
+    """The split a question belongs to, by a hash of its text."""
+    return "test" if zlib.crc32(question.encode()) % 100 < TEST_PERCENT else "train"
+
+
 class ArithmeticProblems(GeneratedTask):
     """`size` generated word problems; evaluation and reward as for GSM8K."""
 
@@ -153,8 +163,10 @@ class ArithmeticProblems(GeneratedTask):
 
     def get_row(self, index: int) -> dict:
         rng = self.rng(index)
-        question, answer = rng.choice(PROBLEMS)(rng)
-        return word_problem_conversation(question, answer)
+        while True:  # draw until the question is one of this split's (~1.1 draws for train, ~10 for test)
+            question, answer = rng.choice(PROBLEMS)(rng)
+            if question_split(question) == self.split:
+                return word_problem_conversation(question, answer)
 
     def evaluate(self, conversation: dict, response: str | list[dict]) -> bool:
         return evaluate_final_answer(conversation, response)

@@ -87,3 +87,10 @@ def test_arithmetic_problems_are_correct_and_deterministic():
     assert task[123] == ArithmeticProblems("train", size=500)[123]
     assert task[5] != load_task("arithmetic", "test", size=500)[5]
     assert len({conv["messages"][0]["content"].split()[1] for conv in task}) > 5  # varied templates
+
+
+def test_arithmetic_test_problems_are_never_train_problems():
+    """The test split is held out: none of its questions is one of the (default-size) train split's."""
+    train = {conv["messages"][0]["content"] for conv in ArithmeticProblems("train", size=7473)}
+    test = [conv["messages"][0]["content"] for conv in ArithmeticProblems("test", size=400)]
+    assert [q for q in test if q in train] == []
