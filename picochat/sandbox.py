@@ -10,8 +10,9 @@ How the verdict is made (check_function). Three processes:
 The solution process loads the model's code and then only answers call requests on a pipe. The
 supervisor runs the task's tests itself and hands them a stand-in `candidate` that sends the
 arguments to the solution and returns its reply. Both directions carry plain data only (None,
-bool, int, float, str, bytes, complex, list, tuple, set, frozenset, dict, by exact type), so an
-object with a rigged `__eq__` cannot reach the tests. The verdict is "the tests returned without
+bool, int, float, str, bytes, complex, list, tuple, set, frozenset, dict, by exact type; the
+standard library's Counter, OrderedDict and defaultdict arrive as dict), so an object with a
+rigged `__eq__` cannot reach the tests. The verdict is "the tests returned without
 an exception, within the limits", decided in the supervisor, where the solution's code never runs.
 
 The supervisor reports to the harness over its stdout. Before it starts the solution it makes

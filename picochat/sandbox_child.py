@@ -10,6 +10,7 @@ plain data both ways. See the docstring of sandbox.py for why this design holds.
 from __future__ import annotations
 
 import builtins
+import collections
 import ctypes
 import hashlib
 import io
@@ -46,13 +47,15 @@ def prctl(option: int, value: int) -> None:
 
 # --- plain data across the function pipe -------------------------------------------------
 def encode(value: object) -> object:
-    """A JSON-ready form of plain data; exact types only, so no object with a hostile __eq__ leaves."""
+    """A JSON-ready form of plain data; exact types only, so no object with a hostile __eq__ leaves.
+    The standard library's dicts (Counter, OrderedDict, defaultdict) go as plain dicts: each
+    compares equal to a dict with the same items, as the tests expect."""
     kind = type(value)
     if value is None or kind in (bool, int, float, str):
         return value
     if kind in (list, tuple, set, frozenset):
         return {{list: "l", tuple: "t", set: "s", frozenset: "f"}[kind]: [encode(v) for v in value]}
-    if kind is dict:
+    if kind in (dict, collections.Counter, collections.OrderedDict, collections.defaultdict):
         return {"d": [[encode(k), encode(v)] for k, v in value.items()]}
     if kind is bytes:
         return {"b": value.hex()}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from picochat.sandbox import execute
+from picochat.sandbox import check_function, execute
 
 HUMANEVAL_LIKE = '''
 def add(a, b):
@@ -145,3 +145,13 @@ def test_huge_output_is_capped():
 def test_huge_file_is_stopped_by_the_file_size_limit():
     r = execute("open('big.bin', 'wb').write(b'0' * (64 << 20))", timeout=5, max_file_mb=1)
     assert not r.success
+
+
+@pytest.mark.parametrize("counts", ["Counter(words)", "defaultdict(int, Counter(words))",
+                                    "OrderedDict(Counter(words))"])
+def test_counting_dicts_from_the_standard_library_reach_the_tests_as_dicts(counts: str):
+    solution = ("from collections import Counter, OrderedDict, defaultdict\n"
+                f"def histogram(text):\n    words = text.split()\n    return {counts}\n")
+    tests = "def check(candidate):\n    assert candidate('a b b a c') == {'a': 2, 'b': 2, 'c': 1}\n"
+    r = check_function(solution, tests, "histogram")
+    assert r.success, r.stderr
