@@ -48,6 +48,7 @@ from picochat.data.chat_batches import sft_collate
 from picochat.errors import ConfigError
 from picochat.eval.chat_eval import completion_parts, evaluate_generative, spread_subset
 from picochat.infer import Engine
+from picochat.infer.sampling import GREEDY_BELOW
 from picochat.optim import build_optimizers
 from picochat.optim.distributed import broadcast_parameters
 from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
@@ -155,9 +156,11 @@ class RLConfig(ParentOptions, StageOptions):
     train_size: int = option(7473, "offline: number of generated training problems", group=DATA, minimum=1)
     num_steps: int = option(-1, "optimiser steps (<=0: one pass over the problems)", group=ROLL)
     examples_per_step: int = option(16, "problems per step, all ranks", group=ROLL, minimum=1)
-    num_samples: int = option(16, "completions per problem", group=ROLL, minimum=1)
+    num_samples: int = option(16, "completions per problem (at least 2: each is scored against its group's mean)",
+                              group=ROLL, minimum=2)
     max_new_tokens: int = option(256, "tokens per completion", group=ROLL, minimum=1)
-    temperature: float = option(1.0, "sampling temperature", group=ROLL)
+    temperature: float = option(1.0, "sampling temperature (above 0: greedy samples of a problem are all alike and "
+                                "teach nothing)", group=ROLL, minimum=GREEDY_BELOW)
     top_k: int = option(50, "sample among the k most likely tokens", group=ROLL)
     device_batch_size: int = option(8, "rows per sampling batch and per forward/backward", group=ROLL, minimum=1)
     init_lr_frac: float = option(0.05, "LR at step 0 as a fraction of the base LRs", group=OPTIM)

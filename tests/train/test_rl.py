@@ -170,6 +170,11 @@ def test_rl_errors_are_messages(picochat_home, capsys):
     save_tiny_checkpoint("sft", "tiny")
     assert main(["rl", "--preset", "cpu-tiny", "--examples-per-step", "0"]) == 2
     assert "--examples-per-step must be >= 1" in capsys.readouterr().err
+    # One sample per problem, or greedy samples (all alike), give every completion advantage 0: nothing to learn.
+    assert main(["rl", "--preset", "cpu-tiny", "--num-samples", "1"]) == 2
+    assert "--num-samples must be >= 2, got 1" in capsys.readouterr().err
+    assert main(["rl", "--preset", "cpu-tiny", "--temperature", "0"]) == 2
+    assert "--temperature must be >= 1e-05, got 0.0" in capsys.readouterr().err
 
 
 RL_ARGS = ["rl", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-problems", "0", "--num-steps", "4"]
