@@ -39,7 +39,10 @@ C = width, L = depth, N = tokens of one micro-batch on one device):
 - headroom: what is left for the CUDA context, NCCL and fragmentation: max(2 GiB, 5%) of a
   GPU; on a CPU 1 GiB per process (Python and torch themselves) plus 10%.
 
-Time: steps * FLOPs per step / (devices * peak * MFU), with MFU an assumption (--mfu).
+Time: steps * FLOPs per step / (devices * peak * MFU), with MFU an assumption (--mfu) and the peak
+of the compute dtype: a GPU's dense bf16 peak, its plain fp32 one with --fp32; with --gpu cpu the
+peak measured here in the dtype training here would pick (fp32 where bf16 matmuls are slow),
+shared by the --gpus processes.
 The training commands run the same estimate at start-up (see `check_fits`).
 """
 
@@ -60,7 +63,7 @@ from picochat.errors import ConfigError
 from picochat.mfu import peak_flops
 from picochat.model.gpt import GPT
 from picochat.optim.sharded import assign_owners
-from picochat.runtime import home
+from picochat.runtime import home, pick_dtype
 
 GiB = 2**30
 BUCKET_BYTES = 32 << 20
@@ -71,17 +74,18 @@ ACT_EAGER_BF16, ACT_EAGER_FP32, ACT_COMPILED = 51, 77, 30  # bytes per token per
 class Device:
     name: str
     memory_bytes: int  # what torch.cuda.get_device_properties reports as total_memory
-    peak_bf16: float  # dense FLOP/s
+    peak_bf16: float  # dense FLOP/s (tensor cores)
     hbm_bytes_per_s: float
+    peak_fp32: float  # dense FLOP/s of plain fp32 matmuls (TF32 is never turned on)
 
 
 DEVICES: dict[str, Device] = {
-    "H100-80GB": Device("H100-80GB", 85_045_936_128, 989e12, 3.35e12),
-    "H200": Device("H200", 150_110_011_392, 989e12, 4.8e12),
-    "A100-40GB": Device("A100-40GB", 42_505_273_344, 312e12, 1.555e12),
-    "A100-80GB": Device("A100-80GB", 85_198_045_184, 312e12, 2.039e12),
-    "L4": Device("L4", 23_580_639_232, 121e12, 0.3e12),
-    "RTX4090": Device("RTX4090", 25_393_692_672, 165e12, 1.008e12),
+    "H100-80GB": Device("H100-80GB", 85_045_936_128, 989e12, 3.35e12, 67e12),
+    "H200": Device("H200", 150_110_011_392, 989e12, 4.8e12, 67e12),
+    "A100-40GB": Device("A100-40GB", 42_505_273_344, 312e12, 1.555e12, 19.5e12),
+    "A100-80GB": Device("A100-80GB", 85_198_045_184, 312e12, 2.039e12, 19.5e12),
+    "L4": Device("L4", 23_580_639_232, 121e12, 0.3e12, 30.3e12),
+    "RTX4090": Device("RTX4090", 25_393_692_672, 165e12, 1.008e12, 82.6e12),
 }
 
 
@@ -303,7 +307,8 @@ class PlanConfig(ModelOptions):
     mfu: float | None = option(None, "assumed model FLOPs utilisation in percent (default 40 on GPUs, 30 on a CPU)",
                                group=TARGET)
     eager: bool = option(False, "plan an uncompiled run (default: compiled on GPUs)", group=TARGET, store_true=True)
-    fp32: bool = option(False, "plan fp32 compute instead of bf16", group=TARGET, store_true=True)
+    fp32: bool = option(False, "plan fp32 compute instead of bf16 (with --gpu cpu: instead of what training "
+                                 "here picks)", group=TARGET, store_true=True)
     out: str | None = option(None, "write the plan as JSON here (default $PICOCHAT_HOME/plans/...)")
 
 
@@ -329,19 +334,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     PlanConfig.add_arguments(p)
 
 
-def _target(cfg: PlanConfig) -> Device:
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _compute_dtype(cfg: PlanConfig) -> torch.dtype:
+    """fp32 with --fp32; else bf16 on a GPU, and on the CPU what training there would pick (pick_dtype:
+    fp32 where bf16 matmuls are slow)."""
+    if cfg.fp32:
+        return torch.float32
+    return pick_dtype(torch.device("cpu")) if cfg.gpu == "cpu" else torch.bfloat16
+
+
+def _target(cfg: PlanConfig, dtype: torch.dtype) -> Device:
     if cfg.gpu != "cpu":
         return DEVICES[cfg.gpu]
+    # --gpus processes share this CPU: each gets its share of the memory and of the cores (init_distributed).
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    dtype = torch.float32 if cfg.fp32 else torch.bfloat16
-    return Device("cpu", total // max(1, cfg.gpus), peak_flops(torch.device("cpu"), dtype), float("nan"))
+    peak = peak_flops(torch.device("cpu"), dtype) / max(1, cfg.gpus)
+    return Device("cpu", total // max(1, cfg.gpus), peak, float("nan"), peak)
 
 
 def build_plan(cfg: PlanConfig) -> dict:
     """Everything the command prints, as one JSON-ready dict."""
     if cfg.gpus < 1 or cfg.nodes < 1:
         raise ConfigError(f"--gpus {cfg.gpus} --nodes {cfg.nodes}: both must be at least 1")
-    device = _target(cfg)
+    if cfg.total_batch_size != -1 and cfg.total_batch_size < 1:
+        raise ConfigError(f"--total-batch-size {cfg.total_batch_size}: give tokens per step, or -1 for automatic")
+    if cfg.mfu is not None and not 0 < cfg.mfu <= 100:
+        raise ConfigError(f"--mfu {cfg.mfu}: give the assumed utilisation in percent, above 0 and at most 100")
+    dtype = _compute_dtype(cfg)
+    device = _target(cfg, dtype)
     world = cfg.gpus * cfg.nodes
     on_gpu = cfg.gpu != "cpu"
     config = cfg.model_config(cfg.vocab_size)
@@ -349,7 +371,7 @@ def build_plan(cfg: PlanConfig) -> dict:
         cfg.total_batch_size = auto_batch(batch_growth(cfg, config))
     compiled = on_gpu and not cfg.eager
     s = Shape.from_config(config, cfg.device_batch_size, world_size=world, compiled=compiled,
-                          bf16=not cfg.fp32, on_gpu=on_gpu, total_batch_tokens=cfg.total_batch_size)
+                          bf16=dtype != torch.float32, on_gpu=on_gpu, total_batch_tokens=cfg.total_batch_size)
     terms = memory_terms(s)
     room = headroom(device.memory_bytes, on_gpu)
     candidates = valid_batches(cfg.total_batch_size, cfg.max_seq_len, world)
@@ -357,7 +379,8 @@ def build_plan(cfg: PlanConfig) -> dict:
     scaling = s.matrix_params + config.vocab_size * config.n_embd
     steps = cfg.num_iterations if cfg.num_iterations and cfg.num_iterations > 0 else \
         int(cfg.target_param_data_ratio * scaling) // cfg.total_batch_size
-    step_s = s.flops_per_token() * cfg.total_batch_size / (world * device.peak_bf16 * mfu)
+    peak = device.peak_fp32 if dtype == torch.float32 else device.peak_bf16
+    step_s = s.flops_per_token() * cfg.total_batch_size / (world * peak * mfu)
     if cfg.time_budget and cfg.time_budget > 0:  # the preset trains for a time: the steps that fit in it
         steps = int(60 * cfg.time_budget / step_s)
     hours = steps * step_s / 3600
@@ -365,7 +388,7 @@ def build_plan(cfg: PlanConfig) -> dict:
         "model": {"depth": config.n_layer, "width": config.n_embd, "heads": config.n_head, "vocab": config.vocab_size,
                   "seq_len": config.sequence_len, "params": s.params, "flops_per_token": s.flops_per_token()},
         "target": {"device": device.name, "devices_per_node": cfg.gpus, "nodes": cfg.nodes, "world": world,
-                   "memory_bytes": device.memory_bytes, "compiled": compiled, "dtype": "fp32" if cfg.fp32 else "bf16",
+                   "memory_bytes": device.memory_bytes, "compiled": compiled, "dtype": DTYPE_NAMES[dtype],
                    "optimiser_state_sharded": world > 1},
         "device_batch_size": s.device_batch_size,
         "memory_bytes": terms, "total_bytes": sum(terms.values()), "headroom_bytes": room,

@@ -163,3 +163,37 @@ def test_plan_refuses_bad_world(tmp_path, capsys):
     assert main(["plan", "--gpus", "0", "--out", str(tmp_path / "p.json")]) == 2
     assert "--gpus 0" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize(("flags", "needle"), [(["--total-batch-size", "0"], "--total-batch-size 0"),
+                                               (["--total-batch-size", "-3"], "--total-batch-size -3"),
+                                               (["--mfu", "0"], "--mfu 0"), (["--mfu", "-5"], "--mfu -5")])
+def test_plan_refuses_a_step_size_or_utilisation_it_cannot_divide_by(tmp_path, capsys, flags, needle):
+    assert main(["plan", "--preset", "d20", *flags, "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_times_the_compute_dtype_that_training_would_use(monkeypatch):
+    """On a CPU without fast bf16, training computes in fp32 (pick_dtype): the plan measures and times
+    that, not bf16 matmuls ~50x slower, and --gpus processes share the CPU's peak; --fp32 on a GPU
+    takes its fp32 peak, not its tensor-core one."""
+    import picochat.plan as plan_module
+    from picochat import runtime
+    from picochat.plan import PlanConfig, build_plan
+
+    measured = []
+    monkeypatch.delenv("PICOCHAT_DTYPE", raising=False)
+    monkeypatch.setattr(runtime, "cpu_supports_fast_bf16", lambda: False)
+    monkeypatch.setattr(plan_module, "peak_flops", lambda device, dtype: measured.append(dtype) or 1e11)
+    cpu = build_plan(PlanConfig.defaults(preset="cpu", gpu="cpu", gpus=1, num_iterations=10))
+    assert measured == [torch.float32] and cpu["target"]["dtype"] == "fp32"
+    cpu_terms = memory_terms(Shape.from_config(PlanConfig.defaults(preset="cpu").model_config(8192), 16,
+                                               bf16=False, on_gpu=False, total_batch_tokens=4096))
+    assert cpu["memory_bytes"] == cpu_terms  # fp32 activations and buffers
+    two = build_plan(PlanConfig.defaults(preset="cpu", gpu="cpu", gpus=2, num_iterations=10))
+    assert two["step_seconds"] == pytest.approx(cpu["step_seconds"])  # two processes share the same cores
+    bf16 = build_plan(PlanConfig.defaults(preset="d20", num_iterations=10))
+    fp32 = build_plan(PlanConfig.defaults(preset="d20", num_iterations=10, fp32=True))
+    assert fp32["target"]["dtype"] == "fp32" and bf16["target"]["dtype"] == "bf16"
+    assert fp32["step_seconds"] == pytest.approx(bf16["step_seconds"] * 989 / 67)
