@@ -9,7 +9,8 @@ data -> tok-train -> tok-eval -> base-train -> base-loss -> base-eval -> mid-tra
 chat-eval + chat-probe (mid) -> sft -> chat-eval + chat-probe (sft) -> [rl -> chat-eval + chat-probe (rl)] -> report.
 A stage that finished leaves a marker in $PICOCHAT_HOME/speedrun/<run>/; running the
 same command again skips finished stages and resumes the training stage that was
-interrupted from its last checkpoint. --force-from STAGE re-runs from that stage on.
+interrupted from its last checkpoint. --force-from STAGE re-runs from that stage on, its
+training stages from scratch (without --resume; a fresh run replaces its tag's checkpoints).
 
 Several nodes: run the same command on every node with its --node-rank. Every node needs
 the same $PICOCHAT_HOME on a shared filesystem (each training stage checks this at start and
@@ -132,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
     run_name = args.run or args.preset
     marker_dir = home() / "speedrun" / run_name
     marker_dir.mkdir(parents=True, exist_ok=True)
-    if args.force_from:
-        for name in names[names.index(args.force_from):]:
+    forced = set(names[names.index(args.force_from):]) if args.force_from else set()
+    if not args.dry_run:  # a dry run changes nothing
+        for name in forced:
             (marker_dir / f"{name}.done").unlink(missing_ok=True)
     env = {**os.environ, "PICOCHAT_RUN": run_name}
     start_file = marker_dir / "started_at"
@@ -142,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
     t_all = time.time()
     for i, (name, cmd, distributed) in enumerate(stages, 1):
         marker = marker_dir / f"{name}.done"
-        if marker.exists():
+        if name in forced:  # trains again from its parent, not from its own last checkpoint
+            cmd = [a for a in cmd if a != "--resume"]
+        elif marker.exists():
             print(f"[{i}/{len(stages)}] {name}: done earlier, skipping", flush=True)
             continue
         if not distributed and args.node_rank > 0:
@@ -156,8 +160,9 @@ def run(args: argparse.Namespace) -> int:
         rc = subprocess.call(full, env=env)
         dt = time.time() - t0
         if rc != 0:
-            print(f"speedrun: stage {name} failed (exit {rc}) after {dt:.0f}s; fix the cause and run the same "
-                  "command again to continue from there", file=sys.stderr)
+            again = "the same command without --force-from" if forced else "the same command"
+            print(f"speedrun: stage {name} failed (exit {rc}) after {dt:.0f}s; fix the cause and run {again} "
+                  "again to continue from there", file=sys.stderr)
             return rc
         marker.write_text(json.dumps({"seconds": dt, "finished_at": time.time(), "command": cmd}))
         print(f"[{i}/{len(stages)}] {name}: finished in {dt / 60:.1f} min", flush=True)

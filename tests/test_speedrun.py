@@ -29,8 +29,33 @@ def test_finished_stages_are_skipped_and_force_from_reruns(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "data: done earlier, skipping" in out and "tok-eval: picochat tok-eval" in out
     assert main(["speedrun", "--preset", "cpu", "--dry-run", "--force-from", "tok-train"]) == 0
-    assert not (markers / "tok-train.done").exists() and (markers / "data.done").exists()
+    out = capsys.readouterr().out
+    assert "data: done earlier" in out and "tok-train: picochat tok-train" in out
+    assert (markers / "tok-train.done").exists()  # a dry run changes nothing
     assert main(["speedrun", "--preset", "cpu", "--force-from", "nope"]) == 2
+
+
+def test_force_from_trains_its_stages_from_scratch(tmp_path, monkeypatch, capsys):
+    """--force-from re-runs training stages without --resume (with it, base-train would load its own
+    final checkpoint and stop at once); the stages before it keep their markers; a failure says to
+    continue without --force-from."""
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    markers = tmp_path / "speedrun" / "cpu"
+    markers.mkdir(parents=True)
+    for name in ("data", "tok-train", "tok-eval", "base-train", "base-loss", "base-eval", "mid-train"):
+        (markers / f"{name}.done").write_text(json.dumps({"seconds": 1.0}))
+    calls = []
+    monkeypatch.setattr("picochat.speedrun.subprocess.call", lambda cmd, env: calls.append(cmd) or len(calls) - 1)
+    assert main(["speedrun", "--preset", "cpu", "--force-from", "base-train"]) == 1  # base-train ok, base-loss fails
+    assert [c[c.index("picochat") + 1] for c in calls] == ["base-train", "base-loss"]
+    assert "--resume" not in calls[0]
+    assert not (markers / "mid-train.done").exists() and (markers / "tok-eval.done").exists()
+    assert "without --force-from" in capsys.readouterr().err
+    (markers / "base-train.done").unlink()
+    calls.clear()
+    monkeypatch.setattr("picochat.speedrun.subprocess.call", lambda cmd, env: calls.append(cmd) or 1)
+    assert main(["speedrun", "--preset", "cpu"]) == 1  # continuing after a crash: the stage resumes
+    assert calls[0][calls[0].index("picochat") + 1] == "base-train" and "--resume" in calls[0]
 
 
 def test_several_nodes_launch_torchrun_with_the_rendezvous_and_node_0_runs_the_rest(tmp_path, monkeypatch, capsys):
