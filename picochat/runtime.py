@@ -91,6 +91,17 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     return torch.float32
 
 
+def pick_training_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    """pick_dtype for a training stage, which refuses fp16: its gradients need loss scaling to stay
+    clear of underflow, and the training loop does none (bf16 has fp32's range and needs none)."""
+    dtype = pick_dtype(device, requested)
+    if dtype == torch.float16:
+        where = "--dtype" if requested not in (None, "", "auto") else f"${DTYPE_ENV}"
+        raise ConfigError(f"{where} fp16: training in fp16 needs loss scaling, which picochat does not do; "
+                          "use bf16 (CUDA sm80+, CPUs with fast bf16) or fp32")
+    return dtype
+
+
 @dataclass
 class Dist:
     """This process's place in the world."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from picochat.cli import main
 from picochat.errors import ConfigError
-from picochat.runtime import home, pick_device
+from picochat.runtime import home, pick_device, pick_training_dtype
 
 
 def test_a_bogus_device_is_a_config_error():
@@ -27,3 +28,17 @@ def test_picochat_home_must_be_a_writable_directory(tmp_path: Path, monkeypatch,
     assert main(["report"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: PICOCHAT_HOME={path}") and "\n" not in err
+
+
+@pytest.mark.parametrize("command", ["base-train", "mid-train", "sft"])
+def test_training_refuses_fp16_from_the_flag_and_from_the_environment(picochat_home, monkeypatch, capsys, command):
+    """fp16 gradients need loss scaling, which the training loop does not do: refused in one line
+    before anything trains, whether --dtype or $PICOCHAT_DTYPE asked for it."""
+    assert main([command, "--preset", "cpu-tiny", "--device", "cpu", "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --dtype fp16: training in fp16 needs loss scaling, which picochat does not do; "
+                   "use bf16 (CUDA sm80+, CPUs with fast bf16) or fp32")
+    monkeypatch.setenv("PICOCHAT_DTYPE", "fp16")
+    assert main([command, "--preset", "cpu-tiny", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: $PICOCHAT_DTYPE fp16: training in fp16")
+    assert pick_training_dtype(torch.device("cpu"), "bf16") == torch.bfloat16  # inference keeps fp16 (pick_dtype)

@@ -41,7 +41,14 @@ from picochat.plan import (
     explain_batch_divisibility,
     valid_batches,
 )
-from picochat.runtime import home, init_distributed, log0, pick_dtype, seed_everything, shutdown_distributed
+from picochat.runtime import (
+    home,
+    init_distributed,
+    log0,
+    pick_training_dtype,
+    seed_everything,
+    shutdown_distributed,
+)
 from picochat.tokenizer import Tokenizer
 from picochat.train.loop import LoopConfig, Trainer, verify_shared_home, wandb_logger
 from picochat.train.options import LoopOptions
@@ -291,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     world = init_distributed(cfg.device)
     try:
         verify_shared_home(world)
-        dtype = pick_dtype(world.device, cfg.dtype)
+        dtype = pick_training_dtype(world.device, cfg.dtype)
         seed_everything(cfg.seed)
         tokenizer = Tokenizer.load(cfg.tokenizer_dir or home() / "tokenizer")
         train_files, val_file = list_shards(cfg.data_dir or default_data_dir())

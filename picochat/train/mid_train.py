@@ -25,7 +25,7 @@ from picochat.data.chat_batches import PackedConversations
 from picochat.errors import ConfigError
 from picochat.eval.bpb import evaluate_bpb
 from picochat.plan import explain_batch_divisibility, valid_batches
-from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
+from picochat.runtime import log0, pick_training_dtype, seed_everything, shutdown_distributed
 from picochat.train.chat_stage import (
     ChatStageConfig,
     StagePlan,
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg.source = agreed_source(cfg.source, world)
         seed_everything(cfg.seed)
-        dtype = pick_dtype(world.device, cfg.dtype)
+        dtype = pick_training_dtype(world.device, cfg.dtype)
 
         def batch_check(config) -> None:
             problem = explain_batch_divisibility(cfg.total_batch_size, cfg.device_batch_size,

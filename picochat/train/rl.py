@@ -51,7 +51,7 @@ from picochat.infer import Engine
 from picochat.infer.sampling import GREEDY_BELOW
 from picochat.optim import build_optimizers
 from picochat.optim.distributed import broadcast_parameters
-from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
+from picochat.runtime import log0, pick_training_dtype, seed_everything, shutdown_distributed
 from picochat.tasks import load_task
 from picochat.train.chat_stage import find_parent, start_world
 from picochat.train.loop import LoopConfig, StepWork, Trainer, wandb_logger
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, parent_meta = load_checkpoint_dir(start_from, world.device)
         broadcast_parameters(model)
         tag = cfg.tag or start_from.parent.name
-        dtype = pick_dtype(world.device, cfg.dtype)
+        dtype = pick_training_dtype(world.device, cfg.dtype)
         train_task = load_train_task(cfg.source, cfg.train_size)
         num_steps = cfg.num_steps if cfg.num_steps > 0 else len(train_task) // cfg.examples_per_step
         if num_steps < 1:

@@ -26,7 +26,7 @@ from picochat.config import option
 from picochat.data.chat_batches import PaddedConversations, width_buckets
 from picochat.errors import ConfigError, DataError
 from picochat.eval.categorical import evaluate_categorical
-from picochat.runtime import log0, pick_dtype, seed_everything, shutdown_distributed
+from picochat.runtime import log0, pick_training_dtype, seed_everything, shutdown_distributed
 from picochat.tasks import load_task
 from picochat.train.chat_stage import (
     ChatStageConfig,
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg.source = agreed_source(cfg.source, world)
         seed_everything(cfg.seed)
-        dtype = pick_dtype(world.device, cfg.dtype)
+        dtype = pick_training_dtype(world.device, cfg.dtype)
         compiled = cfg.compiles(world.device.type)
         check = check_memory(cfg, world, dtype, compiled, "--device-batch-size",
                              lambda c: batch_choices(cfg.examples_per_step, world.world_size),
