@@ -81,8 +81,9 @@ class BaseTrainConfig(ModelOptions, LoopOptions):
     unembedding_weight_decay: float | None = option(
         None, "AdamW weight decay of lm_head (default --weight-decay)", group=OPTIM)
     batch_lr_scale: str = option(
-        "none", "sqrt: every LR x sqrt(B / 2^19) and Muon's weight decay x sqrt(B / 2^19) x (D_ref / D), the 2026 "
-        "recipe's transfer from its tuning batch", group=OPTIM, choices=("none", "sqrt"))
+        "none", "sqrt: every LR (but the smear/backout scalars' 0.2) x sqrt(B / 2^19) and Muon's weight decay x "
+        "sqrt(B / 2^19) x (D_ref / D), the 2026 recipe's transfer from its tuning batch", group=OPTIM,
+        choices=("none", "sqrt"))
     warmup_steps: int = option(0, "linear LR warmup steps", group=OPTIM)
     warmdown_ratio: float = option(0.2, "fraction of steps in the final linear warmdown", group=OPTIM)
     final_lr_frac: float = option(0.0, "LR multiplier at the end of the warmdown", group=OPTIM)
@@ -132,7 +133,7 @@ def batch_and_scales(cfg: BaseTrainConfig, config) -> tuple[float, float]:
     At a fixed tokens-per-parameter ratio the horizon D grows with the scaling parameters N, so
     D / D_ref = N / N_ref against a depth-12 model of the same options. The automatic batch is
     2^19 (D / D_ref)^0.383 rounded to a power of 2; with --batch-lr-scale sqrt every LR takes
-    sqrt(B / 2^19) and Muon's weight decay sqrt(B / 2^19) (D_ref / D), which keeps B / (lr wd D) fixed.
+    sqrt(B / 2^19) (but the smear/backout scalars', which the 2026 recipe leaves at 0.2) and Muon's weight decay sqrt(B / 2^19) (D_ref / D), which keeps B / (lr wd D) fixed.
     """
     growth = batch_growth(cfg, config)
     if cfg.total_batch_size == -1:
