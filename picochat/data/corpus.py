@@ -32,7 +32,8 @@ duplicates; the counts go into the manifest and SOURCES.md), shuffled with a fix
 `shards.list_shards` takes it as validation) holding `VAL_FRACTION` of the documents.
 `manifest.json` (written last) makes a second run a no-op while its recipe (CORPUS_VERSION,
 sizes, sources, the filters' settings) is unchanged; any change rebuilds; `SOURCES.md` records provenance.
-A build in progress is marked by `.prepare.partial`, so an interrupted one is cleaned up next time.
+A build in progress is marked by `.prepare.partial`, so an interrupted one is cleaned up next time
+(and `shards.list_shards` refuses its shards meanwhile).
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ from filelock import FileLock
 
 from picochat.data import hygiene, registry
 from picochat.data.registry import Artifact, ClientMissing
-from picochat.data.shards import default_data_dir, write_shard
+from picochat.data.shards import PARTIAL_MARKER, default_data_dir, write_shard
 from picochat.errors import DataError
 
-CORPUS_VERSION = 3  # bump when cleaning or splitting changes, so old shard sets are rebuilt
+CORPUS_VERSION = 4  # bump when cleaning or splitting changes, so old shard sets are rebuilt
 SEED = 1234
 VAL_FRACTION = 0.2  # ~1.79M val tokens at the cpu vocab: an eval over them has a standard error < 0.01 bpb
 MAX_WORDS = 2500  # longest document; longer texts are cut at paragraph or sentence boundaries
@@ -132,7 +133,8 @@ def decode(data: bytes) -> str:
 
 
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]*[A-Z0-9])")
+# A sentence ends at '.', '!' or '?' and any closing quotes or brackets; the space after it is the cut.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*(\s+)(?=[\"'“‘(\[]*[A-Z0-9])")
 
 
 def strip_markup(text: str) -> str:
@@ -166,8 +168,15 @@ def strip_gutenberg(text: str) -> str:
 
 
 def split_sentences(paragraph: str) -> list[str]:
-    """Split at '.', '!' or '?' followed by space and a capital (good enough for cutting long texts)."""
-    return [s for s in _SENTENCE_END.split(paragraph) if s.strip()]
+    """Split at '.', '!' or '?' followed by space and a capital (good enough for cutting long texts).
+
+    Closing quotes and brackets stay with the sentence they close; only the space between is dropped."""
+    pieces, start = [], 0
+    for end in _SENTENCE_END.finditer(paragraph):
+        pieces.append(paragraph[start:end.start(1)])
+        start = end.end()
+    pieces.append(paragraph[start:])
+    return [s for s in pieces if s.strip()]
 
 
 def split_document(text: str, max_words: int = MAX_WORDS) -> list[str]:
@@ -360,6 +369,9 @@ def select_sources(names: Iterable[str] | None) -> list[CorpusSource]:
     if names is None:
         return list(SOURCES)
     by_name = {s.name: s for s in SOURCES}
+    names = list(dict.fromkeys(names))  # a source named twice is still built once
+    if not names:
+        raise DataError(f"--sources names no source; choose from {list(by_name)}, or leave it out for all")
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise DataError(f"--sources: unknown source(s) {unknown}; choose from {list(by_name)}")
@@ -393,11 +405,9 @@ def read_complete_manifest(data_dir: Path, recipe: dict) -> dict | None:
     return manifest
 
 
-PARTIAL_MARKER = ".prepare.partial"
-
-
 def _clear_old_shards(data_dir: Path) -> None:
-    """Remove a previous (or interrupted) build's shards; refuse to touch parquet files we did not write."""
+    """Remove a previous (or interrupted) build's shards under the partial marker (set first, so a shard set
+    cut short here is never taken for a complete one); refuse to touch parquet files we did not write."""
     parquet = sorted(data_dir.glob("*.parquet"))
     ours = (data_dir / "manifest.json").exists() or (data_dir / PARTIAL_MARKER).exists()
     if parquet and not ours:
@@ -405,6 +415,7 @@ def _clear_old_shards(data_dir: Path) -> None:
             f"{data_dir} already holds {len(parquet)} parquet file(s) not written by `picochat data prepare`; "
             "pass an empty --data-dir"
         )
+    (data_dir / PARTIAL_MARKER).touch()
     for f in parquet:
         f.unlink()
     (data_dir / "manifest.json").unlink(missing_ok=True)
@@ -523,7 +534,6 @@ def _filter_and_shuffle(docs_by_source: dict[str, list[str]], max_mb: float | No
 def _write_shards(data_dir: Path, train: list[str], val: list[str]) -> tuple[int, list[dict]]:
     """Replace the shard set under the partial marker: (train shard count, each shard's metadata)."""
     _clear_old_shards(data_dir)
-    (data_dir / PARTIAL_MARKER).touch()
     train_shards = split_shards(train, SHARD_CHARS)
     shard_files = [(f"shard_{i:05d}.parquet", "train", docs) for i, docs in enumerate(train_shards)]
     shard_files.append((VAL_SHARD, "val", val))

@@ -18,6 +18,7 @@ from picochat.errors import DataError
 from picochat.runtime import home
 
 DEFAULT_SOURCE = "builtin"
+PARTIAL_MARKER = ".prepare.partial"  # present while `picochat data prepare` writes a shard set
 
 
 def default_data_dir(source: str = DEFAULT_SOURCE) -> Path:
@@ -33,6 +34,9 @@ def list_shards(directory: str | os.PathLike) -> tuple[list[Path], Path]:
             f"shard directory {directory} does not exist; run `picochat data prepare` (offline corpus) "
             "or `picochat data download` first, or pass --data-dir"
         )
+    if (directory / PARTIAL_MARKER).exists():
+        raise DataError(f"{directory} holds an unfinished shard set (an interrupted or running "
+                        "`picochat data prepare`); run `picochat data prepare` again and let it finish")
     files = sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
     if not files:
         raise DataError(f"{directory} holds no .parquet shards; run `picochat data prepare` or pass --data-dir")
@@ -66,5 +70,9 @@ def write_shard(path: Path, texts: list[str], row_group_size: int = 1024) -> Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table({"text": texts}), tmp, row_group_size=row_group_size, compression="zstd")
+    try:
+        pq.write_table(pa.table({"text": texts}), tmp, row_group_size=row_group_size, compression="zstd")
+    except BaseException:  # a full disk or an interrupt: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

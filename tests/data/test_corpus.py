@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat.cli import main
-from picochat.data import corpus, hygiene, registry
+from picochat.data import corpus, hygiene, registry, shards
 from picochat.data.registry import Artifact, ClientMissing
 from picochat.data.shards import list_shards
 from picochat.errors import DataError
@@ -162,6 +162,16 @@ def test_split_document_respects_the_word_limit_and_loses_nothing():
     assert corpus.split_document("short text", max_words=10) == ["short text"]
 
 
+def test_cutting_a_long_paragraph_keeps_closing_quotes_and_brackets():
+    assert corpus.split_sentences('He said "Stop." Then he left (quietly.) It ended.') == [
+        'He said "Stop."', "Then he left (quietly.)", "It ended."]
+    paragraph = " ".join(f'Speaker {i} said "we were calm." Then the crowd (all {i} of them.) went home.'
+                         for i in range(200))  # one paragraph of 2,400 words
+    pieces = corpus.split_document(paragraph, max_words=1000)
+    assert len(pieces) >= 3 and all(len(p.split()) <= 1000 for p in pieces)
+    assert " ".join(pieces).split() == paragraph.split()
+
+
 def test_kjv_chapters_are_titled_and_verse_numbers_removed():
     chapters = corpus.kjv_chapters(KJV_MODULE)
     assert [c.split("\n")[0] for c in chapters] == ["Genesis 1", "Genesis 2", "Matthew 1"]
@@ -174,6 +184,15 @@ def test_kjv_chapters_are_titled_and_verse_numbers_removed():
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="unknown source"):
         corpus.prepare_corpus(tmp_path, sources=["wikipedia"], fetch=lambda a: tmp_path)
+
+
+def test_a_source_named_twice_is_built_once_and_an_empty_list_is_refused(tmp_path, fake_packages):
+    manifest = corpus.prepare_corpus(tmp_path, sources=["kjv", "brown", "kjv"], fetch=FakeFetch(fake_packages),
+                                     log=lambda s: None)
+    assert [s["name"] for s in manifest["sources"]] == ["kjv", "brown"]
+    assert manifest["total_bytes"] == sum(len(d.encode()) for d in all_docs(tmp_path))
+    with pytest.raises(DataError, match="--sources names no source"):
+        corpus.prepare_corpus(tmp_path / "empty", sources=[], fetch=FakeFetch(fake_packages))
 
 
 # ------------------------------------------------------------------ prepare
@@ -281,6 +300,37 @@ def test_an_interrupted_build_is_cleaned_up_and_redone(tmp_path, fake_packages):
     corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None)
     assert not (tmp_path / "shard_00007.parquet").exists() and not (tmp_path / corpus.PARTIAL_MARKER).exists()
     list_shards(tmp_path)
+
+
+def test_shards_of_an_interrupted_build_are_refused_until_it_is_redone(tmp_path, fake_packages, monkeypatch):
+    monkeypatch.setattr(corpus, "SHARD_CHARS", 12_000)  # several train shards, then the val shard last
+    real_write = corpus.write_shard
+
+    def write_but_fail_on_val(path, texts, row_group_size):
+        if path.name == corpus.VAL_SHARD:
+            raise KeyboardInterrupt
+        real_write(path, texts, row_group_size=row_group_size)
+
+    monkeypatch.setattr(corpus, "write_shard", write_but_fail_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None)
+    assert len(list(tmp_path.glob("*.parquet"))) >= 2  # train shards only: the last would pass for val
+    with pytest.raises(DataError, match="interrupted.*picochat data prepare"):
+        list_shards(tmp_path)
+    monkeypatch.setattr(corpus, "write_shard", real_write)
+    corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None)
+    assert list_shards(tmp_path)[1].name == corpus.VAL_SHARD
+
+
+def test_a_shard_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def disk_full(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a shard")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards.pq, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        shards.write_shard(tmp_path / "shard_00000.parquet", ["a document"])
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ hygiene
