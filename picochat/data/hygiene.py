@@ -44,7 +44,7 @@ _BOILERPLATE = re.compile(
     r"|end of (?:the |this )?project gutenberg|start of (?:the |this )?project gutenberg",
     re.IGNORECASE,
 )
-_WORD = re.compile(r"[a-z0-9']+")
+_WORD = re.compile(r"(?:[^\W_]|')+")  # letters and digits of any alphabet, and apostrophes
 
 SHINGLE_WORDS = 5
 NUM_HASHES = 64
@@ -62,7 +62,7 @@ def is_boilerplate(text: str) -> bool:
 
 
 def words_of(text: str) -> list[str]:
-    """Lowercase words (letters, digits, apostrophes) in order."""
+    """Lowercase words (letters and digits of any alphabet, apostrophes) in order."""
     return _WORD.findall(text.lower())
 
 

@@ -54,3 +54,14 @@ def test_filter_documents_drops_and_counts_each_kind_once():
     assert dropped["b"] == {"boilerplate": 0, "profanity": 1, "exact_duplicate": 1, "near_duplicate": 1}
     assert dropped["c"] == {"boilerplate": 1, "profanity": 0, "exact_duplicate": 0, "near_duplicate": 0}
     assert hygiene.filter_documents(docs) == (kept, dropped)  # deterministic
+
+
+def test_texts_in_other_alphabets_are_words_too_not_near_duplicates():
+    greek = ("Το πρωί ο ήλιος ανέτειλε πάνω από τη θάλασσα και οι ψαράδες ετοίμασαν τις βάρκες τους "
+             "για μια μεγάλη μέρα στο ανοιχτό πέλαγος.")
+    russian = ("Вечером в городе зажглись огни и люди вышли на улицы чтобы погулять вдоль реки "
+               "и послушать музыку на площади.")
+    assert hygiene.words_of("Naïve Café, Æsop's") == ["naïve", "café", "æsop's"]
+    assert hygiene.estimated_jaccard(hygiene.minhash(greek), hygiene.minhash(russian)) < 0.2
+    kept, dropped = hygiene.filter_documents([("a", greek), ("a", russian)])
+    assert kept == [("a", greek), ("a", russian)] and dropped["a"]["near_duplicate"] == 0
