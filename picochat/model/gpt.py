@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,9 @@ ARCH_OPTIONS = ("value_embeds", "layer_lambdas", "smear", "backout", "window_pat
 # Every option on, with the rotary base and init scheme they were tuned with: one group of fields.
 ARCH_2026: dict[str, Any] = {"value_embeds": True, "layer_lambdas": True, "smear": True, "backout": True,
                              "window_pattern": "SSSL", "qk_scale": 1.2, "rope_theta": 100000.0, "init": "2026"}
+# What each GPTConfig field's annotation allows (a config.json value of another type is refused).
+_FIELD_TYPES: dict[str, tuple[type, str]] = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"),
+                                             "bool": (bool, "true or false"), "str": (str, "a string")}
 
 
 @dataclass
@@ -84,6 +88,12 @@ class GPTConfig:
     init: str = "classic"  # weight init scheme: classic or 2026 (see GPT.init_weights)
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(GPTConfig):  # these fields' types (a subclass checks its own)
+            value, (kind, what) = getattr(self, field.name), _FIELD_TYPES[field.type]
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise ConfigError(f"model config: {field.name}={value!r} must be {what}")
+            if kind is numbers.Real and not math.isfinite(value):
+                raise ConfigError(f"model config: {field.name}={value!r} must be a finite number")
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len", "mlp_ratio"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"model config: {name}={getattr(self, name)} must be a positive integer")
@@ -96,6 +106,9 @@ class GPTConfig:
             raise ConfigError(f"model config: head_dim={self.head_dim} must be even for rotary embeddings")
         if self.softcap <= 0:
             raise ConfigError(f"model config: softcap={self.softcap} must be > 0")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"model config: rope_theta={self.rope_theta} must be > 0 (the rotary base, "
+                              "default 10000)")
         if not self.window_pattern or set(self.window_pattern) - set("SL"):
             raise ConfigError(f"model config: window_pattern={self.window_pattern!r} must be letters S (short "
                               "window) and L (whole context), tiled over the layers, e.g. SSSL")
@@ -153,6 +166,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config must be a JSON object of fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

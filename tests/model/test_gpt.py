@@ -97,6 +97,26 @@ def test_config_round_trips_through_json_and_rejects_bad_values() -> None:
         GPTConfig.from_depth(0, 100)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layer", "twelve", "n_layer='twelve' must be an integer"),
+    ("n_head", "4", "n_head='4' must be an integer"),
+    ("n_layer", 2.5, "n_layer=2.5 must be an integer"),
+    ("value_embeds", "false", "value_embeds='false' must be true or false"),
+    ("window_pattern", 5, "window_pattern=5 must be a string"),
+    ("softcap", "15", "softcap='15' must be a number"),
+    ("qk_scale", float("nan"), "qk_scale=nan must be a finite number"),
+    ("rope_theta", 0.0, "rope_theta=0.0 must be > 0"),
+    ("rope_theta", -10000.0, "rope_theta=-10000.0 must be > 0"),
+])
+def test_a_config_json_with_ill_typed_or_impossible_fields_is_a_config_error(field, value, message) -> None:
+    saved = {**small_config().to_dict(), field: value}
+    with pytest.raises(ConfigError, match=f"^model config: {message}"):
+        GPTConfig.from_dict(saved)
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        GPTConfig.from_dict([saved])
+    assert GPTConfig.from_dict({**saved, field: small_config().to_dict()[field]}) == small_config()
+
+
 def test_state_dict_names_and_shapes() -> None:
     model = build_model(small_config(), "cpu")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
