@@ -11,9 +11,16 @@ from picochat.errors import DataError
 
 
 def iter_jsonl(path: Path, hint: str = "") -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for each non-blank line; a broken line is a DataError."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    """Yield (line number, parsed object) for each non-blank line; a broken line is a DataError.
+
+    The file is UTF-8, with or without a byte order mark (as some Windows editors write)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start + 1}); "
+                                f"save the file as UTF-8{hint}") from e
             if not line.strip():
                 continue
             try:
