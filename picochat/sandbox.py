@@ -55,11 +55,13 @@ programs you trust to be honest, and check_function for a verdict.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,7 +118,10 @@ def _run(job: dict, code: str, timeout: float, memory_mb: int, max_output_bytes:
         try:
             out, err = proc.communicate(json.dumps(job).encode(), timeout=timeout + GRACE_S)
         except subprocess.TimeoutExpired:
-            proc.kill()  # the solution has PR_SET_PDEATHSIG: it dies with the supervisor
+            # The whole group: the solution dies with the supervisor (PR_SET_PDEATHSIG), and any other
+            # process of the group, which could hold the supervisor's pipes open, with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             return ExecResult(False, "", "sandbox: the supervisor did not finish in time", timeout=True)
     finally:

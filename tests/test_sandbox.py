@@ -155,3 +155,18 @@ def test_counting_dicts_from_the_standard_library_reach_the_tests_as_dicts(count
     tests = "def check(candidate):\n    assert candidate('a b b a c') == {'a': 2, 'b': 2, 'c': 1}\n"
     r = check_function(solution, tests, "histogram")
     assert r.success, r.stderr
+
+
+def test_a_hung_supervisor_is_stopped_with_its_whole_process_group(tmp_path, monkeypatch):
+    """Past its grace the supervisor is killed with its process group: a process it started that still
+    holds its output pipe must not keep the caller waiting until that process ends."""
+    hung = tmp_path / "hung_supervisor.py"
+    hung.write_text("import subprocess, sys, time\n"
+                    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                    "time.sleep(60)\n")
+    monkeypatch.setattr("picochat.sandbox.CHILD_SCRIPT", hung)
+    monkeypatch.setattr("picochat.sandbox.GRACE_S", 1.0)
+    started = time.monotonic()
+    r = execute("print(1)", timeout=1)
+    assert r.timeout and not r.success and "did not finish in time" in r.stderr
+    assert time.monotonic() - started < 20
