@@ -35,14 +35,16 @@ def evaluate_categorical(
     world_size: int = 1,
     compute_dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """{"accuracy", "correct", "total"} over the task's items (split across ranks, summed)."""
+    """{"accuracy", "correct", "total"} over the task's items (split across ranks, summed); with
+    `max_items`, that many items spread evenly over the task (item i * len // max_items), so a task
+    stored subject by subject is scored on every subject."""
     device = next(model.parameters()).device
     n = len(task) if max_items is None else min(len(task), max_items)
     limit = model.config.sequence_len
     was_training = model.training
     model.eval()
     correct = total = 0
-    indices = list(range(rank, n, world_size))
+    indices = [i * len(task) // n for i in range(rank, n, world_size)]
     for start in range(0, len(indices), batch_size):
         convs = [task[i] for i in indices[start : start + batch_size]]
         prompts = [tokenizer.render_for_completion(c)[-limit:] for c in convs]

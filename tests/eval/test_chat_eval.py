@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from picochat.errors import ConfigError
+from picochat.eval.categorical import evaluate_categorical
 from picochat.eval.chat_eval import (
     CHAT_TASKS,
     TaskResult,
@@ -127,6 +128,18 @@ def test_categorical_answers_only_with_the_item_letters(tok):
     assert result["correct"] == 2 and result["total"] == 3
     assert result["accuracy"] == pytest.approx(2 / 3)
     assert result["baseline"] == pytest.approx((1 / 4 + 1 / 3 + 1 / 3) / 3)
+
+
+def test_categorical_max_items_spans_a_task_stored_in_subject_order(tok):
+    """A task stored subject by subject: a capped eval reads every subject, not the first ones."""
+    letters = {c: tok.encode(c)[0] for c in "ABCD"}
+    model = FavouringModel(tok.vocab_size, {letters["A"]: 10.0})  # always answers A
+    rows = [multiple_choice_conversation(f"q{i}", ["w", "x", "y", "z"], 0 if i < 50 else 1) for i in range(100)]
+    task = ListTask(rows, "categorical", lambda c, r: response_letter(r, c["letters"]) == c["answer"])
+    # the first 50 rows (the easy subject) only would read 100%
+    assert evaluate_categorical(model, tok, task, max_items=10)["accuracy"] == pytest.approx(0.5)
+    halves = [evaluate_categorical(model, tok, task, max_items=10, rank=r, world_size=2) for r in (0, 1)]
+    assert sum(h["correct"] for h in halves) == 5 and sum(h["total"] for h in halves) == 10
 
 
 # ---- scores --------------------------------------------------------------------------------------
