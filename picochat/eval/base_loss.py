@@ -7,9 +7,10 @@ Writes $PICOCHAT_HOME/eval/base_loss_<tag>_step<N>.json.
 
 Which val bpb is which: both this command and the in-training eval read the val shard from
 its first token, in rows of the same sequence length, so with `--split-tokens` equal to the
-training run's `--eval-tokens` (the cpu speedrun passes it) they score the very same tokens
-and the last in-training eval equals this val bpb. The JSON records the training eval's token
-count and last value next to ours, and the standard error of each split's bpb across its
+training run's `--eval-tokens` (the cpu speedrun passes it), both a whole number of batches, and
+as many processes, they score the very same tokens and the last in-training eval equals this val
+bpb. The JSON records the tokens the training eval scored, its process count and its last value
+next to ours, and the standard error of each split's bpb across its
 batches (a ratio estimate: batch i has bpb b_i over B_i bytes), so a difference can be read
 against the noise. Consecutive batches can come from one document, so the standard error is
 a lower bound on the true sampling error.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=world.device)
         results: dict = {"checkpoint": str(path), "step": meta["step"], "tokens_per_split": steps["val"] * per_batch,
                          "train_tokens": steps["train"] * per_batch, "batches_per_split": steps["val"],
-                         **training_eval(meta)}
+                         "world_size": world.world_size, **training_eval(meta)}
         for split, files in (("train", train_files), ("val", [val_file])):
             loader = PackedLoader(files, tokenizer, B, T, world.rank, world.world_size, world.device)
             results[f"{split}_bpb"], results[f"{split}_bpb_se"] = evaluate_bpb_with_se(
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             loader.close()
             log0(f"{split} bpb: {results[f'{split}_bpb']:.4f} ± {results[f'{split}_bpb_se']:.4f} (standard error "
                  f"over {steps[split]} batches)")
-        if results.get("training_eval_tokens") == results["tokens_per_split"]:
+        if same_tokens_as_training(results):
             log0(f"val: the same {results['tokens_per_split']:,} tokens as the in-training eval "
                  f"(its last value: {results.get('training_eval_val_bpb')})")
         if world.is_main:
@@ -89,12 +91,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def training_eval(meta: dict) -> dict:
-    """The in-training eval of the checkpoint: its token count and its last val bpb, where recorded."""
+    """The in-training eval of the checkpoint, where recorded: the val tokens it scored (the whole
+    batches of its --eval-tokens), its number of processes, and its last val bpb."""
     out = {}
-    tokens = (meta.get("args") or {}).get("eval_tokens")
-    if isinstance(tokens, int):
-        out["training_eval_tokens"] = tokens
+    args = meta.get("args") or {}
+    tokens, world = args.get("eval_tokens"), meta.get("world_size", 1)
+    sizes = (args.get("device_batch_size"), args.get("max_seq_len"), world)
+    if isinstance(tokens, int) and all(isinstance(n, int) and n > 0 for n in sizes):
+        per_batch = math.prod(sizes)
+        out["training_eval_tokens"] = tokens // per_batch * per_batch
+        out["training_eval_world_size"] = world
     bpb = (meta.get("metrics") or {}).get("val_bpb")
     if isinstance(bpb, (int, float)):
         out["training_eval_val_bpb"] = bpb
     return out
+
+
+def same_tokens_as_training(results: dict) -> bool:
+    """Whether a base-loss result's val split is the very text the in-training eval scored: as many
+    tokens, read by as many processes (rank r reads documents r, r + world, ...)."""
+    return (results.get("training_eval_tokens") is not None
+            and results.get("training_eval_tokens") == results.get("tokens_per_split")
+            and results.get("training_eval_world_size", 1) == results.get("world_size", 1))

@@ -32,6 +32,7 @@ import torch
 
 from picochat.checkpoint import list_steps
 from picochat.errors import UserError
+from picochat.eval.base_loss import same_tokens_as_training
 from picochat.eval.chat_probe import render_markdown as render_chat_probe
 from picochat.model.gpt import GPT, GPTConfig
 from picochat.report.environment import PACKAGE_DIR, code_size, environment
@@ -334,11 +335,13 @@ def base_loss_note(payload: dict) -> str:
     train_tokens, train_bpb = payload.get("training_eval_tokens"), payload.get("training_eval_val_bpb")
     if train_tokens is None:
         return note + "."
-    if train_tokens == tokens:
+    if same_tokens_as_training(payload):
         return (note + f": the same tokens as the in-training eval (its last value {fmt(train_bpb)}); "
                 "standard errors across batches.")
-    return (note + f"; the in-training eval read the first {fmt(train_tokens)} (its last value {fmt(train_bpb)}), "
-            "so the two differ by which text they score.")
+    world = payload.get("training_eval_world_size", 1)
+    processes = f" on {world} processes" if world != payload.get("world_size", 1) else ""
+    return (note + f"; the in-training eval read the first {fmt(train_tokens)}{processes} (its last value "
+            f"{fmt(train_bpb)}), so the two differ by which text they score.")
 
 
 def chat_probe_section(root: Path, stage: str, tag: str) -> str | None:

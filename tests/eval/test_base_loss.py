@@ -10,6 +10,7 @@ import torch
 
 from picochat.cli import main
 from picochat.errors import DataError
+from picochat.eval.base_loss import same_tokens_as_training, training_eval
 from picochat.eval.bpb import bpb_with_standard_error, evaluate_bpb, evaluate_bpb_with_se
 from picochat.model.gpt import GPT, GPTConfig
 from picochat.tokenizer import Tokenizer
@@ -67,3 +68,19 @@ def test_base_loss_reads_the_in_training_eval_tokens_and_reports_the_standard_er
     assert fewer["val_bpb"] == out["val_bpb"] and fewer["train_tokens"] == 1024 and fewer["tokens_per_split"] == 2048
     assert fewer["train_bpb"] != out["train_bpb"]
     assert main(["base-loss", "--tag", "se", "--train-tokens", "8", "--device-batch-size", "4"]) == 2
+
+
+def test_the_training_eval_tokens_are_the_whole_batches_it_scored():
+    # 1536 tokens in batches of 16 rows of 64 on one process: the eval scored one batch, 1024 tokens
+    meta = {"args": {"eval_tokens": 1536, "device_batch_size": 16, "max_seq_len": 64}, "world_size": 1,
+            "metrics": {"val_bpb": 2.0}}
+    assert training_eval(meta) == {"training_eval_tokens": 1024, "training_eval_world_size": 1,
+                                   "training_eval_val_bpb": 2.0}
+    # base-loss in batches of 8 rows reads all 1536: not the tokens the training eval scored
+    assert not same_tokens_as_training({**training_eval(meta), "tokens_per_split": 1536, "world_size": 1})
+    assert same_tokens_as_training({**training_eval(meta), "tokens_per_split": 1024, "world_size": 1})
+    # the same count on another number of processes: each rank reads its own documents, other text
+    eight = {**meta, "args": {**meta["args"], "device_batch_size": 2}, "world_size": 8}
+    assert training_eval(eight)["training_eval_tokens"] == 1024
+    assert not same_tokens_as_training({**training_eval(eight), "tokens_per_split": 1024, "world_size": 1})
+    assert "training_eval_tokens" not in training_eval({"args": {"eval_tokens": 1536}})  # batch unknown

@@ -37,3 +37,12 @@ def test_report_says_when_the_two_val_bpbs_read_different_tokens(home):  # noqa:
     text = build_report("d2").read_text()
     assert "the in-training eval read the first 32,768 (its last value 2.4000)" in text
     assert "| val | 2.6000 | - |" in text
+
+
+def test_report_does_not_call_another_world_size_the_same_tokens(home):  # noqa: F811
+    write_json(home / "eval" / "base_loss_d2_step6.json", {
+        "train_bpb": 2.5, "val_bpb": 2.6, "tokens_per_split": 32768, "world_size": 1, "training_eval_tokens": 32768,
+        "training_eval_world_size": 8, "training_eval_val_bpb": 2.4})
+    text = build_report("d2").read_text()
+    assert "the same tokens" not in text
+    assert "the in-training eval read the first 32,768 on 8 processes (its last value 2.4000)" in text
