@@ -18,11 +18,14 @@ from tests.infer.tiny import save_tiny_checkpoint
 def test_one_shot_prompt_prints_an_answer_and_saves_it(picochat_home, capsys):
     save_tiny_checkpoint("sft", "tiny")
     assert main(["chat", "-p", "Hello there!", "--max-tokens", "8", "--seed", "1", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and out.strip()
     (saved,) = (picochat_home / "chats").glob("chat_*.json")
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[0]["content"] == "Hello there!"
+    # The answer printed is the answer saved (this seed's answer has no calculator call: one text part).
+    assert messages[1]["content"] == [{"type": "text", "text": out.removesuffix("\n")}]
 
 
 def test_two_chats_in_one_second_keep_both_transcripts(picochat_home, monkeypatch, capsys):

@@ -248,8 +248,15 @@ def test_prompt_longer_than_context_is_clipped_not_fatal(tokenizer):
 
 def test_max_tokens_is_respected(tokenizer, model):
     engine = Engine(model, tokenizer)
-    steps = list(engine.generate(prompt_ids(tokenizer), num_samples=2, max_tokens=7, temperature=1.0, seed=0))
-    assert len(steps) <= 7
+    engine.stop_tokens = set()  # no row ends early: every row writes exactly max_tokens tokens
+    for max_tokens in (1, 7):
+        steps = list(engine.generate(prompt_ids(tokenizer), num_samples=2, max_tokens=max_tokens, temperature=1.0,
+                                     seed=0, use_tools=False))
+        assert len(steps) == max_tokens
+        assert all(None not in column and masks == [1, 1] for column, masks in steps)
+        results, _ = engine.generate_batch(prompt_ids(tokenizer), num_samples=2, max_tokens=max_tokens,
+                                           temperature=1.0, seed=0, use_tools=False)
+        assert [len(r) for r in results] == [max_tokens, max_tokens]
 
 
 @pytest.mark.parametrize("bad", [[], [10**6], [-1], ["a"], "text"])

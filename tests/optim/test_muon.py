@@ -61,11 +61,21 @@ def test_muon_step_is_an_orthogonal_update_scaled_by_shape() -> None:
 
 
 def test_muon_weight_decay_and_momentum_are_per_group() -> None:
-    p = torch.nn.Parameter(torch.ones(8, 8))
-    opt = Muon([{"params": [p], "lr": 0.5, "momentum": 0.0, "weight_decay": 0.1}])
-    p.grad = torch.zeros(8, 8)  # zero gradient: only the decay acts
+    decayed, plain = torch.nn.Parameter(torch.ones(8, 8)), torch.nn.Parameter(torch.ones(8, 8))
+    # The defaults (another lr, momentum and decay) must not leak into either group.
+    opt = Muon([{"params": [decayed], "lr": 0.5, "momentum": 0.0, "weight_decay": 0.1},
+                {"params": [plain], "lr": 0.5, "momentum": 0.9, "weight_decay": 0.0}],
+               lr=0.02, momentum=0.5, weight_decay=0.3)
+    decayed.grad, plain.grad = torch.zeros(8, 8), torch.zeros(8, 8)  # zero gradient: only the decay acts
     opt.step()
-    torch.testing.assert_close(p.detach(), torch.full((8, 8), 0.95))
+    torch.testing.assert_close(decayed.detach(), torch.full((8, 8), 0.95))
+    torch.testing.assert_close(plain.detach(), torch.ones(8, 8))
+    # Each group's momentum: buffer <- m * buffer + (1 - m) * grad, from the zero buffers of the first step.
+    g = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    decayed.grad, plain.grad = g.clone(), g.clone()
+    opt.step()
+    torch.testing.assert_close(opt.state[decayed]["momentum_buffer"], g)
+    torch.testing.assert_close(opt.state[plain]["momentum_buffer"], 0.1 * g)
 
 
 def test_muon_refuses_non_matrices() -> None:

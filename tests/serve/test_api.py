@@ -61,15 +61,25 @@ def test_streaming_completion_with_usage(client, model_id):
 
 
 def test_several_choices_stream_interleaved(client, model_id):
-    stream = client.chat.completions.create(model="picochat", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=8, n=3, stream=True, temperature=1.0, seed=3)
-    texts, reasons = {}, {}
-    for chunk in stream:
+    request = {"model": "picochat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "n": 3,
+               "temperature": 1.0, "seed": 3}
+    texts, reasons, order = {}, {}, []
+    for chunk in client.chat.completions.create(**request, stream=True):
         for choice in chunk.choices:
             texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.delta.content:
+                order.append(choice.index)
             if choice.finish_reason:
                 reasons[choice.index] = choice.finish_reason
     assert sorted(texts) == [0, 1, 2] and sorted(reasons) == [0, 1, 2]
+    # Each index carries its own choice's text: the texts the same seeded request gets without streaming.
+    whole = client.chat.completions.create(**request)
+    assert [texts[i] for i in range(3)] == [c.message.content for c in whole.choices]
+    assert [reasons[i] for i in range(3)] == [c.finish_reason for c in whole.choices]
+    assert len(set(texts.values())) == 3  # three different samples
+    # The choices decode together: a later choice's first piece comes before an earlier choice's last piece.
+    last = {i: len(order) - 1 - order[::-1].index(i) for i in set(order)}
+    assert any(order.index(j) < last[i] for i in last for j in last if j > i), order
 
 
 def test_multi_turn_with_tool_markup_in_history(client, model_id):

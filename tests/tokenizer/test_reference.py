@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import regex
+import tiktoken
 
 from picochat.data.registry import ClientMissing
 from picochat.errors import DataError
@@ -103,6 +104,16 @@ def test_cl100k_from_wheel(tmp_path: Path, tok: Tokenizer) -> None:
     enc = cl100k_from_wheel(path, expected_sha256=hashlib.sha256(lines).hexdigest())
     text = "The 2 rivers met at 12345 places; 你好 🎉"
     assert enc.decode(enc.encode_ordinary(text)) == text
+    # Every rank of the file, GPT-4's pre-split (digits in runs of up to 3) and its <|endoftext|> id.
+    assert enc.n_vocab == 100258 and enc.encode("<|endoftext|>", allowed_special="all") == [100257]
+    assert all(enc.encode_single_token(t) == r for t, r in tok.mergeable_ranks.items())
+    expected = tiktoken.Encoding(name="expected", pat_str=reference.CL100K_PATTERN,
+                                 mergeable_ranks=tok.mergeable_ranks, special_tokens={})
+    digits = "1234567 and 98765"
+    assert enc.encode_ordinary(text + digits) == expected.encode_ordinary(text + digits)
+    pieces = [enc.decode_single_token_bytes(t) for t in enc.encode_ordinary("1234567")]
+    ends = [sum(map(len, pieces[:i + 1])) for i in range(len(pieces))]
+    assert b"".join(pieces) == b"1234567" and {3, 6} <= set(ends)  # no token spans 123|456|7
     with pytest.raises(DataError, match="has sha256"):
         cl100k_from_wheel(path)
     empty = tmp_path / "empty.whl"

@@ -96,10 +96,23 @@ def test_all_masked_micro_batch_gives_zero_loss_and_gradient():
 
 
 def test_real_tasks_render_into_training_rows(tok):
-    seq = TaskSequence([identity(stop=4), load_task("arithmetic", "train", size=4)])
-    rows = [tok.render_conversation(seq[i], max_tokens=128) for i in range(len(seq))]
-    inputs, targets = sft_collate(rows, tok.encode_special("assistant_end"))
-    assert inputs.shape[0] == 8 and (targets >= 0).sum() > 0
+    first, second = identity(stop=4), load_task("arithmetic", "train", size=4)
+    seq = TaskSequence([first, second])
+    convs = [seq[i] for i in range(len(seq))]
+    assert convs == [first[i] for i in range(4)] + [second[i] for i in range(4)]  # one task after the other
+    rows = [tok.render_conversation(conv, max_tokens=128) for conv in convs]
+    assert len({tuple(ids) for ids, _ in rows}) == 8
+    pad = tok.encode_special("assistant_end")
+    inputs, targets = sft_collate(rows, pad)
+    assert inputs.shape == targets.shape == (8, max(len(ids) for ids, _ in rows) - 1)
+    for r, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        assert inputs[r, :n].tolist() == ids[:-1] and (inputs[r, n:] == pad).all()
+        assert targets[r, :n].tolist() == [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        assert (targets[r, n:] == -1).all()
+        # the assistant's tokens are trained on, up to its <|assistant_end|> (unless cut at 128 tokens)
+        supervised = [t for t in targets[r].tolist() if t >= 0]
+        assert supervised and (supervised[-1] == pad or len(ids) == 128)
 
 
 @pytest.fixture
@@ -166,12 +179,18 @@ def test_padded_rows_count_real_tokens_and_fill_buckets(tok):
     task = ListTask(_random_conversations(24))
     exact = PaddedConversations(task, tok, 4, 128)
     bucketed = PaddedConversations(task, tok, 4, 128, bucket_widths=width_buckets(128))
-    for _ in range(6):
+    padded = 0
+    for step in range(6):
         (x, y, real), (bx, by, breal) = next(exact), next(bucketed)
-        assert real == breal < x.numel() or real == x.numel()  # padding is not counted
+        # the batch's conversations in order: each row's inputs are its rendered tokens but the last
+        lengths = [len(tok.render_conversation(task[4 * step + i], max_tokens=129)[0]) - 1 for i in range(4)]
+        assert x.shape == (4, max(lengths))
+        assert real == breal == sum(lengths)  # padding is not counted
+        padded += x.numel() - real
         assert bx.shape[1] in (16, 32, 64, 128) and bx.shape[1] >= x.shape[1]
         assert torch.equal(bx[:, : x.shape[1]], x) and torch.equal(by[:, : y.shape[1]], y)
         assert (by[:, y.shape[1]:] == -1).all()  # the extra width is padding, never a target
+    assert padded > 0  # rows of different lengths: some padding was there not to count
 
 
 def test_compiled_sft_batches_compile_at_most_four_graphs(tok):
