@@ -107,6 +107,24 @@ def read_json(path: Path | None) -> dict | None:
     return payload if isinstance(payload, dict) else None
 
 
+def throughput_rows(steps: list[dict]) -> list[list]:
+    """tokens/s and MFU over the timed steps (each process's warm-up steps left out, a resumed one's too):
+    their tokens over their seconds, and MFU weighted by each step's seconds, so that a slow step counts
+    for the time it took (a plain mean of per-step rates overstates a run whose step time varies)."""
+    timed = [r for r in steps if r.get("timed", r["step"] > WARMUP_STEPS)] or steps
+    timed = [r for r in timed if finite([r.get("dt")]) and r["dt"] > 0]
+    seconds = sum(r["dt"] for r in timed)
+    rows = []
+    tokens = finite(r.get("tokens") for r in timed)
+    if seconds > 0 and len(tokens) == len(timed):
+        rows.append(["tokens/s (timed steps)", sum(tokens) / seconds])
+    with_mfu = [r for r in timed if finite([r.get("mfu")])]
+    mfu_seconds = sum(r["dt"] for r in with_mfu)
+    if mfu_seconds > 0:
+        rows.append(["MFU % (timed steps)", sum(r["mfu"] * r["dt"] for r in with_mfu) / mfu_seconds])
+    return rows
+
+
 def finite(values) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
@@ -292,11 +310,7 @@ def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
         for key in ("smooth_loss", "loss", "reward", "solved"):
             if isinstance(last.get(key), (int, float)):
                 rows.append([f"final {key.replace('_', ' ')}", last[key]])
-        timed = [r for r in run.steps if r["step"] > WARMUP_STEPS] or run.steps
-        for key, label in (("tok_per_s", "tokens/s (mean)"), ("mfu", "MFU % (mean)")):
-            values = finite(r.get(key) for r in timed)
-            if values:
-                rows.append([label, sum(values) / len(values)])
+        rows += throughput_rows(run.steps)
     rows.append(["training time", fmt_duration(run.train_time_s()) if run.steps or run.meta else "-"])
     if run.meta.get("world_size"):
         rows.append(["processes", run.meta["world_size"]])

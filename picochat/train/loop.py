@@ -521,13 +521,14 @@ class Trainer:
                 self._stop_on_nonfinite(step, outcome)
             self.step = step + 1
             self.elapsed_s = elapsed_before + time.time() - t_run
-            if run_steps >= WARMUP_STEPS:
+            timed = run_steps >= WARMUP_STEPS
+            if timed:
                 self.train_time += dt
                 timed_steps, timed_s = timed_steps + 1, timed_s + dt
             run_steps += 1
             if not self.horizon_fixed and self._budget_measured(timed_steps):
                 self._fix_horizon(timed_steps, timed_s)
-            self._log_step(step, outcome, dt, lrm, mom, timed_steps and timed_s / timed_steps)
+            self._log_step(step, outcome, dt, lrm, mom, timed_steps and timed_s / timed_steps, timed)
             periodic = cfg.save_every > 0 and self.step % cfg.save_every == 0
             if (periodic or outcome.save_due) and self.step != self.num_iterations:
                 self.save()
@@ -566,8 +567,9 @@ class Trainer:
              f"{timed_steps} steps, {self.elapsed_s:.0f}s spent -> horizon fixed at {horizon} steps")
 
     def _log_step(self, step: int, outcome: StepOutcome, dt: float, lrm: float, mom: float | None,
-                  seconds_per_step: float) -> None:
-        """One step's line (every log_every steps) and JSONL record; seconds_per_step is 0 until steps are timed."""
+                  seconds_per_step: float, timed: bool) -> None:
+        """One step's line (every log_every steps) and JSONL record; seconds_per_step is 0 until steps are timed,
+        `timed`: the step counts in the train time (not one of this process's warm-up steps)."""
         cfg = self.cfg
         beta = 0.9
         self.smooth_loss = beta * self.smooth_loss + (1 - beta) * outcome.loss
@@ -590,6 +592,6 @@ class Trainer:
                  f"lrm {lrm:.3f}{mom_text} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu_text} | "
                  f"mem {peak_mem / 2**30:.2f}GiB{epoch_text} | eta {eta_text}{extra_text}")
         self._log({"step": self.step, "loss": outcome.loss, "smooth_loss": debiased, "lrm": lrm, "momentum": mom,
-                   "dt": dt, "tokens": outcome.tokens, "tok_per_s": tok_per_s, "mfu": mfu,
+                   "dt": dt, "timed": timed, "tokens": outcome.tokens, "tok_per_s": tok_per_s, "mfu": mfu,
                    "peak_mem_bytes": peak_mem, "epoch": epoch, "supervised_tokens": outcome.supervised_tokens,
                    "num_iterations": horizon, "eta_s": eta if math.isfinite(eta) else None, **outcome.record})

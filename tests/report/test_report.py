@@ -91,7 +91,7 @@ def test_report_of_a_base_run(home, capsys):
     assert "## Mid-training" not in text and "## Reinforcement" not in text  # absent stages: no sections
     assert "| steps | 6 of 6 |" in text
     assert "| tokens | 3,072 |" in text  # 6 steps x 512 tokens (cpu-tiny total batch)
-    assert "eval: val_bpb" in text and "final smooth loss" in text and "MFU % (mean)" in text
+    assert "eval: val_bpb" in text and "final smooth loss" in text and "MFU % (timed steps)" in text
     assert "Python" in text and "torch" in text and "CPU" in text
     assert "![base training](base_training.png)" in text
     width, height = png_size(home / "reports" / "d2" / "base_training.png")
@@ -237,3 +237,18 @@ def test_an_explicit_tag_is_the_one_reported(picochat_home, monkeypatch):
     assert resolve_names(picochat_home, None, "old") == ("old", "old")
     (picochat_home / "speedrun" / "cpu").mkdir(parents=True)
     assert resolve_names(picochat_home, "cpu", "old") == ("cpu", "old")
+
+
+def test_throughput_is_the_timed_steps_tokens_over_their_seconds(home):
+    """tokens/s and MFU cover the steps the loop timed (a resumed process's warm-up steps are not, whatever
+    their number) and weigh each step by its seconds: 200 tokens in 4 timed seconds is 50 tokens/s, where a
+    mean of the per-step rates of steps 4-8 read 32.7."""
+    plan = [(1, 10.0, False), (2, 10.0, False), (3, 10.0, False), (4, 1.0, True),
+            (5, 10.0, False), (6, 10.0, False), (7, 10.0, False), (8, 3.0, True)]  # resumed after step 4
+    log = [{"step": s, "loss": 2.0, "smooth_loss": 2.0, "dt": dt, "timed": timed, "tokens": 100,
+            "tok_per_s": 100 / dt, "mfu": 10 / dt} for s, dt, timed in plan]
+    fake_stage(home, "mid", 8, {"val_bpb": 1.5}, log)
+    assert main(["report"]) == 0
+    mid = (home / "reports" / "d2" / "report.md").read_text().split("## Mid-training", 1)[1].split("\n## ", 1)[0]
+    assert "| tokens/s (timed steps) | 50.0000 |" in mid, mid
+    assert "| MFU % (timed steps) | 5.0000 |" in mid, mid

@@ -94,6 +94,9 @@ def test_eta_after_a_resume_uses_the_step_time_measured_since(tiny_home, monkeyp
     assert len(starts) == 2  # step 5 in the first process and again in the resumed one
     resumed = records[starts[1]:]
     assert [r["step"] for r in resumed if "loss" in r and r.get("eta_s") is None] == [5, 6, 7]
+    # The records say which steps were timed (the report's tokens/s and MFU read them).
+    assert [r["step"] for r in resumed if "loss" in r and not r["timed"]] == [5, 6, 7]
+    assert [r["step"] for r in records[:starts[1]] if "loss" in r and not r["timed"]] == [1, 2, 3]
     assert [r["step"] for r in timed][-5:] == list(range(8, 13))
     for r in timed:
         assert r["eta_s"] == pytest.approx((12 - r["step"]) * r["dt"]), r
