@@ -9,10 +9,13 @@ the output) is accepted and ignored. Fields that would change the output are acc
 their no-op value (`frequency_penalty: 0`, `logit_bias: {}`, `response_format: {"type": "text"}`,
 `tool_choice: "none"`, ...).
 
-Roles: `developer` is `system`. Tool messages follow picochat's own calculator: an assistant
-message may carry `tool_calls` of the function `calculator` (arguments `{"expression": ...}`) or
-end in a `<<expr>>` call, and the `tool` message after it is that call's result (rendered as
-`python_output`); an assistant message after a tool message continues the same turn.
+Roles: `developer` is `system`; system messages in a row at the start are joined into the one system
+text (a blank line apart). An assistant message may carry back the fields of picochat's own reply
+(`picochat`, and OpenAI's `refusal`, `audio`, ... at null); its "" is the empty turn. Tool messages
+follow picochat's own calculator: an assistant message may carry `tool_calls` of the function
+`calculator` (arguments `{"expression": ...}`) or end in a `<<expr>>` call, and the `tool` message
+after it is that call's result (rendered as `python_output`); an assistant message after a tool
+message continues the same turn.
 """
 
 from __future__ import annotations
@@ -205,8 +208,9 @@ def _sampling(body: dict, limits: Limits, defaults: Defaults, model_ids: tuple[s
                                 or not all(isinstance(v, bool) for v in options.values())):
         raise _bad("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise _bad("'seed' must be an integer in [0, 2**63)", "seed")
+    # OpenAI's range, int64; torch seeds a generator with it modulo 2**64, so each seed is its own
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        raise _bad("'seed' must be an integer in [-2**63, 2**63)", "seed")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, defaults.max_tokens, min_tokens, limits.max_tokens, integer=True)
     top_k = _number(body, "top_k", defaults.top_k, 0, limits.max_top_k, integer=True)
@@ -278,12 +282,23 @@ def _is_ids(value: Any) -> bool:
 # ---- messages ---------------------------------------------------------------------------------
 
 _MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id"}
+# A client that appends a reply it got to the history sends these back: OpenAI's reply fields that
+# picochat leaves null, and picochat's own extension (whose parts the content already holds).
+_NULL_REPLY_KEYS = {"refusal", "annotations", "audio", "function_call"}
+
+
+def _sent_back(role: str, key: str, value: Any) -> bool:
+    """Whether `key` is a field of picochat's own reply, sent back unchanged in an assistant message."""
+    return role == "assistant" and (key == "picochat" or (key in _NULL_REPLY_KEYS and value is None))
 
 
 def _content_text(content: Any, param: str, role: str) -> str | list[dict]:
     """A message's content: a string, or a list of {"type", "text"} parts (OpenAI's content array)."""
+    if isinstance(content, str) and role == "assistant":
+        # "" is a reply that ended at once (or at a stop string): the empty turn the model wrote
+        return parse_display_text(content) if content else [{"type": "text", "text": ""}]
     if isinstance(content, str):
-        return parse_display_text(content) if role == "assistant" else content
+        return content
     if not isinstance(content, list) or not content:
         raise _bad("'content' must be a non-empty string or a non-empty list of text parts", param)
     allowed = ("text", "python", "python_output") if role == "assistant" else ("text",)
@@ -328,7 +343,7 @@ def _merge_message(out: list[dict], m: dict, i: int, limits: Limits) -> int:
     if role not in ("system", "developer", "user", "assistant", "tool"):
         raise _bad(f"message {i} has role {json.dumps(role)[:40]}; roles are system, developer, user, assistant, tool",
                    f"{param}.role")
-    extra = sorted(set(m) - _MESSAGE_KEYS)
+    extra = sorted(k for k in set(m) - _MESSAGE_KEYS if not _sent_back(role, k, m[k]))
     if extra:
         raise _bad(f"message {i} has the field '{extra[0]}', which picochat does not implement", f"{param}.{extra[0]}")
     if role != "assistant" and m.get("tool_calls") is not None:
@@ -352,6 +367,8 @@ def _merge_message(out: list[dict], m: dict, i: int, limits: Limits) -> int:
         previous["content"] += _as_parts(content) + calls  # the same turn goes on after the tool's result
     elif role == "assistant":
         out.append({"role": "assistant", "content": content if not calls else _as_parts(content) + calls})
+    elif role in ("system", "developer") and out and out[-1]["role"] == "system":
+        out[-1]["content"] += f"\n\n{content}"  # instructions given in several messages up front
     else:
         out.append({"role": "system" if role == "developer" else role, "content": content})
     if out and out[-1]["role"] == "assistant":

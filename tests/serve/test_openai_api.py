@@ -56,6 +56,15 @@ def ascii_stop(text: str) -> str:
     pytest.skip(f"no plain 2-character piece in {text!r}")
 
 
+# ---- seed -------------------------------------------------------------------------------------
+
+def test_a_seed_is_any_int64_as_openai_takes_it(client):
+    for seed in (-1, -2**63, 2**63 - 1):
+        first, again = (seeded(client, n=2, seed=seed) for _ in range(2))
+        assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices], seed
+    assert seeded(client, seed=-1).choices[0].message.content != seeded(client, seed=1).choices[0].message.content
+
+
 # ---- stop -------------------------------------------------------------------------------------
 
 def test_stop_cuts_the_reply_where_the_string_starts_in_every_mode(client):
@@ -220,6 +229,53 @@ def test_developer_is_system(client):
         {"role": "developer", "content": "Be brief."}, *USER])
     assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
     assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+
+def test_a_reply_sent_back_in_the_history_is_taken_as_it_came(client):
+    """A chat loop appends the reply it got (`messages.append(reply.choices[0].message)`): the client
+    then sends the reply's `picochat` field back, and after model_dump() OpenAI's null fields too."""
+    message = client.chat.completions.create(model="picochat", messages=USER, max_tokens=6, seed=1).choices[0].message
+    follow_up = {"role": "user", "content": "And then?"}
+    answers = [client.chat.completions.create(model="picochat", max_tokens=4, temperature=0,
+                                              messages=[*USER, sent, follow_up])
+               for sent in ({"role": "assistant", "content": message.content}, message, message.model_dump())]
+    assert len({a.usage.prompt_tokens for a in answers}) == 1
+    assert len({a.choices[0].message.content for a in answers}) == 1
+    with pytest.raises(openai.BadRequestError) as info:  # a refusal picochat would have to show the model
+        client.chat.completions.create(model="picochat", max_tokens=4, messages=[
+            *USER, {"role": "assistant", "content": "no", "refusal": "I cannot."}, follow_up])
+    assert info.value.body["param"] == "messages.1.refusal"
+
+
+def test_leading_system_messages_are_read_as_one(client):
+    """OpenAI takes several instructions up front (a system prompt, then a developer one or a summary
+    of earlier turns); picochat's one system text holds them in order, a blank line apart."""
+    def ask(instructions: list[dict]):
+        return client.chat.completions.create(model="picochat", max_tokens=8, temperature=0,
+                                              messages=[*instructions, *USER])
+
+    several = ask([{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Say yes."}])
+    one = ask([{"role": "system", "content": "Be brief.\n\nSay yes."}])
+    assert several.usage.prompt_tokens == one.usage.prompt_tokens
+    assert several.choices[0].message.content == one.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as info:  # later on, the format has no place for one
+        client.chat.completions.create(model="picochat", max_tokens=2, messages=[
+            *USER, {"role": "assistant", "content": "Yes."}, {"role": "system", "content": "Be brief."}, *USER])
+    assert info.value.body["param"] == "messages.2"
+
+
+def test_an_empty_reply_can_be_sent_back(client):
+    """A stop string at the very start gives the reply "" (finish_reason "stop"); OpenAI takes an empty
+    assistant message back, and picochat renders it as the empty turn the model wrote."""
+    text = seeded(client).choices[0].message.content
+    empty = seeded(client, stop=text[0]).choices[0]
+    assert empty.message.content == "" and empty.finish_reason == "stop"
+    follow_up = {"role": "user", "content": "And then?"}
+    as_text, as_part = (client.chat.completions.create(model="picochat", max_tokens=4, temperature=0,
+                                                       messages=[*USER, {"role": "assistant", "content": c}, follow_up])
+                        for c in ("", [{"type": "text", "text": ""}]))
+    assert as_text.usage.prompt_tokens == as_part.usage.prompt_tokens
+    assert as_text.choices[0].message.content == as_part.choices[0].message.content
 
 
 def test_a_model_can_be_retrieved_by_id(client):
