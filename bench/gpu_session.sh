@@ -14,7 +14,7 @@
 #   3. bench/train.py at depth 12 on the GPU (picochat compiled bf16; the reference's row too when a
 #      checkout is given);
 #   4. bench/infer.py at depth 12 on the GPU in bf16 (engine rows; the server, continuously batching,
-#      and its soak when fastapi and uvicorn can be imported, which a bare GPU image may not have);
+#      and its soak when fastapi, uvicorn and httpx can be imported, which a bare GPU image may not have);
 #   5. the same server with one Engine per request (--server-max-batch 1, 8 workers): batching's gain
 #      on the GPU, side by side with step 4's server rows.
 # Each step's log and JSON go to OUTDIR (default ./gpu-session); a summary of exit codes ends the run.
@@ -72,9 +72,9 @@ step train-d12 105 "$py" bench/train.py "${train_sizes[@]}" --variants "${varian
     --out "$out/train-d12.json"
 
 infer_server=()
-if ! "$py" -c "import fastapi, uvicorn" 2>/dev/null; then
-    infer_server=(--skip-server)
-    echo "fastapi/uvicorn are not installed here: bench/infer.py runs its engine rows only"
+if ! "$py" -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
+    infer_server=(--skip-server --soak 0)  # the soak runs against the server too
+    echo "fastapi/uvicorn/httpx are not installed here: bench/infer.py runs its engine rows only"
 fi
 infer_ref=()
 [[ -n $ref ]] && infer_ref=(--reference-dir "$ref")

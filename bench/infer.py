@@ -54,17 +54,26 @@ import picochat  # noqa: F401 - before torch: sets the OpenMP environment torch'
 
 # isort: split
 import torch
-import uvicorn
-from load_client import rss_mb
 from machine import DTYPE_NAMES, describe_machine, format_machine
 from results import default_out, write_results
 
 from picochat.infer import Engine
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.runtime import cpu_supports_fast_bf16, pick_device
-from picochat.serve.app import create_app
-from picochat.serve.pool import serving_pool
 from picochat.tokenizer import SPECIAL_TOKENS
+
+# The server rows and the soak need `picochat serve`'s packages (fastapi, uvicorn) and the load
+# client's (httpx); a bare GPU image may lack them, and the engine rows do not need them.
+try:
+    import uvicorn
+    from load_client import rss_mb
+
+    from picochat.serve.app import create_app
+    from picochat.serve.pool import serving_pool
+except ImportError as e:
+    SERVING_MISSING: str | None = str(e)
+else:
+    SERVING_MISSING = None
 
 VOCAB = 32768
 SPECIALS = {name: VOCAB - len(SPECIAL_TOKENS) + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -139,17 +148,21 @@ def reference_engine(device: torch.device, args):
 
 
 def time_one(generate, batch: int, max_tokens: int) -> tuple[float, float]:
-    """One run of a generator of token columns: (TTFT ms, decode tokens/s over all rows)."""
+    """One run of a generator of token columns: (TTFT ms, decode tokens/s over all rows): the
+    columns after the first over the time from the first to the last (work a generator does
+    after its last column, such as the reference's forward pass for a step it never takes, is
+    not decoding)."""
     start = time.perf_counter()
-    first, steps = None, 0
+    first = last = None
+    steps = 0
     for _ in generate():
+        last = time.perf_counter() - start
         steps += 1
         if first is None:
-            first = time.perf_counter() - start
-    total = time.perf_counter() - start
+            first = last
     if steps != max_tokens:
         print(f"  note: {steps} steps instead of {max_tokens}", file=sys.stderr)
-    return first * 1000, (steps - 1) * batch / (total - first) if steps > 1 else 0.0
+    return first * 1000, (steps - 1) * batch / (last - first) if steps > 1 else 0.0
 
 
 def engine_worker(system: str, dtype_name: str, device: torch.device, args) -> None:
@@ -481,6 +494,9 @@ def parse_args() -> argparse.Namespace:
         parser.error("--soak must be 0 (no soak) or a number of requests")
     if args.soak_max_prompt + args.soak_max_tokens + 16 > 2048:
         parser.error("--soak-max-prompt + --soak-max-tokens must leave room in the 2048-token context")
+    if SERVING_MISSING and (not args.skip_server or args.soak):
+        parser.error(f"the server rows and the soak need fastapi, uvicorn and httpx ({SERVING_MISSING}); "
+                     "give --skip-server --soak 0 for the engine rows alone")
     return args
 
 

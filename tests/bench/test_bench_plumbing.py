@@ -281,3 +281,82 @@ def test_gpu_session_script_runs_every_step_with_its_flags(tmp_path, picochat_ho
     unbatched = json.loads((out / "serve-d12-unbatched.json").read_text())
     assert unbatched["server_setup"] == {"workers": 8, "max_batch": 1, "tokens_per_request": 8}
     assert unbatched["server"]["fp32"]["clients8"]["tok_s"] > 0
+
+
+def test_decode_rate_ends_at_the_last_token_not_at_the_generators_end(monkeypatch):
+    """A generator may still work after its last column (the reference's engine runs one more
+    forward pass whose logits no step uses): that time is not decoding. On a clock where the
+    prefill takes 1 s, each column 1 s and the trailing work 10 s, 5 columns of batch 2 are
+    8 tokens after the first in 4 s."""
+    clock = [0.0]
+    monkeypatch.setattr(infer.time, "perf_counter", lambda: clock[0])
+
+    def generate():
+        for _ in range(5):
+            clock[0] += 1.0
+            yield [7, 7], [1, 1]
+        clock[0] += 10.0
+
+    ttft_ms, tok_s = infer.time_one(generate, batch=2, max_tokens=5)
+    assert ttft_ms == 1000.0 and tok_s == 2.0
+
+
+def absent_packages(tmp_path: Path) -> Path:
+    """A PYTHONPATH entry under which picochat serve's, the load client's and the tokenizer trainer's
+    packages fail to import, as on a bare GPU image (worker processes inherit it)."""
+    absent = tmp_path / "absent"
+    for name in ("fastapi", "uvicorn", "starlette", "httpx", "pydantic", "rustbpe"):
+        (absent / name).mkdir(parents=True)
+        (absent / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this image')\n")
+    return absent
+
+
+def test_infer_engine_rows_run_without_the_serving_packages(tmp_path, picochat_home):
+    """A bare GPU image has torch but may lack fastapi, uvicorn and httpx: --skip-server --soak 0
+    (what bench/gpu_session.sh passes there) still times the engines; asking for the server or the
+    soak there is refused in one line."""
+    absent = absent_packages(tmp_path)
+    env = {**os.environ, "PICOCHAT_HOME": str(picochat_home), "PYTHONPATH": str(absent)}
+    env.pop("PICOCHAT_DTYPE", None)
+    base = [sys.executable, str(BENCH / "infer.py"), "--device", "cpu", "--depth", "1", "--threads", "1",
+            "--prompt-tokens", "4", "--new-tokens", "4", "--repeats", "1", "--dtypes", "fp32"]
+    out = tmp_path / "infer.json"
+    run = subprocess.run([*base, "--skip-server", "--soak", "0", "--out", str(out)], capture_output=True, text=True,
+                         env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(out.read_text())["engines"]["picochat"]["fp32"]["batch1"]["decode_tok_s"] > 0
+    refused = subprocess.run([*base, "--skip-server"], capture_output=True, text=True, env=env, timeout=120,
+                             check=False)
+    assert refused.returncode == 2 and "--skip-server --soak 0" in refused.stderr, refused.stderr[-3000:]
+
+
+def test_gpu_session_without_the_serving_packages_runs_the_engine_rows(tmp_path, picochat_home):
+    """On an image without fastapi, uvicorn and httpx the session's infer step must still time the
+    engines (no server, no soak) and exit 0. Only that step runs here: a stand-in python skips
+    bench/gpu.py and bench/train.py, which the test above runs."""
+    absent = absent_packages(tmp_path)
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\ncase "$1" in bench/gpu.py|bench/train.py) exit 0;; esac\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "session"
+    env = {**os.environ, "SMOKE": "1", "PYTHON": str(python), "PICOCHAT_HOME": str(picochat_home),
+           "PYTHONPATH": str(absent)}
+    run = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(out)], cwd=BENCH.parent, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary] == ["gpu-d12", "gpu-d20", "train-d12", "infer-d12"], run.stdout
+    assert run.returncode == 0, (summary, (out / "infer-d12.log").read_text()[-3000:])
+    report = json.loads((out / "infer-d12.json").read_text())
+    assert report["engines"]["picochat"] and "server" not in report and "soak" not in report
+
+
+def test_model_step_reports_no_warmup_time_without_warmup_steps():
+    """--warmup 0: no untimed steps, so no warm-up seconds (it was a reading of the clock itself)."""
+    import model_step
+
+    config = model_step.GPTConfig.from_depth(1, 64, aspect_ratio=64, head_dim=64, max_seq_len=8)
+    row = model_step.bench_variant(config, batch=1, dtype=torch.float32, compile_model=False, steps=1, warmup=0)
+    assert row["warmup_s"] == 0.0 and row["step_s"] > 0
+    row = model_step.bench_variant(config, batch=1, dtype=torch.float32, compile_model=False, steps=1, warmup=1)
+    assert 0 < row["warmup_s"] < 60
