@@ -534,11 +534,14 @@ def main() -> int:
     results["workers"] = ready
     results["best"] = best_rows(results["engines"])
     results["speedup"] = best_speedups(results["best"])
+    out = args.out or default_out("infer")
+    write_results(out, {**results, "partial": True}, announce=False)  # kept if a time limit stops the server rows
 
     if not args.skip_server:
         results["server_setup"] = {"workers": args.server_workers, "max_batch": args.server_max_batch,
                                    "tokens_per_request": args.server_tokens}
         results["server"] = {dtype: run_once("server", dtype, args) for dtype in dtypes}
+        write_results(out, {**results, "partial": True}, announce=False)
     if args.soak:
         results["soak_setup"] = {"requests": args.soak, "concurrency": args.soak_concurrency,
                                  "max_prompt": args.soak_max_prompt, "max_tokens": args.soak_max_tokens,
@@ -551,7 +554,7 @@ def main() -> int:
     for note in notes:
         print(f"note: {note}")
     print(json.dumps(results))
-    return 0 if write_results(args.out or default_out("infer"), results) else 1
+    return 0 if write_results(out, results) else 1
 
 
 if __name__ == "__main__":

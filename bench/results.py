@@ -17,9 +17,11 @@ def default_out(script: str) -> Path:
     return home() / "bench" / f"{script}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
-def write_results(path: Path, results: dict) -> bool:
+def write_results(path: Path, results: dict, announce: bool = True) -> bool:
     """Write `results` as JSON to `path` (through a temporary file, so no half-written file is left);
-    on failure say why on stderr and return False (the results were printed already)."""
+    on failure say why on stderr and return False (the results were printed already). A script that
+    may be stopped by a time limit writes its rows so far (`"partial": true`, announce=False) as
+    they come, and the whole at the end."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,5 +32,6 @@ def write_results(path: Path, results: dict) -> bool:
             tmp.unlink(missing_ok=True)
         print(f"error: --out {path}: cannot write it ({e.strerror}); choose a writable path", file=sys.stderr)
         return False
-    print(f"results written to {path}")
+    if announce:
+        print(f"results written to {path}")
     return True

@@ -317,9 +317,10 @@ def choose_variants(args, fast_bf16: bool) -> tuple[list[str], list[str]]:
     return variants, notes
 
 
-def run_rounds(variants: list[str], spec: dict, peaks: dict, args) -> list[dict]:
+def run_rounds(variants: list[str], spec: dict, peaks: dict, args, on_row=None) -> list[dict]:
     """Every variant once per round, in turn, so a slow spell of the machine (other tenants, clock
-    changes) is spread over all of them; each variant keeps its best round."""
+    changes) is spread over all of them; each variant keeps its best round. `on_row(rows)` gets the
+    best rows so far after each run (to save them as they come)."""
     reference_env = dict(item.split("=", 1) for item in args.reference_env)
     best_rows: dict[str, dict] = {}
     for round_index in range(args.rounds):
@@ -341,6 +342,8 @@ def run_rounds(variants: list[str], spec: dict, peaks: dict, args) -> list[dict]
             if kept is None or ("error" in kept and "error" not in r) or (
                     "error" not in r and r["tok_per_s"] > kept["tok_per_s"]):
                 best_rows[name] = r
+            if on_row is not None:
+                on_row([best_rows[n] for n in variants if n in best_rows])
     return [best_rows[name] for name in variants]
 
 
@@ -406,7 +409,10 @@ def main() -> int:
     peaks.pop("omp_wait_policy")
     print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
 
-    rows = run_rounds(variants, spec, peaks, args)
+    out = args.out or default_out("train")
+    partial = {"machine": machine, "partial": True, "peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()}}
+    rows = run_rounds(variants, spec, peaks, args,
+                      on_row=lambda so_far: write_results(out, {**partial, "rows": so_far}, announce=False))
     loader = {"skipped": "--skip-loader"} if args.skip_loader else run_worker({**spec, "kind": "loader"}, args.threads)
 
     print()
@@ -432,7 +438,7 @@ def main() -> int:
                "reference_env": dict(item.split("=", 1) for item in args.reference_env), "loader": loader,
                "notes": notes, "load_avg_end": os.getloadavg()}
     print(json.dumps(results))
-    return 0 if write_results(args.out or default_out("train"), results) else 1
+    return 0 if write_results(out, results) else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -360,3 +361,28 @@ def test_model_step_reports_no_warmup_time_without_warmup_steps():
     assert row["warmup_s"] == 0.0 and row["step_s"] > 0
     row = model_step.bench_variant(config, batch=1, dtype=torch.float32, compile_model=False, steps=1, warmup=1)
     assert 0 < row["warmup_s"] < 60
+
+
+def test_train_bench_saves_its_rows_as_they_come(tmp_path, monkeypatch):
+    """A run stopped by a time limit (bench/gpu_session.sh gives each step one) keeps the rows that
+    finished: run_rounds hands the best rows so far to its callback after every run."""
+    fake = {"step_times": [0.5, 0.5], "flops_per_token": 100, "warmup_s": 1.0, "losses": [3.0, 2.0],
+            "params": 10, "load_avg_1m": 0.1, "omp_wait_policy": "PASSIVE"}
+    calls = []
+
+    def run_worker(spec, threads, env=None):
+        calls.append(spec["kind"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the time limit's signal, in the second run
+        return dict(fake)
+
+    monkeypatch.setattr(train, "run_worker", run_worker)
+    args = SimpleNamespace(rounds=1, reference_env=[], reference_dir=None, threads=1)
+    spec = {"batch": 2, "seq_len": 8}
+    out = tmp_path / "train.json"
+    with pytest.raises(KeyboardInterrupt):
+        train.run_rounds(["pico-fp32", "pico-bf16"], spec, {"fp32": 1e9}, args,
+                         on_row=lambda rows: results.write_results(out, {"partial": True, "rows": rows}, announce=False))
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True and [r["variant"] for r in saved["rows"]] == ["pico-fp32"]
+    assert saved["rows"][0]["tok_per_s"] == 32.0  # 2 x 8 tokens in a 0.5 s median step
