@@ -396,9 +396,14 @@ def read_complete_manifest(data_dir: Path, recipe: dict) -> dict | None:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if manifest.get("recipe") != recipe:
+    if not isinstance(manifest, dict) or manifest.get("recipe") != recipe:
+        return None  # an edited or foreign manifest: rebuild
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("file_bytes"), int)
+            for s in shards):
         return None
-    for shard in manifest.get("shards", []):
+    for shard in shards:
         f = data_dir / shard["file"]
         if not f.exists() or f.stat().st_size != shard["file_bytes"]:
             return None
@@ -450,7 +455,10 @@ def prepare_corpus(
     downloads once and checks the sha256); tests pass one that returns small fixture archives.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir("builtin")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(f"--data-dir {data_dir}: it (or a folder above it) is a file; give a directory") from None
     fetch = fetch or registry.fetch
     chosen = select_sources(sources)
     recipe = _recipe(chosen, max_mb)

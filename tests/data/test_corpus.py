@@ -371,3 +371,23 @@ def test_a_new_builder_version_or_filter_setting_rebuilds(tmp_path, fake_package
     monkeypatch.setattr(hygiene, "NEAR_DUP_JACCARD", 0.9)
     corpus.prepare_corpus(tmp_path, fetch=fetch, log=logs.append)
     assert "wrote" in logs[-1]
+
+
+@pytest.mark.parametrize("manifest", ["[1, 2]", '{"recipe": null, "shards": 5}', '"text"'])
+def test_an_edited_manifest_is_rebuilt_not_a_traceback(tmp_path, fake_packages, manifest):
+    fetch = FakeFetch(fake_packages)
+    corpus.prepare_corpus(tmp_path, fetch=fetch, log=lambda s: None)
+    recipe = json.loads((tmp_path / "manifest.json").read_text())["recipe"]
+    (tmp_path / "manifest.json").write_text(manifest.replace("null", json.dumps(recipe)))
+    n_calls = len(fetch.calls)
+    built = corpus.prepare_corpus(tmp_path, fetch=fetch, log=lambda s: None)
+    assert len(fetch.calls) > n_calls and built["recipe"] == recipe  # built again
+    assert json.loads((tmp_path / "manifest.json").read_text())["shards"] == built["shards"]
+
+
+def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path, fake_packages):
+    path = tmp_path / "a-file"
+    path.write_text("x")
+    for target in (path, path / "below"):
+        with pytest.raises(DataError, match=f"--data-dir {target}: it \\(or a folder above it\\) is a file"):
+            corpus.prepare_corpus(target, fetch=FakeFetch(fake_packages), log=lambda s: None)
