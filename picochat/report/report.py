@@ -148,7 +148,8 @@ class StageRun:
         return self.checkpoint is not None or bool(self.steps) or self.chat_eval is not None
 
     def train_time_s(self) -> float:
-        """Seconds of optimisation: the loop's own total when recorded, else the sum of step times."""
+        """Seconds the training loop ran, every process of the training with its evals and saves (the
+        loop's `wall_time_s`) when recorded, else the sum of step times."""
         recorded = self.meta.get("metrics", {}).get("wall_time_s")
         if isinstance(recorded, (int, float)):
             return float(recorded)
