@@ -120,6 +120,21 @@ class Dist:
         return self.world_size > 1
 
 
+def cpu_threads_per_rank(world_size: int) -> int:
+    """Threads for one CPU rank: this machine's usable cores shared by the ranks on this machine.
+
+    The ranks on one machine are LOCAL_WORLD_SIZE (torchrun sets it), not the whole world: two
+    machines of 16 cores with 2 ranks each give every rank 8 threads. The cores are those this
+    process may run on (its affinity mask, as under taskset or a container's cpuset).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world_size
+    return max(1, cores // max(1, local))
+
+
 def init_distributed(device_request: str | None = None) -> Dist:
     """Join the torchrun world if there is one (nccl on GPU, gloo on CPU); else a world of 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -132,8 +147,7 @@ def init_distributed(device_request: str | None = None) -> Dist:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     if device.type == "cpu" and world_size > 1:
-        # Share the cores between ranks instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(cpu_threads_per_rank(world_size))
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

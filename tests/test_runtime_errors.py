@@ -1,4 +1,4 @@
-"""runtime: a bad --device or $PICOCHAT_HOME is a one-line error naming the flag or variable."""
+"""runtime: a bad --device or $PICOCHAT_HOME is a one-line error naming the flag or variable; CPU ranks share the cores."""
 
 from __future__ import annotations
 
@@ -42,3 +42,21 @@ def test_training_refuses_fp16_from_the_flag_and_from_the_environment(picochat_h
     assert main([command, "--preset", "cpu-tiny", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("error: $PICOCHAT_DTYPE fp16: training in fp16")
     assert pick_training_dtype(torch.device("cpu"), "bf16") == torch.bfloat16  # inference keeps fp16 (pick_dtype)
+
+
+@pytest.mark.parametrize("local, world, cores, expected", [
+    ("2", 4, {0, 1, 2, 3, 4, 5, 6, 7}, 4),   # two machines of 2 ranks: the local ranks share the cores
+    (None, 2, {0, 1, 2, 3}, 2),              # no LOCAL_WORLD_SIZE: every rank is on this machine
+    ("4", 8, {0, 1}, 1),                     # never below one thread
+    ("1", 2, {0, 3, 5}, 3),                  # the affinity mask, not the machine's core count
+])
+def test_cpu_threads_per_rank_shares_this_machines_usable_cores(monkeypatch, local, world, cores, expected):
+    from picochat import runtime
+
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: cores, raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
+    assert runtime.cpu_threads_per_rank(world) == expected
