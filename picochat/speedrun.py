@@ -11,6 +11,8 @@ A stage that finished leaves a marker in $PICOCHAT_HOME/speedrun/<run>/; running
 same command again skips finished stages and resumes the training stage that was
 interrupted from its last checkpoint. --force-from STAGE re-runs from that stage on, its
 training stages from scratch (without --resume; a fresh run replaces its tag's checkpoints).
+--run NAME also tags every checkpoint the run writes and reads with NAME, so a second run of
+one preset trains its own models instead of resuming the first one's.
 
 Several nodes: run the same command on every node with its --node-rank. Every node needs
 the same $PICOCHAT_HOME on a shared filesystem (each training stage checks this at start and
@@ -34,6 +36,7 @@ from pathlib import Path
 from picochat.config import PRESETS, add_preset_argument
 from picochat.data.shards import default_data_dir
 from picochat.errors import UserError
+from picochat.report.report import check_name
 from picochat.runtime import home
 from picochat.train.base_train import BaseTrainConfig, horizon_tokens
 
@@ -54,10 +57,17 @@ def shards_needed(preset: str) -> int:
     return max(1, math.ceil(1.1 * tokens / kept * CHARS_PER_TOKEN / SHARD_CHARS))
 
 
-def plan(preset: str, rl: bool, data_source: str, shards: int) -> list[tuple[str, list[str], bool]]:
-    """(stage name, command args, runs on the torchrun world) for every stage, in order."""
+def plan(preset: str, rl: bool, data_source: str, shards: int,
+         tag: str | None = None) -> list[tuple[str, list[str], bool]]:
+    """(stage name, command args, runs on the torchrun world) for every stage, in order.
+
+    `tag` (the speedrun's --run) names the checkpoints every stage writes and reads, so two runs of one
+    preset keep apart; without it they go under the preset's own tag (d<depth>).
+    """
     caps = PRESETS[preset]["speedrun"]
     p = ["--preset", preset]
+    t = ["--tag", tag] if tag else []  # what a stage writes, or which checkpoint an eval reads
+    f = ["--from-tag", tag] if tag else []  # the checkpoint a chat stage starts from
     data = (["data", "prepare"] if data_source == "builtin"
             else ["data", "download", "--source", data_source, "-n", str(shards)])
     # The stages that read the shards default to the built-in corpus: hub shards are named.
@@ -66,20 +76,20 @@ def plan(preset: str, rl: bool, data_source: str, shards: int) -> list[tuple[str
         ("data", data, False),
         ("tok-train", ["tok-train", *p, *d], False),
         ("tok-eval", ["tok-eval", *d], False),
-        ("base-train", ["base-train", *p, *d, "--resume"], True),
-        ("base-loss", ["base-loss", *caps["loss"], *d], True),
-        ("base-eval", ["base-eval", *caps["core"]], True),
-        ("mid-train", ["mid-train", *p, "--resume"], True),
-        ("chat-eval-mid", ["chat-eval", "--stage", "mid", *caps["chat"]], True),
-        ("chat-probe-mid", ["chat-probe", "--stage", "mid"], False),
-        ("sft", ["sft", *p, "--resume"], True),
-        ("chat-eval-sft", ["chat-eval", "--stage", "sft", *caps["chat"]], True),
-        ("chat-probe-sft", ["chat-probe", "--stage", "sft"], False),
+        ("base-train", ["base-train", *p, *d, *t, "--resume"], True),
+        ("base-loss", ["base-loss", *caps["loss"], *d, *t], True),
+        ("base-eval", ["base-eval", *caps["core"], *t], True),
+        ("mid-train", ["mid-train", *p, *f, *t, "--resume"], True),
+        ("chat-eval-mid", ["chat-eval", "--stage", "mid", *caps["chat"], *t], True),
+        ("chat-probe-mid", ["chat-probe", "--stage", "mid", *t], False),
+        ("sft", ["sft", *p, *f, *t, "--resume"], True),
+        ("chat-eval-sft", ["chat-eval", "--stage", "sft", *caps["chat"], *t], True),
+        ("chat-probe-sft", ["chat-probe", "--stage", "sft", *t], False),
     ]
     if rl:
-        stages += [("rl", ["rl", *p, "--resume"], True),
-                   ("chat-eval-rl", ["chat-eval", "--stage", "rl", *caps["chat"]], True),
-                   ("chat-probe-rl", ["chat-probe", "--stage", "rl"], False)]
+        stages += [("rl", ["rl", *p, *f, *t, "--resume"], True),
+                   ("chat-eval-rl", ["chat-eval", "--stage", "rl", *caps["chat"], *t], True),
+                   ("chat-probe-rl", ["chat-probe", "--stage", "rl", *t], False)]
     stages.append(("report", ["report"], False))
     return stages
 
@@ -96,7 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1")
     p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, reachable from every node")
     p.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 for the rendezvous")
-    p.add_argument("--run", default=None, help="run name for markers and the report (default: the preset)")
+    p.add_argument("--run", default=None,
+                   help="run name: its markers, report and checkpoint tag, so runs of one preset keep apart "
+                        "(default: the preset; checkpoints then go under d<depth>)")
     p.add_argument("--force-from", default=None, metavar="STAGE", help="re-run this stage and every later one")
     p.add_argument("--dry-run", action="store_true", help="print the stages and exit")
 
@@ -126,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
     if data_source != "builtin" and shards is None:
         shards = shards_needed(args.preset)
         print(f"speedrun: {shards} train shards cover the {args.preset} horizon once (--shards overrides)", flush=True)
-    stages = plan(args.preset, args.rl, data_source, shards)
+    if args.run:
+        check_name("--run", args.run)
+    stages = plan(args.preset, args.rl, data_source, shards, tag=args.run)
     names = [s[0] for s in stages]
     if args.force_from and args.force_from not in names:
         raise UserError(f"--force-from {args.force_from!r} is not a stage; stages: {', '.join(names)}")

@@ -108,3 +108,26 @@ def test_hub_data_is_what_the_tokenizer_and_pretraining_read(picochat_home):
     assert not any("--data-dir" in c for c in builtin.values())
     # A time-budgeted preset on hub data still downloads a train shard besides the val shard.
     assert shards_needed("cpu") >= 1
+
+
+def test_a_named_run_tags_every_checkpoint_it_writes_and_reads(tmp_path, monkeypatch, capsys):
+    """Two runs of one preset keep apart: with --run NAME every training stage writes, and every later
+    stage reads, checkpoints tagged NAME (without it, the second run's base-train would resume the
+    first one's finished checkpoint under d<depth>)."""
+    stages = {n: c for n, c, _ in plan("cpu", rl=True, data_source="builtin", shards=0, tag="ablation-1")}
+    for name in ("base-train", "base-loss", "base-eval", "mid-train", "chat-eval-mid", "chat-probe-mid", "sft",
+                 "chat-eval-sft", "chat-probe-sft", "rl", "chat-eval-rl", "chat-probe-rl"):
+        cmd = stages[name]
+        assert cmd[cmd.index("--tag") + 1] == "ablation-1", name
+    for name in ("mid-train", "sft", "rl"):
+        assert stages[name][stages[name].index("--from-tag") + 1] == "ablation-1", name
+    plain = {n: c for n, c, _ in plan("cpu", rl=True, data_source="builtin", shards=0)}
+    assert not any("--tag" in c or "--from-tag" in c for c in plain.values())
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    assert main(["speedrun", "--preset", "cpu", "--run", "ablation-1", "--dry-run"]) == 0
+    assert "base-train --preset cpu --tag ablation-1 --resume" in capsys.readouterr().out
+    assert (tmp_path / "speedrun" / "ablation-1").is_dir()
+    assert main(["speedrun", "--preset", "cpu", "--run", "../x", "--dry-run"]) == 2
+    assert "--run '../x'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
