@@ -188,8 +188,9 @@ def run(args: argparse.Namespace) -> int:
     report = home() / "reports" / run_name / "report.md"
     print(f"report: {report if report.exists() else home() / 'reports'}")
     final = "rl" if args.rl else "sft"
-    print(f"talk to it:   picochat chat --stage {final}\n"
-          f"serve it:     picochat serve --stage {final}   (then open http://127.0.0.1:8000)")
+    which = f"--stage {final}" + (f" --tag {args.run}" if args.run else "")
+    print(f"talk to it:   picochat chat {which}\n"
+          f"serve it:     picochat serve {which}   (then open http://127.0.0.1:8000)")
     return 0
 
 

@@ -131,3 +131,6 @@ def test_a_named_run_tags_every_checkpoint_it_writes_and_reads(tmp_path, monkeyp
     assert main(["speedrun", "--preset", "cpu", "--run", "../x", "--dry-run"]) == 2
     assert "--run '../x'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    monkeypatch.setattr("picochat.speedrun.subprocess.call", lambda cmd, env: 0)
+    assert main(["speedrun", "--preset", "cpu", "--run", "ablation-1"]) == 0
+    assert "picochat chat --stage sft --tag ablation-1" in capsys.readouterr().out
