@@ -12,7 +12,8 @@ Two kinds of task:
 - generative (GSM8K, HumanEval, SpellingBee): the Engine samples `--num-samples` completions per
   problem with the calculator tool live; each completion, as render_conversation parts, is graded
   by the task's own `evaluate` (final '#### n' for GSM8K, the sandboxed unit tests for HumanEval,
-  the last number for SpellingBee). An item passes if any sample is right (pass@k); pass@1 is
+  the last number for SpellingBee; GSM8K and SpellingBee read only the model's text parts, never a
+  calculator call or output). An item passes if any sample is right (pass@k); pass@1 is
   the mean over samples. Chance accuracy is 0.
 
 ChatCORE = mean over the six tasks of the centered accuracy (acc - chance) / (1 - chance); it is
@@ -174,6 +175,8 @@ def evaluate_multiple_choice(model, tokenizer, task, batch_size: int = 8, rank: 
             chance += sum(1.0 / len(part[i]["letters"]) for i in range(rank, len(part), world_size))
             bar.update(len(part))
     (chance,) = _all_reduce_sum([chance], device)
+    if total == 0:
+        raise DataError(f"{task.name}: no items to evaluate")
     return {"accuracy": correct / total, "correct": correct, "total": total, "baseline": chance / total}
 
 

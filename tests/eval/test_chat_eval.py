@@ -130,6 +130,15 @@ def test_categorical_answers_only_with_the_item_letters(tok):
     assert result["baseline"] == pytest.approx((1 / 4 + 1 / 3 + 1 / 3) / 3)
 
 
+def test_an_empty_categorical_task_is_a_data_error_not_a_division_by_zero(tok):
+    from picochat.errors import DataError
+
+    model = FavouringModel(tok.vocab_size, {})
+    empty = ListTask([], "categorical", lambda c, r: True)
+    with pytest.raises(DataError, match="no items"):
+        evaluate_multiple_choice(model, tok, empty, desc="MMLU")
+
+
 def test_categorical_max_items_spans_a_task_stored_in_subject_order(tok):
     """A task stored subject by subject: a capped eval reads every subject, not the first ones."""
     letters = {c: tok.encode(c)[0] for c in "ABCD"}
@@ -209,6 +218,20 @@ def test_gsm8k_with_the_calculator(tok, final, expected):
     assert [p["type"] for p in parts] == ["python", "python_output", "text"]
     assert parts[0]["text"] == "48/2" and parts[1]["text"] == "24"
     assert 0 in masks[0]  # the engine reports the forced tokens
+
+
+def test_gsm8k_a_number_only_the_calculator_wrote_is_not_the_answer(tok):
+    """The model writes '#### ', calls the calculator with 72-0 and stops: the only 72 is the tool's
+    (and the expression's), so the model has given no answer."""
+    sp = tok.encode_special
+    before = [*tok.encode("#### "), sp("python_start"), *tok.encode("72-0"), sp("python_end")]
+    engine = Engine(ScriptedModel(tok, before, []), tok, compute_dtype=torch.float32)
+    result = evaluate_generative(engine, tok, gsm8k_task(), num_samples=1, max_new_tokens=64, temperature=0.0)
+    assert result["pass@1"] == 0.0
+    # Writing the number itself after the call is an answer.
+    engine = Engine(ScriptedModel(tok, before, tok.encode("72")), tok, compute_dtype=torch.float32)
+    result = evaluate_generative(engine, tok, gsm8k_task(), num_samples=1, max_new_tokens=64, temperature=0.0)
+    assert result["pass@1"] == 1.0
 
 
 def test_pass_at_k_over_samples(tok):

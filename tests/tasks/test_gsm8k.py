@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import re
 
+import pytest
+
 from picochat.tasks import load_task
 from picochat.tasks.arithmetic import ArithmeticProblems
 from picochat.tasks.gsm8k import GSM8K, extract_answer, parse_answer, word_problem_conversation
@@ -94,3 +96,55 @@ def test_arithmetic_test_problems_are_never_train_problems():
     train = {conv["messages"][0]["content"] for conv in ArithmeticProblems("train", size=7473)}
     test = [conv["messages"][0]["content"] for conv in ArithmeticProblems("test", size=400)]
     assert [q for q in test if q in train] == []
+
+
+def parts(*pieces: tuple[str, str]) -> list[dict]:
+    return [{"type": kind, "text": text} for kind, text in pieces]
+
+
+def test_the_answer_comes_from_the_models_own_text_not_from_tool_parts():
+    """A '#### n' is read from the text parts only: the calculator's expression and output are not the
+    model's answer, so they can neither supply a number nor glue onto the model's digits."""
+    task = GSM8K.__new__(GSM8K)
+    conv = word_problem_conversation("q", NATALIA)  # reference 72
+    # The model writes '#### ', calls the calculator, then writes the result itself: its answer is 72.
+    assert task.evaluate(conv, parts(("text", "So in all:\n#### "), ("python", "48+24"),
+                                     ("python_output", "72"), ("text", "72")))
+    # ... and the call's expression (48) is not its answer.
+    wrong = word_problem_conversation("q", "#### 48")
+    assert not task.evaluate(wrong, parts(("text", "#### "), ("python", "48+24"),
+                                          ("python_output", "72"), ("text", "72")))
+    # A number only in a tool output (an output part the model opened itself) is no answer.
+    assert not task.evaluate(conv, parts(("text", "#### "), ("python_output", "72")))
+    assert not task.evaluate(conv, parts(("text", "The answer is"), ("python", "70+2"),
+                                         ("python_output", "#### 72")))
+    # Digits on both sides of a tool call are not one number.
+    assert not task.evaluate(conv, parts(("text", "#### 7"), ("python", "1+1"), ("python_output", "2"),
+                                         ("text", "2")))
+    assert ArithmeticProblems("test", size=1).evaluate(conv, parts(("text", "#### "), ("python_output", "72"))) is False
+
+
+@pytest.mark.parametrize("response, correct", [
+    ("#### 72.", True),  # a trailing period ends the sentence, not the number
+    ("#### 72.0", True),
+    ("#### $72", True),
+    ("#### 720", False),
+    ("#### -72", False),
+])
+def test_final_answer_formats(response: str, correct: bool):
+    task = GSM8K.__new__(GSM8K)
+    conv = word_problem_conversation("q", NATALIA)
+    assert task.evaluate(conv, response) is correct
+
+
+@pytest.mark.parametrize("reference, response, correct", [
+    ("#### 1,200", "#### 1200", True),
+    ("#### 1200", "The total is $1,200.\n#### 1,200.", True),
+    ("#### -3", "#### -3", True),
+    ("#### -3", "#### 3", False),
+    ("#### 0.5", "#### .5", False),  # no leading digit: not read as a number
+    ("#### 2.50", "#### 2.5", True),
+])
+def test_final_answers_with_commas_decimals_and_signs(reference: str, response: str, correct: bool):
+    task = GSM8K.__new__(GSM8K)
+    assert task.evaluate(word_problem_conversation("q", reference), response) is correct

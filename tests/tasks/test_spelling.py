@@ -37,6 +37,18 @@ def test_spelling_bee_answers_are_right_for_1000_rows():
     assert sum(conv["answer"] == 0 for conv in task) > 0  # some letters are absent from the word
 
 
+def test_spelling_bee_grades_the_models_own_count_not_the_calculators():
+    """A response that stops after the tool output has not answered: the count the calculator
+    printed is not the model's. The model's own final number is graded, whatever the tool said."""
+    task = SpellingBee("train", size=200, words=WORDS)
+    for conv in task:
+        parts = conv["messages"][1]["content"]
+        assert task.evaluate(conv, parts)  # the reference answer, as parts
+        assert not task.evaluate(conv, parts[:3])  # text, call, output: no answer of its own
+        wrong = [*parts[:3], {"type": "text", "text": f"\n\nThe answer is {conv['answer'] + 1}."}]
+        assert not task.evaluate(conv, wrong)
+
+
 def test_rows_depend_only_on_split_and_index():
     a = SpellingBee("train", size=50, words=WORDS)
     b = SpellingBee("train", size=10_000, words=WORDS)
