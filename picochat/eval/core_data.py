@@ -128,6 +128,9 @@ def load_bundle(path: str | os.PathLike, only: list[str] | None = None) -> list[
             raise DataError(f"{root / 'core.yaml'}: task {label}: icl_task_type {task_type!r} is not one of {TASK_TYPES}")
         if label not in baselines:
             raise DataError(f"{root / 'eval_meta_data.csv'} has no 'Random baseline' row for task {label}")
+        if not 0.0 <= baselines[label] < 1.0:  # also refuses nan
+            raise DataError(f"{root / 'eval_meta_data.csv'}: task {label}: 'Random baseline' "
+                            f"{baselines[label] * 100:g} is not a chance rate in percent, >= 0 and < 100")
         shots = entry.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) and shots else shots
         if not isinstance(shots, int) or shots < 0:

@@ -61,6 +61,18 @@ def test_broken_bundles_are_data_errors_naming_the_culprit(tmp_path: Path, break
         load_bundle(root)
 
 
+@pytest.mark.parametrize("baseline", ["100", "-5", "nan"])
+def test_a_random_baseline_outside_0_to_100_percent_is_refused_when_the_bundle_is_read(tmp_path: Path,
+                                                                                        baseline: str):
+    """Not after the task has been scored: centering by it would divide by zero or mean nothing."""
+    root = write_dclm_bundle(tmp_path)
+    (root / "eval_meta_data.csv").write_text(
+        f"Eval Task,Random baseline\ncopa,{baseline}\nwinogrande,50\njeopardy,0\n")
+    with pytest.raises(DataError, match=r"eval_meta_data\.csv.*copa"):
+        load_bundle(root)
+    assert [t.label for t in load_bundle(root, only=["jeopardy"])] == ["jeopardy"]  # unused rows are not checked
+
+
 def test_unknown_task_names_are_refused(tmp_path: Path):
     with pytest.raises(DataError, match="hellaswag"):
         load_bundle(write_dclm_bundle(tmp_path), only=["hellaswag"])
