@@ -268,10 +268,14 @@ def write_jsonl_cache(path: Path, records: Iterable[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     offsets = [0]
-    with open(tmp, "wb") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-            offsets.append(f.tell())
+    try:
+        with open(tmp, "wb") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+                offsets.append(f.tell())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a source that fails midway leaves no partial file behind
+        raise
     if len(offsets) == 1:
         tmp.unlink()
         raise DataError(f"no records were produced for {path.name}; the source data is empty or unreadable")

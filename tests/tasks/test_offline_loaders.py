@@ -161,3 +161,20 @@ def test_unknown_names_sources_and_splits(offline_packages):
 def test_views_work_on_loaded_tasks(offline_packages):
     task = load_task("commonsenseqa", "train", start=1)
     assert len(task) == 1 and mc(task, 0)[1] == "A"
+
+
+def test_a_cache_build_that_fails_midway_leaves_no_partial_file(tmp_path):
+    """A source row that breaks the conversion after some rows were written: nothing is left in
+    the datasets folder, and the next build starts from scratch."""
+    from picochat.tasks.sources import write_jsonl_cache
+
+    def broken():
+        yield {"question": "q1"}
+        raise DataError("row 2 is missing field(s) ['answer']")
+
+    path = tmp_path / "task" / "offline-test.v1.jsonl"
+    with pytest.raises(DataError, match="row 2"):
+        write_jsonl_cache(path, broken())
+    assert sorted(p.name for p in path.parent.iterdir()) == []
+    assert write_jsonl_cache(path, iter([{"question": "q1"}])) == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["offline-test.v1.jsonl", "offline-test.v1.jsonl.idx.npy"]
