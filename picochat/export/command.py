@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.stage, args.tag, args.step)
     model, tokenizer, meta = load_checkpoint_dir(path, "cpu")
-    stage, tag, step = path.parent.parent.name, path.parent.name, int(meta.get("step", 0))
+    # The directory names the step (checkpoints/<stage>/<tag>/step_<N>); meta.json may lack it.
+    stage, tag, step = path.parent.parent.name, path.parent.name, int(path.name.removeprefix("step_"))
     out = Path(args.out) if args.out else home() / "export" / "hf" / f"{stage}-{tag}-step{step}"
     source = {"checkpoint": str(path), "stage": stage, "tag": tag, "step": step,
               "tokenizer_hash": tokenizer.hash, "metrics": meta.get("metrics", {})}

@@ -341,12 +341,26 @@ def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.Pa
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
+    # Every file is written into a temporary directory inside `out` and moved in when all are complete:
+    # a failure (a full disk) leaves a previous export there as it was.
+    created = not out.is_dir()
+    staging = None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_files(out, config, state, tokenizer, dtype, source)
+        for stale in out.glob(".export.tmp-*"):  # left by an export that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = out / f".export.tmp-{os.getpid()}"
+        staging.mkdir()
+        _write_files(staging, config, state, tokenizer, dtype, source)
+        _move_files(staging, out, remote=needs_remote_code(config))
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors (disk full, ...) as its own
         reason = getattr(e, "strerror", None) or e
         raise UserError(f"--out {out}: cannot write there ({reason}); give a directory you can write") from e
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()  # created here and left empty by a failure
     return out
 
 
@@ -370,11 +384,17 @@ def _write_files(out: Path, config: GPTConfig, state: dict[str, torch.Tensor], t
             shutil.copyfile(REMOTE_DIR / name, out / name)
         (out / "README.md").write_text(REMOTE_README.format(options=", ".join(config.non_classic())),
                                        encoding="utf-8")
-    else:  # a remote-code export written here before: its code and its README would mislead
+    if source is not None:
+        _write_json(out / "picochat_source.json", source)
+
+
+def _move_files(staging: Path, out: Path, remote: bool) -> None:
+    """Move the complete files from `staging` into `out`, the weights last."""
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "model.safetensors"):
+        os.replace(path, out / path.name)
+    if not remote:  # a remote-code export written here before: its code and its README would mislead
         for name in REMOTE_FILES:
             (out / name).unlink(missing_ok=True)
         readme = out / "README.md"
         if readme.is_file() and readme.read_text(encoding="utf-8").startswith(REMOTE_README.split("\n")[0]):
             readme.unlink()
-    if source is not None:
-        _write_json(out / "picochat_source.json", source)

@@ -3,6 +3,8 @@ and exported files get ordinary permissions."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -56,3 +58,34 @@ def test_out_with_an_unexpanded_home(checkpoint, tmp_path: Path, monkeypatch, ca
     assert main(["export", "--out=~/hf"]) == 0
     assert (tmp_path / "hf" / "model.safetensors").exists()
     assert f"-> {tmp_path / 'hf'}" in capsys.readouterr().out
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(checkpoint, tmp_path: Path, monkeypatch, capsys):
+    """Every file is written aside and moved in when all are complete: a full disk halfway through
+    (here: while writing tokenizer.json) leaves the previous export as it was, and no temporary files."""
+    out = tmp_path / "hf"
+    assert main(["export", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(tokenizer):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hf, "hf_tokenizer_json", full_disk)
+    assert main(["export", "--out", str(out), "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {out}: cannot write there (No space left on device)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A fresh directory: nothing is left behind, not even the directory.
+    assert main(["export", "--out", str(tmp_path / "fresh" / "hf")]) == 2
+    assert not (tmp_path / "fresh" / "hf").exists()
+
+
+def test_the_step_comes_from_the_checkpoint_directory(checkpoint, picochat_home: Path):
+    """A meta.json without "step" (it is not checksummed, and older ones may lack fields) still exports
+    as step 1, the step its directory names, not as step 0."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    del meta["step"]
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    assert main(["export"]) == 0
+    out = picochat_home / "export" / "hf" / "sft-tiny-step1"
+    assert json.loads((out / "picochat_source.json").read_text())["step"] == 1
