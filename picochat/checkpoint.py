@@ -41,7 +41,7 @@ from picochat.runtime import home, warn
 from picochat.tokenizer import Tokenizer
 
 STAGES = ("base", "mid", "sft", "rl")
-_STEP_RE = re.compile(r"^step_(\d+)$")
+_STEP_RE = re.compile(r"^step_(0|[1-9][0-9]*)$")  # as save_checkpoint names them (ASCII, no leading 0)
 
 
 def checkpoints_root() -> Path:
