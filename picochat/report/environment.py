@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-SOURCE_SUFFIXES = {".py", ".html", ".js", ".css", ".md", ".toml", ".yaml", ".yml", ".sh"}
+SOURCE_SUFFIXES = {".py", ".c", ".h", ".html", ".js", ".css", ".md", ".toml", ".yaml", ".yml", ".sh"}
 
 
 def _run_git(args: list[str], cwd: Path) -> str | None:

@@ -13,7 +13,8 @@ stages that start from it (they inherit the tag). The run's name is that tag, or
   eval/chat_probe_<stage>_<tag>_step<N>.json  everyday-prompt answers and their figures (picochat chat-probe)
   speedrun/<run>/started_at, *.done     run start and per-stage seconds, if `picochat speedrun` made the run
 
-and writes reports/<run>/report.md, its plots beside it, and a copy at reports/latest.md.
+and writes reports/<run>/report.md, its plots beside it, and a copy at reports/latest.md (written
+aside and moved in when complete: a failure leaves the previous report as it was).
 Every section is optional: the report renders from whatever subset of stages exists.
 """
 
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,9 +281,9 @@ def model_facts(run: StageRun) -> dict[str, Any]:
             model = GPT(config)
     except (UserError, TypeError, KeyError) as e:  # a config from another version: say so, keep the report
         return {"model": f"config.json not readable by this version ({type(e).__name__})"}
-    c = run.config
-    return {"layers / width / heads (kv)": f"{c['n_layer']} / {c['n_embd']} / {c['n_head']} ({c['n_kv_head']})",
-            "context / vocab": f"{c['sequence_len']:,} / {c['vocab_size']:,}",
+    c = config  # an older config.json may lack fields: their defaults, as loading the checkpoint uses
+    return {"layers / width / heads (kv)": f"{c.n_layer} / {c.n_embd} / {c.n_head} ({c.n_kv_head})",
+            "context / vocab": f"{c.sequence_len:,} / {c.vocab_size:,}",
             "parameters": model.num_params(), "scaling parameters": model.num_scaling_params(),
             "FLOPs per token": model.flops_per_token()}
 
@@ -439,6 +441,13 @@ def speedrun_times(root: Path, run_name: str) -> tuple[float | None, dict[str, f
     return start, seconds, (finished[-1][0] if finished else None)
 
 
+def is_run_eval(name: str, tag: str) -> bool:
+    """Whether eval/<name> is a result of tag `tag` (another tag may end with this one, e.g. x_d2 and d2)."""
+    stages = "|".join(STAGES)
+    return re.fullmatch(rf"(base_loss|base_eval|(chat_eval|chat_probe)_({stages}))_{re.escape(tag)}_step\d+(_t.*)?\.json",
+                        name) is not None
+
+
 def wall_time_line(root: Path, run_name: str, tag: str, runs: dict[str, StageRun], eval_seconds: float) -> str:
     """Total wall time: from the run's start file to its last artefact, else the sum of recorded stage times."""
     start, stage_seconds, last_finished = speedrun_times(root, run_name)
@@ -446,7 +455,7 @@ def wall_time_line(root: Path, run_name: str, tag: str, runs: dict[str, StageRun
     training = f"; training by stage: {stage_times}." if stage_times else "."
     if start is not None:
         stamps = [(r.checkpoint / "meta.json").stat().st_mtime for r in runs.values() if r.checkpoint]
-        stamps += [p.stat().st_mtime for p in (root / "eval").glob(f"*_{tag}_step*.json")]
+        stamps += [p.stat().st_mtime for p in (root / "eval").glob("*.json") if is_run_eval(p.name, tag)]
         end = max([*stamps, last_finished or 0.0])
         if end > start:
             return (f"Total wall time: **{fmt_duration(end - start)}** (from the run start, "
@@ -541,9 +550,37 @@ def build_report(run_name: str | None = None, tag: str | None = None) -> Path:
     root = home()
     run_name, tag = resolve_names(root, run_name, tag)
     out_dir = root / "reports" / run_name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a temporary directory beside it first and moved in when complete: a
+    # failure (a full disk) leaves the previous report, its plots and latest.md as they were.
+    staging = out_dir.parent / f".{run_name}.tmp-{os.getpid()}"
+    for stale in out_dir.parent.glob(f".{run_name}.tmp-*"):  # left by a report that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        text = render_report(root, run_name, tag, staging)
+        (staging / "report.md").write_text(text, encoding="utf-8")
+        # The top-level copy sits one directory up: point its image links into the run directory.
+        latest = re.sub(r"\]\(([^)/]+\.png)\)", rf"]({run_name}/\1)", text)
+        (staging / "latest.md").write_text(latest, encoding="utf-8")
+        out_dir.mkdir(exist_ok=True)
+        plots = {p.name for p in staging.glob("*.png")}
+        for plot in sorted(plots):
+            os.replace(staging / plot, out_dir / plot)
+        os.replace(staging / "report.md", out_dir / "report.md")
+        os.replace(staging / "latest.md", out_dir.parent / "latest.md")
+    except OSError as e:
+        raise UserError(f"cannot write the report in {out_dir} ({e.strerror or e}); free some space or make "
+                        "$PICOCHAT_HOME/reports writable") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for old in out_dir.glob("*.png"):  # plots of stages that no longer exist must not linger
-        old.unlink()
+        if old.name not in plots:
+            old.unlink(missing_ok=True)
+    return out_dir / "report.md"
+
+
+def render_report(root: Path, run_name: str, tag: str, out_dir: Path) -> str:
+    """The report's markdown; its plots are written into `out_dir`."""
     runs = {s: load_stage(root, s, tag) for s in STAGES}
     runs = {s: r for s, r in runs.items() if r.exists}
 
@@ -555,10 +592,4 @@ def build_report(run_name: str | None = None, tag: str | None = None) -> Path:
     parts = [head, summary_section(runs, core, out_dir), wall_time_line(root, run_name, tag, runs, eval_seconds),
              environment_section(environment(), code_size(PACKAGE_DIR)), pipeline_section(root, run_name),
              tokenizer_section(root, runs), *sections]
-    text = "\n\n".join(p for p in parts if p) + "\n"
-    report = out_dir / "report.md"
-    report.write_text(text, encoding="utf-8")
-    # The top-level copy sits one directory up: point its image links into the run directory.
-    latest = re.sub(r"\]\(([^)/]+\.png)\)", rf"]({run_name}/\1)", text)
-    (root / "reports" / "latest.md").write_text(latest, encoding="utf-8")
-    return report
+    return "\n\n".join(p for p in parts if p) + "\n"
