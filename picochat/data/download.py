@@ -76,7 +76,7 @@ def read_sha256_manifest(source: str | os.PathLike) -> dict[str, str]:
     if source.startswith(("http://", "https://")):
         try:
             text = httpx.get(source, timeout=30, follow_redirects=True).raise_for_status().text
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise DataError(f"--sha256-manifest {source}: could not fetch it ({e})") from e
     else:
         try:
@@ -103,6 +103,10 @@ def _attempt(client: httpx.Client, url: str, tmp: Path, timeout_s: float) -> Non
     try:
         with client.stream("GET", url, headers=headers, timeout=timeout_s) as r:
             if r.status_code == 416 and have:
+                m = re.fullmatch(r"bytes \*/(\d+)", r.headers.get("content-range", "").strip())
+                if m and int(m.group(1)) != have:  # longer than the remote file: not a prefix of it
+                    tmp.unlink(missing_ok=True)
+                    raise RetryableError(f"partial file of {have} bytes, the remote one has {m.group(1)}; starting over")
                 return  # nothing left to send: the partial file is whole (verification decides)
             if r.status_code == 429 or r.status_code >= 500:
                 raise RetryableError(f"HTTP {r.status_code}")
@@ -125,8 +129,12 @@ def _attempt(client: httpx.Client, url: str, tmp: Path, timeout_s: float) -> Non
                     got += len(chunk)
             if expected is not None and got != int(expected):
                 raise RetryableError(f"body ended after {got} of {expected} bytes")
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:  # no retry can fix the URL itself
+        raise DataError(f"{url} is not a usable http(s) URL ({e}); check --base-url") from e
     except httpx.TransportError as e:  # refused, reset, timed out, closed mid-body
         raise RetryableError(f"{type(e).__name__}: {e}") from e
+    except httpx.HTTPError as e:  # e.g. a redirect loop
+        raise DataError(f"{url}: {type(e).__name__}: {e}; check --base-url") from e
 
 
 def _verify(tmp: Path, url: str, sha256: str | None) -> None:
@@ -178,6 +186,8 @@ def download_file(
             _verify(tmp, url, sha256)
             os.replace(tmp, dest)
             return True
+    except OSError as e:  # the lock, the partial file or the rename: a full disk, a read-only directory
+        raise DataError(f"{dest}: cannot write it ({e}); check the free space and permissions of --data-dir") from e
     finally:
         if own_client:
             client.close()
@@ -199,10 +209,15 @@ def download_shards(
     """Fetch train shards 0..N-1 and the val shard of `source` into `data_dir`; return their paths."""
     if source not in LAYOUTS:
         raise DataError(f"--source {source!r} is unknown; choose one of {sorted(LAYOUTS)}")
+    if retries < 0:
+        raise DataError(f"--retries {retries} must be 0 or more")
     layout = LAYOUTS[source]
     base = (base_url or layout.base_url).rstrip("/")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir(source)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--data-dir {data_dir}: cannot create the directory ({e}); pass another --data-dir") from e
     if sha256_manifest is None and (data_dir / "SHA256SUMS").exists():
         sha256_manifest = str(data_dir / "SHA256SUMS")
     sums = read_sha256_manifest(sha256_manifest) if sha256_manifest else {}
@@ -226,16 +241,20 @@ def download_shards(
                         backoff_s=backoff_s, timeout_s=timeout_s, client=client): n
             for n in todo
         }
-        for future in as_completed(futures):
-            name = futures[future]
-            try:
-                future.result()
-                done += 1
-                size = (data_dir / name).stat().st_size
-                log(f"download: [{done}/{len(todo)}] {name} {size / 1e6:.1f} MB ({time.time() - started:.0f}s)")
-            except DataError as e:
-                errors.append(str(e))
-                log(f"download: {name} failed: {e}")
+        try:
+            for future in as_completed(futures):
+                name = futures[future]
+                try:
+                    future.result()
+                    done += 1
+                    size = (data_dir / name).stat().st_size
+                    log(f"download: [{done}/{len(todo)}] {name} {size / 1e6:.1f} MB ({time.time() - started:.0f}s)")
+                except DataError as e:
+                    errors.append(str(e))
+                    log(f"download: {name} failed: {e}")
+        except BaseException:  # Ctrl-C or an unexpected error: start no more shards, only finish those under way
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if errors:
         raise DataError(f"{len(errors)} of {len(todo)} shard(s) failed; first: {errors[0]}")
     log(f"download: done, {len(todo)} shard(s) in {time.time() - started:.1f}s")

@@ -7,6 +7,7 @@ import io
 import random
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def make_shard(seed: int, docs: int = 300) -> bytes:
 
 
 class ShardServer:
-    """Serves `files` by name; `plan[name]` queues failures: '500', 'truncate' (half the body, then hang up)."""
+    """Serves `files` by name; `plan[name]` queues failures: '500', 'truncate' (half the body, then hang up),
+    'slow' (answer after half a second), 'no-range' (ignore a Range header: 200 and the whole file)."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.plan, self.requests = files, {}, []
@@ -50,12 +52,20 @@ class ShardServer:
                 if action == "500":
                     self.send_error(500, "try again")
                     return
+                if action == "slow":
+                    time.sleep(0.5)
                 if name not in server.files:
                     self.send_error(404)
                     return
                 data, start = server.files[name], 0
-                if self.headers.get("Range"):
+                if self.headers.get("Range") and action != "no-range":
                     start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):  # past the end: nothing to send, as real servers answer
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
@@ -211,3 +221,79 @@ def test_cli_download(server, picochat_home, capsys):
     assert main(["data", "download", "-n", "1", "--base-url", server.url + "/missing",
                  "--data-dir", str(picochat_home / "x"), "--retries", "0"]) == 2
     assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_a_complete_partial_file_is_kept_when_the_server_answers_416(server, tmp_path):
+    data = served(server, VAL)
+    (tmp_path / f"{VAL}.tmp").write_bytes(data)  # the earlier run got every byte but stopped before the rename
+    fetch(server, tmp_path, n=1)
+    assert server.names_requested(VAL) == [f"bytes={len(data)}-"]
+    assert (tmp_path / VAL).read_bytes() == data
+
+
+def test_a_partial_file_longer_than_the_remote_one_is_downloaded_again(server, tmp_path):
+    data = served(server, VAL)
+    (tmp_path / f"{VAL}.tmp").write_bytes(data + b"bytes of an older, longer version")
+    fetch(server, tmp_path, n=1)
+    assert server.names_requested(VAL) == [f"bytes={len(data) + 33}-", None]  # 416, then from the start
+    assert (tmp_path / VAL).read_bytes() == data
+    assert not (tmp_path / f"{VAL}.tmp").exists()
+
+
+@pytest.mark.parametrize("base_url", ["127.0.0.1:1/data", "ftp://127.0.0.1/data", "http://127.0.0.1:port/data"])
+def test_a_malformed_base_url_fails_at_once_naming_the_flag(tmp_path, monkeypatch, base_url):
+    sleeps = []
+    monkeypatch.setattr(download.time, "sleep", sleeps.append)
+    with pytest.raises(DataError, match="--base-url") as info:
+        download.download_shards("fineweb-edu", 1, tmp_path, base_url=base_url, log=lambda s: None)
+    assert sleeps == [] and "attempts" not in str(info.value)  # never retried: it can never work
+    assert not list(tmp_path.glob("shard_*"))
+
+
+def test_negative_retries_is_a_clear_error(server, tmp_path):
+    with pytest.raises(DataError, match="--retries -1"):
+        fetch(server, tmp_path, n=1, retries=-1)
+    assert server.requests == []
+
+
+def test_a_data_dir_that_is_a_file_is_a_clear_error(server, tmp_path):
+    target = tmp_path / "shards"
+    target.write_text("not a directory")
+    with pytest.raises(DataError, match=f"--data-dir {target}"):
+        fetch(server, target, n=1)
+
+
+def test_a_malformed_manifest_url_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="--sha256-manifest http://127.0.0.1:port/SHA256SUMS: could not fetch"):
+        download.read_sha256_manifest("http://127.0.0.1:port/SHA256SUMS")
+
+
+def test_an_interrupt_starts_no_more_downloads(server, tmp_path):
+    """Ctrl-C (or any unexpected error) stops the queue: the shards not yet started are not fetched."""
+    def log(line):
+        if "[1/" in line:
+            raise KeyboardInterrupt
+
+    server.plan["data/shard_00001.parquet"] = ["slow"]  # still under way when the interrupt comes
+    with pytest.raises(KeyboardInterrupt):
+        download.download_shards("fineweb-edu", 3, tmp_path, base_url=server.url, workers=1, backoff_s=0.001, log=log)
+    fetched = {name for name, _ in server.requests}
+    assert len(fetched) <= 2  # the finished one and at most the one already under way, not all 4
+
+
+def test_a_directory_that_cannot_be_written_is_a_clear_error(server, tmp_path, monkeypatch):
+    def read_only(path, *args, **kwargs):  # what the lock meets in a directory without write permission
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(download, "FileLock", read_only)
+    with pytest.raises(DataError, match=r"shard_00000\.parquet.*Permission denied.*--data-dir"):
+        fetch(server, tmp_path, n=1)
+
+
+def test_a_server_that_ignores_range_replaces_the_partial_file(server, tmp_path):
+    data = served(server, VAL)
+    (tmp_path / f"{VAL}.tmp").write_bytes(data[:1000])
+    server.plan[f"data/{VAL}"] = ["no-range"]  # 200 with the whole file: it must not be appended
+    fetch(server, tmp_path, n=1)
+    assert server.names_requested(VAL) == ["bytes=1000-"]
+    assert (tmp_path / VAL).read_bytes() == data
