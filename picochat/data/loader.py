@@ -118,9 +118,10 @@ class _ShardWalk:
 
     def _next_unit(self) -> tuple[int, int, list[np.ndarray]]:
         item = self._queue.get()
-        if item is _STOP:
-            raise StopIteration
-        if isinstance(item, BaseException):
+        if item is _STOP or isinstance(item, BaseException):
+            self._queue.put(item)  # the producer has ended: a later call gets the same answer, not a wait
+            if item is _STOP:
+                raise StopIteration
             raise item
         self._empty_units = 0 if item[2] else self._empty_units + 1
         if self._empty_units == len(self.units):  # a whole epoch without a document: it would never end

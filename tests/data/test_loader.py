@@ -316,3 +316,48 @@ def test_shards_rebuilt_under_their_old_names_are_refused_on_resume(corpus, tmp_
     write_shard(paths[1], [f"Document 1.{j} is here." for j in range(40)], row_group_size=20)
     with pytest.raises(DataError, match="other contents"):
         make_loader(kind, paths, tok, 1, 8).load_state_dict(state)
+
+
+def _next_within(loader, seconds: float = 20):
+    """What next(loader) raises (or returns), or "hang" if it is still waiting after `seconds`."""
+    result = []
+
+    def call():
+        try:
+            result.append(next(loader))
+        except BaseException as e:  # noqa: BLE001 - the test looks at what was raised
+            result.append(e)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    return result[0] if result else "hang"
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_next_after_the_last_epoch_raises_stop_again_instead_of_waiting(corpus, kind):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    extra = {"buffer_size": 16} if kind == "bestfit" else {}
+    loader = make_loader(kind, train, tok, 2, 32, max_epochs=1, **extra)
+    assert len(list(loader)) > 0  # runs until StopIteration
+    assert isinstance(_next_within(loader), StopIteration)
+    loader.close()
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_tokenizer_error_is_raised_again_on_the_next_call_instead_of_waiting(corpus, kind):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+
+    class Broken:
+        bos_id = tok.bos_id
+
+        def encode(self, *args, **kwargs):
+            raise RuntimeError("tokenizer failed")
+
+    loader = make_loader(kind, train, Broken(), 2, 32)
+    for _ in range(2):
+        got = _next_within(loader)
+        assert isinstance(got, RuntimeError) and "tokenizer failed" in str(got)
+    loader.close()
