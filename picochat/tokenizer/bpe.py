@@ -132,7 +132,8 @@ class Tokenizer:
         return h.hexdigest()[:16]
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json (+ token_bytes.npy) atomically into `directory`."""
+        """Write tokenizer.json (+ token_bytes.npy) atomically into `directory`: both are written to
+        temporary files first, so a failure leaves the previous pair and no partial file."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         ranked = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
@@ -146,11 +147,16 @@ class Tokenizer:
         }
         path = directory / TOKENIZER_FILE
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
         tmp_tb = directory / (TOKEN_BYTES_FILE + ".tmp.npy")
-        np.save(tmp_tb, self.token_bytes())
+        try:
+            tmp.write_text(json.dumps(payload))
+            np.save(tmp_tb, self.token_bytes())
+        except BaseException:  # a full disk or an interrupt: leave no half-written file behind
+            tmp.unlink(missing_ok=True)
+            tmp_tb.unlink(missing_ok=True)
+            raise
         os.replace(tmp_tb, directory / TOKEN_BYTES_FILE)
+        os.replace(tmp, path)
         return path
 
     @classmethod

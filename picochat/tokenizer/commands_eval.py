@@ -93,9 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def shard_samples(data_dir: Path) -> dict[str, list[str]]:
-    """The first row group of the first train shard and of the val shard."""
+    """The first row group of the first train shard and of the val shard (null rows skipped, as in training)."""
     train_files, val_file = list_shards(data_dir)
-    return {"train": next(iter_texts(train_files[0]))[1], "val": next(iter_texts(val_file))[1]}
+    first = {"train": train_files[0], "val": val_file}
+    return {name: [d for d in next(iter_texts(path))[1] if d is not None] for name, path in first.items()}
 
 
 def compression_table(tok: Tokenizer, references: dict, texts: dict[str, list[str]]) -> list[dict]:

@@ -110,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     out_dir = Path(cfg.output_dir) if cfg.output_dir else home() / "tokenizer"
     train_files, val_file = list_shards(data_dir)
+    try:  # before training, so that a bad --output-dir does not throw the run away at the end
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output-dir {out_dir}: cannot create the directory ({e}); pass another --output-dir") from e
     print(f"training a {cfg.vocab_size:,}-id BPE tokenizer ({cfg.backend}) on {len(train_files)} train shard(s) "
           f"in {data_dir}: up to {cfg.max_chars:,} characters, {cfg.doc_cap:,} per document", flush=True)
 
@@ -127,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Round trip one held-out document: tiktoken must reproduce the text exactly.
     _, sample = next(iter_texts(val_file))
-    sample_text = sample[0] if sample else "hello world"
+    sample_text = next((d for d in sample if d), "hello world")  # null rows are skipped, as in training
     if tok.decode(tok.encode(sample_text)) != sample_text:
-        raise DataError(f"the trained tokenizer does not round-trip the first document of {val_file}; "
+        raise DataError(f"the trained tokenizer does not round-trip the first non-empty document of {val_file}; "
                         "please report this with the shard")
 
     tok.save(out_dir)

@@ -181,3 +181,19 @@ def test_hf_backend_matches_rustbpe(corpus: list[str], tok: Tokenizer) -> None:
     assert ratio_hf == pytest.approx(ratio_rust, rel=0.02)
     for text in sample[:20]:
         assert hf.decode(hf.encode(text)) == text
+
+
+def test_a_failed_save_leaves_the_previous_files_and_no_temporaries(tok: Tokenizer, tmp_path, corpus, monkeypatch) -> None:
+    """tokenizer.json and token_bytes.npy are replaced together or not at all (a full disk mid-save)."""
+    old = Tokenizer.train(corpus[:50], vocab_size=300)
+    old.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tok.save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert Tokenizer.load(tmp_path).hash == old.hash

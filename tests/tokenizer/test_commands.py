@@ -139,3 +139,42 @@ def test_tok_eval_of_a_tokenizer_file_writes_beside_it(picochat_home: Path, shar
 def test_tok_eval_without_tokenizer(picochat_home: Path, capsys) -> None:
     assert main(["tok-eval", "--references", "none"]) == 2
     assert "picochat tok-train" in capsys.readouterr().err
+
+
+def test_tok_train_output_dir_that_is_a_file_fails_before_training(picochat_home: Path, shard_dir: Path,
+                                                                     capsys) -> None:
+    """A bad --output-dir is a clear error up front, not a traceback after the whole training run."""
+    target = picochat_home / "not-a-dir"
+    target.write_text("a file")
+    assert train(shard_dir, "--vocab-size", "400", "--output-dir", str(target)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and f"--output-dir {target}" in captured.err
+    assert "learning merges" not in captured.out  # nothing was read or trained
+
+
+def test_tok_eval_skips_null_documents_like_the_trainer_and_loader(picochat_home: Path, shard_dir: Path,
+                                                                   tmp_path: Path, capsys) -> None:
+    """A shard row whose text is null is skipped (as tok-train and the loaders do), not an AttributeError."""
+    from picochat.data.shards import write_shard
+
+    assert train(shard_dir, "--vocab-size", "400") == 0
+    data = tmp_path / "with-nulls"
+    write_shard(data / "shard_00000.parquet", ["a first document", None, "a second one"])
+    write_shard(data / "shard_00001.parquet", [None, "the validation text"])
+    assert main(["tok-eval", "--data-dir", str(data), "--references", "none"]) == 0
+    rows = {r["text"]: r for r in json.loads((picochat_home / "tokenizer" / "tok_eval.json").read_text())["rows"]}
+    assert rows["train"]["bytes"] == len("a first document") + len("a second one")
+    assert rows["val"]["bytes"] == len("the validation text")
+
+
+def test_tok_train_with_a_null_first_val_document_still_saves(picochat_home: Path, tmp_path: Path) -> None:
+    """The round-trip check after training takes a real document, not a null row (a crash after the work)."""
+    from picochat.data.shards import write_shard
+
+    from .conftest import generated_documents
+
+    data = tmp_path / "with-nulls"
+    write_shard(data / "shard_00000.parquet", generated_documents(20_000, seed=2))
+    write_shard(data / "shard_00001.parquet", [None, "the validation text"])
+    assert train(data, "--vocab-size", "400", "--output-dir", str(tmp_path / "tok")) == 0
+    assert Tokenizer.load(tmp_path / "tok").vocab_size <= 400
