@@ -82,6 +82,13 @@ def softcap_ce_rows(a: torch.Tensor, targets: torch.Tensor, cap: float, shift: f
         raise ValueError(f"expected a contiguous 2-d fp32 or bf16 CPU tensor, got {tuple(a.shape)} {a.dtype}")
     n, vocab = a.shape
     targets = targets.to(torch.int64).contiguous()
+    if targets.shape != (n,):
+        raise ValueError(f"expected {n} targets, one per row, got shape {tuple(targets.shape)}")
+    lo, hi = (int(targets.min()), int(targets.max())) if n else (0, 0)
+    if lo < 0 or hi >= vocab:  # the kernel indexes the row with it: it would read and write another row
+        raise ValueError(f"target id {lo if lo < 0 else hi} is out of bounds for a vocabulary of {vocab} "
+                         f"(ids 0..{vocab - 1}; ignored targets are left out before this call); were the data tokenized for "
+                         "another model?")
     loss = torch.empty(n, dtype=torch.float32)
     sum_exp = torch.empty(n, dtype=torch.float32)
     lib.picochat_softcap_ce(a.data_ptr(), int(a.dtype == torch.bfloat16), n, vocab, targets.data_ptr(), cap, shift,

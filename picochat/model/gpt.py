@@ -112,6 +112,8 @@ class GPTConfig:
         if not self.window_pattern or set(self.window_pattern) - set("SL"):
             raise ConfigError(f"model config: window_pattern={self.window_pattern!r} must be letters S (short "
                               "window) and L (whole context), tiled over the layers, e.g. SSSL")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"model config: norm_eps={self.norm_eps} must be > 0 (RMSNorm's epsilon, default 1e-6)")
         if self.qk_scale <= 0:
             raise ConfigError(f"model config: qk_scale={self.qk_scale} must be > 0")
         if self.init not in INIT_SCHEMES:
@@ -581,8 +583,9 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
     # exp(z + cap) = exp(2 cap s) cannot overflow when vocab * e^(2 cap) fits in fp32; the shift
     # then cancels in the softmax and comes off the log-sum-exp. Larger caps subtract it first.
     shift = softcap if 2.0 * softcap + math.log(V) < 80.0 else 0.0
-    elementwise = _FusedRows(step, V, dtype, x.device) if x.device.type == "cpu" and fused_ce.available() \
-        else _TorchRows(step, V, dtype, x.device, want_grad)
+    # The kernel reads fp32 or bf16 chunks; an fp16 evaluation (--dtype fp16) takes the torch ops.
+    fused = x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and fused_ce.available()
+    elementwise = _FusedRows(step, V, dtype, x.device) if fused else _TorchRows(step, V, dtype, x.device, want_grad)
     with torch.autocast(x.device.type, enabled=False):
         for lo in range(0, n_valid, step):
             hi = min(lo + step, n_valid)

@@ -107,6 +107,8 @@ def test_config_round_trips_through_json_and_rejects_bad_values() -> None:
     ("qk_scale", float("nan"), "qk_scale=nan must be a finite number"),
     ("rope_theta", 0.0, "rope_theta=0.0 must be > 0"),
     ("rope_theta", -10000.0, "rope_theta=-10000.0 must be > 0"),
+    ("norm_eps", -1.0, "norm_eps=-1.0 must be > 0"),  # RMSNorm would take the root of a negative number: NaN
+    ("norm_eps", 0.0, "norm_eps=0.0 must be > 0"),
 ])
 def test_a_config_json_with_ill_typed_or_impossible_fields_is_a_config_error(field, value, message) -> None:
     saved = {**small_config().to_dict(), field: value}
@@ -321,3 +323,27 @@ def test_bf16_autocast_loss_stays_close_to_fp32() -> None:
     assert loss16_graph.item() == pytest.approx(loss32.item(), rel=0.02)
     loss16.backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -100])  # a token of a larger vocabulary; another library's ignore index
+def test_a_target_outside_the_vocabulary_is_an_error_not_a_wrong_loss(bad: int) -> None:
+    config = small_config()
+    model = trained_looking_model(config)
+    idx, targets = batch(config)
+    targets[1, 3] = bad
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises((ValueError, RuntimeError), match="out of bounds"):
+            model(idx, targets)
+
+
+@torch.no_grad()
+def test_fp16_autocast_evaluates_the_loss_on_a_cpu() -> None:
+    """Evaluation may run in fp16 (--dtype fp16): the loss then takes torch's ops, the kernel being fp32/bf16 only."""
+    config = small_config()
+    model = trained_looking_model(config)
+    idx, targets = batch(config)
+    reference = model(idx, targets, loss_reduction="none")
+    with torch.autocast("cpu", dtype=torch.float16):
+        per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.dtype == torch.float32
+    torch.testing.assert_close(per_token, reference, rtol=0.02, atol=0.02)
