@@ -212,3 +212,48 @@ def test_momentum_warms_up_then_follows_the_lr_warmdown() -> None:
     assert muon_momentum(2000, **schedule) == pytest.approx(0.90)
     assert muon_momentum(1999, **{**schedule, "final": None}) == 0.97  # no final: constant after the warmup
     assert muon_momentum(100, **{**schedule, "num_iterations": 200}) == pytest.approx(0.88)  # warmup first
+
+
+def reference_options_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, momentum: float, wd: float,
+                           beta2: float) -> None:
+    """One step of ALL_OPTIONS on one matrix, written out in the documented order, in place on p and state."""
+    rows, cols = p.shape
+    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+    buf.mul_(momentum).add_(grad, alpha=1 - momentum)
+    update = grad + momentum * (buf - grad)  # Nesterov
+    # Row equilibration: every row gets the matrix's root-mean-square row norm.
+    update = update * (update.norm() / math.sqrt(rows) / update.norm(dim=1, keepdim=True))
+    ortho = polar_express(update[None], steps=5, dtype=torch.float32)[0]
+    ortho = ortho * (math.sqrt(min(rows, cols)) / ortho.norm())  # renormalise
+    # NorMuon: EMA of the mean square along the longer side, rescale, restore the Frobenius norm.
+    mean_sq = ortho.square().mean(dim=1 if rows >= cols else 0, keepdim=True)
+    second = state.setdefault("second_moment", torch.zeros_like(mean_sq))
+    second.mul_(beta2).add_(mean_sq, alpha=1 - beta2)
+    rescaled = ortho / second.sqrt()
+    ortho = rescaled * (ortho.norm() / rescaled.norm())
+    # Cautious decay: only where the step moves the weight towards zero.
+    decay = torch.where(ortho * p >= 0, 1 - lr * wd, 1.0)
+    p.mul_(decay).sub_(ortho, alpha=lr * math.sqrt(max(1.0, rows / cols)))
+
+
+def test_every_option_acts_in_the_step_in_the_documented_order() -> None:
+    """Muon's step with every option on equals the rule written out by hand (a step that dropped an option,
+    or applied one in another order or with another EMA rate, differs)."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (24, 24)]
+    params = [torch.nn.Parameter(torch.randn(s) * torch.linspace(0.2, 2.0, s[1])) for s in shapes]
+    reference = [p.detach().clone() for p in params]
+    states: list[dict] = [{} for _ in shapes]
+    opt = Muon(params, lr=0.05, momentum=0.9, weight_decay=0.5, ns_dtype=torch.float32, **vars(ALL_OPTIONS))
+    for _ in range(3):
+        before = [p.detach().clone() for p in params]
+        for i, (p, s) in enumerate(zip(params, shapes)):
+            g = torch.randn(s) * torch.linspace(0.1, 3.0, s[0])[:, None]  # rows of very different sizes
+            p.grad = g
+            reference_options_step(reference[i], g.clone(), states[i], 0.05, 0.9, 0.5, ALL_OPTIONS.normuon_beta2)
+        opt.step()
+        for p, b, r in zip(params, before, reference):
+            torch.testing.assert_close(p.detach() - b, r - b, rtol=1e-4, atol=1e-6)
+    for p, state in zip(params, states):
+        for key in ("momentum_buffer", "second_moment"):
+            torch.testing.assert_close(opt.state[p][key], state[key], rtol=1e-4, atol=1e-7)

@@ -28,8 +28,9 @@ from picochat.optim.sharded import (
 )
 from picochat.runtime import Dist, shutdown_distributed
 
-# vocab 61: the embedding's 61*32 elements do not split evenly over 2 or 4 ranks (padded slices).
-CONFIG = GPTConfig(vocab_size=61, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=8)
+# vocab 61, width 30: the embedding's and lm_head's 61*30 elements do not split evenly over 4 ranks (padded
+# slices, in the updates and in the checkpoints). (Over 2 they always do: heads have an even size.)
+CONFIG = GPTConfig(vocab_size=61, n_layer=2, n_head=3, n_kv_head=1, n_embd=30, sequence_len=8)
 # The architecture options add AdamW groups of their own (one-element tensors: a slice on one rank,
 # empty slices on the others; value embeddings) and small gate matrices to Muon.
 OPTIONS_CONFIG = dataclasses.replace(CONFIG, n_layer=3, value_embeds=True, layer_lambdas=True, smear=True,
@@ -55,6 +56,10 @@ def step_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # Every optional Muon rule at once, with a decay large enough for the cautious mask to matter.
 ALL_MUON_OPTIONS = MuonOptions(orthogonalizer="polar_express", row_equilibration=True, renormalize=True,
                                normuon_beta2=0.9, cautious_weight_decay=True)
+# The model they train. Cautious decay is all or nothing per element: where an update entry is within
+# rounding of 0, another summation order decays that weight by lr * wd more or less (at width 30 one weight
+# of c_q does, after the resume); in this model none comes that close.
+MUON_OPTIONS_CONFIG = dataclasses.replace(CONFIG, n_head=2, n_embd=32)
 
 
 def fresh_run(rank: int, world: int, reduce_dtype: str = "fp32", muon_options: MuonOptions | None = None,
@@ -105,10 +110,11 @@ def state_numel(optimizers) -> int:
                if torch.is_tensor(v) and v.ndim > 0)
 
 
-def resumed_params(checkpoint: Path, rank: int, world: int, muon_options: MuonOptions | None = None) -> dict:
+def resumed_params(checkpoint: Path, rank: int, world: int, muon_options: MuonOptions | None = None,
+                   config: GPTConfig = CONFIG) -> dict:
     """Fresh model and optimisers loaded from `checkpoint`, trained from SAVE_AT to STEPS: the parameters."""
     saved = torch.load(checkpoint, weights_only=False)
-    model, gradients, optimizers = fresh_run(rank, world, muon_options=muon_options)
+    model, gradients, optimizers = fresh_run(rank, world, muon_options=muon_options, config=config)
     model.load_state_dict(saved["params"])
     for opt, state in zip(optimizers, saved["optimizers"]):
         opt.load_state_dict(state)
@@ -245,6 +251,12 @@ def test_a_two_rank_checkpoint_resumes_in_a_single_process(runs, reference) -> N
     assert_params_close(single, runs[2][0]["params"], ATOL, "single process from a 2-rank checkpoint", rtol=RTOL)
 
 
+def test_a_four_rank_checkpoint_with_padded_slices_resumes_in_a_single_process(runs) -> None:
+    # Gathered from 4 ranks, the embedding's and lm_head's AdamW state drops each slice's padding.
+    single = resumed_params(runs["dir"] / "checkpoint_w4.pt", 0, 1)
+    assert_params_close(single, runs[4][0]["params"], ATOL, "single process from a 4-rank checkpoint", rtol=RTOL)
+
+
 def test_bf16_gradient_reduction_is_close_but_not_equal(runs) -> None:
     fp32, bf16 = runs[2][0]["params"], runs[2][0]["bf16"]
     assert any(not torch.equal(fp32[n], bf16[n]) for n in fp32)
@@ -260,7 +272,7 @@ def options_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         checkpoint = Path(out_dir) / "options_checkpoint.pt"
-        model, gradients, optimizers = fresh_run(rank, world, muon_options=ALL_MUON_OPTIONS)
+        model, gradients, optimizers = fresh_run(rank, world, muon_options=ALL_MUON_OPTIONS, config=MUON_OPTIONS_CONFIG)
         train_steps(model, gradients, optimizers, rank, world, range(SAVE_AT))
         saved = {"params": params_of(model), "optimizers": [o.state_dict() for o in optimizers]}
         if rank == 0:
@@ -270,7 +282,7 @@ def options_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         record["params"] = params_of(model)
         gradients.remove_hooks()
         dist.barrier()  # the checkpoint is on disk before anyone resumes from it
-        record["resumed"] = resumed_params(checkpoint, rank, world, ALL_MUON_OPTIONS)
+        record["resumed"] = resumed_params(checkpoint, rank, world, ALL_MUON_OPTIONS, MUON_OPTIONS_CONFIG)
         torch.save(record, Path(out_dir) / f"options_rank{rank}.pt")
     finally:
         shutdown_distributed()
@@ -279,7 +291,7 @@ def options_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_sharded_muon_options_equal_the_unsharded_ones_and_resume(tmp_path) -> None:
     mp.spawn(options_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     records = [torch.load(tmp_path / f"options_rank{r}.pt", weights_only=False) for r in range(2)]
-    model, gradients, optimizers = fresh_run(0, 1, muon_options=ALL_MUON_OPTIONS)
+    model, gradients, optimizers = fresh_run(0, 1, muon_options=ALL_MUON_OPTIONS, config=MUON_OPTIONS_CONFIG)
     train_steps(model, gradients, optimizers, 0, 1, range(SAVE_AT))
     total_state = state_numel(optimizers)
     assert any("second_moment" in s for s in optimizers[1].state.values())
@@ -290,7 +302,7 @@ def test_sharded_muon_options_equal_the_unsharded_ones_and_resume(tmp_path) -> N
             assert torch.equal(record["resumed"][name], value), name
     assert sum(r["state_numel"] for r in records) == total_state  # the second moments are sharded too
     # The gathered (unsharded-format) checkpoint resumes in a single process, NorMuon state included.
-    single = resumed_params(tmp_path / "options_checkpoint.pt", 0, 1, ALL_MUON_OPTIONS)
+    single = resumed_params(tmp_path / "options_checkpoint.pt", 0, 1, ALL_MUON_OPTIONS, MUON_OPTIONS_CONFIG)
     assert_params_close(single, records[0]["params"], ATOL, "single process from the 2-rank checkpoint", rtol=RTOL)
 
 
