@@ -198,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns top-k off)")
     if args.repetition_penalty is not None and not 0.0 < args.repetition_penalty <= 10.0:
         raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be in (0, 10]; 1 is off")
+    if args.seed is not None and not -2**63 <= args.seed < 2**63:  # torch seeds with a 64-bit value
+        raise ConfigError(f"--seed {args.seed}: must be an integer in [-2**63, 2**63)")
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
     model, tokenizer, _, path = load_for_inference(args.stage, args.tag, args.step, device, dtype)

@@ -128,3 +128,13 @@ def test_a_message_that_cannot_fit_is_refused_and_left_out(tokenizer):
     assert "[not sent: the last message: " in out.getvalue()
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
     assert session.reply("and now?") == "<<6*7=42>>!"  # the chat goes on
+
+
+def test_a_seed_torch_cannot_take_is_a_flag_error(picochat_home, capsys):
+    """torch seeds a generator with a 64-bit value; a larger --seed was a ValueError traceback at
+    the first reply instead of a one-line flag error."""
+    save_tiny_checkpoint("sft", "tiny")
+    for seed in (2**64, -2**63 - 1):
+        assert main(["chat", "-p", "hi", "--max-tokens", "2", "--seed", str(seed), "--device", "cpu"]) == 2
+        assert f"--seed {seed}: must be an integer in [-2**63, 2**63)" in capsys.readouterr().err
+    assert main(["chat", "-p", "hi", "--max-tokens", "2", "--seed", str(-2**63), "--device", "cpu"]) == 0
