@@ -73,16 +73,19 @@ class ChatSession:
         self.transcript = transcript
         self.messages: list[dict] = []
         self.dropped = 0  # oldest messages the model no longer sees (the transcript keeps them)
+        self.refused: str | None = None  # why the last message was not sent, if it was not
 
     def reply(self, user_text: str) -> str:
         """Stream the assistant's answer to `user_text` to `out`; returns it in display form."""
         self.messages.append({"role": "user", "content": user_text})
+        self.refused = None
         system = [{"role": "system", "content": self.system}] if self.system else []
         budget = max(self.engine.context_len - self.settings.max_tokens, self.engine.context_len // 2)
         try:
             fitted = fit_turns(self.engine.tokenizer, {"messages": system + self.messages}, budget)
         except ContextLengthError as e:
             self.messages.pop()  # refused: the history stays a valid conversation
+            self.refused = str(e)
             self.out.write(f"[not sent: {e}]\n")
             self.out.flush()
             return ""
@@ -214,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.prompt is not None:
             session.reply(args.prompt)
+            if session.refused:  # a script must see that no answer came
+                raise ConfigError(f"-p/--prompt was not sent: {session.refused}")
             return 0
         print(f"loaded {path}", file=sys.stderr)
         session.loop()

@@ -138,3 +138,13 @@ def test_a_seed_torch_cannot_take_is_a_flag_error(picochat_home, capsys):
         assert main(["chat", "-p", "hi", "--max-tokens", "2", "--seed", str(seed), "--device", "cpu"]) == 2
         assert f"--seed {seed}: must be an integer in [-2**63, 2**63)" in capsys.readouterr().err
     assert main(["chat", "-p", "hi", "--max-tokens", "2", "--seed", str(-2**63), "--device", "cpu"]) == 0
+
+
+def test_a_one_shot_prompt_that_cannot_fit_fails_with_a_flag_error(picochat_home, capsys):
+    """`chat -p` is for scripts: a question too long for the context printed "[not sent: ...]" and
+    exited 0, as if it had been answered."""
+    save_tiny_checkpoint("sft", "tiny")
+    assert main(["chat", "-p", "blah " * 5000, "--max-tokens", "4", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert "-p/--prompt was not sent: the last message: " in captured.err
+    assert main(["chat", "-p", "hi", "--max-tokens", "2", "--seed", "1", "--device", "cpu"]) == 0
