@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import DeviceOptions, add_preset_argument, option
-from picochat.errors import DataError
+from picochat.errors import ConfigError, DataError
 from picochat.mfu import use_expandable_segments
 from picochat.model.gpt import GPTConfig
 from picochat.optim import build_optimizers, muon_momentum
@@ -118,6 +118,10 @@ class StagePlan:
 
 def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict, dtype, plan: StagePlan) -> dict:
     """Build optimisers and the Trainer, resume if asked, run, and return the final metrics."""
+    if (parent_meta.get("stage"), parent_meta.get("tag")) == (plan.stage, plan.tag) and not cfg.resume:
+        # A fresh run saves into its run directory and drops the checkpoints it does not keep there.
+        raise ConfigError(f"--from-stage {cfg.from_stage} starts from {plan.stage}/{plan.tag}, the run this one "
+                          "would save into (and replace): give another --tag, or --resume to continue that run")
     muon = cfg.muon_options(parent_meta)
     optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, muon_options=muon)

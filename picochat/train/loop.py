@@ -78,7 +78,7 @@ class LoopConfig:
     tag: str
     num_iterations: int
     grad_accum_steps: int
-    tokens_per_step: int  # tokens of one step, all ranks (the report counts with it); 0: it varies (RL)
+    tokens_per_step: int  # tokens of one step, all ranks (the report counts with it); 0: it varies (RL, SFT)
     eval_every: int = -1  # <= 0: only at the end
     sample_every: int = -1
     save_every: int = -1  # <= 0: only at the end

@@ -115,8 +115,10 @@ def run(args: argparse.Namespace) -> int:
 
         run_trainer(cfg, world, model, tokenizer, parent_meta, dtype, StagePlan(
             "mid", tag, batches, num_iterations, grad_accum, cfg.total_batch_size, constant_then_linear_to_zero,
-            evaluate, "mean", {"mixture": describe(entries), "conversations": len(train_mix),
-                               "mask_user": cfg.mask_user}))
+            # --mask-user: micro-batches supervise different numbers of tokens, so the step's loss is the
+            # mean over all of them (a mean of micro-batch means would weight them unevenly).
+            evaluate, "tokens" if cfg.mask_user else "mean",
+            {"mixture": describe(entries), "conversations": len(train_mix), "mask_user": cfg.mask_user}))
         return 0
     finally:
         shutdown_distributed()

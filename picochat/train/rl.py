@@ -258,7 +258,8 @@ class PolicyGradientStep:
         for p in self.model.parameters():  # a rank with nothing to learn still steps (zero gradient)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        return StepWork(loss=loss_sum.item(), tokens=sum(len(r.prompt) + len(r.tokens) for r in learning),
+        # Real input tokens of the forwards: a row's ids but the last (only a target), as SFT counts them.
+        return StepWork(loss=loss_sum.item(), tokens=sum(len(r.prompt) + len(r.tokens) - 1 for r in learning),
                         supervised_tokens=valid,
                         record={"reward": reward_sum / n_rollouts, "solved": solved / n_groups,
                                 "mean_length": gen_tokens / n_rollouts, "sample_s": sample_s})

@@ -106,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         entries = pick(SFT, cfg.source, cfg.mix_scale)
         log0(f"sft mixture ({cfg.source}, {cfg.mix_scale}): {describe(entries)}")
         train_mix = build_mixture(entries, cfg.source, seed=cfg.seed)
-        num_iterations = len(train_mix) * cfg.num_epochs // cfg.examples_per_step
+        # Each rank walks its own share of the mixture (rank r: conversations r, r+w, ...); the steps are
+        # what the smallest share holds, so no rank starts a pass beyond --num-epochs before another ends one.
+        num_iterations = len(train_mix) // world.world_size * cfg.num_epochs // (B * grad_accum)
         if num_iterations < 1:
             raise ConfigError(f"the SFT mixture has {len(train_mix)} conversations, fewer than one step "
                               f"(--examples-per-step {cfg.examples_per_step})")
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
                                       bucket_widths=buckets)
         evaluate = sft_evaluator(cfg, world, tokenizer, B, T, dtype)
         run_trainer(cfg, world, model, tokenizer, parent_meta, dtype, StagePlan(
-            "sft", tag, batches, num_iterations, grad_accum, cfg.examples_per_step * T,
+            # tokens_per_step 0: padded rows make a step's token count vary (the step records hold each one).
+            "sft", tag, batches, num_iterations, grad_accum, 0,
             lambda s, n: linear_to_zero(s, n, cfg.init_lr_frac), evaluate, "tokens",
             {"mixture": describe(entries), "conversations": len(train_mix)}))
         return 0

@@ -292,3 +292,94 @@ def test_the_cpu_presets_architecture_goes_through_mid_sft_and_chat(tiny_home, c
     assert main(["chat", "--stage", "sft", "--tag", "a26", "--dtype", "fp32", "-p", "Hello", "--max-tokens", "8",
                  "--seed", "1"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_mid_mask_user_step_loss_is_the_mean_over_every_supervised_token(base_ckpt, monkeypatch):
+    """With --mask-user the micro-batches of a step supervise different numbers of tokens: the step's
+    loss (and its gradient) is the mean over all of them, not the mean of the micro-batch means."""
+    from picochat.train import mid_train
+
+    seen = {}
+    real_run_trainer = mid_train.run_trainer
+
+    def spy(cfg, world, model, tokenizer, parent_meta, dtype, plan):
+        b = plan.batches
+        fresh = PackedConversations(b.walk.task, b.tokenizer, b.B, b.T, mask_user=True)
+        seen["micro"] = [next(fresh) for _ in range(plan.grad_accum)]
+        return real_run_trainer(cfg, world, model, tokenizer, parent_meta, dtype, plan)
+
+    monkeypatch.setattr(mid_train, "run_trainer", spy)
+    assert main(["mid-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--from-stage", "base", "--from-tag", "t",
+                 "--mask-user", "--tag", "masked"]) == 0
+    micro = seen["micro"]
+    counts = [int((y >= 0).sum()) for _, y in micro]
+    assert len(micro) > 1 and len(set(counts)) > 1, counts
+    model, _, _ = ckpt.load_checkpoint_dir(ckpt.find_checkpoint("base", "t"), "cpu")
+    with torch.no_grad():
+        nll = sum(model(x, y, loss_reduction="sum").double().item() for x, y in micro)
+    assert _losses(base_ckpt, "mid", "masked")[1] == pytest.approx(nll / sum(counts), rel=1e-5)
+
+
+def test_sft_tokens_per_step_is_every_steps_count_or_zero(base_ckpt):
+    """The report counts a stage's tokens as steps x tokens_per_step; SFT's padded rows make the count
+    vary from step to step, so its tokens_per_step must be 0 (as RL's), not rows x max_seq_len."""
+    assert main(["sft", "--preset", "cpu-tiny", "--dtype", "fp32", "--from-stage", "base", "--from-tag", "t",
+                 "--tag", "count"]) == 0
+    per_step = _meta("sft", "count")["loop"]["tokens_per_step"]
+    logged = [r["tokens"] for r in map(json.loads, (base_ckpt / "logs" / "sft-count.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(set(logged)) > 1  # padded rows: the real tokens of a step vary
+    assert per_step == 0 or all(n == per_step for n in logged), (per_step, logged)
+
+
+SFT_EPOCHS = 2
+ODD_MIXTURE = 9  # 2 ranks: rank 0 walks 5 conversations per epoch, rank 1 walks 4
+
+
+def sft_rank(rank: int, world: int, port: int, home: str) -> None:
+    """One rank of `picochat sft` on gloo, over a mixture of an odd number of conversations."""
+    import os
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
+    torch.set_num_threads(1)
+    from picochat.train import sft
+
+    sft.build_mixture = lambda entries, source, seed=42: ListTask(_random_conversations(ODD_MIXTURE))
+    if main(["sft", "--preset", "cpu-tiny", "--dtype", "fp32", "--from-stage", "base", "--from-tag", "t",
+             "--num-epochs", str(SFT_EPOCHS), "--examples-per-step", "2", "--device-batch-size", "1",
+             "--tag", "epochs"]) != 0:
+        raise SystemExit(f"rank {rank} failed")
+
+
+def test_sft_epochs_on_ranks_with_unequal_shares_neither_skip_nor_repeat(base_ckpt):
+    """Each rank walks its own share of the mixture; the horizon must end every rank's walk within
+    --num-epochs passes over its share (a rank with the smaller share must not start another pass
+    while the other has not finished its second), and use the smaller share in full."""
+    import torch.multiprocessing as mp
+
+    from tests.train.test_distributed import free_port
+
+    mp.start_processes(sft_rank, args=(2, free_port(), str(base_ckpt)), nprocs=2, start_method="spawn")
+    run = ckpt.run_dir("sft", "epochs")
+    state = ckpt.load_training_state(run / f"step_{ckpt.list_steps(run)[-1]}")
+    positions = [r["loader"]["position"] for r in state["per_rank"]]
+    shares = [len(range(r, ODD_MIXTURE, 2)) for r in range(2)]
+    assert all(p <= SFT_EPOCHS * s for p, s in zip(positions, shares)), (positions, shares)
+    assert min(positions) == SFT_EPOCHS * min(shares), (positions, shares)
+
+
+def test_a_chat_stage_started_from_its_own_stage_does_not_replace_its_starting_checkpoint(base_ckpt, capsys):
+    """SFT from an SFT checkpoint takes the parent's tag by default, i.e. the parent's run directory:
+    a fresh run there deletes the checkpoint it started from as it saves. It must stop with a message."""
+    common = ["sft", "--preset", "cpu-tiny", "--dtype", "fp32"]
+    assert main(common + ["--from-stage", "base", "--from-tag", "t", "--tag", "first"]) == 0
+    parent = ckpt.list_steps(ckpt.run_dir("sft", "first"))
+    capsys.readouterr()
+    assert main(common + ["--from-stage", "sft", "--from-tag", "first", "--save-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--tag" in err and "Traceback" not in err, err
+    assert ckpt.list_steps(ckpt.run_dir("sft", "first")) == parent
+    # Under another tag it trains; --resume continues the parent's own run.
+    assert main(common + ["--from-stage", "sft", "--from-tag", "first", "--tag", "second"]) == 0
+    assert main(common + ["--from-stage", "sft", "--from-tag", "first", "--resume"]) == 0

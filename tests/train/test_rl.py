@@ -236,3 +236,18 @@ def test_rl_on_two_gloo_ranks_runs_and_the_ranks_agree(picochat_home):
     assert all(0.0 <= r["reward"] <= 1.0 and r["supervised_tokens"] > 0 for r in records)
     meta = json.loads((ckpt.run_dir("rl", "two") / "step_4" / "meta.json").read_text())
     assert meta["world_size"] == 2
+
+
+
+def test_step_tokens_are_the_inputs_the_forward_sees(tok, monkeypatch):
+    """StepWork.tokens (tok/s, MFU) counts the real input tokens of the policy forward: each row's
+    prompt + completion but its last token, which is only a target (as SFT's padded rows count)."""
+    model = tiny_model(tok.vocab_size).train()
+    args = SimpleNamespace(seed=0, num_samples=2, device_batch_size=2, examples_per_step=1)
+    policy = PolicyGradientStep(args, model, tok, [None], Dist(), torch.float32)
+    rollouts = scripted_rollouts(tok)
+    monkeypatch.setattr(policy, "rollouts", lambda step: rollouts)
+    inputs, _, _ = policy_batch(rollouts, tok.encode_special("assistant_end"))
+    rows = [len(r.prompt) + len(r.tokens) - 1 for r in rollouts]  # row i fills inputs[i, :rows[i]], then padding
+    assert inputs.size(1) == max(rows)
+    assert policy(0).tokens == sum(rows)
