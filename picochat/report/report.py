@@ -271,6 +271,20 @@ def tokenizer_section(root: Path, runs: dict[str, StageRun]) -> str | None:
     return "\n".join(lines)
 
 
+def stage_tokens(run: StageRun, step) -> int | None:
+    """Tokens the stage trained on up to `step`: steps x the fixed count of one step, or, where a step's
+    count varies (padded SFT rows, RL rollouts), the sum of every step's record (None if one is missing)."""
+    if not isinstance(step, int):
+        return None
+    tokens_per_step = (run.meta.get("loop") or {}).get("tokens_per_step")
+    if isinstance(tokens_per_step, int) and tokens_per_step > 0:
+        return step * tokens_per_step
+    counts = {r["step"]: r.get("tokens") for r in run.steps if r["step"] <= step}
+    if step > 0 and set(counts) == set(range(1, step + 1)) and all(isinstance(c, int) for c in counts.values()):
+        return sum(counts.values())
+    return None
+
+
 def model_facts(run: StageRun) -> dict[str, Any]:
     """Parameter counts and FLOPs from config.json (the model is declared on the meta device)."""
     if not run.config:
@@ -301,9 +315,8 @@ def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
     step = run.meta.get("step", run.steps[-1]["step"] if run.steps else None)
     total = run.meta.get("num_iterations", run.meta.get("num_steps"))
     rows.append(["steps", f"{fmt(step)}" + (f" of {total:,}" if isinstance(total, int) else "")])
-    tokens_per_step = (run.meta.get("loop") or {}).get("tokens_per_step")
-    if isinstance(tokens_per_step, int) and tokens_per_step > 0 and isinstance(step, int):  # RL: no fixed count
-        tokens = step * tokens_per_step
+    tokens = stage_tokens(run, step)
+    if tokens is not None:
         rows.append(["tokens", tokens])
         if "scaling parameters" in facts:
             rows.append(["tokens per scaling parameter", tokens / facts["scaling parameters"]])

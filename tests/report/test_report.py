@@ -252,3 +252,23 @@ def test_throughput_is_the_timed_steps_tokens_over_their_seconds(home):
     mid = (home / "reports" / "d2" / "report.md").read_text().split("## Mid-training", 1)[1].split("\n## ", 1)[0]
     assert "| tokens/s (timed steps) | 50.0000 |" in mid, mid
     assert "| MFU % (timed steps) | 5.0000 |" in mid, mid
+
+
+def test_a_stage_whose_step_size_varies_reports_the_sum_of_its_steps_tokens(home):
+    """SFT's padded rows and RL's rollouts give every step its own token count (tokens_per_step 0): the
+    report sums the step records, and shows no count where a step's record is missing."""
+    log = [{"step": s, "loss": 2.0, "smooth_loss": 2.0, "dt": 1.0, "timed": True, "tokens": n}
+           for s, n in ((1, 100), (2, 120), (3, 90))]
+    fake_stage(home, "sft", 3, {"val_loss": 1.5}, log)
+    meta_path = home / "checkpoints" / "sft" / "d2" / "step_3" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["loop"] = {**(meta.get("loop") or {}), "tokens_per_step": 0}
+    write_json(meta_path, meta)
+
+    def sft_section() -> str:
+        assert main(["report"]) == 0
+        return (home / "reports" / "d2" / "report.md").read_text().split("## Supervised fine-tuning", 1)[1].split("\n## ", 1)[0]
+
+    assert "| tokens | 310 |" in sft_section()
+    (home / "logs" / "sft-d2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[1:]))
+    assert "| tokens |" not in sft_section()
