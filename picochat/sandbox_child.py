@@ -87,7 +87,10 @@ def read_message(stream) -> dict:
         raise EOFError("the solution process ended")
     if len(line) > MAX_MESSAGE_BYTES or not line.endswith(b"\n"):
         raise ValueError("a message on the sandbox pipe was too long")
-    message = json.loads(line)
+    try:
+        message = json.loads(line)
+    except RecursionError:  # nested past the interpreter's limit: as malformed as any other bad line
+        raise ValueError("a message on the sandbox pipe was nested too deeply") from None
     if type(message) is not dict:
         raise ValueError("malformed message on the sandbox pipe")
     return message
@@ -353,6 +356,23 @@ def leftover_processes(proc: subprocess.Popen, in_namespace: bool, deadline: flo
         time.sleep(0.02)
 
 
+def kill_descendants(rounds_s: float) -> None:
+    """SIGKILL every live process below the supervisor until none is left (or `rounds_s` pass).
+
+    Reaps nothing, so it may run beside a thread that waits for the program."""
+    deadline = time.monotonic() + rounds_s
+    while True:
+        alive = [pid for pid in descendants(os.getpid()) if not is_zombie(pid)]
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
+
+
 def kill_everything(proc: subprocess.Popen) -> None:
     """SIGKILL the program and all it started, and reap them.
 
@@ -442,6 +462,9 @@ def supervise(job: dict) -> dict:
                 os.kill(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            # and all it started: a child that holds the reply pipe would keep the judge waiting on it
+            # (and itself alive) past the limit where no PID namespace ends with the program
+            kill_descendants(KILL_ROUNDS_S)
 
     out = Output(proc.stdout, job["max_output_bytes"], lambda: kill_program("output"))
     err = Output(proc.stderr, job["max_output_bytes"], lambda: kill_program("output"))

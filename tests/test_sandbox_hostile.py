@@ -435,3 +435,63 @@ def test_a_harness_without_root_still_owns_the_verdict(namespaces: bool):
     shutil.rmtree(eval_dir, ignore_errors=True)
     fields = out.stdout.split()
     assert fields[:4] == ["True", "False", "False", "True"], out.stdout + out.stderr
+
+
+# --- a program that holds the judge's pipes ---------------------------------------------------
+def _sleepers(token: str) -> list[int]:
+    """Live (not zombie) processes running `sleep <token>`."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if token.encode() in cmdline and state not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def _sleeper_child(token: str) -> str:
+    """Solution code whose child becomes `sleep <token>`, holding every pipe the solution holds."""
+    return f"import posix\nif posix.fork() == 0:\n    posix.execv('/bin/sleep', ['sleep', {token!r}])\n"
+
+
+def _assert_no_sleeper_left(token: str) -> None:
+    deadline = time.monotonic() + 2
+    while _sleepers(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _sleepers(token)
+    for pid in left:
+        os.kill(pid, 9)
+    assert left == [], "the solution's child outlived the time limit"
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "subreaper"])
+def test_a_child_holding_the_reply_pipe_does_not_outlive_a_hanging_call(namespaces: bool):
+    """The call hangs and a child of the solution keeps the reply pipe open: the watchdog must kill
+    that child too, or the judge waits on the pipe past the time limit and the child lives on."""
+    token = f"{60 + os.getpid() % 1000 / 1000 + time.time() % 1 / 1000:.9f}"
+    code = _sleeper_child(token) + "import time\ndef add(a, b):\n    time.sleep(60)\n"
+    t0 = time.monotonic()
+    try:
+        r = judge(code, timeout=1, namespaces=namespaces)
+        assert not r.success
+        assert time.monotonic() - t0 < 1 + 3, r.stderr
+    finally:
+        _assert_no_sleeper_left(token)
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "subreaper"])
+def test_a_reply_nested_past_the_recursion_limit_before_ready_is_a_failure_not_a_crash(namespaces: bool):
+    """A first message nested past Python's recursion limit must end in a verdict of failure, with
+    every process of the program killed, not in a crash of the supervisor (which kills nothing)."""
+    token = f"{70 + os.getpid() % 1000 / 1000 + time.time() % 1 / 1000:.9f}"
+    code = (_sleeper_child(token) + "import sys\nposix.write(int(sys.argv[4]), b'[' * 100000 + b'\\n')\n"
+            "def add(a, b):\n    return a + b\n")
+    try:
+        r = judge(code, timeout=2, namespaces=namespaces)
+        assert not r.success
+        assert "judge:" in r.stderr and "RecursionError" not in r.stderr, r.stderr  # a verdict, not a crash
+    finally:
+        _assert_no_sleeper_left(token)
