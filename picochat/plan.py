@@ -53,7 +53,7 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -310,6 +310,13 @@ class PlanConfig(ModelOptions):
     fp32: bool = option(False, "plan fp32 compute instead of bf16 (with --gpu cpu: instead of what training "
                                  "here picks)", group=TARGET, store_true=True)
     out: str | None = option(None, "write the plan as JSON here (default $PICOCHAT_HOME/plans/...)")
+    batch_from_flag: bool = option(True, "whether --device-batch-size was given (else the preset's is lowered "
+                                   "to divide the step over the world, as base-train does)", cli=False)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        given = getattr(args, "device_batch_size", None) is not None
+        return replace(super().from_args(args), batch_from_flag=given)
 
 
 def scaling_params(config) -> int:
@@ -370,11 +377,14 @@ def build_plan(cfg: PlanConfig) -> dict:
     if cfg.total_batch_size == -1:
         cfg.total_batch_size = auto_batch(batch_growth(cfg, config))
     compiled = on_gpu and not cfg.eager
-    s = Shape.from_config(config, cfg.device_batch_size, world_size=world, compiled=compiled,
+    candidates = valid_batches(cfg.total_batch_size, cfg.max_seq_len, world)
+    batch = cfg.device_batch_size
+    if batch not in candidates and not cfg.batch_from_flag:  # base-train's check_batch lowers a preset's batch
+        batch = max([b for b in candidates if b < batch], default=batch)
+    s = Shape.from_config(config, batch, world_size=world, compiled=compiled,
                           bf16=dtype != torch.float32, on_gpu=on_gpu, total_batch_tokens=cfg.total_batch_size)
     terms = memory_terms(s)
     room = headroom(device.memory_bytes, on_gpu)
-    candidates = valid_batches(cfg.total_batch_size, cfg.max_seq_len, world)
     mfu = (cfg.mfu if cfg.mfu is not None else (40.0 if on_gpu else 30.0)) / 100
     scaling = s.matrix_params + config.vocab_size * config.n_embd
     steps = cfg.num_iterations if cfg.num_iterations and cfg.num_iterations > 0 else \
@@ -391,6 +401,7 @@ def build_plan(cfg: PlanConfig) -> dict:
                    "memory_bytes": device.memory_bytes, "compiled": compiled, "dtype": DTYPE_NAMES[dtype],
                    "optimiser_state_sharded": world > 1},
         "device_batch_size": s.device_batch_size,
+        "device_batch_lowered_from": cfg.device_batch_size if batch != cfg.device_batch_size else None,
         "memory_bytes": terms, "total_bytes": sum(terms.values()), "headroom_bytes": room,
         "fits": sum(terms.values()) + room <= device.memory_bytes,
         "batch_divides": s.device_batch_size in candidates,
@@ -406,7 +417,9 @@ def render(plan: dict, name: str) -> str:
     m, t = plan["model"], plan["target"]
     world = t["world"]
     lines = [(f"plan {name}: depth {m['depth']}, width {m['width']}, {m['params'] / 1e6:,.0f}M params, "
-              f"device batch {plan['device_batch_size']} x {m['seq_len']} tokens, "
+              f"device batch {plan['device_batch_size']} x {m['seq_len']} tokens"
+              + (f" (the preset's {plan['device_batch_lowered_from']}, lowered to divide the step, as base-train "
+                 "does)" if plan.get("device_batch_lowered_from") else "") + ", "
               f"{'compiled' if t['compiled'] else 'eager'} {t['dtype']}"),
              (f"target: {t['devices_per_node']} x {t['device']} x {t['nodes']} node(s) = {world} device(s), "
               f"{t['memory_bytes'] / GiB:.1f} GiB each"),
@@ -437,11 +450,17 @@ def run(args: argparse.Namespace) -> int:
     name = cfg.preset or f"d{cfg.depth}"
     print(render(plan, name))
     out = cfg.out or home() / "plans" / f"{name}-{cfg.gpu}-{cfg.gpus}x{cfg.nodes}.json"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(plan, f, indent=1)
-    os.replace(tmp, out)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(plan, f, indent=1)
+        os.replace(tmp, out)
+    except OSError as e:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise ConfigError(f"--out {out}: cannot write the plan there ({e.strerror or e}); "
+                          "give a file path in a writable directory") from e
     print(f"written to {out}")
     return 0
 

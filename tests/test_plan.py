@@ -197,3 +197,34 @@ def test_plan_times_the_compute_dtype_that_training_would_use(monkeypatch):
     fp32 = build_plan(PlanConfig.defaults(preset="d20", num_iterations=10, fp32=True))
     assert fp32["target"]["dtype"] == "fp32" and bf16["target"]["dtype"] == "bf16"
     assert fp32["step_seconds"] == pytest.approx(bf16["step_seconds"] * 989 / 67)
+
+
+def test_plan_lowers_a_presets_device_batch_for_the_world_as_base_train_does():
+    """d20's 32 rows x 2048 x 16 devices overshoot its 2^19-token step: base-train lowers a preset's
+    device batch to 16 there (check_batch), so the plan must estimate memory at 16, not 32; a
+    --device-batch-size given on the command line is planned as it is."""
+    from picochat.plan import PlanConfig, build_plan
+
+    two_nodes = build_plan(PlanConfig.defaults(preset="d20", nodes=2))
+    assert two_nodes["device_batch_size"] == 16 and two_nodes["batch_divides"]
+    config = PlanConfig.defaults(preset="d20").model_config(65536)
+    expected = memory_terms(Shape.from_config(config, 16, world_size=16, compiled=True, total_batch_tokens=524288))
+    assert two_nodes["memory_bytes"] == expected
+    assert build_plan(PlanConfig.defaults(preset="d20"))["device_batch_size"] == 32  # one node: as it is
+    given = build_plan(PlanConfig.defaults(preset="d20", nodes=2, device_batch_size=32))
+    assert given["device_batch_size"] == 32 and not given["batch_divides"]
+
+
+@pytest.mark.parametrize("kind", ["a directory", "under a file"])
+def test_plan_out_that_cannot_be_written_is_a_one_line_error_and_leaves_nothing(tmp_path, capsys, kind):
+    target = tmp_path / "plans"
+    if kind == "a directory":
+        target.mkdir()
+        out = target
+    else:
+        target.write_text("a file where the directory should be")
+        out = target / "plan.json"
+    assert main(["plan", "--preset", "d20", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}") and "Traceback" not in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plans"]  # no half-written plans.tmp
