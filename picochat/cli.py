@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        return code
+    except BrokenPipeError:  # whoever read the output left (`picochat plan | head`): stop without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as e:
         # An error every rank of a distributed run raises together is printed once per node.
         if not getattr(e, "all_ranks", False) or os.environ.get("LOCAL_RANK", "0") == "0":

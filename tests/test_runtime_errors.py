@@ -60,3 +60,19 @@ def test_cpu_threads_per_rank_shares_this_machines_usable_cores(monkeypatch, loc
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: cores, raising=False)
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
     assert runtime.cpu_threads_per_rank(world) == expected
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path):
+    """`picochat plan | head -1`: the reader closes the pipe before the plan is printed; the command
+    stops with the shell's exit code for SIGPIPE and writes no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PICOCHAT_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "picochat", "plan", "--preset", "d20"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the command has imported torch, let alone printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
