@@ -43,7 +43,7 @@ Time: steps * FLOPs per step / (devices * peak * MFU), with MFU an assumption (-
 of the compute dtype: a GPU's dense bf16 peak, its plain fp32 one with --fp32; with --gpu cpu the
 peak measured here in the dtype training here would pick (fp32 where bf16 matmuls are slow),
 shared by the --gpus processes.
-The training commands run the same estimate at start-up (see `check_fits`).
+base-train, mid-train and sft run the same estimate at start-up (see `check_fits`); rl does not.
 """
 
 from __future__ import annotations

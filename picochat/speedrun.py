@@ -1,6 +1,6 @@
 """`picochat speedrun`: the whole pipeline in one command, resumable after a crash.
 
-    picochat speedrun --preset cpu            # a laptop: built-in corpus, 25-40 minutes
+    picochat speedrun --preset cpu            # a laptop: built-in corpus, 23-40 minutes
     picochat speedrun --preset d20 --nproc-per-node 8
     picochat speedrun --preset d32 --nproc-per-node 8 --nnodes 2 --node-rank R --master-addr HOST0 --master-port 29500
 
