@@ -17,7 +17,9 @@ training checkpoint (weights, tokenizer, optimiser state) through picochat.check
 The device batch is the largest of 1, 2, 4, ..., 32 that the plan says fits this device
 (one process, so the optimiser state is not sharded), unless --batch is given.
 Prints a table and one JSON line, also written to --out (default
-$PICOCHAT_HOME/bench/gpu-<time>.json). Without a CUDA device it says so in one line and exits 2.
+$PICOCHAT_HOME/bench/gpu-<time>.json); after each row the rows so far are written there with
+`"partial": true`, which the complete file at the end does not have. Without a CUDA device it
+says so in one line and exits 2.
 
 `--device cpu` runs the same code on this machine's CPU, at the sizes you give it
 (`--seq-len`, `--vocab`, `--dtype`): a check that every part of the run works before a GPU's
@@ -248,9 +250,11 @@ def main() -> int:
     size.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                       help="torch.compile the training step (default on)")
     args = p.parse_args()
-    for flag in ("steps", "seq_len", "vocab"):
-        if getattr(args, flag) < 1:
+    for flag in ("steps", "seq_len", "vocab", "batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
     use_expandable_segments()  # before CUDA is initialised, as the training commands do
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA device on this machine; run it where torch.cuda.is_available() is True "
@@ -280,8 +284,8 @@ def main() -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 rows.append(row)
-                result = results(name, args, rows, time.time() - t_all)
-                if not write_results(out, result):  # every row so far, in case a time limit stops the run
+                result = {**results(name, args, rows, time.time() - t_all), "partial": True}
+                if not write_results(out, result, announce=False):  # the rows so far, in case a time limit stops the run
                     return 1
                 print(f"depth {depth} recipe {recipe}{' fp8' if fp8 else ''} done after {time.time() - t_all:.0f}s "
                       f"({len(rows)} rows in {out})", flush=True)

@@ -57,6 +57,7 @@ import torch
 from machine import DTYPE_NAMES, describe_machine, format_machine
 from results import default_out, write_results
 
+from picochat.errors import UserError
 from picochat.infer import Engine
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.runtime import cpu_supports_fast_bf16, pick_device
@@ -337,10 +338,11 @@ class EngineWorker:
             self.proc.wait()
 
 
-def bench_engines(workers: list[EngineWorker], args) -> tuple[dict, dict]:
+def bench_engines(workers: list[EngineWorker], args, on_batch=None) -> tuple[dict, dict]:
     """({system: {dtype: {batchB: row}}}, {worker: error}). Per batch size: one warm-up run per
     worker, then --repeats rounds in which the workers take turns; a row keeps the best TTFT and
-    decode tok/s of its runs, and the median decode tok/s."""
+    decode tok/s of its runs, and the median decode tok/s. `on_batch(engines)` gets the rows so far
+    after each batch size (to save them as they come)."""
     engines: dict[str, dict[str, dict]] = {}
     failed: dict[str, str] = {}
     for batch in BATCHES:
@@ -364,6 +366,8 @@ def bench_engines(workers: list[EngineWorker], args) -> tuple[dict, dict]:
                    "runs": len(done)}
             engines.setdefault(worker.system, {}).setdefault(worker.dtype, {})[f"batch{batch}"] = row
             print(f"  {worker.name} batch {batch}: {row}", flush=True)
+        if on_batch is not None:
+            on_batch(engines)
     return engines, failed
 
 
@@ -490,6 +494,10 @@ def parse_args() -> argparse.Namespace:
                  "server_max_batch", "soak_concurrency", "soak_max_prompt", "soak_max_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1 (leave it out for torch's default)")
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: decode tok/s is timed from the first new token to the last")
     if args.soak < 0:
         parser.error("--soak must be 0 (no soak) or a number of requests")
     if args.soak_max_prompt + args.soak_max_tokens + 16 > 2048:
@@ -507,7 +515,11 @@ def main() -> int:
     if args.worker:
         worker_main(args.worker, args)
         return 0
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     machine = describe_machine(device)
     print(format_machine(machine), flush=True)
     dtypes = args.dtypes or default_dtypes(device)
@@ -517,6 +529,7 @@ def main() -> int:
     results: dict = {"machine": machine, "dtypes": dtypes, "depth": args.depth, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "notes": notes}
 
+    out = args.out or default_out("infer")
     workers = [EngineWorker(system, dtype, args) for system in engine_systems(args, notes) for dtype in dtypes]
     try:
         ready = {w.name: w.read() for w in workers}  # each builds its engine, then says so
@@ -526,7 +539,9 @@ def main() -> int:
             elif info["compute_dtype"] != name.partition(":")[2]:
                 notes.append(f"{name} computes in {info['compute_dtype']}, not in the dtype asked for")
         live = [w for w in workers if "error" not in ready[w.name]]
-        results["engines"], failed = bench_engines(live, args)
+        # The rows of each batch size as it finishes, kept if a time limit stops the run.
+        results["engines"], failed = bench_engines(live, args, on_batch=lambda engines: write_results(
+            out, {**results, "workers": ready, "engines": engines, "partial": True}, announce=False))
     finally:
         for worker in workers:
             worker.close()
@@ -534,7 +549,6 @@ def main() -> int:
     results["workers"] = ready
     results["best"] = best_rows(results["engines"])
     results["speedup"] = best_speedups(results["best"])
-    out = args.out or default_out("infer")
     write_results(out, {**results, "partial": True}, announce=False)  # kept if a time limit stops the server rows
 
     if not args.skip_server:

@@ -3,15 +3,19 @@
     python bench/model_step.py --depth 4 --vocab 32768 --seq 256 --batch 32 --dtype fp32 bf16
     python bench/model_step.py --vocab 8192 --batch 8 --arch classic smear all_2026   # architecture options
 
-Prints a table (tok/s per variant, split into forward+backward and optimiser time) and
-one JSON line with the same numbers. Defaults are the `cpu` preset's model shape.
+Prints the machine (CPU kind and flags, threads, the dtype `auto` picks), a table (tok/s per
+variant, split into forward+backward and optimiser time) and one JSON line with the same numbers,
+also written to --out (default $PICOCHAT_HOME/bench/model_step-<time>.json). Defaults are the `cpu`
+preset's model shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,7 +69,7 @@ def bench_variant(config: GPTConfig, batch: int, dtype: torch.dtype, compile_mod
             "losses": [round(x, 4) for x in losses]}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--aspect-ratio", type=int, default=64)
@@ -82,8 +86,20 @@ def main() -> None:
                         help="also time the loss through materialised logits instead of the chunked fused one")
     parser.add_argument("--arch", nargs="+", choices=list(ARCHS), default=["classic"],
                         help="architecture options to time, each alone, or all_2026 for all of them")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results file (default: $PICOCHAT_HOME/bench/model_step-<time>.json)")
     args = parser.parse_args()
+    for flag in ("depth", "aspect_ratio", "head_dim", "vocab", "seq", "batch", "threads", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
+    from machine import describe_machine, format_machine
+    from results import default_out, write_results
+
     torch.set_num_threads(args.threads)
+    machine = describe_machine(torch.device("cpu"))
+    print(format_machine(machine), flush=True)
     results = []
     for arch in args.arch:
         config = GPTConfig.from_depth(args.depth, args.vocab, aspect_ratio=args.aspect_ratio,
@@ -103,8 +119,10 @@ def main() -> None:
         print(f"{r['arch']:>13} {r['dtype']:>8} {r['compile']!s:>7} {loss_kind:>7} {r['tok_per_s']:8.0f} "
               f"{r['step_s']:7.2f} {r['fwd_bwd_s']:8.2f} {fwd_bwd_tok_s:8.0f} {r['optim_s']:7.3f} {r['cpu_s']:7.2f} "
               f"{r['gflops']:8.1f}")
-    print(json.dumps({"batch": args.batch, "threads": args.threads, "results": results}))
+    summary = {"machine": machine, "batch": args.batch, "threads": args.threads, "results": results}
+    print(json.dumps(summary))
+    return 0 if write_results(args.out or default_out("model_step"), summary) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

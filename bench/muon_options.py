@@ -7,7 +7,9 @@ with fixed random gradients, for the classic rule, each option on its own and al
 in each orthogonalisation dtype; then each part of the step alone on the same matrices (min of
 `--part-repeats`), which stays readable when the machine is too busy for whole-step timings. The variants take turns (`--rounds`), so a slow spell of a
 shared machine hits them alike; the wall-time min and the process CPU time (all threads; waiting
-for a core does not count) are the robust numbers there. Prints a table and one JSON line.
+for a core does not count) are the robust numbers there. Prints the machine (CPU kind and flags,
+threads), a table and one JSON line, also written to --out (default
+$PICOCHAT_HOME/bench/muon_options-<time>.json).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -90,7 +94,7 @@ class _Quiet:
     is_main = False  # build_optimizers prints its groups only on the main process
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--aspect-ratio", type=int, default=64)
@@ -100,8 +104,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--part-repeats", type=int, default=10)
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results file (default: $PICOCHAT_HOME/bench/muon_options-<time>.json)")
     args = parser.parse_args()
+    for flag in ("depth", "aspect_ratio", "head_dim", "threads", "steps", "rounds", "part_repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    from machine import describe_machine, format_machine
+    from results import default_out, write_results
+
     torch.set_num_threads(args.threads)
+    machine = describe_machine(torch.device("cpu"))
+    print(format_machine(machine), flush=True)
     # A small vocabulary: the embedding and lm_head are AdamW's, not Muon's.
     config = GPTConfig.from_depth(args.depth, 1024, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                                   max_seq_len=256)
@@ -126,8 +140,11 @@ def main() -> None:
     parts = {dtype: time_parts(runs[("classic", dtype)], DTYPES[dtype], args.part_repeats) for dtype in args.dtype}
     print(f"parts of a step, ms (min of {args.part_repeats}): " + " | ".join(
         f"{dtype}: " + ", ".join(f"{k} {v:.1f}" for k, v in p.items()) for dtype, p in parts.items()))
-    print(json.dumps({"config": config.to_dict(), "threads": args.threads, "results": rows, "parts_ms": parts}))
+    summary = {"machine": machine, "config": config.to_dict(), "threads": args.threads, "results": rows,
+               "parts_ms": parts}
+    print(json.dumps(summary))
+    return 0 if write_results(args.out or default_out("muon_options"), summary) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

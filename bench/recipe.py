@@ -69,7 +69,9 @@ Every training and evaluation runs in its own process, one at a time, with `--th
 threads; both systems run with the OpenMP settings picochat makes on import. Prints the
 machine, progress lines, a table (mean and, with several seeds, +- half the max-min spread)
 and one JSON line; the JSON file at --out (default $PICOCHAT_HOME/bench/recipe-<time>.json)
-also holds every run's curves.
+also holds every run's curves. After each seed the file holds the seeds so far, marked
+`"partial": true` (which the complete file does not have), so a stopped run can be continued with
+`--reuse` that file.
 """
 
 from __future__ import annotations
@@ -672,6 +674,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--eval-every {args.eval_every} must be between 1 and --steps {args.steps}")
     if args.wall_seconds is not None and args.wall_seconds <= 0:
         p.error("--wall-seconds must be positive")
+    if "wall" in args.modes and args.wall_seconds is None and not ("pico" in args.systems and "tokens" in args.modes):
+        p.error("--modes wall needs --wall-seconds here: by default the wall runs train for the seconds picochat's "
+                "tokens run trained, and this run has none (--systems pico and --modes tokens)")
+    if args.curve_tokens < 0:
+        p.error("--curve-tokens must be 0 (all) or more")
     if args.rerun and not args.reuse:
         p.error("--rerun names systems to run again over a --reuse file; give --reuse FILE or drop --rerun")
     if args.rerun and "wall" in args.modes and args.wall_seconds is None:
@@ -741,8 +748,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
               "tokenizer_hash": Tokenizer.load(tokenizer_dir).hash}
     print(f"config: {json.dumps(config)}", flush=True)
     reused = reused_runs(args.reuse, config, tuple(args.rerun)) if args.reuse else {}
+    out = args.out or default_out("recipe")
+    all_runs: dict[int, dict] = {}
     try:
-        all_runs = {seed: run_seed(args, ctx, seed, reused.get(seed)) for seed in args.seeds}
+        for seed in args.seeds:
+            all_runs[seed] = run_seed(args, ctx, seed, reused.get(seed))
+            # The seeds so far, in case the run is stopped (a seed takes an hour or more); --reuse reads them.
+            write_results(out, {"machine": machine, "config": config, "notes": notes, "partial": True,
+                                "runs": all_runs}, announce=False)
     finally:
         shutil.rmtree(runs_dir, ignore_errors=True)
     summary = summarise(all_runs, systems)
@@ -754,7 +767,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     for line in notes + report["errors"]:
         print(f"note: {line}")
     print(json.dumps(report), flush=True)
-    write_results(args.out or default_out("recipe"), {**report, "runs": all_runs})
+    write_results(out, {**report, "runs": all_runs})
     return 1 if report["errors"] else 0
 
 

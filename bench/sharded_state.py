@@ -13,6 +13,8 @@ Three tables, then one JSON line with every number:
 3. fixed memory per GPU for the d20 / d26 / d32 presets at 8 ranks from parameter counts:
    fp32 weights + fp32 gradients + optimiser state (+ the all-reduce path's copy of every
    gradient), before and after sharding.
+The machine (CPU kind and flags) comes first; the JSON line is also written to --out (default
+$PICOCHAT_HOME/bench/sharded_state-<time>.json).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,7 +143,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=4, help="model depth (width = 64 * depth)")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
@@ -152,9 +155,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=2, help="timing rounds (modes alternate; each keeps its best)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results file (default: $PICOCHAT_HOME/bench/sharded_state-<time>.json)")
     args = p.parse_args()
+    for flag in ("depth", "vocab", "seq", "batch", "accum", "time_world", "steps", "rounds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if min(args.worlds) < 1:
+        p.error("--worlds must be at least 1 each")
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
 
-    result: dict = {"cpu": cpu_name(), "load_avg": os.getloadavg(), "args": vars(args)}
+    from machine import describe_machine, format_machine
+    from results import default_out, write_results
+
+    machine = describe_machine(torch.device("cpu"))
+    print(format_machine(machine), flush=True)
+    result: dict = {"machine": machine, "cpu": cpu_name(), "load_avg": os.getloadavg(),
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as out:
         state = {w: run(w, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0}), "sharded", out)
                  for w in args.worlds}
@@ -186,7 +204,8 @@ def main() -> None:
                    "timing": {m: max(rs, key=lambda r: r["step_s"]) for m, rs in timing.items()},
                    "gpu_arithmetic": arithmetic})
     print(json.dumps(result))
+    return 0 if write_results(args.out or default_out("sharded_state"), result) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,8 @@ size; encoding MB/s for ours (`Tokenizer.encode` on a list) against plain
 tiktoken `encode_ordinary_batch` with the same thread count, on the whole text at
 once and in loader-sized batches of 128 documents; bytes/token of each trained
 vocabulary. Timings are the best of `--repeats` runs (the order of contenders
-rotates between runs). Prints a table, then one JSON line.
+rotates between runs). Prints the machine (CPU kind and flags), a table, then one JSON line, also
+written to --out (default $PICOCHAT_HOME/bench/tokenizer-<time>.json).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tokenizers
 from picochat.data.shards import default_data_dir, iter_texts, list_shards
 from picochat.errors import DataError
 from picochat.tokenizer import SPLIT_PATTERN, Tokenizer
-from picochat.tokenizer.bpe import SPECIAL_TOKENS
+from picochat.tokenizer.bpe import MIN_VOCAB, SPECIAL_TOKENS
 from picochat.tokenizer.train_hf import train_ranks_hf
 
 
@@ -127,7 +128,26 @@ def main() -> int:
     parser.add_argument("--vocab-sizes", default="8192,32768")
     parser.add_argument("--threads", type=int, default=2, help="encoding threads for both contenders (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per contender; the best counts (default 5)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results file (default: $PICOCHAT_HOME/bench/tokenizer-<time>.json)")
     args = parser.parse_args()
+    for flag in ("threads", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.mb <= 0:
+        parser.error("--mb must be positive")
+    try:
+        vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--vocab-sizes {args.vocab_sizes!r}: give sizes separated by commas, e.g. 8192,32768")
+    if min(vocab_sizes) < MIN_VOCAB:
+        parser.error(f"--vocab-sizes: each must be at least {MIN_VOCAB} (256 bytes + the special tokens + 1)")
+    import torch
+    from machine import describe_machine, format_machine
+    from results import default_out, write_results
+
+    machine = describe_machine(torch.device("cpu"))
+    print(format_machine(machine), flush=True)
 
     try:
         docs, source = load_documents(args.text_file, args.data_dir or default_data_dir(), args.mb)
@@ -140,7 +160,6 @@ def main() -> int:
     print(f"versions: rustbpe {getattr(rustbpe, '__version__', '0.1.x')}, tokenizers {tokenizers.__version__}, "
           f"tiktoken {tiktoken.__version__}; {os.cpu_count()} cores, load average {load_start:.1f}\n")
 
-    vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
     train, compression = {}, {}
     print("| training | vocab | best s | median s | MB/s (best) | vs rustbpe | CPU s | vs rustbpe (CPU) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -174,6 +193,7 @@ def main() -> int:
     print(f"\nload average {load_start:.1f} at the start, {load_end:.1f} at the end (other work on the machine skews timings)")
     summary = {
         "bench": "tokenizer",
+        "machine": machine,
         "cores": os.cpu_count(),
         "loadavg": [round(load_start, 2), round(load_end, 2)],
         "text_mb": round(mb, 3),
@@ -194,7 +214,7 @@ def main() -> int:
         ),
     }
     print(json.dumps(summary))
-    return 0
+    return 0 if write_results(args.out or default_out("tokenizer"), summary) else 1
 
 
 if __name__ == "__main__":

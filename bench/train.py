@@ -290,6 +290,10 @@ def parse_args() -> argparse.Namespace:
     for flag in ("steps", "rounds", "threads", "depth", "aspect_ratio", "head_dim", "vocab", "seq_len", "batch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
+    if args.loader_seconds <= 0:
+        parser.error("--loader-seconds must be positive (--skip-loader leaves the loader out)")
     bad = [item for item in args.reference_env if "=" not in item]
     if bad:
         parser.error(f"--reference-env {bad[0]!r}: give KEY=VALUE")
@@ -386,10 +390,15 @@ def main() -> int:
     from machine import describe_machine, format_machine
     from results import default_out, write_results
 
+    from picochat.errors import UserError
     from picochat.runtime import cpu_supports_fast_bf16, pick_device
 
     torch.set_num_threads(args.threads)  # the machine record shows the threads every row gets
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     machine = describe_machine(device)
     print(format_machine(machine), flush=True)
     fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_fast_bf16()

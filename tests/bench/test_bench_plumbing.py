@@ -386,3 +386,132 @@ def test_train_bench_saves_its_rows_as_they_come(tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["partial"] is True and [r["variant"] for r in saved["rows"]] == ["pico-fp32"]
     assert saved["rows"][0]["tok_per_s"] == 32.0  # 2 x 8 tokens in a 0.5 s median step
+
+
+def run_script(script: str, *argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_train_and_infer_refuse_a_device_that_is_not_there_in_one_line(tmp_path):
+    """A wrong --device is the user's mistake: one line naming the flag and exit 2, no traceback."""
+    for script, extra in (("train.py", ["--skip-reference", "--skip-loader"]),
+                          ("infer.py", ["--skip-server", "--soak", "0"])):
+        run = run_script(script, "--device", "nonsense", *extra, "--out", str(tmp_path / "x.json"))
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert "--device 'nonsense' is not a device" in run.stderr
+
+
+def test_bench_flags_that_would_make_wrong_numbers_or_tracebacks_are_refused():
+    """Each of these silently measured something else (a negative --warmup timed the warm-up steps and
+    untimed the rest; one new token has no decode rate) or ended in a traceback (--steps 0 divides by
+    zero, takes the median of nothing): now one line naming the flag."""
+    cases = [("train.py", ["--warmup", "-1"], "--warmup must be 0 or more"),
+             ("train.py", ["--loader-seconds", "0"], "--loader-seconds must be positive"),
+             ("infer.py", ["--threads", "-1"], "--threads must be at least 1"),
+             ("infer.py", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
+             ("gpu.py", ["--device", "cpu", "--batch", "-1"], "--batch must be >= 1"),
+             ("gpu.py", ["--device", "cpu", "--warmup", "-1"], "--warmup must be >= 0"),
+             ("model_step.py", ["--steps", "0"], "--steps must be at least 1"),
+             ("model_step.py", ["--warmup", "-1"], "--warmup must be 0 or more"),
+             ("muon_options.py", ["--rounds", "0"], "--rounds must be at least 1"),
+             ("muon_options.py", ["--steps", "0"], "--steps must be at least 1"),
+             ("sharded_state.py", ["--steps", "0"], "--steps must be at least 1"),
+             ("sharded_state.py", ["--worlds", "1", "0"], "--worlds must be at least 1"),
+             ("tokenizer.py", ["--repeats", "0"], "--repeats must be at least 1"),
+             ("tokenizer.py", ["--vocab-sizes", "8k"], "--vocab-sizes '8k': give sizes separated by commas"),
+             ("tokenizer.py", ["--vocab-sizes", "100"], "--vocab-sizes: each must be at least")]
+    for script, argv, message in cases:
+        try:  # refused while parsing the flags: long before a minute (a benchmark that runs would take longer)
+            run = run_script(script, *argv, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{script} {' '.join(argv)} was not refused: it ran")
+        assert run.returncode == 2 and message in run.stderr, (script, argv, run.stderr[-2000:])
+
+
+def test_gpu_bench_marks_the_rows_saved_before_the_end_partial(tmp_path, monkeypatch, picochat_home):
+    """gpu.py saves its rows after each one (a time limit may stop it); a file saved before the end
+    must say so, or a run cut short reads as a complete one with fewer rows."""
+    import gpu
+
+    made = []
+
+    def train_row(depth, recipe, fp8, *args):
+        if made:
+            raise KeyboardInterrupt  # the time limit, during the second row
+        made.append(depth)
+        return {"depth": depth, "recipe": recipe, "fp8": fp8, "tok_per_s": 1.0}, None
+
+    monkeypatch.setattr(gpu, "train_row", train_row)
+    monkeypatch.setattr(gpu, "use_expandable_segments", lambda: None)
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--device", "cpu", "--depths", "2", "3", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main()
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True and [r["depth"] for r in saved["rows"]] == [2]
+    made.clear()
+    monkeypatch.setattr(gpu, "train_row", lambda depth, recipe, fp8, *args: (
+        {"depth": depth, "recipe": recipe, "fp8": fp8}, None))
+    assert gpu.main() == 0
+    saved = json.loads(out.read_text())
+    assert "partial" not in saved and [r["depth"] for r in saved["rows"]] == [2, 3]
+
+
+def test_infer_bench_saves_engine_rows_as_each_batch_size_finishes(tmp_path, monkeypatch, picochat_home):
+    """A time limit that stops infer.py during the batch-8 rows (bench/gpu_session.sh gives it one)
+    keeps the batch-1 rows that finished, marked partial."""
+
+    class FakeWorker:
+        def __init__(self, system, dtype, args):
+            self.system, self.dtype, self.name = system, dtype, f"{system}:{dtype}"
+
+        def read(self):
+            return {"compute_dtype": self.dtype}
+
+        def run(self, batch):
+            if batch == 8:
+                raise KeyboardInterrupt  # the time limit's signal
+            return {"ttft_ms": 5.0, "decode_tok_s": 100.0}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(infer, "EngineWorker", FakeWorker)
+    out = tmp_path / "infer.json"
+    monkeypatch.setattr(sys, "argv", ["infer.py", "--device", "cpu", "--dtypes", "fp32", "--repeats", "1",
+                                      "--skip-server", "--soak", "0", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        infer.main()
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True
+    assert saved["engines"] == {"picochat": {"fp32": {"batch1": {"ttft_ms": 5.0, "decode_tok_s": 100.0,
+                                                                 "decode_tok_s_median": 100.0, "runs": 1}}}}
+
+
+def test_micro_benchmarks_state_the_machine_and_write_their_json(tmp_path, picochat_home):
+    """model_step.py, muon_options.py, sharded_state.py and tokenizer.py time dtypes and kernels whose
+    speed depends on the CPU's kind (AVX2 alone runs bf16 matmuls ~50x slower): like the other
+    scripts each starts with the machine header, puts the record in its JSON line and writes that
+    line to --out."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(["the cat sat on the mat", "a dog ran"][i % 2] for _ in range(20))
+                                  for i in range(50)))
+    runs = {"model_step.py": ["--depth", "1", "--vocab", "64", "--seq", "8", "--batch", "1", "--threads", "1",
+                              "--steps", "1", "--warmup", "0", "--dtype", "fp32"],
+            "muon_options.py": ["--depth", "1", "--threads", "1", "--steps", "1", "--rounds", "1",
+                                "--part-repeats", "1", "--dtype", "fp32"],
+            "sharded_state.py": ["--depth", "1", "--vocab", "64", "--seq", "8", "--batch", "1", "--accum", "1",
+                                 "--worlds", "1", "--time-world", "1", "--steps", "1", "--warmup", "0",
+                                 "--rounds", "1"],
+            "tokenizer.py": ["--text-file", str(text), "--vocab-sizes", "300", "--repeats", "1", "--threads", "1"]}
+    env = {**os.environ, "PICOCHAT_HOME": str(picochat_home)}
+    for script, argv in runs.items():
+        out = tmp_path / f"{script}.json"
+        run = subprocess.run([sys.executable, str(BENCH / script), *argv, "--out", str(out)], capture_output=True,
+                             text=True, env=env, timeout=300, check=False)
+        assert run.returncode == 0, (script, run.stderr[-3000:])
+        assert run.stdout.startswith("machine: "), (script, run.stdout[:300])
+        report = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
+        assert {"kind", "cpu_flags", "auto_dtype", "torch_threads"} <= set(report["machine"]), script
+        assert json.loads(out.read_text()) == report, script

@@ -289,3 +289,46 @@ def test_recipe_bench_flags_are_checked(tmp_path, capsys):
                           text=True, check=False)
     assert proc.returncode == 2 and "--seq-len must be at least 1" in proc.stderr
     assert recipe.parse_args(["--pico-args=--preset cpu --recipe 2026"]).pico_args == "--preset cpu --recipe 2026"
+
+
+def test_recipe_bench_wall_runs_without_picochats_tokens_run_need_wall_seconds(capsys):
+    """The wall runs train for the seconds picochat's tokens run trained: without that run (not among
+    --systems or --modes) and without --wall-seconds there is no budget. That was a KeyError from
+    deep inside the run (--systems ref), or every wall run failing after the tokens runs; now it is
+    refused in one line before anything runs."""
+    for argv in (["--systems", "ref", "--modes", "tokens", "wall"], ["--systems", "ref-rescaled"],
+                 ["--modes", "wall"]):
+        with pytest.raises(SystemExit):
+            recipe.parse_args(argv)
+        assert "--modes wall needs --wall-seconds" in capsys.readouterr().err
+    assert recipe.parse_args(["--systems", "ref", "--modes", "wall", "--wall-seconds", "60"]).wall_seconds == 60
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--curve-tokens", "-1"])
+    assert "--curve-tokens must be 0 (all) or more" in capsys.readouterr().err
+
+
+def test_recipe_bench_saves_the_seeds_that_finished_when_a_later_one_is_stopped(tmp_path, monkeypatch, picochat_home):
+    """A seed takes an hour or more: a run stopped in its second seed keeps the first one's runs in
+    --out, marked partial, in the form --reuse reads."""
+    from picochat.tokenizer import Tokenizer
+
+    data = tiny_corpus(tmp_path / "data")
+    tok_dir = tmp_path / "tok"
+    Tokenizer.train([" ".join(WORDS)] * 20, 300).save(tok_dir)
+    monkeypatch.setattr(recipe, "prepare_tokenizer", lambda args, data_dir, scratch: tok_dir)
+    done = {"pico": {"tokens": {"steps": 5, "val_bpb": 2.0}}}
+
+    def run_seed(args, ctx, seed, have=None):
+        if seed == 2:
+            raise KeyboardInterrupt  # stopped during the second seed
+        return done
+
+    monkeypatch.setattr(recipe, "run_seed", run_seed)
+    out = tmp_path / "out.json"
+    args = recipe.parse_args(["--data-dir", str(data), "--scratch", str(tmp_path / "scratch"), "--out", str(out),
+                              "--seeds", "1", "2", "--modes", "tokens", "--dtype", "fp32", "--threads", "1"])
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run_benchmark(args)
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True and saved["runs"] == {"1": done} and saved["config"]["seeds"] == [1, 2]
+    assert recipe.reused_runs(out, saved["config"])[1]["pico"]["tokens"]["val_bpb"] == 2.0
