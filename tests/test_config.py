@@ -225,3 +225,12 @@ def test_every_commands_defaults_live_in_its_options():
     callers = sorted(str(path.relative_to(root)) for path in root.rglob("*.py")
                      if path.name != "config.py" and "resolve(args" in path.read_text())
     assert callers == []
+
+
+@pytest.mark.parametrize("stage", [BaseTrainConfig, MidConfig, SFTConfig, RLConfig])
+def test_a_negative_keep_last_is_refused_not_a_deletion_of_every_older_checkpoint(stage):
+    """--keep-last 0 keeps every checkpoint; a negative value deleted all but the newest, silently."""
+    with pytest.raises(ConfigError) as e:
+        stage.defaults(keep_last=-1)
+    assert str(e.value) == "--keep-last must be >= 0, got -1"
+    assert stage.defaults(keep_last=0).keep_last == 0

@@ -29,7 +29,7 @@ class StageOptions(DeviceOptions):
     save_every_minutes: float = option(
         -1.0, "also checkpoint when this many minutes of wall time passed since the last save (<=0: off)",
         group=SAVE)
-    keep_last: int = option(2, "keep this many newest checkpoints", group=SAVE)
+    keep_last: int = option(2, "keep this many newest checkpoints (0: keep every one)", group=SAVE, minimum=0)
     resume: bool = option(False, "continue from the newest complete checkpoint of this tag", group=SAVE,
                           store_true=True)
     tag: str | None = option(None, "run name (default: the starting checkpoint's tag)", group=SAVE)
