@@ -33,9 +33,13 @@ C = width, L = depth, N = tokens of one micro-batch on one device):
   Nesterov update, its copy in the stack, the Newton-Schulz iterate and the next one (4 bytes
   each, as in fp32; bf16 needs less), and two Gram matrices of its shorter side (4 bytes each).
   The largest such stack counts (`muon_step_temporaries`).
-  The larger of the two moments is reported, with the terms alive at that moment.
+  The larger of the two moments (with rl, of three: below) is reported, with the terms alive at it.
 - communication buffers: with more than one rank, two 32 MiB buckets in flight plus this
   rank's reduced gradient shard, 4 P / world.
+- sampling (rl only): between steps, with no gradient and no activation alive, the Engine samples
+  a batch of rows; a third moment: the parameters, optimiser state and communication buffers
+  with the Engine's buffers instead (`sampling_memory`: the compute-dtype copy of the weights,
+  the KV cache, one step's logits and, on a CPU, the decode path's weight copies).
 - headroom: what is left for the CUDA context, NCCL and fragmentation: max(2 GiB, 5%) of a
   GPU; on a CPU 1 GiB per process (Python and torch themselves) plus 10%.
 
@@ -43,7 +47,8 @@ Time: steps * FLOPs per step / (devices * peak * MFU), with MFU an assumption (-
 of the compute dtype: a GPU's dense bf16 peak, its plain fp32 one with --fp32; with --gpu cpu the
 peak measured here in the dtype training here would pick (fp32 where bf16 matmuls are slow),
 shared by the --gpus processes.
-base-train, mid-train and sft run the same estimate at start-up (see `check_fits`); rl does not.
+base-train, mid-train, sft and rl run the same estimate at start-up (see `check_fits`); rl's shape
+adds its sampling (`sample_group`, `eval_rows`).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ import torch
 
 from picochat.config import ModelOptions, add_preset_argument, option
 from picochat.errors import ConfigError
+from picochat.infer.decode import MAX_COPY_BYTES as DECODE_COPY_BYTES
+from picochat.infer.unembed import MAX_COPY_BYTES as UNEMBED_COPY_BYTES
 from picochat.mfu import peak_flops
 from picochat.model.gpt import GPT
 from picochat.optim.sharded import assign_owners
@@ -108,12 +115,21 @@ class Shape:
     mlp_ratio: int = 4
     value_embed_params: int = 0  # lookup tables trained by AdamW, like the embedding
     windows: tuple[int | None, ...] = ()  # per-layer attention windows (None: whole context); (): all whole
+    sample_group: int = 0  # rl: completions per problem, min(device batch, this) sampled at once; 0: none
+    eval_rows: int = 0  # rl: rows of one eval generation (the pass@k samples of a problem)
 
     @property
     def accumulates(self) -> bool:
         """More than one micro-batch per step (then gradients live across the forward)."""
         per_micro = self.device_batch_size * self.seq_len * self.world_size
         return self.total_batch_tokens <= 0 or self.total_batch_tokens > per_micro
+
+    @property
+    def sampling_rows(self) -> int:
+        """Rows of the largest batch the Engine samples between steps (rl); 0 for the other stages."""
+        if not self.sample_group:
+            return 0
+        return max(min(self.device_batch_size, self.sample_group), self.eval_rows)
 
     @classmethod
     def from_config(cls, config, device_batch_size: int, seq_len: int | None = None, **kw) -> Shape:
@@ -155,11 +171,44 @@ def muon_step_temporaries(s: Shape) -> int:
     return max(count * (16 * rows * cols + 8 * min(rows, cols) ** 2) for (_, (rows, cols)), count in stacks.items())
 
 
+SAMPLING = "sampling (weights copy, KV cache)"
+
+
+def sampling_memory(s: Shape) -> int:
+    """Bytes the Engine (picochat.infer.engine) holds at once while rl samples `sampling_rows` rows of
+    up to seq_len positions between steps; 0 for a shape that does not sample. Counted:
+    - the compute-dtype copy of the weights a generation reads (GPT.with_weights_in): 2 bytes per
+      parameter in bf16; fp32 weights computing in fp32 are read as they are;
+    - the KV cache: keys and values of every layer in fp32 (the lean decode path's dtype; the compute
+      dtype's otherwise, no more), and the smear option's fp32 embeddings whether the option is on or not;
+    - one decode step's logits and the sampler's two copies of them (fp32, rows x V each);
+    - on a CPU, the per-generation copies of the block matrices (picochat.infer.decode) and of lm_head
+      (picochat.infer.unembed; fp32 at most), each made only under its module's MAX_COPY_BYTES.
+    Left out: the prefill (one row, in inference mode: no activation is kept past its layer) and a
+    prefill padded beyond seq_len on a CPU (fewer than 64 positions, picochat.infer.engine.PREFILL_BUCKET).
+    """
+    rows = s.sampling_rows
+    if not rows:
+        return 0
+    low, C, V = (2 if s.bf16 else 4), s.n_embd, s.vocab_size
+    kv = s.n_kv_head * (C // s.n_head)
+    weights = low * s.params if s.bf16 else 0
+    cache = rows * s.seq_len * (8 * s.n_layer * kv + 4 * C)
+    logits = 3 * 4 * rows * V
+    copies = 0
+    if not s.on_gpu:
+        blocks = low * s.matrix_params
+        head = 4 * V * C if low * V * C <= UNEMBED_COPY_BYTES else 0
+        copies = (blocks if blocks <= DECODE_COPY_BYTES else 0) + head
+    return weights + cache + logits + copies
+
+
 def memory_terms(s: Shape) -> dict[str, int]:
     """Training memory of one device by term at its peak, in bytes (headroom not included).
 
     Two moments compete: the end of the forward (activations and loss buffers alive) and the
-    optimiser step (every gradient alive, plus the update's temporaries); the larger one is returned.
+    optimiser step (every gradient alive, plus the update's temporaries); with rl's sampling a third,
+    its Engine's buffers (`sampling_memory`, a term of its own). The largest one is returned.
     """
     P, V, C, L = s.params, s.vocab_size, s.n_embd, s.n_layer
     N = s.device_batch_size * s.seq_len
@@ -197,10 +246,14 @@ def memory_terms(s: Shape) -> dict[str, int]:
     # owns once they are reduced), and Muon orthogonalises one shape's matrices at a time.
     step = {**fixed, "bf16 weight copies": 0, "gradients": 4 * P // s.world_size, "activations": 0,
             "logits / loss buffers": 0, "optimiser step temporaries": muon_step_temporaries(s)}
-    peak = max((forward_end, step), key=lambda terms: sum(terms.values()))
+    moments = [forward_end, step]
+    if s.sample_group:  # rl samples between steps, after the step has zeroed the gradients to None
+        moments.append({**step, "gradients": 0, "optimiser step temporaries": 0,
+                        SAMPLING: sampling_memory(s)})
+    peak = max(moments, key=lambda terms: sum(terms.values()))
     order = ["parameters", "bf16 weight copies", "gradients", "optimiser state", "activations",
              "logits / loss buffers", "optimiser step temporaries", "communication buffers"]
-    return {k: peak[k] for k in order}
+    return {k: peak.get(k, 0) for k in order + ([SAMPLING] if s.sample_group else [])}
 
 
 def headroom(capacity: int, on_gpu: bool) -> int:

@@ -22,6 +22,8 @@ LR: `--init-lr-frac` (0.05) of the base LRs, linearly to 0 over the run; optimis
 test problems. The loop is the shared `Trainer` (step lines, metrics log, wandb, checkpoints,
 `--resume`, Ctrl-C, the non-finite guard); RL hands it `PolicyGradientStep`, whose state (the
 generator that draws the engine seeds) is saved per rank, so `--resume` continues exactly.
+Before the weights load, the plan's memory estimate must fit the device (`check_memory`;
+`--no-plan-check` skips it), as in the other training stages.
 
 Data: `--source hf` trains on GSM8K train and evaluates on GSM8K test. Offline there is no GSM8K
 train split in any registry package, and training on GSM8K test would void the GSM8K score, so
@@ -37,6 +39,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -49,13 +52,15 @@ from picochat.errors import ConfigError
 from picochat.eval.chat_eval import completion_parts, evaluate_generative, spread_subset
 from picochat.infer import Engine
 from picochat.infer.sampling import GREEDY_BELOW
+from picochat.model.gpt import GPTConfig
 from picochat.optim import build_optimizers
 from picochat.optim.distributed import broadcast_parameters
+from picochat.plan import Shape, check_fits
 from picochat.runtime import log0, pick_training_dtype, seed_everything, shutdown_distributed
 from picochat.tasks import load_task
 from picochat.train.chat_stage import find_parent, start_world
 from picochat.train.loop import LoopConfig, StepWork, Trainer, wandb_logger
-from picochat.train.options import ParentOptions, StageOptions
+from picochat.train.options import RUN, ParentOptions, StageOptions
 from picochat.train.schedules import linear_to_zero
 
 
@@ -170,6 +175,8 @@ class RLConfig(ParentOptions, StageOptions):
     save_every: int = option(60, "checkpoint every N steps (<=0: at the end only)", group=SAVE)
     tag: str | None = option(None, "run name under checkpoints/rl/ (default: the start checkpoint's tag)",
                              group=SAVE)
+    no_plan_check: bool = option(False, "start even if the memory estimate says the run does not fit", group=RUN,
+                                 store_true=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -183,6 +190,29 @@ def _check(cfg: RLConfig, world_size: int) -> None:
     if cfg.examples_per_step % world_size:
         raise ConfigError(f"--examples-per-step {cfg.examples_per_step} must be a multiple of the "
                           f"{world_size} processes")
+
+
+def check_memory(cfg: RLConfig, world, dtype: torch.dtype, start_from: Path) -> None:
+    """The plan's estimate for RL must fit this device, checked on the starting checkpoint's config.json
+    before its weights load (unless --no-plan-check); else a one-line error naming --device-batch-size.
+
+    The policy-gradient forward/backward runs eager, `--device-batch-size` rows of up to the context
+    (prompt + completion are fitted to it), with Muon + AdamW state as the other stages; the rows
+    accumulate into the gradients when a rank has more per step than one batch. Between steps the
+    Engine samples min(--device-batch-size, --num-samples) rows at once, the eval --eval-samples rows,
+    each with a compute-dtype copy of the weights and a KV cache (picochat.plan.sampling_memory).
+    The batches suggested: 1 up to a rank's rows per step (--examples-per-step / processes x
+    --num-samples); a larger batch changes nothing, and is estimated as given.
+    """
+    if cfg.no_plan_check or not (start_from / "config.json").exists():
+        return
+    config = GPTConfig.from_dict(json.loads((start_from / "config.json").read_text()))
+    rows = cfg.examples_per_step // world.world_size * cfg.num_samples  # a rank's rollouts per step
+    eval_rows = cfg.eval_samples if cfg.eval_problems > 0 else 0
+    shape = Shape.from_config(config, cfg.device_batch_size, world_size=world.world_size, bf16=dtype != torch.float32,
+                              total_batch_tokens=cfg.examples_per_step * cfg.num_samples * config.sequence_len,
+                              sample_group=cfg.num_samples, eval_rows=eval_rows)
+    check_fits(shape, world.device, "--device-batch-size", list(range(1, rows + 1)))
 
 
 class PolicyGradientStep:
@@ -272,10 +302,11 @@ def run(args: argparse.Namespace) -> int:
         _check(cfg, world.world_size)
         seed_everything(cfg.seed)
         start_from = find_parent(cfg, world)  # chosen once, on rank 0
+        dtype = pick_training_dtype(world.device, cfg.dtype)
+        check_memory(cfg, world, dtype, start_from)
         model, tokenizer, parent_meta = load_checkpoint_dir(start_from, world.device)
         broadcast_parameters(model)
         tag = cfg.tag or start_from.parent.name
-        dtype = pick_training_dtype(world.device, cfg.dtype)
         train_task = load_train_task(cfg.source, cfg.train_size)
         num_steps = cfg.num_steps if cfg.num_steps > 0 else len(train_task) // cfg.examples_per_step
         if num_steps < 1:
