@@ -11,8 +11,10 @@
 
 Errors are OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for a bad
 request, 401 for a missing or wrong API key (`--api-key`), 404 for an unknown model or path, 408
-for a body that does not arrive in time, 413 for an oversized body, 503 + Retry-After when every
-worker is busy and the queue is full.
+for a body that does not arrive in time, 413 for an oversized body, 415 for a body not sent as
+`Content-Type: application/json` (a web page can send text/plain or a form to a local server
+without the browser asking the server first), 503 + Retry-After when every worker is busy and the
+queue is full.
 
 Tool use: the model calls its calculator itself, mid-turn, and the server runs it. That is not
 OpenAI's `tool_calls` (which asks the client to run a function and send back the result, and
@@ -127,7 +129,12 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
         return model_card()
 
     async def body_of(request: Request) -> dict:
-        return parse_body(await read_body(request, limits.max_body_bytes, body_timeout_s))
+        raw = await read_body(request, limits.max_body_bytes, body_timeout_s)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(415, f"the body must be sent as 'Content-Type: application/json', not "
+                           f"{json.dumps(media_type or None)[:60]}", code="unsupported_media_type")
+        return parse_body(raw)
 
     _generation_routes(app, model_id, model_ids, body_of, limits, defaults)
     _tokenizer_routes(app, body_of)

@@ -6,7 +6,9 @@
 - `prompt`: a string, a list of strings, token ids, or a list of token-id lists; choice
   `p * n + j` is prompt p's j-th sample. A string may name special tokens (`<|bos|>`) and gets
   `<|bos|>` in front unless it starts with one (every training document did); that added token
-  conditions the model but is not echoed. Token ids are used exactly as given.
+  conditions the model but is not echoed; "" is that `<|bos|>` alone (the model writes a new
+  document). Token ids are used exactly as given.
+- `best_of` is accepted only equal to n (n candidates, all of them returned).
 - No chat template and no calculator: the text is what the model writes, special tokens shown
   by name; a generated `<|bos|>` (a new document) or `<|assistant_end|>` ends the choice.
 - `echo` puts the prompt in front of the text; `max_tokens: 0` with `echo` scores the prompt only.

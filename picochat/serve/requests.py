@@ -139,7 +139,6 @@ _NO_OP = {
                                "only be \"none\"")),
     "parallel_tool_calls": ((), "picochat takes no client tools, so parallel_tool_calls does not apply; leave it out"),
     "suffix": ((), "picochat does not support suffix (insertion); leave it out"),
-    "best_of": ((1,), "picochat does not support best_of > 1; ask for n choices instead"),
 }
 
 
@@ -153,6 +152,8 @@ def _check_fields(body: dict, known: set[str]) -> None:
         if name in known and value is not None and not any(
                 value == v and isinstance(value, bool) == isinstance(v, bool) for v in ok):
             raise _bad(f"'{name}' = {json.dumps(value)[:60]} is not supported: {why}", name, "unsupported_parameter")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("'user' must be a string (an end-user id)", "user")
     if body.get("tools") is not None:
         raise _bad("'tools' is not supported: picochat's model was trained only for its built-in calculator, which "
                    "it calls by itself (reported in each choice's 'picochat' field); remove 'tools'",
@@ -198,6 +199,8 @@ def _stop(body: dict) -> list[str]:
 def _sampling(body: dict, limits: Limits, defaults: Defaults, model_ids: tuple[str, ...], min_tokens: int = 1) -> dict:
     """The fields both endpoints share, checked; returns Sampling's keyword arguments."""
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad(f"'model' must be a string, got {json.dumps(model)[:40]}", "model")
     if model is not None and model not in model_ids:
         raise APIError(404, f"model {json.dumps(model)[:60]} does not exist; GET /v1/models lists {list(model_ids)}",
                        "model", "model_not_found")
@@ -211,6 +214,9 @@ def _sampling(body: dict, limits: Limits, defaults: Defaults, model_ids: tuple[s
     # OpenAI's range, int64; torch seeds a generator with it modulo 2**64, so each seed is its own
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
         raise _bad("'seed' must be an integer in [-2**63, 2**63)", "seed")
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise _bad("'max_tokens' and 'max_completion_tokens' cannot both be set: send one (max_tokens is the older "
+                   "name of max_completion_tokens)", "max_tokens", "invalid_parameter_combination")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, defaults.max_tokens, min_tokens, limits.max_tokens, integer=True)
     top_k = _number(body, "top_k", defaults.top_k, 0, limits.max_top_k, integer=True)
@@ -249,6 +255,14 @@ def parse_completion_request(body: dict, limits: Limits, defaults: Defaults,
     if sampling["max_tokens"] == 0 and sampling["stream"]:
         raise _bad("'max_tokens': 0 (scoring only) cannot stream; set stream to false", "max_tokens")
     logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    # best_of candidates, the best n returned: best_of == n returns every candidate, which is n alone
+    best_of = _number(body, "best_of", sampling["n"], 1, limits.max_n, integer=True)
+    if best_of < sampling["n"]:
+        raise _bad(f"'best_of' ({best_of}) must be >= n ({sampling['n']}): it is how many candidates the n choices "
+                   "are picked from", "best_of")
+    if best_of > sampling["n"]:
+        raise _bad("'best_of' > n is not supported: picochat does not rank candidates; leave best_of out, or set it "
+                   "to n", "best_of", "unsupported_parameter")
     return CompletionRequest(**sampling, logprobs=logprobs, prompts=_prompts(body, limits), echo=echo)
 
 
@@ -267,8 +281,8 @@ def _prompts(body: dict, limits: Limits) -> list[str | list[int]]:
     if len(prompts) > limits.max_prompts:
         raise _bad(f"'prompt' holds {len(prompts)} prompts; the limit is {limits.max_prompts}", "prompt")
     for i, p in enumerate(prompts):
-        if not (isinstance(p, str) and p) and not _is_ids(p):
-            raise _bad(f"prompt {i} is empty or of the wrong type; {shape}", f"prompt.{i}" if len(prompts) > 1 else "prompt")
+        if not isinstance(p, str) and not _is_ids(p):  # "" is a new document: <|bos|> alone
+            raise _bad(f"prompt {i} is of the wrong type or an empty list; {shape}", f"prompt.{i}" if len(prompts) > 1 else "prompt")
         if isinstance(p, str) and len(p) > limits.max_total_chars:
             raise _bad(f"prompt {i} has {len(p)} characters; the limit is {limits.max_total_chars}", "prompt",
                        "context_length_exceeded")
@@ -304,6 +318,10 @@ def _content_text(content: Any, param: str, role: str) -> str | list[dict]:
     allowed = ("text", "python", "python_output") if role == "assistant" else ("text",)
     parts = []
     for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind not in allowed:  # image_url, input_audio, file, ...
+            raise _bad(f"content part {j} has type {json.dumps(kind)[:40]}, which picochat does not take: its model "
+                       f"reads text only; send parts of type {list(allowed)}", f"{param}.{j}", "unsupported_content_type")
         if not isinstance(part, dict) or part.get("type") not in allowed or not isinstance(part.get("text"), str):
             raise _bad(f"content part {j} must be {{\"type\": one of {list(allowed)}, \"text\": string}}", f"{param}.{j}")
         parts.append({"type": part["type"], "text": part["text"]})

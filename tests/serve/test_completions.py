@@ -145,12 +145,29 @@ def test_completion_errors_name_the_field(base_server, base_model):
     cases = [({"prompt": []}, "prompt"), ({"prompt": ["ok", 5]}, "prompt.1"), ({"prompt": [10**6]}, "prompt"),
              ({"prompt": "x" * 300, "max_tokens": 1}, "prompt"), ({"prompt": "hi", "suffix": "!"}, "suffix"),
              ({"prompt": "hi", "logprobs": 21}, "logprobs"), ({"prompt": "hi", "messages": []}, "messages"),
-             ({"prompt": "hi", "best_of": 3}, "best_of")]
+             ({"prompt": "hi", "best_of": 3}, "best_of"), ({"prompt": "hi", "best_of": 1, "n": 2}, "best_of"),
+             ({"prompt": "hi", "best_of": True}, "best_of")]
     for body, param in cases:
         response = httpx.post(url, json=body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, body
     too_long = httpx.post(url, json={"prompt": [tokenizer.bos_id] * CONTEXT, "max_tokens": 1}).json()["error"]
     assert too_long["code"] == "context_length_exceeded"
+
+
+def test_best_of_n_is_n_choices(client):
+    """best_of == n generates n candidates and returns all n: what n alone does."""
+    reply = client.completions.create(model="picochat", prompt="Hello", max_tokens=3, n=2, best_of=2, seed=5)
+    assert [c.index for c in reply.choices] == [0, 1]
+
+
+def test_an_empty_prompt_starts_a_new_document(client):
+    """OpenAI's "" prompt: the model writes from the start of a document (after picochat's <|bos|>)."""
+    reply = client.completions.create(model="picochat", prompt="", max_tokens=3, echo=True, logprobs=1, seed=5)
+    choice = reply.choices[0]
+    assert reply.usage.prompt_tokens == 1 and reply.usage.completion_tokens == 3
+    assert len(choice.logprobs.tokens) == 3 and choice.logprobs.text_offset[0] == 0  # nothing echoed
+    scored = client.completions.create(model="picochat", prompt=["", "Hi"], max_tokens=0, echo=True, logprobs=0)
+    assert [c.text for c in scored.choices] == ["", "Hi"]
 
 
 def test_tokenizer_routes_use_the_servers_ids(base_server, base_model):

@@ -27,7 +27,8 @@ def bare_server(monkeypatch):
 
 def test_json_nested_too_deep_is_a_json_400(bare_server):
     for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
-        response = httpx.post(f"{bare_server.url}/v1/chat/completions", content=raw, timeout=30)
+        response = httpx.post(f"{bare_server.url}/v1/chat/completions", content=raw, timeout=30,
+                              headers={"Content-Type": "application/json"})
         assert response.status_code == 400
         assert "nested too deeply" in response.json()["error"]["message"]
     assert httpx.get(f"{bare_server.url}/health").json()["status"] == "ok"

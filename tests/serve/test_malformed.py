@@ -63,6 +63,8 @@ CASES = [
     ("top_k huge negative integer", body(top_k=-10**400), 400, "top_k"),
     ("max_tokens too large", body(max_tokens=100_000), 400, "max_tokens"),
     ("max_tokens string", body(max_tokens="10"), 400, "max_tokens"),
+    ("max_tokens and max_completion_tokens", body(max_completion_tokens=4), 400, "max_tokens"),
+    ("bad max_tokens beside max_completion_tokens", body(max_tokens="x", max_completion_tokens=4), 400, "max_tokens"),
     ("n zero", body(n=0), 400, "n"),
     ("n too large", body(n=100), 400, "n"),
     ("stream not bool", body(stream="yes"), 400, "stream"),
@@ -77,6 +79,8 @@ CASES = [
     ("tool_choice auto", body(tool_choice="auto"), 400, "tool_choice"),
     ("logprobs not a bool", body(logprobs="yes"), 400, "logprobs"),
     ("unknown model", body(model="gpt-4o"), 404, "model"),
+    ("model not a string", body(model={"id": "picochat"}), 400, "model"),
+    ("user not a string", body(user=5), 400, "user"),
 ]
 
 
@@ -92,6 +96,31 @@ def test_malformed_request(server, name, payload, status, param):
                                                   else "invalid_request_error")
     if param is not None:
         assert error["param"] == param
+
+
+def test_image_parts_are_refused_as_text_only(server):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    payload = body(messages=[{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}])
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages.0.content.1" and '"image_url"' in error["message"]
+    assert "text only" in error["message"]
+
+
+def test_a_body_not_sent_as_json_is_415(server):
+    """Only application/json is read: a page on another site can POST text/plain or a form to a
+    local server without the browser asking the server first (no CORS preflight)."""
+    raw = json.dumps(body()).encode()
+    for content_type in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        for path in ("/v1/chat/completions", "/v1/completions", "/tokenize"):
+            response = httpx.post(f"{server.url}{path}", content=raw, headers=headers, timeout=30)
+            assert response.status_code == 415, (content_type, path, response.text)
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+    ok = httpx.post(f"{server.url}/v1/chat/completions", content=raw,
+                    headers={"Content-Type": "Application/JSON; charset=utf-8"}, timeout=30)
+    assert ok.status_code == 200, ok.text
 
 
 def test_oversized_body_is_413(server):
