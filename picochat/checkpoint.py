@@ -111,7 +111,8 @@ def save_checkpoint(
     state: dict | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write step_<step> atomically (call on rank 0 only); keep it and the `keep_last`-1 steps before it."""
+    """Write step_<step> atomically (call on rank 0 only); keep it and the `keep_last`-1 steps before it
+    (0: every step before it), and drop every step after it. Without `keep_last` nothing is removed."""
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".step_*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -140,8 +141,10 @@ def save_checkpoint(
         full_meta = {"step": step, "tokenizer_hash": tokenizer.hash, "saved_at": time.time(), **meta,
                      "checksums": checksums}
         write_file(tmp / "meta.json", json.dumps(full_meta, indent=1, default=str).encode())
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:  # a full disk, or a second Ctrl-C: no half-written step stays behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         cause = e if isinstance(e, OSError) else getattr(e, "__context__", None) or e
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(f"no space left on {directory} while saving step {step}; the previous checkpoints are "
@@ -156,12 +159,13 @@ def save_checkpoint(
         shutil.rmtree(replaced, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    if keep_last:
-        # Keep this step and the keep_last-1 before it. Higher steps are an earlier run's under the same
-        # tag (this one started fresh or from an older step): left there, --resume would continue them.
+    if keep_last is not None:  # a training save
+        # Keep this step and the keep_last-1 before it (0: every one). Higher steps are an earlier run's under
+        # the same tag (this one started fresh or from an older step): left there, --resume would continue them.
         steps = list_steps(directory)
         older = [s for s in steps if s < step]
-        for old in older[:max(0, len(older) - (keep_last - 1))] + [s for s in steps if s > step]:
+        pruned = older[:max(0, len(older) - (keep_last - 1))] if keep_last else []
+        for old in pruned + [s for s in steps if s > step]:
             shutil.rmtree(directory / f"step_{old}", ignore_errors=True)
     return final
 

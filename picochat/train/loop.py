@@ -36,6 +36,7 @@ import json
 import math
 import random
 import secrets
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -68,6 +69,12 @@ class SharedHomeError(ConfigError):
 
 class NonFiniteLossError(UserError):
     """The loss was NaN or inf on some rank; every rank raises it, the CLI prints it once per node."""
+
+    all_ranks = True
+
+
+class CheckpointSaveError(DataError):
+    """Rank 0 could not write a checkpoint; every rank raises it, the CLI prints it once per node."""
 
     all_ranks = True
 
@@ -204,6 +211,23 @@ def _with_token_count(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
     return x, y, x.numel()
 
 
+def _finite_json(value: Any) -> Any:
+    """`value` with every float that is not finite, however deeply nested, as None (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _group_settings(optimizers: list) -> list[list[dict]]:
+    """Every param group's settings (all but its parameters), per optimiser."""
+    return [[{k: v for k, v in g.items() if k not in ("params", "names")} for g in opt.param_groups]
+            for opt in optimizers]
+
+
 def _gather(obj: Any, world: Dist) -> list:
     if not world.enabled:
         return [obj]
@@ -275,6 +299,9 @@ class Trainer:
         self.ckpt_dir = ckpt.run_dir(config.stage, config.tag)
         self.log_path = ckpt.checkpoints_root().parent / "logs" / f"{config.stage}-{config.tag}.jsonl"
         self._stop_requested = False
+        self._nonfinite_step: int | None = None  # the step whose loss was not finite, for the save that stops
+        self._earlier_steps: list[int] = []  # an earlier run's checkpoints under this tag, for the first save
+        self._resumed = False
         device = next(model.parameters()).device
         self.device = device
         self.flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 0
@@ -287,7 +314,7 @@ class Trainer:
             "optimizers": [o.state_dict() for o in self.optimizers],  # collective: the full state on rank 0
             "loop": {"smooth_loss": self.smooth_loss, "train_time": self.train_time, "metrics": self.metrics,
                      "num_iterations": self.num_iterations, "horizon_fixed": self.horizon_fixed,
-                     "elapsed_s": self.elapsed_s},
+                     "elapsed_s": self.elapsed_s, "nonfinite_step": self._nonfinite_step},
             "world_size": self.world.world_size,
             "per_rank": _gather({"rng": _rng_state(), **{k: p.state_dict() for k, p in self.parts.items()}},
                                 self.world),
@@ -309,9 +336,12 @@ class Trainer:
             raise DataError(f"{path} was trained with tokenizer {meta.get('tokenizer_hash')}, this run uses "
                             f"{self.tokenizer.hash}; resume with the same tokenizer")
         ckpt.load_weights_into(self.model, path, meta, self.device)
+        ours = _group_settings(self.optimizers)
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
+        self._keep_group_settings(ours)
         self.step = state["step"]
+        self._resumed = True
         if resharded:
             # Every part restarts at the earliest position any old rank had reached (some data is seen
             # twice, none skipped); the RNG streams are new ones, so the run continues, not bit-exactly.
@@ -329,9 +359,29 @@ class Trainer:
         self.train_time = state["loop"]["train_time"]
         self.metrics = state["loop"]["metrics"]
         self.elapsed_s = state["loop"].get("elapsed_s", 0.0)
-        if self.cfg.time_budget_s > 0 and state["loop"].get("horizon_fixed"):
+        saved_cfg = meta.get("loop") or {}
+        saved_horizon = state["loop"]["num_iterations"] if state["loop"].get("horizon_fixed") else None
+        if self.cfg.time_budget_s > 0 and saved_horizon is not None:
             # The horizon the first run measured and fixed: the schedule continues exactly.
-            self.num_iterations, self.horizon_fixed = state["loop"]["num_iterations"], True
+            self.num_iterations, self.horizon_fixed = saved_horizon, True
+            saved_budget = saved_cfg.get("time_budget_s", -1.0)
+            if saved_budget != self.cfg.time_budget_s:
+                log0(f"note: the horizon of {saved_horizon} steps was fixed by the checkpoint's "
+                     + (f"--time-budget of {saved_budget / 60:g} min" if saved_budget > 0 else "step count")
+                     + f" and stays; this run's --time-budget {self.cfg.time_budget_s / 60:g} is not used "
+                     "(give --num-iterations to change the horizon)")
+        elif self.horizon_fixed and saved_horizon != self.num_iterations:
+            log0(f"note: {path} was trained toward a horizon of "
+                 f"{f'{saved_horizon} steps' if saved_horizon is not None else 'a time budget not yet fixed'}; "
+                 f"this run's horizon is {self.num_iterations} steps: the schedules follow it from step "
+                 f"{self.step} on")
+        saved_tokens = saved_cfg.get("tokens_per_step", self.cfg.tokens_per_step)
+        if saved_tokens != self.cfg.tokens_per_step:
+            log0(f"note: {saved_tokens} tokens per step in the checkpoint, {self.cfg.tokens_per_step} now: "
+                 f"the steps from {self.step} on take this run's batch")
+        if state["loop"].get("nonfinite_step") is not None:
+            log0(f"note: {path} was saved when the loss of step {state['loop']['nonfinite_step']} was not finite: "
+                 "the batch of that step is skipped (this run continues with the data after it)")
         if self.horizon_fixed and self.step > self.num_iterations:
             raise ConfigError(
                 f"{path} is at step {self.step}, past this run's horizon of {self.num_iterations} steps (a schedule "
@@ -340,6 +390,22 @@ class Trainer:
         log0(f"resumed from {path} at step {self.step}"
              + (f" (horizon {self.num_iterations} steps, fixed by the time budget)"
                 if self.cfg.time_budget_s > 0 and self.horizon_fixed else ""))
+
+    def _keep_group_settings(self, ours: list[list[dict]]) -> None:
+        """After loading optimiser states: this run's group settings (its flags' LRs, betas, weight decay)
+        replace the checkpoint's, and each one that differs is said. The settings the loop schedules
+        every step (lr, Muon's momentum and decay) are not compared."""
+        changed = []
+        for opt, groups in zip(self.optimizers, ours):
+            for g, (group, mine) in enumerate(zip(opt.param_groups, groups)):
+                scheduled = {"lr", "momentum"} | ({"weight_decay"} if "initial_weight_decay" in group else set())
+                for key, value in mine.items():
+                    old = group.get(key)
+                    if key not in scheduled and not torch.is_tensor(value) and old != value:
+                        changed.append(f"{type(opt).__name__} group {g} {key} {old} in the checkpoint, {value} now")
+                    group[key] = value
+        if changed:
+            log0("note: this run's optimiser settings replace the checkpoint's: " + "; ".join(changed))
 
     def resume_newest(self) -> None:
         """--resume: continue from the newest undamaged checkpoint of this run (chosen on rank 0), if any."""
@@ -350,7 +416,10 @@ class Trainer:
             self.resume(self.ckpt_dir / f"step_{step}")
 
     def save(self) -> None:
+        """Collective: rank 0 writes, and every rank learns whether it could (a failed save raises the same
+        error on every rank, instead of leaving the others waiting for rank 0)."""
         state = self.state_dict()  # collective: every rank takes part
+        error = None
         if self.world.is_main:
             meta = {
                 "stage": self.cfg.stage, "tag": self.cfg.tag,
@@ -358,11 +427,25 @@ class Trainer:
                 "metrics": self.metrics, "world_size": self.world.world_size, "loop": asdict(self.cfg),
                 **self.run_meta,
             }
-            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.tokenizer, meta, state,
-                                        keep_last=self.cfg.keep_last)
-            log0(f"saved {path}")
+            try:
+                path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.tokenizer, meta, state,
+                                            keep_last=self.cfg.keep_last)
+            except (UserError, OSError) as e:
+                error = e
+            else:
+                log0(f"saved {path}")
+                for old in self._earlier_steps:  # an earlier run's lower steps: not this run's to keep
+                    if old < self.step:
+                        shutil.rmtree(self.ckpt_dir / f"step_{old}", ignore_errors=True)
+                self._earlier_steps = []
+        message = None if error is None else str(error) if isinstance(error, UserError) else \
+            f"cannot save step {self.step} in {self.ckpt_dir} ({error})"
         if self.world.enabled:
-            dist.barrier()
+            shared = [message]
+            dist.broadcast_object_list(shared)  # in place of a barrier: every rank waits for rank 0's save
+            message = shared[0]
+        if message is not None:
+            raise CheckpointSaveError(message) from error
         self._last_save = time.time()
 
     # ---- one step ------------------------------------------------------------------------------
@@ -442,21 +525,27 @@ class Trainer:
                            nonfinite_ranks=values[2], tokens=values[3], record=work.record)
 
     def _stop_on_nonfinite(self, step: int, outcome: StepOutcome) -> None:
-        """Every rank: save the last good state (collectively), then raise the same error."""
+        """Every rank: save the last good weights (collectively), then raise the same error.
+
+        The data position saved is the one after the step's batch (the loader has read it): a resume
+        continues with the next batch, and both this error and the resume say so.
+        """
+        self._nonfinite_step = step
         self.save()
         raise NonFiniteLossError(
             f"the loss was not finite (NaN or inf) on {outcome.nonfinite_ranks} of {self.world.world_size} "
-            f"process(es) at step {step}; the update was skipped and the state before it saved at step "
-            f"{self.step} in {self.ckpt_dir}: lower the learning rates (e.g. --matrix-lr) or check the data, "
-            "then continue with --resume")
+            f"process(es) at step {step}; the update was skipped and the weights before it saved at step "
+            f"{self.step} in {self.ckpt_dir}, where --resume continues with the batch after the one of step "
+            f"{step} (that batch is skipped): lower the learning rates (e.g. --matrix-lr; a resume trains with "
+            "the flags given to it) or check the data, then continue with --resume")
 
     # ---- the loop ------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         if not self.world.is_main:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # Strict JSON lines: a value that is not finite (MFU with no known peak) is written as null.
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        # Strict JSON lines: a value that is not finite (MFU with no known peak, a NaN eval) is written as null.
+        record = _finite_json(record)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.on_log is not None:
@@ -483,7 +572,8 @@ class Trainer:
             log0("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
 
         signal.signal(signal.SIGINT, on_sigint)
-        earlier = ckpt.list_steps(self.ckpt_dir) if self.step == 0 and self.world.is_main else []
+        earlier = ckpt.list_steps(self.ckpt_dir) if not self._resumed and self.world.is_main else []
+        self._earlier_steps = earlier  # this fresh run's first save removes them (higher ones: save_checkpoint)
         if earlier:
             log0(f"note: {self.ckpt_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, earlier))}); "
                  "this fresh run replaces them as it saves (continue that run instead with --resume)")
@@ -555,7 +645,7 @@ class Trainer:
 
     def _fix_horizon(self, timed_steps: int, timed_s: float) -> None:
         """Time budget: the horizon that spends what is left of the budget at the step time measured here."""
-        seconds_per_step = timed_s / timed_steps
+        seconds_per_step = max(timed_s / timed_steps, 1e-6)  # a coarse clock can time steps at 0 s
         left = self.cfg.time_budget_s - self.elapsed_s
         horizon = self.step + max(0, int(left // seconds_per_step))
         if self.world.enabled:  # ranks measured slightly different times: agree on the smallest
@@ -574,7 +664,7 @@ class Trainer:
         beta = 0.9
         self.smooth_loss = beta * self.smooth_loss + (1 - beta) * outcome.loss
         debiased = self.smooth_loss / (1 - beta ** self.step)
-        tok_per_s = outcome.tokens / dt
+        tok_per_s = outcome.tokens / dt if dt > 0 else float("nan")  # a coarse clock can time a step at 0 s
         mfu = mfu_percent(self.flops_per_token, tok_per_s, self.peak, self.world.world_size)
         peak_mem = peak_memory_bytes(self.device)
         horizon = self.num_iterations if self.horizon_fixed else None
@@ -585,11 +675,12 @@ class Trainer:
         if step % cfg.log_every == 0 or self.step == horizon:
             mom_text = f" | mom {mom:.3f}" if mom is not None else ""
             epoch_text = f" | epoch {epoch}" if epoch is not None else ""
-            mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device
+            mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device (or dt 0)
+            tok_text = f"{tok_per_s:,.0f}" if math.isfinite(tok_per_s) else "-"
             eta_text = f"{eta / 60:.1f}m" if math.isfinite(eta) else "-"  # until the warm-up steps are past
             extra_text = "".join(f" | {k} {v:.4g}" for k, v in outcome.record.items())
             log0(f"step {self.step:5d}/{horizon if horizon is not None else '?'} | loss {debiased:.4f} | "
-                 f"lrm {lrm:.3f}{mom_text} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu_text} | "
+                 f"lrm {lrm:.3f}{mom_text} | dt {dt * 1000:.0f}ms | tok/s {tok_text} | mfu {mfu_text} | "
                  f"mem {peak_mem / 2**30:.2f}GiB{epoch_text} | eta {eta_text}{extra_text}")
         self._log({"step": self.step, "loss": outcome.loss, "smooth_loss": debiased, "lrm": lrm, "momentum": mom,
                    "dt": dt, "timed": timed, "tokens": outcome.tokens, "tok_per_s": tok_per_s, "mfu": mfu,
