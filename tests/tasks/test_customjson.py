@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -61,3 +62,37 @@ def test_identity_conversations_are_many_valid_and_varied():
     for conv in task:
         normalize_messages(conv)
     assert len(load_task("identity", "train")) == len(task)
+
+
+USER = {"role": "user", "content": "What is 12*7?"}
+
+
+@pytest.mark.parametrize(
+    "messages, rule",
+    [
+        # a blank reply trains the model to answer with nothing
+        ([USER, {"role": "assistant", "content": "   "}], r"message 1: empty assistant message"),
+        ([USER, {"role": "assistant", "content": [{"type": "text", "text": ""}]}], r"message 1: empty assistant message"),
+        ([{"role": "system", "content": "Be brief."}, USER, {"role": "assistant", "content": "\n"}],
+         r"message 2: empty assistant message"),
+        # a tool output where the assistant's text is expected: the model never asked for it
+        ([USER, {"role": "assistant", "content": [{"type": "python_output", "text": "84"}, {"type": "text", "text": "84"}]}],
+         r"message 1: part 0 \(python_output\) must directly follow a python part"),
+        ([USER, {"role": "assistant", "content": [{"type": "text", "text": "It is"}, {"type": "python_output", "text": "84"}]}],
+         r"message 1: part 1 \(python_output\) must directly follow a python part"),
+        # nothing for the model to learn
+        ([USER], r"conversation: has no assistant message"),
+    ],
+)
+def test_untrainable_conversations_are_refused_with_file_and_line(tmp_path, messages, rule):
+    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), json.dumps({"messages": messages})])
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'bad.jsonl'}:2: ") + rule) as info:
+        CustomJSON(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_calculator_call_with_its_output_is_accepted(tmp_path):
+    parts = [{"type": "text", "text": "Let me compute."}, {"type": "python", "text": "12*7"},
+             {"type": "python_output", "text": "84"}, {"type": "text", "text": "It is 84."}]
+    path = write_lines(tmp_path / "ok.jsonl", [json.dumps({"messages": [USER, {"role": "assistant", "content": parts}]})])
+    assert len(CustomJSON(path)) == 1

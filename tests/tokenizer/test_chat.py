@@ -136,3 +136,23 @@ def test_render_for_completion_multi_turn_keeps_earlier_answers(tok: Tokenizer) 
     head, _ = tok.render_conversation({"messages": msgs[:3]}, max_tokens=None)
     assert ids == [*head, sp(tok, "assistant_start")]
     assert ids.count(sp(tok, "assistant_end")) == 1
+
+
+def test_training_and_inference_render_the_prompt_alike(tok: Tokenizer) -> None:
+    """The prompt the server and the terminal chat build (system text, an earlier turn with a
+    calculator call) is, token for token, the training render up to the last assistant_start."""
+    from picochat.infer.prompt import fit_turns
+
+    answer = [{"type": "text", "text": "Let me compute."}, {"type": "python", "text": "12*7"},
+              {"type": "python_output", "text": "84"}, {"type": "text", "text": "It is 84."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12*7?"},
+        {"role": "assistant", "content": answer}, {"role": "user", "content": "And 84+1?"},
+        {"role": "assistant", "content": "85"},
+    ]
+    ids, mask = tok.render_conversation({"messages": msgs}, max_tokens=None)
+    last_start = len(ids) - 1 - ids[::-1].index(sp(tok, "assistant_start"))
+    prompt = ids[:last_start + 1]
+    assert fit_turns(tok, {"messages": msgs[:-1]}, 10_000).ids == prompt
+    assert tok.render_for_completion({"messages": msgs}) == prompt
+    assert mask[last_start] == 0 and mask[last_start + 1] == 1  # the first answer token is predicted from assistant_start
