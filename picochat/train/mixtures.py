@@ -13,12 +13,14 @@ answer every question with one. So general English conversations (ShareGPT excha
 to what the 256-token context holds, `CHAT_MAX_CHARS`) carry about 85-90% of the tokens of
 both stages; identity, spelling, arithmetic and multiple choice stay, in proportion.
 
-An entry is (task name, split, kwargs, copies); copies > 1 oversamples the task.
+An entry is (task name, split, kwargs, copies); copies > 1 oversamples the task. An entry
+that comes out with no rows (e.g. a `start` past the end of what the data holds) is an error:
+the mixture would otherwise lose that task's share without a word.
 """
 
 from __future__ import annotations
 
-from picochat.errors import ConfigError
+from picochat.errors import ConfigError, DataError
 from picochat.tasks import TaskMixture, load_task
 
 Entry = tuple[str, str, dict, int]
@@ -87,6 +89,9 @@ def build_mixture(entries: list[Entry], source: str, seed: int = 42) -> TaskMixt
     tasks = []
     for name, split, kwargs, copies in entries:
         task = load_task(name, split, source=source, **kwargs)
+        if not len(task):
+            raise DataError(f"mixture entry {describe([(name, split, kwargs, copies)])} has no rows; "
+                            f"the data holds {task.num_rows()} before the view")
         tasks.extend([task] * copies)
     return TaskMixture(tasks, seed=seed)
 
