@@ -162,23 +162,32 @@ def run_two_ranks(fn, args: tuple, doing: str, timeout_s: float = 180) -> None:
             pytest.fail(f"the ranks hung {doing}")
 
 
-def train_until_nan(rank: int, world: int, port: int, home: str, bad_rank: int, bad_step: int) -> None:
-    """A run whose loss on `bad_rank` becomes NaN at `bad_step` (injected here, not by any flag)."""
+def join_tiny_world(rank: int, world: int, port: int, home: str):
+    """In a spawned rank: join the gloo world on 127.0.0.1 and build the shared tiny model (same seed on
+    every rank, parameters broadcast); returns (world info, tokenizer, model)."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
     torch.set_num_threads(1)
     from picochat.model.gpt import GPTConfig, build_model
-    from picochat.optim import build_optimizers
     from picochat.optim.distributed import broadcast_parameters
-    from picochat.runtime import init_distributed, seed_everything, shutdown_distributed
+    from picochat.runtime import init_distributed, seed_everything
     from picochat.tokenizer import Tokenizer
-    from picochat.train.loop import LoopConfig, NonFiniteLossError, Trainer
 
     world_info = init_distributed("cpu")
     seed_everything(0)
     tok = Tokenizer.load(Path(home) / "tokenizer")
     model = build_model(GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16), "cpu")
     broadcast_parameters(model)
+    return world_info, tok, model
+
+
+def train_until_nan(rank: int, world: int, port: int, home: str, bad_rank: int, bad_step: int) -> None:
+    """A run whose loss on `bad_rank` becomes NaN at `bad_step` (injected here, not by any flag)."""
+    world_info, tok, model = join_tiny_world(rank, world, port, home)
+    from picochat.optim import build_optimizers
+    from picochat.runtime import shutdown_distributed
+    from picochat.train.loop import LoopConfig, NonFiniteLossError, Trainer
+
     calls = []
 
     def poisoned(x, y, **kw):  # one micro-batch per step at world 2
@@ -262,26 +271,16 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tiny_home, capsys):
 
 def train_on_budget(rank: int, world: int, port: int, home: str) -> None:
     """A time-budgeted run whose ranks read clocks at different speeds (rank 1's steps look twice as long)."""
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
-    torch.set_num_threads(1)
     import itertools
     from types import SimpleNamespace
 
-    from picochat.model.gpt import GPTConfig, build_model
     from picochat.optim import build_optimizers
-    from picochat.optim.distributed import broadcast_parameters
-    from picochat.runtime import init_distributed, seed_everything, shutdown_distributed
-    from picochat.tokenizer import Tokenizer
+    from picochat.runtime import shutdown_distributed
     from picochat.train import loop
 
     clock = itertools.count(0.0, 0.25 * (rank + 1))
     loop.time = SimpleNamespace(time=lambda: next(clock))
-    world_info = init_distributed("cpu")
-    seed_everything(0)
-    tok = Tokenizer.load(Path(home) / "tokenizer")
-    model = build_model(GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16), "cpu")
-    broadcast_parameters(model)
+    world_info, tok, model = join_tiny_world(rank, world, port, home)
     opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
     batches = FixedBatches(make_batches(tok.vocab_size, 200, 2), rank, world)
     # The measurement ends once 10% of the budget is spent in timed steps: rank 1's clock gets there

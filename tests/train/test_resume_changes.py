@@ -19,7 +19,7 @@ from picochat import checkpoint as ckpt
 from picochat.cli import main
 from picochat.train import base_train, loop
 from tests.infer.tiny import tiny_model, tiny_tokenizer
-from tests.train.test_distributed import FixedBatches, make_batches, run_two_ranks
+from tests.train.test_distributed import FixedBatches, join_tiny_world, make_batches, run_two_ranks
 
 TINY = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1"]
 
@@ -165,27 +165,15 @@ def test_an_interrupted_save_leaves_no_temp_directory(picochat_home, monkeypatch
 
 def train_onto_a_full_disk(rank: int, world: int, port: int, home: str) -> None:
     """Two ranks; rank 0's disk is full when it writes state.pt."""
-    import os
-
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PICOCHAT_HOME": home})
-    torch.set_num_threads(1)
     from picochat.errors import UserError
-    from picochat.model.gpt import GPTConfig, build_model
     from picochat.optim import build_optimizers
-    from picochat.optim.distributed import broadcast_parameters
-    from picochat.runtime import init_distributed, seed_everything, shutdown_distributed
-    from picochat.tokenizer import Tokenizer
+    from picochat.runtime import shutdown_distributed
 
     def full_disk(file, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     ckpt.write_chunk = full_disk
-    world_info = init_distributed("cpu")
-    seed_everything(0)
-    tok = Tokenizer.load(Path(home) / "tokenizer")
-    model = build_model(GPTConfig.from_depth(2, tok.vocab_size, aspect_ratio=32, head_dim=32, max_seq_len=16), "cpu")
-    broadcast_parameters(model)
+    world_info, tok, model = join_tiny_world(rank, world, port, home)
     opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
     batches = FixedBatches(make_batches(tok.vocab_size, 4, 2), rank, world)
     cfg = loop.LoopConfig(stage="base", tag="full", num_iterations=4, grad_accum_steps=1, tokens_per_step=64,
