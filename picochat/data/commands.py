@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "prepare":
         prep = PrepareConfig.from_args(args)
-        sources = [s.strip() for s in prep.sources.split(",") if s.strip()] if prep.sources else None
+        sources = [s.strip() for s in prep.sources.split(",") if s.strip()] if prep.sources is not None else None
         prepare_corpus(Path(prep.data_dir) if prep.data_dir else None, sources=sources, max_mb=prep.max_mb,
                        force=prep.force)
         return 0

