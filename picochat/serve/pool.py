@@ -240,6 +240,8 @@ class _Choices:
         self.done[i] = True
         matcher = self.matchers[i]
         pieces = matcher.push(self.streamers[i].finish())
+        if matcher.stopped:  # the held-back text (a call's closing `>>`, a cut character) completed a stop string
+            reason = "stop"
         self._send(i, pieces + matcher.finish(), last=True)
         self.emit(Finish(self.base + i, reason))
 

@@ -126,6 +126,26 @@ def test_max_tokens_zero_scores_the_prompt_only(client, base_server, base_model)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
 
 
+def test_a_stop_string_completed_by_a_cut_character_at_max_tokens_is_a_stop(client):
+    """A character cut by max_tokens is flushed as U+FFFD when the text ends; a stop string it
+    completes ends the choice "stop" (streaming too), not "length"."""
+    checked = 0
+    for seed in range(1, 6):
+        options = {"model": "picochat", "prompt": "Hello", "max_tokens": 4, "temperature": 1.0, "seed": seed}
+        full = client.completions.create(**options).choices[0]
+        if full.finish_reason != "length" or len(full.text) < 2:
+            continue
+        stop = full.text[-2:]
+        cut = client.completions.create(**options, stop=stop).choices[0]
+        assert cut.finish_reason == "stop", (seed, full.text)
+        assert full.text.startswith(cut.text) and stop not in cut.text
+        chunks = list(client.completions.create(**options, stop=[stop], stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == cut.text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+        checked += 1
+    assert checked >= 3
+
+
 def test_stop_and_streaming(client):
     full = client.completions.create(model="picochat", prompt="Hello", max_tokens=16, temperature=1.0, seed=9)
     text = full.choices[0].text

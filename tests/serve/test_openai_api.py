@@ -110,6 +110,31 @@ def test_each_choice_stops_on_its_own_in_the_batch(client, fp32_server):
     assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
 
 
+def test_a_stop_string_completed_by_held_back_text_at_max_tokens_is_a_stop(client):
+    """When max_tokens ends a reply, the text still held back (a call's closing `>>`, a character cut
+    in the middle) is flushed; a stop string that text completes ends the reply "stop", not "length",
+    and streaming sends what the whole reply holds."""
+    checked = 0
+    for seed in range(1, 6):
+        full = seeded(client, seed=seed, max_tokens=8)
+        text = full.choices[0].message.content
+        if full.choices[0].finish_reason != "length" or len(text) < 2:
+            continue
+        stop = text[-2:]
+        cut = seeded(client, seed=seed, max_tokens=8, stop=stop)
+        content = cut.choices[0].message.content
+        assert cut.choices[0].finish_reason == "stop", (seed, text, stop)
+        assert text.startswith(content) and stop not in content
+        assert cut.usage.completion_tokens <= full.usage.completion_tokens
+        chunks = list(seeded(client, seed=seed, max_tokens=8, stop=stop, stream=True,
+                             stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+        assert chunks[-1].usage.completion_tokens == cut.usage.completion_tokens
+        checked += 1
+    assert checked >= 3
+
+
 def test_stop_is_validated(fp32_server):
     for stop, why in [(["a", "b", "c", "d", "e"], "five"), ([""], "empty"), ([3], "number"), ({}, "object")]:
         response = httpx.post(f"{fp32_server.url}/v1/chat/completions", json={"messages": USER, "stop": stop})
@@ -173,6 +198,35 @@ def test_the_models_own_calculator_calls_are_reported(tool_client):
                   {"type": "text", "text": "!"}],
         "calculator_calls": [{"expression": "6*7", "result": "42"}]}
     assert reply.choices[0].finish_reason == "stop"
+
+
+def test_a_stop_string_on_the_held_back_end_of_a_call_is_a_stop_in_every_mode():
+    """A call the calculator refuses shows as `<<x>>`; its `>>` is held back after <|python_end|> (an
+    `=` result could follow). max_tokens ending right there flushes it: with stop ">>" every choice
+    ends "stop" before it, streaming or not, and the tokens it wrote are counted."""
+    tokenizer = tiny_tokenizer()
+    model, _ = scripted_tool_model(tokenizer, "x")
+    call = len(tokenizer.encode("x")) + 2  # <|python_start|> x <|python_end|>
+    app = create_app(WorkerPool([Engine(model, tokenizer, compute_dtype=torch.float32)]), "scripted")
+    with ServerThread(app) as srv:
+        ask = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+        def reply(**kwargs):
+            return ask.chat.completions.create(model="scripted", messages=USER, max_tokens=call, temperature=0, n=2,
+                                               **kwargs)
+
+        whole = reply()
+        assert [(c.message.content, c.finish_reason) for c in whole.choices] == [("<<x>>", "length")] * 2
+        cut = reply(stop=">>")
+        assert [(c.message.content, c.finish_reason) for c in cut.choices] == [("<<x", "stop")] * 2
+        assert cut.usage.completion_tokens == whole.usage.completion_tokens == 2 * call
+        chunks = list(reply(stop=[">>"], stream=True, stream_options={"include_usage": True}))
+        for i in range(2):
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) \
+                == "<<x"
+        assert sorted(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason) \
+            == ["stop", "stop"]
+        assert chunks[-1].usage.completion_tokens == 2 * call
 
 
 def test_client_tools_are_refused_but_tool_choice_none_is_fine(client):
