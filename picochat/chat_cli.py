@@ -13,7 +13,6 @@ message that cannot fit at all is refused and left out of the history.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import TextIO
 
 from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
+from picochat.fileio import write_json
 from picochat.infer import Engine
 from picochat.infer.chat_defaults import CHAT_SAMPLING
 from picochat.infer.loading import load_for_inference
@@ -169,7 +169,7 @@ class ChatSession:
     def _save(self) -> None:
         if self.transcript is not None:
             messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-            self.transcript.write_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=1))
+            write_json(self.transcript, {"messages": messages}, ensure_ascii=False, indent=1)
 
 
 def _in_range(value: float, lo: float, hi: float, name: str) -> float:

@@ -20,11 +20,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from picochat.fileio import aside
 from picochat.runtime import home, warn
 
 
@@ -62,26 +62,19 @@ def build(source: Path, fallback: str) -> Path | None:
         if target.exists():
             return target
         directory.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=directory)
-        os.close(fd)
     except OSError as e:  # e.g. a read-only home, or a file where the directory should be
         warn(f"no place to build {source.name} ({e}): {fallback}")
         return None
     try:
-        result = subprocess.run([cc, *options, str(source), "-o", partial, "-lm"], check=False,
-                                capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            warn(f"could not compile {source.name} ({last_line}): {fallback}")
-            return None
-        os.replace(partial, target)
+        with aside(target) as partial:
+            result = subprocess.run([cc, *options, str(source), "-o", str(partial), "-lm"], check=False,
+                                    capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                raise subprocess.SubprocessError((result.stderr.strip().splitlines() or ["no message"])[-1])
         return target
     except (OSError, subprocess.SubprocessError) as e:
         warn(f"could not compile {source.name} ({e}): {fallback}")
         return None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def load(source: Path, fallback: str) -> ctypes.CDLL | None:

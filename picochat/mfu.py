@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from picochat.fileio import write_json
 from picochat.runtime import home
 
 # Dense bf16 tensor-core peaks by device name, most specific pattern first: every word of a
@@ -109,9 +110,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     best = max(measure_cpu_peak(dtype), entry["flops"] if isinstance(entry, dict) else 0.0)
     busy = load >= 0.5 * torch.get_num_threads()
     table[key] = {"flops": best, "busy_load": round(load, 2)} if busy else best
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, cache)
+    write_json(cache, table, indent=1)
     if busy:
         print(f"note: the CPU's peak FLOP/s was measured while other work used {load:.1f} cores; MFU may read "
               f"high until a quieter start measures it again ({cache})", file=sys.stderr, flush=True)

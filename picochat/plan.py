@@ -54,7 +54,6 @@ adds its sampling (`sample_group`, `eval_rows`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections import Counter
@@ -65,6 +64,7 @@ import torch
 
 from picochat.config import ModelOptions, add_preset_argument, option
 from picochat.errors import ConfigError
+from picochat.fileio import write_json
 from picochat.infer.decode import MAX_COPY_BYTES as DECODE_COPY_BYTES
 from picochat.infer.unembed import MAX_COPY_BYTES as UNEMBED_COPY_BYTES
 from picochat.mfu import peak_flops
@@ -503,15 +503,9 @@ def run(args: argparse.Namespace) -> int:
     name = cfg.preset or f"d{cfg.depth}"
     print(render(plan, name))
     out = cfg.out or home() / "plans" / f"{name}-{cfg.gpu}-{cfg.gpus}x{cfg.nodes}.json"
-    tmp = f"{out}.tmp"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(plan, f, indent=1)
-        os.replace(tmp, out)
+        write_json(out, plan, indent=1)
     except OSError as e:
-        if os.path.isfile(tmp):
-            os.remove(tmp)
         raise ConfigError(f"--out {out}: cannot write the plan there ({e.strerror or e}); "
                           "give a file path in a writable directory") from e
     print(f"written to {out}")

@@ -36,6 +36,7 @@ from pathlib import Path
 from picochat.config import PRESETS, add_preset_argument
 from picochat.data.shards import default_data_dir
 from picochat.errors import UserError
+from picochat.fileio import write_json, write_text
 from picochat.report.report import check_name
 from picochat.runtime import home
 from picochat.train.base_train import BaseTrainConfig, horizon_tokens
@@ -145,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if args.force_from and args.force_from not in names:
         raise UserError(f"--force-from {args.force_from!r} is not a stage; stages: {', '.join(names)}")
     run_name = args.run or args.preset
-    marker_dir = home() / "speedrun" / run_name
-    marker_dir.mkdir(parents=True, exist_ok=True)
+    marker_dir = home() / "speedrun" / run_name  # made by the first file written into it
     forced = set(names[names.index(args.force_from):]) if args.force_from else set()
     if not args.dry_run:  # a dry run changes nothing
         for name in forced:
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     env = {**os.environ, "PICOCHAT_RUN": run_name}
     start_file = marker_dir / "started_at"
     if not start_file.exists():
-        start_file.write_text(str(time.time()))
+        write_text(start_file, str(time.time()))
     t_all = time.time()
     for i, (name, cmd, distributed) in enumerate(stages, 1):
         marker = marker_dir / f"{name}.done"
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"speedrun: stage {name} failed (exit {rc}) after {dt:.0f}s; fix the cause and run {again} "
                   "again to continue from there", file=sys.stderr)
             return rc
-        marker.write_text(json.dumps({"seconds": dt, "finished_at": time.time(), "command": cmd}))
+        write_json(marker, {"seconds": dt, "finished_at": time.time(), "command": cmd})
         print(f"[{i}/{len(stages)}] {name}: finished in {dt / 60:.1f} min", flush=True)
     if args.dry_run:
         return 0

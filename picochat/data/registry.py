@@ -20,6 +20,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from picochat.errors import DataError
+from picochat.fileio import write_text
 from picochat.runtime import home
 
 
@@ -89,5 +90,5 @@ def fetch(art: Artifact) -> Path:
                 raise DataError(f"{art.label}: sha256 {got} does not match the pinned {art.sha256}; refusing to use it")
             final = root / files[0].name
             os.replace(files[0], final)
-        done_marker.write_text(str(final))
+        write_text(done_marker, str(final))
         return final

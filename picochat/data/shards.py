@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from picochat.errors import DataError
+from picochat.fileio import aside
 from picochat.runtime import home
 
 DEFAULT_SOURCE = "builtin"
@@ -67,12 +68,5 @@ def iter_texts(path: Path, row_group_start: int = 0) -> Iterator[tuple[int, list
 
 def write_shard(path: Path, texts: list[str], row_group_size: int = 1024) -> None:
     """Write documents as a parquet shard atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with aside(path) as tmp:  # a full disk or an interrupt leaves no half-written file behind
         pq.write_table(pa.table({"text": texts}), tmp, row_group_size=row_group_size, compression="zstd")
-    except BaseException:  # a full disk or an interrupt: leave no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)

@@ -19,7 +19,6 @@ a lower bound on the true sampling error.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
@@ -31,6 +30,7 @@ from picochat.data.shards import default_data_dir, list_shards
 from picochat.errors import ConfigError
 from picochat.eval.bpb import evaluate_bpb_with_se
 from picochat.eval.samples import sample_prompts
+from picochat.fileio import write_json
 from picochat.runtime import home, init_distributed, log0, pick_dtype, shutdown_distributed
 
 
@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
             for s in results["samples"]:
                 log0(f"{s['prompt']}{s['completion']!r}")
             out = home() / "eval" / f"base_loss_{meta.get('tag', path.parent.name)}_step{meta['step']}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1))
+            write_json(out, results, indent=1)
             log0(f"wrote {out}")
         return 0
     finally:

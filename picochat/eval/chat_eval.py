@@ -26,7 +26,6 @@ Writes $PICOCHAT_HOME/eval/chat_eval_<stage>_<tag>_step<N>.json and prints a tab
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,6 +39,7 @@ from picochat.config import Options, add_checkpoint_arguments, add_device_argume
 from picochat.errors import ConfigError, DataError
 from picochat.eval.categorical import evaluate_categorical
 from picochat.eval.core_data import eval_dir
+from picochat.fileio import write_json
 from picochat.infer import Engine
 from picochat.infer.streaming import TextStreamer
 from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
                         **cfg.run_info(), "max_problems": every, "world_size": world.world_size,
                         "seconds": round(time.time() - t0, 2)}
             out = eval_dir() / f"chat_eval_{args.stage}_{tag}_step{step}.json"
-            out.write_text(json.dumps(results_payload(results, core, run_info), indent=1))
+            write_json(out, results_payload(results, core, run_info), indent=1)
             print(f"ChatCORE {core:.4f} -> {out}" if core is not None else f"results -> {out}")
         return 0
     finally:

@@ -30,13 +30,13 @@ defaults' figures in the report.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
+from picochat.fileio import write_json, write_text
 from picochat.infer import Engine
 from picochat.infer.chat_defaults import CHAT_SAMPLING
 from picochat.infer.loading import load_for_inference
@@ -256,12 +256,9 @@ def run(args: argparse.Namespace) -> int:
                            "repetition_penalty": args.repetition_penalty, "seed": args.seed},
               "metrics": summarize(answers, dictionary), "answers": answers}
     out = home() / "eval" / probe_file_stem(stage, tag, step, result["settings"], args.limit)
-    out.parent.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(result)
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown + "\n")):
-        tmp = out.with_name(out.name + suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out.with_name(out.name + suffix))
+    write_json(out.with_name(out.name + ".json"), result, indent=1)
+    write_text(out.with_name(out.name + ".md"), markdown + "\n")
     print(markdown)
     print(f"\nwrote {out}.json and .md")
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from picochat.errors import ConfigError
 from picochat.eval.core import evaluate_core, format_table
 from picochat.eval.core_data import download_eval_bundle, eval_dir, load_bundle
 from picochat.eval.core_offline import ensure_offline_bundle
+from picochat.fileio import write_json, writing
 from picochat.runtime import init_distributed, log0, pick_dtype, shutdown_distributed
 
 
@@ -67,9 +67,8 @@ def bundle_path(choice: str, rebuild: bool = False) -> Path:
 
 def write_results(result, out_stem: Path, info: dict) -> tuple[Path, Path]:
     """<stem>.csv (one row per task + CORE) and <stem>.json (everything)."""
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_stem.with_suffix(".csv"), out_stem.with_suffix(".json")
-    with open(csv_path, "w", newline="") as f:
+    with writing(csv_path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["task", "type", "shots", "items", "accuracy", "random_baseline", "centered"])
         for t in result.tasks:
@@ -77,7 +76,7 @@ def write_results(result, out_stem: Path, info: dict) -> tuple[Path, Path]:
                         f"{t.random_baseline:.4f}", f"{t.centered:.6f}"])
         w.writerow(["CORE", "", "", "", "", "", f"{result.core:.6f}"])
     payload = {**info, "core": result.core, "tasks": [asdict(t) for t in result.tasks]}
-    json_path.write_text(json.dumps(payload, indent=1))
+    write_json(json_path, payload, indent=1)
     return csv_path, json_path
 
 

@@ -30,6 +30,7 @@ from picochat.data.jsonl import iter_jsonl
 from picochat.data.registry import sha256_file
 from picochat.errors import DataError
 from picochat.eval.core import TASK_TYPES, CoreTask
+from picochat.fileio import write_text, writing
 from picochat.runtime import home, log0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -150,27 +151,21 @@ def download_file(url: str, dest: Path, sha256: str | None = None, retries: int 
                   timeout: float = 60.0, backoff: float = 1.0) -> Path:
     """Stream `url` into `dest` via a temp file renamed at the end; network errors are retried with
     exponential backoff, a sha256 mismatch is refused at once."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     last_error: Exception | None = None
     for attempt in range(1, retries + 1):
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        tmp = Path(tmp_name)
         try:
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as r:
+            with writing(dest, "wb") as out, httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as r:
                 r.raise_for_status()
                 for chunk in r.iter_bytes(1 << 20):
                     out.write(chunk)
                     h.update(chunk)
-            if sha256 is not None and h.hexdigest() != sha256:
-                tmp.unlink()
-                # A complete transfer with the wrong bytes will not get better by asking again.
-                raise DataError(f"{url}: sha256 {h.hexdigest()} does not match the pinned {sha256}; refusing it")
-            os.replace(tmp, dest)
+                if sha256 is not None and h.hexdigest() != sha256:
+                    # A complete transfer with the wrong bytes will not get better by asking again.
+                    raise DataError(f"{url}: sha256 {h.hexdigest()} does not match the pinned {sha256}; refusing it")
             return dest
         except (httpx.HTTPError, OSError) as e:
             last_error = e
-            tmp.unlink(missing_ok=True)
             if attempt < retries:
                 log0(f"download {url} failed ({e}); retry {attempt}/{retries - 1}")
                 time.sleep(backoff * 2 ** (attempt - 1))
@@ -200,7 +195,7 @@ def download_eval_bundle(dest_dir: Path | None = None, url: str = EVAL_BUNDLE_UR
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(root, final)
-            (dest_dir / "eval_bundle.sha256").write_text(sha256_file(zip_path) + "  eval_bundle.zip\n")
+            write_text(dest_dir / "eval_bundle.sha256", sha256_file(zip_path) + "  eval_bundle.zip\n")
         finally:
             zip_path.unlink(missing_ok=True)
         return final

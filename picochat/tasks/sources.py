@@ -32,6 +32,7 @@ from filelock import FileLock
 
 from picochat.data.registry import Artifact, fetch, sha256_file
 from picochat.errors import DataError
+from picochat.fileio import write_json, writing
 from picochat.runtime import home
 from picochat.tasks.base import Task
 
@@ -174,15 +175,11 @@ def download_file(url: str, dest: Path, retries: int = RETRIES, backoff: float |
     dest = Path(dest)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
-
     def save(response: Any) -> None:
-        with open(tmp, "wb") as f:
+        with writing(dest, "wb") as f:
             f.writelines(response.iter_bytes(1 << 20))
 
     _request(url, save, retries, backoff, timeout)
-    os.replace(tmp, dest)
     return dest
 
 
@@ -223,7 +220,7 @@ def hf_parquet_files(repo: str, config: str, split: str, retries: int = RETRIES,
                 path.unlink()
                 raise DataError(f"{url} is not a readable parquet file ({e}); try again") from e
             files.append({"name": path.name, "url": url, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-        manifest.write_text(json.dumps({"repo": repo, "config": config, "split": split, "files": files}, indent=1))
+        write_json(manifest, {"repo": repo, "config": config, "split": split, "files": files}, indent=1)
     return [directory / f["name"] for f in files]
 
 
@@ -265,24 +262,16 @@ class JsonlRecords:
 
 def write_jsonl_cache(path: Path, records: Iterable[dict]) -> int:
     """Write records as JSONL plus `<path>.idx.npy` offsets, atomically; returns the count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     offsets = [0]
-    try:
-        with open(tmp, "wb") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-                offsets.append(f.tell())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a source that fails midway leaves no partial file behind
-        raise
-    if len(offsets) == 1:
-        tmp.unlink()
-        raise DataError(f"no records were produced for {path.name}; the source data is empty or unreadable")
-    idx_tmp = path.with_name(f".{path.name}.idx.tmp.npy")
-    np.save(idx_tmp, np.asarray(offsets, dtype=np.int64))
-    os.replace(tmp, path)
-    os.replace(idx_tmp, _index_path(path))  # index last: its presence marks a complete cache
+    with writing(path, "wb") as f:  # a source that fails midway leaves no partial file behind
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+            offsets.append(f.tell())
+        if len(offsets) == 1:
+            raise DataError(f"no records were produced for {path.name}; the source data is empty or unreadable")
+        _index_path(path).unlink(missing_ok=True)  # no index while the records change
+    with writing(_index_path(path), "wb") as f:  # index last: its presence marks a complete cache
+        np.save(f, np.asarray(offsets, dtype=np.int64))
     return len(offsets) - 1
 
 

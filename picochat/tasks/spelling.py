@@ -23,6 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from picochat.errors import DataError
+from picochat.fileio import write_text
 from picochat.tasks.base import GENERATED_SPLITS as SPLITS
 from picochat.tasks.base import GeneratedTask, model_text, response_text
 from picochat.tasks.sources import WORD_LIST, PackageArchive, datasets_dir, package_path
@@ -39,9 +40,7 @@ def word_list_path() -> Path:
             if not path.exists():
                 text = PackageArchive(package_path(WORD_LIST)).read("package/words.txt").decode("utf-8")
                 words = sorted({w for w in text.split() if re.fullmatch(r"[a-z]{2,20}", w)})
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("\n".join(words) + "\n")
-                tmp.replace(path)
+                write_text(path, "\n".join(words) + "\n")
     return path
 
 

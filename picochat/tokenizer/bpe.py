@@ -36,6 +36,7 @@ import numpy as np
 import tiktoken
 
 from picochat.errors import DataError, UserError
+from picochat.fileio import writing
 from picochat.tokenizer.chat import render_conversation, render_for_completion
 
 SPECIAL_TOKENS = (
@@ -135,7 +136,6 @@ class Tokenizer:
         """Write tokenizer.json (+ token_bytes.npy) atomically into `directory`: both are written to
         temporary files first, so a failure leaves the previous pair and no partial file."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         ranked = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
         payload = {
             "format": FORMAT,
@@ -146,17 +146,10 @@ class Tokenizer:
             "tokens_base64": [base64.b64encode(tok).decode("ascii") for tok, _ in ranked],
         }
         path = directory / TOKENIZER_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp_tb = directory / (TOKEN_BYTES_FILE + ".tmp.npy")
-        try:
-            tmp.write_text(json.dumps(payload))
-            np.save(tmp_tb, self.token_bytes())
-        except BaseException:  # a full disk or an interrupt: leave no half-written file behind
-            tmp.unlink(missing_ok=True)
-            tmp_tb.unlink(missing_ok=True)
-            raise
-        os.replace(tmp_tb, directory / TOKEN_BYTES_FILE)
-        os.replace(tmp, path)
+        with writing(path) as f:  # moved into place last, after token_bytes.npy
+            f.write(json.dumps(payload))  # dumps: C-accelerated, unlike dump
+            with writing(directory / TOKEN_BYTES_FILE, "wb") as tb:
+                np.save(tb, self.token_bytes())
         return path
 
     @classmethod

@@ -14,11 +14,11 @@ ours needs fewer tokens.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from picochat.data.shards import default_data_dir, iter_texts, list_shards
 from picochat.errors import DataError, UserError
+from picochat.fileio import write_json, write_text
 from picochat.runtime import home, warn
 from picochat.tokenizer.bpe import Tokenizer
 from picochat.tokenizer.reference import REFERENCES, load_references
@@ -168,11 +168,9 @@ def run(args: argparse.Namespace) -> int:
         "notices": notices,
         "rows": rows,
     }
-    (tok_dir / "tok_eval.json").write_text(json.dumps(result, indent=2))
+    write_json(tok_dir / "tok_eval.json", result, indent=2)
     notes = "".join(f"\n- {n}" for n in notices)
-    (tok_dir / "tok_eval.md").write_text(
-        f"# Tokenizer evaluation\n\nvocab {tok.vocab_size:,}, hash `{tok.hash}`\n\n{table}\n\n{legend}\n"
-        + (f"\nNotices:{notes}\n" if notices else "")
-    )
+    write_text(tok_dir / "tok_eval.md", f"# Tokenizer evaluation\n\nvocab {tok.vocab_size:,}, hash `{tok.hash}`\n\n"
+               f"{table}\n\n{legend}\n" + (f"\nNotices:{notes}\n" if notices else ""))
     print(f"\nwritten {tok_dir}/tok_eval.json and tok_eval.md")
     return 0

@@ -13,7 +13,6 @@ byte-level BPE of `--vocab-size` ids (9 of them special tokens); writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from picochat.config import Options, add_preset_argument, option
 from picochat.data.shards import default_data_dir, iter_texts, list_shards
 from picochat.errors import ConfigError, DataError
+from picochat.fileio import write_json
 from picochat.runtime import home, warn
 from picochat.tokenizer.bpe import BACKENDS, SPLIT_PATTERN, Tokenizer
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         "chars_per_second": round(stats.chars / max(seconds, 1e-9)),
         **asdict(stats),
     }
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    write_json(out_dir / REPORT_FILE, report, indent=2)
 
     print(f"\nvocab size    {tok.vocab_size:,} ({len(tok.mergeable_ranks) - 256:,} merges + 256 bytes + 9 special)")
     print(f"text read     {stats.chars:,} characters ({stats.bytes / 1e6:,.1f} MB) from {stats.docs:,} documents "

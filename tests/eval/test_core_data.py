@@ -87,7 +87,7 @@ def test_download_eval_bundle_retries_verifies_and_unzips_once(tmp_path: Path):
         assert root == dest / "eval_bundle" and len(server.hits) == 3  # two 500s, then the file
         assert [t.label for t in load_bundle(root)] == ["copa", "winogrande", "jeopardy"]
         assert (dest / "eval_bundle.sha256").read_text().split()[0] == sha
-        assert not list(dest.glob("*.part")) and not list(dest.glob(".eval_bundle*"))
+        assert not list(dest.glob(".*.tmp")) and not list(dest.glob(".eval_bundle*"))
         assert not (dest / "eval_bundle.zip").exists()
         download_eval_bundle(dest, url=server.url + "/eval_bundle.zip", sha256=sha)
         assert len(server.hits) == 3  # already there: no second download
@@ -98,7 +98,7 @@ def test_download_refuses_a_checksum_mismatch_and_leaves_nothing(tmp_path: Path)
     with (LocalServer({"/eval_bundle.zip": dclm_bundle_zip(tmp_path / "src")}) as server,
           pytest.raises(DataError, match="sha256")):
         download_eval_bundle(dest, url=server.url + "/eval_bundle.zip", sha256="0" * 64, retries=2, backoff=0.01)
-    assert not (dest / "eval_bundle").exists() and not list(dest.glob("*.part")) and not list(dest.glob("*.zip"))
+    assert not (dest / "eval_bundle").exists() and not list(dest.glob(".*.tmp")) and not list(dest.glob("*.zip"))
 
 
 def test_download_refuses_something_that_is_not_a_zip(tmp_path: Path):
