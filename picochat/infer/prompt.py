@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from picochat.errors import UserError
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, render_for_completion
-from picochat.tokenizer.chat import ConversationError, normalize_messages
+from picochat.tokenizer.chat import ConversationError, join_text_parts, normalize_messages
 
 
 class ContextLengthError(UserError):
@@ -78,7 +78,8 @@ def _rendered_size(tokenizer: Tokenizer, message: dict) -> int:
     content = message["content"]
     if isinstance(content, str):
         return 2 + len(tokenizer.encode(content))  # <|user_start|> ... <|user_end|> (or assistant)
-    return 2 + sum(len(tokenizer.encode(p["text"])) + (0 if p["type"] == "text" else 2) for p in content)
+    return 2 + sum(len(tokenizer.encode(p["text"])) + (0 if p["type"] == "text" else 2)
+                   for p in join_text_parts(content))  # adjacent text parts render as one text
 
 
 def fit_conversation(tokenizer: Tokenizer, conversation: dict, max_prompt_tokens: int) -> list[int]:

@@ -15,6 +15,11 @@ Rendering (mask 1 = the model is trained to predict this token):
       <|python_start|> expr <|python_end|>     1   (tool call)
       <|output_start|> result <|output_end|>   0   (tool output, forced at inference)
     <|assistant_end|>                          1
+
+Adjacent text parts of one turn are joined and encoded as one string: encoding them one by one
+could split a word that is one token of the joined text ("hel" + "lo" against "hello"), and the
+exported chat template (picochat/export/hf.py) writes the turn out as one string and encodes it
+once. Tool calls and tool outputs are never joined with anything: their markers separate them.
 """
 
 from __future__ import annotations
@@ -97,6 +102,18 @@ def _check_assistant_content(i: int, content: Any) -> None:
             raise ConversationError(i, f"part {j} ({part['type']}) needs a string 'text'")
 
 
+def join_text_parts(parts: list[dict]) -> list[dict]:
+    """The parts of an assistant turn with each run of adjacent text parts joined into one text part
+    (the renderer encodes text once per run; see the module docstring). Other parts are kept as they are."""
+    out: list[dict] = []
+    for part in parts:
+        if part["type"] == "text" and out and out[-1]["type"] == "text":
+            out[-1] = {"type": "text", "text": out[-1]["text"] + part["text"]}
+        else:
+            out.append(part)
+    return out
+
+
 def render_conversation(tok: Tokenizer, conversation: dict, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
     """Token ids and mask for a whole conversation, truncated to `max_tokens` (None: no limit)."""
     messages = normalize_messages(conversation)
@@ -118,7 +135,7 @@ def render_conversation(tok: Tokenizer, conversation: dict, max_tokens: int | No
             continue
         add(sp("assistant_start"), 0)
         content = message["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else join_text_parts(content)
         for part in parts:
             if part["type"] == "text":
                 add(tok.encode(part["text"]), 1)

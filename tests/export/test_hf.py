@@ -151,6 +151,27 @@ def test_chat_template_renders_our_ids(tokenizer, hf_tokenizer, messages):
     assert got == expected
 
 
+ADJACENT_TEXT_PARTS = [
+    {"role": "user", "content": "Where?"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "By the riv"}, {"type": "text", "text": "er: "},
+        {"type": "python", "text": "1+"}, {"type": "python", "text": "2"},
+        {"type": "python_output", "text": "3"}, {"type": "text", "text": "so "}, {"type": "text", "text": "3."}]},
+    {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."},
+]
+
+
+def test_chat_template_joins_adjacent_text_parts_as_we_do(tokenizer, hf_tokenizer):
+    """The template writes a turn out as one string, so adjacent text parts are encoded together;
+    picochat joins them too, even where the seam falls inside a token (" river" here)."""
+    assert tokenizer.encode("By the riv") + tokenizer.encode("er: ") != tokenizer.encode("By the river: ")
+    messages = ADJACENT_TEXT_PARTS
+    ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=None)
+    assert hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False) == ids
+    got = hf_tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                           return_dict=False)
+    assert got == tokenizer.render_for_completion({"messages": messages})
+
+
 def test_chat_template_rejects_bad_role_order(hf_tokenizer):
     with pytest.raises(Exception, match="roles must alternate"):
         hf_tokenizer.apply_chat_template([{"role": "assistant", "content": "first"}], tokenize=False)

@@ -156,3 +156,57 @@ def test_training_and_inference_render_the_prompt_alike(tok: Tokenizer) -> None:
     assert fit_turns(tok, {"messages": msgs[:-1]}, 10_000).ids == prompt
     assert tok.render_for_completion({"messages": msgs}) == prompt
     assert mask[last_start] == 0 and mask[last_start + 1] == 1  # the first answer token is predicted from assistant_start
+
+
+def test_adjacent_text_parts_are_encoded_as_one_text(tok: Tokenizer) -> None:
+    """A turn split into text parts inside a token renders as the joined text does (the exported
+    chat template encodes the turn as one string), with the joined text supervised alike."""
+    # " river" is one token of this tokenizer: the seam falls inside it.
+    assert tok.encode("By the riv") + tok.encode("er.") != tok.encode("By the river.")
+    split = [{"type": "text", "text": "By the riv"}, {"type": "text", "text": "er."}]
+    whole = [{"type": "text", "text": "By the river."}]
+
+    def conv(parts):
+        return {"messages": [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": parts},
+                             {"role": "user", "content": "Again"}]}
+
+    ids, mask = tok.render_conversation(conv(split), max_tokens=None)
+    assert (ids, mask) == tok.render_conversation(conv(whole), max_tokens=None)
+    assert tok.render_conversation({"messages": conv(split)["messages"][:2]}) == \
+        tok.render_conversation({"messages": [{"role": "user", "content": "Say it"},
+                                              {"role": "assistant", "content": "By the river."}]})
+    assert tok.render_for_completion(conv(split)) == tok.render_for_completion(conv(whole))
+    from picochat.infer.prompt import fit_turns  # the prompt fitter counts the turn as it renders
+    need = len(tok.render_for_completion(conv(split)))
+    assert fit_turns(tok, conv(split), need).dropped == 0
+    assert split == [{"type": "text", "text": "By the riv"}, {"type": "text", "text": "er."}]  # the input is unchanged
+
+
+def test_only_text_parts_are_joined(tok: Tokenizer) -> None:
+    """Tool calls and tool outputs keep their own markers even when two of a kind are adjacent; text
+    is joined only with the text beside it, never across a call or an output."""
+    parts = [
+        {"type": "text", "text": "Let "}, {"type": "text", "text": "me see."},
+        {"type": "python", "text": "1+"}, {"type": "python", "text": "2"},
+        {"type": "python_output", "text": "3"}, {"type": "python_output", "text": "4"},
+        {"type": "text", "text": "So"}, {"type": "text", "text": " 3."},
+    ]
+    conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": parts}]}
+    ids, mask = tok.render_conversation(conv)
+    enc = tok.encode
+
+    def call(text):
+        return [(sp(tok, "python_start"), 1), *[(i, 1) for i in enc(text)], (sp(tok, "python_end"), 1)]
+
+    def output(text):
+        return [(sp(tok, "output_start"), 0), *[(i, 0) for i in enc(text)], (sp(tok, "output_end"), 0)]
+
+    expected = [
+        (tok.bos_id, 0), (sp(tok, "user_start"), 0), *[(i, 0) for i in enc("q")], (sp(tok, "user_end"), 0),
+        (sp(tok, "assistant_start"), 0),
+        *[(i, 1) for i in enc("Let me see.")],
+        *call("1+"), *call("2"), *output("3"), *output("4"),
+        *[(i, 1) for i in enc("So 3.")],
+        (sp(tok, "assistant_end"), 1),
+    ]
+    assert list(zip(ids, mask)) == expected
