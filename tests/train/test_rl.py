@@ -177,6 +177,19 @@ def test_rl_errors_are_messages(picochat_home, capsys):
     assert "--temperature must be >= 1e-05, got 0.0" in capsys.readouterr().err
 
 
+def test_one_sample_per_problem_is_refused_from_a_preset_too(monkeypatch):
+    """The minimum holds wherever the value comes from: a preset's rl section is checked as a flag is,
+    and no shipped preset samples fewer than 2 completions per problem."""
+    from picochat.config import PRESETS
+    from picochat.errors import ConfigError
+
+    monkeypatch.setitem(PRESETS, "one-sample", {"rl": {"num_samples": 1}})
+    with pytest.raises(ConfigError) as e:
+        rl.RLConfig.defaults(preset="one-sample")
+    assert str(e.value) == "--num-samples must be >= 2, got 1"
+    assert all(rl.RLConfig.defaults(preset=name).num_samples >= 2 for name in PRESETS if name != "one-sample")
+
+
 RL_ARGS = ["rl", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-problems", "0", "--num-steps", "4"]
 
 
