@@ -34,7 +34,9 @@ What holds the solution in, outside its own interpreter:
     namespaces): the solution is the PID namespace's init, so when it is killed the kernel
     kills everything it started; it has no network (127.0.0.1 refuses). Elsewhere the
     supervisor is a child subreaper: every descendant, `setsid` daemons included, is found
-    under it in /proc and killed. Either way the supervisor sets a watchdog at the timeout.
+    under it in /proc and killed. Either way the supervisor sets a watchdog at the timeout, and
+    a supervisor still running `GRACE_S` past it is stopped here, everything below it killed, then
+    its process group (a process that left the group with setsid is still below it).
   - stdout/stderr capped: past the cap the program is killed
   - second line, in-process: careless calls (os.system, os.fork, subprocess, os.remove outside
     the temp dir, ...) raise PermissionError. These are easy to get around (posix, _io, ctypes);
@@ -65,12 +67,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 NOBODY = 65534
 GRACE_S = 15.0  # supervisor start-up and clean-up on top of the program's timeout
+KILL_ROUNDS_S = 5.0  # how long a supervisor past its grace has its processes hunted
 SUPERVISOR_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
 
 
@@ -118,15 +122,64 @@ def _run(job: dict, code: str, timeout: float, memory_mb: int, max_output_bytes:
         try:
             out, err = proc.communicate(json.dumps(job).encode(), timeout=timeout + GRACE_S)
         except subprocess.TimeoutExpired:
-            # The whole group: the solution dies with the supervisor (PR_SET_PDEATHSIG), and any other
-            # process of the group, which could hold the supervisor's pipes open, with it.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_supervisor(proc.pid)
             out, err = proc.communicate()
             return ExecResult(False, "", "sandbox: the supervisor did not finish in time", timeout=True)
     finally:
         _remove_tree(root)
     return _verdict(out, err.decode("utf-8", "replace"))
+
+
+def _kill_supervisor(pid: int) -> None:
+    """SIGKILL a supervisor that did not finish in time, every process below it and its process group.
+
+    The supervisor leads its own session and group (start_new_session), but the solution runs in a
+    session of its own, and a program's processes may call setsid: killing the group alone would
+    leave them running. The supervisor is a child subreaper, so while it lives every one of them is
+    below it in /proc, orphans included; stopped first, it reaps and starts nothing while they are
+    killed, and only then goes itself (killed first, it would hand them to init, out of reach)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + KILL_ROUNDS_S
+    while True:
+        alive = [p for p in _descendants(pid) if not _is_zombie(p)]
+        for p in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        if not alive or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/<pid>/stat after the command name: state, ppid, ... ([] once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def _descendants(ancestor: int) -> list[int]:
+    """Every process below `ancestor`, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))):
+            parents[int(entry)] = int(fields[1])
+    found, frontier = [], {ancestor}
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += children
+        frontier = set(children)
+    return found
+
+
+def _is_zombie(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return not fields or fields[0] in (b"Z", b"X")
 
 
 def _verdict(out: bytes, supervisor_err: str) -> ExecResult:

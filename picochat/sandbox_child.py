@@ -458,10 +458,12 @@ def supervise(job: dict) -> dict:
         if not stop.is_set():
             stop.set()
             job["stopped_by"] = job.get("stopped_by") or reason
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            # The program's group in one call (it leads a session of its own), then the program itself
+            for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), lambda: os.kill(proc.pid, signal.SIGKILL)):
+                try:
+                    kill()
+                except (ProcessLookupError, PermissionError):
+                    pass
             # and all it started: a child that holds the reply pipe would keep the judge waiting on it
             # (and itself alive) past the limit where no PID namespace ends with the program
             kill_descendants(KILL_ROUNDS_S)

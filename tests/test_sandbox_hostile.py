@@ -495,3 +495,87 @@ def test_a_reply_nested_past_the_recursion_limit_before_ready_is_a_failure_not_a
         assert "judge:" in r.stderr and "RecursionError" not in r.stderr, r.stderr  # a verdict, not a crash
     finally:
         _assert_no_sleeper_left(token)
+
+
+# --- a supervisor that does not finish in time ----------------------------------------------------
+def _setsid_sleeper(token: str) -> str:
+    """Solution code whose child leaves the solution's session, then becomes `sleep <token>`."""
+    return f"import posix\nif posix.fork() == 0:\n    posix.setsid()\n    posix.execv('/bin/sleep', ['sleep', {token!r}])\n"
+
+
+def _setsid_daemon(token: str) -> str:
+    """A double-fork daemon: the middle process leaves the session and exits, the sleeper is an orphan."""
+    return (f"import posix\nif posix.fork() == 0:\n    posix.setsid()\n    if posix.fork() == 0:\n"
+            f"        posix.execv('/bin/sleep', ['sleep', {token!r}])\n    posix._exit(0)\n")
+
+
+ESCAPES = {"grandchild": _sleeper_child, "setsid grandchild": _setsid_sleeper, "setsid daemon": _setsid_daemon}
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "subreaper"])
+@pytest.mark.parametrize("escape", ESCAPES.values(), ids=ESCAPES.keys())
+def test_a_supervisor_past_its_grace_takes_every_process_of_the_program_with_it(escape, namespaces: bool,
+                                                                                monkeypatch):
+    """The caller gives up on the supervisor while the program and the sleeper it started still run
+    (the grace made negative: the caller's kill at 3 s comes before the supervisor's watchdog at 8 s,
+    as for a supervisor that hangs). Without a PID namespace only the supervisor's group died: the
+    solution with it (PDEATHSIG), but not the sleeper, in the solution's session or a session of its own."""
+    monkeypatch.setattr("picochat.sandbox.GRACE_S", -5.0)
+    token = f"{80 + os.getpid() % 1000 / 1000 + time.time() % 1 / 1000:.9f}"
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:  # the sleeper must have started, or nothing was tested
+        while not done.is_set() and not seen:
+            seen.extend(_sleepers(token))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        r = execute(escape(token) + "import time\ntime.sleep(60)\n", timeout=8, namespaces=namespaces)
+        assert r.timeout and "did not finish in time" in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 3 + 2
+    finally:
+        done.set()
+        watcher.join()
+        _assert_no_sleeper_left(token)
+    assert seen, "the sleeper never started"
+
+
+STOPPED_SUPERVISOR_PROBE = """
+import sys
+sys.path.insert(0, {eval_dir!r})
+import sandbox
+sandbox.GRACE_S = 1.0
+r = sandbox.execute({code!r}, timeout=2, namespaces=False)
+print(r.timeout, r.success)
+"""
+
+
+@AS_ROOT
+def test_a_solution_that_stops_its_supervisor_leaves_no_process_behind():
+    """A harness without root and without namespaces: the solution runs as the harness's uid, so it can
+    SIGSTOP the supervisor, which then never finishes; the caller's kill past the grace must still take
+    the sleeper the solution started in a session of its own."""
+    python, setpriv = Path("/usr/bin/python3"), Path("/usr/bin/setpriv")
+    if not (python.exists() and setpriv.exists()):
+        pytest.skip("needs /usr/bin/python3 and setpriv to run a harness as nobody")
+    token = f"{90 + os.getpid() % 1000 / 1000 + time.time() % 1 / 1000:.9f}"
+    code = (_setsid_sleeper(token) + "import signal, time\ntime.sleep(0.3)\n"
+            "posix.kill(posix.getppid(), signal.SIGSTOP)\ntime.sleep(60)\n")
+    eval_dir = tempfile.mkdtemp(prefix="picochat-sandbox-")
+    os.chmod(eval_dir, 0o755)
+    for name in ("sandbox.py", "sandbox_child.py"):
+        shutil.copy(Path(__file__).parents[1] / "picochat" / name, eval_dir)
+        os.chmod(Path(eval_dir) / name, 0o644)
+    try:
+        out = subprocess.run([str(setpriv), "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c",
+                              STOPPED_SUPERVISOR_PROBE.format(eval_dir=eval_dir, code=code)],
+                             env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}, cwd="/", capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr
+    finally:
+        shutil.rmtree(eval_dir, ignore_errors=True)
+        _assert_no_sleeper_left(token)
