@@ -150,8 +150,8 @@ class StageRun:
         return self.checkpoint is not None or bool(self.steps) or self.chat_eval is not None
 
     def train_time_s(self) -> float:
-        """Seconds the training loop ran, every process of the training with its evals and saves (the
-        loop's `wall_time_s`) when recorded, else the sum of step times."""
+        """Seconds the training loop ran up to the newest checkpoint, every process of the training with its
+        evals and saves (the loop's `wall_time_s`, in every checkpoint), else the sum of step times."""
         recorded = self.meta.get("metrics", {}).get("wall_time_s")
         if isinstance(recorded, (int, float)):
             return float(recorded)
@@ -272,16 +272,17 @@ def tokenizer_section(root: Path, runs: dict[str, StageRun]) -> str | None:
 
 
 def stage_tokens(run: StageRun, step) -> int | None:
-    """Tokens the stage trained on up to `step`: steps x the fixed count of one step, or, where a step's
-    count varies (padded SFT rows, RL rollouts), the sum of every step's record (None if one is missing)."""
+    """Tokens the stage trained on up to `step`: the sum of every step's record (a resume may have changed
+    the batch; padded SFT rows and RL rollouts give each step its own count), else, with a record missing,
+    steps x the fixed count of one step (None where a step's count varies)."""
     if not isinstance(step, int):
         return None
-    tokens_per_step = (run.meta.get("loop") or {}).get("tokens_per_step")
-    if isinstance(tokens_per_step, int) and tokens_per_step > 0:
-        return step * tokens_per_step
     counts = {r["step"]: r.get("tokens") for r in run.steps if r["step"] <= step}
     if step > 0 and set(counts) == set(range(1, step + 1)) and all(isinstance(c, int) for c in counts.values()):
         return sum(counts.values())
+    tokens_per_step = (run.meta.get("loop") or {}).get("tokens_per_step")
+    if isinstance(tokens_per_step, int) and tokens_per_step > 0:
+        return step * tokens_per_step
     return None
 
 

@@ -272,3 +272,18 @@ def test_a_stage_whose_step_size_varies_reports_the_sum_of_its_steps_tokens(home
     assert "| tokens | 310 |" in sft_section()
     (home / "logs" / "sft-d2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[1:]))
     assert "| tokens |" not in sft_section()
+
+
+def test_tokens_after_a_resume_that_changed_the_batch_are_the_steps_own(home):
+    """Steps 1-3 of 256 tokens, then a resume with --total-batch-size 512 for steps 4-6: 2,304 tokens (and
+    FLOPs from them). The count was steps x the newest checkpoint's batch: 3,072."""
+    log = [{"step": s, "loss": 2.0, "smooth_loss": 2.0, "dt": 1.0, "timed": True, "tokens": 256 if s <= 3 else 512}
+           for s in range(1, 7)]
+    (home / "logs" / "base-d2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert main(["report"]) == 0
+    base = (home / "reports" / "d2" / "report.md").read_text().split("## Base model", 1)[1].split("\n## ", 1)[0]
+    meta = json.loads((home / "checkpoints" / "base" / "d2" / "step_6" / "meta.json").read_text())
+    assert meta["loop"]["tokens_per_step"] == 512
+    assert "| tokens | 2,304 |" in base, base
+    flops_per_token = int(base.split("| FLOPs per token | ")[1].split(" |")[0].replace(",", ""))
+    assert f"| training FLOPs | {flops_per_token * 2304:.3e} |" in base, base
