@@ -13,21 +13,28 @@ step == num_iterations.
 
 Numbers in the step line: tok/s counts the tokens of every rank (for padded SFT rows the
 real, non-pad tokens); MFU is those tokens' FLOP/s over world size * one device's peak;
-mem is this process's peak memory (see `picochat.mfu.peak_memory_bytes`).
+mem is the largest peak memory of any rank so far (see `picochat.mfu.peak_memory_bytes`; the
+other ranks' as of the step's backward, this process's after its optimiser step); eta is the
+steps left at this process's mean step time plus the evals and samples still due (periodic and
+final) at this process's mean time for each (a kind not yet timed here counts nothing; saves
+are not counted). A step is timed (in the train time, the mean step time and the report's
+throughput) unless it is one of this process's first WARMUP_STEPS or some rank compiled a graph in it.
 
 Agreement across ranks: once per step, after the backward and before the optimiser step,
 one all-reduce carries the Ctrl-C flag, the "a wall-clock save is due" flag, the
-"my loss is not finite" flag and the token counts and loss shares to sum (the logged loss is
-the whole step's, over every rank). So a NaN on any rank skips the update on every rank, every
-rank saves (a collective) and every rank stops with the same error, instead of one rank
-saving while the others wait in another collective.
+"my loss is not finite" flag, the "I traced a torch.compile graph" flag, the token counts and
+loss shares to sum (the logged loss is the whole step's, over every rank) and each rank's peak
+memory in a slot of its own. So a NaN on any rank skips the update on every rank, every rank
+saves (a collective) and every rank stops with the same error, instead of one rank saving while
+the others wait in another collective.
 
 Time budget (`time_budget_s` > 0): the horizon is unknown at the start; the first steps run
 with the schedule of an endless run (UNFIXED_HORIZON), their throughput is measured (at least
 `budget_measure_steps` steps after the warm-up ones, and 3% of the budget), and the
 horizon is then fixed (agreed as the minimum over ranks) so that the loop ends when the
-budget is spent. The fixed horizon is saved in every checkpoint, so a resumed run keeps it
-and reproduces the uninterrupted run bit for bit.
+budget is spent: its steps, and the periodic evals and samples due before it at the time they
+took so far (the final eval and save come on top). The fixed horizon is saved in every checkpoint,
+so a resumed run keeps it and reproduces the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import random
 import secrets
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,6 +64,7 @@ from picochat.runtime import Dist, home, log0, seed_everything
 
 LOSS_WEIGHTINGS = ("mean", "tokens")
 WARMUP_STEPS = 3  # each process's first steps pay for warm-up and compilation: not in train time or step time
+# (nor is a later step in which torch.compile traced a graph on some rank: a new SFT row width)
 # The horizon the schedule sees while a time-budgeted run measures its throughput: far
 # enough that no schedule has started its decay.
 UNFIXED_HORIZON = 2**31
@@ -201,6 +210,22 @@ class StepOutcome:
     nonfinite_ranks: int  # ranks whose loss was NaN or inf
     tokens: int
     record: dict
+    peak_mem_bytes: int = 0  # the largest peak memory of any rank, as of the backward
+    compiled: bool = False  # torch.compile traced a graph on some rank: the step paid for compiling it
+
+
+def _graphs_traced() -> int:
+    """Graphs torch.compile has traced in this process so far (none when it never ran)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
+
+
+def _due(every: int, start: int, end: int, skip_zero: bool = False) -> int:
+    """How many steps k, start <= k < end, an eval (or sample) every `every` steps falls on
+    (`skip_zero`: not on step 0)."""
+    if every <= 0 or end <= start:
+        return 0
+    return -(-end // every) + (start // -every) - (1 if skip_zero and start == 0 else 0)
 
 
 def _with_token_count(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -269,7 +294,9 @@ class Trainer:
         parts: dict[str, Any] | None = None,
     ):
         self.model = model  # the uncompiled model: saved, evaluated, sampled
-        self.train_model = train_model or model  # possibly torch.compile'd, used for the forward
+        # Possibly torch.compile'd, used for the forward (not `or`: a compiled module's truth value asks
+        # the model for its len(), which raises)
+        self.train_model = model if train_model is None else train_model
         # In a world > 1 each rank keeps and updates only its share of the optimiser state
         # (picochat.optim.sharded); in a world of 1 the optimisers are used as given.
         self.gradients, self.optimizers = shard_optimizers(model, optimizers, world.rank, world.world_size,
@@ -302,6 +329,7 @@ class Trainer:
         self._nonfinite_step: int | None = None  # the step whose loss was not finite, for the save that stops
         self._earlier_steps: list[int] = []  # an earlier run's checkpoints under this tag, for the first save
         self._resumed = False
+        self._side_work = {"eval": (0.0, 0), "sample": (0.0, 0)}  # this process's (seconds, count) of each
         device = next(model.parameters()).device
         self.device = device
         self.flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 0
@@ -418,6 +446,8 @@ class Trainer:
     def save(self) -> None:
         """Collective: rank 0 writes, and every rank learns whether it could (a failed save raises the same
         error on every rank, instead of leaving the others waiting for rank 0)."""
+        # The report reads a checkpoint's times: current in every one (a stopped or crashed run's too).
+        self.metrics.update(train_time_s=self.train_time, wall_time_s=self.elapsed_s)
         state = self.state_dict()  # collective: every rank takes part
         error = None
         if self.world.is_main:
@@ -467,7 +497,9 @@ class Trainer:
 
         The update is skipped on every rank when any rank's loss is not finite.
         """
-        outcome = self._agree(self.step_fn(step))
+        graphs = _graphs_traced()
+        work = self.step_fn(step)
+        outcome = self._agree(work, compiled=_graphs_traced() != graphs)
         self.gradients.wait()  # every rank finishes the reductions the last backward started
         if outcome.nonfinite_ranks:
             self.model.zero_grad(set_to_none=True)
@@ -510,19 +542,23 @@ class Trainer:
         return StepWork(loss=loss_sum.item() / self.world.world_size, tokens=sum(n for _, _, n in micro),
                         supervised_tokens=sum(n_tokens))
 
-    def _agree(self, work: StepWork) -> StepOutcome:
-        """One all-reduce per step: stop, save-due and non-finite flags, token counts and loss shares."""
+    def _agree(self, work: StepWork, compiled: bool = False) -> StepOutcome:
+        """One all-reduce per step: stop, save-due, non-finite and compiled flags, token counts, loss shares
+        and peak memories."""
         minutes = self.cfg.save_every_minutes
         save_due = minutes > 0 and time.time() - self._last_save >= 60 * minutes
         values = [int(self._stop_requested), int(save_due), int(not math.isfinite(work.loss)), work.tokens,
-                  work.supervised_tokens, work.loss]
+                  work.supervised_tokens, int(compiled), work.loss]
+        memory = [0] * self.world.world_size  # a slot per rank: the sum hands every rank each one's peak
+        memory[self.world.rank] = peak_memory_bytes(self.device)
         if self.world.enabled:
-            t = torch.tensor(values, dtype=torch.float64, device=self.device)  # counts are exact below 2**53
+            t = torch.tensor(values + memory, dtype=torch.float64, device=self.device)  # exact below 2**53
             dist.all_reduce(t)  # SUM: a flag is set when any rank set it
             summed = t.tolist()
-            values = [*map(int, summed[:5]), summed[5]]
-        return StepOutcome(loss=values[5], supervised_tokens=values[4], stop=values[0] > 0, save_due=values[1] > 0,
-                           nonfinite_ranks=values[2], tokens=values[3], record=work.record)
+            values, memory = [*map(int, summed[:6]), summed[6]], [int(m) for m in summed[7:]]
+        return StepOutcome(loss=values[6], supervised_tokens=values[4], stop=values[0] > 0, save_due=values[1] > 0,
+                           nonfinite_ranks=values[2], tokens=values[3], record=work.record,
+                           peak_mem_bytes=max(memory), compiled=values[5] > 0)
 
     def _stop_on_nonfinite(self, step: int, outcome: StepOutcome) -> None:
         """Every rank: save the last good weights (collectively), then raise the same error.
@@ -551,15 +587,37 @@ class Trainer:
         if self.on_log is not None:
             self.on_log(record)
 
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.time()
+
+    def _timed(self, kind: str, fn: Callable[[], Any]) -> Any:
+        """fn(), its seconds added to this process's time for `kind` (eval or sample)."""
+        t0 = self._clock()
+        out = fn()
+        seconds, count = self._side_work[kind]
+        self._side_work[kind] = (seconds + self._clock() - t0, count + 1)
+        return out
+
+    def _side_seconds(self, start: int, end: int, final: bool) -> float:
+        """Seconds of the evals and samples due at steps start..end-1 (`final`: and of the last ones, at
+        `end`), each at this process's mean time for its kind; a kind not yet timed here counts nothing."""
+        cfg = self.cfg
+        due = {"eval": _due(cfg.eval_every, start, end) + final if self.evaluate else 0,
+               "sample": _due(cfg.sample_every, start, end, skip_zero=True) + final if self.sample else 0}
+        return sum(n * seconds / count for kind, n in due.items()
+                   for seconds, count in [self._side_work[kind]] if count)
+
     def _eval_and_sample(self, step: int, last: bool) -> None:
         cfg = self.cfg
         if self.evaluate and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-            results = self.evaluate(self.model, step)
+            results = self._timed("eval", lambda: self.evaluate(self.model, step))
             self.metrics.update(results)
             log0(f"step {step:5d} | eval " + " | ".join(f"{k} {v:.4f}" for k, v in results.items()))
             self._log({"step": step, "eval": results})
         if self.sample and (last or (cfg.sample_every > 0 and step % cfg.sample_every == 0 and step > 0)):
-            self.sample(self.model, step)
+            self._timed("sample", lambda: self.sample(self.model, step))
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -594,10 +652,8 @@ class Trainer:
             last = step >= self.num_iterations
             self._eval_and_sample(step, last)
             if last:
-                self.metrics["train_time_s"] = self.train_time
-                self.elapsed_s = elapsed_before + time.time() - t_run
-                self.metrics["wall_time_s"] = self.elapsed_s  # every process of this training, resumed or not
-                self.save()
+                self.elapsed_s = elapsed_before + time.time() - t_run  # every process of this training
+                self.save()  # with train_time_s and wall_time_s in its metrics
                 break
             lrm, mom = self._set_hyperparameters(step)
             if self.device.type == "cuda":
@@ -611,7 +667,7 @@ class Trainer:
                 self._stop_on_nonfinite(step, outcome)
             self.step = step + 1
             self.elapsed_s = elapsed_before + time.time() - t_run
-            timed = run_steps >= WARMUP_STEPS
+            timed = run_steps >= WARMUP_STEPS and not outcome.compiled  # compiling is not the step's pace
             if timed:
                 self.train_time += dt
                 timed_steps, timed_s = timed_steps + 1, timed_s + dt
@@ -644,17 +700,26 @@ class Trainer:
         return spent >= self.cfg.budget_measure_fraction * self.cfg.time_budget_s
 
     def _fix_horizon(self, timed_steps: int, timed_s: float) -> None:
-        """Time budget: the horizon that spends what is left of the budget at the step time measured here."""
+        """Time budget: the horizon that spends what is left of the budget at the step time measured here,
+        the evals and samples due before it at the time they took here."""
         seconds_per_step = max(timed_s / timed_steps, 1e-6)  # a coarse clock can time steps at 0 s
         left = self.cfg.time_budget_s - self.elapsed_s
         horizon = self.step + max(0, int(left // seconds_per_step))
+        if self._side_seconds(self.step, horizon, final=False) > 0:  # the largest horizon that fits: bisect
+            low = self.step
+            while low < horizon:
+                mid = (low + horizon + 1) // 2
+                cost = (mid - self.step) * seconds_per_step + self._side_seconds(self.step, mid, final=False)
+                low, horizon = (mid, horizon) if cost <= left else (low, mid - 1)
         if self.world.enabled:  # ranks measured slightly different times: agree on the smallest
             t = torch.tensor([horizon], dtype=torch.long, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             horizon = int(t.item())
         self.num_iterations, self.horizon_fixed = horizon, True
+        side = self._side_seconds(self.step, horizon, final=False)
         log0(f"time budget {self.cfg.time_budget_s / 60:.2f} min: {seconds_per_step * 1000:.0f} ms/step over "
-             f"{timed_steps} steps, {self.elapsed_s:.0f}s spent -> horizon fixed at {horizon} steps")
+             f"{timed_steps} steps, {self.elapsed_s:.0f}s spent -> horizon fixed at {horizon} steps"
+             + (f" (with {side:.0f}s of evals and samples)" if side > 0 else ""))
 
     def _log_step(self, step: int, outcome: StepOutcome, dt: float, lrm: float, mom: float | None,
                   seconds_per_step: float, timed: bool) -> None:
@@ -666,11 +731,11 @@ class Trainer:
         debiased = self.smooth_loss / (1 - beta ** self.step)
         tok_per_s = outcome.tokens / dt if dt > 0 else float("nan")  # a coarse clock can time a step at 0 s
         mfu = mfu_percent(self.flops_per_token, tok_per_s, self.peak, self.world.world_size)
-        peak_mem = peak_memory_bytes(self.device)
+        peak_mem = max(peak_memory_bytes(self.device), outcome.peak_mem_bytes)  # the largest of any rank
         horizon = self.num_iterations if self.horizon_fixed else None
         eta = float("nan")
         if seconds_per_step and horizon is not None:
-            eta = (horizon - self.step) * seconds_per_step
+            eta = (horizon - self.step) * seconds_per_step + self._side_seconds(self.step, horizon, final=True)
         epoch = getattr(self.batches, "epoch", None)
         if step % cfg.log_every == 0 or self.step == horizon:
             mom_text = f" | mom {mom:.3f}" if mom is not None else ""

@@ -244,6 +244,70 @@ def _flops_per_token(home: Path) -> int:
                        "cpu").flops_per_token()
 
 
+def train_with_a_heavy_rank(rank: int, world: int, port: int, home: str) -> None:
+    """A short run in which rank 1 holds 512 MiB more than rank 0 (a buffer of its own, every page touched)."""
+    world_info, tok, model = join_tiny_world(rank, world, port, home)
+    from picochat.mfu import peak_memory_bytes
+    from picochat.optim import build_optimizers
+    from picochat.runtime import shutdown_distributed
+    from picochat.train.loop import LoopConfig, Trainer
+
+    ballast = torch.ones(128 * 2**20) if rank == 1 else None
+    before = peak_memory_bytes(torch.device("cpu"))
+    opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    batches = FixedBatches(make_batches(tok.vocab_size, 3, 2), rank, world)
+    cfg = LoopConfig(stage="base", tag="mem", num_iterations=3, grad_accum_steps=1, tokens_per_step=2 * 2 * 16)
+    Trainer(model, opts, batches, cfg, world_info, tok, lr_multiplier=lambda s, n: 1.0, momentum=lambda s: 0.9).run()
+    after = peak_memory_bytes(torch.device("cpu"))
+    (Path(home) / f"mem{rank}.json").write_text(json.dumps({"before": before, "after": after}))
+    del ballast
+    shutdown_distributed()
+
+
+def test_peak_memory_is_the_largest_of_any_rank(tiny_home):
+    """The step line's and the records' peak memory is the largest rank's: it was rank 0's own, which hid
+    a rank 1 holding 512 MiB more."""
+    run_two_ranks(train_with_a_heavy_rank, (str(tiny_home),), "while sharing their peak memory")
+    peaks = [json.loads((tiny_home / f"mem{r}.json").read_text()) for r in (0, 1)]
+    assert peaks[1]["before"] > peaks[0]["after"] + 256 * 2**20  # the heavy rank is the heavier one
+    records = [json.loads(line) for line in (tiny_home / "logs" / "base-mem.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert peaks[1]["before"] <= r["peak_mem_bytes"] <= max(peaks[0]["after"], peaks[1]["after"]), r
+
+
+def train_compiled_with_a_narrow_batch(rank: int, world: int, port: int, home: str) -> None:
+    """A compiled run in which only rank 1's step 5 has narrower rows: only rank 1 traces a new graph then."""
+    world_info, tok, model = join_tiny_world(rank, world, port, home)
+    from picochat.optim import build_optimizers
+    from picochat.runtime import shutdown_distributed
+    from picochat.train.loop import LoopConfig, Trainer
+
+    steps = make_batches(tok.vocab_size, 6, 2)
+    if rank == 1:  # micro-batch 1 of step 4 (the fifth) is rank 1's: its rows are 8 wide
+        steps[4][1] = tuple(t[:, :8].contiguous() for t in steps[4][1])
+    opts = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    cfg = LoopConfig(stage="base", tag="graphs", num_iterations=6, grad_accum_steps=1, tokens_per_step=0)
+    trainer = Trainer(model, opts, FixedBatches(steps, rank, world), cfg, world_info, tok,
+                      lr_multiplier=lambda s, n: 1.0, momentum=lambda s: 0.9,
+                      train_model=torch.compile(model, backend="eager", dynamic=False))
+    trainer.run()
+    (Path(home) / f"graphs{rank}.json").write_text(json.dumps({"train_time": trainer.train_time}))
+    shutdown_distributed()
+
+
+def test_a_step_in_which_one_rank_compiles_is_untimed_on_every_rank(tiny_home):
+    """Whether a step compiled is agreed: rank 1 alone traced a graph in step 5, which every rank's step
+    waited for, so no rank times it (and the ranks' train times, which a time budget reads, agree)."""
+    run_two_ranks(train_compiled_with_a_narrow_batch, (str(tiny_home),), "after one of them compiled")
+    records = [json.loads(line) for line in (tiny_home / "logs" / "base-graphs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r and not r["timed"]] == [1, 2, 3, 5]
+    times = [json.loads((tiny_home / f"graphs{r}.json").read_text())["train_time"] for r in (0, 1)]
+    assert times[0] == pytest.approx(sum(r["dt"] for r in records if r.get("timed")))
+    assert 0 < times[1] < sum(r["dt"] for r in records if "loss" in r)
+
+
 @pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process(tiny_home, capsys):
     """The data restarts at the earliest position any old rank had reached, the optimiser state is
