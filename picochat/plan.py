@@ -30,8 +30,9 @@ C = width, L = depth, N = tokens of one micro-batch on one device):
 - optimiser step temporaries: the peak may instead come at the optimiser step, when the
   gradients this rank owns exist (all of them in a world of 1) and Muon works through the
   matrices this rank updates one shape at a time, all of a shape as one stack: per matrix its
-  Nesterov update, its copy in the stack, the Newton-Schulz iterate and the next one (4 bytes
-  each, as in fp32; bf16 needs less), and two Gram matrices of its shorter side (4 bytes each).
+  Nesterov update and its copy in the stack (4 bytes each), the Newton-Schulz iterate and the
+  next one, and two Gram matrices of its shorter side (4 bytes each in fp32, 2 in bf16: the
+  orthogonalisation's dtype on a GPU and on a CPU with fast bf16).
   The largest such stack counts (`muon_step_temporaries`).
   The larger of the two moments (with rl, of three: below) is reported, with the terms alive at it.
 - communication buffers: with more than one rank, two 32 MiB buckets in flight plus this
@@ -69,6 +70,7 @@ from picochat.infer.decode import MAX_COPY_BYTES as DECODE_COPY_BYTES
 from picochat.infer.unembed import MAX_COPY_BYTES as UNEMBED_COPY_BYTES
 from picochat.mfu import peak_flops
 from picochat.model.gpt import GPT
+from picochat.optim.muon import orthogonalisation_dtype
 from picochat.optim.sharded import assign_owners
 from picochat.runtime import home, pick_dtype
 
@@ -160,15 +162,20 @@ class Shape:
 def muon_step_temporaries(s: Shape) -> int:
     """Bytes Muon's step allocates at its peak on the busiest rank. Muon updates the matrices of one
     shape together (picochat.optim.muon.Muon.step), those this rank owns (picochat.optim.sharded's
-    assign_owners); per (rows, cols) matrix: its Nesterov update, its copy in the stack, the
-    Newton-Schulz iterate and the next one (4 bytes each) and two Gram matrices of its shorter side."""
+    assign_owners); per (rows, cols) matrix: its Nesterov update and its copy in the stack (fp32), the
+    Newton-Schulz iterate, the next one and two Gram matrices of its shorter side (in the orthogonalisation
+    dtype: bf16 on a GPU and on a CPU with fast bf16, where the fp32 result next to the last bf16 iterate
+    can be the larger moment)."""
+    e = orthogonalisation_dtype(torch.device("cuda" if s.on_gpu else "cpu")).itemsize
     C, kv = s.n_embd, s.n_kv_head * (s.n_embd // s.n_head)
     hidden = s.mlp_ratio * C
     # The block matrices in parameter order: q, k, v, attention out, MLP in, MLP out.
     shapes = [(C, C), (kv, C), (kv, C), (C, C), (hidden, C), (C, hidden)] * s.n_layer
     owners = assign_owners([rows * cols for rows, cols in shapes], s.world_size)
     stacks = Counter(zip(owners, shapes))  # (rank, shape) -> matrices in one stack
-    return max(count * (16 * rows * cols + 8 * min(rows, cols) ** 2) for (_, (rows, cols)), count in stacks.items())
+    per_stack = (max((8 + 2 * e) * rows * cols + 2 * e * min(rows, cols) ** 2, (10 + e) * rows * cols) * count
+                 for (_, (rows, cols)), count in stacks.items())
+    return max(per_stack)
 
 
 SAMPLING = "sampling (weights copy, KV cache)"
