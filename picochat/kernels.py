@@ -9,7 +9,9 @@ ending with `fallback` (what the caller does instead) and returns None: every ke
 optimisation with a torch fallback, never a requirement. PICOCHAT_CPU_KERNEL=0 turns them all off.
 
 Flags: -O3 with OpenMP (the runtime torch already loaded), fused multiply-adds, and -mavx2 -mfma on x86-64 CPUs that
-have them, not -march=native, so one shared home may serve several CPU models.
+have them, plus AVX-512 (f, bw, vl, dq) where torch itself runs its AVX-512 kernels; not -march=native, so one
+shared home may serve several CPU models (each flag set builds its own library). The kernels choose their
+vector width from the compiler's macros (__AVX512F__: 16 fp32 lanes, else 8).
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ def flags() -> list[str]:
     # -std=c99 alone turns off fusing a * b + c into one FMA instruction (ISO C's default):
     # -ffp-contract=fast turns it back on (half the arithmetic instructions in both kernels).
     out = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99", "-ffp-contract=fast"]
-    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+    capability = torch.backends.cpu.get_cpu_capability()  # what torch found this CPU to run: DEFAULT, AVX2, AVX512
+    if platform.machine() in ("x86_64", "AMD64") and capability != "DEFAULT":
         out += ["-mavx2", "-mfma"]
+        if capability == "AVX512":  # torch's test: avx512f, bw, vl and dq all present
+            out += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     return out
 
 

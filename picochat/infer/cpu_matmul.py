@@ -38,7 +38,7 @@ from picochat.runtime import warn
 FALLBACK = "CPU decoding uses torch's matmuls (1.2-1.5x slower at small batch)"
 
 SOURCE = Path(__file__).with_name("small_matmul.c")
-PANELS_PER_THREAD = 8
+COLUMNS_PER_THREAD = 128  # output columns: 8 panels of the 8-lane build, 4 of the 16-lane one
 MAX_ROWS = 16  # beyond this the products are large enough for BLAS (and PackedLinear defers to it)
 
 
@@ -176,9 +176,9 @@ class PackedLinear:
         out_dtype = x.dtype
         x = x.float().contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
-        # at least PANELS_PER_THREAD panels per thread: waking many cores for a small matrix costs
+        # at least COLUMNS_PER_THREAD output columns per thread: waking many cores for a small matrix costs
         # more than it saves (on 2 cores every decode matrix here still gets both)
-        threads = max(1, min(torch.get_num_threads(), self.packed.size(0) // PANELS_PER_THREAD))
+        threads = max(1, min(torch.get_num_threads(), self.out_features // COLUMNS_PER_THREAD))
         self.matmul(x.data_ptr(), rows, self.in_features, self.packed.data_ptr(), self.out_features,
                     out.data_ptr(), threads)
         return out if out_dtype == torch.float32 else out.to(out_dtype)

@@ -9,14 +9,23 @@
  *                                             rows past n are zero)
  *
  * and keeps a (rows x PANEL) tile of outputs in registers: per j, two vector loads of the
- * panel and one broadcast per row feed 2 fused multiply-adds per row. Up to ROWS_PER_PASS rows
- * go through a panel at a time (6 x 2 accumulators + 2 panel vectors + 1 broadcast = 15 of
- * AVX2's 16 registers); more rows take another pass over the same panel, now in L1 cache.
+ * panel and one broadcast per row feed 2 fused multiply-adds per row. The vector width comes
+ * from the compiler's target: LANES = 16 fp32 values where __AVX512F__ is defined (the build
+ * flags add AVX-512 where torch itself runs AVX-512 code), else 8 (AVX2 on x86-64, NEON on
+ * ARM), and PANEL = 2 * LANES columns. Up to ROWS_PER_PASS rows go through a panel at a time,
+ * as many as the vector registers hold: 6 with 8 lanes (6 x 2 accumulators + 2 panel vectors
+ * + 1 broadcast = 15 of AVX2's 16 registers), 12 with 16 lanes (24 + 2 + 1 = 27 of AVX-512's
+ * 32; 12 and 14 measured the same, both well ahead of 6 at 8 rows); more rows take another
+ * pass over the same panel, now in L1 cache. Each output is summed over j in order, one fused
+ * multiply-add at a time, in whichever pass its row falls, so a row's result does not depend
+ * on how many rows come with it (nor on the lane count).
  * Panels are spread over OpenMP threads (the OpenMP runtime torch already loaded). Each pass
- * prefetches: 64 lines ahead in the panel it streams, or, in a second pass over a panel that
- * is now in cache, the next panel, so the arithmetic of 7-16 rows overlaps the memory reads
- * (measured here, weights cold: 8 rows 1,587 -> 1,209 us and 6 rows 1,212 -> 946 us for the
- * 256 x 32,768 unembedding; 1 row unchanged).
+ * prefetches every cache line of a j step: PREFETCH_AHEAD steps ahead in the panel it streams,
+ * or, in a later pass over a panel that is now in cache, the next panel, so the arithmetic of
+ * the extra rows overlaps the memory reads (8-lane build, weights cold: 8 rows 1,587 -> 1,209
+ * us and 6 rows 1,212 -> 946 us for the 256 x 32,768 unembedding; 1 row unchanged). On a
+ * 2-core AVX-512 Xeon the 16-lane build took that unembedding at 8 rows from ~1,000 us (fp32)
+ * and ~1,190 us (bf16 weights) to ~700 us each; fp32 at 1 row is bound by memory either way.
  *
  * The bf16 variant reads weights stored as bfloat16 (the top 16 bits of an fp32), packed the
  * same way: half the bytes per step, widened to fp32 in registers (a zero-extend and a shift,
@@ -32,50 +41,69 @@
  * picochat_topk serves the sampler: the k largest logits of each row, in one pass over the
  * vocabulary against the k-th best so far (torch's CPU top-k took ~0.4 ms of a ~5 ms batch-8 step).
  *
- * Written with GCC/Clang vector extensions, so the same code compiles to AVX2 on x86-64 and to
- * NEON on ARM. picochat/infer/cpu_matmul.py compiles it on first use and checks it against torch.
+ * Written with GCC/Clang vector extensions, so the same code compiles to AVX-512 or AVX2 on
+ * x86-64 and to NEON on ARM. picochat/infer/cpu_matmul.py compiles it on first use and checks
+ * it against torch.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
-typedef float vec8 __attribute__((vector_size(32), aligned(4)));  /* unaligned loads and stores */
-typedef uint16_t half8 __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t word8 __attribute__((vector_size(32)));
+/* The panel kernels' vector: LANES fp32 values, one register (zmm with AVX-512, else ymm or a
+ * NEON pair). aligned(4): loads and stores need not be aligned. */
+#if defined(__AVX512F__)
+#define LANES 16
+#else
+#define LANES 8
+#endif
+typedef float vec __attribute__((vector_size(4 * LANES), aligned(4)));
+typedef uint16_t half_vec __attribute__((vector_size(2 * LANES), aligned(2)));
+typedef uint32_t word_vec __attribute__((vector_size(4 * LANES)));
 
-/* 8 bf16 values -> 8 fp32 values (bf16 is the top half of an fp32's bits). */
-static inline vec8 widen_bf16(const uint16_t *p) {
-    word8 w = __builtin_convertvector(*(const half8 *)p, word8) << 16;
-    return (vec8)w;
+/* LANES bf16 values -> LANES fp32 values (bf16 is the top half of an fp32's bits). */
+static inline vec widen_bf16(const uint16_t *p) {
+    word_vec w = __builtin_convertvector(*(const half_vec *)p, word_vec) << 16;
+    return (vec)w;
 }
 
-#define PANEL 16
-#define ROWS_PER_PASS 6
-#define PREFETCH_AHEAD 64 /* j steps: 64 cache lines of fp32 panel */
+#define PANEL (2 * LANES)
+#if LANES == 16
+#define ROWS_PER_PASS 12 /* 24 accumulators + 2 panel vectors + 1 broadcast of 32 registers */
+#else
+#define ROWS_PER_PASS 6 /* 12 accumulators + 2 panel vectors + 1 broadcast of 16 registers */
+#endif
+#define PREFETCH_AHEAD 64 /* j steps ahead in the panel being streamed */
 
 /* Keep a loaded value in a register: otherwise GCC folds the panel loads into every FMA as a
- * memory operand, and the loads, not the arithmetic, then limit the kernel. */
-#if defined(__x86_64__)
+ * memory operand, and the loads, not the arithmetic, then limit the kernel. ("x" names only the
+ * first 16 vector registers; "v" any of AVX-512's 32.) */
+#if defined(__x86_64__) && LANES == 16
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#elif defined(__x86_64__)
 #define IN_REGISTER(v) __asm__("" : "+x"(v))
 #else
 #define IN_REGISTER(v) ((void)0)
 #endif
 
-#define LOAD_F32(p) (*(const vec8 *)(p))
+#define LOAD_F32(p) (*(const vec *)(p))
 #define LOAD_BF16(p) widen_bf16(p)
+
+/* One prefetch per 64-byte line of a j step of the panel (one line, or two for a 32-wide fp32 one). */
+#define PREFETCH_STEP(p)                                                                    \
+    for (int b = 0; b < (int)sizeof(*(p)) * PANEL; b += 64) __builtin_prefetch((const char *)(p) + b)
 
 #define PANEL_KERNEL(NAME, R, WTYPE, LOAD)                                                  \
     static void NAME##_##R(const float *x, long k, const WTYPE *panel, float *out, long n, \
                            long columns, const WTYPE *ahead) {                              \
-        vec8 lo[R], hi[R];                                                                  \
+        vec lo[R], hi[R];                                                                   \
         for (int r = 0; r < R; r++) {                                                       \
-            lo[r] = (vec8){0};                                                              \
-            hi[r] = (vec8){0};                                                              \
+            lo[r] = (vec){0};                                                               \
+            hi[r] = (vec){0};                                                               \
         }                                                                                   \
         for (long j = 0; j < k; j++) {                                                      \
-            vec8 w_lo = LOAD(panel + j * PANEL);                                            \
-            vec8 w_hi = LOAD(panel + j * PANEL + 8);                                        \
-            __builtin_prefetch(ahead + j * PANEL);                                          \
+            vec w_lo = LOAD(panel + j * PANEL);                                             \
+            vec w_hi = LOAD(panel + j * PANEL + LANES);                                     \
+            PREFETCH_STEP(ahead + j * PANEL);                                               \
             IN_REGISTER(w_lo);                                                              \
             IN_REGISTER(w_hi);                                                              \
             for (int r = 0; r < R; r++) {                                                   \
@@ -87,32 +115,52 @@ static inline vec8 widen_bf16(const uint16_t *p) {
         for (int r = 0; r < R; r++) {                                                       \
             float *o = out + r * n;                                                         \
             if (columns == PANEL) {                                                         \
-                *(vec8 *)o = lo[r];                                                         \
-                *(vec8 *)(o + 8) = hi[r];                                                   \
+                *(vec *)o = lo[r];                                                          \
+                *(vec *)(o + LANES) = hi[r];                                                \
             } else { /* the last panel of an n that is not a multiple of PANEL */           \
-                for (long c = 0; c < columns; c++) o[c] = c < 8 ? lo[r][c] : hi[r][c - 8];  \
+                for (long c = 0; c < columns; c++)                                          \
+                    o[c] = c < LANES ? lo[r][c] : hi[r][c - LANES];                         \
             }                                                                               \
         }                                                                                   \
     }
 
-PANEL_KERNEL(panel, 1, float, LOAD_F32)
-PANEL_KERNEL(panel, 2, float, LOAD_F32)
-PANEL_KERNEL(panel, 3, float, LOAD_F32)
-PANEL_KERNEL(panel, 4, float, LOAD_F32)
-PANEL_KERNEL(panel, 5, float, LOAD_F32)
-PANEL_KERNEL(panel, 6, float, LOAD_F32)
-PANEL_KERNEL(panel_bf16, 1, uint16_t, LOAD_BF16)
-PANEL_KERNEL(panel_bf16, 2, uint16_t, LOAD_BF16)
-PANEL_KERNEL(panel_bf16, 3, uint16_t, LOAD_BF16)
-PANEL_KERNEL(panel_bf16, 4, uint16_t, LOAD_BF16)
-PANEL_KERNEL(panel_bf16, 5, uint16_t, LOAD_BF16)
-PANEL_KERNEL(panel_bf16, 6, uint16_t, LOAD_BF16)
+/* Both weight types, R rows at a time. */
+#define PANEL_KERNELS_FOR(R)                       \
+    PANEL_KERNEL(panel, R, float, LOAD_F32)        \
+    PANEL_KERNEL(panel_bf16, R, uint16_t, LOAD_BF16)
+
+PANEL_KERNELS_FOR(1)
+PANEL_KERNELS_FOR(2)
+PANEL_KERNELS_FOR(3)
+PANEL_KERNELS_FOR(4)
+PANEL_KERNELS_FOR(5)
+PANEL_KERNELS_FOR(6)
+#if ROWS_PER_PASS > 6
+PANEL_KERNELS_FOR(7)
+PANEL_KERNELS_FOR(8)
+PANEL_KERNELS_FOR(9)
+PANEL_KERNELS_FOR(10)
+PANEL_KERNELS_FOR(11)
+PANEL_KERNELS_FOR(12)
+#endif
 
 typedef void (*panel_fn)(const float *, long, const float *, float *, long, long, const float *);
-static const panel_fn PANEL_KERNELS[ROWS_PER_PASS + 1] = {0, panel_1, panel_2, panel_3, panel_4, panel_5, panel_6};
+static const panel_fn PANEL_KERNELS[] = {0, panel_1, panel_2, panel_3, panel_4, panel_5, panel_6
+#if ROWS_PER_PASS > 6
+    , panel_7, panel_8, panel_9, panel_10, panel_11, panel_12
+#endif
+};
 typedef void (*panel_bf16_fn)(const float *, long, const uint16_t *, float *, long, long, const uint16_t *);
-static const panel_bf16_fn PANEL_BF16_KERNELS[ROWS_PER_PASS + 1] = {
-    0, panel_bf16_1, panel_bf16_2, panel_bf16_3, panel_bf16_4, panel_bf16_5, panel_bf16_6};
+static const panel_bf16_fn PANEL_BF16_KERNELS[] = {
+    0, panel_bf16_1, panel_bf16_2, panel_bf16_3, panel_bf16_4, panel_bf16_5, panel_bf16_6
+#if ROWS_PER_PASS > 6
+    , panel_bf16_7, panel_bf16_8, panel_bf16_9, panel_bf16_10, panel_bf16_11, panel_bf16_12
+#endif
+};
+/* A compile-time check that both tables hold a kernel for every count 1..ROWS_PER_PASS. */
+typedef char panel_tables_cover_a_pass[(sizeof(PANEL_KERNELS) / sizeof(*PANEL_KERNELS) == ROWS_PER_PASS + 1 &&
+                                        sizeof(PANEL_BF16_KERNELS) / sizeof(*PANEL_BF16_KERNELS) == ROWS_PER_PASS + 1)
+                                           ? 1 : -1];
 
 int picochat_panel_width(void) { return PANEL; }
 
@@ -194,6 +242,8 @@ static void sift_down(float *v, int64_t *id, long k, long i) {
     }
 }
 
+/* top-k scans 8 values at a time in every build (a filter: the width does not change its results) */
+typedef float vec8 __attribute__((vector_size(32), aligned(4)));
 typedef int32_t mask8 __attribute__((vector_size(32)));
 typedef uint64_t wide4 __attribute__((vector_size(32)));
 
@@ -227,7 +277,7 @@ int picochat_topk(const float *x, long rows, long n, long k, float *values, int6
         for (long i = k / 2 - 1; i >= 0; i--) sift_down(v, id, k, i);
         long j = k;
         for (; j + 8 <= n; j += 8) { /* 8 at a time: most blocks hold nothing better than the k-th */
-            vec8 block = LOAD_F32(row + j);
+            vec8 block = *(const vec8 *)(row + j);
             mask8 hit = (block > v[0]) | (block != block);
             wide4 any = (wide4)hit;
             if (!(any[0] | any[1] | any[2] | any[3])) continue;

@@ -8,8 +8,9 @@ _softcap_cross_entropy_chunks, for the algebra). The torch version of the same t
 over the chunk; softcap_ce.c (beside this file) one read and one write.
 
 The kernel is compiled on first use (picochat/kernels.py) and checked against float64 torch on a
-small problem; where it cannot be built, or disagrees, or PICOCHAT_CPU_KERNEL=0, `available()`
-is False and the caller keeps its torch ops.
+small problem. `add_into(acc, src)` is acc += src for an fp32 acc and a bf16 src of the same
+shape, in one pass (the lm_head gradient's sum over chunks). Where the kernel cannot be built, or
+disagrees, or PICOCHAT_CPU_KERNEL=0, `available()` is False and the caller keeps its torch ops.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def _library() -> ctypes.CDLL | None:
                                         ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_int]
     lib.picochat_softcap_ce.restype = None
+    lib.picochat_add_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    lib.picochat_add_bf16.restype = None
     if not _agrees_with_torch(lib):
         warn(f"{SOURCE.name} disagrees with torch on a test problem: {FALLBACK}")
         return None
@@ -94,3 +97,13 @@ def softcap_ce_rows(a: torch.Tensor, targets: torch.Tensor, cap: float, shift: f
     lib.picochat_softcap_ce(a.data_ptr(), int(a.dtype == torch.bfloat16), n, vocab, targets.data_ptr(), cap, shift,
                             int(want_grad), loss.data_ptr(), sum_exp.data_ptr(), torch.get_num_threads())
     return loss, sum_exp
+
+
+def add_into(acc: torch.Tensor, src: torch.Tensor) -> None:
+    """acc += src: through the kernel for a contiguous fp32 acc and bf16 src on the CPU, else torch."""
+    lib = _library()
+    if (lib is None or acc.dtype != torch.float32 or src.dtype != torch.bfloat16 or acc.shape != src.shape
+            or acc.device.type != "cpu" or src.device.type != "cpu" or not (acc.is_contiguous() and src.is_contiguous())):
+        acc.add_(src)
+        return
+    lib.picochat_add_bf16(acc.data_ptr(), src.data_ptr(), acc.numel(), torch.get_num_threads())

@@ -602,6 +602,8 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
             xs_c = xs * c[:, None].to(xs.dtype)
             if g.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), xs_c)
+            elif fused:  # a bf16 product summed into fp32: torch would widen it into a temporary first
+                fused_ce.add_into(grad_w, g.t() @ xs_c)
             else:
                 grad_w.add_(g.t() @ xs_c)
     if want_grad:

@@ -23,7 +23,7 @@ def test_packed_product_equals_torch(kernel, threads, out_features, in_features)
     generator = torch.Generator().manual_seed(out_features * in_features)
     weight = torch.randn(out_features, in_features, generator=generator)
     linear = PackedLinear(weight)
-    # every pass size of the kernel (6 rows per pass), and past MAX_ROWS (torch's product)
+    # every pass size of the kernel (6 rows per pass with 8 lanes, 12 with 16), and past MAX_ROWS (torch's product)
     for rows in (1, 2, 3, 5, 6, 7, 8, 12, 13, MAX_ROWS, MAX_ROWS + 1):
         x = torch.randn(rows, in_features, generator=generator)
         got = linear(x)

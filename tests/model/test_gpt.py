@@ -14,7 +14,7 @@ from picochat.errors import ConfigError
 from picochat.model import GPT, GPTConfig, build_model, fused_ce
 from picochat.model.gpt import _softcap_cross_entropy_chunks, apply_rotary
 
-VOCAB = 100  # deliberately not a multiple of 64 (nor of the kernel's 8 lanes)
+VOCAB = 100  # deliberately not a multiple of 64 (nor of the kernel's 8 or 16 lanes)
 
 
 @pytest.fixture(autouse=True, params=["fused-kernel", "torch-ops"])
@@ -50,6 +50,20 @@ def test_the_fused_kernel_equals_float64_torch_in_both_dtypes(elementwise) -> No
                 torch.testing.assert_close(work.double() / scale, g_ref / scale, rtol=tol, atol=tol)
             else:
                 assert torch.equal(work, chunk)  # no gradient asked: the chunk is left alone
+
+
+def test_add_into_equals_torch_add_bit_for_bit() -> None:
+    """acc (fp32) += src (bf16): the widening is exact and there is one rounding per element, as in torch."""
+    g = torch.Generator().manual_seed(4)
+    for numel in (1, 15, 16, 1001, 70_000):  # below, at and past a vector, and past the threaded size
+        acc = torch.randn(numel, generator=g) * 100
+        src = (torch.randn(numel, generator=g) * 1e-3).bfloat16()
+        want = acc + src.float()
+        fused_ce.add_into(acc, src)
+        assert torch.equal(acc, want), numel
+    acc, src = torch.zeros(4, 6), torch.ones(6, 4, dtype=torch.bfloat16).t()  # not contiguous: torch's add_
+    fused_ce.add_into(acc, src)
+    assert torch.equal(acc, torch.ones(4, 6))
 
 
 def small_config(**overrides) -> GPTConfig:
