@@ -97,7 +97,7 @@ def random_batch(vocab_size: int, batch: int, seq_len: int, device: str):
 def picochat_row(spec: dict) -> dict:
     import torch
 
-    from picochat.model.gpt import GPTConfig, build_model
+    from picochat.model.gpt import GPTConfig, build_model, compiled_for_training
     from picochat.optim import build_optimizers
 
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def picochat_row(spec: dict) -> dict:
                                   head_dim=spec["head_dim"], max_seq_len=spec["seq_len"])
     model = build_model(config, spec["device"])
     optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
-    train_model = torch.compile(model, dynamic=False) if spec["compile"] else model
+    train_model = compiled_for_training(model, dynamic=False) if spec["compile"] else model
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
     x, y = random_batch(config.vocab_size, spec["batch"], spec["seq_len"], spec["device"])
 

@@ -224,7 +224,7 @@ def memory_terms(s: Shape) -> dict[str, int]:
     optimiser = 8 * (2 * embed + s.value_embed_params) + 4 * s.matrix_params
     a = ACT_COMPILED if s.compiled else (ACT_EAGER_BF16 if s.bf16 else ACT_EAGER_FP32)
     activations = N * (L * a * C + 12 * C + 16)
-    if s.compiled:
+    if s.compiled and s.on_gpu:  # on a CPU only the trunk is compiled (gpt.compiled_for_training)
         logits = 4 * N * V
     else:
         low = 2 if s.bf16 else 4  # bytes of the compute dtype

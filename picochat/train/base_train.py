@@ -29,7 +29,7 @@ from picochat.eval.bpb import evaluate_bpb_with_se
 from picochat.eval.samples import sample_prompts
 from picochat.mfu import use_expandable_segments
 from picochat.model.fp8 import convert_to_fp8, fp8_decision
-from picochat.model.gpt import GPT, build_model
+from picochat.model.gpt import GPT, build_model, compiled_for_training
 from picochat.optim import RESID_LAMBDAS, X0_LAMBDAS, AdamWGroup, MuonOptions, build_optimizers, muon_momentum
 from picochat.optim.distributed import broadcast_parameters
 from picochat.plan import (
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         optimizers = optimizers_for(cfg, model, lr_scale, wd_scale)
         train_model = model
         if compiled:
-            train_model = torch.compile(model, dynamic=False)
+            train_model = compiled_for_training(model, dynamic=False)
         batches = make_loader(cfg.loader, train_files, tokenizer, cfg.device_batch_size, cfg.max_seq_len,
                               world.rank, world.world_size, world.device)
         evaluate, sample = evaluators(cfg, world, tokenizer, val_file, dtype)

@@ -21,7 +21,7 @@ from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import DeviceOptions, add_preset_argument, option
 from picochat.errors import ConfigError, DataError
 from picochat.mfu import use_expandable_segments
-from picochat.model.gpt import GPTConfig
+from picochat.model.gpt import GPTConfig, compiled_for_training
 from picochat.optim import build_optimizers, muon_momentum
 from picochat.plan import Shape, check_fits
 from picochat.runtime import init_distributed, log0
@@ -125,7 +125,7 @@ def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict
     muon = cfg.muon_options(parent_meta)
     optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, muon_options=muon)
-    train_model = torch.compile(model, dynamic=False) if cfg.compiles(world.device.type) else model
+    train_model = compiled_for_training(model, dynamic=False) if cfg.compiles(world.device.type) else model
     loop_cfg = LoopConfig(stage=plan.stage, tag=plan.tag, num_iterations=plan.num_iterations,
                           grad_accum_steps=plan.grad_accum, tokens_per_step=plan.tokens_per_step,
                           eval_every=cfg.eval_every, save_every=cfg.save_every,

@@ -286,7 +286,7 @@ class Trainer:
         evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
         sample: Callable[[torch.nn.Module, int], None] | None = None,
         compute_dtype: torch.dtype = torch.float32,
-        train_model: torch.nn.Module | None = None,
+        train_model: Callable[..., torch.Tensor] | None = None,
         run_meta: dict | None = None,
         on_log: Callable[[dict], None] | None = None,
         weight_decay_multiplier: Callable[[int, int], float] | None = None,

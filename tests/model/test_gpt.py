@@ -66,6 +66,36 @@ def test_add_into_equals_torch_add_bit_for_bit() -> None:
     assert torch.equal(acc, torch.ones(4, 6))
 
 
+def test_compiled_for_training_on_a_cpu_keeps_the_fused_loss(monkeypatch) -> None:
+    """Only the trunk goes through torch.compile on a CPU; the loss stays the chunked one (the compiled
+    whole model would take the plain loss). Same loss and gradients as the eager model."""
+    from picochat.model import gpt
+
+    config = small_config()
+    eager, compiled = trained_looking_model(config), trained_looking_model(config)
+    chunked = []
+    original = gpt._softcap_cross_entropy_chunks
+    monkeypatch.setattr(gpt, "_softcap_cross_entropy_chunks", lambda *a, **k: chunked.append(1) or original(*a, **k))
+    torch._dynamo.reset()
+    step = gpt.compiled_for_training(compiled, backend="eager", dynamic=False)
+    x = torch.randint(0, VOCAB, (2, 16))
+    y = torch.randint(0, VOCAB, (2, 16))
+    for reduction in ("mean", "sum"):
+        eager.zero_grad()
+        compiled.zero_grad()
+        want = eager(x, y, loss_reduction=reduction)
+        want.backward()
+        chunked.clear()
+        got = step(x, y, loss_reduction=reduction)
+        got.backward()
+        assert chunked, "the compiled step took the plain loss"
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    with pytest.raises(ValueError, match="loss_reduction"):
+        step(x, y, loss_reduction="avg")
+
+
 def small_config(**overrides) -> GPTConfig:
     fields = {"vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "sequence_len": 16}
     fields.update(overrides)
