@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from picochat.model import GPTConfig, build_model
-from picochat.model.gpt import ARCH_2026
+from picochat.model.gpt import ARCH_2026, compiled_for_training
 from picochat.optim import build_optimizers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,7 +35,7 @@ def bench_variant(config: GPTConfig, batch: int, dtype: torch.dtype, compile_mod
     torch.manual_seed(0)
     model = build_model(config, "cpu")
     optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
-    step_model = torch.compile(model, dynamic=False) if compile_model else model
+    step_model = compiled_for_training(model, dynamic=False) if compile_model else model
     idx = torch.randint(0, config.vocab_size, (batch, config.sequence_len))
     targets = torch.roll(idx, -1, dims=1)
     t_fwd_bwd = t_opt = cpu = 0.0
