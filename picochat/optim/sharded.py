@@ -6,8 +6,9 @@ keeps 1/W of the optimiser state and each gradient is reduced straight to the ra
 own it (ZeRO-2's reduce-scatter); full gradients still live through the backward, since
 micro-batches accumulate into them, and all but the owned part are freed before the step:
 
-- AdamW parameters (wte, lm_head) are cut into W equal flat slices (the last one shorter);
-  rank r keeps AdamW state for slice r of each and updates only that slice.
+- AdamW parameters (wte, lm_head) are cut into W equal flat slices starting at multiples of
+  SLICE_ALIGN elements (the last ones shorter, or empty); rank r keeps AdamW state for slice r
+  of each and updates only that slice.
 - Muon matrices stay whole, because Newton-Schulz needs the whole matrix. Largest first,
   each goes to the rank with the fewest matrix elements so far; only that owner keeps its
   state (the momentum buffer, and NorMuon's second moment) and orthogonalises it.
