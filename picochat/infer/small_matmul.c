@@ -48,6 +48,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* The panel kernels' vector: LANES fp32 values, one register (zmm with AVX-512, else ymm or a
  * NEON pair). aligned(4): loads and stores need not be aligned. */
@@ -224,6 +225,28 @@ void picochat_rms_norm(const float *x, long rows, long dim, float eps, float *ou
 
 void picochat_rms_norm_bf16(const uint16_t *x, long rows, long dim, float eps, uint16_t *out) {
     RMS_NORM(bf16_to_float, float_to_bf16)
+}
+
+/* picochat_small_matmul_bf16 for bf16 rows in and bf16 rows out (the decode step's block matrices in
+ * bf16): the inputs widened exactly, the fp32 sums rounded to the nearest even bf16 as torch's cast
+ * rounds them; the same values as widening, multiplying and casting in three calls, in one. Returns 0,
+ * or 1 (nothing written) when the scratch rows of a large call cannot be allocated. */
+int picochat_small_matmul_bf16_io(const uint16_t *x_bf16, long rows, long k, const uint16_t *packed, long n,
+                                  uint16_t *out_bf16, int threads) {
+    float x_stack[4096], out_stack[16384]; /* up to 16 rows of 256 in, 16 rows of 1,024 out */
+    float *x = rows * k <= 4096 ? x_stack : malloc(sizeof(float) * rows * k);
+    float *out = rows * n <= 16384 ? out_stack : malloc(sizeof(float) * rows * n);
+    if (x == NULL || out == NULL) {
+        if (x != x_stack) free(x);
+        if (out != out_stack) free(out);
+        return 1;
+    }
+    for (long i = 0; i < rows * k; i++) x[i] = bf16_to_float(x_bf16[i]);
+    picochat_small_matmul_bf16(x, rows, k, packed, n, out, threads);
+    for (long i = 0; i < rows * n; i++) out_bf16[i] = float_to_bf16(out[i]);
+    if (x != x_stack) free(x);
+    if (out != out_stack) free(out);
+    return 0;
 }
 
 /* Ranking for top-k: a before b when larger, or equal and at a lower index. */

@@ -54,6 +54,23 @@ def test_bf16_weights_multiply_exactly_with_fp32_sums(kernel, threads, out_featu
         torch.testing.assert_close(low.float(), F.linear(x.bfloat16(), weight).float(), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("out_features, in_features", [(48, 256), (2100, 8), (300, 1024), (37, 19)])
+def test_bf16_in_and_out_equals_widen_multiply_and_cast(kernel, out_features, in_features):
+    """bf16 rows against bf16 weights go through one call (bf16 in, bf16 out): the same bits as
+    widening the rows, the fp32 product and torch's cast to bf16; large calls (scratch rows past the
+    kernel's stack buffers: 9 x 2,100 outputs, 8 x 1,024 inputs) and non-contiguous rows included."""
+    generator = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    linear = PackedLinear(weight)
+    for rows in (1, 2, 8, 9, 13, MAX_ROWS + 1):
+        x = torch.randn(rows, in_features, generator=generator).bfloat16()
+        got = linear(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+        assert torch.equal(got, linear(x.float()).bfloat16())
+    x = torch.randn(in_features, 3, generator=generator).bfloat16().t()
+    assert torch.equal(linear(x), linear(x.float()).bfloat16())
+
+
 def test_inputs_need_not_be_contiguous(kernel):
     weight = torch.randn(40, 32)
     x = torch.randn(32, 6).t()  # (6, 32), transposed strides
