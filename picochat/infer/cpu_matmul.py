@@ -60,6 +60,10 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_panel_width.restype = ctypes.c_int
     lib.picochat_small_matmul_bf16_io.argtypes = lib.picochat_small_matmul.argtypes
     lib.picochat_small_matmul_bf16_io.restype = ctypes.c_int
+    lib.picochat_rotary_norm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                                              ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                              ctypes.c_float, ctypes.c_void_p]
+    lib.picochat_rotary_norm_bf16.restype = None
     lib.picochat_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_void_p]
     lib.picochat_rms_norm.restype = None
     lib.picochat_rms_norm_bf16.argtypes = lib.picochat_rms_norm.argtypes
@@ -121,6 +125,25 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     norm = lib.picochat_rms_norm if x.dtype == torch.float32 else lib.picochat_rms_norm_bf16
     norm(x.data_ptr(), x.numel() // x.size(-1), x.size(-1), eps, out.data_ptr())
+    return out
+
+
+def rotary_norm(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """rms_norm(apply_rotary(t, cos, sin), eps) for one decode step's bf16 queries and keys t (B, heads, D),
+    each head's values contiguous, with cos, sin (1, D/2) for every row or (B, 1, D/2) per row, in one
+    kernel call: the same bits as the model's bf16 ops and this module's rms_norm. None where that does
+    not apply (another dtype or layout, no kernel): the caller keeps the model's functions."""
+    lib = _library()
+    if (lib is None or t.dtype != torch.bfloat16 or t.dim() != 3 or t.device.type != "cpu" or t.stride(2) != 1
+            or t.stride(1) != t.size(2) or t.size(2) % 2 or cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16):
+        return None
+    B, heads, D = t.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if cos.shape != sin.shape or cos.size(-1) != D // 2 or cos.numel() not in (D // 2, B * D // 2):
+        return None
+    out = torch.empty(B, heads, D, dtype=torch.bfloat16)
+    lib.picochat_rotary_norm_bf16(t.data_ptr(), B, heads, D, t.stride(0), cos.data_ptr(), sin.data_ptr(),
+                                  0 if cos.numel() == D // 2 else D // 2, eps, out.data_ptr())
     return out
 
 

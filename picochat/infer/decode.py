@@ -73,6 +73,8 @@ class DecodeStep:
         self.device_type = model.lm_head.weight.device.type
         on_cpu = self.device_type == "cpu"
         self.norm = cpu_matmul.rms_norm if on_cpu and cpu_matmul.available() else rms_norm
+        # bf16 rotary + norm of q and k in one kernel call (the same bits as the model's ops and self.norm)
+        self.fused_rotary = on_cpu and cpu_matmul.available() and self.dtype == torch.bfloat16
         self.copies = self.supports(model, self.dtype) if copies is None else copies
         blocks = model.transformer.h
         attn = [(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight) for b in blocks]
@@ -147,7 +149,7 @@ class DecodeStep:
             ve = model.value_embedding(i, ids[:, 0])
             if ve is not None:
                 v = attn.value_residual(v, normed, ve)
-            qk = attn.rotate_norm(qk, cos, sin, self.norm)
+            qk = self._rotate_norm(attn, qk, cos, sin)
             keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D), fp32
             keys[where], values[where] = qk[:, H:].float(), v.float()  # (B, Hk, D) each
             if attn.window not in spans:
@@ -165,6 +167,13 @@ class DecodeStep:
         if positions is None:
             cache.advance(1)
         return model.final_norm(x, mid, self.norm)
+
+    def _rotate_norm(self, attn, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """attn.rotate_norm(qk, cos, sin, self.norm), through cpu_matmul.rotary_norm where it applies."""
+        out = cpu_matmul.rotary_norm(qk, cos, sin, attn.eps) if self.fused_rotary else None
+        if out is None:
+            return attn.rotate_norm(qk, cos, sin, self.norm)
+        return out if attn.qk_scale == 1.0 else out * attn.qk_scale
 
 
 def _span(window: int | None, length: int, positions: torch.Tensor | None,

@@ -227,6 +227,32 @@ void picochat_rms_norm_bf16(const uint16_t *x, long rows, long dim, float eps, u
     RMS_NORM(bf16_to_float, float_to_bf16)
 }
 
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* The decode step's rotary embedding and RMSNorm of queries and keys in bf16, one call for what
+ * torch runs as ~9 small ops: row (b, h) of `heads` rows of `dim` values per batch row b lies at
+ * x + b * x_stride + h * dim; its cos and sin (dim / 2 each) at cos + b * cs_stride (0: one pair for
+ * every row). out (batch, heads, dim) gets, per row, [x1 c - x2 s, x2 c + x1 s] with every product,
+ * difference and sum rounded to bf16 as torch's bf16 ops round them, then picochat_rms_norm_bf16's norm. */
+void picochat_rotary_norm_bf16(const uint16_t *x, long batch, long heads, long dim, long x_stride,
+                               const uint16_t *cos, const uint16_t *sin, long cs_stride, float eps, uint16_t *out) {
+    long half = dim / 2;
+    for (long b = 0; b < batch; b++) {
+        const uint16_t *c = cos + b * cs_stride, *s = sin + b * cs_stride;
+        for (long h = 0; h < heads; h++) {
+            const uint16_t *row = x + b * x_stride + h * dim;
+            uint16_t *o = out + (b * heads + h) * dim;
+            for (long j = 0; j < half; j++) {
+                float x1 = bf16_to_float(row[j]), x2 = bf16_to_float(row[j + half]);
+                float cj = bf16_to_float(c[j]), sj = bf16_to_float(s[j]);
+                o[j] = float_to_bf16(round_bf16(x1 * cj) - round_bf16(x2 * sj));
+                o[j + half] = float_to_bf16(round_bf16(x2 * cj) + round_bf16(x1 * sj));
+            }
+            picochat_rms_norm_bf16(o, 1, dim, eps, o); /* in place: each value is read before it is written */
+        }
+    }
+}
+
 /* picochat_small_matmul_bf16 for bf16 rows in and bf16 rows out (the decode step's block matrices in
  * bf16): the inputs widened exactly, the fp32 sums rounded to the nearest even bf16 as torch's cast
  * rounds them; the same values as widening, multiplying and casting in three calls, in one. Returns 0,

@@ -71,6 +71,28 @@ def test_bf16_in_and_out_equals_widen_multiply_and_cast(kernel, out_features, in
     assert torch.equal(linear(x), linear(x.float()).bfloat16())
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared-position", "own-positions"])
+def test_rotary_norm_equals_the_models_bf16_ops(kernel, per_row):
+    """One call for rotary + RMSNorm of a decode step's bf16 q and k: the same bits as the model's
+    apply_rotary in bf16 followed by this module's rms_norm, for a slice of a wider (B, heads, D) tensor
+    (q and k inside q/k/v) and cos/sin shared by every row or one pair per row."""
+    from picochat.model.gpt import apply_rotary
+
+    generator = torch.Generator().manual_seed(7 + per_row)
+    B, heads, D = 3, 5, 64
+    qkv = (torch.randn(B, heads + 2, D, generator=generator) * 3).bfloat16()
+    qk = qkv[:, :heads]  # rows of 5 heads inside rows of 7
+    angles = torch.rand(B if per_row else 1, 1, D // 2, generator=generator) * 6
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    if not per_row:
+        cos, sin = cos[0], sin[0]  # (1, D/2), as a step with every row at one position passes them
+    got = cpu_matmul.rotary_norm(qk, cos, sin, 1e-6)
+    want = cpu_matmul.rms_norm(apply_rotary(qk, cos, sin).contiguous(), 1e-6)
+    assert got is not None and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    assert cpu_matmul.rotary_norm(qk.float(), cos, sin, 1e-6) is None  # fp32: the model's ops
+
+
 def test_inputs_need_not_be_contiguous(kernel):
     weight = torch.randn(40, 32)
     x = torch.randn(32, 6).t()  # (6, 32), transposed strides
