@@ -60,6 +60,11 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_panel_width.restype = ctypes.c_int
     lib.picochat_small_matmul_bf16_io.argtypes = lib.picochat_small_matmul.argtypes
     lib.picochat_small_matmul_bf16_io.restype = ctypes.c_int
+    lib.picochat_small_matmul_bf16_relu2.argtypes = lib.picochat_small_matmul.argtypes
+    lib.picochat_small_matmul_bf16_relu2.restype = ctypes.c_int
+    lib.picochat_small_matmul_bf16_residual.argtypes = lib.picochat_small_matmul.argtypes[:5] + [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.picochat_small_matmul_bf16_residual.restype = ctypes.c_int
     lib.picochat_rotary_norm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                                               ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
                                               ctypes.c_float, ctypes.c_void_p]
@@ -68,6 +73,8 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_rms_norm.restype = None
     lib.picochat_rms_norm_bf16.argtypes = lib.picochat_rms_norm.argtypes
     lib.picochat_rms_norm_bf16.restype = None
+    lib.picochat_rms_norm_f32_bf16.argtypes = lib.picochat_rms_norm.argtypes
+    lib.picochat_rms_norm_f32_bf16.restype = None
     lib.picochat_topk.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_int]
     lib.picochat_topk.restype = ctypes.c_int
@@ -111,19 +118,24 @@ def available() -> bool:
     return _library() is not None
 
 
-def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """picochat.model.gpt.rms_norm for a few contiguous fp32 or bf16 CPU rows, in one kernel call
     (~10x fewer microseconds than torch's ~8 small ops at decode sizes); any other input, or no
     kernel, goes to the model's function. Equal to it up to float rounding (computed in fp32, the
     sum of squares in double; bf16 rows are rounded to bf16 at the end, as torch's are), each row
-    on its own."""
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or not x.is_contiguous():
-        return model_rms_norm(x, eps)
-    lib = _library()
+    on its own. `out_dtype` bf16 for fp32 rows: the result cast to bf16 in the same call."""
+    fits = x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and x.is_contiguous()
+    lib = _library() if fits else None  # (a GPU's rows never build or load the library)
     if lib is None:
-        return model_rms_norm(x, eps)
-    out = torch.empty_like(x)
-    norm = lib.picochat_rms_norm if x.dtype == torch.float32 else lib.picochat_rms_norm_bf16
+        out = model_rms_norm(x, eps)
+        return out if out_dtype is None else out.to(out_dtype)
+    if out_dtype in (None, x.dtype):
+        out = torch.empty_like(x)
+        norm = lib.picochat_rms_norm if x.dtype == torch.float32 else lib.picochat_rms_norm_bf16
+    elif x.dtype == torch.float32 and out_dtype == torch.bfloat16:
+        out, norm = torch.empty_like(x, dtype=torch.bfloat16), lib.picochat_rms_norm_f32_bf16
+    else:
+        return rms_norm(x, eps).to(out_dtype)
     norm(x.data_ptr(), x.numel() // x.size(-1), x.size(-1), eps, out.data_ptr())
     return out
 
@@ -196,24 +208,57 @@ class PackedLinear:
             self.packed = padded.reshape(panels, panel, self.in_features).transpose(1, 2).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.size(1) != self.in_features:
-            raise ValueError(f"expected (rows, {self.in_features}) input, got {tuple(x.shape)}")
-        rows = x.size(0)
+        out = self._bf16_in(x, "io")
+        return self._any(x) if out is None else out
+
+    def relu2(self, x: torch.Tensor) -> torch.Tensor:
+        """F.relu(self(x)).square(), the MLP's activation: one kernel call for bf16 x and weights."""
+        out = self._bf16_in(x, "relu2")
+        return F.relu(self._any(x)).square() if out is None else out
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + self(x) for an fp32 residual stream (rows, out_features): one kernel call for
+        bf16 x and weights (the same values: the bf16 product widened exactly, one fp32 add)."""
+        fits = residual.dtype == torch.float32 and residual.is_contiguous() and residual.shape == (x.size(0), self.out_features)
+        out = self._bf16_in(x, "residual", residual) if fits else None
+        return residual + self._any(x) if out is None else out
+
+    def _threads(self) -> int:
         # at least COLUMNS_PER_THREAD output columns per thread: waking many cores for a small matrix costs
         # more than it saves (on 2 cores every decode matrix here still gets both)
-        threads = max(1, min(torch.get_num_threads(), self.out_features // COLUMNS_PER_THREAD))
-        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
-            # bf16 in and out in one call (no widening copy of x, no cast of the result: ~5 us a call)
-            x = x.contiguous()
+        return max(1, min(torch.get_num_threads(), self.out_features // COLUMNS_PER_THREAD))
+
+    def _bf16_in(self, x: torch.Tensor, epilogue: str, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """bf16 x against bf16 weights in one call, finished by `epilogue` (small_matmul.c): no widening
+        copy of x, no cast of the result (~5 us a call). None where it does not apply."""
+        self._check(x)
+        if x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+            return None
+        x, rows = x.contiguous(), x.size(0)
+        args = (x.data_ptr(), rows, self.in_features, self.packed.data_ptr(), self.out_features)
+        if epilogue == "residual":
+            out = torch.empty(rows, self.out_features, dtype=torch.float32)
+            failed = self.lib.picochat_small_matmul_bf16_residual(*args, residual.data_ptr(), out.data_ptr(),
+                                                                  self._threads())
+        else:
             out = torch.empty(rows, self.out_features, dtype=torch.bfloat16)
-            if self.lib.picochat_small_matmul_bf16_io(x.data_ptr(), rows, self.in_features, self.packed.data_ptr(),
-                                                      self.out_features, out.data_ptr(), threads) == 0:
-                return out
+            call = self.lib.picochat_small_matmul_bf16_io if epilogue == "io" else self.lib.picochat_small_matmul_bf16_relu2
+            failed = call(*args, out.data_ptr(), self._threads())
+        return None if failed else out
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 2 or x.size(1) != self.in_features:
+            raise ValueError(f"expected (rows, {self.in_features}) input, got {tuple(x.shape)}")
+
+    def _any(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T for fp32 or bf16 x against either weight dtype, through the widening kernel or torch."""
+        self._check(x)
+        rows = x.size(0)
         if x.dtype not in (torch.float32, torch.bfloat16) or (rows > MAX_ROWS and self.weight.dtype == torch.float32):
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         out_dtype = x.dtype
         x = x.float().contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
         self.matmul(x.data_ptr(), rows, self.in_features, self.packed.data_ptr(), self.out_features,
-                    out.data_ptr(), threads)
+                    out.data_ptr(), self._threads())
         return out if out_dtype == torch.float32 else out.to(out_dtype)

@@ -16,6 +16,9 @@ attention over the cache), and with:
   one call where torch runs ~8 small ops; equal to the model's rms_norm up to float rounding;
   1.2x tokens/s at batch 1 and ~1.1x at batch 8 here);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
+- in bf16 with the kernel, each block's norms cast to bf16 in the norm's call, and the MLP's
+  relu^2 and both residual adds done in the matmul's call (PackedLinear.relu2 / add_to): the same
+  bits as torch's ops, without ~6 of them per layer;
 - the architecture options through the model's own methods (GPT.embed, layer_input,
   value_embedding, final_norm; the attention's rotate_norm and value_residual) and its window
   per layer (attention_span / attention_mask);
@@ -143,15 +146,18 @@ class DecodeStep:
         for i, block in enumerate(model.transformer.h):
             attn = block.attn
             x = model.layer_input(i, x, x0)
-            normed = self.norm(x, self.eps)
-            qkv = self.qkv[i](low(normed)).view(B, H + 2 * Hk, D)
+            qkv = self.qkv[i](self._low_norm(x)).view(B, H + 2 * Hk, D)
             qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
             ve = model.value_embedding(i, ids[:, 0])
-            if ve is not None:
-                v = attn.value_residual(v, normed, ve)
+            if ve is not None:  # its gate reads the normed input unrounded, as forward() does
+                v = attn.value_residual(v, self.norm(x, self.eps), ve)
             qk = self._rotate_norm(attn, qk, cos, sin)
             keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D), fp32
-            keys[where], values[where] = qk[:, H:].float(), v.float()  # (B, Hk, D) each
+            if positions is None:  # a view of every row at one position: copied in, widened on the way
+                keys[where].copy_(qk[:, H:])
+                values[where].copy_(v)
+            else:
+                keys[where], values[where] = qk[:, H:].float(), v.float()  # (B, Hk, D) each
             if attn.window not in spans:
                 spans[attn.window] = _span(attn.window, length, positions, ids.device)
             first, mask = spans[attn.window]
@@ -159,14 +165,22 @@ class DecodeStep:
                 y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2).float(), keys[:, :, first:length],
                                                    values[:, :, first:length], attn_mask=mask,
                                                    enable_gqa=H != Hk)  # (B, H, 1, D) fp32
-            x = x + self.attn_proj[i](low(y.view(B, H * D)))
-            hidden = F.relu(self.fc[i](low(self.norm(x, self.eps)))).square()  # (B, 4C)
-            x = x + self.mlp_proj[i](hidden)
+            x = self.attn_proj[i].add_to(low(y.view(B, H * D)), x)  # x + the projection
+            hidden = self.fc[i].relu2(self._low_norm(x))  # relu(x W_fc)^2 (B, 4C)
+            x = self.mlp_proj[i].add_to(hidden, x)
             if i == model.backout_layer:
                 mid = x
         if positions is None:
             cache.advance(1)
         return model.final_norm(x, mid, self.norm)
+
+    def _low_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """self.norm(x) rounded to the weights' dtype, the matmuls' input (one kernel call where it applies)."""
+        if self.dtype == torch.float32:
+            return self.norm(x, self.eps)
+        if self.norm is cpu_matmul.rms_norm:
+            return cpu_matmul.rms_norm(x, self.eps, self.dtype)
+        return self.norm(x, self.eps).to(self.dtype)
 
     def _rotate_norm(self, attn, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """attn.rotate_norm(qk, cos, sin, self.norm), through cpu_matmul.rotary_norm where it applies."""
@@ -185,7 +199,17 @@ def _span(window: int | None, length: int, positions: torch.Tensor | None,
     return 0, attention_mask(positions.view(-1, 1, 1), torch.arange(length, device=device), window)
 
 
-class _ModelLinear:
+class _Linear:
+    """The fused forms PackedLinear runs in one kernel call, here as torch ops on self(x)."""
+
+    def relu2(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self(x)).square()
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual + self(x)
+
+
+class _ModelLinear(_Linear):
     """x -> x @ W.T for the model's own weights (no copy); several weights give their outputs side
     by side, as one stacked matrix would (q, k and v)."""
 
@@ -198,7 +222,7 @@ class _ModelLinear:
         return torch.cat([F.linear(x, w) for w in self.weights], dim=-1)
 
 
-class _TransposedLinear:
+class _TransposedLinear(_Linear):
     """x -> x @ weight.T through a contiguous transposed copy: the fastest torch layout for these
     small-batch products (except (1, 4C) x (4C, C), faster in the original layout; the copy is
     made for the first batch > 1).

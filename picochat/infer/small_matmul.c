@@ -227,6 +227,11 @@ void picochat_rms_norm_bf16(const uint16_t *x, long rows, long dim, float eps, u
     RMS_NORM(bf16_to_float, float_to_bf16)
 }
 
+/* fp32 rows in, their norm rounded to bf16 out: picochat_rms_norm and a cast in one call. */
+void picochat_rms_norm_f32_bf16(const float *x, long rows, long dim, float eps, uint16_t *out) {
+    RMS_NORM(AS_IS, float_to_bf16)
+}
+
 static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 /* The decode step's rotary embedding and RMSNorm of queries and keys in bf16, one call for what
@@ -253,12 +258,18 @@ void picochat_rotary_norm_bf16(const uint16_t *x, long batch, long heads, long d
     }
 }
 
-/* picochat_small_matmul_bf16 for bf16 rows in and bf16 rows out (the decode step's block matrices in
- * bf16): the inputs widened exactly, the fp32 sums rounded to the nearest even bf16 as torch's cast
- * rounds them; the same values as widening, multiplying and casting in three calls, in one. Returns 0,
+/* picochat_small_matmul_bf16 for bf16 rows in (the decode step's block matrices in bf16), the inputs
+ * widened exactly and every fp32 sum rounded to the nearest even bf16 as torch's cast rounds it, then
+ * finished by `epilogue` in the same call:
+ *   PLAIN     out_bf16 = the rounded sums (a bf16 GEMM's result);
+ *   RELU2     out_bf16 = relu(that)^2, the square rounded to bf16 (torch's bf16 relu, then square);
+ *   RESIDUAL  out_f32 = residual + that, in fp32 (an fp32 residual stream plus a bf16 product).
+ * Each is the same values as torch's separate calls, without their dispatch and temporaries. Returns 0,
  * or 1 (nothing written) when the scratch rows of a large call cannot be allocated. */
-int picochat_small_matmul_bf16_io(const uint16_t *x_bf16, long rows, long k, const uint16_t *packed, long n,
-                                  uint16_t *out_bf16, int threads) {
+enum epilogue { PLAIN, RELU2, RESIDUAL };
+
+static int small_matmul_bf16_in(const uint16_t *x_bf16, long rows, long k, const uint16_t *packed, long n,
+                                int threads, enum epilogue epilogue, const float *residual, void *result) {
     float x_stack[4096], out_stack[16384]; /* up to 16 rows of 256 in, 16 rows of 1,024 out */
     float *x = rows * k <= 4096 ? x_stack : malloc(sizeof(float) * rows * k);
     float *out = rows * n <= 16384 ? out_stack : malloc(sizeof(float) * rows * n);
@@ -269,10 +280,38 @@ int picochat_small_matmul_bf16_io(const uint16_t *x_bf16, long rows, long k, con
     }
     for (long i = 0; i < rows * k; i++) x[i] = bf16_to_float(x_bf16[i]);
     picochat_small_matmul_bf16(x, rows, k, packed, n, out, threads);
-    for (long i = 0; i < rows * n; i++) out_bf16[i] = float_to_bf16(out[i]);
+    uint16_t *out_bf16 = result;
+    float *out_f32 = result;
+    for (long i = 0; i < rows * n; i++) {
+        float v = round_bf16(out[i]);
+        if (epilogue == RESIDUAL) {
+            out_f32[i] = residual[i] + v;
+        } else {
+            if (epilogue == RELU2) {
+                v = v < 0.0f ? 0.0f : v; /* NaN stays NaN, as torch's relu keeps it */
+                v *= v;
+            }
+            out_bf16[i] = float_to_bf16(v);
+        }
+    }
     if (x != x_stack) free(x);
     if (out != out_stack) free(out);
     return 0;
+}
+
+int picochat_small_matmul_bf16_io(const uint16_t *x, long rows, long k, const uint16_t *packed, long n,
+                                  uint16_t *out, int threads) {
+    return small_matmul_bf16_in(x, rows, k, packed, n, threads, PLAIN, NULL, out);
+}
+
+int picochat_small_matmul_bf16_relu2(const uint16_t *x, long rows, long k, const uint16_t *packed, long n,
+                                     uint16_t *out, int threads) {
+    return small_matmul_bf16_in(x, rows, k, packed, n, threads, RELU2, NULL, out);
+}
+
+int picochat_small_matmul_bf16_residual(const uint16_t *x, long rows, long k, const uint16_t *packed, long n,
+                                        const float *residual, float *out, int threads) {
+    return small_matmul_bf16_in(x, rows, k, packed, n, threads, RESIDUAL, residual, out);
 }
 
 /* Ranking for top-k: a before b when larger, or equal and at a lower index. */

@@ -71,6 +71,43 @@ def test_bf16_in_and_out_equals_widen_multiply_and_cast(kernel, out_features, in
     assert torch.equal(linear(x), linear(x.float()).bfloat16())
 
 
+@pytest.mark.parametrize("out_features, in_features", [(1024, 256), (256, 1024), (2100, 8), (37, 19)])
+def test_fused_epilogues_equal_the_torch_ops_they_replace(kernel, out_features, in_features):
+    """relu(x W)^2 and residual + x W for bf16 rows and weights come from one call each (the decode
+    step's MLP activation and residual adds): the same bits as the bf16 product followed by torch's
+    ops, with negative, zero, NaN and infinite products among them, large calls included."""
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    weight[0] = float("nan")
+    weight[1, 0] = float("inf")
+    weight[2] = 0.0
+    linear = PackedLinear(weight)
+    for rows in (1, 3, 8, 9, MAX_ROWS + 1):
+        x = torch.randn(rows, in_features, generator=generator).bfloat16()
+        residual = torch.randn(rows, out_features, generator=generator)
+        plain = linear(x)
+        assert plain[:, 0].isnan().all() and (plain < 0).any()
+        got = linear.relu2(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got.isnan(), plain.isnan())
+        assert torch.equal(got.nan_to_num(), F.relu(plain).square().nan_to_num())
+        added = linear.add_to(x, residual)
+        assert added.dtype == torch.float32 and torch.equal(added.nan_to_num(), (residual + plain).nan_to_num())
+    wide = torch.randn(2, in_features, generator=generator)  # fp32 rows, and a residual of another shape: torch
+    expected = (torch.ones(out_features) + linear(wide)).nan_to_num()
+    assert torch.equal(linear.add_to(wide, torch.ones(out_features)).nan_to_num(), expected)
+    assert torch.equal(linear.relu2(wide).nan_to_num(), F.relu(linear(wide)).square().nan_to_num())
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (8, 3, 128), (5, 1280)])
+def test_rms_norm_of_fp32_rows_to_bf16_is_the_norm_then_the_cast(kernel, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 3
+    x.view(-1)[5] = float("nan")
+    got = cpu_matmul.rms_norm(x, 1e-6, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.float().nan_to_num(), cpu_matmul.rms_norm(x, 1e-6).bfloat16().float().nan_to_num())
+    assert torch.equal(got.isnan(), cpu_matmul.rms_norm(x, 1e-6).isnan())
+
+
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared-position", "own-positions"])
 def test_rotary_norm_equals_the_models_bf16_ops(kernel, per_row):
     """One call for rotary + RMSNorm of a decode step's bf16 q and k: the same bits as the model's
