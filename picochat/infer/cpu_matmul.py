@@ -39,6 +39,7 @@ FALLBACK = "CPU decoding uses torch's matmuls (1.2-1.5x slower at small batch)"
 
 SOURCE = Path(__file__).with_name("small_matmul.c")
 COLUMNS_PER_THREAD = 128  # output columns: 8 panels of the 8-lane build, 4 of the 16-lane one
+EPILOGUES = {"sums": 0, "bf16": 1, "relu2": 2, "residual": 3}  # small_matmul.c's enum epilogue
 MAX_ROWS = 16  # beyond this the products are large enough for BLAS (and PackedLinear defers to it)
 
 
@@ -58,16 +59,13 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_small_matmul_bf16.argtypes = lib.picochat_small_matmul.argtypes
     lib.picochat_small_matmul_bf16.restype = None
     lib.picochat_panel_width.restype = ctypes.c_int
-    lib.picochat_small_matmul_bf16_io.argtypes = lib.picochat_small_matmul.argtypes
-    lib.picochat_small_matmul_bf16_io.restype = ctypes.c_int
-    lib.picochat_small_matmul_bf16_relu2.argtypes = lib.picochat_small_matmul.argtypes
-    lib.picochat_small_matmul_bf16_relu2.restype = ctypes.c_int
-    lib.picochat_small_matmul_bf16_residual.argtypes = lib.picochat_small_matmul.argtypes[:5] + [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.picochat_small_matmul_bf16_residual.restype = ctypes.c_int
+    lib.picochat_small_matmul_bf16_fused.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
+                                                     ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p,
+                                                     ctypes.c_void_p, ctypes.c_int]
+    lib.picochat_small_matmul_bf16_fused.restype = ctypes.c_int
     lib.picochat_rotary_norm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                                               ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                                              ctypes.c_float, ctypes.c_void_p]
+                                              ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     lib.picochat_rotary_norm_bf16.restype = None
     lib.picochat_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_void_p]
     lib.picochat_rms_norm.restype = None
@@ -140,22 +138,26 @@ def rms_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) 
     return out
 
 
-def rotary_norm(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """rms_norm(apply_rotary(t, cos, sin), eps) for one decode step's bf16 queries and keys t (B, heads, D),
-    each head's values contiguous, with cos, sin (1, D/2) for every row or (B, 1, D/2) per row, in one
-    kernel call: the same bits as the model's bf16 ops and this module's rms_norm. None where that does
-    not apply (another dtype or layout, no kernel): the caller keeps the model's functions."""
+def rotary_norm(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, scale: float = 1.0,
+                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
+    """rms_norm(apply_rotary(t, cos, sin), eps) * scale for one decode step's bf16 queries and keys t
+    (B, heads, D), each head's values contiguous, with cos, sin (1, D/2) for every row or (B, 1, D/2) per
+    row, in one kernel call: the same bits as the model's bf16 ops and this module's rms_norm, as bf16,
+    or (out_dtype fp32) those bf16 values widened. None where that does not apply (another dtype or
+    layout, no kernel): the caller keeps the model's functions."""
     lib = _library()
     if (lib is None or t.dtype != torch.bfloat16 or t.dim() != 3 or t.device.type != "cpu" or t.stride(2) != 1
-            or t.stride(1) != t.size(2) or t.size(2) % 2 or cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16):
+            or t.stride(1) != t.size(2) or t.size(2) % 2 or cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16
+            or out_dtype not in (torch.bfloat16, torch.float32)):
         return None
     B, heads, D = t.shape
     cos, sin = cos.contiguous(), sin.contiguous()
     if cos.shape != sin.shape or cos.size(-1) != D // 2 or cos.numel() not in (D // 2, B * D // 2):
         return None
-    out = torch.empty(B, heads, D, dtype=torch.bfloat16)
+    out = torch.empty(B, heads, D, dtype=out_dtype)
     lib.picochat_rotary_norm_bf16(t.data_ptr(), B, heads, D, t.stride(0), cos.data_ptr(), sin.data_ptr(),
-                                  0 if cos.numel() == D // 2 else D // 2, eps, out.data_ptr())
+                                  0 if cos.numel() == D // 2 else D // 2, eps, scale, out.data_ptr(),
+                                  int(out_dtype == torch.float32))
     return out
 
 
@@ -208,42 +210,49 @@ class PackedLinear:
             self.packed = padded.reshape(panels, panel, self.in_features).transpose(1, 2).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._bf16_in(x, "io")
+        out = self._fused(x, "bf16") if x.dtype == torch.bfloat16 else None
         return self._any(x) if out is None else out
 
+    # The fused forms below take x rounded to the weights' dtype first, as autocast rounds a matmul's input.
+
     def relu2(self, x: torch.Tensor) -> torch.Tensor:
-        """F.relu(self(x)).square(), the MLP's activation: one kernel call for bf16 x and weights."""
-        out = self._bf16_in(x, "relu2")
-        return F.relu(self._any(x)).square() if out is None else out
+        """F.relu(self(x)).square(), the MLP's activation: one kernel call for bf16 weights."""
+        out = self._fused(x, "relu2")
+        return F.relu(self._any(self._low(x))).square() if out is None else out
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + self(x) for an fp32 residual stream (rows, out_features): one kernel call for
-        bf16 x and weights (the same values: the bf16 product widened exactly, one fp32 add)."""
+        bf16 weights (the same values: the bf16 product widened exactly, one fp32 add)."""
         fits = residual.dtype == torch.float32 and residual.is_contiguous() and residual.shape == (x.size(0), self.out_features)
-        out = self._bf16_in(x, "residual", residual) if fits else None
-        return residual + self._any(x) if out is None else out
+        out = self._fused(x, "residual", residual) if fits else None
+        return residual + self._any(self._low(x)) if out is None else out
+
+    def sums(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 sums of self(x), unrounded (the unembedding's logits): one kernel call for bf16 weights."""
+        out = self._fused(x, "sums")
+        return self._any(self._low(x).float()) if out is None else out
+
+    def _low(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.weight.dtype)
 
     def _threads(self) -> int:
         # at least COLUMNS_PER_THREAD output columns per thread: waking many cores for a small matrix costs
         # more than it saves (on 2 cores every decode matrix here still gets both)
         return max(1, min(torch.get_num_threads(), self.out_features // COLUMNS_PER_THREAD))
 
-    def _bf16_in(self, x: torch.Tensor, epilogue: str, residual: torch.Tensor | None = None) -> torch.Tensor | None:
-        """bf16 x against bf16 weights in one call, finished by `epilogue` (small_matmul.c): no widening
-        copy of x, no cast of the result (~5 us a call). None where it does not apply."""
+    def _fused(self, x: torch.Tensor, epilogue: str, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """fp32 or bf16 x against bf16 weights in one call of small_matmul.c's fused product, finished by
+        `epilogue`: no rounding copy of x, no cast of the result (~5 us a call). None where it does not apply."""
         self._check(x)
-        if x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+        if self.weight.dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
             return None
         x, rows = x.contiguous(), x.size(0)
-        args = (x.data_ptr(), rows, self.in_features, self.packed.data_ptr(), self.out_features)
-        if epilogue == "residual":
-            out = torch.empty(rows, self.out_features, dtype=torch.float32)
-            failed = self.lib.picochat_small_matmul_bf16_residual(*args, residual.data_ptr(), out.data_ptr(),
-                                                                  self._threads())
-        else:
-            out = torch.empty(rows, self.out_features, dtype=torch.bfloat16)
-            call = self.lib.picochat_small_matmul_bf16_io if epilogue == "io" else self.lib.picochat_small_matmul_bf16_relu2
-            failed = call(*args, out.data_ptr(), self._threads())
+        wide = epilogue in ("sums", "residual")
+        out = torch.empty(rows, self.out_features, dtype=torch.float32 if wide else torch.bfloat16)
+        failed = self.lib.picochat_small_matmul_bf16_fused(
+            x.data_ptr(), int(x.dtype == torch.float32), rows, self.in_features, self.packed.data_ptr(),
+            self.out_features, EPILOGUES[epilogue], None if residual is None else residual.data_ptr(),
+            out.data_ptr(), self._threads())
         return None if failed else out
 
     def _check(self, x: torch.Tensor) -> None:

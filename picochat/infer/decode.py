@@ -79,6 +79,7 @@ class DecodeStep:
         # bf16 rotary + norm of q and k in one kernel call (the same bits as the model's ops and self.norm)
         self.fused_rotary = on_cpu and cpu_matmul.available() and self.dtype == torch.bfloat16
         self.copies = self.supports(model, self.dtype) if copies is None else copies
+        self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # _rotary's
         blocks = model.transformer.h
         attn = [(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight) for b in blocks]
         if self.copies:
@@ -123,25 +124,23 @@ class DecodeStep:
         if positions is None:
             pos = cache.pos
             cache.room_for(1)
-            cos, sin = model.rotary(pos, 1)  # (1, D/2)
+            cos, sin = self._rotary(pos, 1)  # (1, D/2)
             where = (slice(None), slice(None), pos)  # cache [every row, every head, pos]
             length = pos + 1
         else:
             length = int(positions.max()) + 1
             if length > cache.max_len:
                 raise ValueError(f"KV cache overflow: position {length - 1} is past max_len={cache.max_len}")
-            cos, sin = model.rotary(0, length)
+            cos, sin = self._rotary(0, length)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, D/2)
             where = (torch.arange(B, device=ids.device), slice(None), positions)  # [row b, every head, positions[b]]
         spans: dict[int | None, tuple[int, torch.Tensor | None]] = {}  # window -> (first key, mask)
-        # The matmuls' inputs are rounded to the weights' dtype, as autocast does. In fp32 every
-        # such cast is a no-op, skipped: at batch 1 a step is dispatch-bound, and the casts and a
-        # per-layer autocast switch cost ~15% of a d4 token.
-        low = (lambda t: t) if self.dtype == torch.float32 else (lambda t: t.to(self.dtype))
+        # The matmuls' inputs are rounded to the weights' dtype, as autocast does (by _low_norm and the
+        # linears' fused forms; in fp32 a no-op). At batch 1 a step is dispatch-bound: a per-layer
+        # autocast switch cost ~15% of a d4 token, and every small op counts.
         on = torch.is_autocast_enabled(self.device_type)
         exact = torch.autocast(self.device_type, enabled=False) if on else contextlib.nullcontext()
         x = x0 = model.embed(ids, cache, positions, self.norm)[:, 0]  # (B, C) fp32 residual
-        cos, sin = low(cos), low(sin)
         mid = None
         for i, block in enumerate(model.transformer.h):
             attn = block.attn
@@ -165,7 +164,7 @@ class DecodeStep:
                 y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2).float(), keys[:, :, first:length],
                                                    values[:, :, first:length], attn_mask=mask,
                                                    enable_gqa=H != Hk)  # (B, H, 1, D) fp32
-            x = self.attn_proj[i].add_to(low(y.view(B, H * D)), x)  # x + the projection
+            x = self.attn_proj[i].add_to(y.view(B, H * D), x)  # x + the projection of y rounded to low
             hidden = self.fc[i].relu2(self._low_norm(x))  # relu(x W_fc)^2 (B, 4C)
             x = self.mlp_proj[i].add_to(hidden, x)
             if i == model.backout_layer:
@@ -183,11 +182,24 @@ class DecodeStep:
         return self.norm(x, self.eps).to(self.dtype)
 
     def _rotate_norm(self, attn, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """attn.rotate_norm(qk, cos, sin, self.norm), through cpu_matmul.rotary_norm where it applies."""
-        out = cpu_matmul.rotary_norm(qk, cos, sin, attn.eps) if self.fused_rotary else None
-        if out is None:
-            return attn.rotate_norm(qk, cos, sin, self.norm)
-        return out if attn.qk_scale == 1.0 else out * attn.qk_scale
+        """attn.rotate_norm(qk, cos, sin, self.norm), through cpu_matmul.rotary_norm where it applies (its
+        bf16 values then come widened to fp32, the dtype attention and the cache take them in)."""
+        if self.fused_rotary:
+            out = cpu_matmul.rotary_norm(qk, cos, sin, attn.eps, attn.qk_scale, torch.float32)
+            if out is not None:
+                return out
+        return attn.rotate_norm(qk, cos, sin, self.norm)
+
+    def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """model.rotary(start, length) in the weights' dtype, sliced from a copy of the tables made once
+        per table size (a cast per step cost two ops a token)."""
+        cos, sin = self.model.rotary(start, length)
+        if self.dtype == torch.float32:
+            return cos, sin
+        if self._tables is None or self._tables[0] is not self.model.rotary_cos:
+            self._tables = (self.model.rotary_cos, self.model.rotary_cos.to(self.dtype),
+                            self.model.rotary_sin.to(self.dtype))
+        return self._tables[1][start:start + length], self._tables[2][start:start + length]
 
 
 def _span(window: int | None, length: int, positions: torch.Tensor | None,
@@ -200,13 +212,16 @@ def _span(window: int | None, length: int, positions: torch.Tensor | None,
 
 
 class _Linear:
-    """The fused forms PackedLinear runs in one kernel call, here as torch ops on self(x)."""
+    """The fused forms PackedLinear runs in one kernel call, here as torch ops on self(x), x rounded to
+    the weights' dtype first as autocast rounds a matmul's input."""
+
+    dtype: torch.dtype
 
     def relu2(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self(x)).square()
+        return F.relu(self(x.to(self.dtype))).square()
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return residual + self(x)
+        return residual + self(x.to(self.dtype))
 
 
 class _ModelLinear(_Linear):
@@ -214,7 +229,7 @@ class _ModelLinear(_Linear):
     by side, as one stacked matrix would (q, k and v)."""
 
     def __init__(self, *weights: torch.Tensor) -> None:
-        self.weights = weights
+        self.weights, self.dtype = weights, weights[0].dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.weights) == 1:
@@ -234,6 +249,7 @@ class _TransposedLinear(_Linear):
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.detach().float()  # bf16 values exactly; fp32 weights are not copied
+        self.dtype = weight.dtype
         wide = weight.size(1) > weight.size(0)  # the MLP down-projection
         self.transposed = None if wide else self.weight.t().contiguous()
 

@@ -238,80 +238,78 @@ static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f))
  * torch runs as ~9 small ops: row (b, h) of `heads` rows of `dim` values per batch row b lies at
  * x + b * x_stride + h * dim; its cos and sin (dim / 2 each) at cos + b * cs_stride (0: one pair for
  * every row). out (batch, heads, dim) gets, per row, [x1 c - x2 s, x2 c + x1 s] with every product,
- * difference and sum rounded to bf16 as torch's bf16 ops round them, then picochat_rms_norm_bf16's norm. */
+ * difference and sum rounded to bf16 as torch's bf16 ops round them, then picochat_rms_norm_bf16's norm,
+ * then (scale != 1) times scale rounded to bf16; written as bf16, or (out_f32) widened to fp32. */
 void picochat_rotary_norm_bf16(const uint16_t *x, long batch, long heads, long dim, long x_stride,
-                               const uint16_t *cos, const uint16_t *sin, long cs_stride, float eps, uint16_t *out) {
+                               const uint16_t *cos, const uint16_t *sin, long cs_stride, float eps, float scale,
+                               void *out, int out_f32) {
     long half = dim / 2;
+    uint16_t row_out[dim];
     for (long b = 0; b < batch; b++) {
         const uint16_t *c = cos + b * cs_stride, *s = sin + b * cs_stride;
         for (long h = 0; h < heads; h++) {
             const uint16_t *row = x + b * x_stride + h * dim;
-            uint16_t *o = out + (b * heads + h) * dim;
             for (long j = 0; j < half; j++) {
                 float x1 = bf16_to_float(row[j]), x2 = bf16_to_float(row[j + half]);
                 float cj = bf16_to_float(c[j]), sj = bf16_to_float(s[j]);
-                o[j] = float_to_bf16(round_bf16(x1 * cj) - round_bf16(x2 * sj));
-                o[j + half] = float_to_bf16(round_bf16(x2 * cj) + round_bf16(x1 * sj));
+                row_out[j] = float_to_bf16(round_bf16(x1 * cj) - round_bf16(x2 * sj));
+                row_out[j + half] = float_to_bf16(round_bf16(x2 * cj) + round_bf16(x1 * sj));
             }
-            picochat_rms_norm_bf16(o, 1, dim, eps, o); /* in place: each value is read before it is written */
+            picochat_rms_norm_bf16(row_out, 1, dim, eps, row_out); /* in place: each value is read first */
+            long at = (b * heads + h) * dim;
+            for (long j = 0; j < dim; j++) {
+                float v = bf16_to_float(row_out[j]);
+                if (scale != 1.0f) v = round_bf16(v * scale);
+                if (out_f32) ((float *)out)[at + j] = v;
+                else ((uint16_t *)out)[at + j] = float_to_bf16(v);
+            }
         }
     }
 }
 
-/* picochat_small_matmul_bf16 for bf16 rows in (the decode step's block matrices in bf16), the inputs
- * widened exactly and every fp32 sum rounded to the nearest even bf16 as torch's cast rounds it, then
- * finished by `epilogue` in the same call:
- *   PLAIN     out_bf16 = the rounded sums (a bf16 GEMM's result);
+/* picochat_small_matmul_bf16 for the decode step's block matrices in bf16, in one call: x is bf16
+ * (x_f32 = 0: widened exactly) or fp32 (x_f32 = 1: rounded to the nearest even bf16 first, as autocast
+ * rounds a matmul's input), and the fp32 sums are finished by `epilogue`:
+ *   SUMS      out_f32 = the sums themselves (bf16 inputs and weights: exact products, fp32 sums);
+ *   BF16      out_bf16 = the sums rounded to bf16 as torch's cast rounds them (a bf16 GEMM's result);
  *   RELU2     out_bf16 = relu(that)^2, the square rounded to bf16 (torch's bf16 relu, then square);
  *   RESIDUAL  out_f32 = residual + that, in fp32 (an fp32 residual stream plus a bf16 product).
- * Each is the same values as torch's separate calls, without their dispatch and temporaries. Returns 0,
- * or 1 (nothing written) when the scratch rows of a large call cannot be allocated. */
-enum epilogue { PLAIN, RELU2, RESIDUAL };
+ * Each gives the same values as torch's separate calls, without their dispatch and temporaries.
+ * Returns 0, or 1 (nothing written) when the scratch rows of a large call cannot be allocated. */
+enum epilogue { SUMS, BF16, RELU2, RESIDUAL };
 
-static int small_matmul_bf16_in(const uint16_t *x_bf16, long rows, long k, const uint16_t *packed, long n,
-                                int threads, enum epilogue epilogue, const float *residual, void *result) {
+int picochat_small_matmul_bf16_fused(const void *x_in, int x_f32, long rows, long k, const uint16_t *packed,
+                                     long n, int epilogue, const float *residual, void *result, int threads) {
     float x_stack[4096], out_stack[16384]; /* up to 16 rows of 256 in, 16 rows of 1,024 out */
     float *x = rows * k <= 4096 ? x_stack : malloc(sizeof(float) * rows * k);
-    float *out = rows * n <= 16384 ? out_stack : malloc(sizeof(float) * rows * n);
+    float *out = epilogue == SUMS ? result : rows * n <= 16384 ? out_stack : malloc(sizeof(float) * rows * n);
     if (x == NULL || out == NULL) {
         if (x != x_stack) free(x);
-        if (out != out_stack) free(out);
+        if (out != out_stack && out != result) free(out);
         return 1;
     }
-    for (long i = 0; i < rows * k; i++) x[i] = bf16_to_float(x_bf16[i]);
+    for (long i = 0; i < rows * k; i++)
+        x[i] = x_f32 ? round_bf16(((const float *)x_in)[i]) : bf16_to_float(((const uint16_t *)x_in)[i]);
     picochat_small_matmul_bf16(x, rows, k, packed, n, out, threads);
-    uint16_t *out_bf16 = result;
-    float *out_f32 = result;
-    for (long i = 0; i < rows * n; i++) {
-        float v = round_bf16(out[i]);
-        if (epilogue == RESIDUAL) {
-            out_f32[i] = residual[i] + v;
-        } else {
-            if (epilogue == RELU2) {
-                v = v < 0.0f ? 0.0f : v; /* NaN stays NaN, as torch's relu keeps it */
-                v *= v;
+    if (epilogue != SUMS) {
+        uint16_t *out_bf16 = result;
+        float *out_f32 = result;
+        for (long i = 0; i < rows * n; i++) {
+            float v = round_bf16(out[i]);
+            if (epilogue == RESIDUAL) {
+                out_f32[i] = residual[i] + v;
+            } else {
+                if (epilogue == RELU2) {
+                    v = v < 0.0f ? 0.0f : v; /* NaN stays NaN, as torch's relu keeps it */
+                    v *= v;
+                }
+                out_bf16[i] = float_to_bf16(v);
             }
-            out_bf16[i] = float_to_bf16(v);
         }
     }
     if (x != x_stack) free(x);
-    if (out != out_stack) free(out);
+    if (out != out_stack && out != result) free(out);
     return 0;
-}
-
-int picochat_small_matmul_bf16_io(const uint16_t *x, long rows, long k, const uint16_t *packed, long n,
-                                  uint16_t *out, int threads) {
-    return small_matmul_bf16_in(x, rows, k, packed, n, threads, PLAIN, NULL, out);
-}
-
-int picochat_small_matmul_bf16_relu2(const uint16_t *x, long rows, long k, const uint16_t *packed, long n,
-                                     uint16_t *out, int threads) {
-    return small_matmul_bf16_in(x, rows, k, packed, n, threads, RELU2, NULL, out);
-}
-
-int picochat_small_matmul_bf16_residual(const uint16_t *x, long rows, long k, const uint16_t *packed, long n,
-                                        const float *residual, float *out, int threads) {
-    return small_matmul_bf16_in(x, rows, k, packed, n, threads, RESIDUAL, residual, out);
 }
 
 /* Ranking for top-k: a before b when larger, or equal and at a lower index. */

@@ -65,13 +65,13 @@ class Unembedder:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.fast_cpu:
             return F.linear(hidden, self.weight).float()
-        hidden = hidden.to(self.dtype).float().contiguous()  # bf16: the rounded values, exactly
         self.calls += 1
         if self.use_kernel and self.copy_allowed and hidden.size(0) <= cpu_matmul.MAX_ROWS:
             if self.packed is None and self.calls >= 2:
                 self.packed = PackedLinear(self.weight)
             if self.packed is not None:
-                return self.packed(hidden)  # (B, V)
+                return self.packed.sums(hidden)  # (B, V); hidden rounded to bf16 in the call for bf16 weights
+        hidden = hidden.to(self.dtype).float().contiguous()  # bf16: the rounded values, exactly
         weight = self._weight_fp32()
         if hidden.size(0) == 1:
             if self.transposed is None and self.calls >= 2 and self.copy_allowed:

@@ -73,9 +73,10 @@ def test_bf16_in_and_out_equals_widen_multiply_and_cast(kernel, out_features, in
 
 @pytest.mark.parametrize("out_features, in_features", [(1024, 256), (256, 1024), (2100, 8), (37, 19)])
 def test_fused_epilogues_equal_the_torch_ops_they_replace(kernel, out_features, in_features):
-    """relu(x W)^2 and residual + x W for bf16 rows and weights come from one call each (the decode
-    step's MLP activation and residual adds): the same bits as the bf16 product followed by torch's
-    ops, with negative, zero, NaN and infinite products among them, large calls included."""
+    """relu(x W)^2, residual + x W and the unrounded sums of x W for bf16 weights come from one call each
+    (the decode step's MLP activation and residual adds, the unembedding), bf16 or fp32 rows alike: the
+    same bits as rounding the rows, the bf16 product and torch's ops, with negative, zero, NaN and
+    infinite products among them, large calls included."""
     generator = torch.Generator().manual_seed(in_features)
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
     weight[0] = float("nan")
@@ -92,10 +93,15 @@ def test_fused_epilogues_equal_the_torch_ops_they_replace(kernel, out_features, 
         assert torch.equal(got.nan_to_num(), F.relu(plain).square().nan_to_num())
         added = linear.add_to(x, residual)
         assert added.dtype == torch.float32 and torch.equal(added.nan_to_num(), (residual + plain).nan_to_num())
-    wide = torch.randn(2, in_features, generator=generator)  # fp32 rows, and a residual of another shape: torch
-    expected = (torch.ones(out_features) + linear(wide)).nan_to_num()
+        # fp32 rows are rounded to bf16 first, as autocast rounds a matmul's input
+        wide = torch.randn(rows, in_features, generator=generator)
+        assert torch.equal(linear.add_to(wide, residual).nan_to_num(), (residual + linear(wide.bfloat16())).nan_to_num())
+        assert torch.equal(linear.relu2(wide).nan_to_num(), F.relu(linear(wide.bfloat16())).square().nan_to_num())
+        sums = linear.sums(wide)
+        assert sums.dtype == torch.float32 and torch.equal(sums.nan_to_num(), linear(wide.bfloat16().float()).nan_to_num())
+    wide = torch.randn(2, in_features, generator=generator)  # a residual of another shape: torch's add
+    expected = (torch.ones(out_features) + linear(wide.bfloat16())).nan_to_num()
     assert torch.equal(linear.add_to(wide, torch.ones(out_features)).nan_to_num(), expected)
-    assert torch.equal(linear.relu2(wide).nan_to_num(), F.relu(linear(wide)).square().nan_to_num())
 
 
 @pytest.mark.parametrize("shape", [(1, 256), (8, 3, 128), (5, 1280)])
@@ -127,6 +133,11 @@ def test_rotary_norm_equals_the_models_bf16_ops(kernel, per_row):
     want = cpu_matmul.rms_norm(apply_rotary(qk, cos, sin).contiguous(), 1e-6)
     assert got is not None and got.dtype == torch.bfloat16
     assert torch.equal(got, want)
+    wide = cpu_matmul.rotary_norm(qk, cos, sin, 1e-6, out_dtype=torch.float32)  # the same values, widened
+    assert wide.dtype == torch.float32 and torch.equal(wide, want.float())
+    for scale in (1.2, 0.37):  # QK scale: the normed bf16 values times the scale, rounded to bf16
+        scaled = cpu_matmul.rotary_norm(qk, cos, sin, 1e-6, scale, torch.float32)
+        assert torch.equal(scaled, (want * scale).float())
     assert cpu_matmul.rotary_norm(qk.float(), cos, sin, 1e-6) is None  # fp32: the model's ops
 
 

@@ -57,7 +57,7 @@ def test_decode_matmuls_read_compute_dtype_weights_without_a_cast_per_token(toke
     from torch.utils._python_dispatch import TorchDispatchMode
 
     model.cast_weights_(dtype)
-    weight_sizes = {p.numel() for p in model.parameters()}
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
     casts: list[tuple] = []
 
     class CastCounter(TorchDispatchMode):
@@ -65,7 +65,7 @@ def test_decode_matmuls_read_compute_dtype_weights_without_a_cast_per_token(toke
             kwargs = kwargs or {}
             if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to, torch.ops.aten.copy_):
                 source = args[1] if func.overloadpacket is torch.ops.aten.copy_ else args[0]
-                if isinstance(source, torch.Tensor) and source.numel() in weight_sizes and source.dim() == 2:
+                if isinstance(source, torch.Tensor) and tuple(source.shape) in weight_shapes:
                     casts.append((func, tuple(source.shape), source.dtype))
             return func(*args, **kwargs)
 
@@ -284,3 +284,23 @@ def test_bf16_cpu_prefills_are_padded_to_a_few_shapes(tokenizer, model):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model.hidden_states(prompt)[:, -1]
     torch.testing.assert_close(hidden, expected, atol=0.05, rtol=0.05)
+
+
+def test_draw_is_multinomials_draw_bit_for_bit_and_refuses_nan():
+    """sampling.draw replaces torch.multinomial(probs, 1) on the CPU: the same index for the same generator
+    state, over widths, batches, zero probabilities and column slices (the batched sampler's), and it
+    consumes the generator as multinomial does; a NaN row raises, as multinomial does."""
+    from picochat.infer.sampling import draw
+
+    data = torch.Generator().manual_seed(0)
+    ours, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for i in range(400):
+        rows, width = 1 + i % 7, (1, 2, 7, 50, 300)[i % 5]
+        probs = torch.softmax(torch.randn(rows, width + 3, generator=data) * (i % 4), dim=-1)
+        probs = keep_top_p(probs, 0.8) if i % 3 == 0 else probs
+        probs = probs[:, :width] if i % 2 else probs  # a slice of wider rows
+        assert torch.equal(draw(probs, ours), torch.multinomial(probs, 1, generator=theirs))
+    assert torch.equal(ours.get_state(), theirs.get_state())
+    bad = torch.tensor([[0.5, 0.5], [float("nan"), float("nan")]])
+    with pytest.raises(RuntimeError, match="NaN"):
+        draw(bad, ours)
