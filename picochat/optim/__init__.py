@@ -47,6 +47,7 @@ class AdamWGroup:
 # The options' parameters (by name, or name prefix) -> their AdamW group.
 OPTION_GROUPS = {"value_embeds.": "value_embeds", "resid_lambdas": "resid_lambdas", "x0_lambdas": "x0_lambdas",
                  "smear_gate": "scalars", "smear_lambda": "scalars", "backout_lambda": "scalars"}
+NAMED_GROUPS = {"transformer.wte.weight": "embedding", "lm_head.weight": "unembedding"}
 
 
 def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95, *,
@@ -76,17 +77,12 @@ def assign_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parame
         "matrix": [], "embedding": [], "unembedding": [], **{g: [] for g in OPTION_GROUPS.values()}}
     for name, p in model.named_parameters():
         option = next((g for prefix, g in OPTION_GROUPS.items() if name.startswith(prefix)), None)
-        if name == "transformer.wte.weight":
-            groups["embedding"].append((name, p))
-        elif name == "lm_head.weight":
-            groups["unembedding"].append((name, p))
-        elif name.startswith("transformer.h.") and p.ndim == 2:
-            groups["matrix"].append((name, p))
-        elif option is not None:
-            groups[option].append((name, p))
-        else:
+        matrix = "matrix" if name.startswith("transformer.h.") and p.ndim == 2 else None
+        group = NAMED_GROUPS.get(name) or matrix or option
+        if group is None:
             raise RuntimeError(f"parameter {name} {tuple(p.shape)} has no optimiser group; "
                                "extend picochat.optim.assign_param_groups")
+        groups[group].append((name, p))
     return groups
 
 
@@ -137,8 +133,7 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float,
     (default: the classic one); `muon_weight_decay` is Muon's decay (default: `weight_decay`).
     """
     groups = assign_param_groups(model)
-    n_embd = model.config.n_embd
-    width_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
+    width_scale = (model.config.n_embd / REFERENCE_WIDTH) ** -0.5
     adam_groups = []
     specs = {"unembedding": unembedding or AdamWGroup(unembedding_lr, adam_betas, weight_decay, width_scaled=True),
              "embedding": embedding or AdamWGroup(embedding_lr, adam_betas, weight_decay, width_scaled=True),
@@ -149,9 +144,8 @@ def build_optimizers(model: nn.Module, *, matrix_lr: float, embedding_lr: float,
             lr = spec.lr * (width_scale if spec.width_scaled else 1.0)
             adam_groups.append({"params": [p for _, p in groups[key]], "names": [n for n, _ in groups[key]],
                                 "lr": lr, "initial_lr": lr, "betas": spec.betas, "weight_decay": spec.weight_decay})
-    device_type = next(model.parameters()).device.type
     # The fused kernel runs one pass over all of a group's tensors (CPU and CUDA).
-    fused = device_type in ("cpu", "cuda")
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=ADAMW_EPS, weight_decay=weight_decay,
                               fused=fused)
     matrices = groups["matrix"]

@@ -48,6 +48,12 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
+def _unflatten_into(tensors: list[torch.Tensor], bucket: list[int], flat: torch.Tensor) -> None:
+    """Copy the flat concatenation of `tensors[i]` for i in `bucket` back into those tensors."""
+    for i, part in zip(bucket, flat.split([tensors[i].numel() for i in bucket])):
+        tensors[i].copy_(part.view_as(tensors[i]))
+
+
 @torch.no_grad()
 def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
     """Copy rank `src`'s parameters and buffers to every rank (no-op in a world of 1)."""
@@ -57,11 +63,7 @@ def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
     for bucket in _buckets(unique, BUCKET_BYTES):
         flat = torch.cat([unique[i].reshape(-1) for i in bucket])
         dist.broadcast(flat, src=src)
-        offset = 0
-        for i in bucket:
-            n = unique[i].numel()
-            unique[i].copy_(flat[offset:offset + n].view_as(unique[i]))
-            offset += n
+        _unflatten_into(unique, bucket, flat)
 
 
 @torch.no_grad()
@@ -87,8 +89,4 @@ def sync_gradients(model: nn.Module, bucket_bytes: int = BUCKET_BYTES) -> None:
     for bucket, flat, work in pending:
         work.wait()
         flat.div_(world)
-        offset = 0
-        for i in bucket:
-            n = grads[i].numel()
-            grads[i].copy_(flat[offset:offset + n].view_as(grads[i]))
-            offset += n
+        _unflatten_into(grads, bucket, flat)

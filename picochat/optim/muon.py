@@ -43,9 +43,7 @@ from picochat.runtime import cpu_supports_fast_bf16
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-@functools.cache
-def _cpu_bf16_is_fast() -> bool:
-    return cpu_supports_fast_bf16()  # reads /proc/cpuinfo: once per process is enough
+_cpu_bf16_is_fast = functools.cache(cpu_supports_fast_bf16)  # reads /proc/cpuinfo: once per process is enough
 
 
 def orthogonalisation_dtype(device: torch.device) -> torch.dtype:
@@ -53,9 +51,8 @@ def orthogonalisation_dtype(device: torch.device) -> torch.dtype:
 
     (On a CPU without them, bf16 matmuls run ~50x slower than fp32.)
     """
-    if device.type == "cuda" or (device.type == "cpu" and _cpu_bf16_is_fast()):
-        return torch.bfloat16
-    return torch.float32
+    fast = device.type == "cuda" or (device.type == "cpu" and _cpu_bf16_is_fast())
+    return torch.bfloat16 if fast else torch.float32
 
 
 def _minimax_odd_quintic(lo: float, hi: float) -> tuple[float, float, float]:
@@ -230,11 +227,7 @@ class Muon(torch.optim.Optimizer):
                 group.setdefault(key, value)
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self) -> None:
         for group in self.param_groups:
             by_shape: dict[torch.Size, list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
@@ -243,7 +236,6 @@ class Muon(torch.optim.Optimizer):
             # One batched orthogonalisation per shape: fewer, larger matmuls.
             for params in by_shape.values():
                 self._update(group, params)
-        return loss
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
         """One step for same-shape matrices: momentum, orthogonalise, rescale, decay, apply."""

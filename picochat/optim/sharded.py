@@ -85,8 +85,7 @@ def slice_bounds(numel: int, world: int, rank: int) -> tuple[int, int]:
 
 def assign_owners(numels: list[int], world: int) -> list[int]:
     """Owner rank of each matrix: largest first, each to the rank with the fewest elements so far."""
-    load = [0] * world
-    owners = [0] * len(numels)
+    load, owners = [0] * world, [0] * len(numels)
     for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
         rank = min(range(world), key=lambda r: (load[r], r))
         owners[i] = rank
@@ -102,29 +101,15 @@ class _TensorSpec:
     dtype: torch.dtype
 
 
-def _check_grad_reduced(gradients: ShardedGradients | None) -> None:
-    if gradients is None or not gradients.reduced:
-        raise RuntimeError("call ShardedGradients.wait() after the last backward and before the optimiser step")
+class _Shard:
+    """What ShardedAdamW and ShardedMuon share: the parameters of the optimiser they wrap, its groups
+    and state (`inner`: the optimiser that updates what this rank owns), and the reduction check."""
 
-
-class ShardedAdamW:
-    """torch AdamW over this rank's flat slice of each parameter (views into the real parameters)."""
-
-    def __init__(self, full: torch.optim.AdamW, world: int, rank: int, reduce_dtype: torch.dtype) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, world: int, rank: int,
+                 reduce_dtype: torch.dtype) -> None:
         self.world, self.rank, self.reduce_dtype = world, rank, reduce_dtype
-        self.params: list[nn.Parameter] = [p for g in full.param_groups for p in g["params"]]
-        self.chunks = [slice_chunk(p.numel(), world) for p in self.params]
-        groups = []
-        for group in full.param_groups:
-            views = []
-            for p in group["params"]:
-                if not p.is_contiguous():
-                    raise ValueError(f"ShardedAdamW needs contiguous parameters, got strides {p.stride()}")
-                lo, hi = slice_bounds(p.numel(), world, rank)
-                views.append(p.detach().view(-1)[lo:hi])  # shares storage: updating it updates p
-            groups.append({**group, "params": views})
-        self.slices: list[torch.Tensor] = [v for g in groups for v in g["params"]]
-        self.inner = torch.optim.AdamW(groups, fused=full.defaults.get("fused"))
+        self.params: list[nn.Parameter] = [p for g in optimizer.param_groups for p in g["params"]]
+        self.inner = optimizer
         self.gradients: ShardedGradients | None = None
 
     @property
@@ -134,6 +119,27 @@ class ShardedAdamW:
     @property
     def state(self) -> Any:
         return self.inner.state
+
+    def _check_grad_reduced(self) -> None:
+        if self.gradients is None or not self.gradients.reduced:
+            raise RuntimeError("call ShardedGradients.wait() after the last backward and before the "
+                               "optimiser step")
+
+
+class ShardedAdamW(_Shard):
+    """torch AdamW over this rank's flat slice of each parameter (views into the real parameters)."""
+
+    def __init__(self, full: torch.optim.AdamW, world: int, rank: int, reduce_dtype: torch.dtype) -> None:
+        super().__init__(full, world, rank, reduce_dtype)
+        self.chunks = [slice_chunk(p.numel(), world) for p in self.params]
+        for p in self.params:
+            if not p.is_contiguous():
+                raise ValueError(f"ShardedAdamW needs contiguous parameters, got strides {p.stride()}")
+        # Each slice is a view that shares storage with its parameter: updating it updates p.
+        groups = [{**g, "params": [p.detach().view(-1)[slice(*slice_bounds(p.numel(), world, rank))]
+                                   for p in g["params"]]} for g in full.param_groups]
+        self.slices: list[torch.Tensor] = [v for g in groups for v in g["params"]]
+        self.inner = torch.optim.AdamW(groups, fused=full.defaults.get("fused"))
 
     def start_reduce(self, i: int) -> tuple:
         """Launch the reduce-scatter of parameter i's gradient; returns what finish_reduce needs."""
@@ -159,7 +165,7 @@ class ShardedAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        _check_grad_reduced(self.gradients)
+        self._check_grad_reduced()
         for p, own in zip(self.params, self.slices):
             if own.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
                 raise RuntimeError("a parameter's storage was replaced after the optimisers were built (e.g. by "
@@ -216,23 +222,12 @@ class ShardedAdamW:
         self.inner.load_state_dict({"state": state, "param_groups": full["param_groups"]})
 
 
-class ShardedMuon:
+class ShardedMuon(_Shard):
     """Muon where each rank owns whole matrices: it alone keeps their momentum and orthogonalises them."""
 
     def __init__(self, muon: Muon, world: int, rank: int, reduce_dtype: torch.dtype) -> None:
-        self.world, self.rank, self.reduce_dtype = world, rank, reduce_dtype
-        self.inner = muon
-        self.params: list[nn.Parameter] = [p for g in muon.param_groups for p in g["params"]]
+        super().__init__(muon, world, rank, reduce_dtype)
         self.owners = assign_owners([p.numel() for p in self.params], world)
-        self.gradients: ShardedGradients | None = None
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.inner.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self.inner.state
 
     def start_reduce(self, i: int) -> tuple:
         """Launch the reduction of matrix i's gradient onto its owner."""
@@ -258,7 +253,7 @@ class ShardedMuon:
 
     @torch.no_grad()
     def step(self) -> None:
-        _check_grad_reduced(self.gradients)
+        self._check_grad_reduced()
         self.inner.step()
         targets = [p.detach() for p in self.params]
         works = [dist.broadcast(t, src=o, async_op=True) for t, o in zip(targets, self.owners)]
@@ -313,9 +308,7 @@ class ShardedGradients:
         self._order = [where[id(p)] for p in ordered]
         self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, k))
                        for k, p in enumerate(ordered)]
-        self.shards = shards
-        self.reduced = False
-        self._armed = False
+        self.shards, self.reduced, self._armed = shards, False, False
         self._reset()
 
     def _reset(self) -> None:
@@ -358,8 +351,7 @@ class ShardedGradients:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the owned gradients so that the global gradient norm is at most max_norm; returns the norm."""
         grads = [g for shard in self.shards for g in shard.owned_grads()]
-        device = self.shards[0].params[0].device
-        squares = torch.zeros((), dtype=torch.float32, device=device)
+        squares = torch.zeros((), dtype=torch.float32, device=self.shards[0].params[0].device)
         for g in grads:
             squares += g.float().pow(2).sum()
         dist.all_reduce(squares)
@@ -403,12 +395,9 @@ def shard_optimizers(model: nn.Module, optimizers: list, rank: int, world_size: 
     dtype = REDUCE_DTYPES[reduce_dtype]
     shards: list[ShardedAdamW | ShardedMuon] = []
     for opt in optimizers:
-        if isinstance(opt, Muon):
-            shards.append(ShardedMuon(opt, world_size, rank, dtype))
-        elif isinstance(opt, torch.optim.AdamW):
-            shards.append(ShardedAdamW(opt, world_size, rank, dtype))
-        else:
+        if not isinstance(opt, (Muon, torch.optim.AdamW)):
             raise TypeError(f"cannot shard a {type(opt).__name__}; only torch AdamW and Muon")
+        shards.append((ShardedMuon if isinstance(opt, Muon) else ShardedAdamW)(opt, world_size, rank, dtype))
     gradients = ShardedGradients(model, shards)
     for shard in shards:
         shard.gradients = gradients

@@ -32,15 +32,7 @@ from picochat.model.fp8 import convert_to_fp8, fp8_decision
 from picochat.model.gpt import GPT, build_model, compiled_for_training
 from picochat.optim import RESID_LAMBDAS, X0_LAMBDAS, AdamWGroup, MuonOptions, build_optimizers, muon_momentum
 from picochat.optim.distributed import broadcast_parameters
-from picochat.plan import (
-    B_REF,
-    Shape,
-    auto_batch,
-    batch_growth,
-    check_fits,
-    explain_batch_divisibility,
-    valid_batches,
-)
+from picochat.plan import B_REF, auto_batch, batch_growth, explain_batch_divisibility, valid_batches
 from picochat.runtime import (
     home,
     init_distributed,
@@ -50,6 +42,7 @@ from picochat.runtime import (
     shutdown_distributed,
 )
 from picochat.tokenizer import Tokenizer
+from picochat.train.chat_stage import check_memory
 from picochat.train.loop import LoopConfig, Trainer, verify_shared_home, wandb_logger
 from picochat.train.options import LoopOptions
 from picochat.train.schedules import cosine_to_zero, warmup_constant_warmdown
@@ -263,34 +256,35 @@ def compute_horizon(cfg: BaseTrainConfig, model, world_size: int) -> tuple[int, 
     return n, grad_accum
 
 
-def check_batch(cfg: BaseTrainConfig, world_size: int) -> int:
-    """Micro-batches per step, or a ConfigError naming the flag to change for this world size.
+def lower_preset_batch(cfg, step_flag: str, choices: list[int], world_size: int) -> bool:
+    """Lower a device batch that came from the preset (not from --device-batch-size) to the largest of
+    `choices` below it, and say so; False when it came from the flag or none is smaller.
+
+    `step_flag` is the flag and value of the step the batch does not divide at this world size.
+    """
+    smaller = [b for b in choices if b < cfg.device_batch_size]
+    if cfg.batch_from_flag or not smaller:
+        return False
+    log0(f"the preset's device batch {cfg.device_batch_size} does not divide {step_flag} over {world_size} "
+         f"processes; using --device-batch-size {smaller[-1]}")
+    cfg.device_batch_size = smaller[-1]
+    return True
+
+
+def check_batch(cfg, world_size: int, seq_len: int | None = None) -> int:
+    """Micro-batches per step of --total-batch-size tokens in rows of `seq_len` (default --max-seq-len),
+    or a ConfigError naming the flag to change for this world size.
 
     A device batch that came from the preset (not from --device-batch-size) is lowered to the
     largest one that divides the step at this world size, so d20 runs on 16 GPUs as it is.
     """
-    problem = explain_batch_divisibility(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len,
-                                         world_size, "--total-batch-size")
-    if problem and not cfg.batch_from_flag:
-        smaller = [b for b in valid_batches(cfg.total_batch_size, cfg.max_seq_len, world_size)
-                   if b < cfg.device_batch_size]
-        if smaller:
-            log0(f"the preset's device batch {cfg.device_batch_size} does not divide --total-batch-size "
-                 f"{cfg.total_batch_size} over {world_size} processes; using --device-batch-size {smaller[-1]}")
-            cfg.device_batch_size, problem = smaller[-1], None
-    if problem:
+    T = seq_len or cfg.max_seq_len
+    problem = explain_batch_divisibility(cfg.total_batch_size, cfg.device_batch_size, T, world_size,
+                                         "--total-batch-size")
+    if problem and not lower_preset_batch(cfg, f"--total-batch-size {cfg.total_batch_size}",
+                                          valid_batches(cfg.total_batch_size, T, world_size), world_size):
         raise ConfigError(problem)
-    return cfg.total_batch_size // (cfg.device_batch_size * cfg.max_seq_len * world_size)
-
-
-def check_memory(cfg: BaseTrainConfig, config, world, compiled: bool, dtype) -> None:
-    """The plan's memory estimate must fit this device; else name --device-batch-size and a value that fits."""
-    if cfg.no_plan_check:
-        return
-    shape = Shape.from_config(config, cfg.device_batch_size, world_size=world.world_size, compiled=compiled,
-                              bf16=dtype != torch.float32, total_batch_tokens=cfg.total_batch_size)
-    check_fits(shape, world.device, "--device-batch-size",
-               valid_batches(cfg.total_batch_size, cfg.max_seq_len, world.world_size))
+    return cfg.total_batch_size // (cfg.device_batch_size * T * world_size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -307,29 +301,28 @@ def run(args: argparse.Namespace) -> int:
         lr_scale, wd_scale = batch_and_scales(cfg, config)
         compiled = cfg.compiles(world.device.type)
         check_batch(cfg, world.world_size)
-        check_memory(cfg, config, world, compiled, dtype)
+        check_memory(cfg, world, dtype, compiled,
+                     lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size))(config)
         model = build_model(config, world.device)
         use_fp8(cfg, model, world.device)
         broadcast_parameters(model)
         num_iterations, grad_accum = compute_horizon(cfg, model, world.world_size)
-        tag = cfg.tag or f"d{cfg.depth}"
         log_run(cfg, model, dtype, world, num_iterations, grad_accum)
         optimizers = optimizers_for(cfg, model, lr_scale, wd_scale)
-        train_model = model
-        if compiled:
-            train_model = compiled_for_training(model, dynamic=False)
+        train_model = compiled_for_training(model, dynamic=False) if compiled else model
         batches = make_loader(cfg.loader, train_files, tokenizer, cfg.device_batch_size, cfg.max_seq_len,
                               world.rank, world.world_size, world.device)
         evaluate, sample = evaluators(cfg, world, tokenizer, val_file, dtype)
-        loop_cfg = LoopConfig(stage="base", tag=tag, num_iterations=num_iterations, grad_accum_steps=grad_accum,
-                              tokens_per_step=cfg.total_batch_size, eval_every=cfg.eval_every,
-                              sample_every=cfg.sample_every, save_every=cfg.save_every, keep_last=cfg.keep_last,
+        loop_cfg = LoopConfig(stage="base", tag=cfg.tag or f"d{cfg.depth}", num_iterations=num_iterations,
+                              grad_accum_steps=grad_accum, tokens_per_step=cfg.total_batch_size,
+                              eval_every=cfg.eval_every, sample_every=cfg.sample_every,
+                              save_every=cfg.save_every, keep_last=cfg.keep_last,
                               save_every_minutes=cfg.save_every_minutes, time_budget_s=60 * cfg.time_budget,
                               grad_reduce_dtype=cfg.grad_reduce_dtype)
         fingerprint = {"data_dir": str(train_files[0].parent), "train_files": [f.name for f in train_files],
                        "val_file": val_file.name}
         trainer = Trainer(
-            model, optimizers, batches, loop_cfg, world, tokenizer,
+            model, optimizers, batches, loop_cfg, world, tokenizer, compute_dtype=dtype,
             lr_multiplier=lambda s, n: warmup_constant_warmdown(s, n, cfg.warmup_steps, cfg.warmdown_ratio,
                                                                 cfg.final_lr_frac),
             # The trainer's horizon: a time budget fixes it only after the first steps.
@@ -337,17 +330,12 @@ def run(args: argparse.Namespace) -> int:
                                              final=cfg.momentum_final, warmdown_ratio=cfg.warmdown_ratio,
                                              num_iterations=trainer.num_iterations),
             weight_decay_multiplier=cosine_to_zero if cfg.weight_decay_schedule == "cosine" else None,
-            evaluate=evaluate,
-            sample=sample if cfg.sample_every != 0 else None,
-            compute_dtype=dtype, train_model=train_model,
+            evaluate=evaluate, sample=sample if cfg.sample_every != 0 else None, train_model=train_model,
             on_log=wandb_logger(cfg.wandb, "base", cfg.to_dict()) if world.is_main else None,
             run_meta={"data": fingerprint, "args": cfg.to_dict(), "muon": dataclasses.asdict(muon_options_for(cfg))},
         )
-        if cfg.resume:
-            trainer.resume_newest()
-        result = trainer.run()
+        trainer.resume_and_run(cfg.resume)
         batches.close()
-        log0(f"done: {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})}")
         return 0
     finally:
         shutdown_distributed()

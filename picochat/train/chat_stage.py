@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import DeviceOptions, add_preset_argument, option
@@ -24,9 +24,9 @@ from picochat.mfu import use_expandable_segments
 from picochat.model.gpt import GPTConfig, compiled_for_training
 from picochat.optim import build_optimizers, muon_momentum
 from picochat.plan import Shape, check_fits
-from picochat.runtime import init_distributed, log0
+from picochat.runtime import Dist, init_distributed, log0, shutdown_distributed
 from picochat.tasks.sources import SOURCE_CHOICES, resolve_source
-from picochat.train.loop import LoopConfig, Trainer, verify_shared_home, wandb_logger
+from picochat.train.loop import LoopConfig, Trainer, from_main, verify_shared_home, wandb_logger
 from picochat.train.options import LoopOptions, ParentOptions
 
 
@@ -44,27 +44,31 @@ def add_chat_stage_arguments(p: argparse.ArgumentParser, config: type[ChatStageC
     config.add_arguments(p)
 
 
-def start_world(cfg: DeviceOptions):
-    """Join the world with expandable CUDA segments, and check that every rank sees the same home."""
+@contextmanager
+def stage_world(cfg: DeviceOptions) -> Iterator[Dist]:
+    """Join the world with expandable CUDA segments, check that every rank sees the same home, and
+    shut the world down when the stage ends."""
     use_expandable_segments()  # before CUDA is initialised
     world = init_distributed(cfg.device)
     verify_shared_home(world)
-    return world
+    try:
+        yield world
+    finally:
+        shutdown_distributed()
 
 
 def find_parent(cfg: ParentOptions, world):
     """The starting checkpoint's directory, chosen once on rank 0 (the newest, unless given) for every rank."""
-    found = [None]
+    found = None
     if world.is_main:
         try:
-            found = [str(find_checkpoint(cfg.from_stage, cfg.from_tag, cfg.from_step))]
+            found = str(find_checkpoint(cfg.from_stage, cfg.from_tag, cfg.from_step))
         except DataError as e:
-            found = [e]
-    if world.enabled:
-        dist.broadcast_object_list(found)
-    if isinstance(found[0], Exception):
-        raise DataError(str(found[0]))
-    return Path(found[0])
+            found = e
+    found = from_main(found, world)
+    if isinstance(found, Exception):
+        raise DataError(str(found))
+    return Path(found)
 
 
 def load_parent(cfg: ChatStageConfig, world, check_memory=None):
@@ -80,8 +84,9 @@ def load_parent(cfg: ChatStageConfig, world, check_memory=None):
     return model, tokenizer, meta, cfg.tag or meta.get("tag") or path.parent.name
 
 
-def check_memory(cfg: ChatStageConfig, world, dtype, compiled: bool, batch_flag: str, candidates, batch_check=None):
-    """A `load_parent` hook: the plan's estimate for this stage must fit the device (unless --no-plan-check).
+def check_memory(cfg: LoopOptions, world, dtype, compiled: bool, candidates, batch_check=None):
+    """A `load_parent` hook (base-train calls it on its own config): the plan's estimate for this stage
+    must fit the device (unless --no-plan-check), else an error naming --device-batch-size.
 
     `candidates(config)` lists the device batches that divide the step; `batch_check(config)`
     raises first if the batch flags cannot work at this world size.
@@ -91,11 +96,11 @@ def check_memory(cfg: ChatStageConfig, world, dtype, compiled: bool, batch_flag:
             batch_check(config)
         if cfg.no_plan_check:
             return
-        # Tokens per step: mid packs --total-batch-size; SFT takes --examples-per-step rows of up to T.
+        # Tokens per step: base and mid pack --total-batch-size; SFT: --examples-per-step rows of up to T.
         total = getattr(cfg, "total_batch_size", None) or cfg.examples_per_step * config.sequence_len
         shape = Shape.from_config(config, cfg.device_batch_size, world_size=world.world_size, compiled=compiled,
                                   bf16=dtype != torch.float32, total_batch_tokens=total)
-        check_fits(shape, world.device, batch_flag, candidates(config))
+        check_fits(shape, world.device, "--device-batch-size", candidates(config))
 
     return check
 
@@ -138,16 +143,9 @@ def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict
                       momentum=lambda s: muon_momentum(s, cfg.momentum_warmup_steps), evaluate=plan.evaluate,
                       compute_dtype=dtype, train_model=train_model, run_meta=run_meta,
                       on_log=wandb_logger(cfg.wandb, plan.stage, cfg.to_dict()) if world.is_main else None)
-    if cfg.resume:
-        trainer.resume_newest()
-    result = trainer.run()
-    log0(f"done: {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})}")
-    return result
+    return trainer.resume_and_run(cfg.resume)
 
 
 def agreed_source(source: str, world) -> str:
     """--source with 'auto' settled once, on rank 0 (one probe of the hub), and the same on every rank."""
-    settled = [resolve_source(source, log=log0) if world.is_main else None]
-    if world.enabled:
-        dist.broadcast_object_list(settled)
-    return settled[0]
+    return from_main(resolve_source(source, log=log0) if world.is_main else None, world)

@@ -133,12 +133,8 @@ def wandb_logger(run_name: str | None, project_stage: str, config: dict) -> Call
 
 
 def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict) -> None:
@@ -147,6 +143,24 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def from_main(value: Any, world: Dist) -> Any:
+    """Rank 0's `value` on every rank (broadcast in a world > 1; what the other ranks pass is ignored)."""
+    shared = [value]
+    if world.enabled:
+        dist.broadcast_object_list(shared)
+    return shared[0]
+
+
+def all_reduced(values: list[float], world: Dist, device: torch.device, op: Any = None) -> list:
+    """`values` reduced element-wise over the ranks with `op` (default: the sum), in float64 on `device`
+    (exact for integers below 2**53); `values` as they are in a world of 1."""
+    if not world.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    return t.tolist()
 
 
 def verify_shared_home(world: Dist) -> None:
@@ -158,35 +172,30 @@ def verify_shared_home(world: Dist) -> None:
     """
     if not world.enabled:
         return
-    nonce = [secrets.token_hex(8) if world.is_main else None]
-    dist.broadcast_object_list(nonce)
-    probe = home() / ".world-check" / f"{nonce[0]}.txt"
+    nonce = from_main(secrets.token_hex(8) if world.is_main else None, world)
+    probe = home() / ".world-check" / f"{nonce}.txt"
     if world.is_main:
         probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text(nonce[0])
+        probe.write_text(nonce)
     dist.barrier()
     try:
-        seen = probe.read_text() == nonce[0]
+        seen = probe.read_text() == nonce
     except OSError:
         seen = False
-    bad = torch.tensor([0 if seen else 1], device=world.device)
-    dist.all_reduce(bad)
+    [bad] = all_reduced([0 if seen else 1], world, world.device)
     dist.barrier()  # everyone has read the probe before rank 0 removes it
     if world.is_main:
         probe.unlink(missing_ok=True)
-    if bad.item():
+    if bad:
         raise SharedHomeError(
-            f"{int(bad.item())} of {world.world_size} processes do not see the file rank 0 wrote under "
+            f"{int(bad)} of {world.world_size} processes do not see the file rank 0 wrote under "
             f"$PICOCHAT_HOME ({home()} on rank 0): every node needs the same PICOCHAT_HOME on a shared "
             "filesystem (checkpoints, data and the tokenizer are read from there)")
 
 
 def newest_step(stage: str, tag: str, world: Dist) -> int | None:
     """The newest complete, undamaged checkpoint step of a run, decided on rank 0 and broadcast to all ranks."""
-    steps = [ckpt.newest_resumable_step(ckpt.run_dir(stage, tag)) if world.is_main else None]
-    if world.enabled:
-        dist.broadcast_object_list(steps)
-    return steps[0]
+    return from_main(ckpt.newest_resumable_step(ckpt.run_dir(stage, tag)) if world.is_main else None, world)
 
 
 @dataclass
@@ -230,10 +239,7 @@ def _due(every: int, start: int, end: int, skip_zero: bool = False) -> int:
 
 def _with_token_count(batch: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(inputs, targets, real tokens): a padded batch says how many; otherwise every input counts."""
-    if len(batch) == 3:
-        return batch
-    x, y = batch
-    return x, y, x.numel()
+    return batch if len(batch) == 3 else (*batch, batch[0].numel())
 
 
 def _finite_json(value: Any) -> Any:
@@ -273,26 +279,16 @@ class Trainer:
     that carries `initial_weight_decay` (Muon's).
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizers: list[torch.optim.Optimizer],
-        batches,
-        config: LoopConfig,
-        world: Dist,
-        tokenizer,
-        lr_multiplier: Callable[[int, int], float],
-        momentum: Callable[[int], float] | None = None,
-        evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
-        sample: Callable[[torch.nn.Module, int], None] | None = None,
-        compute_dtype: torch.dtype = torch.float32,
-        train_model: Callable[..., torch.Tensor] | None = None,
-        run_meta: dict | None = None,
-        on_log: Callable[[dict], None] | None = None,
-        weight_decay_multiplier: Callable[[int, int], float] | None = None,
-        step_fn: Callable[[int], StepWork] | None = None,
-        parts: dict[str, Any] | None = None,
-    ):
+    def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], batches,
+                 config: LoopConfig, world: Dist, tokenizer, lr_multiplier: Callable[[int, int], float],
+                 momentum: Callable[[int], float] | None = None,
+                 evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
+                 sample: Callable[[torch.nn.Module, int], None] | None = None,
+                 compute_dtype: torch.dtype = torch.float32,
+                 train_model: Callable[..., torch.Tensor] | None = None,
+                 run_meta: dict | None = None, on_log: Callable[[dict], None] | None = None,
+                 weight_decay_multiplier: Callable[[int, int], float] | None = None,
+                 step_fn: Callable[[int], StepWork] | None = None, parts: dict[str, Any] | None = None):
         self.model = model  # the uncompiled model: saved, evaluated, sampled
         # Possibly torch.compile'd, used for the forward (not `or`: a compiled module's truth value asks
         # the model for its len(), which raises)
@@ -304,19 +300,12 @@ class Trainer:
         self.batches = batches
         self.step_fn = step_fn or self._supervised_work
         self.parts = {**({"loader": batches} if batches is not None else {}), **(parts or {})}
-        self.cfg = config
-        self.world = world
-        self.tokenizer = tokenizer
-        self.lr_multiplier = lr_multiplier
-        self.momentum = momentum
+        self.cfg, self.world, self.tokenizer = config, world, tokenizer
+        self.lr_multiplier, self.momentum = lr_multiplier, momentum
         self.weight_decay_multiplier = weight_decay_multiplier
-        self.evaluate = evaluate
-        self.sample = sample
-        self.compute_dtype = compute_dtype
-        self.run_meta = run_meta or {}
-        self.on_log = on_log
-        self.step = 0
-        self.smooth_loss = 0.0
+        self.evaluate, self.sample, self.compute_dtype = evaluate, sample, compute_dtype
+        self.run_meta, self.on_log = run_meta or {}, on_log
+        self.step, self.smooth_loss = 0, 0.0
         self.train_time = 0.0  # seconds spent in timed steps (excludes the first steps: warm-up/compile)
         self.elapsed_s = 0.0  # wall time of the loop over every run of this training (for a time budget)
         self.horizon_fixed = config.time_budget_s <= 0
@@ -330,10 +319,9 @@ class Trainer:
         self._earlier_steps: list[int] = []  # an earlier run's checkpoints under this tag, for the first save
         self._resumed = False
         self._side_work = {"eval": (0.0, 0), "sample": (0.0, 0)}  # this process's (seconds, count) of each
-        device = next(model.parameters()).device
-        self.device = device
+        self.device = next(model.parameters()).device
         self.flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 0
-        self.peak = peak_flops(device, compute_dtype)
+        self.peak = peak_flops(self.device, compute_dtype)
 
     # ---- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -383,12 +371,11 @@ class Trainer:
             for name, part in self.parts.items():
                 part.load_state_dict(mine[name])
             _set_rng_state(mine["rng"])
-        self.smooth_loss = state["loop"]["smooth_loss"]
-        self.train_time = state["loop"]["train_time"]
-        self.metrics = state["loop"]["metrics"]
-        self.elapsed_s = state["loop"].get("elapsed_s", 0.0)
+        loop = state["loop"]
+        self.smooth_loss, self.train_time = loop["smooth_loss"], loop["train_time"]
+        self.metrics, self.elapsed_s = loop["metrics"], loop.get("elapsed_s", 0.0)
         saved_cfg = meta.get("loop") or {}
-        saved_horizon = state["loop"]["num_iterations"] if state["loop"].get("horizon_fixed") else None
+        saved_horizon = loop["num_iterations"] if loop.get("horizon_fixed") else None
         if self.cfg.time_budget_s > 0 and saved_horizon is not None:
             # The horizon the first run measured and fixed: the schedule continues exactly.
             self.num_iterations, self.horizon_fixed = saved_horizon, True
@@ -407,8 +394,8 @@ class Trainer:
         if saved_tokens != self.cfg.tokens_per_step:
             log0(f"note: {saved_tokens} tokens per step in the checkpoint, {self.cfg.tokens_per_step} now: "
                  f"the steps from {self.step} on take this run's batch")
-        if state["loop"].get("nonfinite_step") is not None:
-            log0(f"note: {path} was saved when the loss of step {state['loop']['nonfinite_step']} was not finite: "
+        if loop.get("nonfinite_step") is not None:
+            log0(f"note: {path} was saved when the loss of step {loop['nonfinite_step']} was not finite: "
                  "the batch of that step is skipped (this run continues with the data after it)")
         if self.horizon_fixed and self.step > self.num_iterations:
             raise ConfigError(
@@ -443,6 +430,14 @@ class Trainer:
         else:
             self.resume(self.ckpt_dir / f"step_{step}")
 
+    def resume_and_run(self, resume: bool) -> dict:
+        """`resume_newest()` if `resume` (--resume), then the run; logs the final metrics and returns them."""
+        if resume:
+            self.resume_newest()
+        result = self.run()
+        log0(f"done: {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})}")
+        return result
+
     def save(self) -> None:
         """Collective: rank 0 writes, and every rank learns whether it could (a failed save raises the same
         error on every rank, instead of leaving the others waiting for rank 0)."""
@@ -451,12 +446,10 @@ class Trainer:
         state = self.state_dict()  # collective: every rank takes part
         error = None
         if self.world.is_main:
-            meta = {
-                "stage": self.cfg.stage, "tag": self.cfg.tag,
-                "num_iterations": self.num_iterations if self.horizon_fixed else None,
-                "metrics": self.metrics, "world_size": self.world.world_size, "loop": asdict(self.cfg),
-                **self.run_meta,
-            }
+            meta = {"stage": self.cfg.stage, "tag": self.cfg.tag,
+                    "num_iterations": self.num_iterations if self.horizon_fixed else None,
+                    "metrics": self.metrics, "world_size": self.world.world_size, "loop": asdict(self.cfg),
+                    **self.run_meta}
             try:
                 path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.tokenizer, meta, state,
                                             keep_last=self.cfg.keep_last)
@@ -470,10 +463,7 @@ class Trainer:
                 self._earlier_steps = []
         message = None if error is None else str(error) if isinstance(error, UserError) else \
             f"cannot save step {self.step} in {self.ckpt_dir} ({error})"
-        if self.world.enabled:
-            shared = [message]
-            dist.broadcast_object_list(shared)  # in place of a barrier: every rank waits for rank 0's save
-            message = shared[0]
+        message = from_main(message, self.world)  # in place of a barrier: every rank waits for rank 0's save
         if message is not None:
             raise CheckpointSaveError(message) from error
         self._last_save = time.time()
@@ -501,13 +491,11 @@ class Trainer:
         work = self.step_fn(step)
         outcome = self._agree(work, compiled=_graphs_traced() != graphs)
         self.gradients.wait()  # every rank finishes the reductions the last backward started
-        if outcome.nonfinite_ranks:
-            self.model.zero_grad(set_to_none=True)
-            return outcome
-        if self.cfg.grad_clip > 0:
-            self.gradients.clip_grad_norm_(self.cfg.grad_clip)
-        for opt in self.optimizers:
-            opt.step()
+        if not outcome.nonfinite_ranks:
+            if self.cfg.grad_clip > 0:
+                self.gradients.clip_grad_norm_(self.cfg.grad_clip)
+            for opt in self.optimizers:
+                opt.step()
         self.model.zero_grad(set_to_none=True)
         return outcome
 
@@ -517,12 +505,10 @@ class Trainer:
         # Supervised tokens per micro-batch: one host sync for the whole step, not one per micro-batch.
         n_tokens = torch.stack([(y >= 0).sum() for _, y, _ in micro]).tolist()
         total_tokens = sum(n_tokens)
-        if self.cfg.loss_weighting == "tokens" and self.world.enabled:
-            t = torch.tensor([total_tokens], dtype=torch.long, device=self.device)
-            dist.all_reduce(t)
-            total_tokens = int(t.item())
+        if self.cfg.loss_weighting == "tokens":
+            total_tokens = int(all_reduced([total_tokens], self.world, self.device)[0])
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read once, after the loop
-        for i, ((x, y, _), n) in enumerate(zip(micro, n_tokens)):
+        for i, (x, y, _) in enumerate(micro):
             if i == len(micro) - 1:
                 self.gradients.arm()  # the last backward: each gradient's reduction starts once it is final
             with torch.autocast(self.device.type, dtype=self.compute_dtype,
@@ -530,11 +516,10 @@ class Trainer:
                 if self.cfg.loss_weighting == "tokens":
                     # Sum over supervised tokens / all supervised tokens of the step (across ranks):
                     # a micro-batch with no supervised tokens adds exactly nothing.
-                    loss = self.train_model(x, y, loss_reduction="sum")
-                    scaled = loss / max(1, total_tokens) * self.world.world_size
+                    scaled = (self.train_model(x, y, loss_reduction="sum") / max(1, total_tokens)
+                              * self.world.world_size)
                 else:
-                    loss = self.train_model(x, y)
-                    scaled = loss / self.cfg.grad_accum_steps
+                    scaled = self.train_model(x, y) / self.cfg.grad_accum_steps
             scaled.backward()
             loss_sum += scaled.detach().double()
         # The step's one host sync for the loss (the non-finite check needs it). The gradient
@@ -551,11 +536,8 @@ class Trainer:
                   work.supervised_tokens, int(compiled), work.loss]
         memory = [0] * self.world.world_size  # a slot per rank: the sum hands every rank each one's peak
         memory[self.world.rank] = peak_memory_bytes(self.device)
-        if self.world.enabled:
-            t = torch.tensor(values + memory, dtype=torch.float64, device=self.device)  # exact below 2**53
-            dist.all_reduce(t)  # SUM: a flag is set when any rank set it
-            summed = t.tolist()
-            values, memory = [*map(int, summed[:6]), summed[6]], [int(m) for m in summed[7:]]
+        summed = all_reduced(values + memory, self.world, self.device)  # SUM: a flag is set by any rank
+        values, memory = [*map(int, summed[:6]), summed[6]], [int(m) for m in summed[7:]]
         return StepOutcome(loss=values[6], supervised_tokens=values[4], stop=values[0] > 0, save_due=values[1] > 0,
                            nonfinite_ranks=values[2], tokens=values[3], record=work.record,
                            peak_mem_bytes=max(memory), compiled=values[5] > 0)
@@ -620,7 +602,6 @@ class Trainer:
             self._timed("sample", lambda: self.sample(self.model, step))
 
     def run(self) -> dict:
-        cfg = self.cfg
         previous = signal.getsignal(signal.SIGINT)
 
         def on_sigint(signum, frame):
@@ -636,7 +617,7 @@ class Trainer:
             log0(f"note: {self.ckpt_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, earlier))}); "
                  "this fresh run replaces them as it saves (continue that run instead with --resume)")
         try:
-            return self._run(cfg)
+            return self._run(self.cfg)
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -656,13 +637,9 @@ class Trainer:
                 self.save()  # with train_time_s and wall_time_s in its metrics
                 break
             lrm, mom = self._set_hyperparameters(step)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.time()
+            t0 = self._clock()
             outcome = self._train_step(step)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
+            dt = self._clock() - t0
             if outcome.nonfinite_ranks:
                 self._stop_on_nonfinite(step, outcome)
             self.step = step + 1
@@ -692,11 +669,8 @@ class Trainer:
         """
         if timed_steps < self.cfg.budget_measure_steps:
             return False
-        spent = self.train_time
-        if self.world.enabled:  # one small all-reduce per step, only until the horizon is fixed
-            t = torch.tensor([spent], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            spent = t.item()
+        # One small all-reduce per step (in a world > 1), only until the horizon is fixed.
+        [spent] = all_reduced([self.train_time], self.world, self.device, dist.ReduceOp.MAX)
         return spent >= self.cfg.budget_measure_fraction * self.cfg.time_budget_s
 
     def _fix_horizon(self, timed_steps: int, timed_s: float) -> None:
@@ -712,9 +686,7 @@ class Trainer:
                 cost = (mid - self.step) * seconds_per_step + self._side_seconds(self.step, mid, final=False)
                 low, horizon = (mid, horizon) if cost <= left else (low, mid - 1)
         if self.world.enabled:  # ranks measured slightly different times: agree on the smallest
-            t = torch.tensor([horizon], dtype=torch.long, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            horizon = int(t.item())
+            horizon = int(all_reduced([horizon], self.world, self.device, dist.ReduceOp.MIN)[0])
         self.num_iterations, self.horizon_fixed = horizon, True
         side = self._side_seconds(self.step, horizon, final=False)
         log0(f"time budget {self.cfg.time_budget_s / 60:.2f} min: {seconds_per_step * 1000:.0f} ms/step over "
@@ -725,7 +697,6 @@ class Trainer:
                   seconds_per_step: float, timed: bool) -> None:
         """One step's line (every log_every steps) and JSONL record; seconds_per_step is 0 until steps are timed,
         `timed`: the step counts in the train time (not one of this process's warm-up steps)."""
-        cfg = self.cfg
         beta = 0.9
         self.smooth_loss = beta * self.smooth_loss + (1 - beta) * outcome.loss
         debiased = self.smooth_loss / (1 - beta ** self.step)
@@ -737,7 +708,7 @@ class Trainer:
         if seconds_per_step and horizon is not None:
             eta = (horizon - self.step) * seconds_per_step + self._side_seconds(self.step, horizon, final=True)
         epoch = getattr(self.batches, "epoch", None)
-        if step % cfg.log_every == 0 or self.step == horizon:
+        if step % self.cfg.log_every == 0 or self.step == horizon:
             mom_text = f" | mom {mom:.3f}" if mom is not None else ""
             epoch_text = f" | epoch {epoch}" if epoch is not None else ""
             mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device (or dt 0)

@@ -24,8 +24,9 @@ from picochat.config import option
 from picochat.data.chat_batches import PackedConversations
 from picochat.errors import ConfigError
 from picochat.eval.bpb import evaluate_bpb
-from picochat.plan import explain_batch_divisibility, valid_batches
-from picochat.runtime import log0, pick_training_dtype, seed_everything, shutdown_distributed
+from picochat.plan import valid_batches
+from picochat.runtime import log0, pick_training_dtype, seed_everything
+from picochat.train.base_train import check_batch
 from picochat.train.chat_stage import (
     ChatStageConfig,
     StagePlan,
@@ -34,8 +35,9 @@ from picochat.train.chat_stage import (
     check_memory,
     load_parent,
     run_trainer,
-    start_world,
+    stage_world,
 )
+from picochat.train.loop import all_reduced
 from picochat.train.mixtures import MID, MID_VAL, build_mixture, describe, pick
 from picochat.train.schedules import constant_then_linear_to_zero
 
@@ -62,47 +64,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = MidConfig.from_args(args)
-    world = start_world(cfg)
-    try:
+    with stage_world(cfg) as world:
         cfg.source = agreed_source(cfg.source, world)
         seed_everything(cfg.seed)
         dtype = pick_training_dtype(world.device, cfg.dtype)
-
-        def batch_check(config) -> None:
-            problem = explain_batch_divisibility(cfg.total_batch_size, cfg.device_batch_size,
-                                                 config.sequence_len, world.world_size, "--total-batch-size")
-            smaller = [b for b in valid_batches(cfg.total_batch_size, config.sequence_len, world.world_size)
-                       if b < cfg.device_batch_size]
-            if problem and smaller and not cfg.batch_from_flag:  # the preset's batch: lower it for this world size
-                log0(f"the preset's device batch {cfg.device_batch_size} does not divide --total-batch-size "
-                     f"{cfg.total_batch_size} over {world.world_size} processes; using --device-batch-size "
-                     f"{smaller[-1]}")
-                cfg.device_batch_size, problem = smaller[-1], None
-            if problem:
-                raise ConfigError(problem)
-
-        check = check_memory(cfg, world, dtype, cfg.compiles(world.device.type), "--device-batch-size",
+        check = check_memory(cfg, world, dtype, cfg.compiles(world.device.type),
                              lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size),
-                             batch_check)
+                             lambda c: check_batch(cfg, world.world_size, c.sequence_len))
         model, tokenizer, parent_meta, tag = load_parent(cfg, world, check)
         T, B = model.config.sequence_len, cfg.device_batch_size
-        batch_check(model.config)
+        grad_accum = check_batch(cfg, world.world_size, T)
         per_micro = B * T * world.world_size
-        grad_accum = cfg.total_batch_size // per_micro
         entries = pick(MID, cfg.source, cfg.mix_scale)
         log0(f"mid mixture ({cfg.source}, {cfg.mix_scale}): {describe(entries)}")
         train_mix = build_mixture(entries, cfg.source, seed=cfg.seed)
         val_mix = build_mixture(MID_VAL[cfg.mix_scale], cfg.source, seed=cfg.seed)
         batches = PackedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device,
                                       mask_user=cfg.mask_user)
-        tokens = torch.tensor([batches.tokens_per_epoch()], device=world.device)
-        if world.enabled:
-            dist.all_reduce(tokens, op=dist.ReduceOp.MIN)
-        num_iterations = (int(tokens.item()) - 1) // (B * T * grad_accum)
+        tokens = int(all_reduced([batches.tokens_per_epoch()], world, world.device, dist.ReduceOp.MIN)[0])
+        num_iterations = (tokens - 1) // (B * T * grad_accum)
         if num_iterations < 1:
-            raise ConfigError(f"the mid mixture has {int(tokens.item()):,} tokens per process, less than one step "
+            raise ConfigError(f"the mid mixture has {tokens:,} tokens per process, less than one step "
                               f"({B * T * grad_accum:,}); use a larger --mix-scale or a smaller --total-batch-size")
-        log0(f"one pass: {len(train_mix):,} conversations, {int(tokens.item()):,} tokens per process -> "
+        log0(f"one pass: {len(train_mix):,} conversations, {tokens:,} tokens per process -> "
              f"{num_iterations} steps of {cfg.total_batch_size:,} tokens (grad accum {grad_accum})")
         eval_steps = cfg.eval_tokens // per_micro
         if eval_steps < 1:
@@ -120,5 +104,3 @@ def run(args: argparse.Namespace) -> int:
             evaluate, "tokens" if cfg.mask_user else "mean",
             {"mixture": describe(entries), "conversations": len(train_mix), "mask_user": cfg.mask_user}))
         return 0
-    finally:
-        shutdown_distributed()

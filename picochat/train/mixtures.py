@@ -76,11 +76,10 @@ SFT: dict[str, dict[str, list[Entry]]] = {
 
 
 # What SFT evaluates: validation loss on held-out conversations, and categorical accuracy.
+CATEGORICAL = [("mmlu", "test"), ("arc_easy", "test"), ("arc_challenge", "test")]
 SFT_EVAL: dict[str, dict] = {
-    "full": {"val": ("smoltalk", "test", {}), "categorical": [("mmlu", "test"), ("arc_easy", "test"),
-                                                               ("arc_challenge", "test")]},
-    "cpu": {"val": ("smoltalk", "test", CPU_CHAT), "categorical": [("mmlu", "test"), ("arc_easy", "test"),
-                                                              ("arc_challenge", "test")]},
+    "full": {"val": ("smoltalk", "test", {}), "categorical": CATEGORICAL},
+    "cpu": {"val": ("smoltalk", "test", CPU_CHAT), "categorical": CATEGORICAL},
     "tiny": {"val": ("arithmetic", "test", {"size": 16}), "categorical": []},
 }
 

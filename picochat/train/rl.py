@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 
 from picochat.checkpoint import load_checkpoint_dir
 from picochat.config import add_preset_argument, option
@@ -56,10 +55,10 @@ from picochat.model.gpt import GPTConfig
 from picochat.optim import build_optimizers
 from picochat.optim.distributed import broadcast_parameters
 from picochat.plan import Shape, check_fits
-from picochat.runtime import log0, pick_training_dtype, seed_everything, shutdown_distributed
+from picochat.runtime import log0, pick_training_dtype, seed_everything
 from picochat.tasks import load_task
-from picochat.train.chat_stage import find_parent, start_world
-from picochat.train.loop import LoopConfig, StepWork, Trainer, wandb_logger
+from picochat.train.chat_stage import find_parent, stage_world
+from picochat.train.loop import LoopConfig, StepWork, Trainer, all_reduced, wandb_logger
 from picochat.train.options import RUN, ParentOptions, StageOptions
 from picochat.train.schedules import linear_to_zero
 
@@ -90,9 +89,7 @@ def group_advantages(rewards: list[float]) -> list[float]:
 def policy_batch(rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs (B, T), targets (B, T) with -1 on prompt / forced / padding, advantages (B,))."""
     rows = [(r.prompt + r.tokens, [0] * len(r.prompt) + r.mask) for r in rollouts]
-    inputs, targets = sft_collate(rows, pad_id)
-    advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)
-    return inputs, targets, advantages
+    return *sft_collate(rows, pad_id), torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)
 
 
 def policy_gradient_loss(model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
@@ -100,10 +97,8 @@ def policy_gradient_loss(model, inputs: torch.Tensor, targets: torch.Tensor, adv
     """-sum(advantage * log p(target)) over valid targets, divided by `num_valid_tokens`."""
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        nll = model(inputs, targets, loss_reduction="none")  # (B, T), 0 where target == -1
-    logp = -nll.float()
-    objective = (logp * advantages.to(device)[:, None]).sum()
-    return -objective / max(1, num_valid_tokens)
+        nll = model(inputs, targets, loss_reduction="none")  # (B, T) of -log p, 0 where target == -1
+    return (nll.float() * advantages.to(device)[:, None]).sum() / max(1, num_valid_tokens)
 
 
 def grade(task, conversation: dict, rollouts: list[Rollout], tokenizer) -> None:
@@ -271,10 +266,7 @@ class PolicyGradientStep:
         valid = sum(r.valid_tokens for r in rollouts)
         stats = [valid, sum(rewards), len(rewards), sum(any(g) for g in groups), len(groups),
                  sum(len(r.tokens) for r in rollouts)]
-        if self.world.enabled:  # the loss is normalised by the valid tokens of every rank
-            t = torch.tensor(stats, dtype=torch.float64, device=self.engine.device)
-            dist.all_reduce(t)
-            stats = t.tolist()
+        stats = all_reduced(stats, self.world, self.engine.device)  # the loss is over all ranks' valid tokens
         total_valid, reward_sum, n_rollouts, solved, n_groups, gen_tokens = stats
         learning = [r for r in rollouts if r.advantage != 0.0]  # the others add no gradient
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.engine.device)
@@ -297,8 +289,7 @@ class PolicyGradientStep:
 
 def run(args: argparse.Namespace) -> int:
     cfg = RLConfig.from_args(args)
-    world = start_world(cfg)
-    try:
+    with stage_world(cfg) as world:
         _check(cfg, world.world_size)
         seed_everything(cfg.seed)
         start_from = find_parent(cfg, world)  # chosen once, on rank 0
@@ -329,12 +320,8 @@ def run(args: argparse.Namespace) -> int:
                           step_fn=policy, parts={"rollouts": policy})
         log0(f"rl: {num_steps} steps x {cfg.examples_per_step} problems x {cfg.num_samples} samples "
              f"from {train_task.name} | start {start_from} | world {world.world_size}")
-        if cfg.resume:
-            trainer.resume_newest()
-        log0(f"done: {json.dumps(trainer.run())}")
+        trainer.resume_and_run(cfg.resume)
         return 0
-    finally:
-        shutdown_distributed()
 
 
 def pass_at_k(cfg: RLConfig, engine: Engine, world):

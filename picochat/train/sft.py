@@ -26,8 +26,9 @@ from picochat.config import option
 from picochat.data.chat_batches import PaddedConversations, width_buckets
 from picochat.errors import ConfigError, DataError
 from picochat.eval.categorical import evaluate_categorical
-from picochat.runtime import log0, pick_training_dtype, seed_everything, shutdown_distributed
+from picochat.runtime import log0, pick_training_dtype, seed_everything
 from picochat.tasks import load_task
+from picochat.train.base_train import lower_preset_batch
 from picochat.train.chat_stage import (
     ChatStageConfig,
     StagePlan,
@@ -36,7 +37,7 @@ from picochat.train.chat_stage import (
     check_memory,
     load_parent,
     run_trainer,
-    start_world,
+    stage_world,
 )
 from picochat.train.mixtures import SFT, SFT_EVAL, build_mixture, describe, pick
 from picochat.train.schedules import linear_to_zero
@@ -75,12 +76,10 @@ def check_examples_per_step(cfg: SFTConfig, world_size: int) -> None:
     per_micro = cfg.device_batch_size * world_size
     if cfg.examples_per_step % per_micro == 0:
         return
-    smaller = [b for b in batch_choices(cfg.examples_per_step, world_size) if b < cfg.device_batch_size]
-    if smaller and not cfg.batch_from_flag:
-        log0(f"the preset's device batch {cfg.device_batch_size} does not divide --examples-per-step "
-             f"{cfg.examples_per_step} over {world_size} processes; using --device-batch-size {smaller[-1]}")
-        cfg.device_batch_size = smaller[-1]
+    choices = batch_choices(cfg.examples_per_step, world_size)
+    if lower_preset_batch(cfg, f"--examples-per-step {cfg.examples_per_step}", choices, world_size):
         return
+    smaller = [b for b in choices if b < cfg.device_batch_size]
     fix = (f"with {world_size} process(es) use --device-batch-size {smaller[-1]}, or " if smaller else "use ")
     raise ConfigError(f"--examples-per-step {cfg.examples_per_step} must be a multiple of device_batch_size*world "
                       f"= {cfg.device_batch_size}*{world_size} = {per_micro}; {fix}an --examples-per-step that is "
@@ -89,13 +88,12 @@ def check_examples_per_step(cfg: SFTConfig, world_size: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = SFTConfig.from_args(args)
-    world = start_world(cfg)
-    try:
+    with stage_world(cfg) as world:
         cfg.source = agreed_source(cfg.source, world)
         seed_everything(cfg.seed)
         dtype = pick_training_dtype(world.device, cfg.dtype)
         compiled = cfg.compiles(world.device.type)
-        check = check_memory(cfg, world, dtype, compiled, "--device-batch-size",
+        check = check_memory(cfg, world, dtype, compiled,
                              lambda c: batch_choices(cfg.examples_per_step, world.world_size),
                              lambda c: check_examples_per_step(cfg, world.world_size))
         model, tokenizer, parent_meta, tag = load_parent(cfg, world, check)
@@ -124,8 +122,6 @@ def run(args: argparse.Namespace) -> int:
             lambda s, n: linear_to_zero(s, n, cfg.init_lr_frac), evaluate, "tokens",
             {"mixture": describe(entries), "conversations": len(train_mix)}))
         return 0
-    finally:
-        shutdown_distributed()
 
 
 def sft_evaluator(cfg: SFTConfig, world, tokenizer, B: int, T: int, dtype):
