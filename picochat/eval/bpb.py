@@ -53,10 +53,8 @@ def evaluate_bpb_with_se(
         x, y = next(batches)
         with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
             loss = model(x, y, loss_reduction="none")  # (B, T) nats, 0 where y == -1
-        valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
-        counted = nbytes > 0
-        nats[i] = (loss.float() * counted).sum().double()
+        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
+        nats[i] = (loss.float() * (nbytes > 0)).sum().double()  # only targets with bytes count
         nbytes_per[i] = nbytes.sum().double()
     if dist.is_initialized():
         dist.all_reduce(nats)

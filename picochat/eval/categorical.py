@@ -10,18 +10,14 @@ the logits read at each row's last real position.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from picochat.errors import DataError
+from picochat.eval.core import all_reduce_sum
 
 
 def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
     """Token id of each letter; letters must encode to a single token (A-Z always do: bytes are tokens)."""
-    ids = []
-    for letter in letters:
-        enc = tokenizer.encode(letter)
-        ids.append(enc[0])  # a single letter is always one token: every byte is in the vocabulary
-    return ids
+    return [tokenizer.encode(letter)[0] for letter in letters]  # every byte is in the vocabulary
 
 
 @torch.no_grad()
@@ -43,28 +39,21 @@ def evaluate_categorical(
     limit = model.config.sequence_len
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = 0
     indices = [i * len(task) // n for i in range(rank, n, world_size)]
     for start in range(0, len(indices), batch_size):
         convs = [task[i] for i in indices[start : start + batch_size]]
         prompts = [tokenizer.render_for_completion(c)[-limit:] for c in convs]
         width = max(len(p) for p in prompts)
-        x = torch.full((len(prompts), width), tokenizer.bos_id, dtype=torch.long, device=device)
-        for r, p in enumerate(prompts):
-            x[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        x = torch.tensor([list(p) + [tokenizer.bos_id] * (width - len(p)) for p in prompts], dtype=torch.long,
+                         device=device)
         with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
             logits = model(x)  # (B, width, vocab)
         for r, (conv, p) in enumerate(zip(convs, prompts)):
             letters = conv["letters"]
-            ids = letter_token_ids(tokenizer, letters)
-            scores = logits[r, len(p) - 1, ids]
-            predicted = letters[int(scores.argmax())]
-            correct += int(bool(task.evaluate(conv, predicted)))
-            total += 1
-    if dist.is_initialized():
-        t = torch.tensor([correct, total], dtype=torch.long, device=device)
-        dist.all_reduce(t)
-        correct, total = int(t[0]), int(t[1])
+            scores = logits[r, len(p) - 1, letter_token_ids(tokenizer, letters)]
+            correct += int(bool(task.evaluate(conv, letters[int(scores.argmax())])))
+    correct, total = (int(v) for v in all_reduce_sum([correct, len(indices)], device))
     model.train(was_training)
     if total == 0:
         raise DataError(f"{task.name}: no items to evaluate (max_items={max_items}, len={len(task)})")

@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
 from picochat.config import Options, add_checkpoint_arguments, add_device_arguments, option
 from picochat.errors import ConfigError, DataError
 from picochat.eval.categorical import evaluate_categorical
+from picochat.eval.core import all_reduce_sum, centered_accuracy
 from picochat.eval.core_data import eval_dir
 from picochat.fileio import write_json
 from picochat.infer import Engine
@@ -75,16 +75,10 @@ class TaskResult:
         return centered_accuracy(self.accuracy, self.baseline)
 
 
-def centered_accuracy(accuracy: float, baseline: float) -> float:
-    """(acc - chance) / (1 - chance): 0 at chance, 1 at perfect."""
-    return (accuracy - baseline) / (1.0 - baseline)
-
-
 def chat_core(results: dict[str, TaskResult]) -> float | None:
     """Mean centered accuracy over the six chat tasks, or None unless all six ran."""
-    if set(results) != set(CHAT_TASKS):
-        return None
-    return sum(r.centered for r in results.values()) / len(results)
+    complete = set(results) == set(CHAT_TASKS)
+    return sum(r.centered for r in results.values()) / len(results) if complete else None
 
 
 def pass_at_k(graded: list[list[bool]]) -> tuple[float, float]:
@@ -119,8 +113,7 @@ class SpreadSubset(Task):
 
     def __init__(self, task: Task, count: int):
         super().__init__()
-        self.task, self.count = task, count
-        self.eval_type = task.eval_type
+        self.task, self.count, self.eval_type = task, count, task.eval_type
 
     def num_rows(self) -> int:
         return self.count
@@ -139,8 +132,7 @@ class SpreadSubset(Task):
 def spread_subset(task: Task, max_problems: int) -> Task:
     """`max_problems` rows spread evenly over the whole task (all rows when <= 0), so a subset spans
     every subject of a task stored in subject order."""
-    n = len(task)
-    if max_problems <= 0 or max_problems >= n:
+    if max_problems <= 0 or max_problems >= len(task):
         return task
     return SpreadSubset(task, max_problems)
 
@@ -149,22 +141,13 @@ def _progress(total: int, desc: str, rank: int):
     return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, disable=rank != 0, leave=False)
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 # ---- categorical ---------------------------------------------------------------------------------
 def evaluate_multiple_choice(model, tokenizer, task, batch_size: int = 8, rank: int = 0, world_size: int = 1,
                              compute_dtype: torch.dtype = torch.float32, desc: str = "") -> dict:
     """Letter-restricted accuracy and mean chance level over `task`, in chunks for a progress bar."""
     device = next(model.parameters()).device
     chunk = batch_size * world_size * 4  # rows per call across all ranks
-    correct = total = 0
-    chance = 0.0  # sum of 1/options over this rank's items
+    correct, total, chance = 0, 0, 0.0  # chance: the sum of 1/options over this rank's items
     with _progress(len(task), desc, rank) as bar:
         for start in range(0, len(task), chunk):
             part = task[start : start + chunk]
@@ -174,7 +157,7 @@ def evaluate_multiple_choice(model, tokenizer, task, batch_size: int = 8, rank: 
             total += result["total"]  # already summed over ranks
             chance += sum(1.0 / len(part[i]["letters"]) for i in range(rank, len(part), world_size))
             bar.update(len(part))
-    (chance,) = _all_reduce_sum([chance], device)
+    (chance,) = all_reduce_sum([chance], device)
     if total == 0:
         raise DataError(f"{task.name}: no items to evaluate")
     return {"accuracy": correct / total, "correct": correct, "total": total, "baseline": chance / total}
@@ -190,15 +173,6 @@ def completion_parts(tokenizer, tokens: list[int]) -> list[dict]:
     return [part for part in streamer.parts if part["text"] or part["type"] != "text"]
 
 
-def sample_completions(engine, tokenizer, conversation: dict, num_samples: int, max_new_tokens: int,
-                       temperature: float, top_k: int | None, seed: int) -> list[list[dict]]:
-    """`num_samples` completions of the conversation's assistant turn, as parts lists."""
-    prompt = tokenizer.render_for_completion(conversation)
-    samples, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                       temperature=temperature, top_k=top_k, seed=seed)
-    return [completion_parts(tokenizer, tokens) for tokens in samples]
-
-
 def evaluate_generative(engine, tokenizer, task, num_samples: int = 1, max_new_tokens: int = 512,
                         temperature: float = 0.0, top_k: int | None = 50, seed: int = 42, rank: int = 0,
                         world_size: int = 1, desc: str = "") -> dict:
@@ -208,14 +182,14 @@ def evaluate_generative(engine, tokenizer, task, num_samples: int = 1, max_new_t
     indices = range(rank, len(task), world_size)
     with _progress(len(indices), desc, rank) as bar:
         for i in indices:
-            conversation = task[i]
-            responses = sample_completions(engine, tokenizer, conversation, num_samples, max_new_tokens,
-                                           temperature, top_k, seed + i)
-            graded.append([bool(task.evaluate(conversation, parts)) for parts in responses])
+            conv = task[i]
+            samples, _ = engine.generate_batch(tokenizer.render_for_completion(conv), num_samples=num_samples,
+                                               max_tokens=max_new_tokens, temperature=temperature,
+                                               top_k=top_k, seed=seed + i)
+            graded.append([bool(task.evaluate(conv, completion_parts(tokenizer, t))) for t in samples])
             bar.update(1)
-    passed = float(sum(any(row) for row in graded))
-    mean_correct = float(sum(sum(row) / len(row) for row in graded))
-    passed, mean_correct, total = _all_reduce_sum([passed, mean_correct, float(len(graded))], engine.device)
+    counts = [sum(any(row) for row in graded), sum(sum(row) / len(row) for row in graded), len(graded)]
+    passed, mean_correct, total = all_reduce_sum(counts, engine.device)
     if total == 0:
         raise DataError(f"{task.name}: no problems to evaluate")
     return {"pass@k": passed / total, "pass@1": mean_correct / total, "passed": int(passed), "total": int(total)}
@@ -235,13 +209,12 @@ def run_chat_eval(model, tokenizer, names: list[str], *, source: str = "offline"
         t0 = time.time()
         if task.eval_type == "categorical":
             r = evaluate_multiple_choice(model, tokenizer, task, batch_size, rank, world_size, compute_dtype, name)
-            result = TaskResult(name, "categorical", r["accuracy"], r["accuracy"], r["baseline"], r["total"], 1, 0.0)
+            scores = ("categorical", r["accuracy"], r["accuracy"], r["baseline"], r["total"], 1)
         else:
             r = evaluate_generative(engine, tokenizer, task, num_samples, max_new_tokens, temperature, top_k,
                                     seed, rank, world_size, name)
-            result = TaskResult(name, "generative", r["pass@k"], r["pass@1"], 0.0, r["total"], num_samples, 0.0)
-        result.seconds = round(time.time() - t0, 2)
-        results[name] = result
+            scores = ("generative", r["pass@k"], r["pass@1"], 0.0, r["total"], num_samples)
+        results[name] = result = TaskResult(name, *scores, round(time.time() - t0, 2))
         log(f"{name:<14} acc {result.accuracy:.4f} | pass@1 {result.pass_at_1:.4f} | centered {result.centered:+.4f} "
             f"| {result.items} items | {result.seconds}s")
     return results
@@ -263,9 +236,8 @@ def results_payload(results: dict[str, TaskResult], core: float | None, run_info
     payload: dict = {name: r.accuracy for name, r in results.items()}
     if core is not None:
         payload["ChatCORE"] = core
-    payload["details"] = {name: {**asdict(r), "centered": r.centered} for name, r in results.items()}
-    payload["run"] = run_info
-    return payload
+    details = {name: {**asdict(r), "centered": r.centered} for name, r in results.items()}
+    return {**payload, "details": details, "run": run_info}
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -277,21 +249,18 @@ class ChatEvalConfig(Options):
     source: str = option("offline", "task data: registry packages (offline) or the Hugging Face hub",
                          choices=("offline", "hf"))
     max_problems: int | None = option(None, "items per task, evenly spread, >= 1 (default: every item)")
-    num_samples: int = option(1, "samples per generative problem: pass@k")
+    num_samples: int = option(1, "samples per generative problem: pass@k", minimum=1)
     temperature: float | None = option(None, "sampling temperature (default: 0 = greedy for one sample, "
                                        "1.0 for several)")
     top_k: int = option(50, "sample among the k most likely tokens")
-    max_new_tokens: int = option(512, "tokens per completion")
-    batch_size: int = option(8, "prompts per forward pass for MMLU/ARC")
+    max_new_tokens: int = option(512, "tokens per completion", minimum=1)
+    batch_size: int = option(8, "prompts per forward pass for MMLU/ARC", minimum=1)
     seed: int = option(42, "base sampling seed; problem i uses seed + i")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_problems is not None and self.max_problems < 1:
             raise ConfigError(f"--max-problems must be >= 1, got {self.max_problems}; omit it to run every problem")
-        for flag in ("num_samples", "batch_size", "max_new_tokens"):
-            if getattr(self, flag) < 1:
-                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
         if self.temperature is None:
             self.temperature = 0.0 if self.num_samples == 1 else 1.0
 

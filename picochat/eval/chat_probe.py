@@ -112,14 +112,8 @@ def probe_tokens(text: str) -> list[str]:
 
 def repeated_tokens(tokens: list[str], n: int = REPEAT_N) -> int:
     """How many positions i end an n-gram (tokens i-n+1..i) that already ended at an earlier position."""
-    seen: set[tuple[str, ...]] = set()
-    repeated = 0
-    for i in range(n - 1, len(tokens)):
-        gram = tuple(tokens[i - n + 1:i + 1])
-        if gram in seen:
-            repeated += 1
-        seen.add(gram)
-    return repeated
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams))
 
 
 def answer_words(text: str) -> list[str]:
@@ -143,20 +137,15 @@ def summarize(answers: list[dict], dictionary: set[str] | frozenset[str]) -> dic
     if not answers:
         raise ConfigError("the chat probe needs at least one answer")
     echo = [a for a in answers if task_formats(a["answer"], a["prompt"])]
-    n_tokens = n_repeated = n_words = n_known = 0
-    for a in answers:
-        toks = probe_tokens(a["answer"])
-        n_tokens += len(toks)
-        n_repeated += repeated_tokens(toks)
-        words = answer_words(a["answer"])
-        n_words += len(words)
-        n_known += dictionary_words(words, dictionary)
+    toks = [probe_tokens(a["answer"]) for a in answers]
+    words = [answer_words(a["answer"]) for a in answers]
+    n_tokens, n_words = sum(map(len, toks)), sum(map(len, words))
     return {
         "answers": len(answers),
         "echo_share": len(echo) / len(answers),
         "echo_formats": sorted({f for a in echo for f in task_formats(a["answer"], a["prompt"])}),
-        "repeat_share": n_repeated / n_tokens if n_tokens else 0.0,
-        "dictionary_share": n_known / n_words if n_words else 0.0,
+        "repeat_share": sum(map(repeated_tokens, toks)) / n_tokens if n_tokens else 0.0,
+        "dictionary_share": sum(dictionary_words(w, dictionary) for w in words) / n_words if n_words else 0.0,
         "mean_tokens": sum(a["tokens"] for a in answers) / len(answers),
         "mean_words": n_words / len(answers),
     }
@@ -246,15 +235,13 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, tokenizer, meta, path = load_for_inference(args.stage, args.tag, args.step, device)
     engine = Engine(model, tokenizer, compute_dtype=pick_dtype(device, args.dtype))
-    prompts = PROMPTS[: args.limit]
-    answers = answer_prompts(engine, prompts, args.temperature, args.top_k, args.max_tokens, args.seed,
-                             args.repetition_penalty)
-    dictionary = english_words()
+    answers = answer_prompts(engine, PROMPTS[: args.limit], args.temperature, args.top_k, args.max_tokens,
+                             args.seed, args.repetition_penalty)
     stage, tag, step = path.parts[-3], path.parts[-2], int(meta.get("step", path.name.removeprefix("step_")))
     result = {"stage": stage, "tag": tag, "step": step, "checkpoint": str(path),
               "settings": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens,
                            "repetition_penalty": args.repetition_penalty, "seed": args.seed},
-              "metrics": summarize(answers, dictionary), "answers": answers}
+              "metrics": summarize(answers, english_words()), "answers": answers}
     out = home() / "eval" / probe_file_stem(stage, tag, step, result["settings"], args.limit)
     markdown = render_markdown(result)
     write_json(out.with_name(out.name + ".json"), result, indent=1)

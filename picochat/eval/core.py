@@ -155,9 +155,8 @@ def encode_row(tokenizer: TextEncoder, context: str, continuation: str, max_len:
         if max_len < 2:
             raise ConfigError(f"sequence length {max_len} is too short to score anything; it must be >= 2")
         cut = len(ids) - max_len
-        ids = ids[cut:]
         # A continuation longer than the context window loses its first tokens to the context.
-        start = max(1, start - cut)
+        ids, start = ids[cut:], max(1, start - cut)
     return Row(ids=ids, start=start, end=len(ids))
 
 
@@ -166,10 +165,8 @@ def score_rows(model: Callable[[torch.Tensor], torch.Tensor], rows: Sequence[Row
                device: torch.device) -> tuple[list[float], list[bool]]:
     """One forward over all rows of an item: (mean continuation loss, greedy-exact-match) per row."""
     width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
-    ids = ids.to(device)
+    ids = torch.tensor([r.ids + [pad_id] * (width - len(r.ids)) for r in rows], dtype=torch.long,
+                       device=device)
     logits = model(ids)  # (B, T, V)
     if logits.dim() != 3 or logits.shape[:2] != ids.shape:
         raise DataError(f"the model returned logits of shape {tuple(logits.shape)} for ids {tuple(ids.shape)}")
@@ -178,12 +175,8 @@ def score_rows(model: Callable[[torch.Tensor], torch.Tensor], rows: Sequence[Row
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     losses = losses.view(targets.shape)  # (B, T-1)
     hits = logits.argmax(dim=-1) == targets  # (B, T-1)
-    mean_losses, exact = [], []
-    for i, r in enumerate(rows):
-        span = slice(r.start - 1, r.end - 1)
-        mean_losses.append(losses[i, span].mean().item())
-        exact.append(bool(hits[i, span].all().item()))
-    return mean_losses, exact
+    spans = [(i, slice(r.start - 1, r.end - 1)) for i, r in enumerate(rows)]
+    return [losses[i, s].mean().item() for i, s in spans], [bool(hits[i, s].all().item()) for i, s in spans]
 
 
 def evaluate_item(model: Callable, tokenizer: TextEncoder, task: CoreTask, index: int,
@@ -197,23 +190,29 @@ def evaluate_item(model: Callable, tokenizer: TextEncoder, task: CoreTask, index
     if task.task_type == "language_modeling":
         return exact[0]
     # Lowest mean loss wins; ties go to the first option (so a constant model is not lucky).
-    best = min(range(len(rows)), key=lambda i: mean_losses[i])
-    return best == gold_index(task, task.items[index])
+    return min(range(len(rows)), key=lambda i: mean_losses[i]) == gold_index(task, task.items[index])
 
 
 def selected_indices(num_items: int, max_per_task: int | None) -> list[int]:
     """Item indices to evaluate: a fixed shuffle, cut to `max_per_task` (None or < 0: all)."""
     order = list(range(num_items))
     random.Random(SHUFFLE_SEED).shuffle(order)
-    if max_per_task is not None and max_per_task >= 0:
-        order = order[:max_per_task]
-    return order
+    return order if max_per_task is None or max_per_task < 0 else order[:max_per_task]
 
 
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """`values` summed over the ranks (as they are without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def evaluate_task(model: Callable, tokenizer: TextEncoder, task: CoreTask, *, max_len: int | None = None,
@@ -224,12 +223,9 @@ def evaluate_task(model: Callable, tokenizer: TextEncoder, task: CoreTask, *, ma
     device = torch.device(device)
     t0 = time.time()
     rank, world = _world()
-    chosen = selected_indices(len(task.items), max_per_task)
-    correct = sum(evaluate_item(model, tokenizer, task, i, max_len, device) for i in chosen[rank::world])
-    counts = torch.tensor([correct, len(chosen[rank::world])], dtype=torch.long, device=device)
-    if world > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    n_correct, n = int(counts[0]), int(counts[1])
+    mine = selected_indices(len(task.items), max_per_task)[rank::world]
+    correct = sum(evaluate_item(model, tokenizer, task, i, max_len, device) for i in mine)
+    n_correct, n = (int(v) for v in all_reduce_sum([correct, len(mine)], device))
     if n == 0:
         raise DataError(f"task {task.label} has no items to evaluate; check its data file or --max-per-task")
     accuracy = n_correct / n

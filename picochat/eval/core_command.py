@@ -75,8 +75,7 @@ def write_results(result, out_stem: Path, info: dict) -> tuple[Path, Path]:
             w.writerow([t.label, t.task_type, t.num_fewshot, t.items, f"{t.accuracy:.6f}",
                         f"{t.random_baseline:.4f}", f"{t.centered:.6f}"])
         w.writerow(["CORE", "", "", "", "", "", f"{result.core:.6f}"])
-    payload = {**info, "core": result.core, "tasks": [asdict(t) for t in result.tasks]}
-    write_json(json_path, payload, indent=1)
+    write_json(json_path, {**info, "core": result.core, "tasks": [asdict(t) for t in result.tasks]}, indent=1)
     return csv_path, json_path
 
 

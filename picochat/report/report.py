@@ -20,6 +20,7 @@ Every section is optional: the report renders from whatever subset of stages exi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -49,19 +50,21 @@ WARMUP_STEPS = 3  # the training loop leaves its first steps (warm-up, compilati
 
 
 # ---- reading the run's files ---------------------------------------------------------------------
+def _json_object(text: str) -> dict | None:
+    """`text` parsed, if it is a JSON object."""
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
-    records = []
     if not path.exists():
-        return records
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+        return []
+    records = map(_json_object, path.read_text(encoding="utf-8", errors="replace").splitlines())
+    return [r for r in records if r is not None and isinstance(r.get("step"), int)]
 
 
 def latest_segment(records: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -87,26 +90,23 @@ def latest_segment(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return steps, evals
 
 
-def newest_by_step(directory: Path, prefix: str) -> tuple[Path, int] | None:
-    """The `<prefix>_step<N>.json` file of `directory` with the largest N."""
+def newest_result(directory: Path, prefix: str) -> tuple[dict | None, int | None]:
+    """(contents, N) of the `<prefix>_step<N>.json` file of `directory` with the largest N (contents: None
+    if unreadable); (None, None) without one."""
     pattern = re.compile(rf"^{re.escape(prefix)}_step(\d+)\.json$")
-    best = None
-    if directory.is_dir():
-        for p in directory.iterdir():
-            m = pattern.match(p.name)
-            if m and (best is None or int(m.group(1)) > best[1]):
-                best = (p, int(m.group(1)))
-    return best
+    found = [(p, int(m.group(1))) for p in (directory.iterdir() if directory.is_dir() else ())
+             if (m := pattern.match(p.name))]
+    if not found:
+        return None, None
+    path, step = max(found, key=lambda f: f[1])  # the first of equal steps, as the directory lists them
+    return read_json(path), step
 
 
-def read_json(path: Path | None) -> dict | None:
-    if path is None or not path.exists():
-        return None
+def read_json(path: Path) -> dict | None:
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _json_object(path.read_text(encoding="utf-8")) if path.exists() else None
+    except UnicodeDecodeError:
         return None
-    return payload if isinstance(payload, dict) else None
 
 
 def throughput_rows(steps: list[dict]) -> list[list]:
@@ -136,7 +136,6 @@ class StageRun:
     """Everything recorded about one stage of a run."""
 
     stage: str
-    tag: str
     checkpoint: Path | None = None
     meta: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
@@ -167,32 +166,25 @@ class StageRun:
 
 
 def load_stage(root: Path, stage: str, tag: str) -> StageRun:
-    run = StageRun(stage, tag)
+    run = StageRun(stage)
     ckpt_dir = root / "checkpoints" / stage / tag
-    steps = list_steps(ckpt_dir)
-    if steps:
+    if steps := list_steps(ckpt_dir):
         run.checkpoint = ckpt_dir / f"step_{steps[-1]}"
         run.meta = read_json(run.checkpoint / "meta.json") or {}
         run.config = read_json(run.checkpoint / "config.json") or {}
     run.steps, run.evals = latest_segment(read_jsonl(root / "logs" / f"{stage}-{tag}.jsonl"))
-    found = newest_by_step(root / "eval", f"chat_eval_{stage}_{tag}")
-    if found:
-        run.chat_eval, run.chat_eval_step = read_json(found[0]), found[1]
+    run.chat_eval, run.chat_eval_step = newest_result(root / "eval", f"chat_eval_{stage}_{tag}")
     return run
 
 
 def newest_tag(root: Path) -> str | None:
     """The tag with the most recently written checkpoint, over all stages."""
-    best = None
-    for meta in (root / "checkpoints").glob("*/*/step_*/meta.json"):
-        mtime = meta.stat().st_mtime
-        if meta.parts[-4] in STAGES and (best is None or mtime > best[0]):
-            best = (mtime, meta.parts[-3])
-    return best[1] if best else None
+    metas = [m for m in (root / "checkpoints").glob("*/*/step_*/meta.json") if m.parts[-4] in STAGES]
+    return max(metas, key=lambda m: m.stat().st_mtime).parts[-3] if metas else None
 
 
 # ---- formatting ----------------------------------------------------------------------------------
-def fmt(value: Any, digits: int = 4) -> str:
+def fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -204,7 +196,7 @@ def fmt(value: Any, digits: int = 4) -> str:
             return "-"
         if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
             return f"{value:.3e}"
-        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4f}"
     return str(value)
 
 
@@ -260,12 +252,10 @@ def tokenizer_section(root: Path, runs: dict[str, StageRun]) -> str | None:
     if tok_eval and tok_eval.get("rows"):
         refs = list(tok_eval.get("references", {}))
         header = ["text", "bytes", "ours B/tok"] + [f"{r} B/tok" for r in refs] + [f"vs {r}" for r in refs]
-        rows = []
-        for row in tok_eval["rows"]:
-            cells = [row["text"], row["bytes"], row["ours"]["bytes_per_token"]]
-            cells += [row.get(r, {}).get("bytes_per_token") for r in refs]
-            cells += [f"{row[r]['relative_diff_pct']:+.1f}%" if r in row else "-" for r in refs]
-            rows.append(cells)
+        rows = [[row["text"], row["bytes"], row["ours"]["bytes_per_token"],
+                 *[row.get(r, {}).get("bytes_per_token") for r in refs],
+                 *[f"{row[r]['relative_diff_pct']:+.1f}%" if r in row else "-" for r in refs]]
+                for row in tok_eval["rows"]]
         lines.append("\nCompression (UTF-8 bytes per token, higher is better; vs X: fewer tokens than X is "
                      "positive):\n\n" + md_table(header, rows))
     return "\n".join(lines)
@@ -281,22 +271,19 @@ def stage_tokens(run: StageRun, step) -> int | None:
     if step > 0 and set(counts) == set(range(1, step + 1)) and all(isinstance(c, int) for c in counts.values()):
         return sum(counts.values())
     tokens_per_step = (run.meta.get("loop") or {}).get("tokens_per_step")
-    if isinstance(tokens_per_step, int) and tokens_per_step > 0:
-        return step * tokens_per_step
-    return None
+    return step * tokens_per_step if isinstance(tokens_per_step, int) and tokens_per_step > 0 else None
 
 
 def model_facts(run: StageRun) -> dict[str, Any]:
     """Parameter counts and FLOPs from config.json (the model is declared on the meta device)."""
     if not run.config:
         return {}
-    try:
-        config = GPTConfig.from_dict(run.config)
+    try:  # an older config.json may lack fields: their defaults, as loading the checkpoint uses
+        c = GPTConfig.from_dict(run.config)
         with torch.device("meta"):
-            model = GPT(config)
+            model = GPT(c)
     except (UserError, TypeError, KeyError) as e:  # a config from another version: say so, keep the report
         return {"model": f"config.json not readable by this version ({type(e).__name__})"}
-    c = config  # an older config.json may lack fields: their defaults, as loading the checkpoint uses
     return {"layers / width / heads (kv)": f"{c.n_layer} / {c.n_embd} / {c.n_head} ({c.n_kv_head})",
             "context / vocab": f"{c.sequence_len:,} / {c.vocab_size:,}",
             "parameters": model.num_params(), "scaling parameters": model.num_scaling_params(),
@@ -304,7 +291,6 @@ def model_facts(run: StageRun) -> dict[str, Any]:
 
 
 def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
-    lines = [f"## {STAGE_TITLES[run.stage]}"]
     rows: list[list[Any]] = []
     if run.checkpoint is not None:
         rows.append(["checkpoint", f"`{run.checkpoint.relative_to(root)}`"])
@@ -331,9 +317,8 @@ def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
     rows.append(["training time", fmt_duration(run.train_time_s()) if run.steps or run.meta else "-"])
     if run.meta.get("world_size"):
         rows.append(["processes", run.meta["world_size"]])
-    for name, value in run.final_eval().items():
-        rows.append([f"eval: {name}", value])
-    lines.append("\n" + md_table(["", ""], rows))
+    rows += [[f"eval: {name}", value] for name, value in run.final_eval().items()]
+    lines = [f"## {STAGE_TITLES[run.stage]}", "\n" + md_table(["", ""], rows)]
     plot = out_dir / f"{run.stage}_training.png"
     if plot_training(run, plot):
         lines.append(f"\n![{run.stage} training]({plot.name})")
@@ -341,18 +326,16 @@ def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
 
 
 def base_loss_section(root: Path, tag: str) -> str | None:
-    found = newest_by_step(root / "eval", f"base_loss_{tag}")
-    payload = read_json(found[0]) if found else None
+    payload, step = newest_result(root / "eval", f"base_loss_{tag}")
     if payload is None:
         return None
-    lines = [f"### Base loss (step {found[1]})\n",
+    lines = [f"### Base loss (step {step})\n",
              md_table(["split", "bits per byte", "standard error"],
                       [[split, payload.get(f"{split}_bpb"), payload.get(f"{split}_bpb_se")] for split in ("train", "val")])]
     lines.append("\n" + base_loss_note(payload))
     if payload.get("train_tokens") not in (None, payload.get("tokens_per_split")):
         lines.append(f"Train bpb over the first {fmt(payload['train_tokens'])} tokens of the train shards.")
-    samples = payload.get("samples") or []
-    if samples:
+    if samples := payload.get("samples"):
         lines.append("\nGreedy samples (prompt → completion):\n\n```")
         lines += [f"{s.get('prompt', '')}{s.get('completion', '')!r}"[:300] for s in samples]
         lines.append("```")
@@ -376,27 +359,23 @@ def base_loss_note(payload: dict) -> str:
 
 
 def chat_probe_section(root: Path, stage: str, tag: str) -> str | None:
-    found = newest_by_step(root / "eval", f"chat_probe_{stage}_{tag}")
-    payload = read_json(found[0]) if found else None
-    if payload is None:
-        return None
+    payload, _ = newest_result(root / "eval", f"chat_probe_{stage}_{tag}")
     try:
-        return render_chat_probe(payload)
+        return render_chat_probe(payload) if payload is not None else None
     except (KeyError, TypeError):
         return None
 
 
 def base_eval_section(root: Path, tag: str, out_dir: Path) -> tuple[str | None, float | None, float]:
     """(markdown, CORE, seconds) of the newest base-eval result of the run."""
-    found = newest_by_step(root / "eval", f"base_eval_{tag}")
-    payload = read_json(found[0]) if found else None
+    payload, step = newest_result(root / "eval", f"base_eval_{tag}")
     if payload is None:
         return None, None, 0.0
     tasks = payload.get("tasks") or []
     rows = [[t["label"], t.get("num_fewshot"), t.get("items"), t.get("accuracy"), t.get("random_baseline"),
              t.get("centered")] for t in tasks]
     rows.append(["**CORE**", "", "", "", "", payload.get("core")])
-    lines = [f"### CORE (base-eval, step {found[1]}, {fmt_duration(payload.get('seconds'))})\n",
+    lines = [f"### CORE (base-eval, step {step}, {fmt_duration(payload.get('seconds'))})\n",
              md_table(["task", "shots", "items", "accuracy", "chance", "centered"], rows)]
     if tasks:
         plot = out_dir / "base_eval_core.png"
@@ -422,27 +401,13 @@ def chat_eval_section(run: StageRun) -> str | None:
             + md_table(["task", "items", "accuracy", "chance", "centered"], rows))
 
 
-def summary_values(runs: dict[str, StageRun], core: float | None) -> dict[str, dict[str, float | None]]:
-    """metric -> stage -> value, for the summary table (None where not measured)."""
-    table: dict[str, dict[str, float | None]] = {m: {s: None for s in STAGES} for m in SUMMARY_METRICS}
-    table["CORE"]["base"] = core
-    for stage, run in runs.items():
-        for metric in SUMMARY_METRICS:
-            value = (run.chat_eval or {}).get(metric)
-            if isinstance(value, (int, float)):
-                table[metric][stage] = float(value)
-    return table
-
-
 def speedrun_times(root: Path, run_name: str) -> tuple[float | None, dict[str, float], float | None]:
     """(start time, seconds per finished stage in pipeline order, when the last one finished), read
     from the markers `picochat speedrun` leaves in speedrun/<run>/; (None, {}, None) without them."""
     marker_dir = root / "speedrun" / run_name
     start = None
-    try:
+    with contextlib.suppress(OSError, ValueError):
         start = float((marker_dir / "started_at").read_text().strip())
-    except (OSError, ValueError):
-        pass
     finished = []
     for marker in marker_dir.glob("*.done") if marker_dir.is_dir() else []:
         payload = read_json(marker) or {}  # empty for a marker torn by a crash
@@ -451,8 +416,7 @@ def speedrun_times(root: Path, run_name: str) -> tuple[float | None, dict[str, f
         when = finite([payload.get("finished_at")]) or [marker.stat().st_mtime]
         finished.append((when[0], marker.stem, float(payload["seconds"])))
     finished.sort()
-    seconds = {name: s for _, name, s in finished}
-    return start, seconds, (finished[-1][0] if finished else None)
+    return start, {name: s for _, name, s in finished}, (finished[-1][0] if finished else None)
 
 
 def is_run_eval(name: str, tag: str) -> bool:
@@ -507,10 +471,9 @@ def resolve_names(root: Path, run_name: str | None, tag: str | None) -> tuple[st
     """(run name, checkpoint tag). The run name is --run, else $PICOCHAT_RUN (set by the speedrun),
     else the tag; the tag is --tag, else the run name if checkpoints carry it, else the newest tag."""
     run_name = run_name or os.environ.get("PICOCHAT_RUN") or None
-    if run_name:
-        check_name("--run", run_name)
-    if tag:
-        check_name("--tag", tag)
+    for flag, name in (("--run", run_name), ("--tag", tag)):
+        if name:
+            check_name(flag, name)
     if run_name and not (has_tag(root, run_name) or (root / "speedrun" / run_name).is_dir()
                          or (tag and has_tag(root, tag))):
         known = sorted({p.name for p in (root / "checkpoints").glob("*/*") if p.is_dir()})
@@ -525,28 +488,30 @@ def stage_sections(root: Path, tag: str, runs: dict[str, StageRun], out_dir: Pat
     """(one markdown section per stage, CORE, seconds spent in evals)."""
     sections, core, eval_seconds = [], None, 0.0
     for stage in STAGES:
-        extra = []
+        run, extra = runs.get(stage), []
         if stage == "base":
             core_text, core, seconds = base_eval_section(root, tag, out_dir)
             extra = [t for t in (base_loss_section(root, tag), core_text) if t]
             eval_seconds += seconds
-        run = runs.get(stage)
-        if run is None and not extra:
-            continue
-        parts = [stage_section(run, out_dir, root) if run else f"## {STAGE_TITLES[stage]}", *extra]
-        chat = chat_eval_section(run) if run else None
-        if chat:
-            parts.append(chat)
+        if run:
             eval_seconds += float(((run.chat_eval or {}).get("run") or {}).get("seconds") or 0.0)
-        probe = chat_probe_section(root, stage, tag) if run else None
-        if probe:
-            parts.append(probe)
-        sections.append("\n\n".join(parts))
+            parts = [stage_section(run, out_dir, root), *extra, chat_eval_section(run),
+                     chat_probe_section(root, stage, tag)]
+            sections.append("\n\n".join(p for p in parts if p))
+        elif extra:
+            sections.append("\n\n".join([f"## {STAGE_TITLES[stage]}", *extra]))
     return sections, core, eval_seconds
 
 
 def summary_section(runs: dict[str, StageRun], core: float | None, out_dir: Path) -> str:
-    table = summary_values(runs, core)
+    """The summary table, metric by stage (None where not measured), and a plot of the chat metrics."""
+    table: dict[str, dict[str, float | None]] = {m: {s: None for s in STAGES} for m in SUMMARY_METRICS}
+    table["CORE"]["base"] = core
+    for stage, run in runs.items():
+        for metric in SUMMARY_METRICS:
+            value = (run.chat_eval or {}).get(metric)
+            if isinstance(value, (int, float)):
+                table[metric][stage] = float(value)
     rows = [[m] + [table[m][s] for s in STAGES] for m in SUMMARY_METRICS]
     parts = ["## Summary\n\n" + md_table(["metric"] + [s.upper() for s in STAGES], rows)]
     chat_metrics = [m for m in SUMMARY_METRICS if m != "CORE" and any(v is not None for v in table[m].values())]
@@ -595,9 +560,7 @@ def build_report(run_name: str | None = None, tag: str | None = None) -> Path:
 
 def render_report(root: Path, run_name: str, tag: str, out_dir: Path) -> str:
     """The report's markdown; its plots are written into `out_dir`."""
-    runs = {s: load_stage(root, s, tag) for s in STAGES}
-    runs = {s: r for s, r in runs.items() if r.exists}
-
+    runs = {s: r for s in STAGES if (r := load_stage(root, s, tag)).exists}
     sections, core, eval_seconds = stage_sections(root, tag, runs, out_dir)
     head = (f"# picochat report: `{run_name}`\n\nGenerated {dt.datetime.now():%Y-%m-%d %H:%M:%S} from {root}; "
             f"checkpoint tag `{tag}`, stages found: {', '.join(runs) or 'none'}.")
