@@ -41,11 +41,9 @@ def sft_collate(rows: list[tuple[list[int], list[int]]], pad_id: int,
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, (ids, mask) in enumerate(rows):
-        n = len(ids) - 1
         row_ids = torch.tensor(ids, dtype=torch.long)
-        row_mask = torch.tensor(mask[1:], dtype=torch.bool)
-        inputs[r, :n] = row_ids[:-1]
-        targets[r, :n] = torch.where(row_mask, row_ids[1:], torch.full_like(row_ids[1:], -1))
+        inputs[r, :len(ids) - 1] = row_ids[:-1]
+        targets[r, :len(ids) - 1] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), row_ids[1:], -1)
     return inputs, targets
 
 
@@ -76,19 +74,36 @@ class _ConversationWalk:
         return epoch * self.per_epoch + max(0, -(-(first - self.rank) // self.world_size))
 
 
-class PackedConversations:
-    """Infinite iterator of packed (inputs, targets) blocks of shape (B, T)."""
+class _Batches:
+    """What both batchers share: this rank's walk, the batch shape, the device and the position."""
 
-    def __init__(self, task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", mask_user: bool = False, max_conversation_tokens: int | None = None):
+    def __init__(self, task, tokenizer, batch_size: int, seq_len: int, rank: int, world_size: int,
+                 device: torch.device | str):
         self.walk = _ConversationWalk(task, rank, world_size)
         self.tokenizer = tokenizer
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
+        self.position = 0  # next conversation to render
+
+    def __iter__(self):
+        return self
+
+    def _check_world_size(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise DataError(f"data state saved with world size {state['world_size']}, "
+                            f"this run has {self.world_size}")
+
+
+class PackedConversations(_Batches):
+    """Infinite iterator of packed (inputs, targets) blocks of shape (B, T)."""
+
+    def __init__(self, task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", mask_user: bool = False,
+                 max_conversation_tokens: int | None = None):
+        super().__init__(task, tokenizer, batch_size, seq_len, rank, world_size, device)
         self.mask_user = mask_user
         self.max_tokens = max_conversation_tokens or 4 * seq_len
-        self.position = 0  # next conversation to render
         self.stream = TokenStream()  # pieces keyed by their conversation's position
 
     def render(self, conversation: dict) -> tuple[list[int], list[int] | None]:
@@ -109,9 +124,6 @@ class PackedConversations:
         head = self.stream.head()
         return (self.position if head is None else head[0]) // self.walk.per_epoch
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         need = self.B * self.T
         while self.stream.available() < need + 1:
@@ -131,8 +143,7 @@ class PackedConversations:
                 "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.world_size:
-            raise DataError(f"data state saved with world size {state['world_size']}, this run has {self.world_size}")
+        self._check_world_size(state)
         self.stream.clear()
         self.position = state["position"]
         if state["skip"]:
@@ -141,11 +152,10 @@ class PackedConversations:
 
 def width_buckets(max_seq_len: int, count: int = 4) -> list[int]:
     """Batch widths for a compiled SFT run: max_seq_len / 2**k for k < count, ascending (e.g. 256..2048)."""
-    widths = {max(1, -(-max_seq_len // 2**k)) for k in range(count)}
-    return sorted(widths)
+    return sorted({max(1, -(-max_seq_len // 2**k)) for k in range(count)})
 
 
-class PaddedConversations:
+class PaddedConversations(_Batches):
     """Infinite iterator of padded SFT micro-batches: (inputs, targets, real tokens) of B conversations.
 
     Real tokens are the inputs that are not padding (for honest tokens/s).
@@ -153,23 +163,15 @@ class PaddedConversations:
 
     def __init__(self, task, tokenizer, batch_size: int, max_seq_len: int, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", bucket_widths: list[int] | None = None):
-        self.walk = _ConversationWalk(task, rank, world_size)
-        self.tokenizer = tokenizer
-        self.B, self.T = batch_size, max_seq_len
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
+        super().__init__(task, tokenizer, batch_size, max_seq_len, rank, world_size, device)
         self.pad_id = tokenizer.encode_special("assistant_end")
         self.buckets = sorted(bucket_widths) if bucket_widths else None
         if self.buckets and self.buckets[-1] < max_seq_len:
             raise DataError(f"the widest bucket ({self.buckets[-1]}) is narrower than max_seq_len {max_seq_len}")
-        self.position = 0
 
     @property
     def epoch(self) -> int:
         return self.position // self.walk.per_epoch
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         rows = []
@@ -178,10 +180,8 @@ class PaddedConversations:
             rows.append(self.tokenizer.render_conversation(conv, max_tokens=self.T + 1))
             self.position += 1
         real = sum(len(ids) - 1 for ids, _ in rows)
-        width = None
-        if self.buckets:
-            longest = max(len(ids) for ids, _ in rows) - 1
-            width = next(w for w in self.buckets if w >= longest)
+        longest = max(len(ids) for ids, _ in rows) - 1
+        width = next(w for w in self.buckets if w >= longest) if self.buckets else None
         x, y = sft_collate(rows, self.pad_id, width)
         return x.to(self.device), y.to(self.device), real
 
@@ -192,6 +192,5 @@ class PaddedConversations:
         return {"position": self.walk.resharded_position(states), "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.world_size:
-            raise DataError(f"data state saved with world size {state['world_size']}, this run has {self.world_size}")
+        self._check_world_size(state)
         self.position = state["position"]

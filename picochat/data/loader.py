@@ -34,9 +34,9 @@ The best-fit loader's state is the next document to enter the buffer and the
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +66,10 @@ class _ShardWalk:
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.prefetch_units = prefetch_units
-        self.max_epochs = max_epochs
+        self.prefetch_units, self.max_epochs = prefetch_units, max_epochs
         # The walk order: (file index, row group) for every row group of every shard.
-        self.units: list[tuple[int, int]] = []
-        for fi, f in enumerate(self.files):
-            self.units.extend((fi, rg) for rg in range(pq.ParquetFile(f).num_row_groups))
+        self.units = [(fi, rg) for fi, f in enumerate(self.files)
+                      for rg in range(pq.ParquetFile(f).num_row_groups)]
         if not self.units:
             raise DataError(f"shards {[f.name for f in self.files]} contain no row groups (no documents)")
         self._sizes = [f.stat().st_size for f in self.files]  # a shard rebuilt under its old name differs here
@@ -97,11 +95,9 @@ class _ShardWalk:
                     return
                 item = (epoch, unit, self._encode_unit(unit))
                 while not stop.is_set():
-                    try:
+                    with contextlib.suppress(queue.Full):
                         q.put(item, timeout=0.1)
                         break
-                    except queue.Full:
-                        continue
                 unit += 1
                 if unit == len(self.units):
                     epoch, unit = epoch + 1, 0
@@ -153,10 +149,8 @@ class _ShardWalk:
 
     def _check_state(self, state: dict) -> None:
         if state.get("world_size", self.world_size) != self.world_size:
-            raise DataError(
-                f"loader state was saved with world size {state['world_size']}, this run has {self.world_size}; "
-                "resume with the same number of processes"
-            )
+            raise DataError(f"loader state was saved with world size {state['world_size']}, this run has "
+                            f"{self.world_size}; resume with the same number of processes")
         self._check_source(state)
         self.close()
 
@@ -178,11 +172,9 @@ class _ShardWalk:
     def close(self) -> None:
         if self._thread is not None:
             self._stop_event.set()
-            try:  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
                 while True:
                     self._queue.get_nowait()
-            except queue.Empty:
-                pass
             self._thread.join(timeout=5)
         self._thread = None
 
@@ -261,9 +253,8 @@ class BestFitLoader(_ShardWalk):
             if (got_epoch, got_unit) != (epoch, unit):
                 raise RuntimeError(f"document walk out of step: at {(got_epoch, got_unit)}, expected {(epoch, unit)}")
         end = min(len(self._staged), k - k % self.REFILL + self.REFILL)
-        for i in range(k, end):
-            self._buffer_ids.append((epoch, unit, i))
-            self._buffer.append(self._staged[i])
+        self._buffer_ids.extend((epoch, unit, i) for i in range(k, end))
+        self._buffer.extend(self._staged[k:end])
         if end == len(self._staged):
             self._staged = None
             unit += 1
@@ -272,10 +263,8 @@ class BestFitLoader(_ShardWalk):
 
     def _restore_buffer(self) -> None:
         """Re-encode the documents a saved buffer held (the units they come from, once each)."""
-        wanted = defaultdict(list)
-        for epoch, unit, i in self._buffer_ids:
-            wanted[unit].append(i)
-        docs = {unit: self._encode_unit(unit) for unit in wanted}
+        units = dict.fromkeys(unit for _, unit, _ in self._buffer_ids)  # each once, in order
+        docs = {unit: self._encode_unit(unit) for unit in units}
         self._buffer = [docs[unit][i] for _, unit, i in self._buffer_ids]
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,8 +85,7 @@ def fetch(art: Artifact) -> Path:
             files = [p for p in Path(tmp).iterdir() if p.is_file()]
             if proc.returncode != 0 or len(files) != 1:
                 raise DataError(f"{art.label}: download failed ({' '.join(cmd[:3])} ...): {proc.stderr.strip()[-300:]}")
-            got = sha256_file(files[0])
-            if got != art.sha256:
+            if (got := sha256_file(files[0])) != art.sha256:
                 raise DataError(f"{art.label}: sha256 {got} does not match the pinned {art.sha256}; refusing to use it")
             final = root / files[0].name
             os.replace(files[0], final)

@@ -18,11 +18,10 @@ from picochat.errors import DataError
 from picochat.fileio import aside
 from picochat.runtime import home
 
-DEFAULT_SOURCE = "builtin"
 PARTIAL_MARKER = ".prepare.partial"  # present while `picochat data prepare` writes a shard set
 
 
-def default_data_dir(source: str = DEFAULT_SOURCE) -> Path:
+def default_data_dir(source: str = "builtin") -> Path:
     """$PICOCHAT_HOME/data/<source>: where `picochat data` writes shards."""
     return home() / "data" / source
 
@@ -31,10 +30,8 @@ def list_shards(directory: str | os.PathLike) -> tuple[list[Path], Path]:
     """(train shards, val shard) of a shard directory, with clear errors for unusable ones."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise DataError(
-            f"shard directory {directory} does not exist; run `picochat data prepare` (offline corpus) "
-            "or `picochat data download` first, or pass --data-dir"
-        )
+        raise DataError(f"shard directory {directory} does not exist; run `picochat data prepare` (offline "
+                        "corpus) or `picochat data download` first, or pass --data-dir")
     if (directory / PARTIAL_MARKER).exists():
         raise DataError(f"{directory} holds an unfinished shard set (an interrupted or running "
                         "`picochat data prepare`); run `picochat data prepare` again and let it finish")
@@ -42,9 +39,8 @@ def list_shards(directory: str | os.PathLike) -> tuple[list[Path], Path]:
     if not files:
         raise DataError(f"{directory} holds no .parquet shards; run `picochat data prepare` or pass --data-dir")
     if len(files) == 1:
-        raise DataError(
-            f"{directory} holds one shard ({files[0].name}); need at least two: the last is kept for validation"
-        )
+        raise DataError(f"{directory} holds one shard ({files[0].name}); need at least two: the last is kept "
+                        "for validation")
     for f in (files[0], files[-1]):
         check_text_column(f)
     return files[:-1], files[-1]

@@ -28,6 +28,7 @@ and `step=` for a view of its rows. Data is cached under $PICOCHAT_HOME/datasets
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from picochat.errors import DataError
@@ -58,14 +59,14 @@ def _customjson(split: str, source: str, path: str | None = None, **kw: Any) -> 
 
 
 TASKS: dict[str, Callable[..., Task]] = {
-    "smoltalk": lambda split, source, **kw: SmolTalk(split, source, **kw),
-    "mmlu": lambda split, source, **kw: MMLU(split, source, **kw),
-    "arc_easy": lambda split, source, **kw: ARC("ARC-Easy", split, source, **kw),
-    "arc_challenge": lambda split, source, **kw: ARC("ARC-Challenge", split, source, **kw),
-    "openbookqa": lambda split, source, **kw: OpenBookQA(split, source, **kw),
-    "commonsenseqa": lambda split, source, **kw: CommonsenseQA(split, source, **kw),
-    "gsm8k": lambda split, source, **kw: GSM8K(split, source, **kw),
-    "humaneval": lambda split, source, **kw: HumanEval(split, source, **kw),
+    "smoltalk": SmolTalk,
+    "mmlu": MMLU,
+    "arc_easy": partial(ARC, "ARC-Easy"),
+    "arc_challenge": partial(ARC, "ARC-Challenge"),
+    "openbookqa": OpenBookQA,
+    "commonsenseqa": CommonsenseQA,
+    "gsm8k": GSM8K,
+    "humaneval": HumanEval,
     "arithmetic": lambda split, source, **kw: ArithmeticProblems(split, **kw),
     "simple_spelling": lambda split, source, **kw: SimpleSpelling(split, **kw),
     "spelling_bee": lambda split, source, **kw: SpellingBee(split, **kw),
@@ -84,21 +85,7 @@ def load_task(name: str, split: str, source: str = "offline", **kw: Any) -> Task
 
 
 __all__ = [
-    "ARC",
-    "GSM8K",
-    "MMLU",
-    "TASKS",
-    "ArithmeticProblems",
-    "CommonsenseQA",
-    "CustomJSON",
-    "HumanEval",
-    "OpenBookQA",
-    "SimpleSpelling",
-    "SmolTalk",
-    "SpellingBee",
-    "Task",
-    "TaskMixture",
-    "TaskSequence",
-    "identity",
-    "load_task",
+    "ARC", "GSM8K", "MMLU", "TASKS", "ArithmeticProblems", "CommonsenseQA", "CustomJSON", "HumanEval",
+    "OpenBookQA", "SimpleSpelling", "SmolTalk", "SpellingBee", "Task", "TaskMixture", "TaskSequence",
+    "identity", "load_task",
 ]

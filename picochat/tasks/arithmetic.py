@@ -24,19 +24,18 @@ import zlib
 from collections.abc import Callable
 
 from picochat.tasks.base import GeneratedTask
-from picochat.tasks.gsm8k import evaluate_final_answer, word_problem_conversation
+from picochat.tasks.gsm8k import FinalAnswerGrading, word_problem_conversation
 
 NAMES = ("Maya", "Liam", "Aisha", "Tom", "Sofia", "Kenji", "Elena", "Omar", "Grace", "Diego",
          "Priya", "Noah", "Zoe", "Ivan", "Amara", "Lucas", "Mei", "Sam", "Fatima", "Ben")
-PRONOUNS = {"Maya": "she", "Aisha": "she", "Sofia": "she", "Elena": "she", "Grace": "she", "Priya": "she",
-            "Zoe": "she", "Amara": "she", "Mei": "she", "Fatima": "she"}
+SHE = frozenset({"Maya", "Aisha", "Sofia", "Elena", "Grace", "Priya", "Zoe", "Amara", "Mei", "Fatima"})
 ITEMS = ("pen", "notebook", "apple", "sticker", "marble", "cupcake", "book", "toy car", "candle", "plant")
 FOODS = ("cookies", "muffins", "dumplings", "pancakes", "brownies")
 TEST_PERCENT = 10  # share of the possible questions reserved for the test split
 
 
 def pronoun(name: str) -> str:
-    return PRONOUNS.get(name, "he")
+    return "she" if name in SHE else "he"
 
 
 def calc(expr: str, value: int) -> str:
@@ -156,7 +155,7 @@ def question_split(question: str) -> str:
     return "test" if zlib.crc32(question.encode()) % 100 < TEST_PERCENT else "train"
 
 
-class ArithmeticProblems(GeneratedTask):
+class ArithmeticProblems(FinalAnswerGrading, GeneratedTask):
     """`size` generated word problems; evaluation and reward as for GSM8K."""
 
     key = "arithmetic"
@@ -167,9 +166,3 @@ class ArithmeticProblems(GeneratedTask):
             question, answer = rng.choice(PROBLEMS)(rng)
             if question_split(question) == self.split:
                 return word_problem_conversation(question, answer)
-
-    def evaluate(self, conversation: dict, response: str | list[dict]) -> bool:
-        return evaluate_final_answer(conversation, response)
-
-    def reward(self, conversation: dict, response: str | list[dict]) -> float:
-        return float(self.evaluate(conversation, response))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import itertools
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -64,8 +65,7 @@ class Task:
         return self.get_row(self.rows[index])
 
     def __iter__(self):
-        for row in self.rows:
-            yield self.get_row(row)
+        yield from map(self.get_row, self.rows)
 
     @property
     def name(self) -> str:
@@ -78,9 +78,7 @@ class Task:
 
 def response_text(response: str | list[dict]) -> str:
     """A model response as plain text; a list of assistant parts is joined."""
-    if isinstance(response, str):
-        return response
-    return "".join(part.get("text", "") for part in response)
+    return response if isinstance(response, str) else "".join(part.get("text", "") for part in response)
 
 
 def model_text(response: str | list[dict]) -> str:
@@ -163,9 +161,6 @@ class FeistelPermutation:
             x = self._encrypt(x)
         return x
 
-    def __len__(self) -> int:
-        return self.n
-
 
 def _mix64(x: int) -> int:
     """splitmix64 finaliser: a cheap, well-mixed 64-bit hash for the Feistel round function."""
@@ -183,16 +178,26 @@ class _Composite(Task):
         if not tasks:
             raise ValueError(f"{type(self).__name__} needs at least one task")
         self.tasks = list(tasks)
-        self.offsets = [0]  # offsets[k] = rows before entry k; offsets[-1] = total
-        for task in self.tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
+        self.offsets = [0, *itertools.accumulate(map(len, self.tasks))]  # rows before entry k; [-1] = total
 
     def num_rows(self) -> int:
         return self.offsets[-1]
 
+    def _flat(self, row: int) -> int:
+        """The flat index (over the entries laid end to end) that holds row `row`."""
+        return row
+
     def _split(self, flat: int) -> tuple[int, int]:
         entry = bisect.bisect_right(self.offsets, flat) - 1
         return entry, flat - self.offsets[entry]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(entry position in `tasks`, index inside that task) of row `index` of this view."""
+        return self._split(self._flat(self.rows[index]))
+
+    def get_row(self, index: int) -> dict:
+        entry, local = self._split(self._flat(index))
+        return self.tasks[entry][local]
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(t) for t in self.tasks)
@@ -201,14 +206,6 @@ class _Composite(Task):
 
 class TaskSequence(_Composite):
     """The tasks one after another (a curriculum): all rows of tasks[0], then tasks[1], ..."""
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """(entry position in `tasks`, index inside that task) of row `index` of this view."""
-        return self._split(self.rows[index])
-
-    def get_row(self, index: int) -> dict:
-        entry, local = self._split(index)
-        return self.tasks[entry][local]
 
 
 class TaskMixture(_Composite):
@@ -235,10 +232,5 @@ class TaskMixture(_Composite):
         self.seed = seed
         self.permutation = FeistelPermutation(self.offsets[-1], seed)
 
-    def locate(self, index: int) -> tuple[int, int]:
-        """(entry position in `tasks`, index inside that task) of row `index` of this view."""
-        return self._split(self.permutation(self.rows[index]))
-
-    def get_row(self, index: int) -> dict:
-        entry, local = self._split(self.permutation(index))
-        return self.tasks[entry][local]
+    def _flat(self, row: int) -> int:
+        return self.permutation(row)

@@ -81,10 +81,6 @@ class CustomJSON(Task):
         return f"CustomJSON[{self.path.name}]"
 
 
-def identity_path() -> Path:
-    return Path(str(resources.files("picochat.tasks") / "data" / "identity.jsonl"))
-
-
 def identity(**view: int | None) -> CustomJSON:
     """picochat's built-in identity conversations."""
-    return CustomJSON(identity_path(), **view)
+    return CustomJSON(Path(str(resources.files("picochat.tasks") / "data" / "identity.jsonl")), **view)

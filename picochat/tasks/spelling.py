@@ -26,7 +26,7 @@ from picochat.errors import DataError
 from picochat.fileio import write_text
 from picochat.tasks.base import GENERATED_SPLITS as SPLITS
 from picochat.tasks.base import GeneratedTask, model_text, response_text
-from picochat.tasks.sources import WORD_LIST, PackageArchive, datasets_dir, package_path
+from picochat.tasks.sources import WORD_LIST, datasets_dir, package_member
 
 TEST_PERCENT = 10
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -38,7 +38,7 @@ def word_list_path() -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.exists():
-                text = PackageArchive(package_path(WORD_LIST)).read("package/words.txt").decode("utf-8")
+                text = package_member(WORD_LIST, "package/words.txt").decode("utf-8")
                 words = sorted({w for w in text.split() if re.fullmatch(r"[a-z]{2,20}", w)})
                 write_text(path, "\n".join(words) + "\n")
     return path
@@ -92,13 +92,9 @@ class SimpleSpelling(_WordTask):
         rng = self.rng(index)
         word = rng.choice(self.words)
         prompt = rng.choice(SPELL_PROMPTS).format(word=word)
-        return {
-            "messages": [
-                {"role": "user", "content": prompt},
-                {"role": "assistant", "content": f"{word}: {','.join(word)}"},
-            ],
-            "word": word,
-        }
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": f"{word}: {','.join(word)}"}]
+        return {"messages": messages, "word": word}
 
     def evaluate(self, conversation: dict, response: str | list[dict]) -> bool:
         spelled = response_text(response).rsplit(":", 1)[-1]
@@ -148,21 +144,15 @@ class SpellingBee(_WordTask):
             letter=letter, word=word, count=count, times="time" if count == 1 else "times",
             are="is" if count == 1 else "are",
         )
-        return {
-            "messages": [
-                {"role": "user", "content": prompt},
-                {"role": "assistant", "content": [
-                    {"type": "text", "text": f"Spelled out, '{word}' is {','.join(word)}. "
-                                             f"Let me count the letter '{letter}' with Python:\n\n"},
-                    {"type": "python", "text": f"'{word}'.count('{letter}')"},
-                    {"type": "python_output", "text": str(count)},
-                    {"type": "text", "text": f"\n\n{answer}"},
-                ]},
-            ],
-            "word": word,
-            "letter": letter,
-            "answer": count,
-        }
+        reply = [
+            {"type": "text", "text": f"Spelled out, '{word}' is {','.join(word)}. "
+                                     f"Let me count the letter '{letter}' with Python:\n\n"},
+            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "python_output", "text": str(count)},
+            {"type": "text", "text": f"\n\n{answer}"},
+        ]
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+        return {"messages": messages, "word": word, "letter": letter, "answer": count}
 
     def evaluate(self, conversation: dict, response: str | list[dict]) -> bool:
         """The last number of the model's own text (not the calculator's output) is the count."""
