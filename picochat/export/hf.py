@@ -58,14 +58,12 @@ SUPPORTED_CONFIG_FIELDS = {"vocab_size", "n_layer", "n_head", "n_kv_head", "n_em
                            "softcap", "rope_theta", "norm_eps", "mlp_ratio", "init", *ARCH_OPTIONS}
 
 # Our state-dict names -> transformers' names; {i} is the layer index.
-LAYER_TENSORS = {
-    "attn.c_q": "self_attn.q_proj",
-    "attn.c_k": "self_attn.k_proj",
-    "attn.c_v": "self_attn.v_proj",
-    "attn.c_proj": "self_attn.o_proj",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
+LAYER_TENSORS = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj",
+                 "attn.c_v": "self_attn.v_proj", "attn.c_proj": "self_attn.o_proj",
+                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# special_tokens_map.json, also part of tokenizer_config.json
+SPECIAL_TOKENS_MAP = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
+                      "pad_token": "<|assistant_end|>"}
 
 # Renders exactly what picochat.tokenizer.chat.render_conversation renders: <|bos|>, then per
 # message its markers; a leading system message is folded into the first user message as
@@ -111,8 +109,7 @@ CHAT_TEMPLATE = (
 # ---- model ---------------------------------------------------------------------------------------
 def check_exportable(config: GPTConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
     """Raise UserError if the checkpoint has anything the NanoChat model type cannot express."""
-    options = config.non_classic()
-    if options:
+    if options := config.non_classic():
         raise UserError(f"the native NanoChat export takes the classic architecture only; this model uses "
                         f"{', '.join(options)} (export_hf writes it as remote code)")
     _check_layout(config, state_dict, tokenizer, set(rename_state_dict_keys(config)), "the NanoChat layout")
@@ -128,8 +125,7 @@ def check_remote_exportable(config: GPTConfig, state_dict: dict[str, torch.Tenso
 
 def _check_layout(config: GPTConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer,
                   expected: set[str], layout: str) -> None:
-    unknown = sorted(set(config.to_dict()) - SUPPORTED_CONFIG_FIELDS)
-    if unknown:
+    if unknown := sorted(set(config.to_dict()) - SUPPORTED_CONFIG_FIELDS):
         raise UserError(f"model config fields {unknown} have no counterpart in the exported model; "
                         "this checkpoint cannot be exported with --format hf")
     extra = sorted(set(state_dict) - expected)
@@ -149,11 +145,9 @@ def needs_remote_code(config: GPTConfig) -> bool:
 
 def rename_state_dict_keys(config: GPTConfig) -> dict[str, str]:
     """Our tensor name -> transformers' tensor name, for every tensor of the model."""
-    names = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
-    for i in range(config.n_layer):
-        for ours, theirs in LAYER_TENSORS.items():
-            names[f"transformer.h.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
-    return names
+    return {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight",
+            **{f"transformer.h.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
+               for i in range(config.n_layer) for ours, theirs in LAYER_TENSORS.items()}}
 
 
 def negate_second_half_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -178,32 +172,20 @@ def hf_state_dict(config: GPTConfig, state_dict: dict[str, torch.Tensor], dtype:
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str) -> dict[str, Any]:
     """config.json for NanoChatConfig (transformers >= 5 field names)."""
-    bos, eos = tokenizer.bos_id, tokenizer.encode_special("assistant_end")
     return {
-        "architectures": ["NanoChatForCausalLM"],
-        "model_type": "nanochat",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.mlp_ratio * config.n_embd,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.sequence_len,
-        "hidden_act": "relu2",
-        "rms_norm_eps": config.norm_eps,
+        "architectures": ["NanoChatForCausalLM"], "model_type": "nanochat",
+        "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_ratio * config.n_embd, "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim, "max_position_embeddings": config.sequence_len,
+        "hidden_act": "relu2", "rms_norm_eps": config.norm_eps,
         "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
-        "final_logit_softcapping": config.softcap,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
+        "final_logit_softcapping": config.softcap, "attention_bias": False, "attention_dropout": 0.0,
         "tie_word_embeddings": False,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.encode_special("assistant_end"),
         # No pad id here: NanoChat makes it its embedding's padding_idx, whose row never trains, and
         # NanoChatConfig's default (1) would freeze a byte's row. generate() pads with generation_config's.
-        "pad_token_id": None,
-        "use_cache": True,
-        "dtype": dtype,
+        "pad_token_id": None, "use_cache": True, "dtype": dtype,
     }
 
 
@@ -220,19 +202,13 @@ def remote_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str) -> dict[s
     name, the per-layer layout derived from them, and the auto_map to the copied source files."""
     eos = tokenizer.encode_special("assistant_end")
     return {
-        "architectures": ["PicochatForCausalLM"],
-        "model_type": "picochat",
+        "architectures": ["PicochatForCausalLM"], "model_type": "picochat",
         "auto_map": {"AutoConfig": "configuration_picochat.PicochatConfig",
                      "AutoModelForCausalLM": "modeling_picochat.PicochatForCausalLM"},
         **config.to_dict(),
-        "window_sizes": config.window_sizes(),
-        "value_embed_layers": config.value_embed_layers(),
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": eos,
-        "pad_token_id": eos,
-        "tie_word_embeddings": False,
-        "use_cache": False,
-        "dtype": dtype,
+        "window_sizes": config.window_sizes(), "value_embed_layers": config.value_embed_layers(),
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": eos,
+        "tie_word_embeddings": False, "use_cache": False, "dtype": dtype,
     }
 
 
@@ -266,8 +242,7 @@ def bpe_vocab_and_merges(tokenizer: Tokenizer) -> tuple[dict[str, int], list[lis
     """Our ranks as a byte-level BPE vocabulary (GPT-2 printable alphabet) and its merge list."""
     to_char = bytes_to_unicode()
     ranks = tokenizer.mergeable_ranks
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
+    if missing := [b for b in range(256) if bytes([b]) not in ranks]:
         raise UserError(f"the tokenizer lacks single-byte tokens for {len(missing)} bytes (e.g. {missing[0]}); "
                         "a byte-level BPE export needs all 256")
 
@@ -311,16 +286,10 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
 
 def hf_tokenizer_config(tokenizer: Tokenizer, max_len: int) -> dict[str, Any]:
     return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|bos|>",
-        "eos_token": "<|assistant_end|>",
-        "pad_token": "<|assistant_end|>",
+        "tokenizer_class": "PreTrainedTokenizerFast", **SPECIAL_TOKENS_MAP,
         "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|bos|>", "<|assistant_end|>")],
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_len,
-        "chat_template": CHAT_TEMPLATE,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len, "chat_template": CHAT_TEMPLATE,
     }
 
 
@@ -377,8 +346,7 @@ def _write_files(out: Path, config: GPTConfig, state: dict[str, torch.Tensor], t
     _write_json(out / "generation_config.json", generation_config(tokenizer, use_cache=not remote))
     (out / "tokenizer.json").write_text(hf_tokenizer_json(tokenizer), encoding="utf-8")
     _write_json(out / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.sequence_len))
-    _write_json(out / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
-                                                  "pad_token": "<|assistant_end|>"})
+    _write_json(out / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
     if remote:
         for name in REMOTE_FILES:
             shutil.copyfile(REMOTE_DIR / name, out / name)

@@ -38,6 +38,7 @@ import json
 import threading
 import time
 import uuid
+from dataclasses import asdict
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -114,8 +115,7 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_id, "auth": bool(api_key), **pool.stats(),
-                "defaults": {"temperature": defaults.temperature, "top_k": defaults.top_k,
-                             "max_tokens": defaults.max_tokens}}
+                "defaults": asdict(defaults)}  # temperature, top_k, max_tokens
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -144,12 +144,11 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
 def _generation_routes(app: FastAPI, model_id: str, model_ids: tuple[str, ...], body_of, limits: Limits,
                        defaults: Defaults) -> None:
     """POST /v1/chat/completions and /v1/completions."""
-    pool = app.state.pool
+    engine = app.state.pool.engines[0]  # every worker has the same tokenizer and context
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         chat = parse_chat_request(await body_of(request), limits, defaults, model_ids)
-        engine = pool.engines[0]
         budget = max(engine.context_len - chat.max_tokens, engine.context_len // 2)
         try:
             fitted = await asyncio.to_thread(fit_turns, engine.tokenizer, chat.conversation, budget)
@@ -168,7 +167,6 @@ def _generation_routes(app: FastAPI, model_id: str, model_ids: tuple[str, ...], 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse_completion_request(await body_of(request), limits, defaults, model_ids)
-        engine = pool.engines[0]
         prompts = prepare_completion(engine.tokenizer, engine.context_len, req)
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         jobs = [Generation(p.ids, req, first_index=i * req.n, use_tools=False, raw_text=True)
@@ -183,11 +181,10 @@ def _generation_routes(app: FastAPI, model_id: str, model_ids: tuple[str, ...], 
 
 def _tokenizer_routes(app: FastAPI, body_of) -> None:
     """The server's own token ids: GET /tokenizer_info, POST /tokenize and /detokenize."""
-    pool = app.state.pool
+    engine = app.state.pool.engines[0]
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
-        engine = pool.engines[0]
         return {"tokenizer_class": "picochat", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
                 "pad_token": None, "vocab_size": engine.tokenizer.vocab_size, "max_model_len": engine.context_len}
 
@@ -199,7 +196,6 @@ def _tokenizer_routes(app: FastAPI, body_of) -> None:
             raise APIError(400, "'prompt' must be a string", "prompt")
         if not isinstance(special, bool):
             raise APIError(400, "'add_special_tokens' must be true or false", "add_special_tokens")
-        engine = pool.engines[0]
         ids = encode_raw_prompt(engine.tokenizer, text)
         if special and (not ids or ids[0] != engine.tokenizer.bos_id):
             ids = [engine.tokenizer.bos_id, *ids]
@@ -208,7 +204,6 @@ def _tokenizer_routes(app: FastAPI, body_of) -> None:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         tokens = (await body_of(request)).get("tokens")
-        engine = pool.engines[0]
         vocab = engine.tokenizer.vocab_size
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                    for t in tokens):
@@ -233,8 +228,8 @@ class RequireKey:
                              code="invalid_api_key")
             response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
     def _matches(self, scope) -> bool:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -283,8 +278,7 @@ async def _start(app: FastAPI, jobs: list[Generation], scoring: list | None = No
         finally:
             emit(END)
 
-    future = loop.run_in_executor(pool.executor, work)
-    future.add_done_callback(lambda _: pool.release(engine))
+    loop.run_in_executor(pool.executor, work).add_done_callback(lambda _: pool.release(engine))
 
     def on_close(finished: bool) -> None:
         if not finished and not cancel.is_set():
@@ -333,21 +327,20 @@ async def _chat_sse(chat: ChatRequest, header: dict, events: asyncio.Queue, on_c
 
 async def _chat_collect(chat: ChatRequest, header: dict, events: asyncio.Queue, on_close, tokenizer,
                         dropped: int) -> dict:
+    choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "finish_reason": None}
+               for i in range(chat.n)]
     parts: list[list[dict]] = [[] for _ in range(chat.n)]
-    content = [""] * chat.n
     logprobs: list[list[dict]] = [[] for _ in range(chat.n)]
-    reasons: list[str | None] = [None] * chat.n
     usage = None
     finished = False
     try:
         while (event := await events.get()) is not END:
             if isinstance(event, Delta):
-                i, piece = event.index, event.piece
-                content[i] += piece.display
-                _add_part(parts[i], piece)
-                logprobs[i] += [chat_logprob(tokenizer, t) for t in event.logprobs or []]
+                choices[event.index]["message"]["content"] += event.piece.display
+                _add_part(parts[event.index], event.piece)
+                logprobs[event.index] += [chat_logprob(tokenizer, t) for t in event.logprobs or []]
             elif isinstance(event, Finish):
-                reasons[event.index] = event.reason
+                choices[event.index]["finish_reason"] = event.reason
             elif isinstance(event, Usage):
                 usage = event.as_dict(dropped)
             elif isinstance(event, Failure):
@@ -355,13 +348,10 @@ async def _chat_collect(chat: ChatRequest, header: dict, events: asyncio.Queue, 
         finished = True
     finally:
         on_close(finished)
-    choices = []
-    for i in range(chat.n):
-        message = {"role": "assistant", "content": content[i], "picochat": _extension(parts[i])}
-        choice = {"index": i, "message": message, "finish_reason": reasons[i]}
+    for choice, choice_parts, choice_logprobs in zip(choices, parts, logprobs):
+        choice["message"]["picochat"] = _extension(choice_parts)
         if chat.logprobs is not None:
-            choice["logprobs"] = {"content": logprobs[i], "refusal": None}
-        choices.append(choice)
+            choice["logprobs"] = {"content": choice_logprobs, "refusal": None}
     return {**header, "object": "chat.completion", "choices": choices, "usage": usage}
 
 
@@ -376,12 +366,8 @@ def _add_part(parts: list[dict], piece) -> None:
 
 def _extension(parts: list[dict]) -> dict:
     """The `picochat` field of a message: its parts and the calculator calls in them."""
-    calls = []
-    for j, part in enumerate(parts):
-        if part["type"] == "python":
-            after = parts[j + 1] if j + 1 < len(parts) else None
-            result = after["text"] if after and after["type"] == "python_output" else None
-            calls.append({"expression": part["text"], "result": result})
+    calls = [{"expression": call["text"], "result": out["text"] if out["type"] == "python_output" else None}
+             for call, out in zip(parts, [*parts[1:], {"type": None}]) if call["type"] == "python"]
     return {"parts": parts, "calculator_calls": calls}
 
 

@@ -93,9 +93,8 @@ def build_app(args: argparse.Namespace):
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
     if device.type == "cuda" and args.device in (None, "", "auto", "cuda"):
-        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-        if args.workers is not None:
-            devices = devices[: args.workers]
+        # the first --workers devices (all of them when it is not given)
+        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())][: args.workers]
     else:
         devices = [device]
     engines, tokenizer, path = [], None, None
@@ -104,18 +103,15 @@ def build_app(args: argparse.Namespace):
         engines.append(Engine(model, tokenizer, compute_dtype=dtype))
     if device.type != "cuda" and (args.workers or 1) > 1:  # CPU: engines share the one read-only model
         engines = [Engine(engines[0].model, tokenizer, compute_dtype=dtype) for _ in range(args.workers)]
-    stage, tag, step = path.parts[-3], path.parts[-2], path.parts[-1].removeprefix("step_")
-    model_id = f"picochat-{stage}-{tag}-step{step}"
+    model_id = f"picochat-{path.parts[-3]}-{path.parts[-2]}-step{path.name.removeprefix('step_')}"
     defaults = Defaults(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
     pool = serving_pool(engines, args.max_batch, args.max_queue)
     batching = len(pool.engines) > len(pool.replicas())
     limits = Limits(max_n=min(Limits.max_n, args.max_batch)) if batching else None
-    app = create_app(pool, model_id, limits=limits, defaults=defaults, api_key=api_key(args))
-    return app, model_id
+    return create_app(pool, model_id, limits=limits, defaults=defaults, api_key=api_key(args)), model_id
 
 
 def run(args: argparse.Namespace) -> int:
-    check_arguments(args)
     app, model_id = build_app(args)
     if not is_loopback(args.host) and not api_key(args):
         warn(f"--host {args.host} serves anyone who can reach port {args.port}, with no API key; "

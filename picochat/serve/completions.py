@@ -41,10 +41,6 @@ class PreparedPrompt:
         if top is not None:
             self.scores = engine.score(self.ids, top)[self.echo_from:]
 
-    @property
-    def echo_ids(self) -> list[int]:
-        return self.ids[self.echo_from:]
-
 
 def prepare_completion(tokenizer, context_len: int, req: CompletionRequest) -> list[PreparedPrompt]:
     """Each prompt as token ids, checked against the vocabulary and the context."""
@@ -56,8 +52,7 @@ def prepare_completion(tokenizer, context_len: int, req: CompletionRequest) -> l
             ids = encode_raw_prompt(tokenizer, raw)
             prompt = PreparedPrompt(ids, 0) if ids and ids[0] == bos else PreparedPrompt([bos, *ids], 1)
         else:
-            bad = next((t for t in raw if not 0 <= t < vocab), None)
-            if bad is not None:
+            if (bad := next((t for t in raw if not 0 <= t < vocab), None)) is not None:
                 raise APIError(400, f"prompt token {bad} is not an id in [0, {vocab})", param)
             prompt = PreparedPrompt(list(raw), 0)
         if len(prompt.ids) + req.max_tokens > context_len:
@@ -68,76 +63,48 @@ def prepare_completion(tokenizer, context_len: int, req: CompletionRequest) -> l
     return prompts
 
 
-class _Offsets:
-    """Character offset of each token in a choice's text, decoding as the text was decoded."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.at = 0
-
-    def next(self, token: int) -> int:
-        start = self.at
-        self.at += len(self.decoder.decode(self.tokenizer.decode_bytes([token])))
-        return start
-
-
-def _logprobs_block(tokenizer, offsets: _Offsets, tokens: list[int], entries: list) -> dict:
-    """OpenAI's legacy logprobs object for `tokens`, whose entries are (logprob, top) or None."""
-    block: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token, entry in zip(tokens, entries, strict=True):
-        block["tokens"].append(tokenizer.id_to_text(token))
-        block["text_offset"].append(offsets.next(token))
-        if entry is None:
-            block["token_logprobs"].append(None)
-            block["top_logprobs"].append(None)
-            continue
-        logprob, top = entry
-        block["token_logprobs"].append(logprob)
-        alternatives: dict[str, float] = {}
-        for t, lp in top:
-            alternatives.setdefault(tokenizer.id_to_text(t), lp)
-        block["top_logprobs"].append(alternatives)
-    return block
-
-
-def _merge(into: dict | None, block: dict) -> dict:
-    if into is None:
-        return block
-    for key in into:
-        into[key] += block[key]
-    return into
-
-
 class _Choice:
-    """One choice being assembled: its text, its log-probs, its end."""
+    """One choice being assembled: its text, its log-probs (OpenAI's legacy logprobs object), its end."""
 
     def __init__(self, tokenizer, req: CompletionRequest, prompt: PreparedPrompt):
         self.tokenizer, self.req, self.prompt = tokenizer, req, prompt
-        self.offsets = _Offsets(tokenizer)
+        # the character offset of the next token in the text, decoding as the text was decoded
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.offset = 0
         self.text, self.logprobs, self.reason = "", None, None
 
     def echo(self) -> tuple[str, dict | None]:
-        ids = self.prompt.echo_ids
-        text = self.tokenizer.decode(ids)
-        block = None
-        if self.req.logprobs is not None:
-            entries = self.prompt.scores or [None] * len(ids)
-            block = _logprobs_block(self.tokenizer, self.offsets, ids, [entries[k] for k in range(len(ids))])
-        return self._add(text, block)
+        ids = self.prompt.ids[self.prompt.echo_from:]
+        return self._add(self.tokenizer.decode(ids), ids, self.prompt.scores or [None] * len(ids))
 
     def delta(self, event: Delta) -> tuple[str, dict | None]:
-        block = None
-        if self.req.logprobs is not None:
-            tokens: list[TokenLogprob] = event.logprobs or []
-            block = _logprobs_block(self.tokenizer, self.offsets, [t.token for t in tokens],
-                                    [(t.logprob, t.top) for t in tokens])
-        return self._add(event.piece.display, block)
+        tokens: list[TokenLogprob] = event.logprobs or []
+        return self._add(event.piece.display, [t.token for t in tokens], [(t.logprob, t.top) for t in tokens])
 
-    def _add(self, text: str, block: dict | None) -> tuple[str, dict | None]:
+    def _add(self, text: str, tokens: list[int], entries: list) -> tuple[str, dict | None]:
+        """Append `text`, and the log-probs block of `tokens` (entries: (logprob, top) or None) when
+        the request asks for log-probs; returns both."""
         self.text += text
-        if block is not None:
-            self.logprobs = _merge(self.logprobs, {k: list(v) for k, v in block.items()})
+        if self.req.logprobs is None:
+            return text, None
+        block: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in zip(tokens, entries, strict=True):
+            block["tokens"].append(self.tokenizer.id_to_text(token))
+            block["text_offset"].append(self.offset)
+            self.offset += len(self.decoder.decode(self.tokenizer.decode_bytes([token])))
+            if entry is None:
+                block["token_logprobs"].append(None)
+                block["top_logprobs"].append(None)
+                continue
+            logprob, top = entry
+            block["token_logprobs"].append(logprob)
+            alternatives: dict[str, float] = {}
+            for t, lp in top:
+                alternatives.setdefault(self.tokenizer.id_to_text(t), lp)
+            block["top_logprobs"].append(alternatives)
+        self.logprobs = self.logprobs or {key: [] for key in block}
+        for key, values in block.items():
+            self.logprobs[key] += values
         return text, block
 
 

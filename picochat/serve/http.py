@@ -13,6 +13,7 @@ a non-streaming answer when its client goes away (a streaming one stops when a w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 
 import h11
@@ -48,8 +49,7 @@ class SlowClientProtocol(H11Protocol):
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
-        timer = getattr(self, "_head_timer", None)
-        if timer is not None:
+        if (timer := getattr(self, "_head_timer", None)) is not None:
             timer.cancel()
             self._head_timer = None
 
@@ -110,9 +110,7 @@ async def unless_disconnected(request: Request, answer: Awaitable[dict], headers
         watch.cancel()
     if not work.done():
         work.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await work
-        except asyncio.CancelledError:
-            pass
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(work.result(), headers=headers)

@@ -32,10 +32,8 @@ class WorkerPool:
     def __init__(self, engines: list[Engine], max_queue: int = 64):
         if not engines:
             raise ValueError("a worker pool needs at least one engine")
-        self.engines = engines
-        self.max_queue = max_queue
-        self.waiting = 0
-        self.busy = 0
+        self.engines, self.max_queue = engines, max_queue
+        self.waiting = self.busy = 0
         self.executor = ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="picochat-gen")
         self._free: asyncio.Queue | None = None
 
@@ -78,10 +76,8 @@ def serving_pool(engines: list[Engine], max_batch: int, max_queue: int) -> Worke
     becomes a BatchingEngine of max_batch rows, taking up to max_batch requests at once."""
     handles: list = []
     for engine in engines:
-        if max_batch > 1 and BatchingEngine.supports(engine):
-            handles += [BatchingEngine(engine, max_rows=max_batch)] * max_batch
-        else:
-            handles.append(engine)
+        batching = max_batch > 1 and BatchingEngine.supports(engine)
+        handles += [BatchingEngine(engine, max_rows=max_batch)] * max_batch if batching else [engine]
     return WorkerPool(handles, max_queue=max_queue)
 
 

@@ -75,8 +75,6 @@ class ChatRequest(Sampling):
     def request_messages_dropped(self, dropped: int) -> int:
         """The request's messages left out when the first `dropped` turns of `conversation` (after the
         system message) are: a tool result and the assistant text after it merge into one turn."""
-        if not dropped:
-            return 0
         first = 1 if self.conversation["messages"][0]["role"] == "system" else 0
         return self.origin[first + dropped] - self.origin[first]
 
@@ -176,12 +174,10 @@ def _number(body: dict, name: str, default: float | None, lo: float, hi: float,
 
 
 def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
         raise _bad(f"'{name}' must be true or false", name)
-    return value
+    return bool(value)
 
 
 def _stop(body: dict) -> list[str]:
@@ -218,17 +214,14 @@ def _sampling(body: dict, limits: Limits, defaults: Defaults, model_ids: tuple[s
         raise _bad("'max_tokens' and 'max_completion_tokens' cannot both be set: send one (max_tokens is the older "
                    "name of max_completion_tokens)", "max_tokens", "invalid_parameter_combination")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, defaults.max_tokens, min_tokens, limits.max_tokens, integer=True)
-    top_k = _number(body, "top_k", defaults.top_k, 0, limits.max_top_k, integer=True)
-    return {
+    return {  # checked in this order: the first bad field is the one reported
+        "max_tokens": _number(body, name, defaults.max_tokens, min_tokens, limits.max_tokens, integer=True),
+        # top_k 0 means no top-k
+        "top_k": _number(body, "top_k", defaults.top_k, 0, limits.max_top_k, integer=True) or None,
         "temperature": float(_number(body, "temperature", defaults.temperature, 0.0, 2.0)),
-        "top_k": top_k or None,  # 0 means no top-k
         "top_p": _number(body, "top_p", None, 0.0, 1.0, lo_open=True),
-        "max_tokens": max_tokens,
         "n": _number(body, "n", 1, 1, limits.max_n, integer=True),
-        "seed": seed,
-        "stream": stream,
-        "include_usage": bool(options and options.get("include_usage")),
+        "seed": seed, "stream": stream, "include_usage": bool(options and options.get("include_usage")),
         "stop": _stop(body),
     }
 
@@ -272,11 +265,8 @@ def _prompts(body: dict, limits: Limits) -> list[str | list[int]]:
     shape = "'prompt' must be a string, a list of strings, a list of token ids, or a list of token-id lists"
     if prompt is None:
         raise _bad("'prompt' is required", "prompt")
-    if isinstance(prompt, str) or _is_ids(prompt):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        prompts = prompt
-    else:
+    prompts = [prompt] if isinstance(prompt, str) or _is_ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts:
         raise _bad(shape, "prompt")
     if len(prompts) > limits.max_prompts:
         raise _bad(f"'prompt' holds {len(prompts)} prompts; the limit is {limits.max_prompts}", "prompt")
@@ -325,9 +315,7 @@ def _content_text(content: Any, param: str, role: str) -> str | list[dict]:
         if not isinstance(part, dict) or part.get("type") not in allowed or not isinstance(part.get("text"), str):
             raise _bad(f"content part {j} must be {{\"type\": one of {list(allowed)}, \"text\": string}}", f"{param}.{j}")
         parts.append({"type": part["type"], "text": part["text"]})
-    if role != "assistant":
-        return "".join(p["text"] for p in parts)
-    return parts
+    return parts if role == "assistant" else "".join(p["text"] for p in parts)
 
 
 def _as_parts(content: str | list[dict]) -> list[dict]:
@@ -361,8 +349,7 @@ def _merge_message(out: list[dict], m: dict, i: int, limits: Limits) -> int:
     if role not in ("system", "developer", "user", "assistant", "tool"):
         raise _bad(f"message {i} has role {json.dumps(role)[:40]}; roles are system, developer, user, assistant, tool",
                    f"{param}.role")
-    extra = sorted(k for k in set(m) - _MESSAGE_KEYS if not _sent_back(role, k, m[k]))
-    if extra:
+    if extra := sorted(k for k in set(m) - _MESSAGE_KEYS if not _sent_back(role, k, m[k])):
         raise _bad(f"message {i} has the field '{extra[0]}', which picochat does not implement", f"{param}.{extra[0]}")
     if role != "assistant" and m.get("tool_calls") is not None:
         raise _bad(f"message {i}: only assistant messages carry 'tool_calls'", f"{param}.tool_calls")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,17 +40,8 @@ from picochat.errors import DataError, UserError
 from picochat.fileio import writing
 from picochat.tokenizer.chat import render_conversation, render_for_completion
 
-SPECIAL_TOKENS = (
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-)
+SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 
 # GPT-4's split pattern with numbers grouped in runs of 1-2 digits instead of 1-3
 # (better bpb for small vocabularies: fewer distinct number tokens to learn).
@@ -67,10 +59,6 @@ THREADED_MIN_CHARS = 1 << 16
 SLICES_PER_THREAD = 4
 
 
-def _default_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
 class Tokenizer:
     """A BPE vocabulary plus the chat special tokens.
 
@@ -81,12 +69,10 @@ class Tokenizer:
         n = len(mergeable_ranks)
         if sorted(mergeable_ranks.values()) != list(range(n)):
             raise DataError("tokenizer ranks must be exactly 0..N-1")
-        self.mergeable_ranks = mergeable_ranks
-        self.pattern = pattern
+        self.mergeable_ranks, self.pattern = mergeable_ranks, pattern
         self.special_tokens = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        self._enc = tiktoken.Encoding(
-            name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens
-        )
+        self._enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                      special_tokens=self.special_tokens)
         self.hash = self._content_hash()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_key = (-1, 0)  # (process id, threads) the pool was made for
@@ -97,9 +83,8 @@ class Tokenizer:
 
     # ---- training -------------------------------------------------------------------------------
     @classmethod
-    def train(
-        cls, texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN, backend: str = "rustbpe"
-    ) -> Tokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN,
+              backend: str = "rustbpe") -> Tokenizer:
         """Learn `vocab_size - 9` byte-level BPE tokens (256 bytes + merges) from `texts`.
 
         backend "rustbpe" (default, the faster here) or "hf" (HuggingFace tokenizers, train_hf.py).
@@ -137,14 +122,9 @@ class Tokenizer:
         temporary files first, so a failure leaves the previous pair and no partial file."""
         directory = Path(directory)
         ranked = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
-        payload = {
-            "format": FORMAT,
-            "hash": self.hash,
-            "pattern": self.pattern,
-            "special_tokens": self.special_tokens,
-            "vocab_size": self.vocab_size,
-            "tokens_base64": [base64.b64encode(tok).decode("ascii") for tok, _ in ranked],
-        }
+        payload = {"format": FORMAT, "hash": self.hash, "pattern": self.pattern,
+                   "special_tokens": self.special_tokens, "vocab_size": self.vocab_size,
+                   "tokens_base64": [base64.b64encode(tok).decode("ascii") for tok, _ in ranked]}
         path = directory / TOKENIZER_FILE
         with writing(path) as f:  # moved into place last, after token_bytes.npy
             f.write(json.dumps(payload))  # dumps: C-accelerated, unlike dump
@@ -205,17 +185,11 @@ class Tokenizer:
 
     # ---- encode / decode ------------------------------------------------------------------------
     def _resolve(self, token: int | str | None) -> int | None:
-        if token is None or isinstance(token, int):
-            return token
-        return self.encode_special(token)
+        return token if token is None or isinstance(token, int) else self.encode_special(token)
 
-    def encode(
-        self,
-        text: str | Sequence[str],
-        prepend: int | str | None = None,
-        append: int | str | None = None,
-        num_threads: int | None = None,
-    ) -> list[int] | list[list[int]]:
+    def encode(self, text: str | Sequence[str], prepend: int | str | None = None,
+               append: int | str | None = None,
+               num_threads: int | None = None) -> list[int] | list[list[int]]:
         """Encode one string (-> list of ids) or a batch of strings (-> list of lists, threaded).
 
         Special-token text such as "<|bos|>" is encoded as ordinary characters; special ids
@@ -240,7 +214,7 @@ class Tokenizer:
         # threads hand the GIL back and forth per document. Instead: a pool kept for the tokenizer's
         # life and a few strided slices per thread (strides mix long and short documents; several
         # slices per thread let a thread that got more CPU take more work). Small batches stay here.
-        threads = num_threads or _default_threads()
+        threads = num_threads or max(1, min(8, os.cpu_count() or 1))
         encode = self._enc.encode_ordinary
         if threads == 1 or len(texts) < 2 * threads or sum(map(len, texts)) < THREADED_MIN_CHARS:
             return [encode(t) for t in texts]
@@ -256,14 +230,9 @@ class Tokenizer:
 
     def iter_encode(self, texts: Iterable[str], batch_size: int = 128) -> Iterator[list[int]]:
         """Encode a stream of texts in threaded batches of `batch_size`, yielding one id list per text."""
-        buf: list[str] = []
-        for t in texts:
-            buf.append(t)
-            if len(buf) == batch_size:
-                yield from self.encode(buf)
-                buf = []
-        if buf:
-            yield from self.encode(buf)
+        texts = iter(texts)
+        while batch := list(itertools.islice(texts, batch_size)):
+            yield from self.encode(batch)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids), errors="replace")

@@ -38,8 +38,7 @@ class ConversationError(UserError):
     """A conversation breaks a rendering rule; the message names the message index and the rule."""
 
     def __init__(self, index: int | None, rule: str):
-        self.index = index
-        self.rule = rule
+        self.index, self.rule = index, rule
         where = "conversation" if index is None else f"message {index}"
         super().__init__(f"{where}: {rule}")
 
@@ -64,8 +63,7 @@ def normalize_messages(conversation: Any) -> list[dict]:
             if not isinstance(content, str):
                 raise ConversationError(i, "system content must be a string")
             continue
-        expected = "user" if len(out) % 2 == 0 else "assistant"
-        if role != expected:
+        if role != ("user" if len(out) % 2 == 0 else "assistant"):
             prev = out[-1]["role"] if out else "the start"
             raise ConversationError(i, f"role {role!r} after {prev!r}; roles must alternate user, assistant, user, ...")
         if role == "user":
@@ -78,10 +76,8 @@ def normalize_messages(conversation: Any) -> list[dict]:
         out.append({"role": role, "content": content})
     if not out:
         raise ConversationError(None, "has no user message")
-    first = messages[0]
-    if first["role"] == "system":
-        sys_text = first["content"]
-        out[0] = {"role": "user", "content": f"{sys_text}\n\n{out[0]['content']}" if sys_text else out[0]["content"]}
+    if messages[0]["role"] == "system" and messages[0]["content"]:
+        out[0] = {"role": "user", "content": f"{messages[0]['content']}\n\n{out[0]['content']}"}
     return out
 
 
@@ -129,24 +125,19 @@ def render_conversation(tok: Tokenizer, conversation: dict, max_tokens: int | No
     add(tok.bos_id, 0)
     for message in messages:
         if message["role"] == "user":
-            add(sp("user_start"), 0)
-            add(tok.encode(message["content"]), 0)
-            add(sp("user_end"), 0)
+            add([sp("user_start"), *tok.encode(message["content"]), sp("user_end")], 0)
             continue
         add(sp("assistant_start"), 0)
         content = message["content"]
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else join_text_parts(content)
         for part in parts:
+            text = tok.encode(part["text"])
             if part["type"] == "text":
-                add(tok.encode(part["text"]), 1)
+                add(text, 1)
             elif part["type"] == "python":
-                add(sp("python_start"), 1)
-                add(tok.encode(part["text"]), 1)
-                add(sp("python_end"), 1)
+                add([sp("python_start"), *text, sp("python_end")], 1)
             else:  # python_output: produced by the tool, not by the model
-                add(sp("output_start"), 0)
-                add(tok.encode(part["text"]), 0)
-                add(sp("output_end"), 0)
+                add([sp("output_start"), *text, sp("output_end")], 0)
         add(sp("assistant_end"), 1)
     if max_tokens is not None:
         ids, mask = ids[:max_tokens], mask[:max_tokens]

@@ -110,11 +110,8 @@ def compression_table(tok: Tokenizer, references: dict, texts: dict[str, list[st
         row = {"text": name, "bytes": n_bytes, "ours": {"tokens": ours, "bytes_per_token": n_bytes / ours}}
         for ref_name, enc in references.items():
             theirs = sum(map(len, enc.encode_ordinary_batch(docs, num_threads=1)))
-            row[ref_name] = {
-                "tokens": theirs,
-                "bytes_per_token": n_bytes / theirs,
-                "relative_diff_pct": 100.0 * (theirs - ours) / theirs,
-            }
+            row[ref_name] = {"tokens": theirs, "bytes_per_token": n_bytes / theirs,
+                             "relative_diff_pct": 100.0 * (theirs - ours) / theirs}
         rows.append(row)
     return rows
 
@@ -139,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if tok_dir.is_file():  # tokenizer.json itself: the results go beside it
         tok_dir = tok_dir.parent
     names = [] if args.references.strip() == "none" else [n.strip() for n in args.references.split(",") if n.strip()]
-    unknown = [n for n in names if n not in REFERENCES]
-    if unknown:
+    if unknown := [n for n in names if n not in REFERENCES]:
         raise UserError(f"--references: unknown {unknown}; choose from {', '.join(REFERENCES)} or 'none'")
 
     references, notices = load_references(names)
@@ -154,20 +150,16 @@ def run(args: argparse.Namespace) -> int:
         warn(notice)
 
     rows = compression_table(tok, references, texts)
-    shown = list(references)
-    table = markdown_table(rows, shown)
+    table = markdown_table(rows, list(references))
     legend = ("B/tok = UTF-8 bytes per token (higher is better); vs X = (X tokens - our tokens) / X tokens "
               "(positive: ours needs fewer tokens)")
     print(f"tokenizer {tok_dir} (vocab {tok.vocab_size:,}, hash {tok.hash})\n")
     print(table)
     print(f"\n{legend}")
 
-    result = {
-        "tokenizer": {"dir": str(tok_dir), "hash": tok.hash, "vocab_size": tok.vocab_size},
-        "references": {name: {"vocab_size": enc.n_vocab} for name, enc in references.items()},
-        "notices": notices,
-        "rows": rows,
-    }
+    result = {"tokenizer": {"dir": str(tok_dir), "hash": tok.hash, "vocab_size": tok.vocab_size},
+              "references": {name: {"vocab_size": enc.n_vocab} for name, enc in references.items()},
+              "notices": notices, "rows": rows}
     write_json(tok_dir / "tok_eval.json", result, indent=2)
     notes = "".join(f"\n- {n}" for n in notices)
     write_text(tok_dir / "tok_eval.md", f"# Tokenizer evaluation\n\nvocab {tok.vocab_size:,}, hash `{tok.hash}`\n\n"

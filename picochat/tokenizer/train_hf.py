@@ -23,19 +23,17 @@ def bytes_to_unicode() -> dict[int, str]:
     NBSP, soft hyphen) map to U+0100 onwards, in byte order.
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
 
-def unicode_to_bytes(token: str, decoder: dict[str, int]) -> bytes:
+_BYTE_OF = {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+def unicode_to_bytes(token: str) -> bytes:
     """Raw bytes of a GPT-2-style printable token string."""
     try:
-        return bytes(decoder[ch] for ch in token)
+        return bytes(_BYTE_OF[ch] for ch in token)
     except KeyError as e:
         raise DataError(f"token {token!r} has a character {e} outside the byte-level alphabet") from e
 
@@ -52,18 +50,12 @@ def train_ranks_hf(texts: Iterable[str], n_ranks: int, pattern: str) -> dict[byt
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    trainer = trainers.BpeTrainer(
-        vocab_size=n_ranks,
-        min_frequency=0,
-        show_progress=False,
-        special_tokens=[],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    trainer = trainers.BpeTrainer(vocab_size=n_ranks, min_frequency=0, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(texts, trainer=trainer)
 
-    decoder = {ch: b for b, ch in bytes_to_unicode().items()}
     by_id = sorted(hf.get_vocab().items(), key=lambda kv: kv[1])
-    merged = [unicode_to_bytes(tok, decoder) for tok, _ in by_id if len(tok) > 1]
+    merged = [unicode_to_bytes(tok) for tok, _ in by_id if len(tok) > 1]
     # Single bytes take ranks 0..255 in byte order; learned tokens keep HF's id order, which is merge order.
     ranks = {bytes([b]): b for b in range(256)}
     for token in merged:

@@ -197,9 +197,8 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
         if unused.get("inputs_embeds") is not None:
             raise ValueError("picochat models take input_ids, not inputs_embeds")
         real = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        dtype = self.dtype
-        low = dtype != torch.float32  # low-precision weights: autocast, as picochat's inference runs
-        with torch.autocast(input_ids.device.type, dtype=dtype) if low else contextlib.nullcontext():
+        low = self.dtype != torch.float32  # low-precision weights: autocast, as picochat's inference runs
+        with torch.autocast(input_ids.device.type, dtype=self.dtype) if low else contextlib.nullcontext():
             logits = self.lm_head(self.hidden_states(input_ids, real)).float()
         cap = self.config.softcap
         logits = cap * torch.tanh(logits / cap)
