@@ -13,6 +13,7 @@ message that cannot fit at all is refused and left out of the history.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -68,9 +69,8 @@ class ChatSession:
 
     def __init__(self, engine, settings: Settings, system: str | None = None, out: TextIO | None = None,
                  transcript: Path | None = None):
-        self.engine, self.settings, self.system = engine, settings, system
+        self.engine, self.settings, self.system, self.transcript = engine, settings, system, transcript
         self.out = out or sys.stdout
-        self.transcript = transcript
         self.messages: list[dict] = []
         self.dropped = 0  # oldest messages the model no longer sees (the transcript keeps them)
         self.refused: str | None = None  # why the last message was not sent, if it was not
@@ -79,10 +79,9 @@ class ChatSession:
         """Stream the assistant's answer to `user_text` to `out`; returns it in display form."""
         self.messages.append({"role": "user", "content": user_text})
         self.refused = None
-        system = [{"role": "system", "content": self.system}] if self.system else []
         budget = max(self.engine.context_len - self.settings.max_tokens, self.engine.context_len // 2)
         try:
-            fitted = fit_turns(self.engine.tokenizer, {"messages": system + self.messages}, budget)
+            fitted = fit_turns(self.engine.tokenizer, {"messages": self._history()}, budget)
         except ContextLengthError as e:
             self.messages.pop()  # refused: the history stays a valid conversation
             self.refused = str(e)
@@ -93,11 +92,11 @@ class ChatSession:
             self.dropped = fitted.dropped
             self.out.write(f"[the oldest {fitted.dropped} messages no longer fit the model's context and are left "
                            "out of what it sees] ")
-        prompt = fitted.ids
         streamer = TextStreamer(self.engine.tokenizer)
-        steps = self.engine.generate(prompt, max_tokens=self.settings.max_tokens, temperature=self.settings.temperature,
-                                     top_k=self.settings.top_k or None, seed=self.settings.seed,
-                                     repetition_penalty=self.settings.repetition_penalty)
+        settings = self.settings
+        steps = self.engine.generate(fitted.ids, max_tokens=settings.max_tokens,
+                                     temperature=settings.temperature, top_k=settings.top_k or None,
+                                     seed=settings.seed, repetition_penalty=settings.repetition_penalty)
         try:
             for column, _ in steps:
                 token = column[0]
@@ -166,10 +165,13 @@ class ChatSession:
             self.out.write(piece.display)
         self.out.flush()
 
+    def _history(self) -> list[dict]:
+        """The whole conversation: the system text (if any), then the messages."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
     def _save(self) -> None:
         if self.transcript is not None:
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-            write_json(self.transcript, {"messages": messages}, ensure_ascii=False, indent=1)
+            write_json(self.transcript, {"messages": self._history()}, ensure_ascii=False, indent=1)
 
 
 def _in_range(value: float, lo: float, hi: float, name: str) -> float:
@@ -184,11 +186,9 @@ def new_transcript(chats: Path) -> Path:
     stem = f"chat_{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 10_000):
         path = chats / (f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
-        try:
+        with contextlib.suppress(FileExistsError):
             path.touch(exist_ok=False)
             return path
-        except FileExistsError:
-            continue
     raise ConfigError(f"{chats}: no free transcript name for {stem}; clear old chats")
 
 

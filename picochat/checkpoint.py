@@ -56,12 +56,8 @@ def list_steps(directory: Path) -> list[int]:
     """Completed steps in a run directory, ascending."""
     if not directory.is_dir():
         return []
-    steps = []
-    for p in directory.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and (p / "meta.json").exists():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    return sorted(int(m.group(1)) for p in directory.iterdir()
+                  if (m := _STEP_RE.match(p.name)) and (p / "meta.json").exists())
 
 
 def latest_tag(stage: str) -> str | None:
@@ -69,14 +65,9 @@ def latest_tag(stage: str) -> str | None:
     root = checkpoints_root() / stage
     if not root.is_dir():
         return None
-    best = None
-    for tag_dir in root.iterdir():
-        steps = list_steps(tag_dir)
-        if steps:
-            mtime = (tag_dir / f"step_{steps[-1]}" / "meta.json").stat().st_mtime
-            if best is None or mtime > best[0]:
-                best = (mtime, tag_dir.name)
-    return best[1] if best else None
+    newest = {tag_dir.name: steps[-1] for tag_dir in root.iterdir() if (steps := list_steps(tag_dir))}
+    return max(newest, key=lambda tag: (root / tag / f"step_{newest[tag]}" / "meta.json").stat().st_mtime,
+               default=None)
 
 
 def find_checkpoint(stage: str, tag: str | None = None, step: int | None = None) -> Path:
@@ -102,15 +93,8 @@ def clean_state_dict(state_dict: dict) -> dict:
     return {k.replace("_orig_mod.", ""): v.detach().contiguous() for k, v in state_dict.items()}
 
 
-def save_checkpoint(
-    directory: Path,
-    step: int,
-    model: torch.nn.Module,
-    tokenizer,
-    meta: dict,
-    state: dict | None = None,
-    keep_last: int | None = None,
-) -> Path:
+def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, tokenizer, meta: dict,
+                    state: dict | None = None, keep_last: int | None = None) -> Path:
     """Write step_<step> atomically (call on rank 0 only); keep it and the `keep_last`-1 steps before it
     (0: every step before it), and drop every step after it. Without `keep_last` nothing is removed."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -150,15 +134,13 @@ def save_checkpoint(
             raise DataError(f"no space left on {directory} while saving step {step}; the previous checkpoints are "
                             "intact: free some space (or set PICOCHAT_HOME to a bigger disk) and --resume") from e
         raise
+    replaced = directory / f".step_{step}.old-{os.getpid()}"
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         # The old copy is moved aside, not deleted, until the new one is in place: a crash in between
         # leaves it whole, and the next save puts it back.
-        replaced = directory / f".step_{step}.old-{os.getpid()}"
         os.replace(final, replaced)
-        os.replace(tmp, final)
-        shutil.rmtree(replaced, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    os.replace(tmp, final)
+    shutil.rmtree(replaced, ignore_errors=True)
     if keep_last is not None:  # a training save
         # Keep this step and the keep_last-1 before it (0: every one). Higher steps are an earlier run's under
         # the same tag (this one started fresh or from an older step): left there, --resume would continue them.
@@ -265,9 +247,8 @@ def load_checkpoint_dir(path: Path, device: torch.device | str = "cpu"):
         if not (path / name).exists():
             raise DataError(f"{path} is not a complete checkpoint (missing {name})")
     meta = read_json_object(path / "meta.json")
-    config_dict = read_json_object(path / "config.json")
     try:
-        config = GPTConfig.from_dict(config_dict)
+        config = GPTConfig.from_dict(read_json_object(path / "config.json"))
         verify_file(path / "config.json", meta)  # before building: a damaged size could be huge
         model = build_model(config, torch.device(device))
     except (TypeError, ValueError, ConfigError) as e:
@@ -292,8 +273,7 @@ def load_model(stage: str, tag: str | None = None, step: int | None = None, devi
 
 def save_model_only(directory: Path, model, tokenizer, meta: dict) -> Path:
     """A servable checkpoint without training state (e.g. for export or tests)."""
-    step = int(meta.get("step", 0))
-    return save_checkpoint(Path(directory), step, model, tokenizer, meta)
+    return save_checkpoint(Path(directory), int(meta.get("step", 0)), model, tokenizer, meta)
 
 
 def load_training_state(path: Path) -> dict:

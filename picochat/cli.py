@@ -37,15 +37,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="picochat",
-        description="Build your own ChatGPT-style model: tokenizer -> pretraining -> mid -> SFT -> RL -> eval -> chat.",
-    )
+    parser = argparse.ArgumentParser(prog="picochat", description="Build your own ChatGPT-style model: "
+                                     "tokenizer -> pretraining -> mid -> SFT -> RL -> eval -> chat.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        p.set_defaults(_parser=p)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 

@@ -22,6 +22,15 @@ from typing import Any, ClassVar
 
 from picochat.errors import ConfigError
 
+
+def _gpu_preset(depth: int, device_batch_size: int) -> dict[str, Any]:
+    """A GPU-scale preset with the seeds' values (8xH100 class) at one depth."""
+    return {"vocab_size": 65536, "max_chars": 10_000_000_000, "doc_cap": 10_000,
+            "depth": depth, "aspect_ratio": 64, "head_dim": 128, "max_seq_len": 2048,
+            "device_batch_size": device_batch_size, "total_batch_size": 524288, "target_param_data_ratio": 20,
+            "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "warmup_steps": 0}
+
+
 # Keys are flag destinations (argparse `dest`), shared across commands where they mean the same thing.
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: for tests and CI. Learns nothing useful.
@@ -64,24 +73,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                               "--device-batch-size", "16"]},
     },
     # GPU scale, the seeds' values (8xH100 class).
-    "d20": {
-        "vocab_size": 65536, "max_chars": 10_000_000_000, "doc_cap": 10_000,
-        "depth": 20, "aspect_ratio": 64, "head_dim": 128, "max_seq_len": 2048,
-        "device_batch_size": 32, "total_batch_size": 524288, "target_param_data_ratio": 20,
-        "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "warmup_steps": 0,
-    },
-    "d26": {
-        "vocab_size": 65536, "max_chars": 10_000_000_000, "doc_cap": 10_000,
-        "depth": 26, "aspect_ratio": 64, "head_dim": 128, "max_seq_len": 2048,
-        "device_batch_size": 16, "total_batch_size": 524288, "target_param_data_ratio": 20,
-        "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "warmup_steps": 0,
-    },
-    "d32": {
-        "vocab_size": 65536, "max_chars": 10_000_000_000, "doc_cap": 10_000,
-        "depth": 32, "aspect_ratio": 64, "head_dim": 128, "max_seq_len": 2048,
-        "device_batch_size": 8, "total_batch_size": 524288, "target_param_data_ratio": 20,
-        "eval_every": 250, "eval_tokens": 20 * 524288, "sample_every": 2000, "warmup_steps": 0,
-    },
+    "d20": _gpu_preset(20, device_batch_size=32),
+    "d26": _gpu_preset(26, device_batch_size=16),
+    "d32": _gpu_preset(32, device_batch_size=8),
     # GPT-2 grade (CORE > 0.2565) on one 8-GPU node with the 2026 recipe: the reference's fastest
     # published setting (depth 24, 8 tokens per scaling parameter, vocab 2^15, automatic batch: 2^20),
     # a tokenizer trained on ~2B characters, ClimbMix text. FLOPs and time on paper: docs/LOG.md.
@@ -148,18 +142,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 HORIZON_FLAGS = ("num_iterations", "target_flops", "target_param_data_ratio")
 
 
-def resolve_pretraining(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
-    """resolve() for a command that describes a pretraining run (base-train, plan): a horizon given on
-    the command line (--num-iterations, --target-flops, --target-param-data-ratio) replaces a preset's
-    --time-budget, unless --time-budget is given too."""
-    horizon_given = any(getattr(args, k, None) is not None for k in HORIZON_FLAGS)
-    budget_given = getattr(args, "time_budget", None) is not None
-    resolve(args, defaults)
-    if horizon_given and not budget_given:
-        args.time_budget = -1.0
-    return args
-
-
 STAGES = ("base", "mid", "sft", "rl")
 
 
@@ -202,8 +184,10 @@ class Options:
     """Base of a command's typed options: a dataclass whose fields are option()s.
 
     SECTION names the preset's sub-dict for this stage (it wins over the preset's top level;
-    with SECTION_ONLY the top level is ignored). PRETRAINING: a horizon on the command line
-    replaces a preset's time budget (resolve_pretraining), and --recipe applies.
+    with SECTION_ONLY the top level is ignored). PRETRAINING, for a command that describes a
+    pretraining run (base-train, plan): a horizon given on the command line (--num-iterations,
+    --target-flops, --target-param-data-ratio) replaces a preset's --time-budget, unless
+    --time-budget is given too, and --recipe applies.
     """
 
     SECTION: ClassVar[str | None] = None
@@ -231,12 +215,9 @@ class Options:
         for f in sorted(flags, key=lambda f: GROUP_ORDER.index(f.metadata["group"])
                         if f.metadata["group"] in GROUP_ORDER else len(GROUP_ORDER) - 1):
             meta = f.metadata
-            if container is not None:
-                target = container
-            elif meta["group"] not in groups:
-                target = groups[meta["group"]] = parser.add_argument_group(meta["group"])
-            else:
-                target = groups[meta["group"]]
+            if container is None and meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]] if container is None else container
             kind = _plain_type(hints[f.name])
             kw: dict[str, Any] = {"dest": f.name, "help": _help_line(f), "default": f.default if parser_defaults else None}
             if meta["store_true"]:
@@ -251,11 +232,12 @@ class Options:
     @classmethod
     def from_args(cls, args: argparse.Namespace):
         """The options the command line, the preset (and recipe) and the defaults give, in that order."""
+        horizon_given = cls.PRETRAINING and any(getattr(args, k, None) is not None for k in HORIZON_FLAGS)
+        budget_given = getattr(args, "time_budget", None) is not None
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        if cls.PRETRAINING:
-            resolve_pretraining(args, defaults)
-        else:
-            resolve(args, defaults, section=cls.SECTION, section_only=cls.SECTION_ONLY)
+        resolve(args, defaults, section=cls.SECTION, section_only=cls.SECTION_ONLY)
+        if horizon_given and not budget_given:
+            args.time_budget = -1.0
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
     @classmethod
@@ -315,10 +297,6 @@ class ArchitectureOptions(Options):
     init: str | None = option(None, "weight init scheme (default classic)", group="model",
                               choices=("classic", "2026"))
 
-    def architecture(self) -> dict[str, Any]:
-        """The architecture fields that were set, as GPTConfig keyword arguments."""
-        return {k: getattr(self, k) for k in ARCHITECTURE_FIELDS if getattr(self, k) is not None}
-
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ArchitectureOptions))
 
@@ -339,7 +317,7 @@ class ModelOptions(ArchitectureOptions):
 
         return GPTConfig.from_depth(depth or self.depth, vocab_size, aspect_ratio=self.aspect_ratio,
                                     head_dim=self.head_dim, max_seq_len=self.max_seq_len,
-                                    n_kv_head=None if depth else self.n_kv_head, **self.architecture())
+                                    n_kv_head=None if depth else self.n_kv_head, **architecture_options(self))
 
 
 def architecture_options(args: Any) -> dict[str, Any]:
@@ -348,11 +326,9 @@ def architecture_options(args: Any) -> dict[str, Any]:
 
 
 def add_preset_argument(parser: argparse.ArgumentParser, default: str | None = None, recipe: bool = False) -> None:
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default=default,
-        help="named set of sizes (cpu-tiny: seconds, cpu: ~15 min on a laptop, d20/d26/d32: GPU nodes, "
-        "gpt2: GPT-2 grade on 8 GPUs); explicit flags override it",
-    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=default,
+                        help="named set of sizes (cpu-tiny: seconds, cpu: ~15 min on a laptop, d20/d26/d32: "
+                        "GPU nodes, gpt2: GPT-2 grade on 8 GPUs); explicit flags override it")
     if recipe:
         parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                             help="how to train (2025: classic; 2026: the newest architecture, optimiser, schedule "
@@ -373,7 +349,7 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any], section: str | N
     preset_name = getattr(args, "preset", None)
     if preset_name is not None and preset_name not in PRESETS:
         raise ConfigError(f"--preset {preset_name!r} is unknown; choose one of {sorted(PRESETS)}")
-    preset = dict(PRESETS.get(preset_name, {})) if preset_name else {}
+    preset = dict(PRESETS.get(preset_name, {}))
     recipe_name = getattr(args, "recipe", None)
     if recipe_name is not None and recipe_name not in RECIPES:
         raise ConfigError(f"--recipe {recipe_name!r} is unknown; choose one of {sorted(RECIPES)}")

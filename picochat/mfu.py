@@ -87,20 +87,16 @@ def measure_cpu_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.2,
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """One device's peak FLOP/s in `dtype`; NaN when it is not known."""
-    if device.type == "cuda":
-        if dtype not in (torch.bfloat16, torch.float16):
-            return float("nan")  # fp32/TF32 peaks depend on settings the table does not track
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return gpu_peak_bf16(torch.cuda.get_device_name(device))
-    if device.type != "cpu":
+    if device.type != "cpu":  # unknown; so is a GPU's fp32/TF32 peak (it depends on settings the table lacks)
         return float("nan")
     cache = home() / "cpu_peak.json"
     key = f"{dtype!s}-threads{torch.get_num_threads()}-v2"  # v2: best of several trials
-    table = {}
-    if cache.exists():
-        try:
-            table = json.loads(cache.read_text())
-        except json.JSONDecodeError:
-            table = {}
+    try:
+        table = json.loads(cache.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        table = {}
     entry = table.get(key)
     if isinstance(entry, (int, float)):  # measured on a quiet machine: final
         return float(entry)

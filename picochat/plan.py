@@ -58,7 +58,7 @@ import argparse
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -129,9 +129,7 @@ class Shape:
     @property
     def sampling_rows(self) -> int:
         """Rows of the largest batch the Engine samples between steps (rl); 0 for the other stages."""
-        if not self.sample_group:
-            return 0
-        return max(min(self.device_batch_size, self.sample_group), self.eval_rows)
+        return max(min(self.device_batch_size, self.sample_group), self.eval_rows) if self.sample_group else 0
 
     @classmethod
     def from_config(cls, config, device_batch_size: int, seq_len: int | None = None, **kw) -> Shape:
@@ -173,9 +171,8 @@ def muon_step_temporaries(s: Shape) -> int:
     shapes = [(C, C), (kv, C), (kv, C), (C, C), (hidden, C), (C, hidden)] * s.n_layer
     owners = assign_owners([rows * cols for rows, cols in shapes], s.world_size)
     stacks = Counter(zip(owners, shapes))  # (rank, shape) -> matrices in one stack
-    per_stack = (max((8 + 2 * e) * rows * cols + 2 * e * min(rows, cols) ** 2, (10 + e) * rows * cols) * count
-                 for (_, (rows, cols)), count in stacks.items())
-    return max(per_stack)
+    return max(max((8 + 2 * e) * rows * cols + 2 * e * min(rows, cols) ** 2, (10 + e) * rows * cols) * count
+               for (_, (rows, cols)), count in stacks.items())
 
 
 SAMPLING = "sampling (weights copy, KV cache)"
@@ -202,12 +199,11 @@ def sampling_memory(s: Shape) -> int:
     weights = low * s.params if s.bf16 else 0
     cache = rows * s.seq_len * (8 * s.n_layer * kv + 4 * C)
     logits = 3 * 4 * rows * V
-    copies = 0
-    if not s.on_gpu:
-        blocks = low * s.matrix_params
-        head = 4 * V * C if low * V * C <= UNEMBED_COPY_BYTES else 0
-        copies = (blocks if blocks <= DECODE_COPY_BYTES else 0) + head
-    return weights + cache + logits + copies
+    if s.on_gpu:
+        return weights + cache + logits
+    blocks = low * s.matrix_params
+    head = 4 * V * C if low * V * C <= UNEMBED_COPY_BYTES else 0
+    return weights + cache + logits + (blocks if blocks <= DECODE_COPY_BYTES else 0) + head
 
 
 def memory_terms(s: Shape) -> dict[str, int]:
@@ -220,7 +216,6 @@ def memory_terms(s: Shape) -> dict[str, int]:
     P, V, C, L = s.params, s.vocab_size, s.n_embd, s.n_layer
     N = s.device_batch_size * s.seq_len
     embed = V * C
-    sharded = s.world_size > 1
     optimiser = 8 * (2 * embed + s.value_embed_params) + 4 * s.matrix_params
     a = ACT_COMPILED if s.compiled else (ACT_EAGER_BF16 if s.bf16 else ACT_EAGER_FP32)
     activations = N * (L * a * C + 12 * C + 16)
@@ -228,39 +223,29 @@ def memory_terms(s: Shape) -> dict[str, int]:
         logits = 4 * N * V
     else:
         low = 2 if s.bf16 else 4  # bytes of the compute dtype
-        if s.on_gpu:
-            buffers = min(N, (64 << 20) // V) * V * (8 + (2 if s.bf16 else 0))
-        else:
-            buffers = min(N, (32 << 20) // V) * V * low
+        per_element = (8 + (2 if s.bf16 else 0)) if s.on_gpu else low
+        buffers = min(N, ((64 if s.on_gpu else 32) << 20) // V) * V * per_element
         # At the start of the backward the chunk buffers are gone, but the saved lm_head gradient is
         # scaled into a new tensor, lm_head's .grad is created and the hidden states' gradient copied.
         backward = 8 * V * C + (0 if s.accumulates else 4 * V * C) + 4 * N * C
         logits = max(buffers + 4 * V * C + low * V * C, backward)
-    fixed = {
-        "parameters": 4 * P,
-        "optimiser state": optimiser // s.world_size if sharded else optimiser,
-        "communication buffers": (2 * BUCKET_BYTES + 4 * P // s.world_size) if sharded else 0,
-    }
-    forward_end = {
-        **fixed,
-        "bf16 weight copies": (2 * (s.matrix_params + (embed if s.compiled else 0))) if s.bf16 else 0,
-        "gradients": 4 * P if s.accumulates else 0,
-        "activations": activations,
-        "logits / loss buffers": logits,
-        "optimiser step temporaries": 0,
-    }
+    # Every moment has every term, in this order: 0 where the term holds nothing at that moment.
+    zero = dict.fromkeys(["parameters", "bf16 weight copies", "gradients", "optimiser state", "activations",
+                          "logits / loss buffers", "optimiser step temporaries", "communication buffers",
+                          *([SAMPLING] if s.sample_group else [])], 0)
+    fixed = {**zero, "parameters": 4 * P, "optimiser state": optimiser // s.world_size,
+             "communication buffers": (2 * BUCKET_BYTES + 4 * P // s.world_size) if s.world_size > 1 else 0}
+    copies = 2 * (s.matrix_params + (embed if s.compiled else 0)) if s.bf16 else 0
+    forward_end = {**fixed, "bf16 weight copies": copies, "gradients": 4 * P if s.accumulates else 0,
+                   "activations": activations, "logits / loss buffers": logits}
     # The optimiser step: every gradient exists (sharded, a rank keeps only the gradients of what it
     # owns once they are reduced), and Muon orthogonalises one shape's matrices at a time.
-    step = {**fixed, "bf16 weight copies": 0, "gradients": 4 * P // s.world_size, "activations": 0,
-            "logits / loss buffers": 0, "optimiser step temporaries": muon_step_temporaries(s)}
+    step = {**fixed, "gradients": 4 * P // s.world_size,
+            "optimiser step temporaries": muon_step_temporaries(s)}
     moments = [forward_end, step]
     if s.sample_group:  # rl samples between steps, after the step has zeroed the gradients to None
-        moments.append({**step, "gradients": 0, "optimiser step temporaries": 0,
-                        SAMPLING: sampling_memory(s)})
-    peak = max(moments, key=lambda terms: sum(terms.values()))
-    order = ["parameters", "bf16 weight copies", "gradients", "optimiser state", "activations",
-             "logits / loss buffers", "optimiser step temporaries", "communication buffers"]
-    return {k: peak.get(k, 0) for k in order + ([SAMPLING] if s.sample_group else [])}
+        moments.append({**fixed, SAMPLING: sampling_memory(s)})
+    return max(moments, key=lambda terms: sum(terms.values()))
 
 
 def headroom(capacity: int, on_gpu: bool) -> int:
@@ -273,15 +258,8 @@ def fits(s: Shape, capacity: int) -> bool:
 
 def largest_batch(s: Shape, capacity: int, candidates: list[int] | None = None) -> int:
     """The largest device batch (of `candidates`, default 1..1024) that fits, or 0."""
-    best = 0
-    for b in candidates or range(1, 1025):
-        if b > best and fits(_with_batch(s, b), capacity):
-            best = b
-    return best
-
-
-def _with_batch(s: Shape, b: int) -> Shape:
-    return Shape(**{**asdict(s), "device_batch_size": b})
+    batches = candidates or range(1, 1025)
+    return max((b for b in batches if fits(replace(s, device_batch_size=b), capacity)), default=0)
 
 
 def valid_batches(total: int, seq_len: int, world: int) -> list[int]:
@@ -298,9 +276,8 @@ def explain_batch_divisibility(total: int, batch: int, seq_len: int, world: int,
         return None
     head = (f"{total_flag} {total} must be a multiple of {batch_flag.lstrip('-').replace('-', '_')}*seq_len*world "
             f"= {batch}*{seq_len}*{world} = {per_micro}")
-    smaller = [b for b in valid_batches(total, seq_len, world) if b < batch]
-    if smaller:
-        b = smaller[-1]
+    b = max([c for c in valid_batches(total, seq_len, world) if c < batch], default=0)
+    if b:
         return (f"{head}; with {world} process(es) use {batch_flag} {b} "
                 f"({total // (b * seq_len * world)} micro-batch(es) per step), or a {total_flag} that is a "
                 f"multiple of {per_micro}")
@@ -328,7 +305,7 @@ def check_fits(s: Shape, device, batch_flag: str, candidates: list[int]) -> None
     if device.type not in ("cuda", "cpu"):
         return
     capacity, what = local_capacity(device)
-    s = Shape(**{**asdict(s), "on_gpu": device.type == "cuda"})
+    s = replace(s, on_gpu=device.type == "cuda")
     if fits(s, capacity):
         return
     need = sum(memory_terms(s).values()) + headroom(capacity, s.on_gpu)
@@ -466,8 +443,8 @@ def build_plan(cfg: PlanConfig) -> dict:
         "fits": sum(terms.values()) + room <= device.memory_bytes,
         "batch_divides": s.device_batch_size in candidates,
         "largest_device_batch": largest_batch(s, device.memory_bytes, candidates) if candidates else 0,
-        "largest_device_batch_eager": largest_batch(Shape(**{**asdict(s), "compiled": False}),
-                                                    device.memory_bytes, candidates) if candidates else 0,
+        "largest_device_batch_eager": (largest_batch(replace(s, compiled=False), device.memory_bytes,
+                                                     candidates) if candidates else 0),
         "mfu_assumed": mfu, "steps": steps, "step_seconds": step_s, "hours": hours,
         "cost": hours * world * cfg.price_per_gpu_hour if cfg.price_per_gpu_hour is not None else None,
     }

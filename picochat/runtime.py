@@ -35,11 +35,10 @@ def home() -> Path:
 def pick_device(requested: str | None = None) -> torch.device:
     """'cuda' if present, then 'mps', else 'cpu'; or the one asked for (refused if absent)."""
     if requested in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+            return torch.device("mps" if mps else "cpu")
+        requested = "cuda"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
     if requested == "mps" and not torch.backends.mps.is_available():
@@ -74,15 +73,13 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     """
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
              "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
-    if requested not in (None, "", "auto"):
-        if requested not in names:
-            raise ConfigError(f"--dtype {requested!r} is unknown; use auto, bf16, fp32 or fp16")
-        return names[requested]
     forced = os.environ.get(DTYPE_ENV, "").strip().lower()
-    if forced not in ("", "auto"):
-        if forced not in names:
-            raise ConfigError(f"${DTYPE_ENV}={forced!r} is unknown; use auto, bf16, fp32 or fp16 (or unset it)")
-        return names[forced]
+    for value, shown, hint in ((requested, f"--dtype {requested!r}", ""),
+                               (forced, f"${DTYPE_ENV}={forced!r}", " (or unset it)")):
+        if value not in (None, "", "auto"):
+            if value not in names:
+                raise ConfigError(f"{shown} is unknown; use auto, bf16, fp32 or fp16{hint}")
+            return names[value]
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         return torch.bfloat16 if major >= 8 else torch.float32

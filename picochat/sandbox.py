@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -68,10 +69,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
+# The child script's /proc helpers, loaded by path: this module imports nothing from the package (the
+# two files may be copied on their own to run a harness as nobody).
+_spec = importlib.util.spec_from_file_location("picochat_sandbox_child", CHILD_SCRIPT)
+_child = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_child)
 NOBODY = 65534
 GRACE_S = 15.0  # supervisor start-up and clean-up on top of the program's timeout
 KILL_ROUNDS_S = 5.0  # how long a supervisor past its grace has its processes hunted
@@ -142,7 +148,7 @@ def _kill_supervisor(pid: int) -> None:
         os.killpg(pid, signal.SIGSTOP)
     deadline = time.monotonic() + KILL_ROUNDS_S
     while True:
-        alive = [p for p in _descendants(pid) if not _is_zombie(p)]
+        alive = [p for p in _child.descendants(pid) if not _child.is_zombie(p)]
         for p in alive:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)
@@ -151,35 +157,6 @@ def _kill_supervisor(pid: int) -> None:
         time.sleep(0.01)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-
-
-def _stat_fields(pid: int) -> list[bytes]:
-    """/proc/<pid>/stat after the command name: state, ppid, ... ([] once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return []
-    return stat[stat.rindex(b")") + 2:].split()
-
-
-def _descendants(ancestor: int) -> list[int]:
-    """Every process below `ancestor`, from /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat_fields(int(entry))):
-            parents[int(entry)] = int(fields[1])
-    found, frontier = [], {ancestor}
-    while frontier:
-        children = [pid for pid, ppid in parents.items() if ppid in frontier]
-        found += children
-        frontier = set(children)
-    return found
-
-
-def _is_zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return not fields or fields[0] in (b"Z", b"X")
 
 
 def _verdict(out: bytes, supervisor_err: str) -> ExecResult:
@@ -194,11 +171,8 @@ def _verdict(out: bytes, supervisor_err: str) -> ExecResult:
             except (ValueError, TypeError, KeyError):
                 continue
             if hashlib.sha256(nonce).hexdigest() == head[1]:
-                return ExecResult(success=verdict["success"] is True, stdout=verdict["stdout"],
-                                  stderr=verdict["stderr"], timeout=verdict["timeout"],
-                                  memory_exceeded=verdict["memory_exceeded"],
-                                  output_truncated=verdict["output_truncated"], returncode=verdict["returncode"],
-                                  isolated=verdict["isolated"])
+                result = {f.name: verdict[f.name] for f in fields(ExecResult)}
+                return ExecResult(**{**result, "success": verdict["success"] is True})
     return ExecResult(False, "", f"sandbox: no verified verdict from the supervisor\n{supervisor_err[-2000:]}")
 
 

@@ -1,4 +1,4 @@
-"""The two processes behind picochat/sandbox.py; run as a script, never imported by picochat.
+"""The two processes behind picochat/sandbox.py; run as a script (sandbox.py loads its /proc helpers).
 
 `python -I -B sandbox_child.py judge` is the supervisor. It reads a job (JSON) on stdin, starts
 the untrusted program as `sandbox_child.py solution ...`, enforces the limits, kills everything
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -104,10 +105,8 @@ def write_message(stream, message: dict) -> None:
 # --- the solution process -----------------------------------------------------------------
 def solution_main(mode: str, request_fd: int, reply_fd: int, root: str, uid: int, entry_point: str) -> None:
     for name in PRELOAD:
-        try:
+        with contextlib.suppress(ImportError):
             __import__(name)
-        except ImportError:
-            pass
     with open(os.path.join(root, "solution.py"), encoding="utf-8") as f:
         source = f.read()
     if uid >= 0:  # as root: become nobody before any untrusted code runs (no_new_privs is already set)
@@ -144,11 +143,9 @@ def solution_main(mode: str, request_fd: int, reply_fd: int, root: str, uid: int
 def wait_for_children() -> None:
     """Reap until no child is left (in its own PID namespace this process adopts every orphan)."""
     sys.stdout.flush()
-    while True:
-        try:
+    with contextlib.suppress(ChildProcessError):
+        while True:
             os.wait()
-        except ChildProcessError:
-            return
 
 
 def serve_calls(function, requests, replies) -> None:
@@ -242,10 +239,8 @@ def child_setup(limits: dict, namespaces: bool, report_fd: int):
         for limit, value in ((resource.RLIMIT_AS, limits["memory_bytes"]), (resource.RLIMIT_DATA, limits["memory_bytes"]),
                              (resource.RLIMIT_CPU, limits["cpu_seconds"]), (resource.RLIMIT_FSIZE, limits["file_bytes"]),
                              (resource.RLIMIT_NPROC, limits["processes"]), (resource.RLIMIT_CORE, 0)):
-            try:
-                resource.setrlimit(limit, (value, value))
-            except (ValueError, OSError):
-                pass  # e.g. RLIMIT_NPROC above the hard limit; the other limits still apply
+            with contextlib.suppress(ValueError, OSError):  # e.g. RLIMIT_NPROC above the hard limit;
+                resource.setrlimit(limit, (value, value))  # the other limits still apply
         _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if namespaces and enter_namespaces():
@@ -309,32 +304,53 @@ class Output:
         return self.data.decode("utf-8", "replace")
 
 
-def descendants(ancestor: int) -> list[int]:
-    """Every process below `ancestor`, from /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[stat.rindex(b")") + 2:].split()[1])
-    found, frontier = [], [ancestor]
-    while frontier:
-        children = [pid for pid, ppid in parents.items() if ppid in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def is_zombie(pid: int) -> bool:
+def stat_fields(pid: int) -> list[bytes]:
+    """/proc/<pid>/stat after the command name: state, ppid, ... ([] once the process is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return True
-    return stat[stat.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
+        return []
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def descendants(ancestor: int) -> list[int]:
+    """Every process below `ancestor`, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := stat_fields(int(entry))):
+            parents[int(entry)] = int(fields[1])
+    found, frontier = [], {ancestor}
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += children
+        frontier = set(children)
+    return found
+
+
+def is_zombie(pid: int) -> bool:
+    fields = stat_fields(pid)
+    return not fields or fields[0] in (b"Z", b"X")
+
+
+def reap() -> None:
+    """Collect every child that has ended, without waiting for the others."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def sigkill(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def kill_program(proc: subprocess.Popen) -> None:
+    """SIGKILL the program's group in one call (it leads a session of its own), then the program itself."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(proc.pid, signal.SIGKILL)
 
 
 def leftover_processes(proc: subprocess.Popen, in_namespace: bool, deadline: float) -> int:
@@ -348,26 +364,21 @@ def leftover_processes(proc: subprocess.Popen, in_namespace: bool, deadline: flo
         quiet = 0 if alive else quiet + 1
         if quiet >= 3 or time.monotonic() >= deadline:
             return len(alive)
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
-        except ChildProcessError:
-            pass
+        reap()
         time.sleep(0.02)
 
 
-def kill_descendants(rounds_s: float) -> None:
+def kill_descendants(rounds_s: float, reaping: bool = False) -> None:
     """SIGKILL every live process below the supervisor until none is left (or `rounds_s` pass).
 
-    Reaps nothing, so it may run beside a thread that waits for the program."""
+    Without `reaping` it reaps nothing, so it may run beside a thread that waits for the program;
+    with it, the ended ones are reaped too, and a zombie counts until it is."""
     deadline = time.monotonic() + rounds_s
     while True:
-        alive = [pid for pid in descendants(os.getpid()) if not is_zombie(pid)]
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        alive = [pid for pid in descendants(os.getpid()) if reaping or not is_zombie(pid)]
+        sigkill(alive)
+        if reaping:
+            reap()
         if not alive or time.monotonic() >= deadline:
             return
         time.sleep(0.01)
@@ -380,29 +391,9 @@ def kill_everything(proc: subprocess.Popen) -> None:
     the rest. Either way the supervisor is a child subreaper, so orphans (a `setsid` sleeper
     included) are re-parented to it, where the /proc walk finds them.
     """
-    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), lambda: os.kill(proc.pid, signal.SIGKILL)):
-        try:
-            kill()
-        except (ProcessLookupError, PermissionError):
-            pass
+    kill_program(proc)
     proc.wait()
-    deadline = time.monotonic() + KILL_ROUNDS_S
-    while time.monotonic() < deadline:
-        alive = descendants(os.getpid())
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
-        except ChildProcessError:
-            if not alive:
-                return
-        if not alive:
-            return
-        time.sleep(0.01)
+    kill_descendants(KILL_ROUNDS_S, reaping=True)
 
 
 def run_tests(job: dict, proc: subprocess.Popen, requests, replies) -> tuple[bool, str]:
@@ -449,28 +440,22 @@ def supervise(job: dict) -> dict:
         preexec_fn=child_setup(job["limits"], job["namespaces"], isolated_w))  # noqa: PLW1509 - no thread yet
     os.close(isolated_w)
     in_namespace = os.read(isolated_r, 1) == b"1"  # the children closed their copies when Popen returned
-    os.close(isolated_r)
-    os.close(request_r)
-    os.close(reply_w)
+    for fd in (isolated_r, request_r, reply_w):
+        os.close(fd)
     stop = threading.Event()
 
-    def kill_program(reason: str) -> None:
+    def stop_program(reason: str) -> None:
         if not stop.is_set():
             stop.set()
             job["stopped_by"] = job.get("stopped_by") or reason
-            # The program's group in one call (it leads a session of its own), then the program itself
-            for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), lambda: os.kill(proc.pid, signal.SIGKILL)):
-                try:
-                    kill()
-                except (ProcessLookupError, PermissionError):
-                    pass
+            kill_program(proc)
             # and all it started: a child that holds the reply pipe would keep the judge waiting on it
             # (and itself alive) past the limit where no PID namespace ends with the program
             kill_descendants(KILL_ROUNDS_S)
 
-    out = Output(proc.stdout, job["max_output_bytes"], lambda: kill_program("output"))
-    err = Output(proc.stderr, job["max_output_bytes"], lambda: kill_program("output"))
-    watchdog = threading.Timer(job["timeout"], kill_program, args=("timeout",))
+    out = Output(proc.stdout, job["max_output_bytes"], lambda: stop_program("output"))
+    err = Output(proc.stderr, job["max_output_bytes"], lambda: stop_program("output"))
+    watchdog = threading.Timer(job["timeout"], stop_program, args=("timeout",))
     watchdog.start()
     judged, note = True, ""
     deadline = time.monotonic() + job["timeout"]

@@ -80,19 +80,13 @@ def plan(preset: str, rl: bool, data_source: str, shards: int,
         ("base-train", ["base-train", *p, *d, *t, "--resume"], True),
         ("base-loss", ["base-loss", *caps["loss"], *d, *t], True),
         ("base-eval", ["base-eval", *caps["core"], *t], True),
-        ("mid-train", ["mid-train", *p, *f, *t, "--resume"], True),
-        ("chat-eval-mid", ["chat-eval", "--stage", "mid", *caps["chat"], *t], True),
-        ("chat-probe-mid", ["chat-probe", "--stage", "mid", *t], False),
-        ("sft", ["sft", *p, *f, *t, "--resume"], True),
-        ("chat-eval-sft", ["chat-eval", "--stage", "sft", *caps["chat"], *t], True),
-        ("chat-probe-sft", ["chat-probe", "--stage", "sft", *t], False),
     ]
-    if rl:
-        stages += [("rl", ["rl", *p, *f, *t, "--resume"], True),
-                   ("chat-eval-rl", ["chat-eval", "--stage", "rl", *caps["chat"], *t], True),
-                   ("chat-probe-rl", ["chat-probe", "--stage", "rl", *t], False)]
-    stages.append(("report", ["report"], False))
-    return stages
+    # Each chat stage trains from the one before, then is evaluated and probed.
+    for command, stage in [("mid-train", "mid"), ("sft", "sft")] + ([("rl", "rl")] if rl else []):
+        stages += [(command, [command, *p, *f, *t, "--resume"], True),
+                   (f"chat-eval-{stage}", ["chat-eval", "--stage", stage, *caps["chat"], *t], True),
+                   (f"chat-probe-{stage}", ["chat-probe", "--stage", stage, *t], False)]
+    return [*stages, ("report", ["report"], False)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(stages)}] {name}: finished in {dt / 60:.1f} min", flush=True)
     if args.dry_run:
         return 0
-    total = sum(json.loads(p.read_text())["seconds"] for p in marker_dir.glob("*.done"))
+    total = sum(stage_seconds(marker_dir).values())
     print(f"\nspeedrun {run_name}: all stages done ({total / 60:.1f} min of stage time, "
           f"{(time.time() - t_all) / 60:.1f} min in this invocation)")
     report = home() / "reports" / run_name / "report.md"
