@@ -30,15 +30,9 @@ from picochat.fileio import aside
 from picochat.runtime import home, warn
 
 
-def enabled() -> bool:
-    return os.environ.get("PICOCHAT_CPU_KERNEL", "1") != "0"
-
-
 def compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    names = (os.environ.get("CC"), "cc", "gcc", "clang")
+    return next((shutil.which(name) for name in names if name and shutil.which(name)), None)
 
 
 def flags() -> list[str]:
@@ -85,9 +79,7 @@ def build(source: Path, fallback: str) -> Path | None:
 def load(source: Path, fallback: str) -> ctypes.CDLL | None:
     """The loaded library of `source` (built if needed), or None with the reason warned; None at
     once when PICOCHAT_CPU_KERNEL=0. The caller declares its functions' signatures."""
-    if not enabled():
-        return None
-    path = build(source, fallback)
+    path = build(source, fallback) if os.environ.get("PICOCHAT_CPU_KERNEL", "1") != "0" else None
     if path is None:
         return None
     try:

@@ -112,8 +112,7 @@ class BatchingEngine:
             raise ValueError("continuous batching needs a picochat GPT computing in fp32 or bf16")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.engine = engine
-        self.max_rows = max_rows
+        self.engine, self.max_rows = engine, max_rows
         self.tokenizer, self.stop_tokens = engine.tokenizer, engine.stop_tokens
         self._cond = threading.Condition()
         self._waiting: list[_Request] = []
@@ -140,10 +139,7 @@ class BatchingEngine:
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_tools=use_tools,
                               logprobs=logprobs, stopped=stopped)
         try:
-            while True:
-                item = columns.get()
-                if item is DONE:
-                    return
+            for item in iter(columns.get, DONE):
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -162,9 +158,8 @@ class BatchingEngine:
         if not 1 <= num_samples <= self.max_rows:
             raise UserError(f"num_samples must be in [1, {self.max_rows}] (the batch's rows), got {num_samples}")
         tokens, max_tokens = engine.fit_prompt(tokens, max_tokens)
-        request = _Request(tokens, num_samples, max_tokens, use_tools=use_tools, deliver=deliver,
-                           sample=engine.sampling(seed, temperature, top_k, top_p), logprobs=logprobs,
-                           stopped=stopped)
+        request = _Request(tokens, num_samples, max_tokens, engine.sampling(seed, temperature, top_k, top_p),
+                           use_tools, deliver, logprobs=logprobs, stopped=stopped)
         with self._cond:
             if self._closed:
                 raise RuntimeError("this BatchingEngine is closed")
@@ -196,7 +191,7 @@ class BatchingEngine:
                 if self._closed:
                     decoder = None
                     failure = RuntimeError("the server is shutting down")
-                    for request in [*{id(s.request): s.request for s in self._slots}.values(), *self._waiting]:
+                    for request in self._in_batch(*self._waiting):
                         self._hand(request, failure)
                     return
                 admit = self._take_admissible()
@@ -205,12 +200,14 @@ class BatchingEngine:
                     decoder = decoder or _Decoder.build(self.engine, self.max_rows)
                     self._iterate(admit, decoder)
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
-                failed = {id(s.request): s.request for s in self._slots}
-                failed.update({id(r): r for r in admit})
-                for request in failed.values():
+                for request in self._in_batch(*admit):
                     self._hand(request, e)
                 self._slots.clear()
                 decoder = None
+
+    def _in_batch(self, *more: _Request) -> list[_Request]:
+        """The requests with live rows, each once in row order, then those of `more` not among them."""
+        return list({id(r): r for r in [*(s.request for s in self._slots), *more]}.values())
 
     def _take_admissible(self) -> list[_Request]:
         """Waiting requests (oldest first) that fit the free rows; called under the lock."""
@@ -228,14 +225,13 @@ class BatchingEngine:
             self._prefill(decoder, request)
 
         # Sample every request's next token, from its rows' logits, as Engine.generate does.
-        in_batch = list({id(s.request): s.request for s in self._slots}.values())
+        in_batch = self._in_batch()
         requests = [r for r in in_batch if not r.cancelled]
         slot_of = {id(s.row): s for s in self._slots}
         # ids of the RowState objects that are done: those of abandoned requests, and those that end below
         finished_rows = {id(row) for r in in_batch if r.cancelled for row in r.rows}
-        drawn = []
-        if requests:
-            drawn = sample_many(torch.cat([r.logits for r in requests]), [(len(r.rows), r.sample) for r in requests])
+        drawn = sample_many(torch.cat([r.logits for r in requests]),
+                            [(len(r.rows), r.sample) for r in requests]) if requests else []
         start = 0
         for request in requests:
             sampled, start = drawn[start:start + len(request.rows)], start + len(request.rows)
@@ -250,13 +246,12 @@ class BatchingEngine:
             for row in live:
                 slot_of[id(row)].last_token = column[row.index]
             request.steps += 1
-            if not self._hand(request, item):
+            handed = self._hand(request, item)
+            if not handed or request.steps == request.max_tokens or not live:
                 finished_rows.update(id(row) for row in live)
                 live = []
-            elif request.steps == request.max_tokens or not live:
-                finished_rows.update(id(row) for row in live)
-                self._hand(request, DONE)
-                live = []
+                if handed:
+                    self._hand(request, DONE)
             request.rows = live
         self._free(finished_rows, cache)
         if not self._slots:
@@ -295,11 +290,9 @@ class BatchingEngine:
                        engine.device, CACHE_DTYPE)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=engine.device)
         logits = decoder.unembed(engine.prefill(decoder.model, prompt, solo))  # (1, vocab)
-        length = len(request.prompt)
-        first = len(self._slots)
+        length, first = len(request.prompt), len(self._slots)
         request.rows = [RowState(i) for i in range(request.num_samples)]
-        for row in request.rows:
-            self._slots.append(_Slot(request, row, length))
+        self._slots += [_Slot(request, row, length) for row in request.rows]
         cache.copy_rows(slice(first, first + request.num_samples), solo, slice(0, 1), length)
         request.logits = logits.expand(request.num_samples, -1)
 
@@ -310,9 +303,7 @@ class BatchingEngine:
             if id(self._slots[b].row) not in finished_rows:
                 b += 1
                 continue
-            last = len(self._slots) - 1
-            if b != last:
-                moved = self._slots[last]
-                cache.copy_rows(b, cache, last, moved.length)
+            moved = self._slots.pop()  # the last row: into the gap, unless it was the gap
+            if b < len(self._slots):
+                cache.copy_rows(b, cache, len(self._slots), moved.length)
                 self._slots[b] = moved
-            self._slots.pop()

@@ -27,15 +27,8 @@ MAX_INT_BITS = 1024  # ~308 decimal digits, about the float range
 MAX_EXPONENT = 1024
 MAX_SECONDS = 0.05
 
-_BINARY_OPS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
+_BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Pow: operator.pow,
+               ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
 _UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 # Quoted literals are left alone when removing thousands separators.
 _STRING_LITERAL = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")  # escaped quotes stay inside
@@ -69,9 +62,8 @@ def evaluate(expr: str) -> int | float:
         raise CalculatorError(f"not an expression: {type(e).__name__}") from None
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
         raise CalculatorError(f"expression has more than {MAX_NODES} parts")
-    deadline = time.monotonic() + MAX_SECONDS
     try:
-        value = _eval_node(tree.body, deadline)
+        value = _eval_node(tree.body, time.monotonic() + MAX_SECONDS)
     except (ZeroDivisionError, OverflowError) as e:
         raise CalculatorError(str(e)) from None
     except RecursionError:
@@ -138,9 +130,7 @@ def _eval_count(node: ast.Call) -> int:
         raise CalculatorError("the only call allowed is 'text'.count('x')")
     if not (isinstance(func.value, ast.Constant) and isinstance(func.value.value, str)):
         raise CalculatorError(".count must be called on a string literal")
-    if node.keywords or len(node.args) != 1:
-        raise CalculatorError(".count takes exactly one string argument")
-    arg = node.args[0]
+    arg = node.args[0] if len(node.args) == 1 and not node.keywords else None
     if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
         raise CalculatorError(".count takes exactly one string argument")
     return func.value.value.count(arg.value)

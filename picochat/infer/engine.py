@@ -80,18 +80,15 @@ class Engine:
     def inference_model(self) -> torch.nn.Module:
         """The model with its weights in the compute dtype: the model itself when they already are
         (cast at load), else a copy for one generation (the weights may change between them)."""
-        if isinstance(self.model, GPT):
-            return self.model.with_weights_in(self.compute_dtype)
-        return self.model
+        return self.model.with_weights_in(self.compute_dtype) if isinstance(self.model, GPT) else self.model
 
     @property
     def context_len(self) -> int:
         return self.config.sequence_len
 
     def autocast(self):
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return (contextlib.nullcontext() if self.compute_dtype == torch.float32
+                else torch.autocast(self.device.type, dtype=self.compute_dtype))
 
     def fit_prompt(self, tokens: list[int], max_tokens: int | None) -> tuple[list[int], int]:
         """Clip a prompt to the context (keeping its first token, <|bos|>, and its newest tokens)
@@ -104,20 +101,11 @@ class Engine:
         return tokens, left if max_tokens is None else max(1, min(max_tokens, left))
 
     @torch.inference_mode()
-    def generate(
-        self,
-        tokens: list[int],
-        num_samples: int = 1,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = 42,
-        use_tools: bool = True,
-        logprobs: int | None = None,
-        stopped: set[int] | None = None,
-        repetition_penalty: float | None = None,
-    ) -> Iterator[tuple[list[int | None], list[int]]]:
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = 42, use_tools: bool = True, logprobs: int | None = None,
+                 stopped: set[int] | None = None, repetition_penalty: float | None = None,
+                 ) -> Iterator[tuple[list[int | None], list[int]]]:
         """Yield, per step, (tokens, masks): one entry per sample; None/0 for finished samples.
 
         `logprobs` (opt-in, the number of alternatives 0-20): each step yields (tokens, masks,
@@ -142,10 +130,8 @@ class Engine:
         model = self.inference_model()
         unembed = Unembedder(model.lm_head.weight, self.compute_dtype) if self.softcap is not None else None
         decode: DecodeStep | None = None
-        if unembed is None:
-            logits = self._last_logits(model, prompt, cache, unembed)  # (1, vocab)
-        else:
-            logits = unembed(self.prefill(model, prompt, cache))  # (1, vocab)
+        logits = (self._last_logits(model, prompt, cache, unembed) if unembed is None
+                  else unembed(self.prefill(model, prompt, cache)))  # (1, vocab)
         if num_samples > 1:
             cache = cache.expand(num_samples)
             logits = logits.expand(num_samples, -1)
@@ -159,16 +145,12 @@ class Engine:
                 for row in rows:
                     if column[row.index] is not None:
                         row.recent.append(column[row.index])
-            if logprobs is None:
-                yield column, masks
-            else:
-                yield column, masks, logprob_column(rows, column, logits, self.softcap, logprobs, num_samples)
-            if step == max_tokens - 1:
+            yield (column, masks) if logprobs is None else (
+                column, masks, logprob_column(rows, column, logits, self.softcap, logprobs, num_samples))
+            live = [r for r in range(len(rows)) if r not in finished]
+            if step == max_tokens - 1 or not live:
                 break
             if finished:
-                live = [r for r in range(len(rows)) if r not in finished]
-                if not live:
-                    break
                 cache.keep_rows(torch.tensor(live, device=self.device))
                 rows = [rows[r] for r in live]
             ids = torch.tensor([[column[row.index]] for row in rows], dtype=torch.long, device=self.device)  # (B, 1)
@@ -251,10 +233,9 @@ class Engine:
         masks: list[list[int]] = [[] for _ in range(num_samples)]
         for column, column_masks in self.generate(tokens, num_samples=num_samples, **kwargs):
             for i, token in enumerate(column):
-                if token is None or (token in self.stop_tokens and not keep_stop):
-                    continue
-                results[i].append(token)
-                masks[i].append(column_masks[i])
+                if token is not None and (keep_stop or token not in self.stop_tokens):
+                    results[i].append(token)
+                    masks[i].append(column_masks[i])
         return results, masks
 
     def _track_tool(self, row: RowState, token: int) -> None:

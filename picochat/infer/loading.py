@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from picochat.checkpoint import (
-    STAGES,
-    checkpoints_root,
-    find_checkpoint,
-    latest_tag,
-    load_checkpoint_dir,
-)
+from picochat.checkpoint import STAGES, checkpoints_root, find_checkpoint, latest_tag, load_checkpoint_dir
 from picochat.errors import DataError
 
 # Most trained first: a chat wants RL > SFT > mid > base.

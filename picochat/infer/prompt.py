@@ -13,6 +13,8 @@ raw-completion client writes it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -39,17 +41,14 @@ def fit_turns(tokenizer: Tokenizer, conversation: dict, max_prompt_tokens: int) 
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list) or not messages:
         raise ConversationError(None, "'messages' must be a non-empty list")
-    has_system = isinstance(messages[0], dict) and messages[0].get("role") == "system"
-    system = messages[:1] if has_system else []
-    turns = list(messages[1:] if has_system else messages)
+    system = messages[:1] if isinstance(messages[0], dict) and messages[0].get("role") == "system" else []
+    turns = messages[len(system):]
     if turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
         turns = turns[:-1]  # render_for_completion would drop it too
     normalize_messages({"messages": system + turns})  # roles and content, before anything is encoded
     system_text = system[0]["content"] if system else ""
     sizes = [_rendered_size(tokenizer, m) for m in turns]
-    after = [0] * (len(turns) + 1)  # after[i]: tokens of turns[i:]
-    for i in range(len(turns) - 1, -1, -1):
-        after[i] = after[i + 1] + sizes[i]
+    after = [*itertools.accumulate(reversed(sizes), initial=0)][::-1]  # after[i]: tokens of turns[i:]
 
     def size(pairs_dropped: int) -> int:
         """len(render_for_completion(system + turns[2 * pairs_dropped:])), by counting."""
@@ -59,17 +58,13 @@ def fit_turns(tokenizer: Tokenizer, conversation: dict, max_prompt_tokens: int) 
             head = 2 + len(tokenizer.encode(f"{system_text}\n\n{turns[first]['content']}"))
         return 1 + head + after[first + 1] + 1  # <|bos|> ... <|assistant_start|>
 
-    lo, hi = 0, (len(turns) - 1) // 2  # hi keeps only the last user turn
+    hi = (len(turns) - 1) // 2  # hi keeps only the last user turn
     if size(hi) > max_prompt_tokens:
         what = "the system text and the last message" if system_text else "the last message"
         raise ContextLengthError(f"{what}: {size(hi)} tokens, but the model's context leaves {max_prompt_tokens} "
                                  "for the prompt; shorten the message")
-    while lo < hi:  # the fewest pairs to drop: size() shrinks as more are dropped
-        mid = (lo + hi) // 2
-        if size(mid) <= max_prompt_tokens:
-            hi = mid
-        else:
-            lo = mid + 1
+    # the fewest pairs to drop, by bisection: size() shrinks as more are dropped
+    hi = bisect.bisect_left(range(hi), True, key=lambda pairs: size(pairs) <= max_prompt_tokens)
     return FittedPrompt(render_for_completion(tokenizer, {"messages": system + turns[2 * hi:]}), 2 * hi)
 
 

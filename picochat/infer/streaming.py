@@ -44,12 +44,8 @@ class TextStreamer:
     def push(self, token_id: int) -> list[Piece]:
         """The pieces that token completes (often one, none while a character is unfinished)."""
         if not self.tokenizer.is_special(token_id):
-            pieces = self._close_pending()
-            text = self._decoder.decode(self.tokenizer.decode_bytes([token_id]))
-            if text:
-                pieces.append(self._add(text))
-            return self._record(pieces)
-        pieces = self._flush()
+            return self._record(self._close_pending() + self._decode(self.tokenizer.decode_bytes([token_id])))
+        pieces = self._decode(b"", final=True)
         if token_id == self.output_start:
             pieces.append(self._open("python_output", "=" if self.pending_close else "<<="))
             self.pending_close = False
@@ -66,7 +62,7 @@ class TextStreamer:
 
     def finish(self) -> list[Piece]:
         """Flush a dangling partial character (as U+FFFD) and close an unfinished tool call."""
-        pieces = self._flush()
+        pieces = self._decode(b"", final=True)
         if self.pending_close or self.kind != "text":
             pieces.append(Piece("text", "", ">>"))
         self.kind, self.pending_close = "text", False
@@ -83,8 +79,9 @@ class TextStreamer:
         self.parts[-1]["text"] += text
         return Piece(self.kind, text, text)
 
-    def _flush(self) -> list[Piece]:
-        text = self._decoder.decode(b"", final=True)
+    def _decode(self, data: bytes, final: bool = False) -> list[Piece]:
+        """The characters `data` completes (with `final`: also a dangling partial one, as U+FFFD)."""
+        text = self._decoder.decode(data, final=final)
         return [self._add(text)] if text else []
 
     def _close_pending(self) -> list[Piece]:
@@ -152,12 +149,8 @@ class StopMatcher:
 
     def _open_tail(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-        longest = max(len(s) for s in self.stops) - 1
-        for n in range(min(longest, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0
+        longest = min(max(len(s) for s in self.stops) - 1, len(text))
+        return next((n for n in range(longest, 0, -1) if any(s.startswith(text[-n:]) for s in self.stops)), 0)
 
     def _release(self, cut: int, keep: bool) -> list[Piece]:
         """Hand out the held pieces' first `cut` display characters; keep (or drop) the rest."""

@@ -81,8 +81,7 @@ class Float8Linear(nn.Linear):
         if not (self.training and torch.is_grad_enabled()) or rows % TILE or self.bias is not None:
             return super().forward(x)
         device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        out_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             y = _Float8Matmul.apply(x.reshape(rows, x.shape[-1]), self.weight, out_dtype)
         return y.view(*x.shape[:-1], self.out_features)

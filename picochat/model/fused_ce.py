@@ -92,8 +92,7 @@ def softcap_ce_rows(a: torch.Tensor, targets: torch.Tensor, cap: float, shift: f
         raise ValueError(f"target id {lo if lo < 0 else hi} is out of bounds for a vocabulary of {vocab} "
                          f"(ids 0..{vocab - 1}; ignored targets are left out before this call); were the data tokenized for "
                          "another model?")
-    loss = torch.empty(n, dtype=torch.float32)
-    sum_exp = torch.empty(n, dtype=torch.float32)
+    loss, sum_exp = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
     lib.picochat_softcap_ce(a.data_ptr(), int(a.dtype == torch.bfloat16), n, vocab, targets.data_ptr(), cap, shift,
                             int(want_grad), loss.data_ptr(), sum_exp.data_ptr(), torch.get_num_threads())
     return loss, sum_exp

@@ -97,27 +97,25 @@ class GPTConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len", "mlp_ratio"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"model config: {name}={getattr(self, name)} must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ConfigError(f"model config: n_head={self.n_head} is not a multiple of "
-                              f"n_kv_head={self.n_kv_head}")
-        if self.head_dim % 2:
-            raise ConfigError(f"model config: head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.softcap <= 0:
-            raise ConfigError(f"model config: softcap={self.softcap} must be > 0")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"model config: rope_theta={self.rope_theta} must be > 0 (the rotary base, "
-                              "default 10000)")
-        if not self.window_pattern or set(self.window_pattern) - set("SL"):
-            raise ConfigError(f"model config: window_pattern={self.window_pattern!r} must be letters S (short "
-                              "window) and L (whole context), tiled over the layers, e.g. SSSL")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"model config: norm_eps={self.norm_eps} must be > 0 (RMSNorm's epsilon, default 1e-6)")
-        if self.qk_scale <= 0:
-            raise ConfigError(f"model config: qk_scale={self.qk_scale} must be > 0")
-        if self.init not in INIT_SCHEMES:
-            raise ConfigError(f"model config: init={self.init!r} is unknown; choose one of {', '.join(INIT_SCHEMES)}")
+        rules = [  # (broken, what is wrong), checked in this order
+            (self.n_embd % self.n_head, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}"),
+            (self.n_head % self.n_kv_head,
+             f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"),
+            (self.head_dim % 2, f"head_dim={self.head_dim} must be even for rotary embeddings"),
+            (self.softcap <= 0, f"softcap={self.softcap} must be > 0"),
+            (self.rope_theta <= 0,
+             f"rope_theta={self.rope_theta} must be > 0 (the rotary base, default 10000)"),
+            (not self.window_pattern or set(self.window_pattern) - set("SL"),
+             (f"window_pattern={self.window_pattern!r} must be letters S (short window) and L "
+              "(whole context), tiled over the layers, e.g. SSSL")),
+            (self.norm_eps <= 0, f"norm_eps={self.norm_eps} must be > 0 (RMSNorm's epsilon, default 1e-6)"),
+            (self.qk_scale <= 0, f"qk_scale={self.qk_scale} must be > 0"),
+            (self.init not in INIT_SCHEMES,
+             f"init={self.init!r} is unknown; choose one of {', '.join(INIT_SCHEMES)}"),
+        ]
+        for broken, problem in rules:
+            if broken:
+                raise ConfigError(f"model config: {problem}")
         for option, channels in (("smear", SMEAR_CHANNELS), ("value_embeds", VALUE_GATE_CHANNELS)):
             if getattr(self, option) and self.n_embd < channels:
                 raise ConfigError(f"model config: {option} needs n_embd >= {channels} (its gate reads that many "
@@ -138,9 +136,8 @@ class GPTConfig:
                               "all must be positive")
         n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
         n_head = n_embd // head_dim
-        return cls(vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                   n_kv_head=n_head if n_kv_head is None else n_kv_head,
-                   n_embd=n_embd, sequence_len=max_seq_len, **options)
+        return cls(vocab_size=vocab_size, n_layer=depth, n_embd=n_embd, sequence_len=max_seq_len,
+                   n_head=n_head, n_kv_head=n_head if n_kv_head is None else n_kv_head, **options)
 
     def window_sizes(self) -> list[int | None]:
         """Per layer, how many earlier tokens a query attends to besides itself (None: all of them).
@@ -148,8 +145,7 @@ class GPTConfig:
         window_pattern is tiled over the layers; L is the whole context, S a quarter of sequence_len
         rounded up to a multiple of 128 (512 at 2048); the last layer always sees the whole context.
         """
-        quarter = -(-self.sequence_len // 4)
-        short = -(-quarter // 128) * 128
+        short = -(-self.sequence_len // 512) * 128  # ceil(ceil(len / 4) / 128) * 128
         pattern = self.window_pattern
         return [None if i == self.n_layer - 1 or pattern[i % len(pattern)] == "L" else short
                 for i in range(self.n_layer)]
@@ -171,8 +167,7 @@ class GPTConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"model config must be a JSON object of fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if unknown := sorted(set(d) - known):
             raise ConfigError(f"model config has unknown fields {unknown}; known: {sorted(known)}")
         return cls(**d)
 
@@ -257,9 +252,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or H_kv, T, D)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = self.rotate_norm(q, cos, sin), self.rotate_norm(k, cos, sin)
-        past = 0
+        past = 0 if kv_cache is None else kv_cache.pos
         if kv_cache is not None:
-            past = kv_cache.pos
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, H_kv, past + T, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
         first, mask = attention_span(past, T, self.window, x.device)
@@ -302,8 +296,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
-            "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-        })
+            "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer))})
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         kv_dim = config.n_kv_head * config.head_dim
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
@@ -354,8 +347,7 @@ class GPT(nn.Module):
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for table in self.value_embeds.values():
             nn.init.uniform_(table.weight, -bound, bound)
-        gates = [b.attn.ve_gate for b in self.transformer.h if b.attn.ve_gate is not None] + [self.smear_gate]
-        for gate in gates:
+        for gate in [b.attn.ve_gate for b in self.transformer.h] + [self.smear_gate]:
             if gate is not None:
                 nn.init.uniform_(gate, 0.0, 0.02)
         if self.smear_lambda is not None:
@@ -374,8 +366,7 @@ class GPT(nn.Module):
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64,
                                                                  device=device).float() / dim))
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-        self.rotary_cos = angles.cos()
-        self.rotary_sin = angles.sin()
+        self.rotary_cos, self.rotary_sin = angles.cos(), angles.sin()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
@@ -388,7 +379,7 @@ class GPT(nn.Module):
             raise ValueError(f"loss_reduction={loss_reduction!r}; use 'mean', 'sum' or 'none'")
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
-            return self._softcap(self.lm_head(x).float())  # (B, T, vocab)
+            return softcap_logits(self.lm_head(x).float(), self.config.softcap)  # (B, T, vocab)
         return self._loss(x, targets, loss_reduction)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -428,14 +419,11 @@ class GPT(nn.Module):
 
     def layer_input(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """What block i reads: x, or resid_lambda[i] * x + x0_lambda[i] * x0 (x0: the embedding)."""
-        if self.resid_lambdas is None:
-            return x
-        return self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+        return x if self.resid_lambdas is None else self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
 
     def value_embedding(self, i: int, idx: torch.Tensor) -> torch.Tensor | None:
         """Layer i's value embedding of the tokens idx (..., H_kv * D), or None where it has none."""
-        key = str(i)
-        return self.value_embeds[key](idx) if key in self.value_embeds else None
+        return self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
 
     def final_norm(self, x: torch.Tensor, mid: torch.Tensor | None,
                    norm: Callable[[torch.Tensor, float], torch.Tensor] = rms_norm) -> torch.Tensor:
@@ -451,9 +439,6 @@ class GPT(nn.Module):
             self._set_rotary(max(2 * self.rotary_cos.size(0), start + length), self.rotary_cos.device)
         return self.rotary_cos[start:start + length], self.rotary_sin[start:start + length]
 
-    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
-        return softcap_logits(logits, self.config.softcap)
-
     def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         B, T, C = x.shape
         x, targets = x.reshape(B * T, C), targets.reshape(B * T)
@@ -461,17 +446,14 @@ class GPT(nn.Module):
         if torch.compiler.is_compiling() or (needs_grad and reduction == "none"):
             # The compiler fuses softcap + cross-entropy on its own; and a per-token loss that
             # is back-propagated needs the per-token graph anyway.
-            logits = self._softcap(self.lm_head(x).float())
+            logits = softcap_logits(self.lm_head(x).float(), self.config.softcap)
             losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
-            if reduction == "none":
-                return losses.view(B, T)
-            total = losses.sum()
-            return total if reduction == "sum" else total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        if needs_grad:
+        elif needs_grad:
             return _LinearSoftcapCrossEntropy.apply(x, self.lm_head.weight, targets, self.config.softcap,
                                                     reduction == "mean")
-        losses, _, _ = _softcap_cross_entropy_chunks(x, self.lm_head.weight, targets, self.config.softcap,
-                                                     grad_scale=None)
+        else:
+            losses, _, _ = _softcap_cross_entropy_chunks(x, self.lm_head.weight, targets, self.config.softcap,
+                                                         grad_scale=None)
         if reduction == "none":
             return losses.view(B, T)
         total = losses.sum()
@@ -565,14 +547,7 @@ def _chunk_rows(vocab_size: int, device: torch.device, rows_per_chunk: int | Non
     which outweighs the elementwise passes leaving the cache. The buffers are allocated once
     per call, not per chunk (fresh pages cost more than the arithmetic on them).
     """
-    elements = (32 << 20) if device.type == "cpu" else (64 << 20)
-    return rows_per_chunk or max(16, elements // vocab_size)
-
-
-def _compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return default
+    return rows_per_chunk or max(16, ((32 << 20) if device.type == "cpu" else (64 << 20)) // vocab_size)
 
 
 def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -592,7 +567,8 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
     elsewhere, or without it, as in-place torch ops over two buffers allocated once.
     """
     N, V = x.size(0), weight.size(0)
-    dtype = _compute_dtype(x.device, weight.dtype)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype  # the compute dtype
     want_grad = grad_scale is not None
     losses = torch.zeros(N, dtype=torch.float32, device=x.device)
     grad_x = torch.zeros_like(x) if want_grad else None
@@ -611,8 +587,7 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
     elementwise = _FusedRows(step, V, dtype, x.device) if fused else _TorchRows(step, V, dtype, x.device, want_grad)
     with torch.autocast(x.device.type, enabled=False):
         for lo in range(0, n_valid, step):
-            hi = min(lo + step, n_valid)
-            sel = slice(lo, hi) if rows is None else rows[lo:hi]
+            sel = slice(lo, lo + step) if rows is None else rows[lo:lo + step]  # the last chunk may be short
             xs, ts = x[sel].to(dtype), targets[sel]  # (n, C), (n,)
             loss, sum_exp, g = elementwise(xs, w_a, ts, softcap, shift, want_grad)
             losses[sel] = loss

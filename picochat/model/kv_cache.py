@@ -84,8 +84,7 @@ class KVCache:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Shrink the batch to `rows` (int64 indices), in that order."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         if self.embeds is not None:
             self.embeds = self.embeds.index_select(0, rows)
 
