@@ -84,10 +84,11 @@ class DecodeStep:
         attn = [(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight) for b in blocks]
         if self.copies:
             make = PackedLinear if on_cpu and cpu_matmul.available() else _TransposedLinear
+            self.explicit = make is PackedLinear  # every matmul a kernel call, in the dtypes it is given
             with torch.no_grad():  # per layer; q, k and v stacked into one (C + 2 kv_dim, C) matrix
                 self.qkv = [make(torch.cat(w)) for w in attn]
         else:
-            make = _ModelLinear
+            make, self.explicit = _ModelLinear, False
             self.qkv = [_ModelLinear(*w) for w in attn]
         self.attn_proj = [make(b.attn.c_proj.weight) for b in blocks]
         self.fc = [make(b.mlp.c_fc.weight) for b in blocks]
@@ -117,6 +118,10 @@ class DecodeStep:
         of different requests, picochat.infer.batching), cache.pos is left alone, and each row
         attends to its own first positions[b] + 1 entries only (its window's, in a layer with one).
         """
+        on = torch.is_autocast_enabled(self.device_type)
+        if on and self.explicit:  # autocast would change nothing but attention: off once, not per layer
+            with torch.autocast(self.device_type, enabled=False):
+                return self(ids, cache, positions)
         model, H, Hk, D = self.model, self.n_head, self.n_kv_head, self.head_dim
         B = ids.size(0)
         if cache.k.dtype != torch.float32:
@@ -138,7 +143,6 @@ class DecodeStep:
         # The matmuls' inputs are rounded to the weights' dtype, as autocast does (by _low_norm and the
         # linears' fused forms; in fp32 a no-op). At batch 1 a step is dispatch-bound: a per-layer
         # autocast switch cost ~15% of a d4 token, and every small op counts.
-        on = torch.is_autocast_enabled(self.device_type)
         exact = torch.autocast(self.device_type, enabled=False) if on else contextlib.nullcontext()
         x = x0 = model.embed(ids, cache, positions, self.norm)[:, 0]  # (B, C) fp32 residual
         mid = None

@@ -53,12 +53,12 @@ def sample_next(
     if top_k is not None and 0 < top_k < vocab:
         # Work on the k best only: a (B, k) softmax instead of (B, vocab) is most of the speed.
         top_logits, top_ids = cpu_matmul.topk(logits.float(), top_k)  # (B, k), sorted descending
-        probs = torch.softmax(capped(top_logits, softcap) / temperature, dim=-1)
+        probs = torch.softmax(_cooled(capped(top_logits, softcap), temperature), dim=-1)
         if top_p is not None and top_p < 1.0:
             probs = keep_top_p(probs, top_p)
         choice = draw(probs, generator)  # (B, 1) index into top-k
         return top_ids.gather(-1, choice).squeeze(-1)
-    logits = capped(logits.float(), softcap) / temperature
+    logits = _cooled(capped(logits.float(), softcap), temperature)
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
         probs = keep_top_p(torch.softmax(sorted_logits, dim=-1), top_p)
@@ -81,6 +81,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     if math.isnan(sum(best.view(-1).tolist())):  # a NaN probability wins the race (the rest are >= 0)
         raise RuntimeError("probability tensor contains NaN: the model's logits are not finite")
     return choice
+
+
+def _cooled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature; at temperature 1 the logits themselves (the same values: one op less a token)."""
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def penalize_repeats(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
