@@ -59,9 +59,9 @@ def _library() -> ctypes.CDLL | None:
     lib.picochat_small_matmul_bf16.argtypes = lib.picochat_small_matmul.argtypes
     lib.picochat_small_matmul_bf16.restype = None
     lib.picochat_panel_width.restype = ctypes.c_int
-    lib.picochat_small_matmul_bf16_fused.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
-                                                     ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p,
-                                                     ctypes.c_void_p, ctypes.c_int]
+    lib.picochat_small_matmul_bf16_fused.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                                     ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.picochat_small_matmul_bf16_fused.restype = ctypes.c_int
     lib.picochat_rotary_norm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                                               ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
@@ -232,6 +232,16 @@ class PackedLinear:
         out = self._fused(x, "sums")
         return self._any(self._low(x).float()) if out is None else out
 
+    def of_norm(self, x: torch.Tensor, eps: float, relu2: bool = False) -> torch.Tensor:
+        """self(rms_norm(x, eps)), or self.relu2 of it, for fp32 rows x, the norm rounded to the weights'
+        dtype as the product's input: one kernel call, norm included, for bf16 weights (the same values as
+        rms_norm(x, eps, bf16) and then the product)."""
+        out = self._fused(x, "relu2" if relu2 else "bf16", norm_eps=eps) if x.dtype == torch.float32 else None
+        if out is None:
+            normed = rms_norm(x, eps, self.weight.dtype)
+            out = self.relu2(normed) if relu2 else self(normed)
+        return out
+
     def _low(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.weight.dtype)
 
@@ -240,7 +250,8 @@ class PackedLinear:
         # more than it saves (on 2 cores every decode matrix here still gets both)
         return max(1, min(torch.get_num_threads(), self.out_features // COLUMNS_PER_THREAD))
 
-    def _fused(self, x: torch.Tensor, epilogue: str, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _fused(self, x: torch.Tensor, epilogue: str, residual: torch.Tensor | None = None,
+               norm_eps: float | None = None) -> torch.Tensor | None:
         """fp32 or bf16 x against bf16 weights in one call of small_matmul.c's fused product, finished by
         `epilogue`: no rounding copy of x, no cast of the result (~5 us a call). None where it does not apply."""
         self._check(x)
@@ -250,7 +261,8 @@ class PackedLinear:
         wide = epilogue in ("sums", "residual")
         out = torch.empty(rows, self.out_features, dtype=torch.float32 if wide else torch.bfloat16)
         failed = self.lib.picochat_small_matmul_bf16_fused(
-            x.data_ptr(), int(x.dtype == torch.float32), rows, self.in_features, self.packed.data_ptr(),
+            x.data_ptr(), int(x.dtype == torch.float32), int(norm_eps is not None), norm_eps or 0.0, rows,
+            self.in_features, self.packed.data_ptr(),
             self.out_features, EPILOGUES[epilogue], None if residual is None else residual.data_ptr(),
             out.data_ptr(), self._threads())
         return None if failed else out

@@ -16,9 +16,9 @@ attention over the cache), and with:
   one call where torch runs ~8 small ops; equal to the model's rms_norm up to float rounding;
   1.2x tokens/s at batch 1 and ~1.1x at batch 8 here);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
-- in bf16 with the kernel, each block's norms cast to bf16 in the norm's call, and the MLP's
-  relu^2 and both residual adds done in the matmul's call (PackedLinear.relu2 / add_to): the same
-  bits as torch's ops, without ~6 of them per layer;
+- in bf16 with the kernel, each block's norms (cast to bf16) and the MLP's relu^2 and both residual
+  adds done in the matmuls' calls (PackedLinear.of_norm / relu2 / add_to), the attention output
+  rounded to bf16 there too: the same bits as torch's ops, without ~8 of them per layer;
 - the architecture options through the model's own methods (GPT.embed, layer_input,
   value_embedding, final_norm; the attention's rotate_norm and value_residual) and its window
   per layer (attention_span / attention_mask);
@@ -149,7 +149,7 @@ class DecodeStep:
         for i, block in enumerate(model.transformer.h):
             attn = block.attn
             x = model.layer_input(i, x, x0)
-            qkv = self.qkv[i](self._low_norm(x)).view(B, H + 2 * Hk, D)
+            qkv = self._norm_product(self.qkv[i], x).view(B, H + 2 * Hk, D)
             qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
             ve = model.value_embedding(i, ids[:, 0])
             if ve is not None:  # its gate reads the normed input unrounded, as forward() does
@@ -169,13 +169,21 @@ class DecodeStep:
                                                    values[:, :, first:length], attn_mask=mask,
                                                    enable_gqa=H != Hk)  # (B, H, 1, D) fp32
             x = self.attn_proj[i].add_to(y.view(B, H * D), x)  # x + the projection of y rounded to low
-            hidden = self.fc[i].relu2(self._low_norm(x))  # relu(x W_fc)^2 (B, 4C)
+            hidden = self._norm_product(self.fc[i], x, relu2=True)  # relu(norm(x) W_fc)^2 (B, 4C)
             x = self.mlp_proj[i].add_to(hidden, x)
             if i == model.backout_layer:
                 mid = x
         if positions is None:
             cache.advance(1)
         return model.final_norm(x, mid, self.norm)
+
+    def _norm_product(self, linear, x: torch.Tensor, relu2: bool = False) -> torch.Tensor:
+        """linear(self._low_norm(x)), or linear.relu2 of it: norm and product in one kernel call where
+        every matmul is the kernel's and the weights are bf16 (the same values)."""
+        if self.explicit and self.dtype == torch.bfloat16:
+            return linear.of_norm(x, self.eps, relu2)
+        normed = self._low_norm(x)
+        return linear.relu2(normed) if relu2 else linear(normed)
 
     def _low_norm(self, x: torch.Tensor) -> torch.Tensor:
         """self.norm(x) rounded to the weights' dtype, the matmuls' input (one kernel call where it applies)."""

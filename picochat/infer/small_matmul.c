@@ -269,7 +269,9 @@ void picochat_rotary_norm_bf16(const uint16_t *x, long batch, long heads, long d
 
 /* picochat_small_matmul_bf16 for the decode step's block matrices in bf16, in one call: x is bf16
  * (x_f32 = 0: widened exactly) or fp32 (x_f32 = 1: rounded to the nearest even bf16 first, as autocast
- * rounds a matmul's input), and the fp32 sums are finished by `epilogue`:
+ * rounds a matmul's input; with `normalize`, each fp32 row is first RMS-normalised with `eps` exactly as
+ * picochat_rms_norm_f32_bf16 does, so a block's norm and its product are one call), and the fp32 sums
+ * are finished by `epilogue`:
  *   SUMS      out_f32 = the sums themselves (bf16 inputs and weights: exact products, fp32 sums);
  *   BF16      out_bf16 = the sums rounded to bf16 as torch's cast rounds them (a bf16 GEMM's result);
  *   RELU2     out_bf16 = relu(that)^2, the square rounded to bf16 (torch's bf16 relu, then square);
@@ -278,8 +280,9 @@ void picochat_rotary_norm_bf16(const uint16_t *x, long batch, long heads, long d
  * Returns 0, or 1 (nothing written) when the scratch rows of a large call cannot be allocated. */
 enum epilogue { SUMS, BF16, RELU2, RESIDUAL };
 
-int picochat_small_matmul_bf16_fused(const void *x_in, int x_f32, long rows, long k, const uint16_t *packed,
-                                     long n, int epilogue, const float *residual, void *result, int threads) {
+int picochat_small_matmul_bf16_fused(const void *x_in, int x_f32, int normalize, float eps, long rows, long k,
+                                     const uint16_t *packed, long n, int epilogue, const float *residual,
+                                     void *result, int threads) {
     float x_stack[4096], out_stack[16384]; /* up to 16 rows of 256 in, 16 rows of 1,024 out */
     float *x = rows * k <= 4096 ? x_stack : malloc(sizeof(float) * rows * k);
     float *out = epilogue == SUMS ? result : rows * n <= 16384 ? out_stack : malloc(sizeof(float) * rows * n);
@@ -288,8 +291,16 @@ int picochat_small_matmul_bf16_fused(const void *x_in, int x_f32, long rows, lon
         if (out != out_stack && out != result) free(out);
         return 1;
     }
-    for (long i = 0; i < rows * k; i++)
-        x[i] = x_f32 ? round_bf16(((const float *)x_in)[i]) : bf16_to_float(((const uint16_t *)x_in)[i]);
+    if (x_f32 && normalize) {
+        uint16_t normed[k];
+        for (long r = 0; r < rows; r++) {
+            picochat_rms_norm_f32_bf16((const float *)x_in + r * k, 1, k, eps, normed);
+            for (long j = 0; j < k; j++) x[r * k + j] = bf16_to_float(normed[j]);
+        }
+    } else {
+        for (long i = 0; i < rows * k; i++)
+            x[i] = x_f32 ? round_bf16(((const float *)x_in)[i]) : bf16_to_float(((const uint16_t *)x_in)[i]);
+    }
     picochat_small_matmul_bf16(x, rows, k, packed, n, out, threads);
     if (epilogue != SUMS) {
         uint16_t *out_bf16 = result;

@@ -97,6 +97,9 @@ def test_fused_epilogues_equal_the_torch_ops_they_replace(kernel, out_features, 
         wide = torch.randn(rows, in_features, generator=generator)
         assert torch.equal(linear.add_to(wide, residual).nan_to_num(), (residual + linear(wide.bfloat16())).nan_to_num())
         assert torch.equal(linear.relu2(wide).nan_to_num(), F.relu(linear(wide.bfloat16())).square().nan_to_num())
+        normed = cpu_matmul.rms_norm(wide, 1e-6, torch.bfloat16)  # the norm folded into the call: the same bits
+        assert torch.equal(linear.of_norm(wide, 1e-6).nan_to_num(), linear(normed).nan_to_num())
+        assert torch.equal(linear.of_norm(wide, 1e-6, relu2=True).nan_to_num(), linear.relu2(normed).nan_to_num())
         sums = linear.sums(wide)
         assert sums.dtype == torch.float32 and torch.equal(sums.nan_to_num(), linear(wide.bfloat16().float()).nan_to_num())
     wide = torch.randn(2, in_features, generator=generator)  # a residual of another shape: torch's add
