@@ -233,9 +233,8 @@ def format_table(results: dict[str, TaskResult], core: float | None) -> str:
 
 def results_payload(results: dict[str, TaskResult], core: float | None, run_info: dict) -> dict:
     """{"MMLU": acc, ..., "ChatCORE": x, "details": {task: {...}}, "run": {...}}."""
-    payload: dict = {name: r.accuracy for name, r in results.items()}
-    if core is not None:
-        payload["ChatCORE"] = core
+    payload = {name: r.accuracy for name, r in results.items()}
+    payload |= {"ChatCORE": core} if core is not None else {}
     details = {name: {**asdict(r), "centered": r.centered} for name, r in results.items()}
     return {**payload, "details": details, "run": run_info}
 

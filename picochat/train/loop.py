@@ -124,12 +124,8 @@ def wandb_logger(run_name: str | None, project_stage: str, config: dict) -> Call
         raise ConfigError("--wandb needs the wandb package: pip install 'picochat[wandb]'") from e
     run = wandb.init(project="picochat", name=run_name, group=project_stage,
                      config={k: v for k, v in config.items() if not k.startswith("_")})
-
-    def log(record: dict) -> None:
-        flat = {**{k: v for k, v in record.items() if k != "eval"}, **record.get("eval", {})}
-        run.log(flat, step=record["step"])
-
-    return log
+    return lambda record: run.log({k: v for k, v in record.items() if k != "eval"} | record.get("eval", {}),
+                                  step=record["step"])
 
 
 def _rng_state() -> dict:
@@ -193,11 +189,6 @@ def verify_shared_home(world: Dist) -> None:
             "filesystem (checkpoints, data and the tokenizer are read from there)")
 
 
-def newest_step(stage: str, tag: str, world: Dist) -> int | None:
-    """The newest complete, undamaged checkpoint step of a run, decided on rank 0 and broadcast to all ranks."""
-    return from_main(ckpt.newest_resumable_step(ckpt.run_dir(stage, tag)) if world.is_main else None, world)
-
-
 @dataclass
 class StepWork:
     """What one step's forward and backward left on this rank (the gradients sit in .grad)."""
@@ -209,16 +200,13 @@ class StepWork:
 
 
 @dataclass
-class StepOutcome:
-    """What one step produced, summed over the ranks, with the flags all ranks agreed on."""
+class StepOutcome(StepWork):
+    """What one step produced, summed over the ranks (the loss: the step's, NaN if a share is), with the
+    flags all ranks agreed on."""
 
-    loss: float  # the step's loss (a NaN share makes it NaN)
-    supervised_tokens: int
-    stop: bool  # Ctrl-C on some rank
-    save_due: bool  # the wall-clock save interval passed on some rank
-    nonfinite_ranks: int  # ranks whose loss was NaN or inf
-    tokens: int
-    record: dict
+    stop: bool = False  # Ctrl-C on some rank
+    save_due: bool = False  # the wall-clock save interval passed on some rank
+    nonfinite_ranks: int = 0  # ranks whose loss was NaN or inf
     peak_mem_bytes: int = 0  # the largest peak memory of any rank, as of the backward
     compiled: bool = False  # torch.compile traced a graph on some rank: the step paid for compiling it
 
@@ -251,12 +239,6 @@ def _finite_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite_json(v) for v in value]
     return value
-
-
-def _group_settings(optimizers: list) -> list[list[dict]]:
-    """Every param group's settings (all but its parameters), per optimiser."""
-    return [[{k: v for k, v in g.items() if k not in ("params", "names")} for g in opt.param_groups]
-            for opt in optimizers]
 
 
 def _gather(obj: Any, world: Dist) -> list:
@@ -341,36 +323,35 @@ class Trainer:
         state = ckpt.load_training_state(path)
         meta = ckpt.read_json_object(path / "meta.json")
         resharded = state["world_size"] != self.world.world_size
-        if resharded:
-            fixed = sorted(name for name, part in self.parts.items() if not hasattr(part, "reshard_state"))
-            if fixed:
-                raise DataError(
-                    f"{path} was saved by {state['world_size']} processes and this run has {self.world.world_size}; "
-                    f"this stage's {', '.join(fixed)} position is per rank: resume with the same --nproc_per_node"
-                )
+        fixed = sorted(name for name, part in self.parts.items() if not hasattr(part, "reshard_state"))
+        if resharded and fixed:
+            raise DataError(f"{path} was saved by {state['world_size']} processes and this run has "
+                            f"{self.world.world_size}; this stage's {', '.join(fixed)} position is per rank: "
+                            "resume with the same --nproc_per_node")
         if meta.get("tokenizer_hash") != self.tokenizer.hash:
             raise DataError(f"{path} was trained with tokenizer {meta.get('tokenizer_hash')}, this run uses "
                             f"{self.tokenizer.hash}; resume with the same tokenizer")
         ckpt.load_weights_into(self.model, path, meta, self.device)
-        ours = _group_settings(self.optimizers)
+        # Every param group's settings (all but its parameters), per optimiser.
+        ours = [[{k: v for k, v in g.items() if k not in ("params", "names")} for g in opt.param_groups]
+                for opt in self.optimizers]
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
         self._keep_group_settings(ours)
         self.step = state["step"]
         self._resumed = True
+        # Resharded, every part restarts at the earliest position any old rank had reached (some data is
+        # seen twice, none skipped); the RNG streams are new ones, so the run continues, not bit-exactly.
+        per_rank = state["per_rank"]
+        for name, part in self.parts.items():
+            part.load_state_dict(part.reshard_state([r[name] for r in per_rank]) if resharded
+                                 else per_rank[self.world.rank][name])
         if resharded:
-            # Every part restarts at the earliest position any old rank had reached (some data is seen
-            # twice, none skipped); the RNG streams are new ones, so the run continues, not bit-exactly.
-            for name, part in self.parts.items():
-                part.load_state_dict(part.reshard_state([r[name] for r in state["per_rank"]]))
             seed_everything(1_000_003 * self.step + self.world.rank)
             log0(f"resuming {state['world_size']} processes' checkpoint on {self.world.world_size}: the data "
                  "restarts at the earliest position of any old rank, with fresh random streams")
         else:
-            mine = state["per_rank"][self.world.rank]
-            for name, part in self.parts.items():
-                part.load_state_dict(mine[name])
-            _set_rng_state(mine["rng"])
+            _set_rng_state(per_rank[self.world.rank]["rng"])
         loop = state["loop"]
         self.smooth_loss, self.train_time = loop["smooth_loss"], loop["train_time"]
         self.metrics, self.elapsed_s = loop["metrics"], loop.get("elapsed_s", 0.0)
@@ -424,7 +405,8 @@ class Trainer:
 
     def resume_newest(self) -> None:
         """--resume: continue from the newest undamaged checkpoint of this run (chosen on rank 0), if any."""
-        step = newest_step(self.cfg.stage, self.cfg.tag, self.world)
+        step = from_main(ckpt.newest_resumable_step(self.ckpt_dir) if self.world.is_main else None,
+                         self.world)
         if step is None:
             log0(f"--resume: no checkpoint under {self.ckpt_dir} yet; starting fresh")
         else:
@@ -537,10 +519,10 @@ class Trainer:
         memory = [0] * self.world.world_size  # a slot per rank: the sum hands every rank each one's peak
         memory[self.world.rank] = peak_memory_bytes(self.device)
         summed = all_reduced(values + memory, self.world, self.device)  # SUM: a flag is set by any rank
-        values, memory = [*map(int, summed[:6]), summed[6]], [int(m) for m in summed[7:]]
-        return StepOutcome(loss=values[6], supervised_tokens=values[4], stop=values[0] > 0, save_due=values[1] > 0,
-                           nonfinite_ranks=values[2], tokens=values[3], record=work.record,
-                           peak_mem_bytes=max(memory), compiled=values[5] > 0)
+        stop, save_due, nonfinite, tokens, supervised, compiled = map(int, summed[:6])
+        return StepOutcome(summed[6], tokens, supervised, work.record, stop=stop > 0, save_due=save_due > 0,
+                           nonfinite_ranks=nonfinite, peak_mem_bytes=int(max(summed[7:])),
+                           compiled=compiled > 0)
 
     def _stop_on_nonfinite(self, step: int, outcome: StepOutcome) -> None:
         """Every rank: save the last good weights (collectively), then raise the same error.
@@ -704,9 +686,8 @@ class Trainer:
         mfu = mfu_percent(self.flops_per_token, tok_per_s, self.peak, self.world.world_size)
         peak_mem = max(peak_memory_bytes(self.device), outcome.peak_mem_bytes)  # the largest of any rank
         horizon = self.num_iterations if self.horizon_fixed else None
-        eta = float("nan")
-        if seconds_per_step and horizon is not None:
-            eta = (horizon - self.step) * seconds_per_step + self._side_seconds(self.step, horizon, final=True)
+        eta = ((horizon - self.step) * seconds_per_step + self._side_seconds(self.step, horizon, final=True)
+               if seconds_per_step and horizon is not None else float("nan"))
         epoch = getattr(self.batches, "epoch", None)
         if step % self.cfg.log_every == 0 or self.step == horizon:
             mom_text = f" | mom {mom:.3f}" if mom is not None else ""

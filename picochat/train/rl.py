@@ -264,10 +264,10 @@ class PolicyGradientStep:
         rewards, n = [r.reward for r in rollouts], self.cfg.num_samples
         groups = [rewards[i : i + n] for i in range(0, len(rewards), n)]
         valid = sum(r.valid_tokens for r in rollouts)
-        stats = [valid, sum(rewards), len(rewards), sum(any(g) for g in groups), len(groups),
-                 sum(len(r.tokens) for r in rollouts)]
-        stats = all_reduced(stats, self.world, self.engine.device)  # the loss is over all ranks' valid tokens
-        total_valid, reward_sum, n_rollouts, solved, n_groups, gen_tokens = stats
+        # Summed over the ranks: the loss is over all ranks' valid tokens.
+        total_valid, reward_sum, n_rollouts, solved, n_groups, gen_tokens = all_reduced(
+            [valid, sum(rewards), len(rewards), sum(any(g) for g in groups), len(groups),
+             sum(len(r.tokens) for r in rollouts)], self.world, self.engine.device)
         learning = [r for r in rollouts if r.advantage != 0.0]  # the others add no gradient
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for i in range(0, len(learning), self.cfg.device_batch_size):
