@@ -381,21 +381,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _compute_dtype(cfg: PlanConfig) -> torch.dtype:
-    """fp32 with --fp32; else bf16 on a GPU, and on the CPU what training there would pick (pick_dtype:
-    fp32 where bf16 matmuls are slow)."""
-    if cfg.fp32:
-        return torch.float32
-    return pick_dtype(torch.device("cpu")) if cfg.gpu == "cpu" else torch.bfloat16
-
-
-def _target(cfg: PlanConfig, dtype: torch.dtype) -> Device:
+def _target(cfg: PlanConfig) -> tuple[Device, torch.dtype]:
+    """The device planned for and its compute dtype: fp32 with --fp32; else bf16 on a GPU, and on the CPU
+    what training there would pick (pick_dtype: fp32 where bf16 matmuls are slow)."""
     if cfg.gpu != "cpu":
-        return DEVICES[cfg.gpu]
+        return DEVICES[cfg.gpu], torch.float32 if cfg.fp32 else torch.bfloat16
+    dtype = torch.float32 if cfg.fp32 else pick_dtype(torch.device("cpu"))
     # --gpus processes share this CPU: each gets its share of the memory and of the cores (init_distributed).
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     peak = peak_flops(torch.device("cpu"), dtype) / max(1, cfg.gpus)
-    return Device("cpu", total // max(1, cfg.gpus), peak, float("nan"), peak)
+    return Device("cpu", total // max(1, cfg.gpus), peak, float("nan"), peak), dtype
 
 
 def build_plan(cfg: PlanConfig) -> dict:
@@ -406,26 +401,23 @@ def build_plan(cfg: PlanConfig) -> dict:
         raise ConfigError(f"--total-batch-size {cfg.total_batch_size}: give tokens per step, or -1 for automatic")
     if cfg.mfu is not None and not 0 < cfg.mfu <= 100:
         raise ConfigError(f"--mfu {cfg.mfu}: give the assumed utilisation in percent, above 0 and at most 100")
-    dtype = _compute_dtype(cfg)
-    device = _target(cfg, dtype)
+    device, dtype = _target(cfg)
     world = cfg.gpus * cfg.nodes
     on_gpu = cfg.gpu != "cpu"
     config = cfg.model_config(cfg.vocab_size)
     if cfg.total_batch_size == -1:
         cfg.total_batch_size = auto_batch(batch_growth(cfg, config))
-    compiled = on_gpu and not cfg.eager
     candidates = valid_batches(cfg.total_batch_size, cfg.max_seq_len, world)
     batch = cfg.device_batch_size
     if batch not in candidates and not cfg.batch_from_flag:  # base-train's check_batch lowers a preset's batch
         batch = max([b for b in candidates if b < batch], default=batch)
-    s = Shape.from_config(config, batch, world_size=world, compiled=compiled,
+    s = Shape.from_config(config, batch, world_size=world, compiled=on_gpu and not cfg.eager,
                           bf16=dtype != torch.float32, on_gpu=on_gpu, total_batch_tokens=cfg.total_batch_size)
     terms = memory_terms(s)
     room = headroom(device.memory_bytes, on_gpu)
     mfu = (cfg.mfu if cfg.mfu is not None else (40.0 if on_gpu else 30.0)) / 100
-    scaling = s.matrix_params + config.vocab_size * config.n_embd
     steps = cfg.num_iterations if cfg.num_iterations and cfg.num_iterations > 0 else \
-        int(cfg.target_param_data_ratio * scaling) // cfg.total_batch_size
+        int(cfg.target_param_data_ratio * (s.matrix_params + s.vocab_size * s.n_embd)) // cfg.total_batch_size
     peak = device.peak_fp32 if dtype == torch.float32 else device.peak_bf16
     step_s = s.flops_per_token() * cfg.total_batch_size / (world * peak * mfu)
     if cfg.time_budget and cfg.time_budget > 0:  # the preset trains for a time: the steps that fit in it
@@ -435,7 +427,7 @@ def build_plan(cfg: PlanConfig) -> dict:
         "model": {"depth": config.n_layer, "width": config.n_embd, "heads": config.n_head, "vocab": config.vocab_size,
                   "seq_len": config.sequence_len, "params": s.params, "flops_per_token": s.flops_per_token()},
         "target": {"device": device.name, "devices_per_node": cfg.gpus, "nodes": cfg.nodes, "world": world,
-                   "memory_bytes": device.memory_bytes, "compiled": compiled, "dtype": DTYPE_NAMES[dtype],
+                   "memory_bytes": device.memory_bytes, "compiled": s.compiled, "dtype": DTYPE_NAMES[dtype],
                    "optimiser_state_sharded": world > 1},
         "device_batch_size": s.device_batch_size,
         "device_batch_lowered_from": cfg.device_batch_size if batch != cfg.device_batch_size else None,

@@ -127,7 +127,8 @@ def solution_main(mode: str, request_fd: int, reply_fd: int, root: str, uid: int
         sys.stderr.flush()
         exit_now(3)
     if mode == "program":
-        wait_for_children()  # a program has ended when every process it started has ended
+        sys.stdout.flush()
+        reap(block=True)  # a program has ended when every process it started has ended
         replies.write(b"done\n")  # the program's own claim: see the end of sandbox.py's docstring
         replies.flush()
         return
@@ -138,14 +139,6 @@ def solution_main(mode: str, request_fd: int, reply_fd: int, root: str, uid: int
     sys.stdout.flush()
     write_message(replies, {"ready": True})
     serve_calls(function, requests, replies)
-
-
-def wait_for_children() -> None:
-    """Reap until no child is left (in its own PID namespace this process adopts every orphan)."""
-    sys.stdout.flush()
-    with contextlib.suppress(ChildProcessError):
-        while True:
-            os.wait()
 
 
 def serve_calls(function, requests, replies) -> None:
@@ -203,26 +196,22 @@ def install_guards(root: str) -> None:
 
     builtins.open = io.open = guarded_open
     os.open = guarded_os_open
-    for name in ("remove", "unlink", "rmdir", "removedirs", "truncate", "chmod", "chown", "lchown", "mkfifo", "mknod"):
-        if hasattr(os, name):
-            setattr(os, name, inside_only("os." + name, getattr(os, name)))
-    for name in ("rename", "renames", "replace", "link", "symlink"):
-        setattr(os, name, inside_only("os." + name, getattr(os, name), nargs=2))
-    shutil.rmtree = inside_only("shutil.rmtree", shutil.rmtree)
-    shutil.move = inside_only("shutil.move", shutil.move, nargs=2)
+    # (module, names, how many leading arguments must be paths inside root; 0: refused outright).
     # register_at_fork, putenv and unsetenv stay: `import random` and numpy call them, and they
     # only touch this process.
-    for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "setsid", "setpgid", "setpgrp",
-                 "chdir", "fchdir", "chroot", "_exit", "abort", "posix_spawn", "posix_spawnp",
-                 "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
-                 "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-                 "setuid", "setgid", "setresuid", "setresgid", "plock"):
-        if hasattr(os, name):
-            setattr(os, name, refuse("os." + name))
-    for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-        setattr(subprocess, name, refuse("subprocess." + name))
-    signal.pthread_kill = refuse("signal.pthread_kill")
-    shutil.chown = refuse("shutil.chown")
+    patches = [(os, "remove unlink rmdir removedirs truncate chmod chown lchown mkfifo mknod", 1),
+               (os, "rename renames replace link symlink", 2), (shutil, "rmtree", 1), (shutil, "move", 2),
+               (os, ("system popen fork forkpty vfork kill killpg setsid setpgid setpgrp chdir fchdir chroot "
+                     "_exit abort posix_spawn posix_spawnp execl execle execlp execlpe execv execve execvp "
+                     "execvpe spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe "
+                     "setuid setgid setresuid setresgid plock"), 0),
+               (subprocess, "Popen run call check_call check_output getoutput getstatusoutput", 0),
+               (signal, "pthread_kill", 0), (shutil, "chown", 0)]
+    for module, names, nargs in patches:
+        for name in names.split():
+            if hasattr(module, name):
+                what, fn = f"{module.__name__}.{name}", getattr(module, name)
+                setattr(module, name, inside_only(what, fn, nargs) if nargs else refuse(what))
 
 
 # --- the supervisor (and judge) -----------------------------------------------------------
@@ -316,10 +305,8 @@ def stat_fields(pid: int) -> list[bytes]:
 
 def descendants(ancestor: int) -> list[int]:
     """Every process below `ancestor`, from /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := stat_fields(int(entry))):
-            parents[int(entry)] = int(fields[1])
+    parents = {int(entry): int(fields[1]) for entry in os.listdir("/proc")
+               if entry.isdigit() and (fields := stat_fields(int(entry)))}
     found, frontier = [], {ancestor}
     while frontier:
         children = [pid for pid, ppid in parents.items() if ppid in frontier]
@@ -333,17 +320,12 @@ def is_zombie(pid: int) -> bool:
     return not fields or fields[0] in (b"Z", b"X")
 
 
-def reap() -> None:
-    """Collect every child that has ended, without waiting for the others."""
+def reap(block: bool = False) -> None:
+    """Collect every child that has ended, without waiting for the others; with `block`, wait until no
+    child is left (in its own PID namespace the solution process adopts every orphan)."""
     with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+        while os.waitpid(-1, 0 if block else os.WNOHANG)[0] > 0:
             pass
-
-
-def sigkill(pids) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def kill_program(proc: subprocess.Popen) -> None:
@@ -376,7 +358,9 @@ def kill_descendants(rounds_s: float, reaping: bool = False) -> None:
     deadline = time.monotonic() + rounds_s
     while True:
         alive = [pid for pid in descendants(os.getpid()) if reaping or not is_zombie(pid)]
-        sigkill(alive)
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if reaping:
             reap()
         if not alive or time.monotonic() >= deadline:
@@ -488,16 +472,12 @@ def supervise(job: dict) -> dict:
 def judge_main() -> None:
     """Supervisor entry: commit to a nonce, run the job, reveal the nonce with the verdict."""
     prctl(PR_SET_DUMPABLE, 0)  # before the nonce exists: /proc/<pid>/mem and fd/ now refuse other processes
-    channel = os.fdopen(os.dup(1), "w")
+    channel = os.fdopen(os.dup(1), "w", buffering=1)  # line-buffered: each line is out as it is written
     os.dup2(2, 1)  # anything printed by the trusted tests goes to stderr, not into the verdict channel
     nonce = os.urandom(32)
     channel.write(f"hash {hashlib.sha256(nonce).hexdigest()}\n")
-    channel.flush()
-    job = json.loads(sys.stdin.read())
-    verdict = supervise(job)
-    verdict["nonce"] = nonce.hex()
+    verdict = {**supervise(json.loads(sys.stdin.read())), "nonce": nonce.hex()}
     channel.write(json.dumps(verdict) + "\n")
-    channel.flush()
 
 
 if __name__ == "__main__":

