@@ -76,14 +76,24 @@ def build(source: Path, fallback: str) -> Path | None:
         return None
 
 
-def load(source: Path, fallback: str) -> ctypes.CDLL | None:
+_CTYPES = {"p": ctypes.c_void_p, "l": ctypes.c_long, "i": ctypes.c_int, "f": ctypes.c_float}
+
+
+def load(source: Path, fallback: str, signatures: dict[str, str]) -> ctypes.CDLL | None:
     """The loaded library of `source` (built if needed), or None with the reason warned; None at
-    once when PICOCHAT_CPU_KERNEL=0. The caller declares its functions' signatures."""
+    once when PICOCHAT_CPU_KERNEL=0. `signatures` declares each function's C signature in short:
+    a letter per argument, then ">" and the result's letter (none for void), with p a pointer,
+    l a long, i an int and f a float; "pllp>i" is int f(void *, long, long, void *)."""
     path = build(source, fallback) if os.environ.get("PICOCHAT_CPU_KERNEL", "1") != "0" else None
     if path is None:
         return None
     try:
-        return ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(path))
     except OSError as e:
         warn(f"could not load {path} ({e}): {fallback}")
         return None
+    for name, code in signatures.items():
+        arguments, result = code.split(">")
+        function = getattr(lib, name)
+        function.argtypes, function.restype = [_CTYPES[c] for c in arguments], _CTYPES.get(result)
+    return lib

@@ -43,39 +43,18 @@ EPILOGUES = {"sums": 0, "bf16": 1, "relu2": 2, "residual": 3}  # small_matmul.c'
 MAX_ROWS = 16  # beyond this the products are large enough for BLAS (and PackedLinear defers to it)
 
 
-def _build() -> Path | None:
-    """The compiled library's path (compiling it if needed), or None with the reason logged."""
-    return kernels.build(SOURCE, FALLBACK)
+# small_matmul.c's functions (kernels.load's short signatures)
+SIGNATURES = {"picochat_small_matmul": "pllplpi>", "picochat_small_matmul_bf16": "pllplpi>",
+              "picochat_panel_width": ">i", "picochat_small_matmul_bf16_fused": "piifllplippi>i",
+              "picochat_rotary_norm_bf16": "pllllpplffpi>", "picochat_rms_norm": "pllfp>",
+              "picochat_rms_norm_bf16": "pllfp>", "picochat_rms_norm_f32_bf16": "pllfp>", "picochat_topk": "plllppi>i"}
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    lib = kernels.load(SOURCE, FALLBACK)
+    lib = kernels.load(SOURCE, FALLBACK, SIGNATURES)
     if lib is None:
         return None
-    lib.picochat_small_matmul.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                          ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
-    lib.picochat_small_matmul.restype = None
-    lib.picochat_small_matmul_bf16.argtypes = lib.picochat_small_matmul.argtypes
-    lib.picochat_small_matmul_bf16.restype = None
-    lib.picochat_panel_width.restype = ctypes.c_int
-    lib.picochat_small_matmul_bf16_fused.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                                                     ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
-                                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.picochat_small_matmul_bf16_fused.restype = ctypes.c_int
-    lib.picochat_rotary_norm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                                              ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                                              ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-    lib.picochat_rotary_norm_bf16.restype = None
-    lib.picochat_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_void_p]
-    lib.picochat_rms_norm.restype = None
-    lib.picochat_rms_norm_bf16.argtypes = lib.picochat_rms_norm.argtypes
-    lib.picochat_rms_norm_bf16.restype = None
-    lib.picochat_rms_norm_f32_bf16.argtypes = lib.picochat_rms_norm.argtypes
-    lib.picochat_rms_norm_f32_bf16.restype = None
-    lib.picochat_topk.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_int]
-    lib.picochat_topk.restype = ctypes.c_int
     if not _agrees_with_torch(lib):
         warn(f"{SOURCE.name} disagrees with torch on a test product: {FALLBACK}")
         return None

@@ -30,15 +30,9 @@ FALLBACK = "the training loss keeps torch's elementwise ops"
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    lib = kernels.load(SOURCE, FALLBACK)
+    lib = kernels.load(SOURCE, FALLBACK, {"picochat_softcap_ce": "pillpffippi>", "picochat_add_bf16": "ppli>"})
     if lib is None:
         return None
-    lib.picochat_softcap_ce.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                        ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_void_p,
-                                        ctypes.c_void_p, ctypes.c_int]
-    lib.picochat_softcap_ce.restype = None
-    lib.picochat_add_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
-    lib.picochat_add_bf16.restype = None
     if not _agrees_with_torch(lib):
         warn(f"{SOURCE.name} disagrees with torch on a test problem: {FALLBACK}")
         return None

@@ -166,7 +166,7 @@ def test_the_packed_copy_is_a_copy(kernel):
 def test_a_failed_build_falls_back_and_leaves_no_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "compiler", lambda: "/bin/false")
-    assert cpu_matmul._build() is None
+    assert kernels.build(cpu_matmul.SOURCE, cpu_matmul.FALLBACK) is None
     assert list(tmp_path.iterdir()) == []
     assert "warning: could not compile small_matmul.c" in capsys.readouterr().err
 
@@ -176,15 +176,15 @@ def test_an_unwritable_kernel_dir_falls_back(tmp_path, monkeypatch):
     blocker.write_text("a file where the directory should be")
     monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(blocker / "kernels"))
     monkeypatch.setattr(kernels, "compiler", lambda: "/bin/false")
-    assert cpu_matmul._build() is None
+    assert kernels.build(cpu_matmul.SOURCE, cpu_matmul.FALLBACK) is None
 
 
 def test_the_build_is_cached_by_source_and_flags(kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_KERNEL_DIR", str(tmp_path))
-    first = cpu_matmul._build()
+    first = kernels.build(cpu_matmul.SOURCE, cpu_matmul.FALLBACK)
     assert first is not None and first.parent == tmp_path and first.suffix == ".so"
     stamp = first.stat().st_mtime_ns
-    assert cpu_matmul._build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert kernels.build(cpu_matmul.SOURCE, cpu_matmul.FALLBACK) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files
 
 
