@@ -47,7 +47,8 @@ MAX_ROWS = 16  # beyond this the products are large enough for BLAS (and PackedL
 SIGNATURES = {"picochat_small_matmul": "pllplpi>", "picochat_small_matmul_bf16": "pllplpi>",
               "picochat_panel_width": ">i", "picochat_small_matmul_bf16_fused": "piifllplippi>i",
               "picochat_rotary_norm_bf16": "pllllpplffpi>", "picochat_rms_norm": "pllfp>",
-              "picochat_rms_norm_bf16": "pllfp>", "picochat_rms_norm_f32_bf16": "pllfp>", "picochat_topk": "plllppi>i"}
+              "picochat_rms_norm_bf16": "pllfp>", "picochat_rms_norm_f32_bf16": "pllfp>", "picochat_topk": "plllppi>i",
+              "picochat_decode_mlp_bf16": "pplllpppfpiii>i"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -156,6 +157,27 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
                          torch.get_num_threads()):
         return torch.topk(x, k, dim=-1)
     return values, ids
+
+
+def decode_mlp(proj: PackedLinear, fc: PackedLinear, down: PackedLinear, y: torch.Tensor, x: torch.Tensor,
+               eps: float) -> torch.Tensor:
+    """The rest of a decode layer after attention: with x1 = proj.add_to(y, x), the residual stream
+    down.add_to(fc.of_norm(x1, eps, relu2=True), x1), for fp32 attention output y and residual x (rows, C).
+    One kernel call for bf16 weights (the same values as the three calls, which any other case takes)."""
+    fits = (proj.weight.dtype == fc.weight.dtype == down.weight.dtype == torch.bfloat16
+            and y.dtype == x.dtype == torch.float32 and y.is_contiguous() and x.is_contiguous()
+            and y.shape == x.shape == (x.size(0), proj.in_features) and proj.out_features == proj.in_features
+            and fc.in_features == proj.out_features and down.in_features == fc.out_features
+            and down.out_features == proj.out_features)
+    if fits:
+        out = torch.empty_like(x)
+        if not proj.lib.picochat_decode_mlp_bf16(
+                y.data_ptr(), x.data_ptr(), x.size(0), x.size(1), fc.out_features, proj.packed.data_ptr(),
+                fc.packed.data_ptr(), down.packed.data_ptr(), eps, out.data_ptr(), proj._threads(),
+                fc._threads(), down._threads()):
+            return out
+    x1 = proj.add_to(y, x)
+    return down.add_to(fc.of_norm(x1, eps, relu2=True), x1)
 
 
 class PackedLinear:

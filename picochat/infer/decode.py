@@ -168,9 +168,13 @@ class DecodeStep:
                 y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2).float(), keys[:, :, first:length],
                                                    values[:, :, first:length], attn_mask=mask,
                                                    enable_gqa=H != Hk)  # (B, H, 1, D) fp32
-            x = self.attn_proj[i].add_to(y.view(B, H * D), x)  # x + the projection of y rounded to low
-            hidden = self._norm_product(self.fc[i], x, relu2=True)  # relu(norm(x) W_fc)^2 (B, 4C)
-            x = self.mlp_proj[i].add_to(hidden, x)
+            y = y.view(B, H * D)
+            if self.explicit and self.dtype == torch.bfloat16:  # the three products below in one call
+                x = cpu_matmul.decode_mlp(self.attn_proj[i], self.fc[i], self.mlp_proj[i], y, x, self.eps)
+            else:
+                x = self.attn_proj[i].add_to(y, x)  # x + the projection of y rounded to the weights' dtype
+                hidden = self._norm_product(self.fc[i], x, relu2=True)  # relu(norm(x) W_fc)^2 (B, 4C)
+                x = self.mlp_proj[i].add_to(hidden, x)
             if i == model.backout_layer:
                 mid = x
         if positions is None:

@@ -323,6 +323,25 @@ int picochat_small_matmul_bf16_fused(const void *x_in, int x_f32, int normalize,
     return 0;
 }
 
+/* The rest of a bf16 decode layer after attention, in one call: with y the attention output and x the
+ * fp32 residual stream (rows x k each),
+ *   x1 = x + (y rounded to bf16) W_o,   out = x1 + relu(rms_norm(x1) W_fc)^2 W_down
+ * through the three fused products above (the same values as three calls; out may be x1's storage, as
+ * each residual add reads an element before writing it). W_o is (k x k), W_fc (hidden x k), W_down
+ * (k x hidden), packed bf16; threads_* as each call would take. Returns 0, or 1 (nothing usable in out)
+ * when scratch memory cannot be allocated. */
+int picochat_decode_mlp_bf16(const float *y, const float *x, long rows, long k, long hidden, const uint16_t *w_o,
+                             const uint16_t *w_fc, const uint16_t *w_down, float eps, float *out, int threads_o,
+                             int threads_fc, int threads_down) {
+    uint16_t *h = malloc(sizeof(uint16_t) * rows * hidden);
+    int failed = h == NULL
+        || picochat_small_matmul_bf16_fused(y, 1, 0, 0.0f, rows, k, w_o, k, RESIDUAL, x, out, threads_o)
+        || picochat_small_matmul_bf16_fused(out, 1, 1, eps, rows, k, w_fc, hidden, RELU2, NULL, h, threads_fc)
+        || picochat_small_matmul_bf16_fused(h, 0, 0, 0.0f, rows, hidden, w_down, k, RESIDUAL, out, out, threads_down);
+    free(h);
+    return failed;
+}
+
 /* Ranking for top-k: a before b when larger, or equal and at a lower index. */
 static inline int ranks_before(float va, long ia, float vb, long ib) { return va > vb || (va == vb && ia < ib); }
 

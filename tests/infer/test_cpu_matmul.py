@@ -288,3 +288,24 @@ def test_other_devices_never_touch_the_library(monkeypatch):
     values, ids = cpu_matmul.topk(x, 5)
     assert values.device.type == "meta" and ids.shape == (2, 5)
     assert cpu_matmul.rms_norm(x, 1e-6).device.type == "meta"
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32])
+def test_decode_mlp_is_the_three_calls_in_one(kernel, weights_dtype):
+    """cpu_matmul.decode_mlp: the attention projection's residual add, the MLP's normed relu^2 product and its
+    down-projection's residual add, in one kernel call for bf16 weights: the same bits as the three calls
+    (and, for fp32 weights, those three calls themselves)."""
+    generator = torch.Generator().manual_seed(3)
+    C, hidden = 96, 384
+
+    def packed(n, k):
+        return PackedLinear((torch.randn(n, k, generator=generator) / k ** 0.5).to(weights_dtype))
+
+    proj, fc, down = packed(C, C), packed(hidden, C), packed(C, hidden)
+    for rows in (1, 5, MAX_ROWS + 1):
+        y, x = torch.randn(rows, C, generator=generator), torch.randn(rows, C, generator=generator)
+        x1, before = proj.add_to(y, x), x.clone()
+        want = down.add_to(fc.of_norm(x1, 1e-6, relu2=True), x1)
+        got = cpu_matmul.decode_mlp(proj, fc, down, y, x, 1e-6)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert torch.equal(x, before)  # the residual stream it was given is left alone
