@@ -149,23 +149,13 @@ class DecodeStep:
         for i, block in enumerate(model.transformer.h):
             attn = block.attn
             x = model.layer_input(i, x, x0)
-            qkv = self._norm_product(self.qkv[i], x).view(B, H + 2 * Hk, D)
-            qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
-            ve = model.value_embedding(i, ids[:, 0])
-            if ve is not None:  # its gate reads the normed input unrounded, as forward() does
-                v = attn.value_residual(v, self.norm(x, self.eps), ve)
-            qk = self._rotate_norm(attn, qk, cos, sin)
             keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D), fp32
-            if positions is None:  # a view of every row at one position: copied in, widened on the way
-                keys[where].copy_(qk[:, H:])
-                values[where].copy_(v)
-            else:
-                keys[where], values[where] = qk[:, H:].float(), v.float()  # (B, Hk, D) each
+            q = self._queries_and_cache(i, attn, x, ids, cos, sin, keys, values, where, positions, cache.pos)
             if attn.window not in spans:
                 spans[attn.window] = _span(attn.window, length, positions, ids.device)
             first, mask = spans[attn.window]
             with exact:  # autocast, where it is on, would run it in bf16
-                y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2).float(), keys[:, :, first:length],
+                y = F.scaled_dot_product_attention(q.unsqueeze(2).float(), keys[:, :, first:length],
                                                    values[:, :, first:length], attn_mask=mask,
                                                    enable_gqa=H != Hk)  # (B, H, 1, D) fp32
             y = y.view(B, H * D)
@@ -180,6 +170,31 @@ class DecodeStep:
         if positions is None:
             cache.advance(1)
         return model.final_norm(x, mid, self.norm)
+
+    def _queries_and_cache(self, i: int, attn, x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, where: tuple,
+                           positions: torch.Tensor | None, pos: int) -> torch.Tensor:
+        """Layer i's queries (B, H, D) for residual x, its keys and values written into the cache at `where`
+        (every row at `pos`, or row b at positions[b]): in one kernel call for a bf16 layer without value
+        embeddings (cpu_matmul.decode_qkv, the same values), else step by step."""
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        ve = self.model.value_embedding(i, ids[:, 0])
+        if ve is None and self.explicit and self.dtype == torch.bfloat16:
+            q = cpu_matmul.decode_qkv(self.qkv[i], x, self.eps, H, Hk, cos, sin, attn.eps, attn.qk_scale,
+                                      keys, values, positions, pos)
+            if q is not None:
+                return q
+        qkv = self._norm_product(self.qkv[i], x).view(x.size(0), H + 2 * Hk, D)
+        qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
+        if ve is not None:  # its gate reads the normed input unrounded, as forward() does
+            v = attn.value_residual(v, self.norm(x, self.eps), ve)
+        qk = self._rotate_norm(attn, qk, cos, sin)
+        if positions is None:  # a view of every row at one position: copied in, widened on the way
+            keys[where].copy_(qk[:, H:])
+            values[where].copy_(v)
+        else:
+            keys[where], values[where] = qk[:, H:].float(), v.float()  # (B, Hk, D) each
+        return qk[:, :H]
 
     def _norm_product(self, linear, x: torch.Tensor, relu2: bool = False) -> torch.Tensor:
         """linear(self._low_norm(x)), or linear.relu2 of it: norm and product in one kernel call where

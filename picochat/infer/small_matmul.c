@@ -323,6 +323,43 @@ int picochat_small_matmul_bf16_fused(const void *x_in, int x_f32, int normalize,
     return 0;
 }
 
+/* A bf16 decode layer up to attention, in one call: qkv = rms_norm(x) W_qkv (x fp32, rows x k; W_qkv packed
+ * bf16, (heads + 2 kv_heads) * dim outputs), rotary + QK-norm (+ scale) of its q and k heads exactly as
+ * picochat_rotary_norm_bf16 (cos, sin and cs_stride as there), then q widened to fp32 into q_out (rows,
+ * heads, dim), and k and v widened into the fp32 caches: row b's head h at
+ * cache + b * row_stride + h * head_stride + p_b * dim, p_b = positions ? positions[b] : pos. The same
+ * values as the separate calls and copies. Returns 0, or 1 (nothing written) without scratch memory. */
+int picochat_decode_qkv_bf16(const float *x, long rows, long k, const uint16_t *w_qkv, float eps, long heads,
+                             long kv_heads, long dim, const uint16_t *cos, const uint16_t *sin, long cs_stride,
+                             float qk_eps, float scale, float *q_out, float *k_cache, float *v_cache, long row_stride,
+                             long head_stride, const int64_t *positions, long pos, int threads) {
+    long n = (heads + 2 * kv_heads) * dim, rotated = (heads + kv_heads) * dim;
+    uint16_t *qkv = malloc(sizeof(uint16_t) * rows * n);
+    float *qk = malloc(sizeof(float) * rows * rotated);
+    if (qkv == NULL || qk == NULL || picochat_small_matmul_bf16_fused(x, 1, 1, eps, rows, k, w_qkv, n, BF16, NULL,
+                                                                       qkv, threads)) {
+        free(qkv);
+        free(qk);
+        return 1;
+    }
+    picochat_rotary_norm_bf16(qkv, rows, heads + kv_heads, dim, n, cos, sin, cs_stride, qk_eps, scale, qk, 1);
+    for (long b = 0; b < rows; b++) {
+        long at = (positions ? positions[b] : pos) * dim;
+        for (long j = 0; j < heads * dim; j++) q_out[b * heads * dim + j] = qk[b * rotated + j];
+        for (long h = 0; h < kv_heads; h++) {
+            float *kc = k_cache + b * row_stride + h * head_stride + at;
+            float *vc = v_cache + b * row_stride + h * head_stride + at;
+            for (long j = 0; j < dim; j++) {
+                kc[j] = qk[b * rotated + (heads + h) * dim + j];
+                vc[j] = bf16_to_float(qkv[b * n + rotated + h * dim + j]);
+            }
+        }
+    }
+    free(qkv);
+    free(qk);
+    return 0;
+}
+
 /* The rest of a bf16 decode layer after attention, in one call: with y the attention output and x the
  * fp32 residual stream (rows x k each),
  *   x1 = x + (y rounded to bf16) W_o,   out = x1 + relu(rms_norm(x1) W_fc)^2 W_down

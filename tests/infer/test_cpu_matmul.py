@@ -309,3 +309,28 @@ def test_decode_mlp_is_the_three_calls_in_one(kernel, weights_dtype):
         got = cpu_matmul.decode_mlp(proj, fc, down, y, x, 1e-6)
         assert got.dtype == torch.float32 and torch.equal(got, want)
         assert torch.equal(x, before)  # the residual stream it was given is left alone
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared-position", "own-positions"])
+def test_decode_qkv_is_the_calls_and_copies_in_one(kernel, per_row):
+    """cpu_matmul.decode_qkv: norm + q/k/v product, rotary + QK-norm with a QK scale (GQA heads), q out in
+    fp32, k and v widened into a strided fp32 cache at one shared position or one per row: the same bits as
+    the separate calls, and nothing else in the cache touched."""
+    generator = torch.Generator().manual_seed(11 + per_row)
+    B, H, Hk, D, C, max_len = 3, 4, 2, 16, 48, 10
+    qkv = PackedLinear(torch.randn((H + 2 * Hk) * D, C, generator=generator).bfloat16())
+    x = torch.randn(B, C, generator=generator)
+    angles = torch.rand(B if per_row else 1, 1, D // 2, generator=generator) * 6
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    if not per_row:
+        cos, sin = cos[0], sin[0]
+    positions = torch.tensor([0, 5, 9]) if per_row else None
+    cache = torch.zeros(2, 2, B + 1, Hk, max_len, D)  # (k/v, layer, rows, heads, positions, D): a layer's slice
+    keys, values = cache[0, 1, :B], cache[1, 1, :B]
+    q = cpu_matmul.decode_qkv(qkv, x, 1e-6, H, Hk, cos, sin, 1e-6, 1.3, keys, values, positions, 4)
+    out = qkv.of_norm(x, 1e-6).view(B, H + 2 * Hk, D)
+    rotated = cpu_matmul.rotary_norm(out[:, :H + Hk], cos, sin, 1e-6, 1.3, torch.float32)
+    assert q.dtype == torch.float32 and torch.equal(q, rotated[:, :H])
+    rows, at = torch.arange(B), positions if per_row else torch.full((B,), 4)
+    assert torch.equal(keys[rows, :, at], rotated[:, H:]) and torch.equal(values[rows, :, at], out[:, H + Hk:].float())
+    assert int((cache != 0).sum()) == 2 * B * Hk * D  # those rows and positions only
