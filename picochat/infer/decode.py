@@ -16,9 +16,11 @@ attention over the cache), and with:
   one call where torch runs ~8 small ops; equal to the model's rms_norm up to float rounding;
   1.2x tokens/s at batch 1 and ~1.1x at batch 8 here);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
-- in bf16 with the kernel, each block's norms (cast to bf16) and the MLP's relu^2 and both residual
-  adds done in the matmuls' calls (PackedLinear.of_norm / relu2 / add_to), the attention output
-  rounded to bf16 there too: the same bits as torch's ops, without ~8 of them per layer;
+- in bf16 with the kernel, a layer in two kernel calls around torch's attention: norm, q/k/v
+  product, rotary + QK-norm and the cache writes in one (cpu_matmul.decode_qkv; layers with value
+  embeddings take the calls one by one), the output projection, the MLP (norm, relu^2) and both
+  residual adds in the other (cpu_matmul.decode_mlp): the same bits as torch's ops and the separate
+  calls, without ~20 small ops per layer;
 - the architecture options through the model's own methods (GPT.embed, layer_input,
   value_embedding, final_norm; the attention's rotate_norm and value_residual) and its window
   per layer (attention_span / attention_mask);
