@@ -290,9 +290,8 @@ class PackedLinear:
         out = torch.empty(rows, self.out_features, dtype=torch.float32 if wide else torch.bfloat16)
         failed = self.lib.picochat_small_matmul_bf16_fused(
             x.data_ptr(), int(x.dtype == torch.float32), int(norm_eps is not None), norm_eps or 0.0, rows,
-            self.in_features, self.packed.data_ptr(),
-            self.out_features, EPILOGUES[epilogue], None if residual is None else residual.data_ptr(),
-            out.data_ptr(), self._threads())
+            self.in_features, self.packed.data_ptr(), self.out_features, EPILOGUES[epilogue],
+            None if residual is None else residual.data_ptr(), out.data_ptr(), self._threads())
         return None if failed else out
 
     def _check(self, x: torch.Tensor) -> None:

@@ -95,6 +95,8 @@ class DecodeStep:
         self.attn_proj = [make(b.attn.c_proj.weight) for b in blocks]
         self.fc = [make(b.mlp.c_fc.weight) for b in blocks]
         self.mlp_proj = [make(b.mlp.c_proj.weight) for b in blocks]
+        # bf16 copies for the kernel: norms, products and their epilogues in the kernel's fused calls
+        self.fused = self.explicit and self.dtype == torch.bfloat16
 
     @staticmethod
     def supports(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
@@ -161,7 +163,7 @@ class DecodeStep:
                                                    values[:, :, first:length], attn_mask=mask,
                                                    enable_gqa=H != Hk)  # (B, H, 1, D) fp32
             y = y.view(B, H * D)
-            if self.explicit and self.dtype == torch.bfloat16:  # the three products below in one call
+            if self.fused:  # the three products below in one call
                 x = cpu_matmul.decode_mlp(self.attn_proj[i], self.fc[i], self.mlp_proj[i], y, x, self.eps)
             else:
                 x = self.attn_proj[i].add_to(y, x)  # x + the projection of y rounded to the weights' dtype
@@ -181,7 +183,7 @@ class DecodeStep:
         embeddings (cpu_matmul.decode_qkv, the same values), else step by step."""
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
         ve = self.model.value_embedding(i, ids[:, 0])
-        if ve is None and self.explicit and self.dtype == torch.bfloat16:
+        if ve is None and self.fused:
             q = cpu_matmul.decode_qkv(self.qkv[i], x, self.eps, H, Hk, cos, sin, attn.eps, attn.qk_scale,
                                       keys, values, positions, pos)
             if q is not None:
@@ -201,7 +203,7 @@ class DecodeStep:
     def _norm_product(self, linear, x: torch.Tensor, relu2: bool = False) -> torch.Tensor:
         """linear(self._low_norm(x)), or linear.relu2 of it: norm and product in one kernel call where
         every matmul is the kernel's and the weights are bf16 (the same values)."""
-        if self.explicit and self.dtype == torch.bfloat16:
+        if self.fused:
             return linear.of_norm(x, self.eps, relu2)
         normed = self._low_norm(x)
         return linear.relu2(normed) if relu2 else linear(normed)
