@@ -49,7 +49,7 @@ SIGNATURES = {"picochat_small_matmul": "pllplpi>", "picochat_small_matmul_bf16":
               "picochat_rotary_norm_bf16": "pllllpplffpi>", "picochat_rms_norm": "pllfp>",
               "picochat_rms_norm_bf16": "pllfp>", "picochat_rms_norm_f32_bf16": "pllfp>", "picochat_topk": "plllppi>i",
               "picochat_decode_mlp_bf16": "pplllpppfpiii>i",
-              "picochat_decode_qkv_bf16": "pllpflllpplffpppllpli>i"}
+              "picochat_decode_qkv_bf16": "pllpflllpplffpppllplppi>i"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,11 +162,14 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decode_qkv(qkv: PackedLinear, x: torch.Tensor, eps: float, heads: int, kv_heads: int, cos: torch.Tensor,
                sin: torch.Tensor, qk_eps: float, qk_scale: float, keys: torch.Tensor, values: torch.Tensor,
-               positions: torch.Tensor | None, pos: int) -> torch.Tensor | None:
+               positions: torch.Tensor | None, pos: int, ve: torch.Tensor | None = None,
+               gate: torch.Tensor | None = None) -> torch.Tensor | None:
     """A bf16 decode layer up to attention in one kernel call: the queries (rows, heads, D) fp32 of
     rotary_norm(qkv.of_norm(x, eps)) (QK scale included), its keys and values written widened into the
-    fp32 caches `keys`, `values` (rows, kv_heads, max_len, D) at `pos`, or row b at positions[b]. The same
-    values as those calls and copies; None where it does not apply (the caller takes them)."""
+    fp32 caches `keys`, `values` (rows, kv_heads, max_len, D) at `pos`, or row b at positions[b]; with a
+    value embedding ve (rows, kv_heads * D) bf16 and its gate (rows, kv_heads) fp32, the values are
+    those of the attention's value_residual. The same values as those calls and copies; None where it
+    does not apply (the caller takes them)."""
     rows, D = x.size(0), keys.size(-1)
     fits = (qkv.weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.is_contiguous()
             and x.shape == (rows, qkv.in_features) and qkv.out_features == (heads + 2 * kv_heads) * D
@@ -174,7 +177,10 @@ def decode_qkv(qkv: PackedLinear, x: torch.Tensor, eps: float, heads: int, kv_he
             and keys.stride() == values.stride() and keys.stride(3) == 1 and keys.stride(2) == D
             and keys.size(0) == rows and keys.size(1) == kv_heads and cos.dtype == sin.dtype == torch.bfloat16
             and cos.is_contiguous() and sin.is_contiguous() and cos.numel() in (D // 2, rows * D // 2)
-            and (positions is None or (positions.dtype == torch.int64 and positions.is_contiguous())))
+            and (positions is None or (positions.dtype == torch.int64 and positions.is_contiguous()))
+            and (ve is None or (ve.dtype == torch.bfloat16 and ve.is_contiguous() and ve.shape == (rows, kv_heads * D)
+                                and gate.dtype == torch.float32 and gate.is_contiguous()
+                                and gate.shape == (rows, kv_heads))))
     if not fits:
         return None
     q = torch.empty(rows, heads, D)
@@ -182,7 +188,7 @@ def decode_qkv(qkv: PackedLinear, x: torch.Tensor, eps: float, heads: int, kv_he
         x.data_ptr(), rows, qkv.in_features, qkv.packed.data_ptr(), eps, heads, kv_heads, D, cos.data_ptr(),
         sin.data_ptr(), 0 if cos.numel() == D // 2 else D // 2, qk_eps, qk_scale, q.data_ptr(), keys.data_ptr(),
         values.data_ptr(), keys.stride(0), keys.stride(1), None if positions is None else positions.data_ptr(),
-        pos, qkv._threads())
+        pos, None if ve is None else ve.data_ptr(), None if ve is None else gate.data_ptr(), qkv._threads())
     return None if failed else q
 
 

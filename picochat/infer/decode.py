@@ -17,12 +17,12 @@ attention over the cache), and with:
   1.2x tokens/s at batch 1 and ~1.1x at batch 8 here);
 - rotary embedding and QK-norm applied to q and k together (one set of ops, not two);
 - in bf16 with the kernel, a layer in two kernel calls around torch's attention: norm, q/k/v
-  product, rotary + QK-norm and the cache writes in one (cpu_matmul.decode_qkv; layers with value
-  embeddings take the calls one by one), the output projection, the MLP (norm, relu^2) and both
+  product, rotary + QK-norm, a value embedding's gated add and the cache writes in one
+  (cpu_matmul.decode_qkv), the output projection, the MLP (norm, relu^2) and both
   residual adds in the other (cpu_matmul.decode_mlp): the same bits as torch's ops and the separate
   calls, without ~20 small ops per layer;
 - the architecture options through the model's own methods (GPT.embed, layer_input,
-  value_embedding, final_norm; the attention's rotate_norm and value_residual) and its window
+  value_embedding, final_norm; the attention's rotate_norm, value_residual and value_gate) and its window
   per layer (attention_span / attention_mask);
 - keys and values written straight into the cache at the current position.
 
@@ -179,13 +179,14 @@ class DecodeStep:
                            sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, where: tuple,
                            positions: torch.Tensor | None, pos: int) -> torch.Tensor:
         """Layer i's queries (B, H, D) for residual x, its keys and values written into the cache at `where`
-        (every row at `pos`, or row b at positions[b]): in one kernel call for a bf16 layer without value
-        embeddings (cpu_matmul.decode_qkv, the same values), else step by step."""
+        (every row at `pos`, or row b at positions[b]): in one kernel call for a bf16 layer (cpu_matmul.decode_qkv,
+        the same values; a value embedding's gate is computed here first), else step by step."""
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
         ve = self.model.value_embedding(i, ids[:, 0])
-        if ve is None and self.fused:
+        if self.fused:  # the value gate reads the normed input unrounded, as forward() does
+            gate = None if ve is None else attn.value_gate(self.norm(x, self.eps))
             q = cpu_matmul.decode_qkv(self.qkv[i], x, self.eps, H, Hk, cos, sin, attn.eps, attn.qk_scale,
-                                      keys, values, positions, pos)
+                                      keys, values, positions, pos, ve, gate)
             if q is not None:
                 return q
         qkv = self._norm_product(self.qkv[i], x).view(x.size(0), H + 2 * Hk, D)

@@ -327,12 +327,16 @@ int picochat_small_matmul_bf16_fused(const void *x_in, int x_f32, int normalize,
  * bf16, (heads + 2 kv_heads) * dim outputs), rotary + QK-norm (+ scale) of its q and k heads exactly as
  * picochat_rotary_norm_bf16 (cos, sin and cs_stride as there), then q widened to fp32 into q_out (rows,
  * heads, dim), and k and v widened into the fp32 caches: row b's head h at
- * cache + b * row_stride + h * head_stride + p_b * dim, p_b = positions ? positions[b] : pos. The same
- * values as the separate calls and copies. Returns 0, or 1 (nothing written) without scratch memory. */
+ * cache + b * row_stride + h * head_stride + p_b * dim, p_b = positions ? positions[b] : pos. With a value
+ * embedding ve (rows, kv_heads * dim, bf16) and its gate (rows, kv_heads, fp32), head h's values are first
+ * (v + gate[b, h] * ve) rounded to bf16, the product rounded to fp32 before the sum as torch's two ops
+ * round them (ve NULL: none). The same values as the separate calls and copies. Returns 0, or 1
+ * (nothing written) without scratch memory. */
 int picochat_decode_qkv_bf16(const float *x, long rows, long k, const uint16_t *w_qkv, float eps, long heads,
                              long kv_heads, long dim, const uint16_t *cos, const uint16_t *sin, long cs_stride,
                              float qk_eps, float scale, float *q_out, float *k_cache, float *v_cache, long row_stride,
-                             long head_stride, const int64_t *positions, long pos, int threads) {
+                             long head_stride, const int64_t *positions, long pos, const uint16_t *ve,
+                             const float *gate, int threads) {
     long n = (heads + 2 * kv_heads) * dim, rotated = (heads + kv_heads) * dim;
     uint16_t *qkv = malloc(sizeof(uint16_t) * rows * n);
     float *qk = malloc(sizeof(float) * rows * rotated);
@@ -349,9 +353,15 @@ int picochat_decode_qkv_bf16(const float *x, long rows, long k, const uint16_t *
         for (long h = 0; h < kv_heads; h++) {
             float *kc = k_cache + b * row_stride + h * head_stride + at;
             float *vc = v_cache + b * row_stride + h * head_stride + at;
+            const uint16_t *vh = ve ? ve + (b * kv_heads + h) * dim : NULL;
             for (long j = 0; j < dim; j++) {
                 kc[j] = qk[b * rotated + (heads + h) * dim + j];
-                vc[j] = bf16_to_float(qkv[b * n + rotated + h * dim + j]);
+                float v = bf16_to_float(qkv[b * n + rotated + h * dim + j]);
+                if (vh) {
+                    volatile float gated = gate[b * kv_heads + h] * bf16_to_float(vh[j]); /* no fused multiply-add */
+                    v = round_bf16(v + gated);
+                }
+                vc[j] = v;
             }
         }
     }

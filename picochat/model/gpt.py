@@ -238,8 +238,11 @@ class CausalSelfAttention(nn.Module):
     def value_residual(self, v: torch.Tensor, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
         """v (..., H_kv, D) plus the token's value embedding ve (..., H_kv * D), scaled per kv head by
         3 * sigmoid(gate(x)) in (0, 3), x (..., C) the block's normed input; in v's dtype."""
-        gate = 3.0 * torch.sigmoid(gate_logits(x, self.ve_gate))  # (..., H_kv)
-        return (v + gate.unsqueeze(-1) * ve.view(v.shape)).to(v.dtype)
+        return (v + self.value_gate(x).unsqueeze(-1) * ve.view(v.shape)).to(v.dtype)
+
+    def value_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """value_residual's scale per kv head (..., H_kv), 3 * sigmoid(gate(x)), for x (..., C)."""
+        return 3.0 * torch.sigmoid(gate_logits(x, self.ve_gate))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None, ve: torch.Tensor | None = None) -> torch.Tensor:

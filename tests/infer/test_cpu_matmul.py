@@ -334,3 +334,30 @@ def test_decode_qkv_is_the_calls_and_copies_in_one(kernel, per_row):
     rows, at = torch.arange(B), positions if per_row else torch.full((B,), 4)
     assert torch.equal(keys[rows, :, at], rotated[:, H:]) and torch.equal(values[rows, :, at], out[:, H + Hk:].float())
     assert int((cache != 0).sum()) == 2 * B * Hk * D  # those rows and positions only
+
+
+def test_decode_qkv_adds_a_gated_value_embedding_as_torch_rounds_it(kernel):
+    """decode_qkv with a value embedding: the cached values are value_residual's, (v + gate * ve) in bf16 with
+    the product rounded to fp32 before the sum, as torch's two ops round it. One value is picked where a
+    fused multiply-add would round the other way: v = 1, gate * ve a hair above 2^-8 + 2^-24, so that the
+    fp32 sum is a bf16 tie (-> 1.0) only when the product is rounded first (fused: 1.0078125)."""
+    generator = torch.Generator().manual_seed(5)
+    B, H, Hk, D, C, max_len = 2, 2, 2, 8, 16, 6
+    weight = torch.randn((H + 2 * Hk) * D, C, generator=generator)
+    weight[(H + Hk) * D] = 0.0
+    weight[(H + Hk) * D, 0] = 1.0  # row 0's first value is its normed input's first channel: 1.0
+    qkv = PackedLinear(weight.bfloat16())
+    x = torch.randn(B, C, generator=generator)
+    x[0] = 0.5  # a constant row normalises to ones (1 - 5e-7, rounded to bf16: 1.0)
+    ve = torch.randn(B, Hk * D, generator=generator).bfloat16()
+    gate = torch.rand(B, Hk, generator=generator) * 3
+    ve[0, 0], gate[0, 0] = 1.03125, 0.003787936642765999
+    cos, sin = torch.ones(D // 2).bfloat16(), torch.zeros(D // 2).bfloat16()
+    cache = torch.zeros(2, B, Hk, max_len, D)
+    assert cpu_matmul.decode_qkv(qkv, x, 1e-6, H, Hk, cos, sin, 1e-6, 1.0, cache[0], cache[1], None, 3, ve, gate) is not None
+    v = qkv.of_norm(x, 1e-6).view(B, H + 2 * Hk, D)[:, H + Hk:]
+    want = (v + gate.unsqueeze(-1) * ve.view(v.shape)).to(torch.bfloat16).float()
+    assert v[0, 0, 0] == 1.0 and want[0, 0, 0] == 1.0
+    assert torch.addcmul(v[0, 0, 0].float(), gate[0, 0], ve[0, 0].float()).bfloat16() == 1.0078125  # fused
+    assert torch.equal(cache[1, :, :, 3], want)
+    assert int((cache[1] != 0).sum()) == B * Hk * D  # that position only

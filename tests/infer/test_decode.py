@@ -54,6 +54,41 @@ def test_the_step_on_the_models_own_weights_equals_hidden_states(arch, dtype):
     assert all(w.data_ptr() in params for linear in linears for w in linear.weights)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared-position", "own-positions"])
+def test_the_fused_bf16_layer_is_the_step_by_step_one(per_row, monkeypatch):
+    """A bf16 step through the two fused kernel calls per layer (value embeddings, GQA and windows
+    included) gives the same hidden states and cache, bit for bit, as the same step call by call."""
+    from picochat.infer import cpu_matmul
+    if not cpu_matmul.available():
+        pytest.skip("the small-matmul C kernel is not built on this machine")
+    torch.manual_seed(0)
+    model = randomize(build_model(options_config(OPTIONS["all_2026"], n_kv_head=2), "cpu").eval())
+    model.cast_weights_(torch.bfloat16)
+    assert model.config.value_embed_layers()
+    calls, real = [], cpu_matmul.decode_qkv
+
+    def decode_qkv(*args):
+        q = real(*args)
+        calls.append((args[-2] is not None, q is not None))  # (a value embedding given, the kernel ran)
+        return q
+    monkeypatch.setattr(cpu_matmul, "decode_qkv", decode_qkv)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    positions = torch.tensor([2, 7, 11]) if per_row else None
+    outputs, caches = [], []
+    for fused in (True, False):
+        step = DecodeStep(model)
+        assert step.fused
+        step.fused = fused
+        cache = KVCache(3, model.config.n_layer, 2, model.config.head_dim, 16)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = [step(ids[:, t:t + 1], cache, positions if per_row else None) for t in range(ids.size(1))]
+        outputs.append(torch.stack(out))
+        caches.append((cache.k.clone(), cache.v.clone()))
+    assert set(calls) == {(True, True), (False, True)}  # layers with and without one, all in the kernel
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
 def check_decode_equals_hidden_states(model, dtype: torch.dtype, prompt_len: int, new: int,
                                       copies: bool | None = None) -> DecodeStep:
     """Prefill `prompt_len` tokens, then `new` one at a time through hidden_states and DecodeStep."""
