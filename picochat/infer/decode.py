@@ -278,19 +278,20 @@ class _TransposedLinear(_Linear):
     small-batch products (except (1, 4C) x (4C, C), faster in the original layout; the copy is
     made for the first batch > 1).
 
-    bf16 weights are multiplied as the kernel multiplies them: an exact fp32 copy of the weights,
-    fp32 sums, the result rounded to bf16. torch's own bf16 GEMMs round a row differently with the
-    batch's size (1 row in ~3,000 at these shapes), which would make a request's tokens depend on
-    what else is in a continuous batch."""
+    The copy is in the weights' dtype and x is rounded to it, so a bf16 product is one bf16 GEMM
+    with no per-call cast (autocast, where it is on, finds both operands in bf16 already). torch's
+    bf16 GEMMs round a row differently with the batch's size (1 row in ~3,000 at these shapes), so
+    on this path a request's tokens can depend on what else is in a continuous batch; the C kernel's
+    rows (PackedLinear) do not."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight.detach().float()  # bf16 values exactly; fp32 weights are not copied
+        self.weight = weight.detach()
         self.dtype = weight.dtype
         wide = weight.size(1) > weight.size(0)  # the MLP down-projection
         self.transposed = None if wide else self.weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype, x = x.dtype, x.float()
+        out_dtype, x = x.dtype, x.to(self.dtype)
         if self.transposed is None:
             if x.size(0) == 1:
                 return F.linear(x, self.weight).to(out_dtype)

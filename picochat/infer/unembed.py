@@ -71,6 +71,11 @@ class Unembedder:
                 self.packed = PackedLinear(self.weight)
             if self.packed is not None:
                 return self.packed.sums(hidden)  # (B, V); hidden rounded to bf16 in the call for bf16 weights
+        with torch.autocast("cpu", enabled=False):  # fp32 products of the exact values, as the kernel's
+            return self._torch_sums(hidden)
+
+    def _torch_sums(self, hidden: torch.Tensor) -> torch.Tensor:
+        """__call__ without the kernel: fp32 sums through torch's matmuls, in the layout fastest for the batch."""
         hidden = hidden.to(self.dtype).float().contiguous()  # bf16: the rounded values, exactly
         weight = self._weight_fp32()
         if hidden.size(0) == 1:

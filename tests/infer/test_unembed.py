@@ -23,6 +23,22 @@ def test_raw_logits_equal_the_linear_layer_in_every_layout(matmul_kernel):
     assert (unembed.transposed is not None) == (not matmul_kernel)
 
 
+def test_bf16_logits_are_fp32_sums_of_the_rounded_values_under_autocast(matmul_kernel):
+    """bf16 weights, called inside the engine's bf16 autocast: the logits are the fp32 sums of the exact
+    bf16 products in every layout, not a bf16 GEMM's logits rounded to bf16 (in steps of 1/32 at 8-16)."""
+    torch.manual_seed(0)
+    weight = (torch.randn(1000, 48) * 3).bfloat16()
+    unembed = Unembedder(weight, torch.bfloat16)
+    for rows in (1, 1, 1, 3, 17):
+        hidden = torch.randn(rows, 48)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = unembed(hidden)
+        want = hidden.bfloat16().float() @ weight.float().t()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        assert not torch.equal(got, got.bfloat16().float())  # not rounded to bf16 on the way
+
+
 def test_each_generation_sees_the_current_weights(tokenizer, model):
     """The engine makes a new Unembedder per request: an optimiser step in between is seen."""
     engine = Engine(model, tokenizer, compute_dtype=torch.float32)
