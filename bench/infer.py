@@ -7,7 +7,10 @@
 
 Model: a randomly initialised GPT of --depth 4 (width 256, 2 heads of 128), vocab 32,768; prompt
 64 tokens, 256 new tokens (stop tokens ignored by picochat so every run decodes the full length),
-top-k 50, temperature 1.
+top-k 50, temperature 1. --arch picks picochat's architecture: classic (default; the reference's,
+so the two run side by side), cpu (the cpu preset's: value embeddings, smear, backout, sliding
+windows) or 2026 (the 2026 recipe's); the reference has only the classic one, so its rows are
+skipped for the others.
 
 Engine rows: time to first token (prefill + first sample) and decode tokens/s at batch 1 and 8
 (aggregate over the batch) for every (system, dtype): fp32 always, bf16 too on CUDA and on CPUs with
@@ -57,11 +60,13 @@ import torch
 from machine import DTYPE_NAMES, describe_machine, format_machine
 from results import default_out, write_results
 
+from picochat.config import architecture_options
 from picochat.errors import UserError
 from picochat.infer import Engine
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.runtime import cpu_supports_fast_bf16, pick_device
 from picochat.tokenizer import SPECIAL_TOKENS
+from picochat.train.base_train import BaseTrainConfig
 
 # The server rows and the soak need `picochat serve`'s packages (fastapi, uvicorn) and the load
 # client's (httpx); a bare GPU image may lack them, and the engine rows do not need them.
@@ -116,9 +121,18 @@ class StubTokenizer:
 
 # ---- worker side: one (system, dtype) per process -------------------------------------------------
 
+def arch_options(arch: str) -> dict:
+    """GPTConfig's architecture fields for --arch as base-train resolves them: none (classic), the cpu
+    preset's, or the 2026 recipe's."""
+    if arch == "classic":
+        return {}
+    given = {"preset": "cpu"} if arch == "cpu" else {"recipe": "2026"}
+    return architecture_options(BaseTrainConfig.defaults(**given))
+
+
 def picochat_engine(device: torch.device, dtype: torch.dtype, args) -> Engine:
     """picochat's engine on the benchmark model, its weights cast once to `dtype` as the server does."""
-    config = GPTConfig.from_depth(args.depth, VOCAB, max_seq_len=2048)
+    config = GPTConfig.from_depth(args.depth, VOCAB, max_seq_len=2048, **arch_options(args.arch))
     torch.manual_seed(0)
     model = build_model(config, device).eval()
     model.cast_weights_(dtype)
@@ -410,6 +424,9 @@ def engine_systems(args, notes: list[str]) -> list[str]:
     if args.reference_dir is None:
         notes.append("no --reference-dir given; the reference engine is skipped")
         return ["picochat"]
+    if args.arch != "classic":
+        notes.append(f"--arch {args.arch}: the reference has the classic architecture only; its engine is skipped")
+        return ["picochat"]
     if not (args.reference_dir.expanduser() / "nanochat" / "engine.py").exists():
         notes.append(f"no reference checkout at {args.reference_dir} (nanochat/engine.py missing); skipped")
         return ["picochat"]
@@ -472,6 +489,8 @@ def parse_args() -> argparse.Namespace:
                         help="compute dtypes to time (default: fp32, and bf16 on CUDA and on CPUs with fast bf16)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--depth", type=int, default=4, help="model depth (width depth*64, 128-wide heads)")
+    parser.add_argument("--arch", choices=("classic", "cpu", "2026"), default="classic",
+                        help="picochat's architecture: classic (the reference's), cpu (the cpu preset's) or 2026")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine and batch size (best is reported)")
@@ -526,7 +545,8 @@ def main() -> int:
     notes = []
     if "bf16" in dtypes and device.type == "cpu" and not cpu_supports_fast_bf16():
         notes.append("bf16 on a CPU without AMX/AVX512-BF16: its matmuls fall back to slow code")
-    results: dict = {"machine": machine, "dtypes": dtypes, "depth": args.depth, "prompt_tokens": args.prompt_tokens,
+    results: dict = {"machine": machine, "dtypes": dtypes, "depth": args.depth, "arch": args.arch,
+                     "arch_options": arch_options(args.arch), "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "repeats": args.repeats, "notes": notes}
 
     out = args.out or default_out("infer")

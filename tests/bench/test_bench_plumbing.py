@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from picochat.config import architecture_options
 from picochat.runtime import cpu_supports_fast_bf16
+from picochat.train.base_train import BaseTrainConfig
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # the bench scripts import their siblings by file name
@@ -329,6 +331,27 @@ def test_infer_engine_rows_run_without_the_serving_packages(tmp_path, picochat_h
     refused = subprocess.run([*base, "--skip-server"], capture_output=True, text=True, env=env, timeout=120,
                              check=False)
     assert refused.returncode == 2 and "--skip-server --soak 0" in refused.stderr, refused.stderr[-3000:]
+
+
+def test_infer_arch_times_the_cpu_presets_model_and_skips_the_classic_only_reference(tmp_path, picochat_home):
+    """--arch cpu builds the model base-train --preset cpu builds (value embeddings, smear, backout,
+    windows) and, the reference having only the classic architecture, times picochat alone, saying so."""
+    reference = tmp_path / "reference"
+    (reference / "nanochat").mkdir(parents=True)
+    (reference / "nanochat" / "engine.py").write_text("raise ImportError('never imported')\n")
+    env = {**os.environ, "PICOCHAT_HOME": str(picochat_home)}
+    env.pop("PICOCHAT_DTYPE", None)
+    out = tmp_path / "infer.json"
+    run = subprocess.run([sys.executable, str(BENCH / "infer.py"), "--device", "cpu", "--depth", "2", "--threads", "1",
+                          "--prompt-tokens", "4", "--new-tokens", "4", "--repeats", "1", "--dtypes", "fp32",
+                          "--arch", "cpu", "--reference-dir", str(reference), "--skip-server", "--soak", "0",
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cpu = BaseTrainConfig.defaults(preset="cpu")
+    assert report["arch_options"] == architecture_options(cpu) and report["arch_options"]["value_embeds"] is True
+    assert list(report["engines"]) == ["picochat"] and report["engines"]["picochat"]["fp32"]["batch1"]["decode_tok_s"] > 0
+    assert any("classic architecture only" in note for note in report["notes"])
 
 
 def test_gpu_session_without_the_serving_packages_runs_the_engine_rows(tmp_path, picochat_home):
