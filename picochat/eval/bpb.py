@@ -33,13 +33,9 @@ def bpb_with_standard_error(batches: list[tuple[float, float]]) -> tuple[float, 
 
 
 @torch.no_grad()
-def evaluate_bpb_with_se(
-    model,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
-    token_bytes: torch.Tensor,
-    compute_dtype: torch.dtype = torch.float32,
-) -> tuple[float, float]:
+def evaluate_bpb_with_se(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                         token_bytes: torch.Tensor,
+                         compute_dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """(bpb, its standard error across batches) over `steps` batches; batch i is summed across ranks.
     Too few tokens is an error, never inf."""
     if steps <= 0:

@@ -21,16 +21,8 @@ def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate_categorical(
-    model,
-    tokenizer,
-    task,
-    batch_size: int = 8,
-    max_items: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    compute_dtype: torch.dtype = torch.float32,
-) -> dict:
+def evaluate_categorical(model, tokenizer, task, batch_size: int = 8, max_items: int | None = None,
+                         rank: int = 0, world_size: int = 1, compute_dtype: torch.dtype = torch.float32) -> dict:
     """{"accuracy", "correct", "total"} over the task's items (split across ranks, summed); with
     `max_items`, that many items spread evenly over the task (item i * len // max_items), so a task
     stored subject by subject is scored on every subject."""

@@ -286,11 +286,10 @@ def run(args: argparse.Namespace) -> int:
              f"{cfg.temperature}, top-k {cfg.top_k} | world {world.world_size}")
         t0 = time.time()
         every = -1 if cfg.max_problems is None else cfg.max_problems  # -1: every item
-        results = run_chat_eval(
-            model, tokenizer, names, source=cfg.source, max_problems=every,
-            num_samples=cfg.num_samples, temperature=cfg.temperature, top_k=cfg.top_k,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-            rank=world.rank, world_size=world.world_size, compute_dtype=dtype, log=log0)
+        results = run_chat_eval(model, tokenizer, names, source=cfg.source, max_problems=every,
+                                num_samples=cfg.num_samples, temperature=cfg.temperature, top_k=cfg.top_k,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                                rank=world.rank, world_size=world.world_size, compute_dtype=dtype, log=log0)
         core = chat_core(results)
         if world.is_main:
             print(format_table(results, core))

@@ -229,11 +229,9 @@ def evaluate_task(model: Callable, tokenizer: TextEncoder, task: CoreTask, *, ma
     if n == 0:
         raise DataError(f"task {task.label} has no items to evaluate; check its data file or --max-per-task")
     accuracy = n_correct / n
-    return TaskResult(
-        label=task.label, task_type=task.task_type, num_fewshot=task.num_fewshot, items=n, accuracy=accuracy,
-        random_baseline=task.random_baseline, centered=centered_accuracy(accuracy, task.random_baseline),
-        seconds=time.time() - t0,
-    )
+    return TaskResult(label=task.label, task_type=task.task_type, num_fewshot=task.num_fewshot, items=n,
+                      accuracy=accuracy, random_baseline=task.random_baseline,
+                      centered=centered_accuracy(accuracy, task.random_baseline), seconds=time.time() - t0)
 
 
 def evaluate_core(model: Callable, tokenizer: TextEncoder, tasks: Sequence[CoreTask], *,

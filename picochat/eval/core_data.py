@@ -86,8 +86,7 @@ def read_items(path: Path, task_type: str, label: str) -> list[dict]:
     for line_no, item in iter_jsonl(path):
         if not isinstance(item, dict):
             raise DataError(f"{path}:{line_no}: a {task_type} item must be a JSON object, not {item!r}")
-        missing = [k for k in REQUIRED_FIELDS[task_type] if k not in item]
-        if missing:
+        if missing := [k for k in REQUIRED_FIELDS[task_type] if k not in item]:
             raise DataError(f"{path}:{line_no}: a {task_type} item needs {missing}")
         if task_type != "language_modeling":
             options = item["choices" if task_type == "multiple_choice" else "context_options"]
@@ -115,10 +114,8 @@ def load_bundle(path: str | os.PathLike, only: list[str] | None = None) -> list[
                             f"(got {entry!r})")
     baselines = read_baselines(root / "eval_meta_data.csv")
     labels = [e.get("label") for e in entries]
-    if only:
-        unknown = sorted(set(only) - set(labels))
-        if unknown:
-            raise DataError(f"--tasks names {unknown}, which the bundle at {root} lacks; it has: {', '.join(labels)}")
+    if only and (unknown := sorted(set(only) - set(labels))):
+        raise DataError(f"--tasks names {unknown}, which the bundle at {root} lacks; it has: {', '.join(labels)}")
     tasks = []
     for entry in entries:
         label = entry.get("label")
@@ -137,12 +134,10 @@ def load_bundle(path: str | os.PathLike, only: list[str] | None = None) -> list[
         if not isinstance(shots, int) or shots < 0:
             raise DataError(f"{root / 'core.yaml'}: task {label}: num_fewshot {entry['num_fewshot']!r} is not a "
                             "count >= 0 (write e.g. [10])")
-        tasks.append(CoreTask(
-            label=label, task_type=task_type,
-            items=read_items(root / "eval_data" / entry["dataset_uri"], task_type, label),
-            num_fewshot=shots, continuation_delimiter=entry.get("continuation_delimiter", " "),
-            random_baseline=baselines[label],
-        ))
+        items = read_items(root / "eval_data" / entry["dataset_uri"], task_type, label)
+        tasks.append(CoreTask(label=label, task_type=task_type, items=items, num_fewshot=shots,
+                              continuation_delimiter=entry.get("continuation_delimiter", " "),
+                              random_baseline=baselines[label]))
     return tasks
 
 
@@ -187,8 +182,7 @@ def download_eval_bundle(dest_dir: Path | None = None, url: str = EVAL_BUNDLE_UR
                 raise DataError(f"{url} did not return a zip file; check the URL")
             with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".eval_bundle.") as tmp:
                 with zipfile.ZipFile(zip_path) as z:
-                    bad = [n for n in z.namelist() if n.startswith("/") or ".." in Path(n).parts]
-                    if bad:
+                    if bad := [n for n in z.namelist() if n.startswith("/") or ".." in Path(n).parts]:
                         raise DataError(f"{zip_path} has unsafe member paths ({bad[0]}); refusing to extract")
                     z.extractall(Path(tmp) / "unzipped")
                 root = find_bundle_root(Path(tmp) / "unzipped")

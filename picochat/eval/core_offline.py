@@ -191,12 +191,10 @@ def convert_jeopardy(docs: list[dict]) -> list[dict]:
 
 
 def convert_copa(rows: list[dict]) -> list[dict]:
-    def lower_first(s: str) -> str:
-        return s[:1].lower() + s[1:]
-
+    """The premise with its connective; each choice with its first letter lower-cased."""
     return [{"query": r["premise"].rstrip(".") + (" because" if r["question"] == "cause" else " therefore"),
-             "choices": [lower_first(r["choice1"]), lower_first(r["choice2"])], "gold": int(r["label"])}
-            for r in rows]
+             "choices": [c[:1].lower() + c[1:] for c in (r["choice1"], r["choice2"])],
+             "gold": int(r["label"])} for r in rows]
 
 
 def _four_choice_item(query: str, choices: list[str], gold: int, seed: int, shuffle: bool) -> dict:
@@ -248,11 +246,9 @@ def convert_coqa(docs: list[dict]) -> list[dict]:
 
 
 def convert_boolq(rows: list[dict]) -> list[dict]:
-    def truth(v) -> bool:
-        return v if isinstance(v, bool) else str(v).strip().lower() == "true"
-
+    # the answer is a bool or its text ("True", "false"); str(True) == "True" covers both
     return [{"query": f"Passage: {r['passage']}\nQuestion: {r['question'].rstrip('?')}?\nAnswer:",
-             "choices": ["no", "yes"], "gold": int(truth(r["answer"]))} for r in rows]
+             "choices": ["no", "yes"], "gold": int(str(r["answer"]).strip().lower() == "true")} for r in rows]
 
 
 def _gold_target(example: dict) -> str:
