@@ -174,11 +174,9 @@ class PaddedConversations(_Batches):
         return self.position // self.walk.per_epoch
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        rows = []
-        for _ in range(self.B):
-            _, conv = self.walk.row(self.position)
-            rows.append(self.tokenizer.render_conversation(conv, max_tokens=self.T + 1))
-            self.position += 1
+        rows = [self.tokenizer.render_conversation(self.walk.row(p)[1], max_tokens=self.T + 1)
+                for p in range(self.position, self.position + self.B)]
+        self.position += self.B
         real = sum(len(ids) - 1 for ids, _ in rows)
         longest = max(len(ids) for ids, _ in rows) - 1
         width = next(w for w in self.buckets if w >= longest) if self.buckets else None

@@ -110,16 +110,14 @@ def _attempt(client: httpx.Client, url: str, tmp: Path, timeout_s: float) -> Non
                 raise DataError(f"{url} does not exist (HTTP 404); check -n, --source and --base-url")
             if r.status_code not in (200, 206):
                 raise DataError(f"{url}: HTTP {r.status_code}; check --base-url")
-            start = 0
-            if r.status_code == 206:
+            if r.status_code == 206:  # the rest of the file, from offset `have`
                 m = re.match(r"bytes (\d+)-", r.headers.get("content-range", ""))
-                start = int(m.group(1)) if m else -1
-                if start != have:
+                if not m or int(m.group(1)) != have:
                     tmp.unlink(missing_ok=True)  # an answer we cannot splice: start over next attempt
                     raise RetryableError(f"bad Content-Range {r.headers.get('content-range')!r} for offset {have}")
             expected = r.headers.get("content-length")
             got = 0
-            with open(tmp, "ab" if start else "wb") as f:
+            with open(tmp, "ab" if r.status_code == 206 else "wb") as f:
                 for chunk in r.iter_bytes():  # as received, so a dropped connection keeps what came
                     f.write(chunk)
                     got += len(chunk)
@@ -196,8 +194,7 @@ def download_shards(source: str = "fineweb-edu", num_train: int = 8, data_dir: P
     if sha256_manifest is None and (data_dir / "SHA256SUMS").exists():
         sha256_manifest = str(data_dir / "SHA256SUMS")
     sums = read_sha256_manifest(sha256_manifest) if sha256_manifest else {}
-    indices = shard_indices(layout, num_train)
-    names = [layout.name_of(i) for i in indices]
+    names = [layout.name_of(i) for i in shard_indices(layout, num_train)]
     if sums and (missing := [n for n in names if n not in sums]):
         raise DataError(f"--sha256-manifest {sha256_manifest} has no sum for {missing[0]} "
                         f"(and {len(missing) - 1} more); use a complete manifest or none")

@@ -121,11 +121,9 @@ class _ShardWalk:
             raise item
         self._empty_units = 0 if item[2] else self._empty_units + 1
         if self._empty_units == len(self.units):  # a whole epoch without a document: it would never end
-            raise DataError(
-                f"shards {[f.name for f in self.files]} give rank {self.rank} of {self.world_size} no documents "
-                f"(rank r takes texts r, r+{self.world_size}, ... of each row group, and skips empty ones); "
-                "use fewer processes or shards with more documents"
-            )
+            raise DataError(f"shards {[f.name for f in self.files]} give rank {self.rank} of {self.world_size} "
+                            f"no documents (rank r takes texts r, r+{self.world_size}, ... of each row group, and "
+                            "skips empty ones); use fewer processes or shards with more documents")
         return item
 
     def _batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,15 +259,11 @@ class BestFitLoader(_ShardWalk):
             epoch, unit, end = (epoch + 1, 0, 0) if unit == len(self.units) else (epoch, unit, 0)
         self._cursor = (epoch, unit, end)
 
-    def _restore_buffer(self) -> None:
-        """Re-encode the documents a saved buffer held (the units they come from, once each)."""
-        units = dict.fromkeys(unit for _, unit, _ in self._buffer_ids)  # each once, in order
-        docs = {unit: self._encode_unit(unit) for unit in units}
-        self._buffer = [docs[unit][i] for _, unit, i in self._buffer_ids]
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._thread is None:
-            self._restore_buffer()
+        if self._thread is None:  # re-encode the documents a saved buffer held (each unit once, in order)
+            units = dict.fromkeys(unit for _, unit, _ in self._buffer_ids)
+            docs = {unit: self._encode_unit(unit) for unit in units}
+            self._buffer = [docs[unit][i] for _, unit, i in self._buffer_ids]
             self._staged = None
             self._start_walk(*self._cursor[:2])
         width = self.T + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -33,12 +34,10 @@ def git_state(package_dir: Path) -> dict:
 
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     if sys.platform == "darwin":
         brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], check=False, capture_output=True,
                                text=True)
@@ -48,10 +47,9 @@ def cpu_model() -> str:
 
 
 def environment() -> dict:
-    try:
+    ram = None
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = None
     gpus = []
     if torch.cuda.is_available():
         props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]

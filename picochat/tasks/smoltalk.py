@@ -63,12 +63,9 @@ def mostly_ascii(text: str, threshold: float = 0.95) -> bool:
 
 def sharegpt_messages(record: dict) -> list[dict] | None:
     """User/assistant messages of one ShareGPT record, or None when it is unusable."""
-    messages = []
-    for turn in record.get("conversations") or []:
-        role = SHAREGPT_ROLES.get(turn.get("from"))
-        if role is None:  # system turns and unknown speakers
-            continue
-        messages.append({"role": role, "content": str(turn.get("value") or "").strip()})
+    messages = [{"role": SHAREGPT_ROLES[turn.get("from")], "content": str(turn.get("value") or "").strip()}
+                for turn in record.get("conversations") or []
+                if turn.get("from") in SHAREGPT_ROLES]  # system turns and unknown speakers are left out
     while messages and messages[0]["role"] == "assistant":
         messages.pop(0)
     if messages and messages[-1]["role"] == "user":

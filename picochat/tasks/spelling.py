@@ -140,10 +140,9 @@ class SpellingBee(_WordTask):
                                  word=f"{quote}{shown_word}{quote}")
         if rng.random() < 0.3:
             prompt = prompt.rstrip("?.")  # people often skip the punctuation
-        answer = rng.choice(ANSWER_PHRASES).format(
-            letter=letter, word=word, count=count, times="time" if count == 1 else "times",
-            are="is" if count == 1 else "are",
-        )
+        answer = rng.choice(ANSWER_PHRASES).format(letter=letter, word=word, count=count,
+                                                   times="time" if count == 1 else "times",
+                                                   are="is" if count == 1 else "are")
         reply = [
             {"type": "text", "text": f"Spelled out, '{word}' is {','.join(word)}. "
                                      f"Let me count the letter '{letter}' with Python:\n\n"},

@@ -201,12 +201,11 @@ class Tokenizer:
             batch = [self._enc.encode_ordinary(text)]
         else:
             batch = self._encode_batch(text if isinstance(text, (list, tuple)) else list(text), num_threads)
-        if pre is not None or post is not None:
-            for ids in batch:
-                if pre is not None:
-                    ids.insert(0, pre)
-                if post is not None:
-                    ids.append(post)
+        for ids in batch:
+            if pre is not None:
+                ids.insert(0, pre)
+            if post is not None:
+                ids.append(post)
         return batch[0] if isinstance(text, str) else batch
 
     def _encode_batch(self, texts: Sequence[str], num_threads: int | None) -> list[list[int]]:

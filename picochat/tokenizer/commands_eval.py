@@ -123,8 +123,7 @@ def markdown_table(rows: list[dict], reference_names: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["text"], f"{row['bytes']:,}", f"{row['ours']['tokens']:,}", f"{row['ours']['bytes_per_token']:.2f}"]
-        for r in reference_names:
-            ref = row[r]
+        for ref in (row[r] for r in reference_names):
             cells += [f"{ref['tokens']:,}", f"{ref['bytes_per_token']:.2f}", f"{ref['relative_diff_pct']:+.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -154,8 +153,7 @@ def run(args: argparse.Namespace) -> int:
     legend = ("B/tok = UTF-8 bytes per token (higher is better); vs X = (X tokens - our tokens) / X tokens "
               "(positive: ours needs fewer tokens)")
     print(f"tokenizer {tok_dir} (vocab {tok.vocab_size:,}, hash {tok.hash})\n")
-    print(table)
-    print(f"\n{legend}")
+    print(f"{table}\n\n{legend}")
 
     result = {"tokenizer": {"dir": str(tok_dir), "hash": tok.hash, "vocab_size": tok.vocab_size},
               "references": {name: {"vocab_size": enc.n_vocab} for name, enc in references.items()},

@@ -85,10 +85,8 @@ def training_texts(train_files: list[Path], max_chars: int, doc_cap: int, stats:
                 for doc in docs:
                     if not doc:
                         continue
-                    if len(doc) > doc_cap:
-                        doc = doc[:doc_cap]
-                        stats.docs_capped += 1
-                    doc = doc[: max_chars - stats.chars]
+                    stats.docs_capped += len(doc) > doc_cap
+                    doc = doc[:min(doc_cap, max_chars - stats.chars)]
                     stats.chars += len(doc)
                     stats.bytes += len(doc.encode("utf-8"))
                     stats.docs += 1

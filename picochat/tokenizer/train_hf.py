@@ -54,10 +54,9 @@ def train_ranks_hf(texts: Iterable[str], n_ranks: int, pattern: str) -> dict[byt
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(texts, trainer=trainer)
 
-    by_id = sorted(hf.get_vocab().items(), key=lambda kv: kv[1])
-    merged = [unicode_to_bytes(tok) for tok, _ in by_id if len(tok) > 1]
     # Single bytes take ranks 0..255 in byte order; learned tokens keep HF's id order, which is merge order.
     ranks = {bytes([b]): b for b in range(256)}
-    for token in merged:
-        ranks.setdefault(token, len(ranks))
+    for token, _ in sorted(hf.get_vocab().items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            ranks.setdefault(unicode_to_bytes(token), len(ranks))
     return ranks
