@@ -90,20 +90,17 @@ def describe_params(names: list[str]) -> str:
     """Compact list of names: transformer.h.0..N share one entry, 'transformer.h.{0-3}.mlp.c_fc.weight'."""
     layers: dict[str, list[int]] = defaultdict(list)
     for name in names:
-        match = re.match(r"^(.*\.h\.)(\d+)(\..*)$", name)
-        if match:
+        if match := re.match(r"^(.*\.h\.)(\d+)(\..*)$", name):
             layers[match.group(1) + "{}" + match.group(3)].append(int(match.group(2)))
         else:
             layers[name] = []
-    parts = []
-    for pattern, idx in layers.items():
-        if not idx:
-            parts.append(pattern)
-        elif idx == list(range(idx[0], idx[-1] + 1)):
-            parts.append(pattern.replace("{}", f"{{{idx[0]}-{idx[-1]}}}" if len(idx) > 1 else str(idx[0])))
-        else:
-            parts.append(pattern.replace("{}", "{" + ",".join(map(str, idx)) + "}"))
-    return ", ".join(parts)
+
+    def shown(idx: list[int]) -> str:  # the layer numbers: a range when consecutive, else each
+        if idx == list(range(idx[0], idx[-1] + 1)):
+            return f"{{{idx[0]}-{idx[-1]}}}" if len(idx) > 1 else str(idx[0])
+        return "{" + ",".join(map(str, idx)) + "}"
+
+    return ", ".join(pattern.replace("{}", shown(idx)) if idx else pattern for pattern, idx in layers.items())
 
 
 RESID_LAMBDAS = AdamWGroup(0.005, (0.8, 0.95), 0.05)

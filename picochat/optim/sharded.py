@@ -255,8 +255,7 @@ class ShardedMuon(_Shard):
     def step(self) -> None:
         self._check_grad_reduced()
         self.inner.step()
-        targets = [p.detach() for p in self.params]
-        works = [dist.broadcast(t, src=o, async_op=True) for t, o in zip(targets, self.owners)]
+        works = [dist.broadcast(p.detach(), src=o, async_op=True) for p, o in zip(self.params, self.owners)]
         for work in works:
             work.wait()
 
@@ -372,10 +371,10 @@ class LocalGradients:
         self.model = model
 
     def arm(self) -> None:
-        pass
+        """Nothing to arm: no reduction is started during the backward."""
 
     def wait(self) -> None:
-        pass
+        """Nothing to wait for: no reduction was started."""
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)

@@ -29,14 +29,14 @@ from picochat.eval.bpb import evaluate_bpb_with_se
 from picochat.eval.samples import sample_prompts
 from picochat.model.fp8 import convert_to_fp8, fp8_decision
 from picochat.model.gpt import GPT, build_model, compiled_for_training
-from picochat.optim import RESID_LAMBDAS, X0_LAMBDAS, AdamWGroup, MuonOptions, build_optimizers, muon_momentum
+from picochat.optim import RESID_LAMBDAS, X0_LAMBDAS, AdamWGroup, build_optimizers, muon_momentum
 from picochat.optim.distributed import broadcast_parameters
 from picochat.plan import B_REF, auto_batch, batch_growth, explain_batch_divisibility, valid_batches
-from picochat.runtime import home, log0, pick_training_dtype, seed_everything
+from picochat.runtime import home, log0, pick_training_dtype
 from picochat.tokenizer import Tokenizer
 from picochat.train.chat_stage import check_memory, stage_world
 from picochat.train.loop import LoopConfig, Trainer, wandb_logger
-from picochat.train.options import LoopOptions
+from picochat.train.options import LoopOptions, muon_options_from_flags
 from picochat.train.schedules import cosine_to_zero, warmup_constant_warmdown
 
 BATCH, OPTIM, SAVE, RUN = "batch and horizon", "optimisation", "eval and checkpoints", "runtime"
@@ -177,9 +177,7 @@ def use_fp8(cfg: BaseTrainConfig, model, device) -> None:
 
 def muon_options_for(cfg: BaseTrainConfig):
     """Muon's update rule as the flags say (recorded in every checkpoint; later stages train with it)."""
-    return MuonOptions(orthogonalizer=cfg.muon_orthogonalizer, ns_steps=cfg.muon_ns_steps,
-                       row_equilibration=cfg.muon_eq, renormalize=cfg.muon_plus,
-                       normuon_beta2=cfg.normuon_beta2 if cfg.normuon else None, cautious_weight_decay=cfg.cautious_wd)
+    return muon_options_from_flags(cfg.to_dict())
 
 
 def optimizers_for(cfg: BaseTrainConfig, model, lr_scale: float, wd_scale: float) -> list:
@@ -283,15 +281,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = BaseTrainConfig.from_args(args)
     with stage_world(cfg) as world:
         dtype = pick_training_dtype(world.device, cfg.dtype)
-        seed_everything(cfg.seed)
         tokenizer = Tokenizer.load(cfg.tokenizer_dir or home() / "tokenizer")
         train_files, val_file = list_shards(cfg.data_dir or default_data_dir())
         config = cfg.model_config(tokenizer.vocab_size)
         lr_scale, wd_scale = batch_and_scales(cfg, config)
         compiled = cfg.compiles(world.device.type)
         check_batch(cfg, world.world_size)
-        check_memory(cfg, world, dtype, compiled,
-                     lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size))(config)
+        check_memory(cfg, world, dtype, compiled, config,
+                     lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size))
         model = build_model(config, world.device)
         use_fp8(cfg, model, world.device)
         broadcast_parameters(model)

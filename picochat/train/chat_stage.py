@@ -6,7 +6,6 @@ which `mid_train.py` and `sft.py` pass in; the loop is `picochat.train.loop.Trai
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
@@ -18,16 +17,16 @@ from typing import Any, Literal
 import torch
 
 from picochat.checkpoint import find_checkpoint, load_checkpoint_dir
-from picochat.config import DeviceOptions, add_preset_argument, option
+from picochat.config import option
 from picochat.errors import ConfigError, DataError
 from picochat.mfu import use_expandable_segments
 from picochat.model.gpt import GPTConfig, compiled_for_training
 from picochat.optim import build_optimizers, muon_momentum
 from picochat.plan import Shape, check_fits
-from picochat.runtime import Dist, init_distributed, log0, shutdown_distributed
+from picochat.runtime import Dist, init_distributed, log0, seed_everything, shutdown_distributed
 from picochat.tasks.sources import SOURCE_CHOICES, resolve_source
 from picochat.train.loop import LoopConfig, Trainer, from_main, verify_shared_home, wandb_logger
-from picochat.train.options import LoopOptions, ParentOptions
+from picochat.train.options import LoopOptions, ParentOptions, StageOptions
 
 
 @dataclass
@@ -39,19 +38,15 @@ class ChatStageConfig(ParentOptions, LoopOptions):
     mix_scale: str = option("full", "size of the task mixture", group="data", choices=("tiny", "cpu", "full"))
 
 
-def add_chat_stage_arguments(p: argparse.ArgumentParser, config: type[ChatStageConfig]) -> None:
-    add_preset_argument(p)
-    config.add_arguments(p)
-
-
 @contextmanager
-def stage_world(cfg: DeviceOptions) -> Iterator[Dist]:
-    """Join the world with expandable CUDA segments, check that every rank sees the same home, and
-    shut the world down when the stage ends."""
+def stage_world(cfg: StageOptions) -> Iterator[Dist]:
+    """Join the world with expandable CUDA segments, check that every rank sees the same home, seed every
+    random generator with --seed, and shut the world down when the stage ends."""
     use_expandable_segments()  # before CUDA is initialised
     world = init_distributed(cfg.device)
     try:
         verify_shared_home(world)
+        seed_everything(cfg.seed)
         yield world
     finally:
         shutdown_distributed()
@@ -59,50 +54,47 @@ def stage_world(cfg: DeviceOptions) -> Iterator[Dist]:
 
 def find_parent(cfg: ParentOptions, world):
     """The starting checkpoint's directory, chosen once on rank 0 (the newest, unless given) for every rank."""
-    found = None
-    if world.is_main:
-        try:
-            found = str(find_checkpoint(cfg.from_stage, cfg.from_tag, cfg.from_step))
-        except DataError as e:
-            found = e
+    try:
+        found = str(find_checkpoint(cfg.from_stage, cfg.from_tag, cfg.from_step)) if world.is_main else None
+    except DataError as e:
+        found = e
     found = from_main(found, world)
     if isinstance(found, Exception):
         raise DataError(str(found))
     return Path(found)
 
 
-def load_parent(cfg: ChatStageConfig, world, check_memory=None):
+def load_parent(cfg: ChatStageConfig, world, dtype, candidates, batch_check):
     """(model, tokenizer, meta, tag) of the checkpoint this stage starts from.
 
-    `check_memory(config)` runs on the parent's config before anything is allocated.
+    Before anything is allocated, `check_memory` (with `candidates` and `batch_check`) runs on the
+    parent's config.
     """
     path = find_parent(cfg, world)
-    if check_memory is not None and (path / "config.json").exists():
-        check_memory(GPTConfig.from_dict(json.loads((path / "config.json").read_text())))
+    if (path / "config.json").exists():
+        config = GPTConfig.from_dict(json.loads((path / "config.json").read_text()))
+        check_memory(cfg, world, dtype, cfg.compiles(world.device.type), config, candidates, batch_check)
     model, tokenizer, meta = load_checkpoint_dir(path, world.device)
     log0(f"starting from {path} ({model.num_params():,} params)")
     return model, tokenizer, meta, cfg.tag or meta.get("tag") or path.parent.name
 
 
-def check_memory(cfg: LoopOptions, world, dtype, compiled: bool, candidates, batch_check=None):
-    """A `load_parent` hook (base-train calls it on its own config): the plan's estimate for this stage
-    must fit the device (unless --no-plan-check), else an error naming --device-batch-size.
+def check_memory(cfg: LoopOptions, world, dtype, compiled: bool, config, candidates, batch_check=None) -> None:
+    """The plan's estimate for this stage on `config` (the parent's in `load_parent`, base-train's own) must
+    fit the device (unless --no-plan-check), else an error naming --device-batch-size.
 
     `candidates(config)` lists the device batches that divide the step; `batch_check(config)`
     raises first if the batch flags cannot work at this world size.
     """
-    def check(config) -> None:
-        if batch_check is not None:
-            batch_check(config)
-        if cfg.no_plan_check:
-            return
-        # Tokens per step: base and mid pack --total-batch-size; SFT: --examples-per-step rows of up to T.
-        total = getattr(cfg, "total_batch_size", None) or cfg.examples_per_step * config.sequence_len
-        shape = Shape.from_config(config, cfg.device_batch_size, world_size=world.world_size, compiled=compiled,
-                                  bf16=dtype != torch.float32, total_batch_tokens=total)
-        check_fits(shape, world.device, "--device-batch-size", candidates(config))
-
-    return check
+    if batch_check is not None:
+        batch_check(config)
+    if cfg.no_plan_check:
+        return
+    # Tokens per step: base and mid pack --total-batch-size; SFT: --examples-per-step rows of up to T.
+    total = getattr(cfg, "total_batch_size", None) or cfg.examples_per_step * config.sequence_len
+    shape = Shape.from_config(config, cfg.device_batch_size, world_size=world.world_size, compiled=compiled,
+                              bf16=dtype != torch.float32, total_batch_tokens=total)
+    check_fits(shape, world.device, "--device-batch-size", candidates(config))
 
 
 @dataclass

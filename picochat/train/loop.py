@@ -403,19 +403,15 @@ class Trainer:
         if changed:
             log0("note: this run's optimiser settings replace the checkpoint's: " + "; ".join(changed))
 
-    def resume_newest(self) -> None:
-        """--resume: continue from the newest undamaged checkpoint of this run (chosen on rank 0), if any."""
-        step = from_main(ckpt.newest_resumable_step(self.ckpt_dir) if self.world.is_main else None,
-                         self.world)
-        if step is None:
-            log0(f"--resume: no checkpoint under {self.ckpt_dir} yet; starting fresh")
-        else:
-            self.resume(self.ckpt_dir / f"step_{step}")
-
     def resume_and_run(self, resume: bool) -> dict:
-        """`resume_newest()` if `resume` (--resume), then the run; logs the final metrics and returns them."""
+        """With `resume` (--resume), first continue from the newest undamaged checkpoint of this run (chosen
+        on rank 0), if any; then the run. Logs the final metrics and returns them."""
         if resume:
-            self.resume_newest()
+            step = from_main(ckpt.newest_resumable_step(self.ckpt_dir) if self.world.is_main else None, self.world)
+            if step is None:
+                log0(f"--resume: no checkpoint under {self.ckpt_dir} yet; starting fresh")
+            else:
+                self.resume(self.ckpt_dir / f"step_{step}")
         result = self.run()
         log0(f"done: {json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)})}")
         return result
@@ -439,9 +435,9 @@ class Trainer:
                 error = e
             else:
                 log0(f"saved {path}")
-                for old in self._earlier_steps:  # an earlier run's lower steps: not this run's to keep
-                    if old < self.step:
-                        shutil.rmtree(self.ckpt_dir / f"step_{old}", ignore_errors=True)
+                # An earlier run's lower steps: not this run's to keep.
+                for old in [s for s in self._earlier_steps if s < self.step]:
+                    shutil.rmtree(self.ckpt_dir / f"step_{old}", ignore_errors=True)
                 self._earlier_steps = []
         message = None if error is None else str(error) if isinstance(error, UserError) else \
             f"cannot save step {self.step} in {self.ckpt_dir} ({error})"

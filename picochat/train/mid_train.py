@@ -20,19 +20,17 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from picochat.config import option
+from picochat.config import add_preset_argument, option
 from picochat.data.chat_batches import PackedConversations
 from picochat.errors import ConfigError
 from picochat.eval.bpb import evaluate_bpb
 from picochat.plan import valid_batches
-from picochat.runtime import log0, pick_training_dtype, seed_everything
+from picochat.runtime import log0, pick_training_dtype
 from picochat.train.base_train import check_batch
 from picochat.train.chat_stage import (
     ChatStageConfig,
     StagePlan,
-    add_chat_stage_arguments,
     agreed_source,
-    check_memory,
     load_parent,
     run_trainer,
     stage_world,
@@ -59,19 +57,18 @@ class MidConfig(ChatStageConfig):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_chat_stage_arguments(p, MidConfig)
+    add_preset_argument(p)
+    MidConfig.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = MidConfig.from_args(args)
     with stage_world(cfg) as world:
         cfg.source = agreed_source(cfg.source, world)
-        seed_everything(cfg.seed)
         dtype = pick_training_dtype(world.device, cfg.dtype)
-        check = check_memory(cfg, world, dtype, cfg.compiles(world.device.type),
-                             lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size),
-                             lambda c: check_batch(cfg, world.world_size, c.sequence_len))
-        model, tokenizer, parent_meta, tag = load_parent(cfg, world, check)
+        model, tokenizer, parent_meta, tag = load_parent(
+            cfg, world, dtype, lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size),
+            lambda c: check_batch(cfg, world.world_size, c.sequence_len))
         T, B = model.config.sequence_len, cfg.device_batch_size
         grad_accum = check_batch(cfg, world.world_size, T)
         per_micro = B * T * world.world_size

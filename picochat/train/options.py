@@ -84,10 +84,16 @@ class ParentOptions(Options):
             return MuonOptions()
         if "muon" in parent_meta:
             return MuonOptions(**parent_meta["muon"])
-        flags = parent_meta.get("args") or {}
-        if "muon_orthogonalizer" not in flags:
-            return MuonOptions()
-        return MuonOptions(orthogonalizer=flags["muon_orthogonalizer"], ns_steps=flags.get("muon_ns_steps", 5),
-                           row_equilibration=bool(flags.get("muon_eq")), renormalize=bool(flags.get("muon_plus")),
-                           normuon_beta2=flags.get("normuon_beta2", 0.9) if flags.get("normuon") else None,
-                           cautious_weight_decay=bool(flags.get("cautious_wd")))
+        return muon_options_from_flags(parent_meta.get("args") or {})
+
+
+def muon_options_from_flags(flags: dict):
+    """The MuonOptions base-train's Muon flags ask for, `flags` by field name (`BaseTrainConfig.to_dict()`,
+    or the args a checkpoint recorded); args recorded before these flags existed give the classic rule."""
+    from picochat.optim import MuonOptions  # the optimisers pull in torch; options stay light
+
+    return MuonOptions(orthogonalizer=flags.get("muon_orthogonalizer", "newton_schulz"),
+                       ns_steps=flags.get("muon_ns_steps", 5), row_equilibration=bool(flags.get("muon_eq")),
+                       renormalize=bool(flags.get("muon_plus")),
+                       normuon_beta2=flags.get("normuon_beta2", 0.9) if flags.get("normuon") else None,
+                       cautious_weight_decay=bool(flags.get("cautious_wd")))

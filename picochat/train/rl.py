@@ -55,7 +55,7 @@ from picochat.model.gpt import GPTConfig
 from picochat.optim import build_optimizers
 from picochat.optim.distributed import broadcast_parameters
 from picochat.plan import Shape, check_fits
-from picochat.runtime import log0, pick_training_dtype, seed_everything
+from picochat.runtime import log0, pick_training_dtype
 from picochat.tasks import load_task
 from picochat.train.chat_stage import find_parent, stage_world
 from picochat.train.loop import LoopConfig, StepWork, Trainer, all_reduced, wandb_logger
@@ -291,7 +291,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = RLConfig.from_args(args)
     with stage_world(cfg) as world:
         _check(cfg, world.world_size)
-        seed_everything(cfg.seed)
         start_from = find_parent(cfg, world)  # chosen once, on rank 0
         dtype = pick_training_dtype(world.device, cfg.dtype)
         check_memory(cfg, world, dtype, start_from)

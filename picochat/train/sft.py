@@ -22,19 +22,17 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from picochat.config import option
+from picochat.config import add_preset_argument, option
 from picochat.data.chat_batches import PaddedConversations, width_buckets
 from picochat.errors import ConfigError, DataError
 from picochat.eval.categorical import evaluate_categorical
-from picochat.runtime import log0, pick_training_dtype, seed_everything
+from picochat.runtime import log0, pick_training_dtype
 from picochat.tasks import load_task
 from picochat.train.base_train import lower_preset_batch
 from picochat.train.chat_stage import (
     ChatStageConfig,
     StagePlan,
-    add_chat_stage_arguments,
     agreed_source,
-    check_memory,
     load_parent,
     run_trainer,
     stage_world,
@@ -62,7 +60,8 @@ class SFTConfig(ChatStageConfig):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_chat_stage_arguments(p, SFTConfig)
+    add_preset_argument(p)
+    SFTConfig.add_arguments(p)
 
 
 def batch_choices(examples_per_step: int, world_size: int) -> list[int]:
@@ -90,17 +89,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = SFTConfig.from_args(args)
     with stage_world(cfg) as world:
         cfg.source = agreed_source(cfg.source, world)
-        seed_everything(cfg.seed)
         dtype = pick_training_dtype(world.device, cfg.dtype)
-        compiled = cfg.compiles(world.device.type)
-        check = check_memory(cfg, world, dtype, compiled,
-                             lambda c: batch_choices(cfg.examples_per_step, world.world_size),
-                             lambda c: check_examples_per_step(cfg, world.world_size))
-        model, tokenizer, parent_meta, tag = load_parent(cfg, world, check)
+        model, tokenizer, parent_meta, tag = load_parent(
+            cfg, world, dtype, lambda c: batch_choices(cfg.examples_per_step, world.world_size),
+            lambda c: check_examples_per_step(cfg, world.world_size))
         T, B = model.config.sequence_len, cfg.device_batch_size
         check_examples_per_step(cfg, world.world_size)
-        per_micro = B * world.world_size
-        grad_accum = cfg.examples_per_step // per_micro
+        grad_accum = cfg.examples_per_step // (B * world.world_size)
         entries = pick(SFT, cfg.source, cfg.mix_scale)
         log0(f"sft mixture ({cfg.source}, {cfg.mix_scale}): {describe(entries)}")
         train_mix = build_mixture(entries, cfg.source, seed=cfg.seed)
@@ -112,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
                               f"(--examples-per-step {cfg.examples_per_step})")
         log0(f"{len(train_mix):,} conversations x {cfg.num_epochs} epoch(s) -> {num_iterations} steps of "
              f"{cfg.examples_per_step} conversations (grad accum {grad_accum})")
-        buckets = width_buckets(T) if compiled else None  # a few shapes for the compiler, exact widths eagerly
+        # A few shapes for the compiler, exact widths eagerly.
+        buckets = width_buckets(T) if cfg.compiles(world.device.type) else None
         batches = PaddedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device,
                                       bucket_widths=buckets)
         evaluate = sft_evaluator(cfg, world, tokenizer, B, T, dtype)
@@ -129,8 +125,7 @@ def sft_evaluator(cfg: SFTConfig, world, tokenizer, B: int, T: int, dtype):
     accuracy of each eval task (both over every rank)."""
     plan = SFT_EVAL[cfg.mix_scale]
     val_name, val_split, val_kw = plan["val"]
-    val_task = load_task(val_name, val_split, source=cfg.source, **val_kw)
-    val_task = val_task[: max(world.world_size, cfg.eval_items)]
+    val_task = load_task(val_name, val_split, source=cfg.source, **val_kw)[: max(world.world_size, cfg.eval_items)]
     eval_tasks = {name: load_task(name, split, source=cfg.source) for name, split in plan["categorical"]}
 
     @torch.no_grad()
