@@ -111,7 +111,8 @@ class ChatSession:
             self.out.write("\n")
             self.out.flush()
         self.messages.append({"role": "assistant", "content": streamer.parts or [{"type": "text", "text": ""}]})
-        self._save()
+        if self.transcript is not None:
+            write_json(self.transcript, {"messages": self._history()}, ensure_ascii=False, indent=1)
         return streamer.text
 
     def command(self, line: str) -> bool:
@@ -150,15 +151,13 @@ class ChatSession:
             except (EOFError, KeyboardInterrupt):
                 self.out.write("\n")
                 return
-            if not line.strip():
-                continue
             if line.startswith("/"):
                 if not self.command(line):
                     return
-                continue
-            self.out.write("picochat> ")
-            self.out.flush()
-            self.reply(line)
+            elif line.strip():
+                self.out.write("picochat> ")
+                self.out.flush()
+                self.reply(line)
 
     def _write(self, pieces) -> None:
         for piece in pieces:
@@ -168,10 +167,6 @@ class ChatSession:
     def _history(self) -> list[dict]:
         """The whole conversation: the system text (if any), then the messages."""
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-
-    def _save(self) -> None:
-        if self.transcript is not None:
-            write_json(self.transcript, {"messages": self._history()}, ensure_ascii=False, indent=1)
 
 
 def _in_range(value: float, lo: float, hi: float, name: str) -> float:
@@ -211,9 +206,8 @@ def run(args: argparse.Namespace) -> int:
     chats.mkdir(parents=True, exist_ok=True)
     if args.prompt is not None and not args.prompt.strip():
         raise ConfigError("-p/--prompt is empty; give a question")
-    transcript = new_transcript(chats)
     settings = Settings(args.temperature, args.top_k, args.max_tokens, args.seed, args.repetition_penalty)
-    session = ChatSession(engine, settings, system=args.system, transcript=transcript)
+    session = ChatSession(engine, settings, system=args.system, transcript=new_transcript(chats))
     try:
         if args.prompt is not None:
             session.reply(args.prompt)

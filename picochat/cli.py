@@ -36,18 +36,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="picochat", description="Build your own ChatGPT-style model: "
                                      "tokenizer -> pretraining -> mid -> SFT -> RL -> eval -> chat.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     # Parse once to find the command, then let the command's module add its flags.
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()

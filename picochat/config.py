@@ -164,13 +164,6 @@ GROUP_ORDER = (None, "start from", "data", "model", "batch and horizon", "batch 
                "eval and checkpoints", "runtime")
 
 
-def _plain_type(hint: Any) -> type:
-    """int for `int | None`, and so on: the type a flag's value is parsed as."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
 def _help_line(f: dataclasses.Field) -> str:
     text = f.metadata["help"]
     if f.default is not None and "default" not in text and not f.metadata["store_true"]:
@@ -218,7 +211,9 @@ class Options:
             if container is None and meta["group"] not in groups:
                 groups[meta["group"]] = parser.add_argument_group(meta["group"])
             target = groups[meta["group"]] if container is None else container
-            kind = _plain_type(hints[f.name])
+            kind = hints[f.name]
+            if typing.get_origin(kind) in (typing.Union, types.UnionType):  # int for `int | None`, and so on
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
             kw: dict[str, Any] = {"dest": f.name, "help": _help_line(f), "default": f.default if parser_defaults else None}
             if meta["store_true"]:
                 kw["action"] = "store_true"

@@ -35,25 +35,20 @@ def compiler() -> str | None:
     return next((shutil.which(name) for name in names if name and shutil.which(name)), None)
 
 
-def flags() -> list[str]:
-    # -std=c99 alone turns off fusing a * b + c into one FMA instruction (ISO C's default):
-    # -ffp-contract=fast turns it back on (half the arithmetic instructions in both kernels).
-    out = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99", "-ffp-contract=fast"]
-    capability = torch.backends.cpu.get_cpu_capability()  # what torch found this CPU to run: DEFAULT, AVX2, AVX512
-    if platform.machine() in ("x86_64", "AMD64") and capability != "DEFAULT":
-        out += ["-mavx2", "-mfma"]
-        if capability == "AVX512":  # torch's test: avx512f, bw, vl and dq all present
-            out += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-    return out
-
-
 def build(source: Path, fallback: str) -> Path | None:
     """The compiled library of `source` (compiling it if needed), or None with the reason warned."""
     cc = compiler()
     if cc is None:
         warn(f"no C compiler found (cc, gcc, clang or $CC): {fallback}")
         return None
-    options = flags()
+    # -std=c99 alone turns off fusing a * b + c into one FMA instruction (ISO C's default):
+    # -ffp-contract=fast turns it back on (half the arithmetic instructions in both kernels).
+    options = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99", "-ffp-contract=fast"]
+    capability = torch.backends.cpu.get_cpu_capability()  # what torch found this CPU to run: DEFAULT, AVX2, AVX512
+    if platform.machine() in ("x86_64", "AMD64") and capability != "DEFAULT":
+        options += ["-mavx2", "-mfma"]
+        if capability == "AVX512":  # torch's test: avx512f, bw, vl and dq all present
+            options += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     key = hashlib.sha256(source.read_bytes() + " ".join([cc, *options, platform.machine()]).encode()).hexdigest()
     try:
         directory = Path(os.environ.get("PICOCHAT_KERNEL_DIR") or home() / "kernels").expanduser()

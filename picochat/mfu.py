@@ -102,7 +102,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         return float(entry)
     # Not measured yet, or measured while other work shared the CPU (which can only slow the matmul,
     # so the MFU read high): measure, keep the best figure so far, and settle once a start is quiet.
-    load = other_load()
+    try:  # cores' worth of runnable work besides this process: the 1-minute load average less one
+        load = max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:  # no load average on this platform
+        load = 0.0
     best = max(measure_cpu_peak(dtype), entry["flops"] if isinstance(entry, dict) else 0.0)
     busy = load >= 0.5 * torch.get_num_threads()
     table[key] = {"flops": best, "busy_load": round(load, 2)} if busy else best
@@ -111,14 +114,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         print(f"note: the CPU's peak FLOP/s was measured while other work used {load:.1f} cores; MFU may read "
               f"high until a quieter start measures it again ({cache})", file=sys.stderr, flush=True)
     return best
-
-
-def other_load() -> float:
-    """Cores' worth of runnable work besides this process: the 1-minute load average less one."""
-    try:
-        return max(0.0, os.getloadavg()[0] - 1.0)
-    except OSError:  # no load average on this platform
-        return 0.0
 
 
 def mfu_percent(flops_per_token: float, cluster_tokens_per_s: float, device_peak: float, world_size: int) -> float:

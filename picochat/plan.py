@@ -306,9 +306,9 @@ def check_fits(s: Shape, device, batch_flag: str, candidates: list[int]) -> None
         return
     capacity, what = local_capacity(device)
     s = replace(s, on_gpu=device.type == "cuda")
-    if fits(s, capacity):
-        return
     need = sum(memory_terms(s).values()) + headroom(capacity, s.on_gpu)
+    if need <= capacity:
+        return
     best = largest_batch(s, capacity, [b for b in candidates if b < s.device_batch_size])
     fix = (f"use {batch_flag} {best}" if best else
            "no smaller batch fits either: use a smaller model, more processes or a bigger device")

@@ -68,19 +68,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
-# The child script's /proc helpers, loaded by path: this module imports nothing from the package (the
-# two files may be copied on their own to run a harness as nobody).
+# The child script's /proc helpers and process hunt, loaded by path: this module imports nothing from
+# the package (the two files may be copied on their own to run a harness as nobody).
 _spec = importlib.util.spec_from_file_location("picochat_sandbox_child", CHILD_SCRIPT)
 _child = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_child)
-NOBODY = 65534
 GRACE_S = 15.0  # supervisor start-up and clean-up on top of the program's timeout
-KILL_ROUNDS_S = 5.0  # how long a supervisor past its grace has its processes hunted
 SUPERVISOR_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
 
 
@@ -118,7 +115,7 @@ def _run(job: dict, code: str, timeout: float, memory_mb: int, max_output_bytes:
     try:
         (root / "solution.py").write_text(code, encoding="utf-8")
         if os.geteuid() == 0:  # the solution runs as nobody and works in this directory
-            os.chown(root, NOBODY, NOBODY)
+            os.chown(root, _child.NOBODY, _child.NOBODY)
         job.update(root=str(root), timeout=timeout, max_output_bytes=max_output_bytes, namespaces=namespaces,
                    limits={"memory_bytes": memory_mb << 20, "cpu_seconds": max(1, math.ceil(timeout)) + 1,
                            "file_bytes": max_file_mb << 20, "processes": max_processes})
@@ -132,7 +129,8 @@ def _run(job: dict, code: str, timeout: float, memory_mb: int, max_output_bytes:
             out, err = proc.communicate()
             return ExecResult(False, "", "sandbox: the supervisor did not finish in time", timeout=True)
     finally:
-        _remove_tree(root)
+        if root.exists():
+            shutil.rmtree(root, onerror=_make_writable_and_retry)
     return _verdict(out, err.decode("utf-8", "replace"))
 
 
@@ -146,15 +144,7 @@ def _kill_supervisor(pid: int) -> None:
     killed, and only then goes itself (killed first, it would hand them to init, out of reach)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + KILL_ROUNDS_S
-    while True:
-        alive = [p for p in _child.descendants(pid) if not _child.is_zombie(p)]
-        for p in alive:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, signal.SIGKILL)
-        if not alive or time.monotonic() >= deadline:
-            break
-        time.sleep(0.01)
+    _child.kill_descendants(pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
 
@@ -176,12 +166,8 @@ def _verdict(out: bytes, supervisor_err: str) -> ExecResult:
     return ExecResult(False, "", f"sandbox: no verified verdict from the supervisor\n{supervisor_err[-2000:]}")
 
 
-def _remove_tree(path: Path) -> None:
-    """rmtree that also copes with files or folders the program made read-only."""
-    def make_writable_and_retry(func, p, _exc):
-        os.chmod(p, 0o700)
-        os.chmod(os.path.dirname(p), 0o700)
-        func(p)
-
-    if path.exists():
-        shutil.rmtree(path, onerror=make_writable_and_retry)
+def _make_writable_and_retry(func, path, _exc) -> None:
+    """rmtree's error handler: a file or folder the program made read-only is made writable, then removed."""
+    os.chmod(path, 0o700)
+    os.chmod(os.path.dirname(path), 0o700)
+    func(path)

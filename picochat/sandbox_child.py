@@ -30,7 +30,7 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS =
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWIPC = 0x10000000, 0x20000000, 0x40000000, 0x08000000
 NOBODY = 65534
 MAX_MESSAGE_BYTES = 16 << 20  # one argument list or return value on the function pipe
-KILL_ROUNDS_S = 5.0  # how long the supervisor keeps hunting a program's descendants
+KILL_ROUNDS_S = 5.0  # how long a hunt for a program's processes lasts (the supervisor's, or the harness's)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # Imported before the solution runs: once the uid is dropped, an interpreter installed under a
@@ -138,12 +138,7 @@ def solution_main(mode: str, request_fd: int, reply_fd: int, root: str, uid: int
         exit_now(1)
     sys.stdout.flush()
     write_message(replies, {"ready": True})
-    serve_calls(function, requests, replies)
-
-
-def serve_calls(function, requests, replies) -> None:
-    """Answer call requests from the judge until it closes the pipe."""
-    while True:
+    while True:  # answer call requests from the judge until it closes the pipe
         try:
             message = read_message(requests)
         except EOFError:
@@ -350,34 +345,23 @@ def leftover_processes(proc: subprocess.Popen, in_namespace: bool, deadline: flo
         time.sleep(0.02)
 
 
-def kill_descendants(rounds_s: float, reaping: bool = False) -> None:
-    """SIGKILL every live process below the supervisor until none is left (or `rounds_s` pass).
+def kill_descendants(ancestor: int, reaping: bool = False) -> None:
+    """SIGKILL every live process below `ancestor` until none is left (or KILL_ROUNDS_S pass).
 
     Without `reaping` it reaps nothing, so it may run beside a thread that waits for the program;
-    with it, the ended ones are reaped too, and a zombie counts until it is."""
-    deadline = time.monotonic() + rounds_s
+    with it (only for the caller's own children), the ended ones are reaped too, and a zombie
+    counts until it is."""
+    deadline = time.monotonic() + KILL_ROUNDS_S
     while True:
-        alive = [pid for pid in descendants(os.getpid()) if reaping or not is_zombie(pid)]
+        alive = [pid for pid in descendants(ancestor) if reaping or not is_zombie(pid)]
         for pid in alive:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         if reaping:
             reap()
         if not alive or time.monotonic() >= deadline:
             return
         time.sleep(0.01)
-
-
-def kill_everything(proc: subprocess.Popen) -> None:
-    """SIGKILL the program and all it started, and reap them.
-
-    In its own PID namespace the program is the namespace's init: when it dies the kernel kills
-    the rest. Either way the supervisor is a child subreaper, so orphans (a `setsid` sleeper
-    included) are re-parented to it, where the /proc walk finds them.
-    """
-    kill_program(proc)
-    proc.wait()
-    kill_descendants(KILL_ROUNDS_S, reaping=True)
 
 
 def run_tests(job: dict, proc: subprocess.Popen, requests, replies) -> tuple[bool, str]:
@@ -435,7 +419,7 @@ def supervise(job: dict) -> dict:
             kill_program(proc)
             # and all it started: a child that holds the reply pipe would keep the judge waiting on it
             # (and itself alive) past the limit where no PID namespace ends with the program
-            kill_descendants(KILL_ROUNDS_S)
+            kill_descendants(os.getpid())
 
     out = Output(proc.stdout, job["max_output_bytes"], lambda: stop_program("output"))
     err = Output(proc.stderr, job["max_output_bytes"], lambda: stop_program("output"))
@@ -458,15 +442,19 @@ def supervise(job: dict) -> dict:
         note += f"judge: the solution left {left} process(es) running\n"
         judged = False
     watchdog.cancel()
-    kill_everything(proc)
+    # SIGKILL the program and all it started, and reap them. In its own PID namespace the program is
+    # the namespace's init: when it dies the kernel kills the rest. Either way the supervisor is a child
+    # subreaper, so orphans (a `setsid` sleeper included) are re-parented to it, where /proc shows them.
+    kill_program(proc)
+    proc.wait()
+    kill_descendants(os.getpid(), reaping=True)
     stdout, stderr = out.text(), err.text() + note
     memory = "MemoryError" in stderr
-    returncode = proc.returncode if job["mode"] == "program" else 0
+    returncode = proc.returncode if job["mode"] == "program" else None  # a judged solution is killed
     stopped = job.get("stopped_by")
-    return {"success": judged and returncode == 0 and not stopped and not memory, "stdout": stdout, "stderr": stderr,
+    return {"success": judged and not returncode and not stopped and not memory, "stdout": stdout, "stderr": stderr,
             "timeout": stopped == "timeout", "memory_exceeded": memory, "output_truncated": out.truncated or err.truncated,
-            "returncode": proc.returncode if job["mode"] == "program" else None,  # a judged solution is killed
-            "isolated": in_namespace, "uid": uid}
+            "returncode": returncode, "isolated": in_namespace, "uid": uid}
 
 
 def judge_main() -> None:

@@ -119,15 +119,11 @@ def launcher(args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "picochat"]
 
 
-def check_nodes(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     if args.nnodes < 1 or args.nproc_per_node < 1:
         raise UserError(f"--nnodes {args.nnodes} --nproc-per-node {args.nproc_per_node}: both must be at least 1")
     if not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"--node-rank {args.node_rank} must be in 0 .. {args.nnodes - 1} (--nnodes {args.nnodes})")
-
-
-def run(args: argparse.Namespace) -> int:
-    check_nodes(args)
     data_source = args.data or PRESETS[args.preset]["speedrun"]["data"]
     shards = args.shards
     if data_source != "builtin" and shards is None:
@@ -145,7 +141,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:  # a dry run changes nothing
         for name in forced:
             (marker_dir / f"{name}.done").unlink(missing_ok=True)
-    env = {**os.environ, "PICOCHAT_RUN": run_name}
     start_file = marker_dir / "started_at"
     if not start_file.exists():
         write_text(start_file, str(time.time()))
@@ -165,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             continue
         t0 = time.time()
-        rc = subprocess.call(full, env=env)
+        rc = subprocess.call(full, env={**os.environ, "PICOCHAT_RUN": run_name})
         dt = time.time() - t0
         if rc != 0:
             again = "the same command without --force-from" if forced else "the same command"
@@ -181,8 +176,7 @@ def run(args: argparse.Namespace) -> int:
           f"{(time.time() - t_all) / 60:.1f} min in this invocation)")
     report = home() / "reports" / run_name / "report.md"
     print(f"report: {report if report.exists() else home() / 'reports'}")
-    final = "rl" if args.rl else "sft"
-    which = f"--stage {final}" + (f" --tag {args.run}" if args.run else "")
+    which = f"--stage {'rl' if args.rl else 'sft'}" + (f" --tag {args.run}" if args.run else "")
     print(f"talk to it:   picochat chat {which}\n"
           f"serve it:     picochat serve {which}   (then open http://127.0.0.1:8000)")
     return 0
