@@ -32,13 +32,14 @@ Time budget (`time_budget_s` > 0): the horizon is unknown at the start; the firs
 with the schedule of an endless run (UNFIXED_HORIZON), their throughput is measured (at least
 `budget_measure_steps` steps after the warm-up ones, and 3% of the budget), and the
 horizon is then fixed (agreed as the minimum over ranks) so that the loop ends when the
-budget is spent: its steps, and the periodic evals and samples due before it at the time they
-took so far (the final eval and save come on top). The fixed horizon is saved in every checkpoint,
+budget is spent: its steps, and the periodic evals, samples and saves due before it at the time
+they took so far (the final eval and save come on top). The fixed horizon is saved in every checkpoint,
 so a resumed run keeps it and reproduces the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -300,7 +301,7 @@ class Trainer:
         self._nonfinite_step: int | None = None  # the step whose loss was not finite, for the save that stops
         self._earlier_steps: list[int] = []  # an earlier run's checkpoints under this tag, for the first save
         self._resumed = False
-        self._side_work = {"eval": (0.0, 0), "sample": (0.0, 0)}  # this process's (seconds, count) of each
+        self._side_work = {kind: (0.0, 0) for kind in ("eval", "sample", "save")}  # this process's (seconds, count)
         self.device = next(model.parameters()).device
         self.flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 0
         self.peak = peak_flops(self.device, compute_dtype)
@@ -553,19 +554,25 @@ class Trainer:
         return time.time()
 
     def _timed(self, kind: str, fn: Callable[[], Any]) -> Any:
-        """fn(), its seconds added to this process's time for `kind` (eval or sample)."""
+        """fn(), its seconds added to this process's time for `kind` (eval, sample or save)."""
         t0 = self._clock()
         out = fn()
         seconds, count = self._side_work[kind]
         self._side_work[kind] = (seconds + self._clock() - t0, count + 1)
         return out
 
-    def _side_seconds(self, start: int, end: int, final: bool) -> float:
-        """Seconds of the evals and samples due at steps start..end-1 (`final`: and of the last ones, at
-        `end`), each at this process's mean time for its kind; a kind not yet timed here counts nothing."""
+    def _side_seconds(self, start: int, end: int, final: bool, step_s: float) -> float:
+        """Seconds of the evals, samples and saves due at steps start..end-1 (`final`: and of the last ones,
+        at `end`), each at this process's mean time for its kind; a kind not yet timed here counts nothing.
+        Saves every --save-every-minutes are counted from the time since the last save and `step_s` a step."""
         cfg = self.cfg
+        saves = _due(cfg.save_every, start, end, skip_zero=True)
+        if cfg.save_every_minutes > 0:  # any save restarts that clock, so the two kinds are not added
+            ahead = time.time() - self._last_save + (end - start) * step_s
+            saves = max(saves, int(ahead // (60 * cfg.save_every_minutes)))
         due = {"eval": _due(cfg.eval_every, start, end) + final if self.evaluate else 0,
-               "sample": _due(cfg.sample_every, start, end, skip_zero=True) + final if self.sample else 0}
+               "sample": _due(cfg.sample_every, start, end, skip_zero=True) + final if self.sample else 0,
+               "save": saves + final}
         return sum(n * seconds / count for kind, n in due.items()
                    for seconds, count in [self._side_work[kind]] if count)
 
@@ -612,7 +619,7 @@ class Trainer:
             self._eval_and_sample(step, last)
             if last:
                 self.elapsed_s = elapsed_before + time.time() - t_run  # every process of this training
-                self.save()  # with train_time_s and wall_time_s in its metrics
+                self._timed("save", self.save)  # with train_time_s and wall_time_s in its metrics
                 break
             lrm, mom = self._set_hyperparameters(step)
             t0 = self._clock()
@@ -632,7 +639,7 @@ class Trainer:
             self._log_step(step, outcome, dt, lrm, mom, timed_steps and timed_s / timed_steps, timed)
             periodic = cfg.save_every > 0 and self.step % cfg.save_every == 0
             if (periodic or outcome.save_due) and self.step != self.num_iterations:
-                self.save()
+                self._timed("save", self.save)
             if outcome.stop:
                 self.save()
                 log0(f"stopped at step {self.step}; continue with --resume")
@@ -657,19 +664,20 @@ class Trainer:
         seconds_per_step = max(timed_s / timed_steps, 1e-6)  # a coarse clock can time steps at 0 s
         left = self.cfg.time_budget_s - self.elapsed_s
         horizon = self.step + max(0, int(left // seconds_per_step))
-        if self._side_seconds(self.step, horizon, final=False) > 0:  # the largest horizon that fits: bisect
+        side_seconds = functools.partial(self._side_seconds, self.step, final=False, step_s=seconds_per_step)
+        if side_seconds(horizon) > 0:  # the largest horizon that fits: bisect
             low = self.step
             while low < horizon:
                 mid = (low + horizon + 1) // 2
-                cost = (mid - self.step) * seconds_per_step + self._side_seconds(self.step, mid, final=False)
+                cost = (mid - self.step) * seconds_per_step + side_seconds(mid)
                 low, horizon = (mid, horizon) if cost <= left else (low, mid - 1)
         if self.world.enabled:  # ranks measured slightly different times: agree on the smallest
             horizon = int(all_reduced([horizon], self.world, self.device, dist.ReduceOp.MIN)[0])
         self.num_iterations, self.horizon_fixed = horizon, True
-        side = self._side_seconds(self.step, horizon, final=False)
+        side = side_seconds(horizon)
         log0(f"time budget {self.cfg.time_budget_s / 60:.2f} min: {seconds_per_step * 1000:.0f} ms/step over "
              f"{timed_steps} steps, {self.elapsed_s:.0f}s spent -> horizon fixed at {horizon} steps"
-             + (f" (with {side:.0f}s of evals and samples)" if side > 0 else ""))
+             + (f" (with {side:.0f}s of evals, samples and saves)" if side > 0 else ""))
 
     def _log_step(self, step: int, outcome: StepOutcome, dt: float, lrm: float, mom: float | None,
                   seconds_per_step: float, timed: bool) -> None:
@@ -682,7 +690,7 @@ class Trainer:
         mfu = mfu_percent(self.flops_per_token, tok_per_s, self.peak, self.world.world_size)
         peak_mem = max(peak_memory_bytes(self.device), outcome.peak_mem_bytes)  # the largest of any rank
         horizon = self.num_iterations if self.horizon_fixed else None
-        eta = ((horizon - self.step) * seconds_per_step + self._side_seconds(self.step, horizon, final=True)
+        eta = ((horizon - self.step) * seconds_per_step + self._side_seconds(self.step, horizon, True, seconds_per_step)
                if seconds_per_step and horizon is not None else float("nan"))
         epoch = getattr(self.batches, "epoch", None)
         if step % self.cfg.log_every == 0 or self.step == horizon:

@@ -77,8 +77,9 @@ def test_resume_is_bit_exact(tiny_home, loader):
 
 
 def test_eta_after_a_resume_uses_the_step_time_measured_since(tiny_home, monkeypatch):
-    """ETA = steps left x this process's mean step time. A resumed run restores its train time, which
-    holds the earlier process's steps: dividing that by the steps timed since the resume overstated it."""
+    """ETA = steps left x this process's mean step time (+ the saves left). A resumed run restores its train
+    time, which holds the earlier process's steps: dividing that by the steps timed since the resume
+    overstated it."""
     clock = itertools.count(0.0, 0.5)  # every reading of the loop's clock is half a second later
     monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: next(clock)))
     args = TINY + ["--num-iterations", "12", "--save-every", "4", "--keep-last", "5", "--tag", "eta"]
@@ -98,8 +99,12 @@ def test_eta_after_a_resume_uses_the_step_time_measured_since(tiny_home, monkeyp
     assert [r["step"] for r in resumed if "loss" in r and not r["timed"]] == [5, 6, 7]
     assert [r["step"] for r in records[:starts[1]] if "loss" in r and not r["timed"]] == [1, 2, 3]
     assert [r["step"] for r in timed][-5:] == list(range(8, 13))
-    for r in timed:
-        assert r["eta_s"] == pytest.approx((12 - r["step"]) * r["dt"]), r
+    # Saves (at 4 and 8, each after its step's record, and at the end) count once this process has
+    # timed one: a save reads this clock twice more than a step does, 1 s.
+    for process, first_save in ((records[:starts[1]], 4), (resumed, 8)):
+        for r in (r for r in process if r.get("eta_s") is not None):
+            saves_left = sum(s >= r["step"] for s in (4, 8)) + 1 if r["step"] > first_save else 0
+            assert r["eta_s"] == pytest.approx((12 - r["step"]) * r["dt"] + saves_left * 1.0), r
 
 
 def test_wall_time_counts_every_process_of_a_resumed_run(tiny_home, monkeypatch):

@@ -128,7 +128,7 @@ def test_a_step_the_clock_times_at_zero_seconds_is_logged(tiny_home, monkeypatch
 
 def test_a_fixed_horizon_from_zero_second_steps_does_not_divide_by_zero(tiny_home):
     trainer = SimpleNamespace(cfg=SimpleNamespace(time_budget_s=10.0), elapsed_s=1.0, step=4,
-                              world=SimpleNamespace(enabled=False), _side_seconds=lambda start, end, final: 0.0)
+                              world=SimpleNamespace(enabled=False), _side_seconds=lambda start, end, final, step_s: 0.0)
     loop.Trainer._fix_horizon(trainer, 8, 0.0)
     assert trainer.horizon_fixed and trainer.num_iterations >= 4
 

@@ -21,6 +21,7 @@ from picochat.train import loop
 from tests.train.test_distributed import FixedBatches, make_batches
 
 MICRO_S, EVAL_S = 1.0, 10.0  # fake seconds of one micro-batch's forward and backward, and of one eval
+SAVE_S = 5.0  # fake seconds of one checkpoint save
 COMPILE_S = 30.0  # fake seconds torch.compile takes to trace a graph
 
 
@@ -85,6 +86,48 @@ def test_a_time_budget_counts_the_periodic_evals_it_will_run(tiny_home, monkeypa
     assert steps_done <= 100.0 < steps_done + one_more, (horizon, steps_done)
     assert (horizon, steps_done) == (30, 90.0)
     assert clock[0] == steps_done + EVAL_S
+
+
+def slow_saves(trainer: loop.Trainer, clock: list[float], monkeypatch) -> None:
+    """Every save of `trainer` takes SAVE_S on its clock."""
+    save = trainer.save
+
+    def timed_save():
+        clock[0] += SAVE_S
+        save()
+    monkeypatch.setattr(trainer, "save", timed_save)
+
+
+def test_eta_counts_the_saves_still_due(tiny_home, monkeypatch):
+    """20 steps of 2 s, a 5 s save every 5 steps and at the end: once a save has been timed (after step 5's
+    record), the ETA is the time left to the end of the final save; it left the saves out (15 s short
+    after step 6)."""
+    seen = []
+    trainer, clock = fake_trainer(tiny_home, monkeypatch, 20, lambda r, now: seen.append((r, now)), save_every=5)
+    slow_saves(trainer, clock, monkeypatch)
+    trainer.run()
+    steps = {r["step"]: (r, now) for r, now in seen if "loss" in r}
+    end = clock[0] - EVAL_S  # the one eval, at the end, is never timed before it: the ETA cannot know it
+    for step in range(6, 21):  # a step's record comes before its own periodic save
+        record, now = steps[step]
+        assert record["eta_s"] == pytest.approx(end - now), step
+    assert steps[6][0]["eta_s"] == pytest.approx(14 * 2 * MICRO_S + 3 * SAVE_S)
+
+
+def test_a_time_budget_counts_the_periodic_saves_it_will_run(tiny_home, monkeypatch):
+    """A 100 s budget, steps of 2 s, a 5 s save every 5 steps: fixed after step 7 (19 s spent, the step-5 save
+    included), the horizon leaves room for the saves before it. It was 47 steps, as if no save were to come,
+    and its steps and saves ended at 139 s."""
+    seen = []
+    trainer, clock = fake_trainer(tiny_home, monkeypatch, 0, lambda r, now: seen.append((r, now)), save_every=5,
+                                  time_budget_s=100.0, budget_measure_steps=4, budget_measure_fraction=0.01)
+    slow_saves(trainer, clock, monkeypatch)
+    trainer.run()
+    horizon = trainer.num_iterations
+    done = clock[0] - EVAL_S - SAVE_S  # the final eval and save come on top
+    one_more = 2 * MICRO_S + (SAVE_S if horizon % 5 == 0 else 0)  # the save at the horizon would be periodic
+    assert done <= 100.0 < done + one_more, (horizon, done)
+    assert (horizon, done) == (35, 100.0)  # 70 s of steps, 6 saves of 5 s
 
 
 def test_a_stopped_run_keeps_its_wall_time_for_the_report(tiny_home, monkeypatch):
