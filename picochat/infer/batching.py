@@ -77,21 +77,16 @@ class _Request:
     stopped: set[int] | None = None  # sample indices the consumer ended (Engine.generate's `stopped`)
 
 
-@dataclass
 class _Decoder:
     """What the scheduler decodes with, made for the first request and kept until close()."""
 
-    model: torch.nn.Module  # the engine's model in the compute dtype (the served model itself)
-    cache: KVCache  # max_rows x the context
-    decode: DecodeStep
-    unembed: Unembedder
-
-    @classmethod
-    def build(cls, engine: Engine, max_rows: int) -> _Decoder:
-        cfg, model = engine.config, engine.inference_model()
-        cache = KVCache(max_rows, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, engine.context_len, engine.device,
-                        CACHE_DTYPE)
-        return cls(model, cache, DecodeStep(model), Unembedder(model.lm_head.weight, engine.compute_dtype))
+    def __init__(self, engine: Engine, max_rows: int) -> None:
+        cfg = engine.config
+        self.model = engine.inference_model()  # in the compute dtype (the served model itself)
+        self.cache = KVCache(max_rows, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, engine.context_len,
+                             engine.device, CACHE_DTYPE)  # max_rows x the context
+        self.decode = DecodeStep(self.model)
+        self.unembed = Unembedder(self.model.lm_head.weight, engine.compute_dtype)
 
 
 @dataclass
@@ -197,7 +192,7 @@ class BatchingEngine:
                 admit = self._take_admissible()
             try:
                 with torch.inference_mode(), self.engine.autocast():
-                    decoder = decoder or _Decoder.build(self.engine, self.max_rows)
+                    decoder = decoder or _Decoder(self.engine, self.max_rows)
                     self._iterate(admit, decoder)
             except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                 for request in self._in_batch(*admit):
@@ -285,8 +280,8 @@ class BatchingEngine:
         return not request.cancelled
 
     def _prefill(self, decoder: _Decoder, request: _Request) -> None:
-        engine, cache = self.engine, decoder.cache
-        solo = KVCache(1, cache.num_layers, cache.k.size(2), cache.k.size(4), engine.prefill_len(len(request.prompt)),
+        engine, cache, cfg = self.engine, decoder.cache, self.engine.config
+        solo = KVCache(1, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, engine.prefill_len(len(request.prompt)),
                        engine.device, CACHE_DTYPE)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=engine.device)
         logits = decoder.unembed(engine.prefill(decoder.model, prompt, solo))  # (1, vocab)

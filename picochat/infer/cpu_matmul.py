@@ -55,9 +55,7 @@ SIGNATURES = {"picochat_small_matmul": "pllplpi>", "picochat_small_matmul_bf16":
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     lib = kernels.load(SOURCE, FALLBACK, SIGNATURES)
-    if lib is None:
-        return None
-    if not _agrees_with_torch(lib):
+    if lib is not None and not _agrees_with_torch(lib):
         warn(f"{SOURCE.name} disagrees with torch on a test product: {FALLBACK}")
         return None
     return lib
@@ -76,20 +74,17 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
     normed_low = torch.empty_like(x_low)
     lib.picochat_rms_norm(x.data_ptr(), x.size(0), x.size(1), 1e-6, normed.data_ptr())
     lib.picochat_rms_norm_bf16(x_low.data_ptr(), x.size(0), x.size(1), 1e-6, normed_low.data_ptr())
+    scores = torch.randn(3, 101, generator=generator)
+    top_values, top_ids = torch.empty(3, 7), torch.empty(3, 7, dtype=torch.int64)
+    nan = lib.picochat_topk(scores.data_ptr(), 3, 101, 7, top_values.data_ptr(), top_ids.data_ptr(), 1)
     return (torch.allclose(got, x @ weight.t(), atol=1e-4, rtol=1e-4)
             and torch.allclose(got_low, x @ low.float().t(), atol=1e-4, rtol=1e-4)
             and got_io.dtype == torch.bfloat16
             and torch.allclose(got_io.float(), x.bfloat16().float() @ low.float().t(), atol=1e-3, rtol=2 ** -7)
             and torch.allclose(normed, model_rms_norm(x, 1e-6), atol=1e-5, rtol=1e-5)
             and torch.allclose(normed_low.float(), model_rms_norm(x_low, 1e-6).float(), atol=0, rtol=2 ** -7)
-            and _topk_agrees(lib, generator))
-
-
-def _topk_agrees(lib: ctypes.CDLL, generator: torch.Generator) -> bool:
-    x = torch.randn(3, 101, generator=generator)
-    values, ids = torch.empty(3, 7), torch.empty(3, 7, dtype=torch.int64)
-    nan = lib.picochat_topk(x.data_ptr(), 3, 101, 7, values.data_ptr(), ids.data_ptr(), 1)
-    return nan == 0 and torch.equal(values, torch.topk(x, 7).values) and torch.equal(x.gather(1, ids), values)
+            and nan == 0 and torch.equal(top_values, torch.topk(scores, 7).values)
+            and torch.equal(scores.gather(1, top_ids), top_values))
 
 
 def available() -> bool:
@@ -146,9 +141,8 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(x, k, dim=-1) (sorted, largest first) for (rows, n) fp32 CPU logits, in one pass
     per row (~5x faster than torch's at a 32K vocabulary); equal values come in index order. Other
     inputs, a row with a NaN, or no kernel: torch.topk itself."""
-    if x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32 or not 0 < k <= x.size(1):
-        return torch.topk(x, k, dim=-1)  # (a GPU's logits never build or load the library)
-    lib = _library()
+    fits = x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 and 0 < k <= x.size(1)
+    lib = _library() if fits else None  # (a GPU's logits never build or load the library)
     if lib is None:
         return torch.topk(x, k, dim=-1)
     x = x.contiguous()

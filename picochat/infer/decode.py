@@ -144,7 +144,7 @@ class DecodeStep:
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, D/2)
             where = (torch.arange(B, device=ids.device), slice(None), positions)  # [row b, every head, positions[b]]
         spans: dict[int | None, tuple[int, torch.Tensor | None]] = {}  # window -> (first key, mask)
-        # The matmuls' inputs are rounded to the weights' dtype, as autocast does (by _low_norm and the
+        # The matmuls' inputs are rounded to the weights' dtype, as autocast does (by _norm_product and the
         # linears' fused forms; in fp32 a no-op). At batch 1 a step is dispatch-bound: a per-layer
         # autocast switch cost ~15% of a d4 token, and every small op counts.
         exact = torch.autocast(self.device_type, enabled=False) if on else contextlib.nullcontext()
@@ -155,8 +155,11 @@ class DecodeStep:
             x = model.layer_input(i, x, x0)
             keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D), fp32
             q = self._queries_and_cache(i, attn, x, ids, cos, sin, keys, values, where, positions, cache.pos)
-            if attn.window not in spans:
-                spans[attn.window] = _span(attn.window, length, positions, ids.device)
+            if attn.window not in spans:  # a slice of the keys when every row is at position length - 1,
+                # else a mask (B, 1, 1, length): each row at its own position
+                spans[attn.window] = (attention_span(length - 1, 1, attn.window, ids.device) if positions is None
+                                      else (0, attention_mask(positions.view(-1, 1, 1),
+                                                              torch.arange(length, device=ids.device), attn.window)))
             first, mask = spans[attn.window]
             with exact:  # autocast, where it is on, would run it in bf16
                 y = F.scaled_dot_product_attention(q.unsqueeze(2).float(), keys[:, :, first:length],
@@ -193,7 +196,10 @@ class DecodeStep:
         qk, v = qkv[:, :H + Hk], qkv[:, H + Hk:]  # (B, H + Hk, D), (B, Hk, D)
         if ve is not None:  # its gate reads the normed input unrounded, as forward() does
             v = attn.value_residual(v, self.norm(x, self.eps), ve)
-        qk = self._rotate_norm(attn, qk, cos, sin)
+        # rotary + QK-norm through cpu_matmul.rotary_norm where it applies (its bf16 values then come
+        # widened to fp32, the dtype attention and the cache take them in), else the attention's own
+        out = cpu_matmul.rotary_norm(qk, cos, sin, attn.eps, attn.qk_scale, torch.float32) if self.fused_rotary else None
+        qk = attn.rotate_norm(qk, cos, sin, self.norm) if out is None else out
         if positions is None:  # a view of every row at one position: copied in, widened on the way
             keys[where].copy_(qk[:, H:])
             values[where].copy_(v)
@@ -202,29 +208,17 @@ class DecodeStep:
         return qk[:, :H]
 
     def _norm_product(self, linear, x: torch.Tensor, relu2: bool = False) -> torch.Tensor:
-        """linear(self._low_norm(x)), or linear.relu2 of it: norm and product in one kernel call where
-        every matmul is the kernel's and the weights are bf16 (the same values)."""
+        """linear(self.norm(x) rounded to the weights' dtype), or linear.relu2 of it: norm and product in
+        one kernel call where every matmul is the kernel's and the weights are bf16 (the same values)."""
         if self.fused:
             return linear.of_norm(x, self.eps, relu2)
-        normed = self._low_norm(x)
-        return linear.relu2(normed) if relu2 else linear(normed)
-
-    def _low_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """self.norm(x) rounded to the weights' dtype, the matmuls' input (one kernel call where it applies)."""
         if self.dtype == torch.float32:
-            return self.norm(x, self.eps)
-        if self.norm is cpu_matmul.rms_norm:
-            return cpu_matmul.rms_norm(x, self.eps, self.dtype)
-        return self.norm(x, self.eps).to(self.dtype)
-
-    def _rotate_norm(self, attn, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """attn.rotate_norm(qk, cos, sin, self.norm), through cpu_matmul.rotary_norm where it applies (its
-        bf16 values then come widened to fp32, the dtype attention and the cache take them in)."""
-        if self.fused_rotary:
-            out = cpu_matmul.rotary_norm(qk, cos, sin, attn.eps, attn.qk_scale, torch.float32)
-            if out is not None:
-                return out
-        return attn.rotate_norm(qk, cos, sin, self.norm)
+            normed = self.norm(x, self.eps)
+        elif self.norm is cpu_matmul.rms_norm:  # norm and rounding in one kernel call
+            normed = cpu_matmul.rms_norm(x, self.eps, self.dtype)
+        else:
+            normed = self.norm(x, self.eps).to(self.dtype)
+        return linear.relu2(normed) if relu2 else linear(normed)
 
     def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """model.rotary(start, length) in the weights' dtype, sliced from a copy of the tables made once
@@ -236,15 +230,6 @@ class DecodeStep:
             self._tables = (self.model.rotary_cos, self.model.rotary_cos.to(self.dtype),
                             self.model.rotary_sin.to(self.dtype))
         return self._tables[1][start:start + length], self._tables[2][start:start + length]
-
-
-def _span(window: int | None, length: int, positions: torch.Tensor | None,
-          device: torch.device) -> tuple[int, torch.Tensor | None]:
-    """(first key, mask) for one step's queries in a layer with `window`: a slice of the keys when
-    every row is at position length - 1, a mask (B, 1, 1, length) when each row has its own."""
-    if positions is None:
-        return attention_span(length - 1, 1, window, device)
-    return 0, attention_mask(positions.view(-1, 1, 1), torch.arange(length, device=device), window)
 
 
 class _Linear:

@@ -49,23 +49,20 @@ def sample_next(
         logits, softcap = penalize_repeats(capped(logits.float(), softcap), recent, repetition_penalty), None
     if is_greedy(temperature):
         return logits.argmax(dim=-1)
-    vocab = logits.size(-1)
-    if top_k is not None and 0 < top_k < vocab:
+    nucleus = top_p is not None and top_p < 1.0
+    if top_k is not None and 0 < top_k < logits.size(-1):
         # Work on the k best only: a (B, k) softmax instead of (B, vocab) is most of the speed.
-        top_logits, top_ids = cpu_matmul.topk(logits.float(), top_k)  # (B, k), sorted descending
-        probs = torch.softmax(_cooled(capped(top_logits, softcap), temperature), dim=-1)
-        if top_p is not None and top_p < 1.0:
-            probs = keep_top_p(probs, top_p)
-        choice = draw(probs, generator)  # (B, 1) index into top-k
-        return top_ids.gather(-1, choice).squeeze(-1)
-    logits = _cooled(capped(logits.float(), softcap), temperature)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
-        probs = keep_top_p(torch.softmax(sorted_logits, dim=-1), top_p)
-        choice = draw(probs, generator)
-        return sorted_ids.gather(-1, choice).squeeze(-1)
+        logits, ids = cpu_matmul.topk(logits.float(), top_k)  # (B, k), sorted descending
+        logits = _cooled(capped(logits, softcap), temperature)
+    else:
+        logits, ids = _cooled(capped(logits.float(), softcap), temperature), None
+        if nucleus:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(logits, dim=-1)
-    return draw(probs, generator).squeeze(-1)
+    if nucleus:
+        probs = keep_top_p(probs, top_p)
+    choice = draw(probs, generator)  # (B, 1): a token id, or an index into ids (the top-k or the sorted order)
+    return choice.squeeze(-1) if ids is None else ids.gather(-1, choice).squeeze(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -91,11 +88,9 @@ def _cooled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def penalize_repeats(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
     """`logits` (B, vocab) with every token id of a row's `recent` (B, W; -1 = empty) made less likely:
     a positive logit is divided by `penalty`, a negative one multiplied by it, once per distinct id."""
-    valid = recent >= 0
     hits = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
-    hits.scatter_add_(-1, recent.clamp(min=0), valid.to(torch.int32))  # duplicates and empty slots add safely
-    seen = hits > 0
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    hits.scatter_add_(-1, recent.clamp(min=0), (recent >= 0).to(torch.int32))  # duplicates and empty slots add safely
+    return torch.where(hits > 0, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def keep_top_p(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -160,11 +155,8 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
 
 
 def _one_by_one(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[int]:
-    tokens, start = [], 0
-    for n, sample in requests:
-        tokens += sample_next(logits[start:start + n], **sample).tolist()
-        start += n
-    return tokens
+    chunks = logits.split([n for n, _ in requests])  # each request's rows, as views
+    return [t for (_, sample), rows in zip(requests, chunks, strict=True) for t in sample_next(rows, **sample).tolist()]
 
 
 def token_logprobs(logits: torch.Tensor, softcap: float | None = None) -> torch.Tensor:

@@ -58,7 +58,9 @@ class Unembedder:
         self.packed: PackedLinear | None = None  # the kernel's copy, made on demand
         self.use_kernel = cpu_matmul.available()
         self.calls = 0  # copies are made from the second call on (the first is the prefill's)
-        self.fp32_weight: torch.Tensor | None = None  # torch's paths for bf16 weights (no kernel)
+        # torch's paths take the weight in fp32: itself, or for bf16 weights one exact fp32 copy per
+        # generation, made when first needed (torch's bf16 products would round the logits to bf16)
+        self.fp32_weight: torch.Tensor | None = weight if weight.dtype == torch.float32 else None
         # The copy costs the weight's size in memory for the generation; skipped for large vocab x width.
         self.copy_allowed = weight.numel() * weight.element_size() <= MAX_COPY_BYTES
 
@@ -77,7 +79,9 @@ class Unembedder:
     def _torch_sums(self, hidden: torch.Tensor) -> torch.Tensor:
         """__call__ without the kernel: fp32 sums through torch's matmuls, in the layout fastest for the batch."""
         hidden = hidden.to(self.dtype).float().contiguous()  # bf16: the rounded values, exactly
-        weight = self._weight_fp32()
+        if self.fp32_weight is None:
+            self.fp32_weight = self.weight.detach().float()
+        weight = self.fp32_weight
         if hidden.size(0) == 1:
             if self.transposed is None and self.calls >= 2 and self.copy_allowed:
                 self.transposed = weight.detach().t().contiguous()
@@ -89,12 +93,3 @@ class Unembedder:
         for lo in range(0, weight.size(0), _ROWS_PER_BLOCK):
             out[:, lo:lo + _ROWS_PER_BLOCK] = torch.mm(weight[lo:lo + _ROWS_PER_BLOCK], hidden.t()).t()
         return out
-
-    def _weight_fp32(self) -> torch.Tensor:
-        """The weight in fp32: itself, or for bf16 weights one exact fp32 copy per generation (only
-        where the kernel is not used: torch's bf16 products would round the logits to bf16)."""
-        if self.dtype == torch.float32:
-            return self.weight
-        if self.fp32_weight is None:
-            self.fp32_weight = self.weight.detach().float()
-        return self.fp32_weight

@@ -301,8 +301,7 @@ class GPT(nn.Module):
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer))})
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        kv_dim = config.n_kv_head * config.head_dim
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
                                            for i in config.value_embed_layers()})
         L, lambdas = config.n_layer, config.layer_lambdas
         self.resid_lambdas = nn.Parameter(torch.empty(L)) if lambdas else None
@@ -542,17 +541,6 @@ def compiled_for_training(model: GPT, **compile_kwargs: Any) -> Callable[..., to
 # lm_head + softcap + cross-entropy, chunk by chunk
 
 
-def _chunk_rows(vocab_size: int, device: torch.device, rows_per_chunk: int | None = None) -> int:
-    """Rows per chunk: one (rows, vocab) fp32 buffer of about 128 MiB on a CPU, 256 MiB on a GPU.
-
-    Enough rows for efficient matmuls: on a 2-core AVX2 CPU the three (rows x width x vocab)
-    products run at ~100 GFLOP/s with 256 rows and ~135 with 1024 (vocab 32K, width 256),
-    which outweighs the elementwise passes leaving the cache. The buffers are allocated once
-    per call, not per chunk (fresh pages cost more than the arithmetic on them).
-    """
-    return rows_per_chunk or max(16, ((32 << 20) if device.type == "cpu" else (64 << 20)) // vocab_size)
-
-
 def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                   softcap: float, grad_scale: torch.Tensor | None,
                                   rows_per_chunk: int | None = None,
@@ -580,7 +568,13 @@ def _softcap_cross_entropy_chunks(x: torch.Tensor, weight: torch.Tensor, targets
     if rows.numel() == N:
         rows = None  # all valid (pretraining): plain slices, no gathers
     n_valid = N if rows is None else rows.numel()
-    step = min(_chunk_rows(V, x.device, rows_per_chunk), max(n_valid, 1))
+    # Rows per chunk (unless given): one (rows, vocab) fp32 buffer of about 128 MiB on a CPU, 256 MiB on
+    # a GPU. Enough rows for efficient matmuls: on a 2-core AVX2 CPU the three (rows x width x vocab)
+    # products run at ~100 GFLOP/s with 256 rows and ~135 with 1024 (vocab 32K, width 256), which
+    # outweighs the elementwise passes leaving the cache. The buffers are allocated once per call, not
+    # per chunk (fresh pages cost more than the arithmetic on them).
+    rows_per_chunk = rows_per_chunk or max(16, ((32 << 20) if x.device.type == "cpu" else (64 << 20)) // V)
+    step = min(rows_per_chunk, max(n_valid, 1))
     w_a = (weight * (2.0 / softcap)).to(dtype)  # (V, C): x @ w_a.T = a, one pass fewer than dividing
     # exp(z + cap) = exp(2 cap s) cannot overflow when vocab * e^(2 cap) fits in fp32; the shift
     # then cancels in the softmax and comes off the log-sum-exp. Larger caps subtract it first.

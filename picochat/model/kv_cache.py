@@ -33,10 +33,6 @@ class KVCache:
         return self.k.size(1)
 
     @property
-    def num_layers(self) -> int:
-        return self.k.size(0)
-
-    @property
     def max_len(self) -> int:
         return self.k.size(3)
 
