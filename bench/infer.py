@@ -60,13 +60,11 @@ import torch
 from machine import DTYPE_NAMES, describe_machine, format_machine
 from results import default_out, write_results
 
-from picochat.config import architecture_options
 from picochat.errors import UserError
 from picochat.infer import Engine
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.runtime import cpu_supports_fast_bf16, pick_device
 from picochat.tokenizer import SPECIAL_TOKENS
-from picochat.train.base_train import BaseTrainConfig
 
 # The server rows and the soak need `picochat serve`'s packages (fastapi, uvicorn) and the load
 # client's (httpx); a bare GPU image may lack them, and the engine rows do not need them.
@@ -126,6 +124,10 @@ def arch_options(arch: str) -> dict:
     preset's, or the 2026 recipe's."""
     if arch == "classic":
         return {}
+    # Only here: the training modules would add ~30 MB to every worker's resident memory (the soak's figure).
+    from picochat.config import architecture_options
+    from picochat.train.base_train import BaseTrainConfig
+
     given = {"preset": "cpu"} if arch == "cpu" else {"recipe": "2026"}
     return architecture_options(BaseTrainConfig.defaults(**given))
 
