@@ -660,7 +660,7 @@ class Trainer:
 
     def _fix_horizon(self, timed_steps: int, timed_s: float) -> None:
         """Time budget: the horizon that spends what is left of the budget at the step time measured here,
-        the evals and samples due before it at the time they took here."""
+        the evals, samples and saves due before it at the time they took here."""
         seconds_per_step = max(timed_s / timed_steps, 1e-6)  # a coarse clock can time steps at 0 s
         left = self.cfg.time_budget_s - self.elapsed_s
         horizon = self.step + max(0, int(left // seconds_per_step))
