@@ -174,7 +174,7 @@ def test_stage_functions_take_typed_options_not_a_namespace():
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in (
-                    "run", "add_arguments", "from_args", "add_chat_stage_arguments"):
+                    "run", "add_arguments", "from_args"):
                 for arg in node.args.args:
                     if arg.annotation is not None and "Namespace" in ast.unparse(arg.annotation):
                         offenders.append(f"{path.name}:{node.name}")
