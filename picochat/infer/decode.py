@@ -155,11 +155,11 @@ class DecodeStep:
             x = model.layer_input(i, x, x0)
             keys, values = cache.k[i, :B], cache.v[i, :B]  # (B, Hk, max_len, D), fp32
             q = self._queries_and_cache(i, attn, x, ids, cos, sin, keys, values, where, positions, cache.pos)
-            if attn.window not in spans:  # a slice of the keys when every row is at position length - 1,
-                # else a mask (B, 1, 1, length): each row at its own position
-                spans[attn.window] = (attention_span(length - 1, 1, attn.window, ids.device) if positions is None
-                                      else (0, attention_mask(positions.view(-1, 1, 1),
-                                                              torch.arange(length, device=ids.device), attn.window)))
+            if attn.window not in spans and positions is None:  # every row at length - 1: a slice of the keys
+                spans[attn.window] = attention_span(length - 1, 1, attn.window, ids.device)
+            elif attn.window not in spans:  # each row at its own position: a mask (B, 1, 1, length)
+                keys_at = torch.arange(length, device=ids.device)
+                spans[attn.window] = 0, attention_mask(positions.view(-1, 1, 1), keys_at, attn.window)
             first, mask = spans[attn.window]
             with exact:  # autocast, where it is on, would run it in bf16
                 y = F.scaled_dot_product_attention(q.unsqueeze(2).float(), keys[:, :, first:length],
