@@ -567,9 +567,11 @@ class Trainer:
         Saves every --save-every-minutes are counted from the time since the last save and `step_s` a step."""
         cfg = self.cfg
         saves = _due(cfg.save_every, start, end, skip_zero=True)
-        if cfg.save_every_minutes > 0:  # any save restarts that clock, so the two kinds are not added
-            ahead = time.time() - self._last_save + (end - start) * step_s
-            saves = max(saves, int(ahead // (60 * cfg.save_every_minutes)))
+        if cfg.save_every_minutes > 0 and step_s > 0:  # any save restarts that clock: the two kinds are not added
+            interval = 60 * cfg.save_every_minutes
+            first = start + max(0, math.ceil((interval - (time.time() - self._last_save)) / step_s))
+            if first < end:  # then one every ceil(interval / step_s) steps; one at `end` is the final save
+                saves = max(saves, 1 + (end - 1 - first) // math.ceil(interval / step_s))
         due = {"eval": _due(cfg.eval_every, start, end) + final if self.evaluate else 0,
                "sample": _due(cfg.sample_every, start, end, skip_zero=True) + final if self.sample else 0,
                "save": saves + final}

@@ -114,6 +114,21 @@ def test_eta_counts_the_saves_still_due(tiny_home, monkeypatch):
     assert steps[6][0]["eta_s"] == pytest.approx(14 * 2 * MICRO_S + 3 * SAVE_S)
 
 
+def test_eta_counts_the_wall_clock_saves_still_due(tiny_home, monkeypatch):
+    """The same with a save every 10 s of wall time (--save-every-minutes): after steps 5, 10 and 15, and the
+    final one at 20 (no periodic save there). It counted one save too many (the one the final replaces)."""
+    seen = []
+    trainer, clock = fake_trainer(tiny_home, monkeypatch, 20, lambda r, now: seen.append((r, now)),
+                                  save_every_minutes=10 / 60)
+    slow_saves(trainer, clock, monkeypatch)
+    trainer.run()
+    steps = {r["step"]: (r, now) for r, now in seen if "loss" in r}
+    end = clock[0] - EVAL_S
+    for step in range(6, 21):
+        record, now = steps[step]
+        assert record["eta_s"] == pytest.approx(end - now), step
+
+
 def test_a_time_budget_counts_the_periodic_saves_it_will_run(tiny_home, monkeypatch):
     """A 100 s budget, steps of 2 s, a 5 s save every 5 steps: fixed after step 7 (19 s spent, the step-5 save
     included), the horizon leaves room for the saves before it. It was 47 steps, as if no save were to come,
