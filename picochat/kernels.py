@@ -30,8 +30,10 @@ from picochat.fileio import aside
 from picochat.runtime import home, warn
 
 
-def compiler() -> str | None:
-    names = (os.environ.get("CC"), "cc", "gcc", "clang")
+def compiler(language: str = "C") -> str | None:
+    """The C compiler ($CC, else cc / gcc / clang), or with "C++" the one torch.compile builds its CPU
+    kernels with ($CXX, else g++ / clang++); None where there is none."""
+    names = (os.environ.get("CC"), "cc", "gcc", "clang") if language == "C" else (os.environ.get("CXX"), "g++", "clang++")
     return next((shutil.which(name) for name in names if name and shutil.which(name)), None)
 
 

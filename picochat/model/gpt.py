@@ -52,6 +52,7 @@ from torch import nn
 from picochat.errors import ConfigError
 from picochat.model import fused_ce
 from picochat.model.kv_cache import KVCache
+from picochat.runtime import warn
 
 IGNORE_INDEX = -1
 INIT_SCHEMES = ("classic", "2026")
@@ -524,16 +525,25 @@ def compiled_for_training(model: GPT, **compile_kwargs: Any) -> Callable[..., to
     on a 2-core AMX Xeon (d4, vocab 32K, B=32, T=256, bf16): the whole model compiled ran 3,522 tok/s,
     eager 6,560, the trunk compiled beside the eager loss 0.91 s per forward+backward against eager's
     1.13 s. On other devices the whole model is compiled (the compiler fuses softcap and
-    cross-entropy there itself)."""
+    cross-entropy there itself). Where the compiler cannot build its CPU kernels (no working C++
+    toolchain), the first call says so in one warning and training goes on eagerly."""
     if model.lm_head.weight.device.type != "cpu":
         return torch.compile(model, **compile_kwargs)
     trunk = torch.compile(model.hidden_states, **compile_kwargs)
 
     def forward(idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean") -> torch.Tensor:
+        nonlocal trunk
         if targets is None or kv_cache is not None or loss_reduction not in ("mean", "sum", "none"):
             return model(idx, targets, kv_cache, loss_reduction)  # what forward() does (or says is wrong)
-        return model._loss(trunk(idx), targets, loss_reduction)
+        try:
+            x = trunk(idx)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before the graph ran: nothing to undo
+            warn(f"torch.compile could not build its CPU kernels ({str(e).strip().splitlines()[-1]}); "
+                 "training eagerly (--compile off skips the attempt)")
+            trunk = model.hidden_states
+            x = trunk(idx)
+        return model._loss(x, targets, loss_reduction)
 
     return forward
 

@@ -150,10 +150,11 @@ def adamw_groups(cfg: BaseTrainConfig, lr_scale: float) -> dict:
     return out
 
 
-def log_run(cfg: BaseTrainConfig, model, dtype, world, num_iterations: int, grad_accum: int) -> None:
+def log_run(cfg: BaseTrainConfig, model, dtype, world, num_iterations: int, grad_accum: int, compiled: bool) -> None:
     log0(f"model: {json.dumps(model.config.to_dict())}")
     log0(f"params {model.num_params():,} (scaling {model.num_scaling_params():,}) | "
-         f"flops/token {model.flops_per_token():.3e} | dtype {dtype} | device {world.device} | world {world.world_size}")
+         f"flops/token {model.flops_per_token():.3e} | dtype {dtype} | device {world.device} | world {world.world_size}"
+         f" | {'compiled' if compiled else 'eager'} (--compile {cfg.compile})")
     if num_iterations > 0:
         log0(f"horizon: {num_iterations} steps x {cfg.total_batch_size:,} tokens = "
              f"{num_iterations * cfg.total_batch_size:,} tokens "
@@ -285,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         train_files, val_file = list_shards(cfg.data_dir or default_data_dir())
         config = cfg.model_config(tokenizer.vocab_size)
         lr_scale, wd_scale = batch_and_scales(cfg, config)
-        compiled = cfg.compiles(world.device.type)
+        compiled = cfg.compiles(world.device.type, dtype)
         check_batch(cfg, world.world_size)
         check_memory(cfg, world, dtype, compiled, config,
                      lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size))
@@ -293,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         use_fp8(cfg, model, world.device)
         broadcast_parameters(model)
         num_iterations, grad_accum = compute_horizon(cfg, model, world.world_size)
-        log_run(cfg, model, dtype, world, num_iterations, grad_accum)
+        log_run(cfg, model, dtype, world, num_iterations, grad_accum, compiled)
         optimizers = optimizers_for(cfg, model, lr_scale, wd_scale)
         train_model = compiled_for_training(model, dynamic=False) if compiled else model
         batches = make_loader(cfg.loader, train_files, tokenizer, cfg.device_batch_size, cfg.max_seq_len,

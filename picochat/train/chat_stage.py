@@ -73,7 +73,7 @@ def load_parent(cfg: ChatStageConfig, world, dtype, candidates, batch_check):
     path = find_parent(cfg, world)
     if (path / "config.json").exists():
         config = GPTConfig.from_dict(json.loads((path / "config.json").read_text()))
-        check_memory(cfg, world, dtype, cfg.compiles(world.device.type), config, candidates, batch_check)
+        check_memory(cfg, world, dtype, cfg.compiles(world.device.type, dtype), config, candidates, batch_check)
     model, tokenizer, meta = load_checkpoint_dir(path, world.device)
     log0(f"starting from {path} ({model.num_params():,} params)")
     return model, tokenizer, meta, cfg.tag or meta.get("tag") or path.parent.name
@@ -122,7 +122,7 @@ def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict
     muon = cfg.muon_options(parent_meta)
     optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, muon_options=muon)
-    train_model = compiled_for_training(model, dynamic=False) if cfg.compiles(world.device.type) else model
+    train_model = compiled_for_training(model, dynamic=False) if cfg.compiles(world.device.type, dtype) else model
     loop_cfg = LoopConfig(stage=plan.stage, tag=plan.tag, num_iterations=plan.num_iterations,
                           grad_accum_steps=plan.grad_accum, tokens_per_step=plan.tokens_per_step,
                           eval_every=cfg.eval_every, save_every=cfg.save_every,

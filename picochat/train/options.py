@@ -13,9 +13,13 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
+from picochat import kernels
 from picochat.config import DeviceOptions, Options, option
 
 OPTIM, SAVE, RUN = "optimisation", "eval and checkpoints", "runtime"
+CPU_COMPILE_MINUTES = 5.0  # the shortest --time-budget for which --compile auto compiles on a CPU
 
 
 @dataclass
@@ -43,8 +47,9 @@ class LoopOptions(StageOptions):
     time_budget: float = option(
         -1.0, "train for this many minutes: the horizon is set from the first steps' throughput, then fixed "
         "(and kept on --resume); <=0: the stage's own horizon", group=OPTIM, metavar="MINUTES")
-    compile: str = option("auto", "torch.compile the model (auto: on for CUDA)", group=RUN,
-                          choices=("auto", "on", "off"))
+    compile: str = option(
+        "auto", f"torch.compile the model (auto: on for CUDA, and on a CPU for a bf16 run with a --time-budget of "
+        f"at least {CPU_COMPILE_MINUTES:g} minutes and a C++ compiler)", group=RUN, choices=("auto", "on", "off"))
     grad_reduce_dtype: str = option(
         "fp32", "dtype of the cross-rank gradient reduction (bf16 halves the traffic, e.g. across nodes; the sum "
         "is rounded to bf16)", group=RUN, choices=("fp32", "bf16"))
@@ -58,9 +63,16 @@ class LoopOptions(StageOptions):
         given = getattr(args, "device_batch_size", None) is not None
         return dataclasses.replace(super().from_args(args), batch_from_flag=given)
 
-    def compiles(self, device_type: str) -> bool:
-        """Whether the stage trains a torch.compile'd model on this device type."""
-        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
+    def compiles(self, device_type: str, dtype: torch.dtype) -> bool:
+        """Whether the stage trains a torch.compile'd model on this device type, in this compute dtype.
+
+        auto on a CPU: a graph costs ~20 s to build there, after which a bf16 step of the cpu preset
+        takes ~0.75x the eager one (docs/LOG.md). fp32, what auto picks on CPUs without fast bf16,
+        stays eager: it gained less (1.13x) where measured, and was not measured on those CPUs. The
+        compiler's kernels need a C++ compiler."""
+        if self.compile != "auto" or device_type != "cpu":
+            return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
+        return dtype == torch.bfloat16 and self.time_budget >= CPU_COMPILE_MINUTES and kernels.compiler("C++") is not None
 
 
 @dataclass

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         log0(f"{len(train_mix):,} conversations x {cfg.num_epochs} epoch(s) -> {num_iterations} steps of "
              f"{cfg.examples_per_step} conversations (grad accum {grad_accum})")
         # A few shapes for the compiler, exact widths eagerly.
-        buckets = width_buckets(T) if cfg.compiles(world.device.type) else None
+        buckets = width_buckets(T) if cfg.compiles(world.device.type, dtype) else None
         batches = PaddedConversations(train_mix, tokenizer, B, T, world.rank, world.world_size, world.device,
                                       bucket_widths=buckets)
         evaluate = sft_evaluator(cfg, world, tokenizer, B, T, dtype)
