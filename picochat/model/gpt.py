@@ -539,7 +539,8 @@ def compiled_for_training(model: GPT, **compile_kwargs: Any) -> Callable[..., to
         try:
             x = trunk(idx)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before the graph ran: nothing to undo
-            warn(f"torch.compile could not build its CPU kernels ({str(e).strip().splitlines()[-1]}); "
+            reason = str(e.inner_exception).strip().splitlines() or [type(e.inner_exception).__name__]
+            warn(f"torch.compile could not build its CPU kernels ({reason[0][:200]}); "
                  "training eagerly (--compile off skips the attempt)")
             trunk = model.hidden_states
             x = trunk(idx)
