@@ -50,7 +50,7 @@ import torch
 
 from picochat.errors import UserError
 from picochat.infer.decode import DecodeStep
-from picochat.infer.engine import Engine, RowState, logprob_column
+from picochat.infer.engine import Engine, RowState, logprob_column, recent_ids, remember
 from picochat.infer.sampling import sample_many
 from picochat.infer.unembed import Unembedder
 from picochat.model.kv_cache import KVCache
@@ -75,6 +75,13 @@ class _Request:
     cancelled: bool = False
     logprobs: int | None = None  # opt-in: columns carry log-prob entries (Engine.generate's `logprobs`)
     stopped: set[int] | None = None  # sample indices the consumer ended (Engine.generate's `stopped`)
+    repetition_penalty: float | None = None  # Engine.generate's
+
+    def sampling(self, device: torch.device) -> dict:
+        """sample_many's settings for this request's rows: with a penalty, also their recent tokens."""
+        if not self.repetition_penalty:
+            return self.sample
+        return {**self.sample, "recent": recent_ids(self.rows, device), "repetition_penalty": self.repetition_penalty}
 
 
 class _Decoder:
@@ -126,13 +133,14 @@ class BatchingEngine:
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = 42, use_tools: bool = True, logprobs: int | None = None,
-                 stopped: set[int] | None = None) -> Iterator[tuple[list[int | None], list[int]]]:
+                 stopped: set[int] | None = None, repetition_penalty: float | None = None,
+                 ) -> Iterator[tuple[list[int | None], list[int]]]:
         """As Engine.generate (nothing is queued before the first next()); closing the iterator
         early frees the request's rows at the next step."""
         columns: queue.SimpleQueue = queue.SimpleQueue()
         request = self.submit(tokens, columns.put, num_samples=num_samples, max_tokens=max_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_tools=use_tools,
-                              logprobs=logprobs, stopped=stopped)
+                              logprobs=logprobs, stopped=stopped, repetition_penalty=repetition_penalty)
         try:
             for item in iter(columns.get, DONE):
                 if isinstance(item, BaseException):
@@ -144,7 +152,8 @@ class BatchingEngine:
     def submit(self, tokens: list[int], deliver: Callable[[object], bool | None], num_samples: int = 1,
                max_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = 42, use_tools: bool = True,
-               logprobs: int | None = None, stopped: set[int] | None = None) -> _Request:
+               logprobs: int | None = None, stopped: set[int] | None = None,
+               repetition_penalty: float | None = None) -> _Request:
         """Queue a request whose columns go to `deliver(item)`, called in the scheduler thread:
         each (tokens, masks) as Engine.generate yields them, then `DONE`, or an exception if the
         generation failed. `deliver` returning False abandons the request (its rows are freed)."""
@@ -154,7 +163,8 @@ class BatchingEngine:
             raise UserError(f"num_samples must be in [1, {self.max_rows}] (the batch's rows), got {num_samples}")
         tokens, max_tokens = engine.fit_prompt(tokens, max_tokens)
         request = _Request(tokens, num_samples, max_tokens, engine.sampling(seed, temperature, top_k, top_p),
-                           use_tools, deliver, logprobs=logprobs, stopped=stopped)
+                           use_tools, deliver, logprobs=logprobs, stopped=stopped,
+                           repetition_penalty=repetition_penalty)
         with self._cond:
             if self._closed:
                 raise RuntimeError("this BatchingEngine is closed")
@@ -226,12 +236,14 @@ class BatchingEngine:
         # ids of the RowState objects that are done: those of abandoned requests, and those that end below
         finished_rows = {id(row) for r in in_batch if r.cancelled for row in r.rows}
         drawn = sample_many(torch.cat([r.logits for r in requests]),
-                            [(len(r.rows), r.sample) for r in requests]) if requests else []
+                            [(len(r.rows), r.sampling(engine.device)) for r in requests]) if requests else []
         start = 0
         for request in requests:
             sampled, start = drawn[start:start + len(request.rows)], start + len(request.rows)
             column, masks, finished = engine.next_column(request.rows, sampled, request.num_samples,
                                                           request.use_tools, request.stopped)
+            if request.repetition_penalty:
+                remember(request.rows, column)
             item = (column, masks)
             if request.logprobs is not None:
                 item += (logprob_column(request.rows, column, request.logits, engine.softcap, request.logprobs,

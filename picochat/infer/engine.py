@@ -138,13 +138,11 @@ class Engine:
 
         rows = [RowState(i) for i in range(num_samples)]
         for step in range(max_tokens):
-            recent = _recent_ids(rows, self.device) if repetition_penalty else None  # (live rows, W)
+            recent = recent_ids(rows, self.device) if repetition_penalty else None  # (live rows, W)
             sampled = sample_next(logits, **sample, recent=recent, repetition_penalty=repetition_penalty).tolist()
             column, masks, finished = self.next_column(rows, sampled, num_samples, use_tools, stopped)
             if repetition_penalty:
-                for row in rows:
-                    if column[row.index] is not None:
-                        row.recent.append(column[row.index])
+                remember(rows, column)
             yield (column, masks) if logprobs is None else (
                 column, masks, logprob_column(rows, column, logits, self.softcap, logprobs, num_samples))
             live = [r for r in range(len(rows)) if r not in finished]
@@ -289,10 +287,17 @@ def logprob_column(rows: list[RowState], column: list[int | None], logits: torch
     return entries
 
 
-def _recent_ids(rows: list[RowState], device: torch.device) -> torch.Tensor:
+def recent_ids(rows: list[RowState], device: torch.device) -> torch.Tensor:
     """(rows, REPEAT_WINDOW) int64 of each row's recent tokens, -1 where it has fewer."""
     out = torch.full((len(rows), REPEAT_WINDOW), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         if row.recent:
             out[r, : len(row.recent)] = torch.tensor(list(row.recent))
     return out.to(device)
+
+
+def remember(rows: list[RowState], column: list[int | None]) -> None:
+    """Add each row's token of `column` to its recent tokens (the repetition penalty's window)."""
+    for row in rows:
+        if column[row.index] is not None:
+            row.recent.append(column[row.index])

@@ -113,7 +113,9 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
     (rows, sample_next keyword arguments with the request's own generator); they come from one
     model, so they share its softcap. When every request
     is greedy or uses top-k (the server's default), the whole batch shares one top-k, one softcap,
-    one softmax and one top-p pass, with per-row k, temperature and p; only the draw itself runs
+    one softmax and one top-p pass, with per-row k, temperature and p (and, for a request whose
+    settings carry `repetition_penalty` and its rows' `recent` tokens, the penalty applied to its
+    rows before the top-k, as sample_next applies it); only the draw itself runs
     per request, from its own generator, so a request's tokens do not depend on the others (up to
     float rounding in the softmax of its k values). Otherwise each request goes through
     sample_next on its own rows.
@@ -128,11 +130,13 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
             ks.append(top_k)
         else:  # a full-vocabulary draw somewhere: request by request
             return _one_by_one(logits, requests)
-    width = max(ks)
-    top_logits, top_ids = cpu_matmul.topk(logits.float(), width)  # (R, width), sorted descending
+    width, softcap = max(ks), requests[0][1].get("softcap")  # one model: one softcap
+    logits, penalized = _penalized(logits.float(), requests, softcap)
+    top_logits, top_ids = cpu_matmul.topk(logits, width)  # (R, width), sorted descending
     temperature = torch.tensor([1.0 if is_greedy(sample["temperature"]) else sample["temperature"]
                                 for n, sample in requests for _ in range(n)], device=logits.device).unsqueeze(1)
-    scaled = capped(top_logits, requests[0][1].get("softcap")) / temperature  # one model: one softcap
+    scaled = capped(top_logits, softcap)
+    scaled = (scaled if penalized is None else torch.where(penalized, top_logits, scaled)) / temperature
     if min(ks) < width:  # each row keeps its own k best
         rows_k = torch.tensor([k for (n, _), k in zip(requests, ks, strict=True) for _ in range(n)],
                               device=logits.device).unsqueeze(1)  # (R, 1)
@@ -152,6 +156,22 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
             choices.append(draw(probs[start:start + n, :k], sample["generator"]))
         start += n
     return top_ids.gather(-1, torch.cat(choices)).squeeze(-1).tolist()
+
+
+def _penalized(logits: torch.Tensor, requests: list[tuple[int, dict]], softcap: float | None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, None) when no request has a repetition penalty; else the logits with the rows of those
+    that have one capped and penalised in full, as sample_next does before its top-k, and the (R, 1)
+    mask of those rows."""
+    penalties = [sample.get("repetition_penalty") or 1.0 for _, sample in requests]
+    if all(p == 1.0 for p in penalties):
+        return logits, None
+    window = next(s["recent"].size(1) for (_, s), p in zip(requests, penalties, strict=True) if p != 1.0)
+    recent = torch.cat([s["recent"] if p != 1.0 else torch.full((n, window), -1, dtype=torch.long, device=logits.device)
+                        for (n, s), p in zip(requests, penalties, strict=True)])  # (R, window)
+    rows = torch.tensor([p for (n, _), p in zip(requests, penalties, strict=True) for _ in range(n)],
+                        device=logits.device).unsqueeze(1)  # (R, 1)
+    return torch.where(rows != 1.0, penalize_repeats(capped(logits, softcap), recent, rows), logits), rows != 1.0
 
 
 def _one_by_one(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[int]:

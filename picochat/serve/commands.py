@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"default when a request gives none (0: off; {CHAT_SAMPLING.top_k})")
     parser.add_argument("--max-tokens", type=int, default=CHAT_SAMPLING.max_tokens,
                         help=f"default when a request gives none ({CHAT_SAMPLING.max_tokens})")
+    parser.add_argument("--repetition-penalty", type=float, default=CHAT_SAMPLING.repetition_penalty,
+                        help="default when a chat request gives none (the request field `repetition_penalty`; "
+                             f"{CHAT_SAMPLING.repetition_penalty}, the chat default; 1: off)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $PICOCHAT_API_KEY; none: open)")
 
@@ -70,6 +73,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--top-k {args.top_k}: must be between 0 (off) and {Limits.max_top_k}")
     if not 1 <= args.max_tokens <= Limits.max_tokens:
         raise ConfigError(f"--max-tokens {args.max_tokens}: must be between 1 and {Limits.max_tokens}")
+    if not 0.0 < args.repetition_penalty <= 10.0:
+        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be in (0, 10]; 1 is off")
     if api_key(args) is not None and not api_key(args).strip():
         raise ConfigError("--api-key / PICOCHAT_API_KEY is empty; give a key or unset it")
 
@@ -104,7 +109,7 @@ def build_app(args: argparse.Namespace):
     if device.type != "cuda" and (args.workers or 1) > 1:  # CPU: engines share the one read-only model
         engines = [Engine(engines[0].model, tokenizer, compute_dtype=dtype) for _ in range(args.workers)]
     model_id = f"picochat-{path.parts[-3]}-{path.parts[-2]}-step{path.name.removeprefix('step_')}"
-    defaults = Defaults(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
+    defaults = Defaults(args.temperature, args.top_k, args.max_tokens, args.repetition_penalty)
     pool = serving_pool(engines, args.max_batch, args.max_queue)
     batching = len(pool.engines) > len(pool.replicas())
     limits = Limits(max_n=min(Limits.max_n, args.max_batch)) if batching else None

@@ -145,7 +145,8 @@ def run_generation(engine: Engine | BatchingEngine, job: Generation, emit: Calla
     choices = _Choices(engine, job, emit)
     options = {"num_samples": request.n, "max_tokens": request.max_tokens, "temperature": request.temperature,
                "top_k": request.top_k, "top_p": request.top_p, "seed": request.seed, "use_tools": job.use_tools,
-               "logprobs": request.logprobs, "stopped": choices.stopped}
+               "logprobs": request.logprobs, "stopped": choices.stopped,
+               "repetition_penalty": request.repetition_penalty}
     if isinstance(engine, BatchingEngine):
         if not _run_batched(engine, job.prompt, options, choices, cancel):
             return

@@ -7,7 +7,9 @@ A field picochat does not implement is refused with 400 naming it, as OpenAI ref
 does not know; only `user` (an end-user id OpenAI keeps for abuse monitoring, which never changes
 the output) is accepted and ignored. Fields that would change the output are accepted only at
 their no-op value (`frequency_penalty: 0`, `logit_bias: {}`, `response_format: {"type": "text"}`,
-`tool_choice: "none"`, ...).
+`tool_choice: "none"`, ...). One field beyond OpenAI's: `repetition_penalty` (> 1 makes the last 64
+generated tokens less likely; 1 is off), whose default is `picochat serve --repetition-penalty` (the
+chat default, 1.2) for chat requests and off for completions.
 
 Roles: `developer` is `system`; system messages in a row at the start are joined into the one system
 text (a blank line apart). An assistant message may carry back the fields of picochat's own reply
@@ -49,6 +51,7 @@ class Defaults:
     temperature: float = 0.8
     top_k: int = 50
     max_tokens: int = 512
+    repetition_penalty: float | None = None  # None: off
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Sampling:
     include_usage: bool
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; else the number of alternatives per token (0-20)
+    repetition_penalty: float | None = None  # > 1 discourages the last 64 generated tokens; None or 1: off
 
 
 @dataclass
@@ -120,7 +124,7 @@ def parse_body(raw: bytes) -> dict:
 # ---- fields -----------------------------------------------------------------------------------
 
 _SHARED = {"model", "temperature", "top_p", "top_k", "n", "max_tokens", "seed", "stream", "stream_options", "stop",
-           "logprobs", "user", "frequency_penalty", "presence_penalty", "logit_bias"}
+           "logprobs", "user", "frequency_penalty", "presence_penalty", "logit_bias", "repetition_penalty"}
 _CHAT = _SHARED | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
                    "response_format", "store", "metadata"}
 _COMPLETION = _SHARED | {"prompt", "echo", "suffix", "best_of"}
@@ -223,6 +227,7 @@ def _sampling(body: dict, limits: Limits, defaults: Defaults, model_ids: tuple[s
         "n": _number(body, "n", 1, 1, limits.max_n, integer=True),
         "seed": seed, "stream": stream, "include_usage": bool(options and options.get("include_usage")),
         "stop": _stop(body),
+        "repetition_penalty": _number(body, "repetition_penalty", defaults.repetition_penalty, 0.0, 10.0, lo_open=True),
     }
 
 

@@ -75,7 +75,8 @@ def test_only_the_chat_defaults_write_the_name_the_report_reads():
                 "repetition_penalty": d.repetition_penalty, "seed": 0}
     assert chat_probe.probe_file_stem("sft", "d4", 90, defaults, None) == "chat_probe_sft_d4_step90"
     greedy = {**defaults, "temperature": 0.0}
-    assert chat_probe.probe_file_stem("sft", "d4", 90, greedy, None) == f"chat_probe_sft_d4_step90_t0_k{d.top_k}_n{d.max_tokens}_s0"
+    assert (chat_probe.probe_file_stem("sft", "d4", 90, greedy, None)
+            == f"chat_probe_sft_d4_step90_t0_k{d.top_k}_n{d.max_tokens}_rp{d.repetition_penalty:g}_s0")
     assert chat_probe.probe_file_stem("sft", "d4", 90, defaults, 5).endswith("_l5")
     penalized = {**greedy, "repetition_penalty": 1.3}
     assert chat_probe.probe_file_stem("sft", "d4", 90, penalized, None).endswith(f"_n{d.max_tokens}_rp1.3_s0")
@@ -102,7 +103,7 @@ def test_chat_probe_command_writes_json_and_markdown(picochat_home, monkeypatch,
     assert main(argv) == 0
     assert "### Chat probe: sft (step 1)" in capsys.readouterr().out
     (path,) = (picochat_home / "eval").glob("chat_probe_sft_tiny_step1_*.json")  # not the defaults: a variant name
-    assert path.name == "chat_probe_sft_tiny_step1_t0.7_k50_n8_s0_l3.json"
+    assert path.name == "chat_probe_sft_tiny_step1_t0.7_k50_n8_rp1.2_s0_l3.json"
     result = json.loads(path.read_text())
     assert [a["prompt"] for a in result["answers"]] == list(chat_probe.PROMPTS[:3])
     assert all(0 < a["tokens"] <= 8 for a in result["answers"]) and result["settings"]["seed"] == 0

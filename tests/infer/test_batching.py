@@ -53,9 +53,12 @@ def test_rows_at_their_own_positions_equal_each_row_alone(matmul_kernel, dtype, 
 def test_batched_draws_equal_request_by_request_draws():
     """sample_many shares top-k / softcap / softmax / top-p across requests, draws per request."""
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(7, 500, generator=generator) * 4
+    logits = torch.randn(10, 500, generator=generator) * 4
+    recent = torch.randint(-1, 500, (3, 64), generator=generator)  # -1: a slot not filled yet
     settings = [(1, {"temperature": 0.0, "top_k": None}), (3, {"temperature": 0.8, "top_k": 50}),
-                (2, {"temperature": 1.3, "top_k": 5, "top_p": 0.7}), (1, {"temperature": 1.0, "top_k": 499})]
+                (2, {"temperature": 1.3, "top_k": 5, "top_p": 0.7}), (1, {"temperature": 1.0, "top_k": 499}),
+                (1, {"temperature": 0.0, "top_k": None, "repetition_penalty": 3.0, "recent": recent[:1]}),
+                (2, {"temperature": 0.7, "top_k": 50, "repetition_penalty": 1.2, "recent": recent[1:]})]
     def requests(seed):
         return [(n, {**s, "generator": torch.Generator().manual_seed(seed * 10 + i), "softcap": 15.0})
                 for i, (n, s) in enumerate(settings)]
@@ -70,7 +73,7 @@ def test_batched_draws_equal_request_by_request_draws():
             (5, {"temperature": 0.5, "top_k": 3, "generator": torch.Generator().manual_seed(2)})]
     expected = sample_next(logits[:2], **full[0][1]).tolist()
     full[0][1]["generator"].manual_seed(1)
-    assert sample_many(logits, full)[:2] == expected  # a full-vocabulary request: request by request
+    assert sample_many(logits[:7], full)[:2] == expected  # a full-vocabulary request: request by request
 
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
@@ -102,6 +105,10 @@ REQUESTS = {  # prompt text, generate() arguments
                                       "seed": 3}),
     "nucleus": ("I am fine", {"max_tokens": 24, "temperature": 0.7, "top_k": 8, "top_p": 0.9, "seed": 11}),
     "full": ("Hello", {"max_tokens": 6, "temperature": 1.0, "seed": 5}),  # whole vocabulary: drawn on its own
+    # the chat default's penalty, greedy and sampled: applied per request within the shared top-k
+    "penalized": ("Hello there! How are", {"max_tokens": 30, "temperature": 0.0, "repetition_penalty": 1.5}),
+    "penalized_two": ("The quick brown fox", {"num_samples": 2, "max_tokens": 25, "temperature": 0.7, "top_k": 50,
+                                              "seed": 9, "repetition_penalty": 1.2}),
     # ~155 tokens: past the short attention window of the all_2026 model (sequence_len 256)
     "long": ("Numbers like 12 and 345 add up: 12 + 345 = 357. " * 5, {"max_tokens": 12, "temperature": 0.0}),
 }

@@ -1,4 +1,4 @@
-"""The opt-in repetition penalty: the logit transform, the sampler, and the engine's per-sample history."""
+"""The repetition penalty: the logit transform, the sampler, the engine's per-sample history, and the chat default."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_sample_next_with_a_penalty_moves_greedy_off_a_repeated_token():
     assert sample_next(logits, None, temperature=0.0, softcap=15.0, recent=recent, repetition_penalty=2.0).tolist() == [2]
 
 
-def test_engine_penalty_is_opt_in_and_cuts_repeats(tokenizer, model):
+def test_engine_penalty_is_per_call_and_cuts_repeats(tokenizer, model):
     engine = Engine(model, tokenizer, compute_dtype=torch.float32)
     prompt = tokenizer.encode("Hello there! How are you", prepend=tokenizer.bos_id)
     plain, _ = engine.generate_batch(prompt, max_tokens=40, temperature=0.0)
@@ -52,9 +52,10 @@ def test_chat_and_serve_take_their_defaults_from_the_chat_sampling_settings():
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         args = parser.parse_args([])
-        assert (args.temperature, args.top_k, args.max_tokens) == (
-            CHAT_SAMPLING.temperature, CHAT_SAMPLING.top_k, CHAT_SAMPLING.max_tokens)
+        assert (args.temperature, args.top_k, args.max_tokens, args.repetition_penalty) == (
+            CHAT_SAMPLING.temperature, CHAT_SAMPLING.top_k, CHAT_SAMPLING.max_tokens, CHAT_SAMPLING.repetition_penalty)
     assert 0 < CHAT_SAMPLING.temperature <= 1.0 and CHAT_SAMPLING.max_tokens <= 512  # sampled and capped, not greedy
+    assert CHAT_SAMPLING.repetition_penalty > 1.0  # on: loops are what a small model's chat shows most
 
 
 def test_chat_cli_passes_the_penalty_and_refuses_a_bad_one(picochat_home, capsys):
