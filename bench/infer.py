@@ -72,8 +72,10 @@ try:
     import uvicorn
     from load_client import rss_mb
 
+    from picochat.infer.chat_defaults import CHAT_SAMPLING
     from picochat.serve.app import create_app
     from picochat.serve.pool import serving_pool
+    from picochat.serve.requests import Defaults
 except ImportError as e:
     SERVING_MISSING: str | None = str(e)
 else:
@@ -214,7 +216,9 @@ def serving(device: torch.device, dtype: torch.dtype, args):
                 for _ in range(args.server_workers - 1)]
     for engine in engines:
         engine.stop_tokens = set()
-    app = create_app(serving_pool(engines, args.server_max_batch, max_queue=64), "bench")
+    s = CHAT_SAMPLING  # the defaults `picochat serve` gives requests, the repetition penalty included
+    app = create_app(serving_pool(engines, args.server_max_batch, max_queue=64), "bench",
+                     defaults=Defaults(s.temperature, s.top_k, s.max_tokens, s.repetition_penalty))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

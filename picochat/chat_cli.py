@@ -25,7 +25,7 @@ from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
 from picochat.fileio import write_json
 from picochat.infer import Engine
-from picochat.infer.chat_defaults import CHAT_SAMPLING
+from picochat.infer.chat_defaults import add_sampling_arguments, check_sampling_arguments
 from picochat.infer.loading import load_for_inference
 from picochat.infer.prompt import ContextLengthError, fit_turns
 from picochat.infer.streaming import TextStreamer
@@ -43,14 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and exit")
     parser.add_argument("--system", default=None, help="system text put before the first user message")
-    parser.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,
-                        help=f"sampling temperature, 0 = greedy (default {CHAT_SAMPLING.temperature})")
-    parser.add_argument("--top-k", type=int, default=CHAT_SAMPLING.top_k, help=f"0 turns top-k off (default {CHAT_SAMPLING.top_k})")
-    parser.add_argument("--max-tokens", type=int, default=CHAT_SAMPLING.max_tokens,
-                        help=f"longest reply, in tokens (default {CHAT_SAMPLING.max_tokens})")
-    parser.add_argument("--repetition-penalty", type=float, default=CHAT_SAMPLING.repetition_penalty,
-                        help="> 1 makes the reply's last 64 tokens less likely, against loops "
-                        f"(default {CHAT_SAMPLING.repetition_penalty or 'off'}; 1 = off)")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")
     add_device_arguments(parser)
 
@@ -188,14 +181,7 @@ def new_transcript(chats: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_tokens < 1:
-        raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
-    if not 0.0 <= args.temperature <= 2.0:
-        raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2")
-    if args.top_k < 0:
-        raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns top-k off)")
-    if args.repetition_penalty is not None and not 0.0 < args.repetition_penalty <= 10.0:
-        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be in (0, 10]; 1 is off")
+    check_sampling_arguments(args)
     if args.seed is not None and not -2**63 <= args.seed < 2**63:  # torch seeds with a 64-bit value
         raise ConfigError(f"--seed {args.seed}: must be an integer in [-2**63, 2**63)")
     device = pick_device(args.device)

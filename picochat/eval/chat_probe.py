@@ -38,7 +38,7 @@ from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
 from picochat.fileio import write_json, write_text
 from picochat.infer import Engine
-from picochat.infer.chat_defaults import CHAT_SAMPLING
+from picochat.infer.chat_defaults import CHAT_SAMPLING, add_sampling_arguments, check_sampling_arguments
 from picochat.infer.loading import load_for_inference
 from picochat.runtime import home, pick_device, pick_dtype
 from picochat.tasks.spelling import word_list_path
@@ -156,15 +156,7 @@ def summarize(answers: list[dict], dictionary: set[str] | frozenset[str]) -> dic
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(p, "sft")
-    p.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,
-                   help=f"sampling temperature, 0 = greedy (default: the chat default {CHAT_SAMPLING.temperature})")
-    p.add_argument("--top-k", type=int, default=CHAT_SAMPLING.top_k,
-                   help=f"top-k, 0 = off (default: the chat default {CHAT_SAMPLING.top_k})")
-    p.add_argument("--max-tokens", type=int, default=CHAT_SAMPLING.max_tokens,
-                   help=f"longest answer in tokens (default: the chat default {CHAT_SAMPLING.max_tokens})")
-    p.add_argument("--repetition-penalty", type=float, default=CHAT_SAMPLING.repetition_penalty,
-                   help="> 1 makes the last 64 generated tokens less likely (default: the chat default, "
-                   f"{CHAT_SAMPLING.repetition_penalty or 'off'})")
+    add_sampling_arguments(p, ", the chat default")
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed+i (default 0)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (default: all 30)")
     add_device_arguments(p)
@@ -222,14 +214,7 @@ def english_words() -> frozenset[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_tokens < 1:
-        raise ConfigError(f"--max-tokens {args.max_tokens}: must be >= 1")
-    if not 0.0 <= args.temperature <= 2.0:
-        raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2")
-    if args.top_k < 0:
-        raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns it off)")
-    if args.repetition_penalty is not None and not 0.0 < args.repetition_penalty <= 10.0:
-        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be in (0, 10]; 1 or leaving it out is off")
+    check_sampling_arguments(args)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be >= 1")
     device = pick_device(args.device)

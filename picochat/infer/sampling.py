@@ -41,19 +41,23 @@ def sample_next(
     (Only beyond ~9x the cap, where fp32 tanh rounds to exactly 1, would capping first make ties
     that the raw logits break.)
 
-    `repetition_penalty` (opt-in, > 1 discourages): with `recent` (B, W) token ids per row (-1 for
-    empty slots), each id in a row's `recent` has its softcapped logit divided by the penalty when
-    positive and multiplied by it when negative (see penalize_repeats), before greedy or sampling.
+    `repetition_penalty` (> 1 discourages): with `recent` (B, W) token ids per row (-1 for empty
+    slots), each id in a row's `recent` has its softcapped logit divided by the penalty when positive
+    and multiplied by it when negative (see penalize_repeats), before greedy or sampling.
     """
-    if repetition_penalty is not None and repetition_penalty != 1.0 and recent is not None and recent.numel():
-        logits, softcap = penalize_repeats(capped(logits.float(), softcap), recent, repetition_penalty), None
-    if is_greedy(temperature):
+    penalized = repetition_penalty is not None and repetition_penalty != 1.0 and recent is not None and recent.numel()
+    top = 1 if is_greedy(temperature) else top_k if top_k is not None and 0 < top_k < logits.size(-1) else None
+    if penalized and (top is None or repetition_penalty < 1.0):  # the whole vocabulary
+        logits, softcap, penalized = penalize_repeats(capped(logits.float(), softcap), recent, repetition_penalty), None, False
+    if is_greedy(temperature) and not penalized:
         return logits.argmax(dim=-1)
     nucleus = top_p is not None and top_p < 1.0
-    if top_k is not None and 0 < top_k < logits.size(-1):
+    if top is not None:
         # Work on the k best only: a (B, k) softmax instead of (B, vocab) is most of the speed.
-        logits, ids = cpu_matmul.topk(logits.float(), top_k)  # (B, k), sorted descending
-        logits = _cooled(capped(logits, softcap), temperature)
+        logits, ids = top_candidates(logits, top, softcap, recent if penalized else None, repetition_penalty)
+        if is_greedy(temperature):
+            return ids[:, 0]
+        logits = _cooled(logits, temperature)
     else:
         logits, ids = _cooled(capped(logits.float(), softcap), temperature), None
         if nucleus:
@@ -78,6 +82,24 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     if math.isnan(sum(best.view(-1).tolist())):  # a NaN probability wins the race (the rest are >= 0)
         raise RuntimeError("probability tensor contains NaN: the model's logits are not finite")
     return choice
+
+
+def top_candidates(logits: torch.Tensor, k: int, softcap: float | None, recent: torch.Tensor | None = None,
+                   penalty: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best softcapped logits of each row (B, k), sorted descending, and their ids (B, k).
+
+    With `recent` (B, W; -1 = empty) the penalty (>= 1: a float, or (B, 1) per row) applies first to
+    each row's recent ids, without a pass over the vocabulary: it only lowers at most W logits of a
+    row, so its k best are among the k + W best before it. Equal values keep the index order."""
+    if recent is None:
+        values, ids = cpu_matmul.topk(logits.float(), k)
+        return capped(values, softcap), ids
+    values, ids = cpu_matmul.topk(logits.float(), min(k + recent.size(1), logits.size(-1)))
+    values = capped(values, softcap)
+    hit = (ids.unsqueeze(-1) == recent.unsqueeze(1)).any(dim=-1)  # (B, k + W): a recent id
+    values = torch.where(hit, torch.where(values > 0, values / penalty, values * penalty), values)
+    values, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    return values[:, :k], ids.gather(-1, order[:, :k])
 
 
 def _cooled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -130,13 +152,21 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
             ks.append(top_k)
         else:  # a full-vocabulary draw somewhere: request by request
             return _one_by_one(logits, requests)
-    width, softcap = max(ks), requests[0][1].get("softcap")  # one model: one softcap
-    logits, penalized = _penalized(logits.float(), requests, softcap)
-    top_logits, top_ids = cpu_matmul.topk(logits, width)  # (R, width), sorted descending
+    penalties = [sample.get("repetition_penalty") or 1.0 for _, sample in requests]
+    if min(penalties) < 1.0:  # raises logits: the whole vocabulary, request by request
+        return _one_by_one(logits, requests)
+    width, recent, rows_p = max(ks), None, 1.0
+    if max(penalties) > 1.0:  # rows without a penalty get no recent ids
+        window = next(s["recent"].size(1) for (_, s), p in zip(requests, penalties, strict=True) if p > 1.0)
+        recent = torch.cat([s["recent"] if p > 1.0 else torch.full((n, window), -1, dtype=torch.long)
+                            for (n, s), p in zip(requests, penalties, strict=True)]).to(logits.device)  # (R, W)
+        rows_p = torch.tensor([p for (n, _), p in zip(requests, penalties, strict=True) for _ in range(n)],
+                              device=logits.device).unsqueeze(1)  # (R, 1)
+    # one model: one softcap; (R, width), sorted descending
+    scaled, top_ids = top_candidates(logits, width, requests[0][1].get("softcap"), recent, rows_p)
     temperature = torch.tensor([1.0 if is_greedy(sample["temperature"]) else sample["temperature"]
                                 for n, sample in requests for _ in range(n)], device=logits.device).unsqueeze(1)
-    scaled = capped(top_logits, softcap)
-    scaled = (scaled if penalized is None else torch.where(penalized, top_logits, scaled)) / temperature
+    scaled = scaled / temperature
     if min(ks) < width:  # each row keeps its own k best
         rows_k = torch.tensor([k for (n, _), k in zip(requests, ks, strict=True) for _ in range(n)],
                               device=logits.device).unsqueeze(1)  # (R, 1)
@@ -156,22 +186,6 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
             choices.append(draw(probs[start:start + n, :k], sample["generator"]))
         start += n
     return top_ids.gather(-1, torch.cat(choices)).squeeze(-1).tolist()
-
-
-def _penalized(logits: torch.Tensor, requests: list[tuple[int, dict]], softcap: float | None,
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logits, None) when no request has a repetition penalty; else the logits with the rows of those
-    that have one capped and penalised in full, as sample_next does before its top-k, and the (R, 1)
-    mask of those rows."""
-    penalties = [sample.get("repetition_penalty") or 1.0 for _, sample in requests]
-    if all(p == 1.0 for p in penalties):
-        return logits, None
-    window = next(s["recent"].size(1) for (_, s), p in zip(requests, penalties, strict=True) if p != 1.0)
-    recent = torch.cat([s["recent"] if p != 1.0 else torch.full((n, window), -1, dtype=torch.long, device=logits.device)
-                        for (n, s), p in zip(requests, penalties, strict=True)])  # (R, window)
-    rows = torch.tensor([p for (n, _), p in zip(requests, penalties, strict=True) for _ in range(n)],
-                        device=logits.device).unsqueeze(1)  # (R, 1)
-    return torch.where(rows != 1.0, penalize_repeats(capped(logits, softcap), recent, rows), logits), rows != 1.0
 
 
 def _one_by_one(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[int]:

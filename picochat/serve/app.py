@@ -112,7 +112,7 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits | None = None, de
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_id, "auth": bool(api_key), **pool.stats(),
-                "defaults": asdict(defaults)}  # temperature, top_k, max_tokens
+                "defaults": asdict(defaults)}  # the sampling defaults of requests that give none
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -22,7 +22,7 @@ import uvicorn
 from picochat.config import add_checkpoint_arguments, add_device_arguments
 from picochat.errors import ConfigError
 from picochat.infer import Engine
-from picochat.infer.chat_defaults import CHAT_SAMPLING
+from picochat.infer.chat_defaults import add_sampling_arguments, check_sampling_arguments
 from picochat.infer.loading import load_for_inference
 from picochat.runtime import pick_device, pick_dtype, warn
 from picochat.serve.app import create_app
@@ -43,15 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests one worker decodes together (continuous batching: picochat models in fp32 or bf16), "
                              "also the largest n a request may ask for; 1 turns batching off")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before 503")
-    parser.add_argument("--temperature", type=float, default=CHAT_SAMPLING.temperature,
-                        help=f"default when a request gives none ({CHAT_SAMPLING.temperature}, the chat default)")
-    parser.add_argument("--top-k", type=int, default=CHAT_SAMPLING.top_k,
-                        help=f"default when a request gives none (0: off; {CHAT_SAMPLING.top_k})")
-    parser.add_argument("--max-tokens", type=int, default=CHAT_SAMPLING.max_tokens,
-                        help=f"default when a request gives none ({CHAT_SAMPLING.max_tokens})")
-    parser.add_argument("--repetition-penalty", type=float, default=CHAT_SAMPLING.repetition_penalty,
-                        help="default when a chat request gives none (the request field `repetition_penalty`; "
-                             f"{CHAT_SAMPLING.repetition_penalty}, the chat default; 1: off)")
+    add_sampling_arguments(parser, ", the chat default; a request's own value wins")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $PICOCHAT_API_KEY; none: open)")
 
@@ -67,14 +59,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue {args.max_queue}: must be >= 0")
     # the same ranges as the request fields these flags stand in for (picochat.serve.requests)
-    if not 0.0 <= args.temperature <= 2.0:
-        raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2 (0 = greedy)")
-    if not 0 <= args.top_k <= Limits.max_top_k:
-        raise ConfigError(f"--top-k {args.top_k}: must be between 0 (off) and {Limits.max_top_k}")
-    if not 1 <= args.max_tokens <= Limits.max_tokens:
-        raise ConfigError(f"--max-tokens {args.max_tokens}: must be between 1 and {Limits.max_tokens}")
-    if not 0.0 < args.repetition_penalty <= 10.0:
-        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be in (0, 10]; 1 is off")
+    check_sampling_arguments(args, Limits.max_top_k, Limits.max_tokens)
     if api_key(args) is not None and not api_key(args).strip():
         raise ConfigError("--api-key / PICOCHAT_API_KEY is empty; give a key or unset it")
 

@@ -6,7 +6,7 @@ import torch
 
 from picochat.infer import Engine
 from picochat.infer.engine import REPEAT_WINDOW
-from picochat.infer.sampling import penalize_repeats, sample_next
+from picochat.infer.sampling import capped, penalize_repeats, sample_next, top_candidates
 
 
 def test_penalize_repeats_scales_each_recent_id_once_toward_less_likely():
@@ -67,3 +67,16 @@ def test_chat_cli_passes_the_penalty_and_refuses_a_bad_one(picochat_home, capsys
     assert main(argv + ["--repetition-penalty", "1.3"]) == 0
     assert main(argv + ["--repetition-penalty", "-1"]) == 2
     assert "--repetition-penalty -1.0: must be in (0, 10]" in capsys.readouterr().err
+
+
+def test_the_penalized_top_k_equals_penalizing_the_whole_vocabulary_first():
+    """top_candidates looks at the k + W best logits only: a penalty >= 1 lowers at most W of a row, so
+    the k best after it are the ones penalize_repeats over the whole vocabulary gives."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=generator) * 8
+    top = logits.topk(40, dim=-1).indices
+    recent = torch.cat([top[:, :24], torch.randint(-1, 1000, (6, 40), generator=generator)], dim=1)  # the best, and noise
+    for penalty in (1.1, 1.5, 3.0, torch.tensor([[1.2], [2.0], [1.0], [5.0], [1.3], [1.05]])):
+        full = penalize_repeats(capped(logits, 15.0), recent, penalty).topk(10, dim=-1)
+        values, ids = top_candidates(logits, 10, 15.0, recent, penalty)
+        assert torch.equal(ids, full.indices) and torch.equal(values, full.values)
