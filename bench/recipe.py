@@ -43,7 +43,8 @@ schedule horizon as picochat's `--time-budget` does: it times at least 8 steps a
 and 3% of the budget, under the schedule of an endless run, then fixes the horizon to the steps that fit in the seconds
 left, and runs to it (so it ends near, not exactly at, the budget). picochat's own `wall`
 run, when `--wall-seconds` is given, is `base-train --time-budget`, whose clock counts its
-whole loop.
+whole loop (and whose `--compile auto` compiles a bf16 run of 5 minutes or more, as the cpu preset's
+pretraining is; add `--compile off` to `--pico-args` for an eager row).
 
 One evaluator for every model (picochat's `evaluate_bpb`, run in a worker process): each model
 is wrapped in `LogitsLoss`, which asks it for (B, T, vocab) logits and takes the cross-entropy
