@@ -152,7 +152,8 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
             ks.append(top_k)
         else:  # a full-vocabulary draw somewhere: request by request
             return _one_by_one(logits, requests)
-    penalties = [sample.get("repetition_penalty") or 1.0 for _, sample in requests]
+    penalties = [(s.get("repetition_penalty") or 1.0) if s.get("recent") is not None and s["recent"].numel() else 1.0
+                 for _, s in requests]  # as in sample_next: no recent tokens, no penalty
     if min(penalties) < 1.0:  # raises logits: the whole vocabulary, request by request
         return _one_by_one(logits, requests)
     width, recent, rows_p = max(ks), None, 1.0

@@ -80,3 +80,12 @@ def test_the_penalized_top_k_equals_penalizing_the_whole_vocabulary_first():
         full = penalize_repeats(capped(logits, 15.0), recent, penalty).topk(10, dim=-1)
         values, ids = top_candidates(logits, 10, 15.0, recent, penalty)
         assert torch.equal(ids, full.indices) and torch.equal(values, full.values)
+
+
+def test_a_penalty_without_recent_tokens_changes_nothing_in_either_sampler():
+    from picochat.infer.sampling import sample_many
+
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(2))
+    plain = sample_many(logits, [(3, {"temperature": 0.0, "top_k": None})])
+    assert sample_many(logits, [(3, {"temperature": 0.0, "top_k": None, "repetition_penalty": 3.0})]) == plain
+    assert sample_next(logits, None, temperature=0.0, repetition_penalty=3.0).tolist() == plain
