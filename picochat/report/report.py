@@ -329,8 +329,8 @@ def base_loss_section(root: Path, tag: str) -> str | None:
         return None
     lines = [f"### Base loss (step {step})\n",
              md_table(["split", "bits per byte", "standard error"],
-                      [[split, payload.get(f"{split}_bpb"), payload.get(f"{split}_bpb_se")] for split in ("train", "val")])]
-    lines.append("\n" + base_loss_note(payload))
+                      [[split, payload.get(f"{split}_bpb"), payload.get(f"{split}_bpb_se")] for split in ("train", "val")]),
+             "\n" + base_loss_note(payload)]
     if payload.get("train_tokens") not in (None, payload.get("tokens_per_split")):
         lines.append(f"Train bpb over the first {fmt(payload['train_tokens'])} tokens of the train shards.")
     if samples := payload.get("samples"):
@@ -501,7 +501,7 @@ def stage_sections(root: Path, tag: str, runs: dict[str, StageRun], out_dir: Pat
 
 def summary_section(runs: dict[str, StageRun], core: float | None, out_dir: Path) -> str:
     """The summary table, metric by stage (None where not measured), and a plot of the chat metrics."""
-    table: dict[str, dict[str, float | None]] = {m: {s: None for s in STAGES} for m in SUMMARY_METRICS}
+    table: dict[str, dict[str, float | None]] = {m: dict.fromkeys(STAGES) for m in SUMMARY_METRICS}
     table["CORE"]["base"] = core
     for stage, run in runs.items():
         for metric in SUMMARY_METRICS:

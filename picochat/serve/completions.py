@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from picochat.infer.prompt import encode_raw_prompt
 from picochat.serve.pool import END, Delta, Failure, Finish, TokenLogprob, Usage
@@ -34,7 +34,7 @@ from picochat.serve.requests import APIError, CompletionRequest
 class PreparedPrompt:
     ids: list[int]  # what the model sees
     echo_from: int  # ids[echo_from:] are the client's own prompt tokens (what echo returns)
-    scores: list | None = field(default=None)  # Engine.score entries of the echoed tokens
+    scores: list | None = None  # Engine.score entries of the echoed tokens
 
     def score(self, engine, top: int | None) -> None:
         """Log-probs of the echoed tokens (only when the request asks for logprobs)."""
@@ -108,38 +108,47 @@ class _Choice:
         return text, block
 
 
-def _choices(tokenizer, req: CompletionRequest, prompts: list[PreparedPrompt]) -> list[_Choice]:
-    return [_Choice(tokenizer, req, prompt) for prompt in prompts for _ in range(req.n)]
+class _Choices:
+    """Every choice of a request (choice p * n + j is prompt p's j-th sample) and the usage so far."""
+
+    def __init__(self, tokenizer, req: CompletionRequest, prompts: list[PreparedPrompt]):
+        self.all = [_Choice(tokenizer, req, prompt) for prompt in prompts for _ in range(req.n)]
+        self.echoed = not req.echo
+        self.usage = Usage(0, 0)
+
+    def update(self, event) -> list[tuple[int, str, dict | None, str | None]]:
+        """Apply an event (not a Failure); returns what it adds to the choices as (index, text, logprobs,
+        finish reason), the echo of every choice first (the prompts were scored before the first event)."""
+        added = []
+        if not self.echoed:
+            self.echoed = True
+            added = [(c, *choice.echo(), None) for c, choice in enumerate(self.all)]
+        if isinstance(event, Delta):
+            added.append((event.index, *self.all[event.index].delta(event), None))
+        elif isinstance(event, Finish):
+            self.all[event.index].reason = event.reason
+            added.append((event.index, "", None, event.reason))
+        elif isinstance(event, Usage):
+            self.usage.prompt_tokens += event.prompt_tokens
+            self.usage.completion_tokens += event.completion_tokens
+        return added
 
 
 async def completion_response(req: CompletionRequest, prompts: list[PreparedPrompt], header: dict,
                               events: asyncio.Queue, on_close, tokenizer) -> dict:
-    choices = _choices(tokenizer, req, prompts)
-    prompt_tokens = completion_tokens = 0
-    echoed = not req.echo
+    choices = _Choices(tokenizer, req, prompts)
     finished = False
     try:
         while (event := await events.get()) is not END:
             if isinstance(event, Failure):
                 raise APIError(500, event.message, type_="server_error")
-            if not echoed:  # the prompts were scored before the first event was emitted
-                echoed = True
-                for choice in choices:
-                    choice.echo()
-            if isinstance(event, Delta):
-                choices[event.index].delta(event)
-            elif isinstance(event, Finish):
-                choices[event.index].reason = event.reason
-            elif isinstance(event, Usage):
-                prompt_tokens += event.prompt_tokens
-                completion_tokens += event.completion_tokens
+            choices.update(event)
         finished = True
     finally:
         on_close(finished)
     body = [{"index": c, "text": choice.text, "logprobs": choice.logprobs, "finish_reason": choice.reason}
-            for c, choice in enumerate(choices)]
-    return {**header, "object": "text_completion", "choices": body,
-            "usage": Usage(prompt_tokens, completion_tokens).as_dict()}
+            for c, choice in enumerate(choices.all)]
+    return {**header, "object": "text_completion", "choices": body, "usage": choices.usage.as_dict()}
 
 
 async def completion_sse(req: CompletionRequest, prompts: list[PreparedPrompt], header: dict, events: asyncio.Queue,
@@ -154,27 +163,17 @@ async def completion_sse(req: CompletionRequest, prompts: list[PreparedPrompt], 
             obj["usage"] = usage
         return f"data: {json.dumps(obj)}\n\n"
 
-    choices = _choices(tokenizer, req, prompts)
-    prompt_tokens = completion_tokens = 0
-    echoed = not req.echo
+    choices = _Choices(tokenizer, req, prompts)
     finished = False
     try:
         while (event := await events.get()) is not END:
-            if not echoed and not isinstance(event, Failure):
-                echoed = True
-                for c, choice in enumerate(choices):
-                    yield frame(c, *choice.echo())
-            if isinstance(event, Delta):
-                yield frame(event.index, *choices[event.index].delta(event))
-            elif isinstance(event, Finish):
-                yield frame(event.index, reason=event.reason)
-            elif isinstance(event, Usage):
-                prompt_tokens += event.prompt_tokens
-                completion_tokens += event.completion_tokens
-            elif isinstance(event, Failure):
+            if isinstance(event, Failure):
                 yield f"data: {json.dumps(APIError(500, event.message, type_='server_error').body())}\n\n"
+            else:
+                for added in choices.update(event):
+                    yield frame(*added)
         if req.include_usage:
-            yield frame(None, usage=Usage(prompt_tokens, completion_tokens).as_dict())
+            yield frame(None, usage=choices.usage.as_dict())
         yield "data: [DONE]\n\n"
         finished = True
     finally:
