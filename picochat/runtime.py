@@ -6,6 +6,7 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK); alone, the world is 1.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import sys
@@ -155,12 +156,16 @@ def shutdown_distributed() -> None:
     connections while its peer is still closing its own can abort the peer ("terminate called
     without an active exception", SIGABRT). While an exception propagates, no barrier: the
     other ranks may never get there, and the launcher stops them anyway.
+    Then a collection, so that a group or finished work object that a reference cycle still holds is
+    freed now: freed during interpreter shutdown, a gloo thread that drops its last tensor reference
+    takes the GIL too late and aborts the process the same way.
     """
     if not dist.is_initialized():
         return
     if sys.exc_info()[0] is None:
         dist.barrier()
     dist.destroy_process_group()
+    gc.collect()
 
 
 def seed_everything(seed: int) -> None:
