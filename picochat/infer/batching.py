@@ -45,12 +45,13 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from picochat.errors import UserError
 from picochat.infer.decode import DecodeStep
-from picochat.infer.engine import Engine, RowState, logprob_column, recent_ids, remember
+from picochat.infer.engine import Engine, RowState, logprob_column, recent_ids
 from picochat.infer.sampling import sample_many
 from picochat.infer.unembed import Unembedder
 from picochat.model.kv_cache import KVCache
@@ -130,17 +131,11 @@ class BatchingEngine:
     def context_len(self) -> int:
         return self.engine.context_len
 
-    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = 42, use_tools: bool = True, logprobs: int | None = None,
-                 stopped: set[int] | None = None, repetition_penalty: float | None = None,
-                 ) -> Iterator[tuple[list[int | None], list[int]]]:
-        """As Engine.generate (nothing is queued before the first next()); closing the iterator
-        early frees the request's rows at the next step."""
+    def generate(self, tokens: list[int], **options: Any) -> Iterator[tuple[list[int | None], list[int]]]:
+        """As Engine.generate, whose keyword arguments `submit` takes (nothing is queued before the
+        first next()); closing the iterator early frees the request's rows at the next step."""
         columns: queue.SimpleQueue = queue.SimpleQueue()
-        request = self.submit(tokens, columns.put, num_samples=num_samples, max_tokens=max_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_tools=use_tools,
-                              logprobs=logprobs, stopped=stopped, repetition_penalty=repetition_penalty)
+        request = self.submit(tokens, columns.put, **options)
         try:
             for item in iter(columns.get, DONE):
                 if isinstance(item, BaseException):
@@ -242,8 +237,6 @@ class BatchingEngine:
             sampled, start = drawn[start:start + len(request.rows)], start + len(request.rows)
             column, masks, finished = engine.next_column(request.rows, sampled, request.num_samples,
                                                           request.use_tools, request.stopped)
-            if request.repetition_penalty:
-                remember(request.rows, column)
             item = (column, masks)
             if request.logprobs is not None:
                 item += (logprob_column(request.rows, column, request.logits, engine.softcap, request.logprobs,

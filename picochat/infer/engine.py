@@ -56,7 +56,7 @@ class RowState:
     forced: deque = field(default_factory=deque)  # tool output tokens still to feed
     in_python: bool = False
     python_tokens: list[int] = field(default_factory=list)
-    recent: deque = field(default_factory=lambda: deque(maxlen=REPEAT_WINDOW))  # for repetition_penalty
+    recent: deque = field(default_factory=lambda: deque(maxlen=REPEAT_WINDOW))  # read by repetition_penalty
 
 
 class Engine:
@@ -141,8 +141,6 @@ class Engine:
             recent = recent_ids(rows, self.device) if repetition_penalty else None  # (live rows, W)
             sampled = sample_next(logits, **sample, recent=recent, repetition_penalty=repetition_penalty).tolist()
             column, masks, finished = self.next_column(rows, sampled, num_samples, use_tools, stopped)
-            if repetition_penalty:
-                remember(rows, column)
             yield (column, masks) if logprobs is None else (
                 column, masks, logprob_column(rows, column, logits, self.softcap, logprobs, num_samples))
             live = [r for r in range(len(rows)) if r not in finished]
@@ -167,8 +165,9 @@ class Engine:
     def next_column(self, rows: list[RowState], sampled: list[int], num_samples: int,
                      use_tools: bool, stopped: set[int] | None = None) -> tuple[list[int | None], list[int], list[int]]:
         """One step of a request: a token per live row (the one sampled for it, or forced tool
-        output), as (column, masks, indices into `rows` of the rows that just finished). A row
-        whose index is in `stopped` gets no token and finishes."""
+        output), as (column, masks, indices into `rows` of the rows that just finished), each
+        also added to its row's recent tokens. A row whose index is in `stopped` gets no token
+        and finishes."""
         column: list[int | None] = [None] * num_samples
         masks = [0] * num_samples
         finished: list[int] = []
@@ -181,6 +180,7 @@ class Engine:
             else:
                 token, masks[row.index] = sampled[r], 1
             column[row.index] = token
+            row.recent.append(token)
             if use_tools:
                 self._track_tool(row, token)
             if token in self.stop_tokens:  # tool output never contains special tokens
@@ -294,10 +294,3 @@ def recent_ids(rows: list[RowState], device: torch.device) -> torch.Tensor:
         if row.recent:
             out[r, : len(row.recent)] = torch.tensor(list(row.recent))
     return out.to(device)
-
-
-def remember(rows: list[RowState], column: list[int | None]) -> None:
-    """Add each row's token of `column` to its recent tokens (the repetition penalty's window)."""
-    for row in rows:
-        if column[row.index] is not None:
-            row.recent.append(column[row.index])

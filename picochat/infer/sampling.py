@@ -46,7 +46,7 @@ def sample_next(
     and multiplied by it when negative (see penalize_repeats), before greedy or sampling.
     """
     penalized = repetition_penalty is not None and repetition_penalty != 1.0 and recent is not None and recent.numel()
-    top = 1 if is_greedy(temperature) else top_k if top_k is not None and 0 < top_k < logits.size(-1) else None
+    top = candidates_needed(temperature, top_k, logits.size(-1))
     if penalized and (top is None or repetition_penalty < 1.0):  # the whole vocabulary
         logits, softcap, penalized = penalize_repeats(capped(logits.float(), softcap), recent, repetition_penalty), None, False
     if is_greedy(temperature) and not penalized:
@@ -67,6 +67,12 @@ def sample_next(
         probs = keep_top_p(probs, top_p)
     choice = draw(probs, generator)  # (B, 1): a token id, or an index into ids (the top-k or the sorted order)
     return choice.squeeze(-1) if ids is None else ids.gather(-1, choice).squeeze(-1)
+
+
+def candidates_needed(temperature: float, top_k: int | None, vocab: int) -> int | None:
+    """How many of the best logits a draw picks among: 1 when greedy, top_k when it leaves out part of
+    the vocabulary, else None (the whole vocabulary)."""
+    return 1 if is_greedy(temperature) else top_k if top_k is not None and 0 < top_k < vocab else None
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -142,42 +148,34 @@ def sample_many(logits: torch.Tensor, requests: list[tuple[int, dict]]) -> list[
     float rounding in the softmax of its k values). Otherwise each request goes through
     sample_next on its own rows.
     """
-    vocab = logits.size(-1)
-    ks = []
-    for _, sample in requests:
-        top_k = sample.get("top_k")
-        if is_greedy(sample["temperature"]):
-            ks.append(1)
-        elif top_k is not None and 0 < top_k < vocab:
-            ks.append(top_k)
-        else:  # a full-vocabulary draw somewhere: request by request
-            return _one_by_one(logits, requests)
+    ks = [candidates_needed(s["temperature"], s.get("top_k"), logits.size(-1)) for _, s in requests]
+    if None in ks:  # a full-vocabulary draw somewhere: request by request
+        return _one_by_one(logits, requests)
     penalties = [(s.get("repetition_penalty") or 1.0) if s.get("recent") is not None and s["recent"].numel() else 1.0
                  for _, s in requests]  # as in sample_next: no recent tokens, no penalty
     if min(penalties) < 1.0:  # raises logits: the whole vocabulary, request by request
         return _one_by_one(logits, requests)
+
+    def per_row(values: list) -> torch.Tensor:  # one value per request -> (R, 1), repeated over its rows
+        return torch.tensor([v for (n, _), v in zip(requests, values, strict=True) for _ in range(n)],
+                            device=logits.device).unsqueeze(1)
+
     width, recent, rows_p = max(ks), None, 1.0
     if max(penalties) > 1.0:  # rows without a penalty get no recent ids
         window = next(s["recent"].size(1) for (_, s), p in zip(requests, penalties, strict=True) if p > 1.0)
         recent = torch.cat([s["recent"] if p > 1.0 else torch.full((n, window), -1, dtype=torch.long)
                             for (n, s), p in zip(requests, penalties, strict=True)]).to(logits.device)  # (R, W)
-        rows_p = torch.tensor([p for (n, _), p in zip(requests, penalties, strict=True) for _ in range(n)],
-                              device=logits.device).unsqueeze(1)  # (R, 1)
+        rows_p = per_row(penalties)
     # one model: one softcap; (R, width), sorted descending
     scaled, top_ids = top_candidates(logits, width, requests[0][1].get("softcap"), recent, rows_p)
-    temperature = torch.tensor([1.0 if is_greedy(sample["temperature"]) else sample["temperature"]
-                                for n, sample in requests for _ in range(n)], device=logits.device).unsqueeze(1)
+    temperature = per_row([1.0 if is_greedy(s["temperature"]) else s["temperature"] for _, s in requests])
     scaled = scaled / temperature
     if min(ks) < width:  # each row keeps its own k best
-        rows_k = torch.tensor([k for (n, _), k in zip(requests, ks, strict=True) for _ in range(n)],
-                              device=logits.device).unsqueeze(1)  # (R, 1)
-        scaled = scaled.masked_fill(torch.arange(width, device=logits.device) >= rows_k, float("-inf"))
+        scaled = scaled.masked_fill(torch.arange(width, device=logits.device) >= per_row(ks), float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     top_ps = [sample.get("top_p") for _, sample in requests]
     if any(p is not None and p < 1.0 for p in top_ps):
-        p = torch.tensor([q if q is not None and q < 1.0 else float("inf") for (n, _), q in zip(requests, top_ps, strict=True)
-                          for _ in range(n)], device=logits.device).unsqueeze(1)
-        probs = keep_top_p(probs, p)
+        probs = keep_top_p(probs, per_row([p if p is not None and p < 1.0 else float("inf") for p in top_ps]))
     choices, start = [], 0
     for (n, sample), k in zip(requests, ks, strict=True):
         if is_greedy(sample["temperature"]):

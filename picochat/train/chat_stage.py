@@ -67,9 +67,11 @@ def find_parent(cfg: ParentOptions, world):
 def load_parent(cfg: ChatStageConfig, world, dtype, candidates, batch_check):
     """(model, tokenizer, meta, tag) of the checkpoint this stage starts from.
 
+    First --source auto is settled once, on rank 0 (one probe of the hub), the same on every rank.
     Before anything is allocated, `check_memory` (with `candidates` and `batch_check`) runs on the
     parent's config.
     """
+    cfg.source = from_main(resolve_source(cfg.source, log=log0) if world.is_main else None, world)
     path = find_parent(cfg, world)
     if (path / "config.json").exists():
         config = GPTConfig.from_dict(json.loads((path / "config.json").read_text()))
@@ -136,8 +138,3 @@ def run_trainer(cfg: ChatStageConfig, world, model, tokenizer, parent_meta: dict
                       compute_dtype=dtype, train_model=train_model, run_meta=run_meta,
                       on_log=wandb_logger(cfg.wandb, plan.stage, cfg.to_dict()) if world.is_main else None)
     return trainer.resume_and_run(cfg.resume)
-
-
-def agreed_source(source: str, world) -> str:
-    """--source with 'auto' settled once, on rank 0 (one probe of the hub), and the same on every rank."""
-    return from_main(resolve_source(source, log=log0) if world.is_main else None, world)

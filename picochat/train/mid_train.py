@@ -27,14 +27,7 @@ from picochat.eval.bpb import evaluate_bpb
 from picochat.plan import valid_batches
 from picochat.runtime import log0, pick_training_dtype
 from picochat.train.base_train import check_batch
-from picochat.train.chat_stage import (
-    ChatStageConfig,
-    StagePlan,
-    agreed_source,
-    load_parent,
-    run_trainer,
-    stage_world,
-)
+from picochat.train.chat_stage import ChatStageConfig, StagePlan, load_parent, run_trainer, stage_world
 from picochat.train.loop import all_reduced
 from picochat.train.mixtures import MID, MID_VAL, build_mixture, describe, pick
 from picochat.train.schedules import constant_then_linear_to_zero
@@ -64,7 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = MidConfig.from_args(args)
     with stage_world(cfg) as world:
-        cfg.source = agreed_source(cfg.source, world)
         dtype = pick_training_dtype(world.device, cfg.dtype)
         model, tokenizer, parent_meta, tag = load_parent(
             cfg, world, dtype, lambda c: valid_batches(cfg.total_batch_size, c.sequence_len, world.world_size),

@@ -59,7 +59,7 @@ from picochat.runtime import log0, pick_training_dtype
 from picochat.tasks import load_task
 from picochat.train.chat_stage import find_parent, stage_world
 from picochat.train.loop import LoopConfig, StepWork, Trainer, all_reduced, wandb_logger
-from picochat.train.options import RUN, ParentOptions, StageOptions
+from picochat.train.options import OPTIM, RUN, SAVE, ParentOptions, StageOptions
 from picochat.train.schedules import linear_to_zero
 
 
@@ -118,12 +118,6 @@ def load_train_task(source: str, train_size: int):
     return load_task("arithmetic", "train", size=train_size)  # never GSM8K test: see the module docstring
 
 
-def load_eval_task(source: str, eval_problems: int):
-    if source == "hf":
-        return spread_subset(load_task("gsm8k", "test", source="hf"), eval_problems)
-    return load_task("arithmetic", "test", size=eval_problems)
-
-
 class ProblemOrder:
     """Global example k -> task row: epoch k // n walks a permutation seeded by (seed, epoch)."""
 
@@ -140,7 +134,7 @@ class ProblemOrder:
 
 
 # ---- the run --------------------------------------------------------------------------------------
-DATA, ROLL, OPTIM, SAVE = "data", "rollouts", "optimisation", "eval and checkpoints"
+DATA, ROLL = "data", "rollouts"
 
 
 @dataclass
@@ -325,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
 
 def pass_at_k(cfg: RLConfig, engine: Engine, world):
     """The Trainer's eval: pass@1 and pass@k on `--eval-problems` held-out problems."""
-    task = load_eval_task(cfg.source, cfg.eval_problems)
+    task = (spread_subset(load_task("gsm8k", "test", source="hf"), cfg.eval_problems) if cfg.source == "hf"
+            else load_task("arithmetic", "test", size=cfg.eval_problems))
 
     def evaluate(model, step: int) -> dict:
         r = evaluate_generative(engine, engine.tokenizer, task, num_samples=cfg.eval_samples,

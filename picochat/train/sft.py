@@ -29,14 +29,7 @@ from picochat.eval.categorical import evaluate_categorical
 from picochat.runtime import log0, pick_training_dtype
 from picochat.tasks import load_task
 from picochat.train.base_train import lower_preset_batch
-from picochat.train.chat_stage import (
-    ChatStageConfig,
-    StagePlan,
-    agreed_source,
-    load_parent,
-    run_trainer,
-    stage_world,
-)
+from picochat.train.chat_stage import ChatStageConfig, StagePlan, load_parent, run_trainer, stage_world
 from picochat.train.mixtures import SFT, SFT_EVAL, build_mixture, describe, pick
 from picochat.train.schedules import linear_to_zero
 
@@ -88,7 +81,6 @@ def check_examples_per_step(cfg: SFTConfig, world_size: int) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = SFTConfig.from_args(args)
     with stage_world(cfg) as world:
-        cfg.source = agreed_source(cfg.source, world)
         dtype = pick_training_dtype(world.device, cfg.dtype)
         model, tokenizer, parent_meta, tag = load_parent(
             cfg, world, dtype, lambda c: batch_choices(cfg.examples_per_step, world.world_size),
