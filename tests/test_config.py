@@ -147,7 +147,7 @@ def test_a_size_below_its_minimum_is_a_one_line_error_naming_the_flag(stage, fie
 
 def test_an_enumeration_from_a_preset_is_checked_too(monkeypatch):
     monkeypatch.setitem(PRESETS, "broken", {"loader": "shuffled"})
-    with pytest.raises(ConfigError, match="--loader 'shuffled' is not one of packed, bestfit"):
+    with pytest.raises(ConfigError, match="--loader 'shuffled' is not one of packed, bestfit, aligned"):
         BaseTrainConfig.defaults(preset="broken")
 
 

@@ -11,6 +11,13 @@ Two ways to lay documents into rows:
   the cropped tails are dropped (about a third of the tokens at T=2048 on web text), and at a
   short context a row mostly sees document starts. The buffer is refilled 128 documents at a
   time, in shard order.
+- `AlignedLoader` (`--loader aligned`): best-fit rows of document heads, and packed rows of
+  what longer documents have beyond them. A document's first T + 1 tokens go into the best-fit
+  buffer (so every head is read from its `<|bos|>`, with its whole context, as best-fit rows read
+  it); the rest, from its T-th token on (each of those tokens is predicted once, as in a packed
+  stream), goes into a stream of tails that is cut into rows like the packed loader's. A row is
+  a tail row while tail rows are behind the tails' share of the tokens read so far, so the two
+  kinds mix in proportion all along. Only heads cropped to fill a row lose tokens.
 
 Sharding: the loaders walk every row group of every train shard in order ("units"); within
 each row group rank r of w takes documents r, r+w, r+2w, ... so across ranks every document
@@ -29,7 +36,8 @@ Exact resume: tokenization is deterministic, so a position in the walk reproduce
 documents token for token. The packed loader's state is (epoch, unit, skip): the unit whose
 tokens start the unread part of the stream and how many of its tokens were already read.
 The best-fit loader's state is the next document to enter the buffer and the
-(epoch, unit, index) of every document in the buffer.
+(epoch, unit, index) of every document in the buffer; the aligned loader's adds (epoch, unit,
+index, tokens read) of every tail in its stream and the token and row counts that pace the mix.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from picochat.data.stream import TokenStream
 from picochat.errors import DataError
 
 _STOP = object()
-LOADERS = ("packed", "bestfit")
+LOADERS = ("packed", "bestfit", "aligned")
 
 
 class _ShardWalk:
@@ -251,37 +259,54 @@ class BestFitLoader(_ShardWalk):
             if (got_epoch, got_unit) != (epoch, unit):
                 raise RuntimeError(f"document walk out of step: at {(got_epoch, got_unit)}, expected {(epoch, unit)}")
         end = min(len(self._staged), k - k % self.REFILL + self.REFILL)
-        self._buffer_ids.extend((epoch, unit, i) for i in range(k, end))
-        self._buffer.extend(self._staged[k:end])
+        for i in range(k, end):
+            self._admit((epoch, unit, i), self._staged[i])
         if end == len(self._staged):
             self._staged = None
             unit += 1
             epoch, unit, end = (epoch + 1, 0, 0) if unit == len(self.units) else (epoch, unit, 0)
         self._cursor = (epoch, unit, end)
 
+    def _admit(self, doc_id: tuple[int, int, int], doc: np.ndarray) -> None:
+        """A document enters the buffer."""
+        self._buffer_ids.append(doc_id)
+        self._buffer.append(doc)
+
+    def _restore(self) -> dict[int, list[np.ndarray]]:
+        """Re-encode the documents a saved state holds (each unit once, in order) and restart the walk;
+        returns the units' documents."""
+        units = dict.fromkeys(unit for _, unit, _ in self._buffer_ids)
+        docs = {unit: self._encode_unit(unit) for unit in units}
+        self._buffer = [docs[unit][i][: self._head_len] for _, unit, i in self._buffer_ids]
+        self._staged = None
+        self._start_walk(*self._cursor[:2])
+        return docs
+
+    _head_len = None  # what of a document the buffer holds (None: all of it)
+
+    def _best_fit_row(self, row: np.ndarray) -> None:
+        """Fill one row from the buffer: the longest document that fits, again and again, then the
+        shortest cropped."""
+        pos, width = 0, len(row)
+        while pos < width:
+            while len(self._buffer) < self.buffer_size:
+                self._refill()
+            lengths = np.fromiter(map(len, self._buffer), dtype=np.int64, count=len(self._buffer))
+            fits = np.where(lengths <= width - pos, lengths, -1)
+            i = int(fits.argmax())  # the longest that fits, the earliest of equals
+            if fits[i] < 0:
+                i = int(lengths.argmin())  # nothing fits: crop the shortest
+            doc = self._buffer.pop(i)[: width - pos]
+            del self._buffer_ids[i]
+            row[pos:pos + len(doc)] = doc
+            pos += len(doc)
+
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._thread is None:  # re-encode the documents a saved buffer held (each unit once, in order)
-            units = dict.fromkeys(unit for _, unit, _ in self._buffer_ids)
-            docs = {unit: self._encode_unit(unit) for unit in units}
-            self._buffer = [docs[unit][i] for _, unit, i in self._buffer_ids]
-            self._staged = None
-            self._start_walk(*self._cursor[:2])
-        width = self.T + 1
-        rows = np.empty((self.B, width), dtype=np.int64)
+        if self._thread is None:
+            self._restore()
+        rows = np.empty((self.B, self.T + 1), dtype=np.int64)
         for r in range(self.B):
-            pos = 0
-            while pos < width:
-                while len(self._buffer) < self.buffer_size:
-                    self._refill()
-                lengths = np.fromiter(map(len, self._buffer), dtype=np.int64, count=len(self._buffer))
-                fits = np.where(lengths <= width - pos, lengths, -1)
-                i = int(fits.argmax())  # the longest that fits, the earliest of equals
-                if fits[i] < 0:
-                    i = int(lengths.argmin())  # nothing fits: crop the shortest
-                doc = self._buffer.pop(i)[: width - pos]
-                del self._buffer_ids[i]
-                rows[r, pos:pos + len(doc)] = doc
-                pos += len(doc)
+            self._best_fit_row(rows[r])
         return self._batch(rows)
 
     def state_dict(self) -> dict:
@@ -304,8 +329,75 @@ class BestFitLoader(_ShardWalk):
         self._buffer, self._staged = [], None
 
 
+class AlignedLoader(BestFitLoader):
+    """Best-fit rows of document heads (the first T + 1 tokens) mixed in proportion with packed rows
+    of the rest of each document."""
+
+    kind = "aligned"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._head_len = self.T + 1
+        self._tails = TokenStream()
+        self._tail_ids: list[list[int]] = []  # tails to restore: [epoch, unit, index, tokens read]
+        self._counts = [0, 0, 0, 0]  # tokens admitted, of them in tails; rows made, of them tail rows
+
+    def _admit(self, doc_id: tuple[int, int, int], doc: np.ndarray) -> None:
+        super()._admit(doc_id, doc[: self._head_len])
+        self._counts[0] += len(doc)
+        if len(doc) > self._head_len:  # the tail starts at the head's last token, its first input
+            self._tails.push(doc_id, doc[self.T:])
+            self._counts[1] += len(doc) - self.T
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            docs = self._restore()
+            self._tails.clear()
+            for epoch, unit, i, read in self._tail_ids:
+                if unit not in docs:
+                    docs[unit] = self._encode_unit(unit)
+                self._tails.push((epoch, unit, i), docs[unit][i][self.T:], read=read)
+        rows = np.empty((self.B, self.T + 1), dtype=np.int64)
+        for r in range(self.B):
+            while len(self._buffer) < self.buffer_size:  # admit documents (and their tails) first
+                self._refill()
+            admitted, tails, made, tail_rows = self._counts
+            # a tail row while tail rows are behind the tails' share of the tokens admitted
+            if self._tails.available() > self.T and tail_rows * admitted < tails * (made + 1):
+                rows[r] = self._tails.take(self.T)[0]
+                self._counts[3] += 1
+            else:
+                self._best_fit_row(rows[r])
+            self._counts[2] += 1
+        return self._batch(rows)
+
+    def state_dict(self) -> dict:
+        if self._thread is None:
+            tails = self._tail_ids
+        else:
+            tails = [[*key, read] for key, read in self._tails.positions()]
+        return {**super().state_dict(), "tails": [list(map(int, t)) for t in tails], "counts": list(self._counts)}
+
+    def reshard_state(self, states: list[dict]) -> dict:
+        """As best-fit's, with the earliest row group of any old rank's tails counted too; the new ranks
+        start with no tails and fresh counts."""
+        merged = [{**s, "buffer": [*s["buffer"], *(t[:3] for t in s["tails"])]} for s in states]
+        return {**super().reshard_state(merged), "tails": [], "counts": [0, 0, 0, 0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._tail_ids = [list(t) for t in state["tails"]]
+        self._counts = [int(c) for c in state["counts"]]
+        self._tails.clear()
+
+    def close(self) -> None:
+        if self._thread is not None:  # keep the tails: a later next() or state_dict() continues from them
+            self._tail_ids = self.state_dict()["tails"]
+        super().close()
+
+
 def make_loader(kind: str, *args, **kwargs) -> PackedLoader | BestFitLoader:
-    """The loader named by --loader ('packed' or 'bestfit')."""
+    """The loader named by --loader ('packed', 'bestfit' or 'aligned')."""
     if kind not in LOADERS:
         raise DataError(f"--loader {kind!r} is unknown; use one of {', '.join(LOADERS)}")
-    return (PackedLoader if kind == "packed" else BestFitLoader)(*args, **kwargs)
+    return {"packed": PackedLoader, "bestfit": BestFitLoader, "aligned": AlignedLoader}[kind](*args, **kwargs)

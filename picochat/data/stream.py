@@ -32,6 +32,10 @@ class TokenStream:
         """(key, tokens already read) of the front piece, or None when empty."""
         return (self._pieces[0][0], self._pieces[0][3]) if self._pieces else None
 
+    def positions(self) -> list[tuple[Any, int]]:
+        """(key, tokens already read) of every piece, front first."""
+        return [(piece[0], piece[3]) for piece in self._pieces]
+
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The next n + 1 tokens and their keep flags (None if no piece has any); consumes n."""
         if self._available < n + 1:

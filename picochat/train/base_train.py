@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from picochat.config import ModelOptions, add_preset_argument, option
-from picochat.data.loader import PackedLoader, make_loader
+from picochat.data.loader import LOADERS, PackedLoader, make_loader
 from picochat.data.shards import default_data_dir, list_shards
 from picochat.errors import ConfigError
 from picochat.eval.bpb import evaluate_bpb_with_se
@@ -98,8 +98,9 @@ class BaseTrainConfig(ModelOptions, LoopOptions):
     tag: str | None = option(None, "run name under checkpoints/base/ (default d<depth>)", group=SAVE)
     data_dir: str | None = option(None, "shard directory (default $PICOCHAT_HOME/data/builtin)", group=RUN)
     loader: str = option(
-        "packed", "how documents fill rows: packed (one stream, nothing dropped) or bestfit (every row starts at "
-        "<|bos|>, the longest document that fits, the rest cropped)", group=RUN, choices=("packed", "bestfit"))
+        "packed", "how documents fill rows: packed (one stream, nothing dropped), bestfit (every row starts at "
+        "<|bos|>, the longest document that fits, the rest cropped) or aligned (best-fit rows of each document's "
+        "first T+1 tokens, mixed with packed rows of the rest)", group=RUN, choices=LOADERS)
     tokenizer_dir: str | None = option(None, "tokenizer directory (default $PICOCHAT_HOME/tokenizer)", group=RUN)
     fp8: str = option(
         "off", "train the block matmuls in float8 with per-tensor scales (on; auto: where the GPU has FP8 tensor "

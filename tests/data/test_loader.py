@@ -1,4 +1,4 @@
-"""The packed pretraining loader: packing, rank coverage, exact resume, clear errors."""
+"""The pretraining loaders: packing, best-fit and aligned rows, rank coverage, exact resume, clear errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from picochat.data.loader import LOADERS, BestFitLoader, PackedLoader, make_loader
+from picochat.data.loader import LOADERS, AlignedLoader, BestFitLoader, PackedLoader, make_loader
 from picochat.data.shards import list_shards, write_shard
 from picochat.errors import DataError
 from picochat.tokenizer import Tokenizer
@@ -174,10 +174,11 @@ def test_best_fit_every_document_enters_once_per_epoch(corpus):
     loader.close()
 
 
-def test_best_fit_exact_resume_across_epochs(corpus):
+@pytest.mark.parametrize("kind", ["bestfit", "aligned"])
+def test_best_fit_exact_resume_across_epochs(corpus, kind):
     data_dir, tok = corpus
     train, _ = list_shards(data_dir)
-    a = BestFitLoader(train, tok, batch_size=3, seq_len=40, buffer_size=16)
+    a = make_loader(kind, train, tok, batch_size=3, seq_len=40, buffer_size=16)
     for _ in range(9):
         next(a)
     state = a.state_dict()
@@ -186,12 +187,40 @@ def test_best_fit_exact_resume_across_epochs(corpus):
     while a.epoch < 1 or len(expected) < 10:
         expected.append(next(a))
     a.close()
-    b = BestFitLoader(train, tok, batch_size=3, seq_len=40, buffer_size=16)
+    b = make_loader(kind, train, tok, batch_size=3, seq_len=40, buffer_size=16)
     b.load_state_dict(state)
     got = [next(b) for _ in range(len(expected))]
     b.close()
     for (x1, y1), (x2, y2) in zip(expected, got):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_aligned_rows_are_document_heads_and_the_tails_in_order(corpus):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    T = 24
+    loader = AlignedLoader(train, tok, batch_size=4, seq_len=T, buffer_size=12, max_epochs=1)
+    docs = _documents(loader, tok)
+    heads = {tuple(d[:T + 1]) for d in docs}
+    tails = [t for d in docs if len(d) > T + 1 for t in d[T:]]  # in walk order, no separator
+    head_rows, tail_rows = [], []
+    with pytest.raises(StopIteration):
+        while True:
+            x, y = next(loader)
+            for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+                (head_rows if row[0] == tok.bos_id else tail_rows).append(row)
+    loader.close()
+    for row in head_rows:  # best-fit rows of heads: whole heads, the last one maybe cropped
+        starts = [i for i, t in enumerate(row) if t == tok.bos_id] + [len(row)]
+        pieces = [tuple(row[a:b]) for a, b in itertools.pairwise(starts)]
+        assert all(p in heads for p in pieces[:-1])
+        assert any(h[:len(pieces[-1])] == pieces[-1] for h in heads)
+    # tail rows continue one another (the last token of one is the first of the next) through the tails
+    read = [t for row in tail_rows for t in row[:-1]] + tail_rows[-1][-1:]
+    assert read == tails[:len(read)] and len(read) > len(tails) // 2
+    # the two kinds mix in proportion all along: tail rows' share of any run of rows follows the tails' share
+    share = sum(len(d) - T for d in docs if len(d) > T + 1) / sum(map(len, docs))
+    assert abs(len(tail_rows) / (len(head_rows) + len(tail_rows)) - share) < 0.1
 
 
 def test_loader_kind_is_checked(corpus):
@@ -207,7 +236,7 @@ def test_loader_kind_is_checked(corpus):
         make_loader("nope", train, tok, 1, 8)
 
 
-@pytest.mark.parametrize("kind", ["packed", "bestfit"])
+@pytest.mark.parametrize("kind", LOADERS)
 def test_another_world_size_restarts_at_the_earliest_row_group_and_skips_nothing(corpus, kind):
     data_dir, tok = corpus
     train, _ = list_shards(data_dir)
@@ -228,6 +257,8 @@ def test_another_world_size_restarts_at_the_earliest_row_group_and_skips_nothing
         docs = [d.tolist() for u in range(state["unit"], len(new.units)) for d in new._encode_unit(u)]
         if kind == "packed":  # this rank's documents of that row group come first, in order
             assert x[0].tolist() == [t for d in docs for t in d][:32]
+        elif kind == "aligned":  # the first row is tails, from that row group's documents on
+            assert x[0].tolist() == [t for d in docs if len(d) > 33 for t in d[32:]][:32]
         else:  # a row holds this rank's documents from that row group on
             row = x[0].tolist()
             end = row.index(tok.bos_id, 1) if tok.bos_id in row[1:] else len(row)
@@ -241,7 +272,8 @@ def test_a_rank_without_documents_is_a_clear_error_not_a_hang(corpus, tmp_path, 
     path = tmp_path / "shard_val.parquet"
     write_shard(path, ["One document here.", "", "Another document."], row_group_size=2)
     first = make_loader(kind, [path], tok, 1, 8, rank=0, world_size=2)  # rank 0 has both documents
-    assert next(first)[0][0, 0].item() == tok.bos_id
+    x, _ = next(first)
+    assert x.shape == (1, 8) and (kind == "aligned" or x[0, 0].item() == tok.bos_id)  # aligned may start with tails
     first.close()
     loader = make_loader(kind, [path], tok, 1, 8, rank=1, world_size=2)  # rank 1: the empty text, then nothing
     raised = []
@@ -338,7 +370,7 @@ def _next_within(loader, seconds: float = 20):
 def test_next_after_the_last_epoch_raises_stop_again_instead_of_waiting(corpus, kind):
     data_dir, tok = corpus
     train, _ = list_shards(data_dir)
-    extra = {"buffer_size": 16} if kind == "bestfit" else {}
+    extra = {"buffer_size": 16} if kind != "packed" else {}
     loader = make_loader(kind, train, tok, 2, 32, max_epochs=1, **extra)
     assert len(list(loader)) > 0  # runs until StopIteration
     assert isinstance(_next_within(loader), StopIteration)

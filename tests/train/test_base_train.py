@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from picochat import checkpoint as ckpt
 from picochat.cli import main
+from picochat.data.loader import LOADERS
 from picochat.train import loop
 
 TINY = ["base-train", "--preset", "cpu-tiny", "--dtype", "fp32", "--eval-every", "-1", "--sample-every", "-1"]
@@ -52,7 +53,7 @@ def test_loss_decreases_and_checkpoint_is_complete(tiny_home):
     assert 0 < meta["metrics"]["val_bpb"] < 20
 
 
-@pytest.mark.parametrize("loader", ["packed", "bestfit"])
+@pytest.mark.parametrize("loader", LOADERS)
 def test_resume_is_bit_exact(tiny_home, loader):
     args = TINY + ["--num-iterations", "12", "--save-every", "4", "--keep-last", "5", "--loader", loader]
     straight, cut = f"straight-{loader}", f"cut-{loader}"
