@@ -75,7 +75,7 @@ class _ConversationWalk:
 
 
 class _Batches:
-    """What both batchers share: this rank's walk, the batch shape, the device and the position."""
+    """What both batchers share: this rank's walk, the batch shape, the device, the position and its state."""
 
     def __init__(self, task, tokenizer, batch_size: int, seq_len: int, rank: int, world_size: int,
                  device: torch.device | str):
@@ -89,10 +89,17 @@ class _Batches:
     def __iter__(self):
         return self
 
-    def _check_world_size(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        return {"position": self.position, "rank": self.rank, "world_size": self.world_size}
+
+    def reshard_state(self, states: list[dict]) -> dict:
+        return {"position": self.walk.resharded_position(states), "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.world_size:
             raise DataError(f"data state saved with world size {state['world_size']}, "
                             f"this run has {self.world_size}")
+        self.position = state["position"]
 
 
 class PackedConversations(_Batches):
@@ -136,16 +143,14 @@ class PackedConversations(_Batches):
     def state_dict(self) -> dict:
         head = self.stream.head()
         position, skip = (self.position, 0) if head is None else head
-        return {"position": position, "skip": skip, "rank": self.rank, "world_size": self.world_size}
+        return {**super().state_dict(), "position": position, "skip": skip}
 
     def reshard_state(self, states: list[dict]) -> dict:
-        return {"position": self.walk.resharded_position(states), "skip": 0, "rank": self.rank,
-                "world_size": self.world_size}
+        return {**super().reshard_state(states), "skip": 0}
 
     def load_state_dict(self, state: dict) -> None:
-        self._check_world_size(state)
+        super().load_state_dict(state)
         self.stream.clear()
-        self.position = state["position"]
         if state["skip"]:
             self._push(read=state["skip"])
 
@@ -182,13 +187,3 @@ class PaddedConversations(_Batches):
         width = next(w for w in self.buckets if w >= longest) if self.buckets else None
         x, y = sft_collate(rows, self.pad_id, width)
         return x.to(self.device), y.to(self.device), real
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "rank": self.rank, "world_size": self.world_size}
-
-    def reshard_state(self, states: list[dict]) -> dict:
-        return {"position": self.walk.resharded_position(states), "rank": self.rank, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._check_world_size(state)
-        self.position = state["position"]

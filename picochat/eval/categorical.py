@@ -15,11 +15,6 @@ from picochat.errors import DataError
 from picochat.eval.core import all_reduce_sum
 
 
-def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
-    """Token id of each letter; letters must encode to a single token (A-Z always do: bytes are tokens)."""
-    return [tokenizer.encode(letter)[0] for letter in letters]  # every byte is in the vocabulary
-
-
 @torch.no_grad()
 def evaluate_categorical(model, tokenizer, task, batch_size: int = 8, max_items: int | None = None,
                          rank: int = 0, world_size: int = 1, compute_dtype: torch.dtype = torch.float32) -> dict:
@@ -43,7 +38,8 @@ def evaluate_categorical(model, tokenizer, task, batch_size: int = 8, max_items:
             logits = model(x)  # (B, width, vocab)
         for r, (conv, p) in enumerate(zip(convs, prompts)):
             letters = conv["letters"]
-            scores = logits[r, len(p) - 1, letter_token_ids(tokenizer, letters)]
+            # Each letter is one token (A-Z always are: every byte is in the vocabulary).
+            scores = logits[r, len(p) - 1, [tokenizer.encode(letter)[0] for letter in letters]]
             correct += int(bool(task.evaluate(conv, letters[int(scores.argmax())])))
     correct, total = (int(v) for v in all_reduce_sum([correct, len(indices)], device))
     model.train(was_training)
