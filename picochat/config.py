@@ -50,12 +50,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Pretraining gets 15 minutes of wall time on any machine (the horizon is fixed from the first
     # steps' throughput); the whole cpu speedrun took 23 min on a fast-bf16 CPU and 39 on an AVX2 one. The
-    # 2026 architecture and Muon with picochat's packed rows and unscaled LRs, less the residual/x0
-    # lambdas and the 1.2 QK scale, which cost bpb at this size on two seeds (the comparison and the
-    # one-component-out table are in docs/LOG.md). One eval at the end, over 1.76M tokens: nearly all
+    # 2026 architecture and Muon with unscaled LRs, less the residual/x0 lambdas and the 1.2 QK scale,
+    # which cost bpb at this size on two seeds, on aligned rows (every document's head read from its
+    # <|bos|> as best-fit rows do, its tail packed; lower than packed rows on both val columns, two
+    # seeds). The comparisons and the one-component-out table are in docs/LOG.md. One eval at the end, over 1.76M tokens: nearly all
     # of the val shard (1.79M at vocab 8,192), which puts its standard error just under 0.01 bpb.
     "cpu": {
-        "recipe": "2026", "batch_lr_scale": "none", "loader": "packed", "warmup_steps": 10,
+        "recipe": "2026", "batch_lr_scale": "none", "loader": "aligned", "warmup_steps": 10,
         "layer_lambdas": False, "qk_scale": 1.0,
         "vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000,
         "depth": 4, "aspect_ratio": 64, "head_dim": 64, "max_seq_len": 256,

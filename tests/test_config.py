@@ -159,7 +159,7 @@ def test_presets_override_fields_and_a_section_gives_a_stage_its_own_values():
     assert (rl.num_steps, rl.save_every, rl.matrix_lr) == (16, 8, 0.02)  # rl: its section only
     assert not base.batch_from_flag and BaseTrainConfig.defaults(device_batch_size=3).batch_from_flag
     # the cpu preset takes the 2026 recipe less what lost at its size; --recipe 2026 brings all of it back
-    assert (base.value_embeds, base.layer_lambdas, base.qk_scale, base.loader) == (True, False, 1.0, "packed")
+    assert (base.value_embeds, base.layer_lambdas, base.qk_scale, base.loader) == (True, False, 1.0, "aligned")
     modern = BaseTrainConfig.defaults(preset="cpu", recipe="2026")
     assert modern.layer_lambdas and modern.qk_scale == 1.2
 
