@@ -20,8 +20,9 @@ MFU = tok/s * FLOPs per token (each system's own count: 6 per matmul weight + at
 over the measured peak of a 1024^3 matmul in fp32 and in bf16 on the same threads. With
 --device cuda the rows run on the GPU and MFU is against its datasheet dense bf16 peak
 (picochat.mfu's table; no fp32 peak).
-The loader row is picochat's PackedLoader alone (tokenizing the built-in corpus shards
-on its background thread) pulling (B, T) batches with no model.
+The loader row is one of picochat's pretraining loaders alone (`--loader`, default the cpu preset's
+aligned rows; tokenizing the built-in corpus shards on its background thread) pulling (B, T)
+batches with no model.
 
 Threads: both systems get --threads (torch.set_num_threads and OMP_NUM_THREADS). picochat
 also runs with the OpenMP wait policy it sets for itself on import (OMP_WAIT_POLICY=PASSIVE,
@@ -167,10 +168,10 @@ def peak_row(spec: dict) -> dict:
 
 
 def loader_row(spec: dict) -> dict:
-    """Tokens/s PackedLoader delivers alone; a small tokenizer is trained when none is saved."""
+    """Tokens/s the `--loader` kind delivers alone; a small tokenizer is trained when none is saved."""
     import torch  # noqa: F401  (the loader returns tensors)
 
-    from picochat.data.loader import PackedLoader
+    from picochat.data.loader import make_loader
     from picochat.data.shards import default_data_dir, iter_texts, list_shards
     from picochat.runtime import home
     from picochat.tokenizer import Tokenizer
@@ -185,7 +186,7 @@ def loader_row(spec: dict) -> dict:
     else:
         texts = [t for _, docs in iter_texts(train_files[0]) for t in docs][:2000]
         tokenizer, tok_note = Tokenizer.train(texts, 4096), "trained here (vocab 4096)"
-    loader = PackedLoader(train_files, tokenizer, spec["batch"], spec["seq_len"])
+    loader = make_loader(spec["loader"], train_files, tokenizer, spec["batch"], spec["seq_len"])
     try:
         t0 = time.perf_counter()
         next(loader)  # starts the background thread, which tokenizes a few units ahead
@@ -281,6 +282,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None, help="loader shards (default: the built-in corpus)")
     parser.add_argument("--loader-seconds", type=float, default=10.0)
     parser.add_argument("--skip-loader", action="store_true")
+    parser.add_argument("--loader", choices=("packed", "bestfit", "aligned"), default="aligned",
+                        help="the loader kind the loader row reads with (default: the cpu preset's)")
     parser.add_argument("--reference-env", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra environment for the reference rows, e.g. OMP_WAIT_POLICY=PASSIVE")
     parser.add_argument("--out", type=Path, default=None,
@@ -405,7 +408,7 @@ def main() -> int:
     variants, notes = choose_variants(args, fast_bf16)
     spec = {"threads": args.threads, "depth": args.depth, "aspect_ratio": args.aspect_ratio,
             "head_dim": args.head_dim, "vocab": args.vocab, "seq_len": args.seq_len, "batch": args.batch_size,
-            "steps": args.steps, "warmup": args.warmup, "loader_seconds": args.loader_seconds,
+            "steps": args.steps, "warmup": args.warmup, "loader_seconds": args.loader_seconds, "loader": args.loader,
             "data_dir": str(args.data_dir) if args.data_dir else None, "device": str(device)}
     print(f"shapes: depth {args.depth}, aspect {args.aspect_ratio}, head_dim {args.head_dim}, vocab {args.vocab}, "
           f"B={args.batch_size} T={args.seq_len}, {args.threads} threads", flush=True)
@@ -429,7 +432,7 @@ def main() -> int:
     best = best_of_each_system(rows)
     ratio = print_best(best, peaks)
     if "tok_per_s" in loader:
-        print(f"loader: {loader['tok_per_s']:,.0f} tok/s ({loader['batches']} batches of "
+        print(f"loader ({args.loader}): {loader['tok_per_s']:,.0f} tok/s ({loader['batches']} batches of "
               f"{args.batch_size}x{args.seq_len} in {loader['seconds']:.1f} s after a first batch in "
               f"{loader['first_batch_s']:.2f} s; tokenizer {loader['tokenizer']})")
     else:

@@ -538,3 +538,18 @@ def test_micro_benchmarks_state_the_machine_and_write_their_json(tmp_path, picoc
         report = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
         assert {"kind", "cpu_flags", "auto_dtype", "torch_threads"} <= set(report["machine"]), script
         assert json.loads(out.read_text()) == report, script
+
+
+
+@pytest.mark.parametrize("kind", ["packed", "bestfit", "aligned"])
+def test_train_bench_loader_row_reads_with_the_loader_asked_for(tmp_path, monkeypatch, kind):
+    from picochat.data import loader as loaders
+    from tests.train.conftest import build_corpus
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))  # no saved tokenizer: a small one is trained
+    data_dir = build_corpus(tmp_path, n_docs=120)
+    kinds, real = [], loaders.make_loader
+    monkeypatch.setattr(loaders, "make_loader", lambda k, *a, **kw: kinds.append(k) or real(k, *a, **kw))
+    row = train.loader_row({"data_dir": str(data_dir), "batch": 2, "seq_len": 32, "loader_seconds": 0.2,
+                            "loader": kind})
+    assert kinds == [kind] and row["tok_per_s"] > 0 and row["batches"] >= 1
