@@ -16,8 +16,8 @@ Two ways to lay documents into rows:
   buffer (so every head is read from its `<|bos|>`, with its whole context, as best-fit rows read
   it); the rest, from its T-th token on (each of those tokens is predicted once, as in a packed
   stream), goes into a stream of tails that is cut into rows like the packed loader's. A row is
-  a tail row while tail rows are behind the tails' share of the tokens read so far, so the two
-  kinds mix in proportion all along. Only heads cropped to fill a row lose tokens.
+  a tail row while tail rows are behind the tails' share of the tokens admitted so far, so the
+  two kinds mix in proportion all along. Only heads cropped to fill a row lose tokens.
 
 Sharding: the loaders walk every row group of every train shard in order ("units"); within
 each row group rank r of w takes documents r, r+w, r+2w, ... so across ranks every document
@@ -241,6 +241,7 @@ class BestFitLoader(_ShardWalk):
 
     kind = "bestfit"
     REFILL = 128  # documents moved into the buffer at a time
+    _head_len: int | None = None  # what of a document the buffer holds (None: all of it)
 
     def __init__(self, *args, buffer_size: int = 1000, **kwargs):
         super().__init__(*args, **kwargs)
@@ -281,8 +282,6 @@ class BestFitLoader(_ShardWalk):
         self._staged = None
         self._start_walk(*self._cursor[:2])
         return docs
-
-    _head_len = None  # what of a document the buffer holds (None: all of it)
 
     def _best_fit_row(self, row: np.ndarray) -> None:
         """Fill one row from the buffer: the longest document that fits, again and again, then the
