@@ -261,6 +261,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
+    from picochat.data.loader import LOADERS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
@@ -282,7 +284,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None, help="loader shards (default: the built-in corpus)")
     parser.add_argument("--loader-seconds", type=float, default=10.0)
     parser.add_argument("--skip-loader", action="store_true")
-    parser.add_argument("--loader", choices=("packed", "bestfit", "aligned"), default="aligned",
+    parser.add_argument("--loader", choices=LOADERS, default="aligned",
                         help="the loader kind the loader row reads with (default: the cpu preset's)")
     parser.add_argument("--reference-env", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra environment for the reference rows, e.g. OMP_WAIT_POLICY=PASSIVE")
