@@ -35,12 +35,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from picochat.config import STAGES
+from picochat.data.registry import sha256_file
 from picochat.errors import ConfigError, DataError
 from picochat.model.gpt import GPTConfig, build_model
 from picochat.runtime import home, warn
 from picochat.tokenizer import Tokenizer
 
-STAGES = ("base", "mid", "sft", "rl")
 _STEP_RE = re.compile(r"^step_(0|[1-9][0-9]*)$")  # as save_checkpoint names them (ASCII, no leading 0)
 
 
@@ -78,8 +79,7 @@ def find_checkpoint(stage: str, tag: str | None = None, step: int | None = None)
     if tag is None:
         raise DataError(f"no {stage} checkpoint under {checkpoints_root() / stage}; run that stage first")
     directory = run_dir(stage, tag)
-    steps = list_steps(directory)
-    if not steps:
+    if not (steps := list_steps(directory)):
         raise DataError(f"no complete checkpoint in {directory}; run the {stage} stage first")
     if step is None:
         step = steps[-1]
@@ -189,14 +189,11 @@ def verify_file(path: Path, meta: dict) -> None:
     expected = (meta.get("checksums") or {}).get(path.name)
     if expected is None:
         return  # written before checksums
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
+        digest = sha256_file(path)
     except OSError as e:
         raise DataError(f"cannot read {path} ({e.strerror}); the checkpoint is incomplete") from e
-    if digest.hexdigest() != expected:
+    if digest != expected:
         raise DataError(f"{path} does not match its checksum in meta.json (damaged or cut bytes); "
                         "re-run the stage or load an earlier --step")
 
@@ -232,8 +229,7 @@ def load_weights_into(model: torch.nn.Module, path: Path, meta: dict, device: to
     saved = read_json_object(Path(path) / "config.json")
     verify_file(Path(path) / "config.json", meta)  # a damaged value can still be valid JSON
     config = {**type(model.config)().to_dict(), **saved}
-    differ = {k: (config[k], ours[k]) for k in ours if k in config and config[k] != ours[k]}
-    if differ:
+    if differ := {k: (config[k], ours[k]) for k in ours if k in config and config[k] != ours[k]}:
         shown = ", ".join(f"{k} {old} there, {new} here" for k, (old, new) in differ.items())
         raise DataError(f"{path} holds a different model ({shown}); resume with the flags it was trained with "
                         "(e.g. the same --depth) or start a new --tag")

@@ -84,17 +84,16 @@ class Device:
     name: str
     memory_bytes: int  # what torch.cuda.get_device_properties reports as total_memory
     peak_bf16: float  # dense FLOP/s (tensor cores)
-    hbm_bytes_per_s: float
     peak_fp32: float  # dense FLOP/s of plain fp32 matmuls (TF32 is never turned on)
 
 
 DEVICES: dict[str, Device] = {
-    "H100-80GB": Device("H100-80GB", 85_045_936_128, 989e12, 3.35e12, 67e12),
-    "H200": Device("H200", 150_110_011_392, 989e12, 4.8e12, 67e12),
-    "A100-40GB": Device("A100-40GB", 42_505_273_344, 312e12, 1.555e12, 19.5e12),
-    "A100-80GB": Device("A100-80GB", 85_198_045_184, 312e12, 2.039e12, 19.5e12),
-    "L4": Device("L4", 23_580_639_232, 121e12, 0.3e12, 30.3e12),
-    "RTX4090": Device("RTX4090", 25_393_692_672, 165e12, 1.008e12, 82.6e12),
+    "H100-80GB": Device("H100-80GB", 85_045_936_128, 989e12, 67e12),
+    "H200": Device("H200", 150_110_011_392, 989e12, 67e12),
+    "A100-40GB": Device("A100-40GB", 42_505_273_344, 312e12, 19.5e12),
+    "A100-80GB": Device("A100-80GB", 85_198_045_184, 312e12, 19.5e12),
+    "L4": Device("L4", 23_580_639_232, 121e12, 30.3e12),
+    "RTX4090": Device("RTX4090", 25_393_692_672, 165e12, 82.6e12),
 }
 
 
@@ -390,7 +389,7 @@ def _target(cfg: PlanConfig) -> tuple[Device, torch.dtype]:
     # --gpus processes share this CPU: each gets its share of the memory and of the cores (init_distributed).
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     peak = peak_flops(torch.device("cpu"), dtype) / max(1, cfg.gpus)
-    return Device("cpu", total // max(1, cfg.gpus), peak, float("nan"), peak), dtype
+    return Device("cpu", total // max(1, cfg.gpus), peak, peak), dtype
 
 
 def build_plan(cfg: PlanConfig) -> dict:

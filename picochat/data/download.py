@@ -17,6 +17,7 @@ Each file is downloaded robustly:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -150,15 +151,15 @@ def download_file(url: str, dest: Path, *, sha256: str | None = None, retries: i
     """Download `url` to `dest` with retries, resume and verification. False if `dest` was already there."""
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
-    own_client = client is None
-    client = client or httpx.Client(follow_redirects=True)
+    # A client made here is closed at the end; the caller's stays open for its other downloads.
+    session = httpx.Client(follow_redirects=True) if client is None else contextlib.nullcontext(client)
     try:
-        with FileLock(str(dest.with_name(f".{dest.name}.lock"))):
+        with session as http, FileLock(str(dest.with_name(f".{dest.name}.lock"))):
             if dest.exists():
                 return False
             for attempt in range(retries + 1):
                 try:
-                    _attempt(client, url, tmp, timeout_s)
+                    _attempt(http, url, tmp, timeout_s)
                     break
                 except RetryableError as e:
                     if attempt == retries:
@@ -170,9 +171,6 @@ def download_file(url: str, dest: Path, *, sha256: str | None = None, retries: i
             return True
     except OSError as e:  # the lock, the partial file or the rename: a full disk, a read-only directory
         raise DataError(f"{dest}: cannot write it ({e}); check the free space and permissions of --data-dir") from e
-    finally:
-        if own_client:
-            client.close()
 
 
 def download_shards(source: str = "fineweb-edu", num_train: int = 8, data_dir: Path | None = None, *,

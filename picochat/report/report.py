@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from picochat.checkpoint import list_steps
+from picochat.checkpoint import STAGES, list_steps
 from picochat.errors import UserError
 from picochat.eval.base_loss import same_tokens_as_training
 from picochat.eval.chat_probe import render_markdown as render_chat_probe
@@ -42,7 +42,6 @@ from picochat.report.environment import PACKAGE_DIR, code_size, environment
 from picochat.report.plots import plot_bars, plot_training
 from picochat.runtime import home
 
-STAGES = ("base", "mid", "sft", "rl")
 STAGE_TITLES = {"base": "Base model (pretraining)", "mid": "Mid-training", "sft": "Supervised fine-tuning (SFT)",
                 "rl": "Reinforcement learning (RL)"}
 SUMMARY_METRICS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE")
@@ -300,8 +299,7 @@ def stage_section(run: StageRun, out_dir: Path, root: Path) -> str:
     step = run.meta.get("step", run.steps[-1]["step"] if run.steps else None)
     total = run.meta.get("num_iterations", run.meta.get("num_steps"))
     rows.append(["steps", f"{fmt(step)}" + (f" of {total:,}" if isinstance(total, int) else "")])
-    tokens = stage_tokens(run, step)
-    if tokens is not None:
+    if (tokens := stage_tokens(run, step)) is not None:
         rows.append(["tokens", tokens])
         if "scaling parameters" in facts:
             rows += [["tokens per scaling parameter", tokens / facts["scaling parameters"]],
