@@ -106,7 +106,6 @@ class Dist:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -137,7 +136,6 @@ def init_distributed(device_request: str | None = None) -> Dist:
     """Join the torchrun world if there is one (nccl on GPU, gloo on CPU); else a world of 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_request)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -146,7 +144,7 @@ def init_distributed(device_request: str | None = None) -> Dist:
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     if device.type == "cpu" and world_size > 1:
         torch.set_num_threads(cpu_threads_per_rank(world_size))
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world_size=world_size, device=device)
 
 
 def shutdown_distributed() -> None:

@@ -200,12 +200,6 @@ def selected_indices(num_items: int, max_per_task: int | None) -> list[int]:
     return order if max_per_task is None or max_per_task < 0 else order[:max_per_task]
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """`values` summed over the ranks (as they are without torch.distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -222,7 +216,8 @@ def evaluate_task(model: Callable, tokenizer: TextEncoder, task: CoreTask, *, ma
         raise DataError(f"task {task.label}: unknown type {task.task_type!r}; expected one of {TASK_TYPES}")
     device = torch.device(device)
     t0 = time.time()
-    rank, world = _world()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     mine = selected_indices(len(task.items), max_per_task)[rank::world]
     correct = sum(evaluate_item(model, tokenizer, task, i, max_len, device) for i in mine)
     n_correct, n = (int(v) for v in all_reduce_sum([correct, len(mine)], device))

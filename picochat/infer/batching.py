@@ -267,9 +267,8 @@ class BatchingEngine:
         index = {id(s.row): b for b, s in enumerate(self._slots)}
         live = [r for r in requests if r.rows]
         order = torch.tensor([index[id(row)] for r in live for row in r.rows], device=engine.device)
-        ordered, start = logits.index_select(0, order), 0
-        for request in live:
-            request.logits, start = ordered[start:start + len(request.rows)], start + len(request.rows)
+        for request, part in zip(live, logits.index_select(0, order).split([len(r.rows) for r in live])):
+            request.logits = part
 
     @staticmethod
     def _hand(request: _Request, item: object) -> bool:

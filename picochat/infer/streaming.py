@@ -179,8 +179,7 @@ def parse_display_text(text: str) -> str | list[dict]:
     """'It is <<6*7=42>>.' -> parts [text, python, python_output, text]; plain text stays a string."""
     if "<<" not in text:
         return text
-    parts: list[dict] = []
-    pos = 0
+    parts, pos = [], 0
     for m in _CALL.finditer(text):
         if m.start() > pos:
             parts.append({"type": "text", "text": text[pos:m.start()]})

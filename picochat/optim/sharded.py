@@ -52,11 +52,11 @@ docs/LOG.md for the per-GPU arithmetic).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from picochat.errors import ConfigError, DataError
@@ -91,14 +91,6 @@ def assign_owners(numels: list[int], world: int) -> list[int]:
         owners[i] = rank
         load[rank] += numels[i]
     return owners
-
-
-@dataclass(frozen=True)
-class _TensorSpec:
-    """What a rank needs to receive a state tensor it does not have."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
 
 
 class _Shard:
@@ -176,8 +168,7 @@ class ShardedAdamW(_Shard):
         pending = []
         for p, own, chunk in zip(self.params, self.slices, self.chunks):
             full = p.detach().view(-1)
-            send = full.new_zeros(chunk)
-            send[: own.numel()].copy_(own)
+            send = F.pad(own, (0, chunk - own.numel()))  # this rank's slice, zero-padded to the chunk
             out = full if full.numel() == chunk * self.world else full.new_empty(chunk * self.world)
             pending.append((dist.all_gather_single(out, send, async_op=True), out, full, send))
         for work, out, full, _ in pending:
@@ -193,10 +184,8 @@ class ShardedAdamW(_Shard):
             entry = {}
             for key, value in sorted(local["state"].get(i, {}).items()):
                 if torch.is_tensor(value) and value.ndim > 0:  # sliced like the parameter
-                    send = value.new_zeros(chunk)
-                    send[: value.numel()].copy_(value)
                     out = value.new_empty(chunk * self.world)
-                    dist.all_gather_single(out, send)
+                    dist.all_gather_single(out, F.pad(value, (0, chunk - value.numel())))
                     value = out[: p.numel()].view(p.shape)
                 entry[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
             if entry:
@@ -262,8 +251,9 @@ class ShardedMuon(_Shard):
     def state_dict(self) -> dict | None:
         """Collective. The full Muon state (unsharded format) on rank 0, None on the other ranks."""
         local = self.inner.state_dict()
-        # Only owners know what their matrices' state holds: share its description first.
-        mine = {i: {k: _TensorSpec(tuple(v.shape), v.dtype) if torch.is_tensor(v) else v for k, v in s.items()}
+        # Only owners know what their matrices' state holds: share its description first (a tensor as a
+        # meta tensor: its shape and dtype, no data).
+        mine = {i: {k: v.to("meta") if torch.is_tensor(v) else v for k, v in s.items()}
                 for i, s in local["state"].items()}
         described: list[Any] = [None] * self.world
         dist.all_gather_object(described, mine)
@@ -271,7 +261,7 @@ class ShardedMuon(_Shard):
         for i, owner in enumerate(self.owners):
             entry = {}
             for key, desc in sorted(described[owner].get(i, {}).items()):
-                if isinstance(desc, _TensorSpec):
+                if torch.is_tensor(desc):
                     value = (local["state"][i][key] if owner == self.rank
                              else torch.empty(desc.shape, dtype=desc.dtype, device=self.params[i].device))
                     dist.broadcast(value, src=owner)

@@ -107,11 +107,9 @@ class Usage:
     completion_tokens: int
 
     def as_dict(self, dropped_messages: int | None = None) -> dict:
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                 "total_tokens": self.prompt_tokens + self.completion_tokens}
-        if dropped_messages is not None:
-            usage["dropped_messages"] = dropped_messages
-        return usage
+        dropped = {} if dropped_messages is None else {"dropped_messages": dropped_messages}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens, **dropped}
 
 
 @dataclass

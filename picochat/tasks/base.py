@@ -200,8 +200,7 @@ class _Composite(Task):
         return self.tasks[entry][local]
 
     def __repr__(self) -> str:
-        inner = ", ".join(repr(t) for t in self.tasks)
-        return f"{self.name}([{inner}], len={len(self)})"
+        return f"{self.name}([{', '.join(map(repr, self.tasks))}], len={len(self)})"
 
 
 class TaskSequence(_Composite):
@@ -229,7 +228,6 @@ class TaskMixture(_Composite):
 
     def __init__(self, tasks: Sequence[Task], seed: int = 42, **view: int | None):
         super().__init__(tasks, **view)
-        self.seed = seed
         self.permutation = FeistelPermutation(self.offsets[-1], seed)
 
     def _flat(self, row: int) -> int:

@@ -111,9 +111,7 @@ class Tokenizer:
         h = hashlib.sha256()
         h.update(self.pattern.encode())
         for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
-            h.update(rank.to_bytes(4, "little"))
-            h.update(len(token).to_bytes(2, "little"))
-            h.update(token)
+            h.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
         h.update("\x00".join(SPECIAL_TOKENS).encode())
         return h.hexdigest()[:16]
 

@@ -140,9 +140,8 @@ def run(args: argparse.Namespace) -> int:
 
     references, notices = load_references(names)
     texts = {name: [text] for name, text in SAMPLES.items()}
-    data_dir = args.data_dir or default_data_dir()
     try:
-        texts.update(shard_samples(data_dir))
+        texts.update(shard_samples(args.data_dir or default_data_dir()))
     except DataError as e:
         notices.append(f"train/val rows skipped: {e}")
     for notice in notices:

@@ -71,22 +71,22 @@ WARMUP_STEPS = 3  # each process's first steps pay for warm-up and compilation: 
 UNFIXED_HORIZON = 2**31
 
 
-class SharedHomeError(ConfigError):
-    """Ranks see different $PICOCHAT_HOME contents; every rank raises it, the CLI prints it once per node."""
+class _AllRanks:
+    """An error every rank raises with the same message: the CLI prints it once per node."""
 
     all_ranks = True
 
 
-class NonFiniteLossError(UserError):
-    """The loss was NaN or inf on some rank; every rank raises it, the CLI prints it once per node."""
-
-    all_ranks = True
+class SharedHomeError(_AllRanks, ConfigError):
+    """Ranks see different $PICOCHAT_HOME contents."""
 
 
-class CheckpointSaveError(DataError):
-    """Rank 0 could not write a checkpoint; every rank raises it, the CLI prints it once per node."""
+class NonFiniteLossError(_AllRanks, UserError):
+    """The loss was NaN or inf on some rank."""
 
-    all_ranks = True
+
+class CheckpointSaveError(_AllRanks, DataError):
+    """Rank 0 could not write a checkpoint."""
 
 
 @dataclass
@@ -102,7 +102,6 @@ class LoopConfig:
     save_every_minutes: float = -1.0  # > 0: also save when this much wall time passed since the last save
     keep_last: int = 2
     grad_clip: float = 0.0
-    log_every: int = 1
     loss_weighting: Literal["mean", "tokens"] = "mean"  # mean: of micro-batch means; tokens: per supervised token
     grad_reduce_dtype: str = "fp32"  # dtype of the cross-rank gradient reduction: fp32 or bf16
     time_budget_s: float = -1.0  # > 0: the horizon comes from throughput (num_iterations is ignored)
@@ -638,7 +637,7 @@ class Trainer:
             run_steps += 1
             if not self.horizon_fixed and self._budget_measured(timed_steps):
                 self._fix_horizon(timed_steps, timed_s)
-            self._log_step(step, outcome, dt, lrm, mom, timed_steps and timed_s / timed_steps, timed)
+            self._log_step(outcome, dt, lrm, mom, timed_steps and timed_s / timed_steps, timed)
             periodic = cfg.save_every > 0 and self.step % cfg.save_every == 0
             if (periodic or outcome.save_due) and self.step != self.num_iterations:
                 self._timed("save", self.save)
@@ -681,9 +680,9 @@ class Trainer:
              f"{timed_steps} steps, {self.elapsed_s:.0f}s spent -> horizon fixed at {horizon} steps"
              + (f" (with {side:.0f}s of evals, samples and saves)" if side > 0 else ""))
 
-    def _log_step(self, step: int, outcome: StepOutcome, dt: float, lrm: float, mom: float | None,
+    def _log_step(self, outcome: StepOutcome, dt: float, lrm: float, mom: float | None,
                   seconds_per_step: float, timed: bool) -> None:
-        """One step's line (every log_every steps) and JSONL record; seconds_per_step is 0 until steps are timed,
+        """One step's line and JSONL record; seconds_per_step is 0 until steps are timed,
         `timed`: the step counts in the train time (not one of this process's warm-up steps)."""
         beta = 0.9
         self.smooth_loss = beta * self.smooth_loss + (1 - beta) * outcome.loss
@@ -695,16 +694,15 @@ class Trainer:
         eta = ((horizon - self.step) * seconds_per_step + self._side_seconds(self.step, horizon, True, seconds_per_step)
                if seconds_per_step and horizon is not None else float("nan"))
         epoch = getattr(self.batches, "epoch", None)
-        if step % self.cfg.log_every == 0 or self.step == horizon:
-            mom_text = f" | mom {mom:.3f}" if mom is not None else ""
-            epoch_text = f" | epoch {epoch}" if epoch is not None else ""
-            mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device (or dt 0)
-            tok_text = f"{tok_per_s:,.0f}" if math.isfinite(tok_per_s) else "-"
-            eta_text = f"{eta / 60:.1f}m" if math.isfinite(eta) else "-"  # until the warm-up steps are past
-            extra_text = "".join(f" | {k} {v:.4g}" for k, v in outcome.record.items())
-            log0(f"step {self.step:5d}/{horizon if horizon is not None else '?'} | loss {debiased:.4f} | "
-                 f"lrm {lrm:.3f}{mom_text} | dt {dt * 1000:.0f}ms | tok/s {tok_text} | mfu {mfu_text} | "
-                 f"mem {peak_mem / 2**30:.2f}GiB{epoch_text} | eta {eta_text}{extra_text}")
+        mom_text = f" | mom {mom:.3f}" if mom is not None else ""
+        epoch_text = f" | epoch {epoch}" if epoch is not None else ""
+        mfu_text = f"{mfu:.1f}%" if math.isfinite(mfu) else "-"  # no peak known for this device (or dt 0)
+        tok_text = f"{tok_per_s:,.0f}" if math.isfinite(tok_per_s) else "-"
+        eta_text = f"{eta / 60:.1f}m" if math.isfinite(eta) else "-"  # until the warm-up steps are past
+        extra_text = "".join(f" | {k} {v:.4g}" for k, v in outcome.record.items())
+        log0(f"step {self.step:5d}/{horizon if horizon is not None else '?'} | loss {debiased:.4f} | "
+             f"lrm {lrm:.3f}{mom_text} | dt {dt * 1000:.0f}ms | tok/s {tok_text} | mfu {mfu_text} | "
+             f"mem {peak_mem / 2**30:.2f}GiB{epoch_text} | eta {eta_text}{extra_text}")
         self._log({"step": self.step, "loss": outcome.loss, "smooth_loss": debiased, "lrm": lrm, "momentum": mom,
                    "dt": dt, "timed": timed, "tokens": outcome.tokens, "tok_per_s": tok_per_s, "mfu": mfu,
                    "peak_mem_bytes": peak_mem, "epoch": epoch, "supervised_tokens": outcome.supervised_tokens,

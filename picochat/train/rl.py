@@ -113,9 +113,9 @@ def grade(task, conversation: dict, rollouts: list[Rollout], tokenizer) -> None:
 
 # ---- data -----------------------------------------------------------------------------------------
 def load_train_task(source: str, train_size: int):
-    if source == "hf":
-        return load_task("gsm8k", "train", source="hf")
-    return load_task("arithmetic", "train", size=train_size)  # never GSM8K test: see the module docstring
+    # Never GSM8K test offline: see the module docstring.
+    return (load_task("gsm8k", "train", source="hf") if source == "hf"
+            else load_task("arithmetic", "train", size=train_size))
 
 
 class ProblemOrder:
