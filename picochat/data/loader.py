@@ -18,6 +18,9 @@ Two ways to lay documents into rows:
   stream), goes into a stream of tails that is cut into rows like the packed loader's. A row is
   a tail row while tail rows are behind the tails' share of the tokens admitted so far, so the
   two kinds mix in proportion all along. Only heads cropped to fill a row lose tokens.
+  `tail_keep` (`--tail-keep`, default 1) keeps the tails of that share of the documents, chosen by
+  a fixed pseudo-random draw per document and epoch; the others give only their heads, so rows
+  hold more document starts and a run reads more documents for the same tokens.
 
 Sharding: the loaders walk every row group of every train shard in order ("units"); within
 each row group rank r of w takes documents r, r+w, r+2w, ... so across ranks every document
@@ -45,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -330,12 +334,16 @@ class BestFitLoader(_ShardWalk):
 
 class AlignedLoader(BestFitLoader):
     """Best-fit rows of document heads (the first T + 1 tokens) mixed in proportion with packed rows
-    of the rest of each document."""
+    of the rest of each document (of a `tail_keep` share of the documents)."""
 
     kind = "aligned"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tail_keep: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if not 0.0 <= tail_keep <= 1.0:
+            raise DataError(f"aligned loader: tail_keep={tail_keep} is outside [0, 1]; pass --tail-keep between "
+                            "0 (heads only) and 1 (every tail)")
+        self.tail_keep = tail_keep
         self._head_len = self.T + 1
         self._tails = TokenStream()
         self._tail_ids: list[list[int]] = []  # tails to restore: [epoch, unit, index, tokens read]
@@ -343,8 +351,11 @@ class AlignedLoader(BestFitLoader):
 
     def _admit(self, doc_id: tuple[int, int, int], doc: np.ndarray) -> None:
         super()._admit(doc_id, doc[: self._head_len])
-        self._counts[0] += len(doc)
-        if len(doc) > self._head_len:  # the tail starts at the head's last token, its first input
+        # a tail is kept by a fixed pseudo-random draw per (epoch, unit, index): resumes and ranks agree
+        keep = len(doc) > self._head_len and (
+            self.tail_keep >= 1.0 or zlib.crc32(str(tuple(map(int, doc_id))).encode()) % 1000 < 1000 * self.tail_keep)
+        self._counts[0] += len(doc) if keep else min(len(doc), self._head_len)
+        if keep:  # the tail starts at the head's last token, its first input
             self._tails.push(doc_id, doc[self.T:])
             self._counts[1] += len(doc) - self.T
 
@@ -375,13 +386,20 @@ class AlignedLoader(BestFitLoader):
             tails = self._tail_ids
         else:
             tails = [[*key, read] for key, read in self._tails.positions()]
-        return {**super().state_dict(), "tails": [list(map(int, t)) for t in tails], "counts": list(self._counts)}
+        return {**super().state_dict(), "tails": [list(map(int, t)) for t in tails], "counts": list(self._counts),
+                "tail_keep": self.tail_keep}
+
+    def _check_source(self, state: dict) -> None:
+        super()._check_source(state)
+        if state.get("tail_keep", 1.0) != self.tail_keep:
+            raise DataError(f"loader state was saved with --tail-keep {state.get('tail_keep', 1.0)}, this run has "
+                            f"--tail-keep {self.tail_keep}; resume with the same --tail-keep")
 
     def reshard_state(self, states: list[dict]) -> dict:
         """As best-fit's, with the earliest row group of any old rank's tails counted too; the new ranks
         start with no tails and fresh counts."""
         merged = [{**s, "buffer": [*s["buffer"], *(t[:3] for t in s["tails"])]} for s in states]
-        return {**super().reshard_state(merged), "tails": [], "counts": [0, 0, 0, 0]}
+        return {**super().reshard_state(merged), "tails": [], "counts": [0, 0, 0, 0], "tail_keep": self.tail_keep}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

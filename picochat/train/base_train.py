@@ -101,6 +101,9 @@ class BaseTrainConfig(ModelOptions, LoopOptions):
         "packed", "how documents fill rows: packed (one stream, nothing dropped), bestfit (every row starts at "
         "<|bos|>, the longest document that fits, the rest cropped) or aligned (best-fit rows of each document's "
         "first T+1 tokens, mixed with packed rows of the rest)", group=RUN, choices=LOADERS)
+    tail_keep: float = option(
+        1.0, "aligned rows: the share of documents whose text beyond the first T+1 tokens is trained on (the "
+        "rest give only their heads: more document starts, more documents for the same tokens)", group=RUN)
     tokenizer_dir: str | None = option(None, "tokenizer directory (default $PICOCHAT_HOME/tokenizer)", group=RUN)
     fp8: str = option(
         "off", "train the block matmuls in float8 with per-tensor scales (on; auto: where the GPU has FP8 tensor "
@@ -279,8 +282,23 @@ def check_batch(cfg, world_size: int, seq_len: int | None = None) -> int:
     return cfg.total_batch_size // (cfg.device_batch_size * T * world_size)
 
 
+def loader_options(cfg: BaseTrainConfig, tail_keep_given: bool) -> dict:
+    """make_loader's keywords beyond the shape, or a ConfigError for a --tail-keep that cannot apply (a
+    preset's share belongs to its aligned rows and is dropped with another --loader)."""
+    if not 0.0 <= cfg.tail_keep <= 1.0:
+        raise ConfigError(f"--tail-keep {cfg.tail_keep}: give a share between 0 (heads only) and 1 (every tail)")
+    if cfg.loader == "aligned":
+        return {"tail_keep": cfg.tail_keep}
+    if tail_keep_given and cfg.tail_keep != 1.0:
+        raise ConfigError(f"--tail-keep applies to --loader aligned, not {cfg.loader}; drop --tail-keep or use "
+                          "--loader aligned")
+    return {}
+
+
 def run(args: argparse.Namespace) -> int:
+    tail_keep_given = getattr(args, "tail_keep", None) is not None
     cfg = BaseTrainConfig.from_args(args)
+    loader_kwargs = loader_options(cfg, tail_keep_given)
     with stage_world(cfg) as world:
         dtype = pick_training_dtype(world.device, cfg.dtype)
         tokenizer = Tokenizer.load(cfg.tokenizer_dir or home() / "tokenizer")
@@ -299,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         optimizers = optimizers_for(cfg, model, lr_scale, wd_scale)
         train_model = compiled_for_training(model, dynamic=False) if compiled else model
         batches = make_loader(cfg.loader, train_files, tokenizer, cfg.device_batch_size, cfg.max_seq_len,
-                              world.rank, world.world_size, world.device)
+                              world.rank, world.world_size, world.device, **loader_kwargs)
         evaluate, sample = evaluators(cfg, world, tokenizer, val_file, dtype)
         loop_cfg = LoopConfig(stage="base", tag=cfg.tag or f"d{cfg.depth}", num_iterations=num_iterations,
                               grad_accum_steps=grad_accum, tokens_per_step=cfg.total_batch_size,

@@ -223,6 +223,63 @@ def test_aligned_rows_are_document_heads_and_the_tails_in_order(corpus):
     assert abs(len(tail_rows) / (len(head_rows) + len(tail_rows)) - share) < 0.1
 
 
+def _aligned_rows(loader, bos_id):
+    """Every row of one epoch of an aligned loader, split into (head rows, tail rows)."""
+    head_rows, tail_rows = [], []
+    with pytest.raises(StopIteration):
+        while True:
+            x, y = next(loader)
+            for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+                (head_rows if row[0] == bos_id else tail_rows).append(row)
+    loader.close()
+    return head_rows, tail_rows
+
+
+def test_aligned_tail_keep_trains_on_whole_tails_of_a_share_of_the_documents(corpus):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    T = 24
+    loader = AlignedLoader(train, tok, batch_size=4, seq_len=T, buffer_size=12, max_epochs=1, tail_keep=0.4)
+    docs = [d for d in _documents(loader, tok) if len(d) > T + 1]
+    head_rows, tail_rows = _aligned_rows(loader, tok.bos_id)
+    read = [t for row in tail_rows for t in row[:-1]] + tail_rows[-1][-1:]
+    # the tail stream is the whole tails of some documents, in walk order: match them greedily
+    kept, pos = [], 0
+    for d in docs:
+        tail = d[T:]
+        if read[pos:pos + len(tail)] == tail or (pos + len(tail) > len(read) and read[pos:] == tail[:len(read) - pos]):
+            kept.append(d)
+            pos += len(tail)
+        if pos >= len(read):
+            break
+    assert pos >= len(read) and 0.2 < len(kept) / docs.index(kept[-1]) < 0.6  # about 40% of the documents
+    # every head is still read, so rows hold more document starts than with every tail kept
+    all_heads, all_tails = _aligned_rows(AlignedLoader(train, tok, batch_size=4, seq_len=T, buffer_size=12,
+                                                       max_epochs=1), tok.bos_id)
+    assert abs(len(head_rows) - len(all_heads)) <= 1
+    assert len(tail_rows) / (len(head_rows) + len(tail_rows)) < 0.9 * len(all_tails) / len(all_tails + all_heads)
+
+
+def test_aligned_tail_keep_resumes_exactly_and_is_checked(corpus):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    a = make_loader("aligned", train, tok, batch_size=3, seq_len=40, buffer_size=16, tail_keep=0.5)
+    for _ in range(7):
+        next(a)
+    state = a.state_dict()
+    expected = [next(a) for _ in range(12)]
+    a.close()
+    b = make_loader("aligned", train, tok, batch_size=3, seq_len=40, buffer_size=16, tail_keep=0.5)
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, [next(b) for _ in range(12)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    b.close()
+    with pytest.raises(DataError, match="saved with --tail-keep 0.5, this run has --tail-keep 1.0; resume with"):
+        make_loader("aligned", train, tok, 3, 40, buffer_size=16).load_state_dict(state)
+    with pytest.raises(DataError, match="--tail-keep between 0"):
+        make_loader("aligned", train, tok, 3, 40, tail_keep=1.5)
+
+
 def test_loader_kind_is_checked(corpus):
     data_dir, tok = corpus
     train, _ = list_shards(data_dir)

@@ -51,6 +51,24 @@ def test_recipe_precedence():
     assert mid.matrix_lr == 0.02 and mid.source == "auto"
 
 
+def test_tail_keep_applies_to_aligned_rows_only():
+    def options(*argv):
+        p = argparse.ArgumentParser()
+        base_train.add_arguments(p)
+        args = p.parse_args(list(argv))
+        given = args.tail_keep is not None
+        return base_train.loader_options(base_train.BaseTrainConfig.from_args(args), given)
+
+    assert options("--preset", "cpu") == {"tail_keep": flags("--preset", "cpu").tail_keep}
+    assert options("--preset", "cpu", "--tail-keep", "0.3") == {"tail_keep": 0.3}
+    assert options("--preset", "cpu", "--loader", "packed") == {}  # the preset's share goes with its rows
+    assert options("--loader", "bestfit", "--tail-keep", "1") == {}
+    with pytest.raises(ConfigError, match="^--tail-keep applies to --loader aligned, not packed; drop --tail-keep"):
+        options("--preset", "cpu", "--loader", "packed", "--tail-keep", "0.5")
+    with pytest.raises(ConfigError, match="^--tail-keep 1.5: give a share between 0"):
+        options("--preset", "cpu", "--tail-keep", "1.5")
+
+
 def test_a_horizon_on_the_command_line_replaces_the_presets_time_budget():
     base = flags
 
