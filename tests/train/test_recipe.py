@@ -34,7 +34,7 @@ def test_recipe_precedence():
     assert flags("--preset", "cpu", "--recipe", "2025").muon_orthogonalizer == "newton_schulz"
     cpu = flags("--preset", "cpu")  # the 2026 recipe with the preset's own loader and unscaled LRs
     assert (cpu.muon_orthogonalizer, cpu.value_embeds, cpu.loader, cpu.batch_lr_scale, cpu.warmup_steps,
-            cpu.warmdown_ratio) == ("polar_express", True, "aligned", "none", 10, 1.0)
+            cpu.warmdown_ratio, cpu.tail_keep) == ("polar_express", True, "aligned", "none", 10, 1.0, 0.1)
     modern = flags("--preset", "cpu", "--recipe", "2026")
     assert modern.muon_orthogonalizer == "polar_express" and modern.loader == "bestfit" and modern.value_embeds
     assert modern.total_batch_size == 4096 and modern.depth == 4  # sizes stay the preset's
