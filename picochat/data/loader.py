@@ -18,9 +18,10 @@ Two ways to lay documents into rows:
   stream), goes into a stream of tails that is cut into rows like the packed loader's. A row is
   a tail row while tail rows are behind the tails' share of the tokens admitted so far, so the
   two kinds mix in proportion all along. Only heads cropped to fill a row lose tokens.
-  `tail_keep` (`--tail-keep`, default 1) keeps the tails of that share of the documents, chosen by
-  a fixed pseudo-random draw per document and epoch; the others give only their heads, so rows
-  hold more document starts and a run reads more documents for the same tokens.
+  `tail_keep` (`--tail-keep`, default 1) keeps, in the first epoch, the tails of that share of the
+  documents, chosen by a fixed pseudo-random draw per document; the others give only their heads,
+  so the first pass holds more document starts and reads more documents for its tokens. Later
+  epochs keep every tail, so a run longer than the first pass still reads the whole text.
 
 Sharding: the loaders walk every row group of every train shard in order ("units"); within
 each row group rank r of w takes documents r, r+w, r+2w, ... so across ranks every document
@@ -334,7 +335,7 @@ class BestFitLoader(_ShardWalk):
 
 class AlignedLoader(BestFitLoader):
     """Best-fit rows of document heads (the first T + 1 tokens) mixed in proportion with packed rows
-    of the rest of each document (of a `tail_keep` share of the documents)."""
+    of the rest of each document (in the first epoch, of a `tail_keep` share of the documents)."""
 
     kind = "aligned"
 
@@ -351,9 +352,10 @@ class AlignedLoader(BestFitLoader):
 
     def _admit(self, doc_id: tuple[int, int, int], doc: np.ndarray) -> None:
         super()._admit(doc_id, doc[: self._head_len])
-        # a tail is kept by a fixed pseudo-random draw per (epoch, unit, index): resumes and ranks agree
-        keep = len(doc) > self._head_len and (
-            self.tail_keep >= 1.0 or zlib.crc32(str(tuple(map(int, doc_id))).encode()) % 1000 < 1000 * self.tail_keep)
+        # the first epoch keeps a tail by a fixed pseudo-random draw per (epoch, unit, index), so resumes and
+        # ranks agree; later epochs keep every tail
+        keep = len(doc) > self._head_len and (self.tail_keep >= 1.0 or doc_id[0] > 0 or zlib.crc32(
+            str(tuple(map(int, doc_id))).encode()) % 1000 < 1000 * self.tail_keep)
         self._counts[0] += len(doc) if keep else min(len(doc), self._head_len)
         if keep:  # the tail starts at the head's last token, its first input
             self._tails.push(doc_id, doc[self.T:])

@@ -102,8 +102,9 @@ class BaseTrainConfig(ModelOptions, LoopOptions):
         "<|bos|>, the longest document that fits, the rest cropped) or aligned (best-fit rows of each document's "
         "first T+1 tokens, mixed with packed rows of the rest)", group=RUN, choices=LOADERS)
     tail_keep: float = option(
-        1.0, "aligned rows: the share of documents whose text beyond the first T+1 tokens is trained on (the "
-        "rest give only their heads: more document starts, more documents for the same tokens)", group=RUN)
+        1.0, "aligned rows: the share of documents whose text beyond the first T+1 tokens the first epoch trains "
+        "on (the rest give only their heads: more document starts, more documents for the same tokens); later "
+        "epochs train on every tail", group=RUN)
     tokenizer_dir: str | None = option(None, "tokenizer directory (default $PICOCHAT_HOME/tokenizer)", group=RUN)
     fp8: str = option(
         "off", "train the block matmuls in float8 with per-tensor scales (on; auto: where the GPU has FP8 tensor "

@@ -260,6 +260,28 @@ def test_aligned_tail_keep_trains_on_whole_tails_of_a_share_of_the_documents(cor
     assert len(tail_rows) / (len(head_rows) + len(tail_rows)) < 0.9 * len(all_tails) / len(all_tails + all_heads)
 
 
+def test_aligned_tail_keep_holds_for_the_first_epoch_only(corpus):
+    data_dir, tok = corpus
+    train, _ = list_shards(data_dir)
+    T = 24
+    loader = AlignedLoader(train, tok, batch_size=4, seq_len=T, buffer_size=12, max_epochs=2, tail_keep=0.0)
+    docs = _documents(loader, tok)
+    one_epoch_heads, _ = _aligned_rows(AlignedLoader(train, tok, batch_size=4, seq_len=T, buffer_size=12,
+                                                     max_epochs=1), tok.bos_id)
+    rows = []
+    with pytest.raises(StopIteration):
+        while True:
+            x, y = next(loader)
+            rows.extend(torch.cat([x, y[:, -1:]], dim=1).tolist())
+    loader.close()
+    first_tail = next(i for i, row in enumerate(rows) if row[0] != tok.bos_id)
+    assert first_tail >= len(one_epoch_heads) - 12  # the first epoch is heads only (a buffer's worth overlaps)
+    tail_rows = [row for row in rows if row[0] != tok.bos_id]
+    read = [t for row in tail_rows for t in row[:-1]] + tail_rows[-1][-1:]
+    tails = [t for d in docs if len(d) > T + 1 for t in d[T:]]  # the second epoch: every tail, in walk order
+    assert read == tails[:len(read)] and len(read) > len(tails) // 2
+
+
 def test_aligned_tail_keep_resumes_exactly_and_is_checked(corpus):
     data_dir, tok = corpus
     train, _ = list_shards(data_dir)
