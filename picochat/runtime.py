@@ -84,9 +84,7 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         return torch.bfloat16 if major >= 8 else torch.float32
-    if device.type == "cpu" and cpu_supports_fast_bf16():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_supports_fast_bf16() else torch.float32
 
 
 def pick_training_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
@@ -128,8 +126,7 @@ def cpu_threads_per_rank(world_size: int) -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world_size
-    return max(1, cores // max(1, local))
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world_size))
 
 
 def init_distributed(device_request: str | None = None) -> Dist:

@@ -384,10 +384,7 @@ class AlignedLoader(BestFitLoader):
         return self._batch(rows)
 
     def state_dict(self) -> dict:
-        if self._thread is None:
-            tails = self._tail_ids
-        else:
-            tails = [[*key, read] for key, read in self._tails.positions()]
+        tails = self._tail_ids if self._thread is None else [[*key, read] for key, read in self._tails.positions()]
         return {**super().state_dict(), "tails": [list(map(int, t)) for t in tails], "counts": list(self._counts),
                 "tail_keep": self.tail_keep}
 

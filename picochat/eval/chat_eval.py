@@ -86,8 +86,7 @@ def pass_at_k(graded: list[list[bool]]) -> tuple[float, float]:
     if not graded or any(not row for row in graded):
         raise ValueError("pass_at_k needs at least one item with at least one sample each")
     passed = sum(any(row) for row in graded)
-    mean_correct = sum(sum(row) / len(row) for row in graded)
-    return passed / len(graded), mean_correct / len(graded)
+    return passed / len(graded), sum(sum(row) / len(row) for row in graded) / len(graded)
 
 
 def parse_task_names(text: str | None) -> list[str]:
@@ -132,9 +131,7 @@ class SpreadSubset(Task):
 def spread_subset(task: Task, max_problems: int) -> Task:
     """`max_problems` rows spread evenly over the whole task (all rows when <= 0), so a subset spans
     every subject of a task stored in subject order."""
-    if max_problems <= 0 or max_problems >= len(task):
-        return task
-    return SpreadSubset(task, max_problems)
+    return task if max_problems <= 0 or max_problems >= len(task) else SpreadSubset(task, max_problems)
 
 
 def _progress(total: int, desc: str, rank: int):

@@ -59,12 +59,10 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
     """
     warmdown = round(warmdown_ratio * num_iterations)
     if final is not None and warmdown > 0 and step >= max(warmup_steps, num_iterations - warmdown):
-        progress = min((step - (num_iterations - warmdown)) / warmdown, 1.0)
-        return end + progress * (final - end)
+        return end + min((step - (num_iterations - warmdown)) / warmdown, 1.0) * (final - end)
     if warmup_steps <= 0:
         return end
-    frac = min(max(step, 0) / warmup_steps, 1.0)
-    return start + frac * (end - start)
+    return start + min(max(step, 0) / warmup_steps, 1.0) * (end - start)
 
 
 def assign_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -111,8 +111,7 @@ def parse_olmes_mc_query(query: str, n_choices: int, where: str) -> tuple[str, l
         raise DataError(f"{where}: cannot find the {n_choices} lettered choices in the query {query[:120]!r}")
     question = body[: positions[0]].strip()
     ends = positions[1:] + [len(body)]
-    choices = [body[p + len(m): e].strip() for p, m, e in zip(positions, markers, ends)]
-    return question, choices
+    return question, [body[p + len(m): e].strip() for p, m, e in zip(positions, markers, ends)]
 
 
 def strip_olmes_rc_query(query: str) -> str:

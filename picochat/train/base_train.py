@@ -288,12 +288,10 @@ def loader_options(cfg: BaseTrainConfig, tail_keep_given: bool) -> dict:
     preset's share belongs to its aligned rows and is dropped with another --loader)."""
     if not 0.0 <= cfg.tail_keep <= 1.0:
         raise ConfigError(f"--tail-keep {cfg.tail_keep}: give a share between 0 (heads only) and 1 (every tail)")
-    if cfg.loader == "aligned":
-        return {"tail_keep": cfg.tail_keep}
-    if tail_keep_given and cfg.tail_keep != 1.0:
+    if cfg.loader != "aligned" and tail_keep_given and cfg.tail_keep != 1.0:
         raise ConfigError(f"--tail-keep applies to --loader aligned, not {cfg.loader}; drop --tail-keep or use "
                           "--loader aligned")
-    return {}
+    return {"tail_keep": cfg.tail_keep} if cfg.loader == "aligned" else {}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,9 +24,7 @@ def warmup_constant_warmdown(step: int, num_iterations: int, warmup_steps: int =
 def constant_then_linear_to_zero(step: int, num_iterations: int, constant_frac: float = 0.8) -> float:
     """Mid-training: 1.0 for the first `constant_frac` of progress, then linear to 0."""
     progress = step / max(1, num_iterations)
-    if progress < constant_frac:
-        return 1.0
-    return max(0.0, (1 - progress) / (1 - constant_frac))
+    return 1.0 if progress < constant_frac else max(0.0, (1 - progress) / (1 - constant_frac))
 
 
 def linear_to_zero(step: int, num_iterations: int, init_frac: float = 1.0) -> float:
