@@ -53,9 +53,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2026 architecture and Muon with unscaled LRs, less the residual/x0 lambdas and the 1.2 QK scale,
     # which cost bpb at this size on two seeds, on aligned rows (every document's head read from its
     # <|bos|> as best-fit rows do, its tail packed; lower than packed rows on both val columns, two
-    # seeds) with the tails of one document in ten (tail_keep 0.1: most rows are document heads, and a
-    # run reads more documents for its tokens; lower on both columns than every tail, two seeds, most of
-    # all on document starts), with the LR decaying linearly over the whole run (warmdown ratio 1.0:
+    # seeds) with the tails of one document in ten in the first epoch (tail_keep 0.1: ~80% of its rows are
+    # document heads, and it reads more documents for its tokens; lower on both columns than every tail,
+    # two seeds, most of all on document starts; later epochs read every tail), with the LR decaying linearly over the whole run (warmdown ratio 1.0:
     # lower than the recipe's last 65% on both columns, two seeds). The comparisons and the
     # one-component-out table are in docs/LOG.md. One eval at the end, over 1.76M tokens: nearly all of
     # the val shard (1.79M at vocab 8,192), which puts its standard error just under 0.01 bpb.
