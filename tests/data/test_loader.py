@@ -195,6 +195,18 @@ def test_best_fit_exact_resume_across_epochs(corpus, kind):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+def _aligned_rows(loader, bos_id):
+    """Every row of one epoch of an aligned loader, split into (head rows, tail rows)."""
+    head_rows, tail_rows = [], []
+    with pytest.raises(StopIteration):
+        while True:
+            x, y = next(loader)
+            for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+                (head_rows if row[0] == bos_id else tail_rows).append(row)
+    loader.close()
+    return head_rows, tail_rows
+
+
 def test_aligned_rows_are_document_heads_and_the_tails_in_order(corpus):
     data_dir, tok = corpus
     train, _ = list_shards(data_dir)
@@ -203,13 +215,7 @@ def test_aligned_rows_are_document_heads_and_the_tails_in_order(corpus):
     docs = _documents(loader, tok)
     heads = {tuple(d[:T + 1]) for d in docs}
     tails = [t for d in docs if len(d) > T + 1 for t in d[T:]]  # in walk order, no separator
-    head_rows, tail_rows = [], []
-    with pytest.raises(StopIteration):
-        while True:
-            x, y = next(loader)
-            for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
-                (head_rows if row[0] == tok.bos_id else tail_rows).append(row)
-    loader.close()
+    head_rows, tail_rows = _aligned_rows(loader, tok.bos_id)
     for row in head_rows:  # best-fit rows of heads: whole heads, the last one maybe cropped
         starts = [i for i, t in enumerate(row) if t == tok.bos_id] + [len(row)]
         pieces = [tuple(row[a:b]) for a, b in itertools.pairwise(starts)]
@@ -221,18 +227,6 @@ def test_aligned_rows_are_document_heads_and_the_tails_in_order(corpus):
     # the two kinds mix in proportion all along: tail rows' share of any run of rows follows the tails' share
     share = sum(len(d) - T for d in docs if len(d) > T + 1) / sum(map(len, docs))
     assert abs(len(tail_rows) / (len(head_rows) + len(tail_rows)) - share) < 0.1
-
-
-def _aligned_rows(loader, bos_id):
-    """Every row of one epoch of an aligned loader, split into (head rows, tail rows)."""
-    head_rows, tail_rows = [], []
-    with pytest.raises(StopIteration):
-        while True:
-            x, y = next(loader)
-            for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
-                (head_rows if row[0] == bos_id else tail_rows).append(row)
-    loader.close()
-    return head_rows, tail_rows
 
 
 def test_aligned_tail_keep_trains_on_whole_tails_of_a_share_of_the_documents(corpus):
