@@ -57,8 +57,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # document heads, and it reads more documents for its tokens; lower on both columns than every tail,
     # two seeds, most of all on document starts; later epochs read every tail), with the LR decaying
     # linearly over the whole run (warmdown ratio 1.0: lower than the recipe's last 65% on both columns,
-    # two seeds). The comparisons and the one-component-out table are in docs/LOG.md. One eval at the end, over 1.76M tokens: nearly all of
-    # the val shard (1.79M at vocab 8,192), which puts its standard error just under 0.01 bpb.
+    # two seeds). The comparisons and the one-component-out table are in docs/LOG.md. One eval at the
+    # end, over 1.76M tokens: nearly all of the val shard (1.79M at vocab 8,192), which puts its standard
+    # error just under 0.01 bpb.
     "cpu": {
         "recipe": "2026", "batch_lr_scale": "none", "loader": "aligned", "tail_keep": 0.1, "warmup_steps": 10,
         "warmdown_ratio": 1.0, "layer_lambdas": False, "qk_scale": 1.0,
